@@ -1,0 +1,182 @@
+"""Commands: run, validate, status, emulator."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import orjson
+
+from batchrun.errors import JobError, RunAborted
+
+EXIT_BAD_INPUT = 2
+EXIT_ABORTED = 3
+EXIT_INTERRUPTED = 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except JobError as e:
+        print(f"batchrun: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RunAborted as e:
+        print(f"batchrun: {e}", file=sys.stderr)
+        return EXIT_ABORTED
+    except KeyboardInterrupt:
+        job = getattr(args, "job", None)
+        print(f"\nbatchrun: interrupted; run `batchrun run {job}` again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchrun", description="Run a table of rows through a model API.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run or resume a job; writes the output Parquet")
+    run.add_argument("job", help="the job file (YAML)")
+    run.add_argument("--limit", type=_positive_int, help="only the first N rows, to try a job cheaply")
+    run.add_argument("--concurrency", type=_positive_int, help="requests in flight at most (overrides run.concurrency)")
+    run.add_argument("--restart", action="store_true", help="throw the checkpoint away and start over")
+    run.add_argument("--retry-failed", action="store_true", help="request again the rows that ended in error")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=_run)
+
+    validate = sub.add_parser("validate", help="check the job and its input, show the first requests; no network")
+    validate.add_argument("job")
+    validate.add_argument("--show", type=int, default=2, help="how many rendered requests to show (default 2)")
+    validate.set_defaults(func=_validate)
+
+    status = sub.add_parser("status", help="what is done, failed, pending; tokens; cost")
+    status.add_argument("job")
+    status.set_defaults(func=_status)
+
+    emulator = sub.add_parser("emulator", help="a local OpenAI + Gemini compatible server for trials and tests")
+    emulator.add_argument("--host", default="127.0.0.1")
+    emulator.add_argument("--port", type=int, default=8787, help="0 picks a free port (printed on start)")
+    emulator.add_argument("--latency-ms", type=float, default=0.0, help="delay before each answer")
+    emulator.add_argument("--jitter-ms", type=float, default=0.0, help="extra random delay, up to this much")
+    emulator.add_argument("--api-key-env", help="require the key held in this variable (default: accept any)")
+    emulator.add_argument("--fault", action="append", default=[], metavar="NAME=RATE",
+                          help="answer with fault NAME at this rate, e.g. 429=0.1 (repeatable)")
+    emulator.add_argument("--seed", type=int, default=0)
+    emulator.set_defaults(func=_emulator)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _run(args: argparse.Namespace) -> int:
+    import anyio
+
+    from batchrun.runner import RunOptions, run_job
+    from batchrun.spec import load_job
+
+    job = load_job(args.job)
+    options = RunOptions(limit=args.limit, concurrency=args.concurrency, restart=args.restart,
+                         retry_failed=args.retry_failed, quiet=args.quiet)
+    summary = anyio.run(run_job, job, options)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    line = (f"{summary['rows']} rows: {summary['ok']} ok, {summary['error']} error; "
+            f"tokens {summary['prompt_tokens']} in / {summary['completion_tokens']} out")
+    if "cost" in summary:
+        line += f"; cost {summary['cost']:.4f} {summary['currency']}"
+    line += f"; {summary['wall_s']:.1f} s, {summary['requests_per_s'] or 0:.1f} requests/s"
+    print(line)
+    if summary["in_flight_at_last_stop"]:
+        print(f"{summary['in_flight_at_last_stop']} rows were in flight when the last run stopped "
+              "(the only ones that may have been paid twice)")
+    print(f"output: {summary['output']}")
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from batchrun import protocols
+    from batchrun.inputs import ROW_INDEX, InputTable
+    from batchrun.render import Renderer
+    from batchrun.spec import load_job
+
+    job = load_job(args.job)
+    spec = job.spec
+    table = InputTable(job.input_path, spec.input.id_column, job.path)
+    table.check_ids()
+    renderer = Renderer(job, table.columns)
+    job.api_key()
+    protocol = protocols.PROTOCOLS[spec.provider.api]
+    print(f"job {spec.name}: {table.count()} rows from {spec.input.path}, columns: {', '.join(table.columns)}")
+    print(f"{spec.provider.api} {spec.model} -> POST {spec.provider.base_url}{protocol.path(spec.model, spec.stream)}")
+    shown = 0
+    for batch in table.batches(limit=args.show):
+        for row in batch.iter_rows(named=True):
+            body = protocol.build(renderer.render(row), spec)
+            print(f"\nrow {row[table.id_name] if table.id_column else row[ROW_INDEX]}:")
+            print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+            shown += 1
+    print(f"\nok: the job is valid ({shown} requests shown, none sent)")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from batchrun.checkpoint import Checkpoint, checkpoint_folder
+    from batchrun.inputs import InputTable
+    from batchrun.spec import load_job
+
+    job = load_job(args.job)
+    folder = checkpoint_folder(job.output_path)
+    table = InputTable(job.input_path, job.spec.input.id_column, job.path)
+    rows = table.count()
+    if not (folder / "checkpoint.sqlite").exists():
+        print(f"job {job.spec.name}: not started; {rows} rows pending")
+        return 0
+    checkpoint = Checkpoint(folder)
+    try:
+        totals = checkpoint.totals()
+    finally:
+        checkpoint.close()
+    pending = rows - totals["ok"] - totals["error"]
+    print(f"job {job.spec.name}: {totals['ok']} ok, {totals['error']} error, {pending} pending of {rows} rows")
+    print(f"tokens: {totals['prompt_tokens']} in / {totals['completion_tokens']} out")
+    if job.spec.pricing is not None:
+        p = job.spec.pricing
+        cost = (totals["prompt_tokens"] * p.input_per_million + totals["completion_tokens"] * p.output_per_million) / 1e6
+        print(f"cost so far: {cost:.4f} {p.currency}")
+    return 0
+
+
+def _emulator(args: argparse.Namespace) -> int:
+    from batchrun.emulator.faults import FAULTS
+    from batchrun.emulator.server import EmulatorConfig, serve_forever
+
+    rates: dict[str, float] = {}
+    for item in args.fault:
+        name, _, rate = item.partition("=")
+        if name not in FAULTS:
+            raise JobError(f"--fault {item}: unknown fault '{name}'; known: {', '.join(sorted(FAULTS))}")
+        try:
+            rates[name] = float(rate)
+        except ValueError:
+            raise JobError(f"--fault {item}: the rate must be a number between 0 and 1") from None
+    key = None
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env)
+        if not key:
+            raise JobError(f"--api-key-env: the variable {args.api_key_env} is not set")
+    config = EmulatorConfig(api_key=key, latency_s=args.latency_ms / 1000, jitter_s=args.jitter_ms / 1000,
+                            fault_rates=rates, seed=args.seed)
+    try:
+        serve_forever(config, args.host, args.port)
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,1 @@
+"""A local OpenAI + Gemini compatible relay, for trials, tests and benchmarks."""

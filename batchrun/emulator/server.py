@@ -1,0 +1,316 @@
+"""The local relay: an aiohttp server that answers like https://ai.szkmjb.com.
+
+Run it with `batchrun emulator`, or let `provider.base_url: emulator` start it
+in a thread for one run. Tests read what it saw from `GET /_emulator/stats`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from batchrun.emulator import answers
+from batchrun.emulator.faults import FAULTS, directive_in, fault_response, json_response, relay_error
+
+
+@dataclass
+class EmulatorConfig:
+    api_key: str | None = None  # None: any key (or none) is accepted
+    latency_s: float = 0.0
+    jitter_s: float = 0.0
+    fault_rates: dict[str, float] = field(default_factory=dict)  # fault name -> probability per request
+    seed: int = 0
+    max_body_bytes: int = 64 * 1024 * 1024
+
+
+class Stats:
+    """What the emulator saw, for tests to check the client's promises from the server's side."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.requests = 0
+        self.by_status: Counter[int] = Counter()
+        self.by_prompt: Counter[str] = Counter()
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self.per_second: defaultdict[int, int] = defaultdict(int)
+
+    def started(self) -> None:
+        self.requests += 1
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        self.per_second[int(time.time())] += 1
+
+    def max_in_window(self, seconds: int) -> int:
+        if not self.per_second:
+            return 0
+        ticks = sorted(self.per_second)
+        best = 0
+        for start in ticks:
+            best = max(best, sum(self.per_second.get(t, 0) for t in range(start, start + seconds)))
+        return best
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "by_status": {str(k): v for k, v in self.by_status.items()},
+            "by_prompt": dict(self.by_prompt),
+            "peak_in_flight": self.peak_in_flight,
+            "max_per_second": self.max_in_window(1),
+            "max_per_minute": self.max_in_window(60),
+        }
+
+
+class Emulator:
+    def __init__(self, config: EmulatorConfig) -> None:
+        self.config = config
+        self.stats = Stats()
+        self._random = random.Random(config.seed)
+        self._seen: Counter[str] = Counter()  # requests per prompt key, for "x N" directives
+        self._ids = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._count])
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/_emulator/stats", self.get_stats)
+        app.router.add_post("/_emulator/reset", self.reset_stats)
+        app.router.add_route("*", "/{tail:.*}", self.not_found)
+        return app
+
+    def _request_id(self) -> str:
+        self._ids += 1
+        return f"emu{os.getpid()}{self._ids:012d}"
+
+    @web.middleware
+    async def _count(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith("/_emulator/"):
+            return await handler(request)
+        self.stats.started()
+        status = 0
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as e:
+            status = e.status
+            raise
+        finally:
+            self.stats.in_flight -= 1
+            self.stats.by_status[status] += 1
+
+    async def _auth(self, request: web.Request, request_id: str) -> web.Response | None:
+        if self.config.api_key is None:
+            return None
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if given == self.config.api_key:
+            return None
+        return json_response(401, relay_error(401, "无效的令牌", "", request_id), request_id)
+
+    async def _body(self, request: web.Request, request_id: str) -> dict[str, Any] | web.Response:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return fault_response("413", request_id)  # type: ignore[return-value]
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return json_response(400, relay_error(400, "invalid JSON body", "invalid_request", request_id), request_id)
+        if not isinstance(body, dict):
+            return json_response(400, relay_error(400, "body must be an object", "invalid_request", request_id), request_id)
+        return body
+
+    def _fault(self, prompt_key: str, prompt: str) -> str | None:
+        """The fault for this request: a directive in the prompt, else the random rates."""
+        seen = self._seen[prompt_key]
+        self._seen[prompt_key] += 1
+        d = directive_in(prompt)
+        if d is not None and d.fault in FAULTS and (d.times is None or seen < d.times):
+            return d.fault
+        for fault, rate in self.config.fault_rates.items():
+            if self._random.random() < rate:
+                return fault
+        return None
+
+    async def _delay(self) -> None:
+        delay = self.config.latency_s + (self._random.uniform(0, self.config.jitter_s) if self.config.jitter_s else 0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        request_id = self._request_id()
+        if (denied := await self._auth(request, request_id)) is not None:
+            return denied
+        body = await self._body(request, request_id)
+        if isinstance(body, web.Response):
+            return body
+        prompt = _chat_prompt(body.get("messages"))
+        if prompt is None:
+            return json_response(400, relay_error(400, "messages must be a list of messages", "invalid_request",
+                                                  request_id), request_id)
+        key = prompt
+        self.stats.by_prompt[key] += 1
+        await self._delay()
+        fault = self._fault(key, prompt)
+        if fault == "reset":
+            assert request.transport is not None
+            request.transport.close()  # the connection drops before any answer
+            return web.Response(status=500)
+        if fault is not None and (answer := fault_response(fault, request_id)) is not None:
+            return answer
+        return json_response(200, chat_completion(body, prompt, request_id), request_id)
+
+    async def models(self, request: web.Request) -> web.Response:
+        ids = ["gpt-5.4", "gpt-4o-mini", "gemini-2.5-flash", "gemini-3-pro-image-preview"]
+        return json_response(200, {"object": "list", "data": [{"id": i, "object": "model"} for i in ids]},
+                             self._request_id())
+
+    async def get_stats(self, request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(self.stats.as_json()), content_type="application/json")
+
+    async def reset_stats(self, request: web.Request) -> web.Response:
+        self.stats.reset()
+        self._seen.clear()
+        return web.Response(body=b"{}", content_type="application/json")
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        request_id = self._request_id()
+        return json_response(404, relay_error(404, f"Invalid URL ({request.method} {request.path})", "not_found",
+                                              request_id, "invalid_request_error"), request_id)
+
+
+def _chat_prompt(messages: Any) -> str | None:
+    """All message text joined: the key for directives, counts and deterministic answers."""
+    if not isinstance(messages, list):
+        return None
+    texts: list[str] = []
+    for m in messages:
+        if not isinstance(m, dict):
+            return None
+        content = m.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts += [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") in ("text", "input_text")]
+    return "\n".join(texts)
+
+
+def chat_completion(body: dict[str, Any], prompt: str, request_id: str) -> dict[str, Any]:
+    seed = answers.digest(prompt)
+    model = str(body.get("model", "unknown"))
+    message: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None}
+    finish = "stop"
+    forced = _forced_tool(body)
+    if forced is not None:
+        args = answers.value_for(forced.get("parameters") or {}, seed, prompt)
+        message["tool_calls"] = [{"id": f"call_{seed % 10**8}", "type": "function",
+                                  "function": {"name": forced["name"], "arguments": orjson.dumps(args).decode()}}]
+        finish = "tool_calls"
+        completion = answers.count_tokens(message["tool_calls"][0]["function"]["arguments"])
+    else:
+        schema = _response_schema(body)
+        text = (orjson.dumps(answers.value_for(schema, seed, prompt)).decode() if schema is not None
+                else answers.text_answer(prompt))
+        cap = body.get("max_completion_tokens", body.get("max_tokens"))
+        completion = answers.count_tokens(text)
+        if isinstance(cap, int) and completion > cap:
+            text, completion, finish = text[: cap * 4], cap, "length"
+        message["content"] = text
+    prompt_tokens = answers.count_tokens(prompt) + 8
+    return {
+        "id": f"chatcmpl-{request_id}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "finish_reason": finish, "message": message}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                  "total_tokens": prompt_tokens + completion,
+                  "prompt_tokens_details": {"cached_tokens": 0},
+                  "completion_tokens_details": {"reasoning_tokens": 0}},
+    }
+
+
+def _forced_tool(body: dict[str, Any]) -> dict[str, Any] | None:
+    tools = [t.get("function") for t in body.get("tools") or [] if isinstance(t, dict)]
+    tools = [t for t in tools if isinstance(t, dict) and "name" in t]
+    choice = body.get("tool_choice", "auto" if tools else "none")
+    if not tools or choice == "none":
+        return None
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        return next((t for t in tools if t["name"] == name), None)
+    return tools[0]  # "auto" and "required": the emulator always calls the first tool
+
+
+def _response_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        return (fmt.get("json_schema") or {}).get("schema") or {}
+    return None
+
+
+# --- running it ----------------------------------------------------------------------
+
+
+async def serve(config: EmulatorConfig, host: str, port: int) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(Emulator(config).app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+    await site.start()
+    sockets = site._server.sockets  # type: ignore[union-attr]
+    return runner, sockets[0].getsockname()[1]
+
+
+def serve_forever(config: EmulatorConfig, host: str, port: int) -> None:
+    async def main() -> None:
+        runner, bound = await serve(config, host, port)
+        print(f"emulator listening on http://{host}:{bound}", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    try:
+        import uvloop  # optional: faster when installed
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
+
+
+@contextmanager
+def running_in_thread(config: EmulatorConfig, host: str = "127.0.0.1") -> Iterator[str]:
+    """An emulator on a free loopback port for the length of the block."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    state: dict[str, Any] = {}
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        state["runner"], state["port"] = loop.run_until_complete(serve(config, host, 0))
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(state["runner"].cleanup())
+        loop.close()
+
+    thread = threading.Thread(target=run, name="batchrun-emulator", daemon=True)
+    thread.start()
+    ready.wait()
+    try:
+        yield f"http://{host}:{state['port']}"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)

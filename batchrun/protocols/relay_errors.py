@@ -1,0 +1,227 @@
+"""Failures from the relay, normalised (PROTOCOL.md §5) whatever their shape.
+
+Any path may answer in the OpenAI shape, the Google shape (maybe wrapped in a
+one-element list), HTML or plain text, often with a Chinese message. Each
+becomes one `CallError` that says whether to retry and whether to stop the run.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+
+@dataclass
+class CallError(Exception):
+    error_class: str  # the output's error_class column
+    message: str
+    status: int | None = None
+    code: str = ""
+    retryable: bool = True
+    max_retries: int | None = None  # a tighter cap than run.max_attempts, for content outcomes
+    abort: str | None = None  # PROTOCOL.md §5.2 rules: "A" at once, "B" after 3 in a row, "C" 3 alike before any success
+    retry_hint: float | None = None  # seconds the server asked us to wait
+    min_delay: float = 0.0
+    request_id: str | None = None
+
+    def __str__(self) -> str:
+        text = self.message
+        if self.request_id and self.request_id not in text:
+            text += f" (request id: {self.request_id})"
+        return text
+
+    def redacted(self, secret: str) -> CallError:
+        if secret:
+            self.message = self.message.replace(secret, "***")
+        return self
+
+
+_REQUEST_ID_SUFFIX = re.compile(r"\(request id: ([^)\s]+)\)\s*$")
+_QUOTA_CODES = ("insufficient_user_quota", "pre_consume_token_quota_failed", "insufficient_quota")
+
+
+def from_response(status: int, body: bytes, headers: Mapping[str, str]) -> CallError:
+    """A non-2xx answer (or a 2xx whose body is an error) as a CallError."""
+    parsed = _error_fields(body)
+    if parsed is None:
+        excerpt = " ".join(body[:400].decode("utf-8", "replace").split())[:200]
+        message, code, rpc_status, details = f"HTTP {status}: {excerpt}".rstrip(": "), "", "", []
+    else:
+        message, code, rpc_status, details = parsed
+        if message_status := _int_or_none(code):
+            status = status if status >= 400 else message_status
+    request_id = headers.get("x-oneapi-request-id") or headers.get("x-request-id")
+    if not request_id and (m := _REQUEST_ID_SUFFIX.search(message)):
+        request_id = m.group(1)
+    err = classify(status, code, rpc_status, message)
+    err.request_id = request_id
+    hint = retry_hint(headers, details, status)
+    if hint is not None:
+        err.retry_hint = hint
+    _apply_should_retry(err, headers)
+    return err
+
+
+def from_body(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> CallError | None:
+    """A parsed 200 body or stream event that carries `error` is that error."""
+    item = data[0] if isinstance(data, list) and data else data
+    if not isinstance(item, dict) or "error" not in item:
+        return None
+    return from_response(status, orjson.dumps(item), headers or {})
+
+
+def _error_fields(body: bytes) -> tuple[str, str, str, list[Any]] | None:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(data, list) and data:
+        data = data[0]
+    if not isinstance(data, dict):
+        return None
+    error = data.get("error")
+    if isinstance(error, dict):
+        code = error.get("code")
+        return (
+            str(error.get("message") or ""),
+            "" if code is None else str(code),
+            str(error.get("status") or error.get("type") or ""),
+            error.get("details") if isinstance(error.get("details"), list) else [],
+        )
+    if isinstance(error, str):
+        return error, "", "", []
+    if isinstance(data.get("message"), str):
+        return data["message"], str(data.get("code") or ""), "", []
+    return None
+
+
+def _int_or_none(value: str) -> int | None:
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+def classify(status: int, code: str, rpc_status: str, message: str) -> CallError:
+    """PROTOCOL.md §5.2: by status, then code, then RPC status; keywords last."""
+    lowered = f"{code} {rpc_status}".lower()
+    daily = "per day" in message.lower() or "perday" in message.lower()
+
+    def err(error_class: str, **kw: Any) -> CallError:
+        return CallError(error_class, message or f"HTTP {status}", status=status, code=code, **kw)
+
+    if code in ("model_not_found", "get_channel_failed"):
+        return err("not_found", max_retries=2, min_delay=30.0)
+    if code == "prompt_blocked":
+        return err("blocked", retryable=False, message=f"prompt blocked: {message}")
+    if status == 401:
+        return err("auth", retryable=False, abort="B")
+    if status == 403:
+        if any(q in lowered for q in _QUOTA_CODES) or code.startswith("entitlement_") or "额度" in message:
+            return err("quota", retryable=False, abort="A")
+        return err("auth", retryable=False, abort="B")
+    if status == 429:
+        if "insufficient_quota" in lowered or (rpc_status == "RESOURCE_EXHAUSTED" and daily) or "额度" in message:
+            return err("quota", retryable=False, abort="A")
+        return err("rate_limited")
+    if status == 413:
+        return err("too_large", retryable=False, message="request too large: use smaller images")
+    if status == 404:
+        return err("not_found", retryable=False, abort="C")
+    if status == 500 and code == "empty_response":
+        return err("server", max_retries=2, message=f"empty response: {message}")
+    if status in (408, 409, 425) or status >= 500:
+        return err("timeout" if status in (408, 504) else "server")
+    if status == 400 and ("unsupported_" in code or "param" in lowered):
+        return err("bad_request", retryable=False, abort="C")
+    if 400 <= status < 500:
+        return err("bad_request", retryable=False)
+    return err("server")
+
+
+def _apply_should_retry(err: CallError, headers: Mapping[str, str]) -> None:
+    value = (headers.get("x-should-retry") or "").lower()
+    if value in ("true", "false") and err.abort != "A":
+        err.retryable = value == "true"
+
+
+# --- server hints (PROTOCOL.md §6.1) -------------------------------------------------
+
+HINT_CAP_S = 120.0
+
+
+def retry_hint(headers: Mapping[str, str], details: list[Any], status: int) -> float | None:
+    """Seconds to wait from retry-after-ms, Retry-After, RetryInfo or x-ratelimit-reset-*."""
+    for candidate in (
+        _float(headers.get("retry-after-ms"), scale=0.001),
+        _retry_after(headers.get("retry-after")),
+        _retry_info(details),
+        _ratelimit_reset(headers) if status == 429 else None,
+    ):
+        if candidate is not None and candidate > 0:
+            return min(candidate, HINT_CAP_S)
+    return None
+
+
+def _float(value: str | None, scale: float = 1.0) -> float | None:
+    try:
+        return float(value) * scale if value is not None else None
+    except ValueError:
+        return None
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    seconds = _float(value)
+    if seconds is not None:
+        return seconds
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return when.timestamp() - time.time()
+
+
+def _retry_info(details: list[Any]) -> float | None:
+    for d in details:
+        if isinstance(d, dict) and isinstance(d.get("retryDelay"), str):
+            return go_duration(d["retryDelay"])
+    return None
+
+
+def _ratelimit_reset(headers: Mapping[str, str]) -> float | None:
+    resets = [
+        go_duration(headers.get(f"x-ratelimit-reset-{kind}", ""))
+        for kind in ("requests", "tokens")
+        if headers.get(f"x-ratelimit-remaining-{kind}") == "0"
+    ]
+    found = [r for r in resets if r is not None]
+    return max(found) if found else None
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|h|m|s)")
+_UNIT_S = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ns": 1e-9}
+
+
+def go_duration(value: str) -> float | None:
+    """A Go duration string (`6m0s`, `12ms`, `1m30.5s`) or bare seconds, in seconds; None if neither."""
+    value = value.strip()
+    if not value:
+        return None
+    bare = _float(value)
+    if bare is not None:
+        return bare if bare > 0 else None
+    pos, total = 0, 0.0
+    for m in _DURATION_PART.finditer(value):
+        if m.start() != pos:
+            return None
+        total += float(m.group(1)) * _UNIT_S[m.group(2)]
+        pos = m.end()
+    return total if pos == len(value) and total > 0 else None

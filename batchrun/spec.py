@@ -1,0 +1,246 @@
+"""The job file: YAML loading with line numbers, pydantic validation, defaults.
+
+Every problem becomes a one-line `JobError` naming the file, the line and the
+dotted key, so a user can fix the job before anything is sent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from batchrun.errors import JobError
+
+EMULATOR = "emulator"
+DEFAULT_BASE_URL = "https://ai.szkmjb.com"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class InputSpec(_Section):
+    path: str
+    id_column: str | None = None
+
+
+class ProviderSpec(_Section):
+    api: Literal["openai-chat", "openai-completions", "gemini"] = "openai-chat"
+    base_url: str = DEFAULT_BASE_URL
+    api_key_env: str = "KUAIMA_API_KEY"
+    image_part_style: Literal["standard", "responses"] = "standard"
+
+
+class PromptSpec(_Section):
+    system: str | None = None
+    user: str
+    images: list[str] = Field(default_factory=list)
+    max_image_side: int | None = Field(default=None, ge=16)
+
+
+class OutputSpec(_Section):
+    path: str
+    parse: Literal["text", "json", "tool"] = "text"
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    images_dir: str | None = None
+    repair_attempts: int = Field(default=0, ge=0)
+    native_schema: bool = True
+    sharded: bool = False
+
+
+class RunSpec(_Section):
+    concurrency: int = Field(default=16, ge=1, le=100_000)
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0)
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    timeout_s: float = Field(default=120, gt=0)
+    max_cost: float | None = Field(default=None, ge=0)
+
+
+class PricingSpec(_Section):
+    input_per_million: float = Field(ge=0)
+    output_per_million: float = Field(ge=0)
+    per_image: float | None = Field(default=None, ge=0)
+    currency: str = "USD"
+
+
+class JobSpec(_Section):
+    name: str
+    input: InputSpec
+    provider: ProviderSpec = Field(default_factory=ProviderSpec)
+    model: str
+    prompt: PromptSpec
+    params: dict[str, Any] = Field(default_factory=dict)
+    stream: bool = False
+    output: OutputSpec
+    run: RunSpec = Field(default_factory=RunSpec)
+    pricing: PricingSpec | None = None
+
+
+class Job:
+    """A validated job file with its paths resolved against the job's folder."""
+
+    def __init__(self, spec: JobSpec, path: Path) -> None:
+        self.spec = spec
+        self.path = path
+        self.folder = path.parent
+
+    def resolve(self, relative: str) -> Path:
+        return (self.folder / os.path.expanduser(relative)).resolve()
+
+    @property
+    def input_path(self) -> str:
+        # Kept as a string: it may be a glob of Parquet files.
+        return str(self.folder / os.path.expanduser(self.spec.input.path))
+
+    @property
+    def output_path(self) -> Path:
+        return self.resolve(self.spec.output.path)
+
+    @property
+    def images_dir(self) -> Path | None:
+        d = self.spec.output.images_dir
+        return self.resolve(d) if d else None
+
+    @property
+    def uses_emulator(self) -> bool:
+        return self.spec.provider.base_url == EMULATOR
+
+    def api_key(self) -> str:
+        """The key from the environment; never stored anywhere by batchrun."""
+        env = self.spec.provider.api_key_env
+        key = os.environ.get(env, "")
+        if not key and not self.uses_emulator:
+            raise JobError(
+                f"{self.path}: provider.api_key_env: the variable {env} is not set; "
+                f"export {env}=<your key> (or use base_url: emulator to try the job without one)"
+            )
+        return key
+
+
+# Keys that parse but whose feature batchrun does not have yet: refusing them is
+# better than silently ignoring them.
+def _unsupported(spec: JobSpec) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    if spec.provider.api != "openai-chat":
+        found.append(("provider.api", f"{spec.provider.api} is not supported yet (use openai-chat)"))
+    if spec.stream:
+        found.append(("stream", "streaming is not supported yet (use stream: false)"))
+    if spec.prompt.images:
+        found.append(("prompt.images", "image input is not supported yet"))
+    if spec.prompt.max_image_side is not None:
+        found.append(("prompt.max_image_side", "image resizing is not supported yet"))
+    if spec.output.parse != "text":
+        found.append(("output.parse", f"parse: {spec.output.parse} is not supported yet (use text)"))
+    if spec.output.json_schema is not None:
+        found.append(("output.schema", "schemas are not supported yet"))
+    if spec.output.images_dir is not None:
+        found.append(("output.images_dir", "image output is not supported yet"))
+    if spec.output.repair_attempts:
+        found.append(("output.repair_attempts", "repair is not supported yet"))
+    if not spec.output.native_schema:
+        found.append(("output.native_schema", "native_schema is not supported yet"))
+    if spec.output.sharded:
+        found.append(("output.sharded", "sharded output is not supported yet"))
+    if spec.run.max_cost is not None:
+        found.append(("run.max_cost", "a budget is not supported yet"))
+    if spec.pricing and spec.pricing.per_image is not None:
+        found.append(("pricing.per_image", "per-image pricing is not supported yet"))
+    return found
+
+
+OWNED_PARAMS = {"openai-chat": {"model", "messages", "stream", "stream_options"}}
+
+
+def load_job(path: str | os.PathLike[str]) -> Job:
+    job_path = Path(path).resolve()
+    try:
+        text = job_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise JobError(f"{path}: job file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise JobError(f"{path}: cannot read the job file: {e}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise JobError(f"{path}:{_yaml_line(e)}: YAML syntax error: {_yaml_problem(e)}") from None
+    if not isinstance(data, dict):
+        raise JobError(f"{path}: the job file must be a mapping of keys (name, input, model, prompt, output, ...)")
+    lines = _line_index(root)
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise JobError(_describe(path, e, lines)) from None
+    for key, problem in _unsupported(spec):
+        raise JobError(f"{path}:{lines.get(key, 1)}: {key}: {problem}")
+    owned = OWNED_PARAMS.get(spec.provider.api, set()) & set(spec.params)
+    if owned:
+        key = "params." + sorted(owned)[0]
+        raise JobError(f"{path}:{lines.get(key, 1)}: {key}: batchrun sets this itself; remove it from params")
+    return Job(spec, job_path)
+
+
+def _describe(path: str | os.PathLike[str], error: ValidationError, lines: dict[str, int]) -> str:
+    err = error.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    line = _nearest_line(loc, lines)
+    if err["type"] == "extra_forbidden":
+        return f"{path}:{line}: unknown key '{key}'; check its spelling ({_known_keys(loc[:-1])})"
+    if err["type"] == "missing":
+        return f"{path}:{line}: missing key '{key}'"
+    got = err.get("input")
+    shown = f" (got {got!r})" if got is not None and not isinstance(got, (dict, list)) else ""
+    return f"{path}:{line}: {key}: {err['msg']}{shown}"
+
+
+def _known_keys(section: list[str]) -> str:
+    model: type[BaseModel] = JobSpec
+    for part in section:
+        field = model.model_fields.get(part)
+        inner = field.annotation if field else None
+        inner = next((a for a in getattr(inner, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), inner)
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            return "see the README"
+        model = inner
+    names = [f.alias or n for n, f in model.model_fields.items()]
+    return "known keys here: " + ", ".join(names)
+
+
+def _nearest_line(loc: list[str], lines: dict[str, int]) -> int:
+    for n in range(len(loc), 0, -1):
+        key = ".".join(loc[:n])
+        if key in lines:
+            return lines[key]
+    return 1
+
+
+def _line_index(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
+    """Dotted key -> 1-based line number, for mappings (lists are indexed by position)."""
+    out: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            out[key] = key_node.start_mark.line + 1
+            out.update(_line_index(value_node, key + "."))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[f"{prefix}{i}"] = item.start_mark.line + 1
+            out.update(_line_index(item, f"{prefix}{i}."))
+    return out
+
+
+def _yaml_line(e: yaml.YAMLError) -> int:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return mark.line + 1 if mark else 1
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    return f"{context}, {problem}" if context else problem
