@@ -84,6 +84,7 @@ class Checkpoint:
         self._lock = threading.Lock()  # one thread at a time on the connection
         self._intents: list[tuple[int, float]] = []
         self._finished: list[RowRecord] = []
+        self._withdrawn: list[int] = []
         self._intent_done = anyio.Event()
         self._wake = anyio.Event()
         self._last_flush = time.monotonic()
@@ -143,6 +144,10 @@ class Checkpoint:
         if len(self._finished) >= 512:
             self._wake.set()
 
+    def withdraw(self, idx: int) -> None:
+        """The request of `idx` was answered without cost (e.g. 401): it is pending, not in flight."""
+        self._withdrawn.append(idx)
+
     def forget_errors(self) -> int:
         """--retry-failed: drop rows that ended in error so they are requested again."""
         with self._lock:
@@ -157,20 +162,22 @@ class Checkpoint:
             await self.flush()
 
     async def flush(self) -> None:
-        intents, self._intents = self._intents, []
-        finished, self._finished = self._finished, []
+        batch = self._take()
         waiters, self._intent_done = self._intent_done, anyio.Event()
-        if intents or finished:
-            await anyio.to_thread.run_sync(self._write, intents, finished, abandon_on_cancel=False)
+        if any(batch):
+            await anyio.to_thread.run_sync(self._write, *batch, abandon_on_cancel=False)
         waiters.set()
 
     def flush_now(self) -> None:
         """Synchronous final flush, for shutdown paths outside the event loop."""
-        intents, self._intents = self._intents, []
-        finished, self._finished = self._finished, []
-        self._write(intents, finished)
+        self._write(*self._take())
 
-    def _write(self, intents: list[tuple[int, float]], finished: list[RowRecord]) -> None:
+    def _take(self) -> tuple[list[tuple[int, float]], list[RowRecord], list[int]]:
+        batch = (self._intents, self._finished, self._withdrawn)
+        self._intents, self._finished, self._withdrawn = [], [], []
+        return batch
+
+    def _write(self, intents: list[tuple[int, float]], finished: list[RowRecord], withdrawn: list[int]) -> None:
         with self._lock:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR REPLACE INTO inflight VALUES (?, ?)", intents)
@@ -178,7 +185,8 @@ class Checkpoint:
                 f"INSERT OR REPLACE INTO rows VALUES ({', '.join('?' * len(ROW_COLUMNS))})",
                 [astuple(r) for r in finished],
             )
-            self._db.executemany("DELETE FROM inflight WHERE idx = ?", [(r.idx,) for r in finished])
+            gone = [(r.idx,) for r in finished] + [(i,) for i in withdrawn]
+            self._db.executemany("DELETE FROM inflight WHERE idx = ?", gone)
             self._db.execute("COMMIT")
 
     def close(self) -> None:

@@ -110,7 +110,7 @@ def _validate(args: argparse.Namespace) -> int:
 
     job = load_job(args.job)
     spec = job.spec
-    table = InputTable(job.input_path, spec.input.id_column, job.path)
+    table = InputTable.for_job(job)
     table.check_ids()
     renderer = Renderer(job, table.columns)
     job.api_key()
@@ -135,7 +135,7 @@ def _status(args: argparse.Namespace) -> int:
 
     job = load_job(args.job)
     folder = checkpoint_folder(job.output_path)
-    table = InputTable(job.input_path, job.spec.input.id_column, job.path)
+    table = InputTable.for_job(job)
     rows = table.count()
     if not (folder / "checkpoint.sqlite").exists():
         print(f"job {job.spec.name}: not started; {rows} rows pending")

@@ -9,6 +9,7 @@ from pathlib import Path
 import polars as pl
 
 from batchrun.errors import JobError
+from batchrun.spec import Job
 
 ROW_INDEX = "row_index"  # 0-based position in the input; the id when no id_column is given
 BATCH_ROWS = 2048
@@ -17,10 +18,10 @@ BATCH_ROWS = 2048
 class InputTable:
     """One input file (or a glob of Parquet files) and its id column."""
 
-    def __init__(self, path: str, id_column: str | None, job_file: Path) -> None:
+    def __init__(self, path: str, id_column: str | None, job_file: Path, shown_path: str | None = None) -> None:
         self.path = path
         self.id_column = id_column
-        self._where = f"{job_file}: input.path {path}"
+        self._where = f"{job_file}: input.path {shown_path or path}"
         self._frame = self._scan()
         try:
             self.schema = self._frame.collect_schema()
@@ -36,6 +37,10 @@ class InputTable:
                 f"{job_file}: input.id_column: column '{id_column}' is not in {path}; "
                 f"its columns are: {', '.join(self.columns)}"
             )
+
+    @classmethod
+    def for_job(cls, job: Job) -> InputTable:
+        return cls(job.input_path, job.spec.input.id_column, job.path, shown_path=job.spec.input.path)
 
     @property
     def columns(self) -> list[str]:

@@ -86,7 +86,7 @@ class Run:
         self.options = options
         spec = job.spec
         self.concurrency = options.concurrency or spec.run.concurrency
-        self.table = InputTable(job.input_path, spec.input.id_column, job.path)
+        self.table = InputTable.for_job(job)
         self.table.check_ids()
         self.renderer = Renderer(job, self.table.columns)
         self.protocol = protocols.PROTOCOLS[spec.provider.api]
@@ -94,6 +94,7 @@ class Run:
         self.watch = AbortWatch()
         self.limits = Limits(self.concurrency, spec.run.requests_per_minute, spec.run.tokens_per_minute)
         self.requested = 0
+        self._held: list[RowRecord] = []
 
     async def execute(self) -> dict[str, Any]:
         started = time.monotonic()
@@ -133,6 +134,8 @@ class Run:
                 for _ in range(self.concurrency):
                     work.start_soon(self._work, receive.clone(), checkpoint, transport, progress, work.cancel_scope)
                 receive.close()
+            if self.watch.tripped is None:
+                self._release_held(checkpoint, progress)
             await checkpoint.flush()
             tg.cancel_scope.cancel()
 
@@ -177,14 +180,28 @@ class Run:
                     item.estimate, spec.run.max_attempts, self.watch.on_error,
                     before_first_send=lambda: checkpoint.begin(item.idx),
                 )
-                if self.watch.tripped is not None and outcome.error is not None:
-                    scope.cancel()  # the row stays pending: its intent is kept, nothing recorded
-                    return
+                record = _record(item, outcome)
+                if outcome.error is not None and outcome.error.abort in ("A", "B"):
+                    # Held back: if the run aborts, this row stays pending rather than failed.
+                    self._held.append(record)
+                    if self.watch.tripped is not None:
+                        for held in self._held:
+                            checkpoint.withdraw(held.idx)
+                        scope.cancel()
+                        return
+                    continue
                 if outcome.reply is not None:
                     self.watch.on_success()
-                record = _record(item, outcome)
+                    self._release_held(checkpoint, progress)
                 checkpoint.finish(record)
                 progress.row_done(record.status, record)
+
+    def _release_held(self, checkpoint: Checkpoint, progress: Progress) -> None:
+        """The run goes on after all: rows held back by a possible abort are errors after all."""
+        for held in self._held:
+            checkpoint.finish(held)
+            progress.row_done(held.status, held)
+        self._held.clear()
 
     def _summary(self, totals: dict[str, Any], total: int, interrupted: int, wall_s: float) -> dict[str, Any]:
         pricing = self.job.spec.pricing

@@ -113,13 +113,13 @@ def classify(status: int, code: str, rpc_status: str, message: str) -> CallError
     lowered = f"{code} {rpc_status}".lower()
     daily = "per day" in message.lower() or "perday" in message.lower()
 
-    def err(error_class: str, **kw: Any) -> CallError:
-        return CallError(error_class, message or f"HTTP {status}", status=status, code=code, **kw)
+    def err(error_class: str, text: str | None = None, **kw: Any) -> CallError:
+        return CallError(error_class, text or message or f"HTTP {status}", status=status, code=code, **kw)
 
     if code in ("model_not_found", "get_channel_failed"):
         return err("not_found", max_retries=2, min_delay=30.0)
     if code == "prompt_blocked":
-        return err("blocked", retryable=False, message=f"prompt blocked: {message}")
+        return err("blocked", f"prompt blocked: {message}", retryable=False)
     if status == 401:
         return err("auth", retryable=False, abort="B")
     if status == 403:
@@ -131,11 +131,11 @@ def classify(status: int, code: str, rpc_status: str, message: str) -> CallError
             return err("quota", retryable=False, abort="A")
         return err("rate_limited")
     if status == 413:
-        return err("too_large", retryable=False, message="request too large: use smaller images")
+        return err("too_large", "request too large: use smaller images", retryable=False)
     if status == 404:
         return err("not_found", retryable=False, abort="C")
     if status == 500 and code == "empty_response":
-        return err("server", max_retries=2, message=f"empty response: {message}")
+        return err("server", f"empty response: {message}", max_retries=2)
     if status in (408, 409, 425) or status >= 500:
         return err("timeout" if status in (408, 504) else "server")
     if status == 400 and ("unsupported_" in code or "param" in lowered):

@@ -1,0 +1,54 @@
+"""The run stops on a bad key, and the key is never written anywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import TEST_KEY, Emulator, run_cli, start_emulator, stop_emulator, write_csv, write_job
+
+
+@pytest.fixture
+def keyed_emulator():
+    emulator = start_emulator("--api-key-env", "EMULATOR_KEY", env={"EMULATOR_KEY": "the-right-key"})
+    yield emulator
+    stop_emulator(emulator)
+
+
+def test_wrong_key_stops_the_run_after_a_few_requests(tmp_path: Path, keyed_emulator: Emulator) -> None:
+    write_csv(tmp_path / "reviews.csv", ["review_id", "text"], [[f"R{i}", f"review {i}"] for i in range(200)])
+    job = write_job(tmp_path, keyed_emulator.url, run={"concurrency": 2, "max_attempts": 5, "timeout_s": 30})
+    result = run_cli("run", str(job), "--quiet")
+    assert result.returncode == 3
+    assert "API key was refused" in result.stderr and "TEST_RELAY_KEY" in result.stderr
+    assert "batchrun run" in result.stderr  # says how to resume
+    assert "Traceback" not in result.stderr
+    assert keyed_emulator.stats()["requests"] <= 10
+    assert not (tmp_path / "out" / "result.parquet").exists()
+    # Rows stay pending: with the right key the same command finishes every row.
+    fixed = run_cli("run", str(job), "--quiet", env={"TEST_RELAY_KEY": "the-right-key"})
+    assert fixed.returncode == 0, fixed.stderr
+    assert "200 rows: 200 ok, 0 error" in fixed.stdout
+
+
+def test_quota_error_stops_at_once(tmp_path: Path, emulator: Emulator) -> None:
+    rows = [[f"R{i}", f"review {i} [[emulator: 403-quota]]"] for i in range(50)]
+    write_csv(tmp_path / "reviews.csv", ["review_id", "text"], rows)
+    job = write_job(tmp_path, emulator.url, run={"concurrency": 1, "max_attempts": 5, "timeout_s": 30})
+    result = run_cli("run", str(job), "--quiet")
+    assert result.returncode == 3
+    assert "no balance or quota" in result.stderr
+    assert emulator.stats()["requests"] == 1
+
+
+def test_the_key_appears_in_no_file_and_no_output(tmp_path: Path, emulator: Emulator) -> None:
+    rows = [["S1", f"echo {TEST_KEY} [[emulator: 500 x 1]]"], ["S2", "fine"], ["S3", "[[emulator: 413]]"]]
+    write_csv(tmp_path / "reviews.csv", ["review_id", "text"], rows)
+    job = write_job(tmp_path, emulator.url, run={"concurrency": 2, "max_attempts": 2, "timeout_s": 30})
+    result = run_cli("run", str(job))
+    assert result.returncode == 0, result.stderr
+    assert TEST_KEY not in result.stdout + result.stderr
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert TEST_KEY.encode() not in path.read_bytes(), path
