@@ -120,8 +120,13 @@ class Checkpoint:
             "SELECT COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'error'), 0),"
             " SUM(prompt_tokens), SUM(completion_tokens), MAX(finished_at) FROM rows"
         )[0]
-        return {"ok": ok, "error": errors, "prompt_tokens": prompt or 0, "completion_tokens": completion or 0,
-                "last_finished_at": last}
+        return {
+            "ok": ok,
+            "error": errors,
+            "prompt_tokens": prompt or 0,
+            "completion_tokens": completion or 0,
+            "last_finished_at": last,
+        }
 
     def take_interrupted(self) -> int:
         """Rows whose request may have been sent by a run that died: count them, then forget them."""

@@ -61,8 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument("--latency-ms", type=float, default=0.0, help="delay before each answer")
     emulator.add_argument("--jitter-ms", type=float, default=0.0, help="extra random delay, up to this much")
     emulator.add_argument("--api-key-env", help="require the key held in this variable (default: accept any)")
-    emulator.add_argument("--fault", action="append", default=[], metavar="NAME=RATE",
-                          help="answer with fault NAME at this rate, e.g. 429=0.1 (repeatable)")
+    emulator.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="NAME=RATE",
+        help="answer with fault NAME at this rate, e.g. 429=0.1 (repeatable)",
+    )
     emulator.add_argument("--seed", type=int, default=0)
     emulator.set_defaults(func=_emulator)
     return parser
@@ -82,23 +87,32 @@ def _run(args: argparse.Namespace) -> int:
     from batchrun.spec import load_job
 
     job = load_job(args.job)
-    options = RunOptions(limit=args.limit, concurrency=args.concurrency, restart=args.restart,
-                         retry_failed=args.retry_failed, quiet=args.quiet)
+    options = RunOptions(
+        limit=args.limit,
+        concurrency=args.concurrency,
+        restart=args.restart,
+        retry_failed=args.retry_failed,
+        quiet=args.quiet,
+    )
     summary = anyio.run(run_job, job, options)
     _print_summary(summary)
     return 0
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    line = (f"{summary['rows']} rows: {summary['ok']} ok, {summary['error']} error; "
-            f"tokens {summary['prompt_tokens']} in / {summary['completion_tokens']} out")
+    line = (
+        f"{summary['rows']} rows: {summary['ok']} ok, {summary['error']} error; "
+        f"tokens {summary['prompt_tokens']} in / {summary['completion_tokens']} out"
+    )
     if "cost" in summary:
         line += f"; cost {summary['cost']:.4f} {summary['currency']}"
     line += f"; {summary['wall_s']:.1f} s, {summary['requests_per_s'] or 0:.1f} requests/s"
     print(line)
     if summary["in_flight_at_last_stop"]:
-        print(f"{summary['in_flight_at_last_stop']} rows were in flight when the last run stopped "
-              "(the only ones that may have been paid twice)")
+        print(
+            f"{summary['in_flight_at_last_stop']} rows were in flight when the last run stopped "
+            "(the only ones that may have been paid twice)"
+        )
     print(f"output: {summary['output']}")
 
 
@@ -150,7 +164,9 @@ def _status(args: argparse.Namespace) -> int:
     print(f"tokens: {totals['prompt_tokens']} in / {totals['completion_tokens']} out")
     if job.spec.pricing is not None:
         p = job.spec.pricing
-        cost = (totals["prompt_tokens"] * p.input_per_million + totals["completion_tokens"] * p.output_per_million) / 1e6
+        cost = (
+            totals["prompt_tokens"] * p.input_per_million + totals["completion_tokens"] * p.output_per_million
+        ) / 1e6
         print(f"cost so far: {cost:.4f} {p.currency}")
     return 0
 
@@ -173,8 +189,9 @@ def _emulator(args: argparse.Namespace) -> int:
         key = os.environ.get(args.api_key_env)
         if not key:
             raise JobError(f"--api-key-env: the variable {args.api_key_env} is not set")
-    config = EmulatorConfig(api_key=key, latency_s=args.latency_ms / 1000, jitter_s=args.jitter_ms / 1000,
-                            fault_rates=rates, seed=args.seed)
+    config = EmulatorConfig(
+        api_key=key, latency_s=args.latency_ms / 1000, jitter_s=args.jitter_ms / 1000, fault_rates=rates, seed=args.seed
+    )
     try:
         serve_forever(config, args.host, args.port)
     except KeyboardInterrupt:

@@ -85,9 +85,9 @@ class InputTable:
         if stats["nulls"][0]:
             raise JobError(f"{self._where}: id column '{self.id_column}' has {stats['nulls'][0]} empty values")
         if stats["dup"][0]:
-            example = self._collect(
-                self._frame.group_by(col).len().filter(pl.col("len") > 1).head(3)
-            )[self.id_column].to_list()
+            example = self._collect(self._frame.group_by(col).len().filter(pl.col("len") > 1).head(3))[
+                self.id_column
+            ].to_list()
             raise JobError(
                 f"{self._where}: id column '{self.id_column}' is not unique "
                 f"(repeated: {', '.join(map(str, example))}); pick a unique column or drop input.id_column"

@@ -45,9 +45,8 @@ def result_frame(rows: list[tuple[Any, ...]], pricing: PricingSpec | None) -> pl
         schema={ROW_INDEX: pl.UInt32(), **RESULT_SCHEMA},
     )
     if pricing is not None:
-        cost = (
-            pl.col("prompt_tokens") * (pricing.input_per_million / 1e6)
-            + pl.col("completion_tokens") * (pricing.output_per_million / 1e6)
+        cost = pl.col("prompt_tokens") * (pricing.input_per_million / 1e6) + pl.col("completion_tokens") * (
+            pricing.output_per_million / 1e6
         )
         frame = frame.with_columns(cost.alias("cost"))
     return frame

@@ -30,7 +30,9 @@ class Progress:
             prompt, completion = record.prompt_tokens or 0, record.completion_tokens or 0
             self.tokens += prompt + completion
             if self._pricing is not None:
-                self.cost += (prompt * self._pricing.input_per_million + completion * self._pricing.output_per_million) / 1e6
+                self.cost += (
+                    prompt * self._pricing.input_per_million + completion * self._pricing.output_per_million
+                ) / 1e6
         self._pending += 1
         now = time.monotonic()
         if now - self._last >= REFRESH_S:  # tqdm calls are not free at thousands of rows a second

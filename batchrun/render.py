@@ -39,7 +39,9 @@ class Renderer:
             try:
                 ast = _ENV.parse(source)
             except jinja2.TemplateSyntaxError as e:
-                raise JobError(f"{job.path}: {key}: template syntax error on its line {e.lineno}: {e.message}") from None
+                raise JobError(
+                    f"{job.path}: {key}: template syntax error on its line {e.lineno}: {e.message}"
+                ) from None
             missing = sorted(jinja2.meta.find_undeclared_variables(ast) - known)
             if missing:
                 raise JobError(

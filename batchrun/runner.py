@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import anyio
@@ -107,7 +108,11 @@ class Run:
             if self.options.retry_failed:
                 checkpoint.forget_errors()
             total = self.table.count() if self.options.limit is None else min(self.options.limit, self.table.count())
-            progress = Progress(total=total - checkpoint.count_finished(0, total), quiet=self.options.quiet, pricing=self.job.spec.pricing)
+            progress = Progress(
+                total=total - checkpoint.count_finished(0, total),
+                quiet=self.options.quiet,
+                pricing=self.job.spec.pricing,
+            )
             with _base_url(self.job) as base_url:
                 transport = Transport(base_url, self.api_key, self.job.spec.run.timeout_s, self.concurrency)
                 try:
@@ -118,7 +123,9 @@ class Run:
             if self.watch.tripped is not None:
                 raise RunAborted(_abort_message(self.watch.tripped, self.job))
             totals = checkpoint.totals()
-            output.write_parquet(self.table, checkpoint, self.job.output_path, self.options.limit, self.job.spec.pricing)
+            output.write_parquet(
+                self.table, checkpoint, self.job.output_path, self.options.limit, self.job.spec.pricing
+            )
             summary = self._summary(totals, total, interrupted, time.monotonic() - started)
             output.write_summary(self.job.output_path, summary)
             return summary
@@ -139,7 +146,9 @@ class Run:
             await checkpoint.flush()
             tg.cancel_scope.cancel()
 
-    async def _produce(self, send: MemoryObjectSendStream[WorkItem], checkpoint: Checkpoint, progress: Progress) -> None:
+    async def _produce(
+        self, send: MemoryObjectSendStream[WorkItem], checkpoint: Checkpoint, progress: Progress
+    ) -> None:
         spec = self.job.spec
         id_name = self.table.id_name
         async with send:
@@ -176,9 +185,15 @@ class Run:
             async for item in receive:
                 self.requested += 1
                 outcome = await call_with_retries(
-                    transport, self.limits, path, item.body, self.protocol.parse,
-                    item.estimate, spec.run.max_attempts, self.watch.on_error,
-                    before_first_send=lambda: checkpoint.begin(item.idx),
+                    transport,
+                    self.limits,
+                    path,
+                    item.body,
+                    self.protocol.parse,
+                    item.estimate,
+                    spec.run.max_attempts,
+                    self.watch.on_error,
+                    before_first_send=partial(checkpoint.begin, item.idx),
                 )
                 record = _record(item, outcome)
                 if outcome.error is not None and outcome.error.abort in ("A", "B"):

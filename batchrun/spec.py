@@ -204,7 +204,9 @@ def _known_keys(section: list[str]) -> str:
     for part in section:
         field = model.model_fields.get(part)
         inner = field.annotation if field else None
-        inner = next((a for a in getattr(inner, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), inner)
+        inner = next(
+            (a for a in getattr(inner, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), inner
+        )
         if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
             return "see the README"
         model = inner

@@ -50,7 +50,9 @@ class Transport:
             data = orjson.loads(response.content)
         except orjson.JSONDecodeError:
             excerpt = " ".join(response.text[:200].split())
-            raise CallError("malformed", f"malformed response: not JSON: {excerpt}", abort="C").redacted(self.api_key) from None
+            raise CallError("malformed", f"malformed response: not JSON: {excerpt}", abort="C").redacted(
+                self.api_key
+            ) from None
         try:
             return parse(data)
         except CallError as e:

@@ -19,8 +19,6 @@ REPO = Path(__file__).resolve().parent.parent
 TEST_KEY = "sk-batchrun-test-key-5f0c2e9a71"  # distinctive, so a leak is easy to find
 
 
-
-
 def cli_env(extra: dict[str, str | None] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "KUAIMA_API_KEY"}
     env["TEST_RELAY_KEY"] = TEST_KEY
@@ -50,7 +48,10 @@ class Emulator:
 def start_emulator(*args: str, env: dict[str, str | None] | None = None) -> Emulator:
     process = subprocess.Popen(
         [sys.executable, "-m", "batchrun", "emulator", "--port", "0", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(env),
     )
     assert process.stdout is not None
     line = process.stdout.readline()
@@ -82,11 +83,16 @@ def emulator(shared_emulator: Emulator) -> Emulator:
     return shared_emulator
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str | None] | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str | None] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "batchrun", *args],
-        cwd=cwd, env=cli_env(env), capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=cli_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -107,8 +113,10 @@ def write_job(folder: Path, base_url: str, **overrides: Any) -> Path:
         "input": {"path": "reviews.csv", "id_column": "review_id"},
         "provider": {"api": "openai-chat", "base_url": base_url, "api_key_env": "TEST_RELAY_KEY"},
         "model": "gpt-5.4",
-        "prompt": {"system": "You label product reviews.",
-                   "user": "Review: {{ text }}\nAnswer positive, negative or neutral."},
+        "prompt": {
+            "system": "You label product reviews.",
+            "user": "Review: {{ text }}\nAnswer positive, negative or neutral.",
+        },
         "params": {"max_completion_tokens": 20},
         "output": {"path": "out/result.parquet"},
         "run": {"concurrency": 8, "max_attempts": 5, "timeout_s": 30},
@@ -127,8 +135,14 @@ REVIEWS = [
     ["R5", "Leaks everywhere, waste of money.", 1],
     ["R6", "The colour is as pictured.", 3],
 ]
-EXPECTED_LABELS = {"R1": "positive", "R2": "negative", "R3": "neutral",
-                   "R4": "positive", "R5": "negative", "R6": "neutral"}
+EXPECTED_LABELS = {
+    "R1": "positive",
+    "R2": "negative",
+    "R3": "neutral",
+    "R4": "positive",
+    "R5": "negative",
+    "R6": "neutral",
+}
 
 
 @pytest.fixture

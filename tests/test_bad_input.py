@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-
 from conftest import Emulator, run_cli, write_csv, write_job
 
 
@@ -23,22 +23,48 @@ def _duplicate_ids(folder: Path, url: str) -> Path:
 
 CASES: dict[str, tuple[Callable[[Path, str], Path], list[str], dict[str, Any]]] = {
     "yaml syntax": (_yaml_syntax, ["job.yaml:", "YAML syntax error"], {}),
-    "unknown key": (lambda f, u: write_job(f, u, run={"concurency": 4}),
-                    ["job.yaml:", "unknown key 'run.concurency'", "concurrency"], {}),
-    "wrong type": (lambda f, u: write_job(f, u, run={"concurrency": "many"}),
-                   ["job.yaml:", "run.concurrency", "'many'"], {}),
-    "missing input": (lambda f, u: write_job(f, u, input={"path": "nope.csv"}), ["input.path nope.csv", "not found"], {}),
+    "unknown key": (
+        lambda f, u: write_job(f, u, run={"concurency": 4}),
+        ["job.yaml:", "unknown key 'run.concurency'", "concurrency"],
+        {},
+    ),
+    "wrong type": (
+        lambda f, u: write_job(f, u, run={"concurrency": "many"}),
+        ["job.yaml:", "run.concurrency", "'many'"],
+        {},
+    ),
+    "missing input": (
+        lambda f, u: write_job(f, u, input={"path": "nope.csv"}),
+        ["input.path nope.csv", "not found"],
+        {},
+    ),
     "bad extension": (lambda f, u: write_job(f, u, input={"path": "job.yaml"}), ["unsupported extension '.yaml'"], {}),
-    "id column missing": (lambda f, u: write_job(f, u, input={"path": "reviews.csv", "id_column": "sku"}),
-                          ["input.id_column", "'sku'", "review_id, text, stars"], {}),
+    "id column missing": (
+        lambda f, u: write_job(f, u, input={"path": "reviews.csv", "id_column": "sku"}),
+        ["input.id_column", "'sku'", "review_id, text, stars"],
+        {},
+    ),
     "duplicate ids": (_duplicate_ids, ["'review_id' is not unique", "A"], {}),
-    "template variable": (lambda f, u: write_job(f, u, prompt={"user": "Rate {{ body }}"}),
-                          ["prompt.user", "'body'", "review_id, text, stars"], {}),
-    "missing key variable": (lambda f, u: write_job(f, u), ["provider.api_key_env", "TEST_RELAY_KEY is not set"],
-                             {"TEST_RELAY_KEY": None}),
-    "owned param": (lambda f, u: write_job(f, u, params={"messages": []}), ["params.messages", "batchrun sets this"], {}),
-    "not supported yet": (lambda f, u: write_job(f, u, output={"path": "o.parquet", "sharded": True}),
-                          ["output.sharded", "not supported yet"], {}),
+    "template variable": (
+        lambda f, u: write_job(f, u, prompt={"user": "Rate {{ body }}"}),
+        ["prompt.user", "'body'", "review_id, text, stars"],
+        {},
+    ),
+    "missing key variable": (
+        lambda f, u: write_job(f, u),
+        ["provider.api_key_env", "TEST_RELAY_KEY is not set"],
+        {"TEST_RELAY_KEY": None},
+    ),
+    "owned param": (
+        lambda f, u: write_job(f, u, params={"messages": []}),
+        ["params.messages", "batchrun sets this"],
+        {},
+    ),
+    "not supported yet": (
+        lambda f, u: write_job(f, u, output={"path": "o.parquet", "sharded": True}),
+        ["output.sharded", "not supported yet"],
+        {},
+    ),
 }
 
 

@@ -6,21 +6,34 @@ import json
 from pathlib import Path
 
 import polars as pl
-
 from conftest import EXPECTED_LABELS, REVIEWS, Emulator, run_cli, write_csv, write_job
 
 
 def test_run_writes_every_contract_column_in_input_order(tmp_path: Path, reviews: Path, emulator: Emulator) -> None:
-    job = write_job(tmp_path, emulator.url,
-                    pricing={"input_per_million": 2.5, "output_per_million": 10, "currency": "USD"})
+    job = write_job(
+        tmp_path, emulator.url, pricing={"input_per_million": 2.5, "output_per_million": 10, "currency": "USD"}
+    )
     result = run_cli("run", str(job), "--quiet")
     assert result.returncode == 0, result.stderr
     assert "6 rows: 6 ok, 0 error" in result.stdout
 
     df = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert df.columns == [
-        "review_id", "text", "stars", "response_text", "tool_calls", "finish_reason", "model",
-        "prompt_tokens", "completion_tokens", "latency_s", "attempts", "status", "error_class", "error", "cost",
+        "review_id",
+        "text",
+        "stars",
+        "response_text",
+        "tool_calls",
+        "finish_reason",
+        "model",
+        "prompt_tokens",
+        "completion_tokens",
+        "latency_s",
+        "attempts",
+        "status",
+        "error_class",
+        "error",
+        "cost",
     ]
     assert df["review_id"].to_list() == [r[0] for r in REVIEWS]
     assert df["text"].to_list() == [r[1] for r in REVIEWS]
@@ -75,8 +88,12 @@ def test_jsonl_and_parquet_inputs(tmp_path: Path, emulator: Emulator) -> None:
     for part in range(2):
         frame.slice(part * 3, 3).write_parquet(tmp_path / f"part-{part}.parquet")
     for source in ("reviews.jsonl", "part-*.parquet"):
-        job = write_job(tmp_path, emulator.url, input={"path": source, "id_column": "review_id"},
-                        output={"path": f"out/{source.replace('*', 'all')}.parquet"})
+        job = write_job(
+            tmp_path,
+            emulator.url,
+            input={"path": source, "id_column": "review_id"},
+            output={"path": f"out/{source.replace('*', 'all')}.parquet"},
+        )
         result = run_cli("run", str(job), "--quiet")
         assert result.returncode == 0, result.stderr
         df = pl.read_parquet(tmp_path / "out" / f"{source.replace('*', 'all')}.parquet")
@@ -103,8 +120,11 @@ def test_retries_500_429_502_and_resets_until_every_row_is_ok(tmp_path: Path, em
 
 
 def test_a_row_that_keeps_failing_is_kept_as_an_error(tmp_path: Path, emulator: Emulator) -> None:
-    rows = [["E1", "Always broken upstream [[emulator: 500]]"], ["E2", "I love it."],
-            ["E3", "Bad words [[emulator: sensitive_words_detected]]"]]
+    rows = [
+        ["E1", "Always broken upstream [[emulator: 500]]"],
+        ["E2", "I love it."],
+        ["E3", "Bad words [[emulator: sensitive_words_detected]]"],
+    ]
     write_csv(tmp_path / "reviews.csv", ["review_id", "text"], rows)
     job = write_job(tmp_path, emulator.url, run={"concurrency": 4, "max_attempts": 2, "timeout_s": 30})
     result = run_cli("run", str(job), "--quiet")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import TEST_KEY, Emulator, run_cli, start_emulator, stop_emulator, write_csv, write_job
 
 

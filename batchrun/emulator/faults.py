@@ -61,7 +61,10 @@ _ERRORS: dict[str, tuple[int, str, str | int, dict[str, str]]] = {
     "model_not_found": (404, "model not found", "model_not_found", {}),
 }
 
-HTML_502 = b"<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>"
+HTML_502 = (
+    b"<html><head><title>502 Bad Gateway</title></head>"
+    b"<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>"
+)
 
 FAULTS = set(_ERRORS) | {"502", "malformed", "reset", "error-200"}
 
@@ -72,11 +75,22 @@ def fault_response(fault: str, request_id: str) -> web.Response | None:
         status, message, code, headers = _ERRORS[fault]
         return json_response(status, relay_error(status, message, code, request_id), request_id, headers)
     if fault == "502":
-        return web.Response(status=502, body=HTML_502, content_type="text/html", headers={"X-Oneapi-Request-Id": request_id})
+        return web.Response(
+            status=502, body=HTML_502, content_type="text/html", headers={"X-Oneapi-Request-Id": request_id}
+        )
     if fault == "malformed":
-        return web.Response(status=200, body=b"{\"choices\": [", content_type="application/json",
-                            headers={"X-Oneapi-Request-Id": request_id})
+        return web.Response(
+            status=200,
+            body=b'{"choices": [',
+            content_type="application/json",
+            headers={"X-Oneapi-Request-Id": request_id},
+        )
     if fault == "error-200":
-        return json_response(200, relay_error(500, "upstream error wrapped in a 200", "bad_response_status_code",
-                                              request_id, "upstream_error"), request_id)
+        return json_response(
+            200,
+            relay_error(
+                500, "upstream error wrapped in a 200", "bad_response_status_code", request_id, "upstream_error"
+            ),
+            request_id,
+        )
     return None

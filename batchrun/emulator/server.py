@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from batchrun.emulator import answers
+from batchrun.emulator.chat import chat_completion, chat_prompt
 from batchrun.emulator.faults import FAULTS, directive_in, fault_response, json_response, relay_error
 
 
@@ -130,7 +130,9 @@ class Emulator:
         except orjson.JSONDecodeError:
             return json_response(400, relay_error(400, "invalid JSON body", "invalid_request", request_id), request_id)
         if not isinstance(body, dict):
-            return json_response(400, relay_error(400, "body must be an object", "invalid_request", request_id), request_id)
+            return json_response(
+                400, relay_error(400, "body must be an object", "invalid_request", request_id), request_id
+            )
         return body
 
     def _fault(self, prompt_key: str, prompt: str) -> str | None:
@@ -157,10 +159,11 @@ class Emulator:
         body = await self._body(request, request_id)
         if isinstance(body, web.Response):
             return body
-        prompt = _chat_prompt(body.get("messages"))
+        prompt = chat_prompt(body.get("messages"))
         if prompt is None:
-            return json_response(400, relay_error(400, "messages must be a list of messages", "invalid_request",
-                                                  request_id), request_id)
+            return json_response(
+                400, relay_error(400, "messages must be a list of messages", "invalid_request", request_id), request_id
+            )
         key = prompt
         self.stats.by_prompt[key] += 1
         await self._delay()
@@ -175,8 +178,9 @@ class Emulator:
 
     async def models(self, request: web.Request) -> web.Response:
         ids = ["gpt-5.4", "gpt-4o-mini", "gemini-2.5-flash", "gemini-3-pro-image-preview"]
-        return json_response(200, {"object": "list", "data": [{"id": i, "object": "model"} for i in ids]},
-                             self._request_id())
+        return json_response(
+            200, {"object": "list", "data": [{"id": i, "object": "model"} for i in ids]}, self._request_id()
+        )
 
     async def get_stats(self, request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(self.stats.as_json()), content_type="application/json")
@@ -188,78 +192,13 @@ class Emulator:
 
     async def not_found(self, request: web.Request) -> web.Response:
         request_id = self._request_id()
-        return json_response(404, relay_error(404, f"Invalid URL ({request.method} {request.path})", "not_found",
-                                              request_id, "invalid_request_error"), request_id)
-
-
-def _chat_prompt(messages: Any) -> str | None:
-    """All message text joined: the key for directives, counts and deterministic answers."""
-    if not isinstance(messages, list):
-        return None
-    texts: list[str] = []
-    for m in messages:
-        if not isinstance(m, dict):
-            return None
-        content = m.get("content")
-        if isinstance(content, str):
-            texts.append(content)
-        elif isinstance(content, list):
-            texts += [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") in ("text", "input_text")]
-    return "\n".join(texts)
-
-
-def chat_completion(body: dict[str, Any], prompt: str, request_id: str) -> dict[str, Any]:
-    seed = answers.digest(prompt)
-    model = str(body.get("model", "unknown"))
-    message: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None}
-    finish = "stop"
-    forced = _forced_tool(body)
-    if forced is not None:
-        args = answers.value_for(forced.get("parameters") or {}, seed, prompt)
-        message["tool_calls"] = [{"id": f"call_{seed % 10**8}", "type": "function",
-                                  "function": {"name": forced["name"], "arguments": orjson.dumps(args).decode()}}]
-        finish = "tool_calls"
-        completion = answers.count_tokens(message["tool_calls"][0]["function"]["arguments"])
-    else:
-        schema = _response_schema(body)
-        text = (orjson.dumps(answers.value_for(schema, seed, prompt)).decode() if schema is not None
-                else answers.text_answer(prompt))
-        cap = body.get("max_completion_tokens", body.get("max_tokens"))
-        completion = answers.count_tokens(text)
-        if isinstance(cap, int) and completion > cap:
-            text, completion, finish = text[: cap * 4], cap, "length"
-        message["content"] = text
-    prompt_tokens = answers.count_tokens(prompt) + 8
-    return {
-        "id": f"chatcmpl-{request_id}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "finish_reason": finish, "message": message}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                  "total_tokens": prompt_tokens + completion,
-                  "prompt_tokens_details": {"cached_tokens": 0},
-                  "completion_tokens_details": {"reasoning_tokens": 0}},
-    }
-
-
-def _forced_tool(body: dict[str, Any]) -> dict[str, Any] | None:
-    tools = [t.get("function") for t in body.get("tools") or [] if isinstance(t, dict)]
-    tools = [t for t in tools if isinstance(t, dict) and "name" in t]
-    choice = body.get("tool_choice", "auto" if tools else "none")
-    if not tools or choice == "none":
-        return None
-    if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name")
-        return next((t for t in tools if t["name"] == name), None)
-    return tools[0]  # "auto" and "required": the emulator always calls the first tool
-
-
-def _response_schema(body: dict[str, Any]) -> dict[str, Any] | None:
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-        return (fmt.get("json_schema") or {}).get("schema") or {}
-    return None
+        return json_response(
+            404,
+            relay_error(
+                404, f"Invalid URL ({request.method} {request.path})", "not_found", request_id, "invalid_request_error"
+            ),
+            request_id,
+        )
 
 
 # --- running it ----------------------------------------------------------------------

@@ -25,7 +25,9 @@ class CallError(Exception):
     code: str = ""
     retryable: bool = True
     max_retries: int | None = None  # a tighter cap than run.max_attempts, for content outcomes
-    abort: str | None = None  # PROTOCOL.md §5.2 rules: "A" at once, "B" after 3 in a row, "C" 3 alike before any success
+    abort: str | None = (
+        None  # PROTOCOL.md §5.2 rules: "A" at once, "B" after 3 in a row, "C" 3 alike before any success
+    )
     retry_hint: float | None = None  # seconds the server asked us to wait
     min_delay: float = 0.0
     request_id: str | None = None
