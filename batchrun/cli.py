@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from batchrun.errors import JobError, RunAborted
+from batchrun.errors import JobError, RunAborted, RunInterrupted
 
 EXIT_BAD_INPUT = 2
 EXIT_ABORTED = 3
@@ -27,10 +27,30 @@ def main(argv: list[str] | None = None) -> int:
     except RunAborted as e:
         print(f"batchrun: {e}", file=sys.stderr)
         return EXIT_ABORTED
-    except KeyboardInterrupt:
-        job = getattr(args, "job", None)
-        print(f"\nbatchrun: interrupted; run `batchrun run {job}` again to resume", file=sys.stderr)
+    except RunInterrupted as e:
+        print(f"\nbatchrun: {_interrupted_message(e)}; resume with: {_resume_command(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"\nbatchrun: interrupted; resume with: {_resume_command(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _interrupted_message(e: RunInterrupted) -> str:
+    message = f"interrupted: {e.done} of {e.total} rows done, {e.total - e.done} pending"
+    if e.cancelled:
+        message += (
+            f"; {e.cancelled} requests still in flight after {e.grace_s:g} s were cancelled "
+            "(they may have been paid; the next run counts them)"
+        )
+    return message
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    from batchrun.resume import resume_command
+
+    if getattr(args, "command", None) != "run":
+        return f"batchrun {args.command} {getattr(args, 'job', '')}".strip()
+    return resume_command(args.job, args.limit, args.concurrency)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--concurrency", type=_positive_int, help="requests in flight at most (overrides run.concurrency)")
     run.add_argument("--restart", action="store_true", help="throw the checkpoint away and start over")
     run.add_argument("--retry-failed", action="store_true", help="request again the rows that ended in error")
+    run.add_argument(
+        "--rerun-changed",
+        action="store_true",
+        help="after the job file changed: keep answers whose request is unchanged, send only the changed rows",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_run)
 
@@ -92,6 +117,7 @@ def _run(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         restart=args.restart,
         retry_failed=args.retry_failed,
+        rerun_changed=args.rerun_changed,
         quiet=args.quiet,
     )
     summary = anyio.run(run_job, job, options)
@@ -143,31 +169,10 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from batchrun.checkpoint import Checkpoint, checkpoint_folder
-    from batchrun.inputs import InputTable
+    from batchrun.resume import status_lines
     from batchrun.spec import load_job
 
-    job = load_job(args.job)
-    folder = checkpoint_folder(job.output_path)
-    table = InputTable.for_job(job)
-    rows = table.count()
-    if not (folder / "checkpoint.sqlite").exists():
-        print(f"job {job.spec.name}: not started; {rows} rows pending")
-        return 0
-    checkpoint = Checkpoint(folder)
-    try:
-        totals = checkpoint.totals()
-    finally:
-        checkpoint.close()
-    pending = rows - totals["ok"] - totals["error"]
-    print(f"job {job.spec.name}: {totals['ok']} ok, {totals['error']} error, {pending} pending of {rows} rows")
-    print(f"tokens: {totals['prompt_tokens']} in / {totals['completion_tokens']} out")
-    if job.spec.pricing is not None:
-        p = job.spec.pricing
-        cost = (
-            totals["prompt_tokens"] * p.input_per_million + totals["completion_tokens"] * p.output_per_million
-        ) / 1e6
-        print(f"cost so far: {cost:.4f} {p.currency}")
+    print("\n".join(status_lines(load_job(args.job))))
     return 0
 
 

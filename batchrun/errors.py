@@ -7,3 +7,14 @@ class JobError(Exception):
 
 class RunAborted(Exception):
     """The run was stopped because continuing would not help (bad key, no balance)."""
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C stopped the run; what finished is committed and the same command resumes."""
+
+    def __init__(self, done: int, total: int, cancelled: int, grace_s: float) -> None:
+        super().__init__(f"{done} of {total} rows done")
+        self.done = done
+        self.total = total
+        self.cancelled = cancelled  # requests cut off after the grace period: they may have been paid
+        self.grace_s = grace_s

@@ -8,7 +8,8 @@ goes to the checkpoint. The output is written from the checkpoint at the end.
 
 from __future__ import annotations
 
-import shutil
+import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,18 +22,20 @@ import jinja2
 import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from batchrun import output, protocols
-from batchrun.checkpoint import Checkpoint, RowRecord, checkpoint_folder
-from batchrun.errors import RunAborted
+from batchrun import fingerprint, output, protocols
+from batchrun.checkpoint import Checkpoint, RowRecord
+from batchrun.errors import RunAborted, RunInterrupted
 from batchrun.inputs import ROW_INDEX, InputTable
 from batchrun.limits import Limits, estimate_tokens
 from batchrun.progress import Progress
 from batchrun.protocols import CallError
 from batchrun.render import Renderer
+from batchrun.resume import ResumeFlags, open_for_run
 from batchrun.spec import Job
 from batchrun.transport import Outcome, Transport, call_with_retries
 
 ABORT_AFTER = 3  # PROTOCOL.md §5.2 rules B and C
+GRACE_S = 3.0  # after Ctrl-C, how long rows in flight may take to finish before they are cancelled
 
 
 @dataclass
@@ -41,6 +44,7 @@ class RunOptions:
     concurrency: int | None = None
     restart: bool = False
     retry_failed: bool = False
+    rerun_changed: bool = False
     quiet: bool = False
 
 
@@ -50,6 +54,7 @@ class WorkItem:
     row_id: str
     body: dict[str, Any]
     estimate: int
+    request_hash: int
 
 
 class AbortWatch:
@@ -94,17 +99,21 @@ class Run:
         self.api_key = job.api_key()
         self.watch = AbortWatch()
         self.limits = Limits(self.concurrency, spec.run.requests_per_minute, spec.run.tokens_per_minute)
+        self.settings = fingerprint.settings_digest(fingerprint.request_settings(spec))
         self.requested = 0
         self._held: list[RowRecord] = []
+        self.interrupts = 0
+        self._sending: set[int] = set()  # rows whose request is out; those left when cancelled may be paid
+        self._producing = anyio.CancelScope()
 
     async def execute(self) -> dict[str, Any]:
         started = time.monotonic()
-        folder = checkpoint_folder(self.job.output_path)
-        if self.options.restart and folder.exists():
-            shutil.rmtree(folder)
-        checkpoint = Checkpoint(folder)
+        flags = ResumeFlags(restart=self.options.restart, rerun_changed=self.options.rerun_changed)
+        checkpoint, notes = open_for_run(self.job, self.table, self.renderer, flags)
         try:
-            interrupted = checkpoint.take_interrupted()
+            for note in notes:
+                print(f"batchrun: {note}", file=sys.stderr)
+            interrupted = checkpoint.count_interrupted()
             if self.options.retry_failed:
                 checkpoint.forget_errors()
             total = self.table.count() if self.options.limit is None else min(self.options.limit, self.table.count())
@@ -120,6 +129,8 @@ class Run:
                 finally:
                     await transport.aclose()
                     progress.close()
+            if self.interrupts:
+                raise RunInterrupted(checkpoint.count_finished(0, total), total, len(self._sending), GRACE_S)
             if self.watch.tripped is not None:
                 raise RunAborted(_abort_message(self.watch.tripped, self.job))
             totals = checkpoint.totals()
@@ -137,7 +148,8 @@ class Run:
         async with anyio.create_task_group() as tg:
             tg.start_soon(checkpoint.flush_loop)
             async with anyio.create_task_group() as work:
-                work.start_soon(self._produce, send, checkpoint, progress)
+                tg.start_soon(self._stop_on_ctrl_c, work.cancel_scope)
+                work.start_soon(self._produce_until_ctrl_c, send, checkpoint, progress)
                 for _ in range(self.concurrency):
                     work.start_soon(self._work, receive.clone(), checkpoint, transport, progress, work.cancel_scope)
                 receive.close()
@@ -145,6 +157,35 @@ class Run:
                 self._release_held(checkpoint, progress)
             await checkpoint.flush()
             tg.cancel_scope.cancel()
+
+    async def _produce_until_ctrl_c(
+        self, send: MemoryObjectSendStream[WorkItem], checkpoint: Checkpoint, progress: Progress
+    ) -> None:
+        with self._producing:
+            await self._produce(send, checkpoint, progress)
+
+    async def _stop_on_ctrl_c(self, work: anyio.CancelScope) -> None:
+        """First Ctrl-C: send no new row, give rows in flight GRACE_S to finish. Second: cancel them now.
+
+        Either way the run then commits what finished (the checkpoint is consistent at every commit).
+        """
+        with anyio.open_signal_receiver(signal.SIGINT) as signals:
+            async for _ in signals:
+                self.interrupts += 1
+                self._producing.cancel()
+                if self.interrupts == 1 and self._sending:
+                    work.deadline = anyio.current_time() + GRACE_S
+                else:
+                    work.cancel()
+
+    async def _begin(self, checkpoint: Checkpoint, idx: int) -> None:
+        """Right before a row's first request: its intent, committed. After Ctrl-C no row is sent:
+        the worker waits here to be cancelled, and the row stays pending."""
+        if self.interrupts:
+            await anyio.sleep_forever()
+        await checkpoint.begin(idx)
+        self._sending.add(idx)
+        self.requested += 1
 
     async def _produce(
         self, send: MemoryObjectSendStream[WorkItem], checkpoint: Checkpoint, progress: Progress
@@ -168,7 +209,8 @@ class Run:
                         continue
                     chars = len(request.user) + len(request.system or "")
                     body = self.protocol.build(request, spec)
-                    await send.send(WorkItem(idx, row_id, body, estimate_tokens(chars, spec.params)))
+                    request_hash = fingerprint.row_hash(self.settings, request)
+                    await send.send(WorkItem(idx, row_id, body, estimate_tokens(chars, spec.params), request_hash))
                 await anyio.sleep(0)  # let workers run between batches
 
     async def _work(
@@ -183,7 +225,6 @@ class Run:
         path = self.protocol.path(spec.model, spec.stream)
         async with receive:
             async for item in receive:
-                self.requested += 1
                 outcome = await call_with_retries(
                     transport,
                     self.limits,
@@ -193,8 +234,11 @@ class Run:
                     item.estimate,
                     spec.run.max_attempts,
                     self.watch.on_error,
-                    before_first_send=partial(checkpoint.begin, item.idx),
+                    before_first_send=partial(self._begin, checkpoint, item.idx),
                 )
+                self._sending.discard(item.idx)
+                if self.interrupts and not self._sending:
+                    scope.cancel()  # after Ctrl-C, the last row in flight has finished
                 record = _record(item, outcome)
                 if outcome.error is not None and outcome.error.abort in ("A", "B"):
                     # Held back: if the run aborts, this row stays pending rather than failed.
@@ -261,6 +305,7 @@ def _record(item: WorkItem, outcome: Outcome) -> RowRecord:
         error_class=error.error_class if error else None,
         error=str(error) if error else None,
         finished_at=time.time(),
+        request_hash=item.request_hash,
     )
 
 
