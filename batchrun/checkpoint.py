@@ -117,9 +117,12 @@ class Checkpoint:
                 f"BEGIN; {_SCHEMA} INSERT INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
             )
             return
+        (page_size,) = self._db.execute("PRAGMA page_size").fetchone()
+        if (self.folder / DB_NAME).stat().st_size % page_size:  # SQLite writes whole pages only
+            raise sqlite3.DatabaseError("its database file is cut short")
         problem = self._db.execute("PRAGMA quick_check").fetchone()[0]
         if problem != "ok":
-            raise sqlite3.DatabaseError(problem)
+            raise sqlite3.DatabaseError(problem.splitlines()[-1] if problem.startswith("***") else problem)
         found = (
             self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if ("meta" in tables)
@@ -205,9 +208,12 @@ class Checkpoint:
         rows = self._query("SELECT error_class, COUNT(*) FROM rows WHERE status = 'error' GROUP BY 1 ORDER BY 2 DESC")
         return {str(cls): int(n) for cls, n in rows}
 
-    def hashes_in_range(self, lo: int, hi: int) -> dict[int, int | None]:
+    def hashes_in_range(self, lo: int, hi: int, ok_only: bool = False) -> dict[int, int | None]:
         """Request hash of each finished row in [lo, hi)."""
-        return dict(self._query("SELECT idx, request_hash FROM rows WHERE idx >= ? AND idx < ?", (lo, hi)))
+        sql = "SELECT idx, request_hash FROM rows WHERE idx >= ? AND idx < ?" + (
+            " AND status = 'ok'" if ok_only else ""
+        )
+        return dict(self._query(sql, (lo, hi)))
 
     # --- writing --------------------------------------------------------------------
 

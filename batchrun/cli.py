@@ -39,7 +39,7 @@ def _interrupted_message(e: RunInterrupted) -> str:
     message = f"interrupted: {e.done} of {e.total} rows done, {e.total - e.done} pending"
     if e.cancelled:
         message += (
-            f"; {e.cancelled} requests still in flight after {e.grace_s:g} s were cancelled "
+            f"; {e.cancelled} requests in flight were cancelled {e.cancelled_when} "
             "(they may have been paid; the next run counts them)"
         )
     return message

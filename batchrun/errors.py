@@ -12,9 +12,9 @@ class RunAborted(Exception):
 class RunInterrupted(Exception):
     """Ctrl-C stopped the run; what finished is committed and the same command resumes."""
 
-    def __init__(self, done: int, total: int, cancelled: int, grace_s: float) -> None:
+    def __init__(self, done: int, total: int, cancelled: int, cancelled_when: str) -> None:
         super().__init__(f"{done} of {total} rows done")
         self.done = done
         self.total = total
-        self.cancelled = cancelled  # requests cut off after the grace period: they may have been paid
-        self.grace_s = grace_s
+        self.cancelled = cancelled  # requests cut off before their answer: they may have been paid
+        self.cancelled_when = cancelled_when

@@ -121,15 +121,24 @@ class Comparison:
 
 
 def compare(
-    checkpoint: Checkpoint, job: Job, table: InputTable, renderer: Renderer, forget_changed: bool = False
+    checkpoint: Checkpoint,
+    job: Job,
+    table: InputTable,
+    renderer: Renderer,
+    forget_changed: bool = False,
+    ok_only: bool = False,
 ) -> tuple[Comparison, Fingerprint]:
-    """Compare the job with its checkpoint; with `forget_changed`, drop the answers of changed rows."""
+    """Compare the job with its checkpoint; with `forget_changed`, drop the answers of changed rows.
+
+    `ok_only` leaves failed rows out (--retry-failed sends them again anyway).
+    """
     stored = Fingerprint.load(checkpoint)
     current = Fingerprint.of(job, stored)
     changes = current.changes_from(stored) if stored is not None else []
     changed = finished = 0
     if changes:
-        for indexes, held in _changed_rows(checkpoint, table, renderer, settings_digest(current.settings)):
+        settings = settings_digest(current.settings)
+        for indexes, held in _changed_rows(checkpoint, table, renderer, settings, ok_only):
             changed += len(indexes)
             finished += held
             if forget_changed and indexes:
@@ -138,12 +147,12 @@ def compare(
 
 
 def _changed_rows(
-    checkpoint: Checkpoint, table: InputTable, renderer: Renderer, settings: bytes
+    checkpoint: Checkpoint, table: InputTable, renderer: Renderer, settings: bytes, ok_only: bool
 ) -> Iterator[tuple[list[int], int]]:
     """Per input batch: the finished rows whose request hash differs now, and how many finished rows it has."""
     for batch in table.batches():
         lo, hi = batch[ROW_INDEX][0], batch[ROW_INDEX][-1] + 1
-        stored = checkpoint.hashes_in_range(lo, hi)
+        stored = checkpoint.hashes_in_range(lo, hi, ok_only)
         if not stored:
             continue
         changed = [

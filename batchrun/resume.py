@@ -28,6 +28,7 @@ from batchrun.spec import Job
 class ResumeFlags:
     restart: bool = False
     rerun_changed: bool = False
+    retry_failed: bool = False
 
 
 def open_for_run(job: Job, table: InputTable, renderer: Renderer, flags: ResumeFlags) -> tuple[Checkpoint, list[str]]:
@@ -40,10 +41,14 @@ def open_for_run(job: Job, table: InputTable, renderer: Renderer, flags: ResumeF
     checkpoint = Checkpoint(folder)
     try:
         checkpoint.lock_for_run()
-        comparison, current = compare(checkpoint, job, table, renderer, forget_changed=flags.rerun_changed)
+        comparison, current = compare(
+            checkpoint, job, table, renderer, forget_changed=flags.rerun_changed, ok_only=flags.retry_failed
+        )
         if comparison.changed_rows and not flags.rerun_changed:
             raise JobError(_refusal(job, comparison.changes, comparison.changed_rows, comparison.finished_rows))
         current.save(checkpoint)
+        if flags.retry_failed:
+            notes.append(f"--retry-failed: {checkpoint.forget_errors()} failed rows will be sent again")
         if comparison.changes:
             notes.append(_accepted(comparison.changes, comparison.changed_rows, comparison.finished_rows))
     except BaseException:
@@ -53,10 +58,11 @@ def open_for_run(job: Job, table: InputTable, renderer: Renderer, flags: ResumeF
 
 
 def _refusal(job: Job, changes: list[str], changed: int, finished: int) -> str:
+    keep = f" and keep the other {finished - changed} answers" if changed < finished else ""
     return (
         f"{job.path}: the job changed since its checkpoint ({'; '.join(changes)}): {changed} of {finished} "
-        f"finished rows would now be sent differently. Run again with --rerun-changed to send only those "
-        f"{changed} rows again (keeping the other {finished - changed} answers), or with --restart to start over"
+        f"finished rows would now be sent differently. Run again with --rerun-changed to send those {changed} "
+        f"rows again{keep}, or with --restart to start over"
     )
 
 
@@ -64,7 +70,7 @@ def _accepted(changes: list[str], changed: int, finished: int) -> str:
     what = "; ".join(changes)
     if changed:
         return f"--rerun-changed ({what}): {changed} rows will be sent again, {finished - changed} answers kept"
-    return f"the job changed ({what}), but no finished row's request did; the stored answers are kept"
+    return f"the job changed ({what}), but not the request of any answer kept; the answers are kept"
 
 
 # --- where the checkpoint is ---------------------------------------------------------

@@ -108,14 +108,13 @@ class Run:
 
     async def execute(self) -> dict[str, Any]:
         started = time.monotonic()
-        flags = ResumeFlags(restart=self.options.restart, rerun_changed=self.options.rerun_changed)
+        options = self.options
+        flags = ResumeFlags(options.restart, options.rerun_changed, options.retry_failed)
         checkpoint, notes = open_for_run(self.job, self.table, self.renderer, flags)
         try:
             for note in notes:
                 print(f"batchrun: {note}", file=sys.stderr)
             interrupted = checkpoint.count_interrupted()
-            if self.options.retry_failed:
-                checkpoint.forget_errors()
             total = self.table.count() if self.options.limit is None else min(self.options.limit, self.table.count())
             progress = Progress(
                 total=total - checkpoint.count_finished(0, total),
@@ -130,7 +129,8 @@ class Run:
                     await transport.aclose()
                     progress.close()
             if self.interrupts:
-                raise RunInterrupted(checkpoint.count_finished(0, total), total, len(self._sending), GRACE_S)
+                when = f"after {GRACE_S:g} s" if self.interrupts == 1 else "at the second Ctrl-C"
+                raise RunInterrupted(checkpoint.count_finished(0, total), total, len(self._sending), when)
             if self.watch.tripped is not None:
                 raise RunAborted(_abort_message(self.watch.tripped, self.job))
             totals = checkpoint.totals()
