@@ -123,16 +123,11 @@ class Checkpoint:
         problem = self._db.execute("PRAGMA quick_check").fetchone()[0]
         if problem != "ok":
             raise sqlite3.DatabaseError(problem.splitlines()[-1] if problem.startswith("***") else problem)
-        found = (
-            self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if ("meta" in tables)
-            else None
-        )
-        if found is None:
-            raise sqlite3.DatabaseError("no schema version")
-        if found[0] != SCHEMA_VERSION:
+        found = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        version = found[0] if found else "1"  # format 1 did not record its version
+        if version != SCHEMA_VERSION:
             raise JobError(
-                f"{self.folder}: the checkpoint was written in format {found[0]}, this batchrun reads format "
+                f"{self.folder}: the checkpoint was written in format {version}, this batchrun reads format "
                 f"{SCHEMA_VERSION}; run again with --restart to start over, or use the batchrun that wrote it"
             )
 

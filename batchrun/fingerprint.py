@@ -90,7 +90,9 @@ class Fingerprint:
             digest = previous.input_digest
         else:
             digest = _content_digest([f[0] for f in files])
-        return cls(digest, files, job.spec.input.path, templates(job.spec), request_settings(job.spec))
+        # Through JSON, as stored, so a value YAML typed (a date, say) compares equal to its stored form.
+        settings = orjson.loads(orjson.dumps(request_settings(job.spec)))
+        return cls(digest, files, job.spec.input.path, templates(job.spec), settings)
 
     @classmethod
     def load(cls, checkpoint: Checkpoint) -> Fingerprint | None:
