@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from typing import Any
 
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nbatchrun: {_interrupted_message(e)}; resume with: {_resume_command(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print(f"\nbatchrun: interrupted; resume with: {_resume_command(args)}", file=sys.stderr)
+        resume = f"; resume with: {_resume_command(args)}" if args.command == "run" else ""
+        print(f"\nbatchrun: interrupted{resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
@@ -46,11 +48,13 @@ def _interrupted_message(e: RunInterrupted) -> str:
 
 
 def _resume_command(args: argparse.Namespace) -> str:
-    from batchrun.resume import resume_command
-
-    if getattr(args, "command", None) != "run":
-        return f"batchrun {args.command} {getattr(args, 'job', '')}".strip()
-    return resume_command(args.job, args.limit, args.concurrency)
+    """The command that resumes a run: the same job, row limit and concurrency; never --restart."""
+    words = ["batchrun", "run", args.job]
+    if args.limit is not None:
+        words += ["--limit", str(args.limit)]
+    if args.concurrency is not None:
+        words += ["--concurrency", str(args.concurrency)]
+    return shlex.join(words)
 
 
 def _parser() -> argparse.ArgumentParser:

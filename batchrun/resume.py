@@ -9,7 +9,6 @@ checkpoint along instead of starting over.
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -201,13 +200,3 @@ def _ago(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min ago"
     return f"{seconds / 3600:.1f} h ago"
-
-
-def resume_command(job_arg: str, limit: int | None, concurrency: int | None) -> str:
-    """The command that resumes a run: the same job and row limit, never --restart."""
-    args = ["batchrun", "run", job_arg]
-    if limit is not None:
-        args += ["--limit", str(limit)]
-    if concurrency is not None:
-        args += ["--concurrency", str(concurrency)]
-    return shlex.join(args)

@@ -281,7 +281,9 @@ def test_retry_failed_sends_only_the_failed_rows(tmp_path: Path, emulator: Emula
     first = run_cli("run", str(job), "--quiet")
     assert first.returncode == 0 and "9 rows: 6 ok, 3 error" in first.stdout
     status = run_cli("status", str(job)).stdout
-    assert "6 ok, 3 failed (server 3); 0 pending" in status
+    assert "9 of 9 rows done: 6 ok, 3 failed (server 3); 0 pending" in status
+    assert re.search(r"tokens: \d+ in / \d+ out\nlast row finished: .* \(\d+ s ago\)\n", status), status
+    assert "job file: matches the checkpoint" in status
     emulator.reset()
     write_job(tmp_path, emulator.url, prompt={"user": "Review: {{ text }}"}, run={"max_attempts": 1, "timeout_s": 30})
     again = run_cli("run", str(job), "--quiet", "--retry-failed")
