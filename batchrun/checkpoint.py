@@ -103,6 +103,8 @@ class Checkpoint:
             raise
         self._lock = threading.Lock()  # one thread at a time on the connection
         self._lock_file: int | None = None
+        self._refusing = False
+        self.awaiting_answer: set[int] = set()  # begun in this run, not finished: at most `concurrency` rows
         self._intents: list[tuple[int, float]] = []
         self._finished: list[RowRecord] = []
         self._withdrawn: list[int] = []
@@ -213,19 +215,31 @@ class Checkpoint:
     # --- writing --------------------------------------------------------------------
 
     async def begin(self, idx: int) -> None:
-        """Durably record that `idx` is about to be requested; returns once committed."""
+        """Durably record that `idx` is about to be requested; returns once committed.
+
+        After `refuse_new_rows` it records nothing and waits to be cancelled: the row stays pending.
+        """
+        if self._refusing:
+            await anyio.sleep_forever()
         self._intents.append((idx, time.time()))
         done = self._intent_done
         self._wake.set()
         await done.wait()
+        self.awaiting_answer.add(idx)
+
+    def refuse_new_rows(self) -> None:
+        """Ctrl-C: no row that has not begun may be sent any more."""
+        self._refusing = True
 
     def finish(self, record: RowRecord) -> None:
+        self.awaiting_answer.discard(record.idx)
         self._finished.append(record)
         if len(self._finished) >= 512:
             self._wake.set()
 
     def withdraw(self, idx: int) -> None:
         """The request of `idx` was answered without cost (e.g. 401): it is pending, not in flight."""
+        self.awaiting_answer.discard(idx)
         self._withdrawn.append(idx)
 
     def forget_errors(self) -> int:

@@ -46,8 +46,6 @@ def open_for_run(job: Job, table: InputTable, renderer: Renderer, flags: ResumeF
         if comparison.changed_rows and not flags.rerun_changed:
             raise JobError(_refusal(job, comparison.changes, comparison.changed_rows, comparison.finished_rows))
         current.save(checkpoint)
-        if flags.retry_failed:
-            notes.append(f"--retry-failed: {checkpoint.forget_errors()} failed rows will be sent again")
         if comparison.changes:
             notes.append(_accepted(comparison.changes, comparison.changed_rows, comparison.finished_rows))
     except BaseException:

@@ -103,7 +103,6 @@ class Run:
         self.requested = 0
         self._held: list[RowRecord] = []
         self.interrupts = 0
-        self._sending: set[int] = set()  # rows whose request is out; those left when cancelled may be paid
         self._producing = anyio.CancelScope()
 
     async def execute(self) -> dict[str, Any]:
@@ -115,6 +114,8 @@ class Run:
             for note in notes:
                 print(f"batchrun: {note}", file=sys.stderr)
             interrupted = checkpoint.count_interrupted()
+            if self.options.retry_failed:
+                checkpoint.forget_errors()
             total = self.table.count() if self.options.limit is None else min(self.options.limit, self.table.count())
             progress = Progress(
                 total=total - checkpoint.count_finished(0, total),
@@ -130,7 +131,8 @@ class Run:
                     progress.close()
             if self.interrupts:
                 when = f"after {GRACE_S:g} s" if self.interrupts == 1 else "at the second Ctrl-C"
-                raise RunInterrupted(checkpoint.count_finished(0, total), total, len(self._sending), when)
+                cancelled = len(checkpoint.awaiting_answer)
+                raise RunInterrupted(checkpoint.count_finished(0, total), total, cancelled, when)
             if self.watch.tripped is not None:
                 raise RunAborted(_abort_message(self.watch.tripped, self.job))
             totals = checkpoint.totals()
@@ -148,7 +150,7 @@ class Run:
         async with anyio.create_task_group() as tg:
             tg.start_soon(checkpoint.flush_loop)
             async with anyio.create_task_group() as work:
-                tg.start_soon(self._stop_on_ctrl_c, work.cancel_scope)
+                tg.start_soon(self._stop_on_ctrl_c, checkpoint, work.cancel_scope)
                 work.start_soon(self._produce_until_ctrl_c, send, checkpoint, progress)
                 for _ in range(self.concurrency):
                     work.start_soon(self._work, receive.clone(), checkpoint, transport, progress, work.cancel_scope)
@@ -164,28 +166,23 @@ class Run:
         with self._producing:
             await self._produce(send, checkpoint, progress)
 
-    async def _stop_on_ctrl_c(self, work: anyio.CancelScope) -> None:
-        """First Ctrl-C: send no new row, give rows in flight GRACE_S to finish. Second: cancel them now.
+    async def _stop_on_ctrl_c(self, checkpoint: Checkpoint, work: anyio.CancelScope) -> None:
+        """First Ctrl-C: send no new row; rows in flight get GRACE_S to finish. A second one cancels them now.
 
         Either way the run then commits what finished (the checkpoint is consistent at every commit).
         """
         with anyio.open_signal_receiver(signal.SIGINT) as signals:
-            async for _ in signals:
-                self.interrupts += 1
-                self._producing.cancel()
-                if self.interrupts == 1 and self._sending:
-                    work.deadline = anyio.current_time() + GRACE_S
-                else:
-                    work.cancel()
-
-    async def _begin(self, checkpoint: Checkpoint, idx: int) -> None:
-        """Right before a row's first request: its intent, committed. After Ctrl-C no row is sent:
-        the worker waits here to be cancelled, and the row stays pending."""
-        if self.interrupts:
-            await anyio.sleep_forever()
-        await checkpoint.begin(idx)
-        self._sending.add(idx)
-        self.requested += 1
+            await anext(signals)
+            self.interrupts = 1
+            self._producing.cancel()
+            checkpoint.refuse_new_rows()
+            work.deadline = anyio.current_time() + GRACE_S
+            while checkpoint.awaiting_answer:
+                with anyio.move_on_after(0.05):
+                    await anext(signals)
+                    self.interrupts = 2
+                    break
+            work.cancel()
 
     async def _produce(
         self, send: MemoryObjectSendStream[WorkItem], checkpoint: Checkpoint, progress: Progress
@@ -225,6 +222,7 @@ class Run:
         path = self.protocol.path(spec.model, spec.stream)
         async with receive:
             async for item in receive:
+                self.requested += 1
                 outcome = await call_with_retries(
                     transport,
                     self.limits,
@@ -234,11 +232,8 @@ class Run:
                     item.estimate,
                     spec.run.max_attempts,
                     self.watch.on_error,
-                    before_first_send=partial(self._begin, checkpoint, item.idx),
+                    before_first_send=partial(checkpoint.begin, item.idx),
                 )
-                self._sending.discard(item.idx)
-                if self.interrupts and not self._sending:
-                    scope.cancel()  # after Ctrl-C, the last row in flight has finished
                 record = _record(item, outcome)
                 if outcome.error is not None and outcome.error.abort in ("A", "B"):
                     # Held back: if the run aborts, this row stays pending rather than failed.
