@@ -343,3 +343,30 @@ def test_torn_wal_tail_is_recovered_to_the_last_whole_commit(tmp_path: Path) -> 
         assert checkpoint.finished_in_range(0, 100) == set(range(10))
     finally:
         checkpoint.close()
+
+
+def test_request_settings_hold_only_what_shapes_the_request_body() -> None:
+    from batchrun.fingerprint import request_settings
+    from batchrun.spec import JobSpec
+
+    def settings(**changes: object) -> dict[str, object]:
+        job: dict[str, object] = {
+            "name": "j",
+            "input": {"path": "in.csv"},
+            "model": "m",
+            "prompt": {"user": "{{ text }}"},
+            "output": {"path": "out.parquet"},
+        }
+        job.update(changes)
+        return request_settings(JobSpec.model_validate(job))
+
+    schema = {"type": "object", "properties": {"label": {"type": "string"}}}
+    plain = settings()
+    assert set(plain) == {"model", "provider.api", "params", "stream"}
+    native = settings(output={"path": "o.parquet", "parse": "json", "schema": schema})
+    assert native["output.schema"] == schema and native["output.parse"] == "json"
+    # A schema only checked after the answer, or plain text parsing, leaves requests alone.
+    assert settings(output={"path": "o.parquet", "parse": "json", "schema": schema, "native_schema": False}) == plain
+    assert settings(output={"path": "o.parquet", "parse": "text", "schema": schema}) == plain
+    with_images = settings(prompt={"user": "{{ text }}", "images": ["{{ path }}"]})
+    assert with_images["provider.image_part_style"] == "standard"
