@@ -52,8 +52,8 @@ class WorkItem:
     idx: int
     row_id: str
     body: dict[str, Any]
-    estimate: int
-    prompt_chars: int
+    estimate: int  # tokens, for the tokens-per-minute window
+    prompt_estimate: int  # input tokens, for the budget
     key: bytes  # identical requests share one answer
 
 
@@ -189,7 +189,8 @@ class Run:
                     chars = request.text_chars
                     body = self.protocol.build(request, spec)
                     estimate = estimate_tokens(chars, spec.params)
-                    await send.send(WorkItem(idx, row_id, body, estimate, chars, request_key(body)))
+                    item = WorkItem(idx, row_id, body, estimate, prompt_tokens_estimate(chars), request_key(body))
+                    await send.send(item)
                 await anyio.sleep(0)  # let workers run between batches
 
     async def _work(
@@ -238,8 +239,8 @@ class Run:
         path = self.protocol.path(spec.model, spec.stream)
         cap = output_cap(spec.params)
 
-        async def send(body: dict[str, Any], chars: int, first: bool) -> Outcome | None:
-            prompt_estimate = prompt_tokens_estimate(chars)
+        async def send(body: dict[str, Any], extra_tokens: int, first: bool) -> Outcome | None:
+            prompt_estimate = item.prompt_estimate + extra_tokens
             held = self.budget.reserve(prompt_estimate, cap)
             if held is None:
                 return None
@@ -249,7 +250,7 @@ class Run:
                 path,
                 body,
                 self.protocol.parse,
-                estimate_tokens(chars, spec.params),
+                item.estimate + extra_tokens,
                 spec.run.max_attempts,
                 self.watch.on_error,
                 before_first_send=partial(checkpoint.begin, item.idx) if first else _nothing,
@@ -260,9 +261,9 @@ class Run:
 
         async def follow_up(answer: str, message: str) -> Outcome | None:
             body = self.protocol.repair_body(item.body, answer, message)
-            return await send(body, item.prompt_chars + len(answer) + len(message), first=False)
+            return await send(body, prompt_tokens_estimate(len(answer) + len(message)), first=False)
 
-        outcome = await send(item.body, item.prompt_chars, first=True)
+        outcome = await send(item.body, 0, first=True)
         if outcome is None:
             return None
         self.requested += 1
