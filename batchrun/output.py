@@ -73,7 +73,7 @@ def check_columns(job: Job, parser: AnswerParser | None, input_columns: list[str
     if clash:
         raise JobError(
             f"{job.path}: output.schema: the property {clash[0]!r} would become a column, but the output already "
-            "has a column of that name; rename the property"
+            "has a column of that name; rename the property (in the tool's parameters with parse: tool)"
         )
 
 

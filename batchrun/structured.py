@@ -49,17 +49,16 @@ def output_problems(spec: JobSpec) -> list[tuple[str, str]]:
     """(dotted key, problem) for structured-output settings that cannot work together."""
     out = spec.output
     found: list[tuple[str, str]] = []
-    if out.json_schema is not None:
-        if out.parse == "text":
-            found.append(("output.schema", "a schema needs output.parse: json (or tool)"))
-        else:
-            try:
-                validator_for(out.json_schema).check_schema(out.json_schema)
-            except jsonschema.SchemaError as e:
-                where = "/".join(map(str, e.path))
-                found.append(
-                    ("output.schema", f"not a valid JSON Schema{f' at {where}' if where else ''}: {e.message}")
-                )
+    if out.json_schema is not None and out.parse == "text":
+        found.append(("output.schema", "a schema needs output.parse: json (or tool)"))
+    schema = answer_schema(spec) if out.parse != "text" else None
+    if schema is not None:
+        try:
+            validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as e:
+            key = "output.schema" if out.json_schema is not None else "params.tools"
+            where = "/".join(map(str, e.path))
+            found.append((key, f"not a valid JSON Schema{f' at {where}' if where else ''}: {e.message}"))
     if out.parse == "tool":
         if spec.provider.api == "openai-completions":
             found.append(("output.parse", "openai-completions has no tools; use parse: json or text"))
@@ -117,7 +116,7 @@ def uses_native_schema(spec: JobSpec) -> bool:
 def explain_native_rejection(error: CallError, spec: JobSpec) -> None:
     """A 400 about the schema batchrun added: say so, and name the switch that turns it off."""
     text = f"{error.message} {error.code}".lower()
-    mentions = ("response_format", "json_schema", "responseschema", "responsemimetype", "schema", "structured")
+    mentions = ("response_format", "schema", "responsemimetype", "structured")
     if error.status == 400 and uses_native_schema(spec) and any(m in text for m in mentions):
         error.message += (
             "; batchrun sent output.schema as native structured output: if this model does not support it, "
@@ -147,9 +146,9 @@ class AnswerParser:
 
     def __init__(self, mode: str, schema: dict[str, Any] | None) -> None:
         self.mode = mode
-        self.schema = schema
         self._validator = validator_for(schema)(schema) if schema is not None else None
         self.columns = output_columns(schema)
+        self._whole_value = object_properties(schema) is None  # one `parsed` column
 
     @classmethod
     def for_spec(cls, spec: JobSpec) -> AnswerParser | None:
@@ -181,9 +180,7 @@ class AnswerParser:
             error = best_match(self._validator.iter_errors(value))
             if error is not None:
                 where = "/".join(map(str, error.absolute_path))
-                return _invalid(
-                    f"the answer does not match output.schema at {where or 'the top level'}: {error.message}"
-                )
+                return _invalid(f"the answer does not match the schema at {where or 'the top level'}: {error.message}")
         return Verdict(value=value, note=note)
 
     def judge_stored(self, text: str | None, finish_reason: str | None, tool_calls_json: str | None) -> Verdict:
@@ -195,7 +192,7 @@ class AnswerParser:
         if not verdict.ok:
             return dict.fromkeys(self.columns)
         value = verdict.value
-        if WHOLE_VALUE in self.columns and len(self.columns) == 1:
+        if self._whole_value:
             return {WHOLE_VALUE: conform(value, self.columns[WHOLE_VALUE])}
         obj = value if isinstance(value, dict) else {}
         return {name: conform(obj.get(name), dtype) for name, dtype in self.columns.items()}
@@ -320,11 +317,21 @@ def output_columns(schema: dict[str, Any] | None) -> dict[str, pl.DataType]:
     """Column name → polars type: one column per property of an object schema, else one `parsed` column."""
     if schema is None:
         return {WHOLE_VALUE: JSON_TEXT}
-    resolved = _resolve(schema, schema, ())
-    if resolved is not None and isinstance(resolved[0].get("properties"), dict) and resolved[0]["properties"]:
-        root, seen = resolved
-        return {name: dtype_for(sub, schema, seen) for name, sub in root["properties"].items()}
-    return {WHOLE_VALUE: dtype_for(schema, schema)}
+    found = object_properties(schema)
+    if found is None:
+        return {WHOLE_VALUE: dtype_for(schema, schema)}
+    properties, seen = found
+    return {name: dtype_for(sub, schema, seen) for name, sub in properties.items()}
+
+
+def object_properties(schema: dict[str, Any] | None) -> tuple[dict[str, Any], tuple[str, ...]] | None:
+    """The top-level properties of an object schema (and the refs followed to them); None if it has none."""
+    resolved = _resolve(schema, schema, ()) if schema is not None else None
+    if resolved is None:
+        return None
+    root, seen = resolved
+    properties = root.get("properties")
+    return (properties, seen) if isinstance(properties, dict) and properties else None
 
 
 def dtype_for(schema: Any, root: dict[str, Any], seen: tuple[str, ...] = ()) -> pl.DataType:
