@@ -189,7 +189,7 @@ class Run:
                     chars = request.text_chars
                     body = self.protocol.build(request, spec)
                     estimate = estimate_tokens(chars, spec.params)
-                    item = WorkItem(idx, row_id, body, estimate, prompt_tokens_estimate(chars), request_key(body))
+                    item = WorkItem(idx, row_id, body, estimate, prompt_tokens_estimate(chars), request_key(request))
                     await send.send(item)
                 await anyio.sleep(0)  # let workers run between batches
 

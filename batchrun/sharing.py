@@ -1,6 +1,8 @@
 """Never pay twice: identical requests within a job are sent once and the answer shared.
 
-A request is identified by the hash of its body. While one row's request is in
+Within a job every body is built from the row's rendered request (system, user,
+image values) and the same settings, so the rendered request identifies the body
+(images are loaded at send time). While one row's request is in
 flight, rows with the same body wait for it; afterwards its answer stays in a
 bounded LRU, so memory does not grow with the input. Only successful answers
 are shared: after an error the next identical row asks for itself.
@@ -14,18 +16,19 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
 
 import anyio
 import orjson
 
 from batchrun.checkpoint import RowRecord
+from batchrun.render import Request
 
 RECENT_ANSWERS = 4096
 
 
-def request_key(body: dict[str, Any]) -> bytes:
-    return hashlib.blake2b(orjson.dumps(body, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
+def request_key(request: Request) -> bytes:
+    text = orjson.dumps([request.system, request.user, list(request.images)])
+    return hashlib.blake2b(text, digest_size=16).digest()
 
 
 class SharedAnswers:
