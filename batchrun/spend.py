@@ -188,6 +188,11 @@ def describe_estimate(est: Estimate, job: Job) -> list[str]:
     limit = job.spec.run.max_cost
     if limit is not None:
         lines.append(f"  budget: run.max_cost {money(limit, pricing)} (the run stops before it would pass it)")
+        if est.output_cap is None:
+            lines.append(
+                f"  warning: with no output cap, the budget assumes {DEFAULT_OUTPUT_ESTIMATE} output tokens a request; "
+                "set a cap in params to make it a bound"
+            )
     return lines
 
 
