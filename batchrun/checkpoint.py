@@ -53,6 +53,8 @@ CREATE TABLE IF NOT EXISTS rows (
     error_class TEXT,
     error TEXT,
     finished_at REAL NOT NULL,
+    shared_from TEXT,
+    repairs INTEGER NOT NULL,
     request_hash INTEGER
 );
 CREATE TABLE IF NOT EXISTS inflight (idx INTEGER PRIMARY KEY, started_at REAL NOT NULL);
@@ -77,6 +79,8 @@ class RowRecord:
     error_class: str | None
     error: str | None
     finished_at: float
+    shared_from: str | None = None  # the row whose identical request answered this one (nothing was sent)
+    repairs: int = 0  # follow-up asks after answers that failed output.schema
     request_hash: int | None = None  # see fingerprint.row_hash; None when the row could not be rendered
 
 
@@ -248,7 +252,7 @@ class Checkpoint:
             return self._db.execute("DELETE FROM rows WHERE status = 'error'").rowcount
 
     def forget(self, indexes: list[int]) -> None:
-        """--rerun-changed: drop these rows' answers so they are requested again."""
+        """Drop these finished rows so they are requested again (--rerun-changed, answers that failed output.schema)."""
         with self._lock:
             self._db.execute("BEGIN")
             self._db.executemany("DELETE FROM rows WHERE idx = ?", [(i,) for i in indexes])

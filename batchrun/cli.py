@@ -10,10 +10,11 @@ from typing import Any
 
 import orjson
 
-from batchrun.errors import JobError, RunAborted, RunInterrupted
+from batchrun.errors import BudgetReached, JobError, RunAborted, RunInterrupted
 
 EXIT_BAD_INPUT = 2
 EXIT_ABORTED = 3
+EXIT_BUDGET = 4
 EXIT_INTERRUPTED = 130
 
 
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunAborted as e:
         print(f"batchrun: {e}", file=sys.stderr)
         return EXIT_ABORTED
+    except BudgetReached as e:
+        print(f"batchrun: {e}", file=sys.stderr)
+        return EXIT_BUDGET
     except RunInterrupted as e:
         print(f"\nbatchrun: {_interrupted_message(e)}; resume with: {_resume_command(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -48,12 +52,14 @@ def _interrupted_message(e: RunInterrupted) -> str:
 
 
 def _resume_command(args: argparse.Namespace) -> str:
-    """The command that resumes a run: the same job, row limit and concurrency; never --restart."""
+    """The command that resumes a run: the same job, row limit, concurrency and budget; never --restart."""
     words = ["batchrun", "run", args.job]
     if args.limit is not None:
         words += ["--limit", str(args.limit)]
     if args.concurrency is not None:
         words += ["--concurrency", str(args.concurrency)]
+    if args.max_cost is not None:
+        words += ["--max-cost", f"{args.max_cost:g}"]
     return shlex.join(words)
 
 
@@ -73,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
         help="after the job file changed: keep answers whose request is unchanged, send only the changed rows",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--max-cost",
+        type=_non_negative_float,
+        help="stop before the job's cost could pass this (overrides run.max_cost)",
+    )
     run.set_defaults(func=_run)
 
     validate = sub.add_parser("validate", help="check the job and its input, show the first requests; no network")
@@ -109,6 +120,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
 def _run(args: argparse.Namespace) -> int:
     import anyio
 
@@ -116,6 +134,8 @@ def _run(args: argparse.Namespace) -> int:
     from batchrun.spec import load_job
 
     job = load_job(args.job)
+    if args.max_cost is not None and job.spec.pricing is None:
+        raise JobError(f"{job.path}: --max-cost needs pricing in the job file to count the cost")
     options = RunOptions(
         limit=args.limit,
         concurrency=args.concurrency,
@@ -123,6 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         retry_failed=args.retry_failed,
         rerun_changed=args.rerun_changed,
         quiet=args.quiet,
+        max_cost=args.max_cost,
     )
     summary = anyio.run(run_job, job, options)
     _print_summary(summary)
@@ -138,6 +159,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
         line += f"; cost {summary['cost']:.4f} {summary['currency']}"
     line += f"; {summary['wall_s']:.1f} s, {summary['requests_per_s'] or 0:.1f} requests/s"
     print(line)
+    if summary["schema_invalid"]:
+        print(f"{summary['schema_invalid']} answers did not parse or match output.schema (error_class schema_invalid)")
+    if summary["shared"]:
+        print(f"{summary['shared']} rows repeated another row's request and share its answer (column shared_from)")
     if summary["in_flight_at_last_stop"]:
         print(
             f"{summary['in_flight_at_last_stop']} rows were in flight when the last run stopped "
@@ -147,16 +172,18 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from batchrun import protocols
+    from batchrun import output, protocols, spend
     from batchrun.inputs import ROW_INDEX, InputTable
     from batchrun.render import Renderer
     from batchrun.spec import load_job
+    from batchrun.structured import AnswerParser
 
     job = load_job(args.job)
     spec = job.spec
     table = InputTable.for_job(job)
     table.check_ids()
     renderer = Renderer(job, table.columns)
+    output.check_columns(job, AnswerParser.for_spec(spec), table.columns)
     job.api_key()
     protocol = protocols.PROTOCOLS[spec.provider.api]
     print(f"job {spec.name}: {table.count()} rows from {spec.input.path}, columns: {', '.join(table.columns)}")
@@ -168,6 +195,9 @@ def _validate(args: argparse.Namespace) -> int:
             print(f"\nrow {row[table.id_name] if table.id_column else row[ROW_INDEX]}:")
             print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
             shown += 1
+    print()
+    for line in spend.describe_estimate(spend.estimate_job(job, table, renderer), job):
+        print(line)
     print(f"\nok: the job is valid ({shown} requests shown, none sent)")
     return 0
 

@@ -18,3 +18,7 @@ class RunInterrupted(Exception):
         self.total = total
         self.cancelled = cancelled  # requests cut off before their answer: they may have been paid
         self.cancelled_when = cancelled_when
+
+
+class BudgetReached(Exception):
+    """The run stopped sending because the next request could pass run.max_cost; it resumes when raised."""

@@ -28,8 +28,10 @@ import orjson
 
 from batchrun.checkpoint import Checkpoint
 from batchrun.inputs import ROW_INDEX, InputTable
-from batchrun.render import Renderer, Request
+from batchrun.render import Renderer
+from batchrun.sharing import request_key
 from batchrun.spec import Job, JobSpec
+from batchrun.structured import uses_native_schema
 
 META_KEY = "fingerprint"
 SHOWN_CHARS = 60
@@ -46,10 +48,8 @@ def request_settings(spec: JobSpec) -> dict[str, Any]:
     if spec.prompt.images:
         settings["provider.image_part_style"] = spec.provider.image_part_style
         settings["prompt.max_image_side"] = spec.prompt.max_image_side
-    out = spec.output
-    if out.parse != "text" and out.json_schema is not None and out.native_schema:
-        settings["output.parse"] = out.parse
-        settings["output.schema"] = out.json_schema
+    if uses_native_schema(spec):
+        settings["output.schema"] = spec.output.json_schema
     return settings
 
 
@@ -61,16 +61,18 @@ def settings_digest(settings: dict[str, Any]) -> bytes:
     return hashlib.blake2b(orjson.dumps(settings, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
 
 
-def row_hash(settings: bytes, request: Request) -> int:
-    """64 bits (a signed SQLite integer): compact for 10-million-row checkpoints, collisions negligible."""
-    text = orjson.dumps([request.system, request.user, list(request.images)])
-    return int.from_bytes(hashlib.blake2b(settings + text, digest_size=8).digest(), "big", signed=True)
+def row_hash(settings: bytes, key: bytes) -> int:
+    """A row's request hash from its rendered request's key (sharing.request_key) and the request settings.
+
+    64 bits (a signed SQLite integer): compact for 10-million-row checkpoints, collisions negligible.
+    """
+    return int.from_bytes(hashlib.blake2b(settings + key, digest_size=8).digest(), "big", signed=True)
 
 
 def render_hash(renderer: Renderer, settings: bytes, row: dict[str, Any]) -> int | None:
     """The row's request hash; None when its templates fail on it (it is stored as an input error)."""
     try:
-        return row_hash(settings, renderer.render(row))
+        return row_hash(settings, request_key(renderer.render(row)))
     except jinja2.TemplateError:
         return None
 

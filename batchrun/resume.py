@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from batchrun import output, spend
 from batchrun.checkpoint import DB_NAME, Checkpoint, checkpoint_folder
 from batchrun.errors import JobError
 from batchrun.fingerprint import compare
 from batchrun.inputs import InputTable
 from batchrun.render import Renderer
 from batchrun.spec import Job
+from batchrun.structured import AnswerParser
 
 
 @dataclass
@@ -150,19 +152,21 @@ def status_lines(job: Job) -> list[str]:
 def _status(job: Job, table: InputTable, rows: int, checkpoint: Checkpoint) -> list[str]:
     totals = checkpoint.totals()
     done = checkpoint.count_finished(0, rows)
-    failed = ", ".join(f"{cls} {n}" for cls, n in checkpoint.error_classes().items())
+    parser = AnswerParser.for_spec(job.spec)
+    invalid = sum(len(f) for f in output.failed_answers(checkpoint, parser, rows)) if parser else 0
+    classes = ", ".join(f"{cls} {n}" for cls, n in checkpoint.error_classes().items())
     lines = [
-        f"job {job.spec.name}: {done} of {rows} rows done: {totals['ok']} ok, {totals['error']} failed"
-        + (f" ({failed})" if failed else "")
-        + f"; {rows - done} pending",
-        f"tokens: {totals['prompt_tokens']} in / {totals['completion_tokens']} out",
+        f"job {job.spec.name}: {done} of {rows} rows done: {totals['ok'] - invalid} ok, "
+        f"{totals['error'] + invalid} failed" + (f" ({classes})" if classes else "") + f"; {rows - done} pending"
     ]
-    if job.spec.pricing is not None:
-        p = job.spec.pricing
-        cost = (
-            totals["prompt_tokens"] * p.input_per_million + totals["completion_tokens"] * p.output_per_million
-        ) / 1e6
-        lines.append(f"cost so far: {cost:.4f} {p.currency}")
+    if invalid:
+        lines.append(f"{invalid} of the failed rows are answers that did not parse or match output.schema")
+    lines.append(f"tokens: {totals['prompt_tokens']} in / {totals['completion_tokens']} out")
+    if (pricing := job.spec.pricing) is not None:
+        spent = spend.cost(pricing, totals["prompt_tokens"], totals["completion_tokens"])
+        limit = job.spec.run.max_cost
+        budget = f" of run.max_cost {spend.money(limit, pricing)}" if limit is not None else ""
+        lines.append(f"cost so far: {spend.money(spent, pricing)}{budget}")
     if totals["last_finished_at"] is not None:
         when = datetime.fromtimestamp(totals["last_finished_at"]).strftime("%Y-%m-%d %H:%M:%S")
         lines.append(f"last row finished: {when} ({_ago(time.time() - totals['last_finished_at'])})")

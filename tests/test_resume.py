@@ -364,9 +364,8 @@ def test_request_settings_hold_only_what_shapes_the_request_body() -> None:
     plain = settings()
     assert set(plain) == {"model", "provider.api", "params", "stream"}
     native = settings(output={"path": "o.parquet", "parse": "json", "schema": schema})
-    assert native["output.schema"] == schema and native["output.parse"] == "json"
-    # A schema only checked after the answer, or plain text parsing, leaves requests alone.
+    assert native["output.schema"] == schema
+    # A schema only checked after the answer leaves requests alone.
     assert settings(output={"path": "o.parquet", "parse": "json", "schema": schema, "native_schema": False}) == plain
-    assert settings(output={"path": "o.parquet", "parse": "text", "schema": schema}) == plain
     with_images = settings(prompt={"user": "{{ text }}", "images": ["{{ path }}"]})
     assert with_images["provider.image_part_style"] == "standard"

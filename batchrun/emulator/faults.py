@@ -66,7 +66,8 @@ HTML_502 = (
     b"<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>"
 )
 
-FAULTS = set(_ERRORS) | {"502", "malformed", "reset", "error-200"}
+# bad_json, fenced_json and prose_json: a 200 whose JSON is cut, fenced or in prose (emulator/chat.py).
+FAULTS = set(_ERRORS) | {"502", "malformed", "reset", "error-200", "bad_json", "fenced_json", "prose_json"}
 
 
 def fault_response(fault: str, request_id: str) -> web.Response | None:

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from batchrun.emulator.chat import chat_completion, chat_prompt
+from batchrun.emulator.chat import ANSWER_FAULTS, chat_completion, chat_prompt, schema_rejection
 from batchrun.emulator.faults import FAULTS, directive_in, fault_response, json_response, relay_error
 
 
@@ -179,7 +179,10 @@ class Emulator:
             return web.Response(status=500)
         if fault is not None and (answer := fault_response(fault, request_id)) is not None:
             return answer
-        return json_response(200, chat_completion(body, prompt, request_id), request_id)
+        if (rejection := schema_rejection(body)) is not None:
+            return json_response(400, rejection, request_id)
+        answer_fault = fault if fault in ANSWER_FAULTS else None
+        return json_response(200, chat_completion(body, prompt, request_id, answer_fault), request_id)
 
     async def models(self, request: web.Request) -> web.Response:
         ids = ["gpt-5.4", "gpt-4o-mini", "gemini-2.5-flash", "gemini-3-pro-image-preview"]
