@@ -24,7 +24,8 @@ from batchrun.checkpoint import Checkpoint, RowRecord  # noqa: E402
 
 def record(idx: int) -> RowRecord:
     text = "positive: the customer likes the product and says so twice."
-    return RowRecord(idx, f"R{idx}", "ok", text, None, "stop", "gpt-5.4", 60, 3, 0.8, 1, None, None, time.time(), idx)
+    fields = (idx, f"R{idx}", "ok", text, None, "stop", "gpt-5.4", 60, 3, 0.8, 1, None, None, time.time())
+    return RowRecord(*fields, request_hash=idx)
 
 
 async def measure(folder: Path, rows: int, concurrency: int) -> float:
