@@ -57,8 +57,9 @@ def templates(spec: JobSpec) -> dict[str, Any]:
     return {"prompt.system": spec.prompt.system, "prompt.user": spec.prompt.user, "prompt.images": spec.prompt.images}
 
 
-def settings_digest(settings: dict[str, Any]) -> bytes:
-    return hashlib.blake2b(orjson.dumps(settings, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
+def settings_digest(spec: JobSpec) -> bytes:
+    """The request settings, hashed: one part of every row's request hash."""
+    return hashlib.blake2b(orjson.dumps(request_settings(spec), option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
 
 
 def row_hash(settings: bytes, key: bytes) -> int:
@@ -141,7 +142,7 @@ def compare(
     changes = current.changes_from(stored) if stored is not None else []
     changed = finished = 0
     if changes:
-        settings = settings_digest(current.settings)
+        settings = settings_digest(job.spec)
         for indexes, held in _changed_rows(checkpoint, table, renderer, settings, ok_only):
             changed += len(indexes)
             finished += held

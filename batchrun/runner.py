@@ -106,7 +106,7 @@ class Run:
         self.api_key = job.api_key()
         self.watch = AbortWatch()
         self.limits = Limits(self.concurrency, spec.run.requests_per_minute, spec.run.tokens_per_minute)
-        self.settings = fingerprint.settings_digest(fingerprint.request_settings(spec))
+        self.settings = fingerprint.settings_digest(spec)
         self.requested = 0
         self._held: list[RowRecord] = []
         self.interrupts = 0
