@@ -6,6 +6,7 @@ import argparse
 import os
 import shlex
 import sys
+from types import ModuleType
 from typing import Any
 
 import orjson
@@ -60,6 +61,12 @@ def _resume_command(args: argparse.Namespace) -> str:
         words += ["--concurrency", str(args.concurrency)]
     if args.max_cost is not None:
         words += ["--max-cost", f"{args.max_cost:g}"]
+    if args.engine != "local":
+        words += ["--engine", args.engine]
+    if args.ray_address is not None:
+        words += ["--ray-address", args.ray_address]
+    if args.ray_actors is not None:
+        words += ["--ray-actors", str(args.ray_actors)]
     return shlex.join(words)
 
 
@@ -83,6 +90,16 @@ def _parser() -> argparse.ArgumentParser:
         "--max-cost",
         type=_non_negative_float,
         help="stop before the job's cost could pass this (overrides run.max_cost)",
+    )
+    run.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="where rows are sent from: this process (default) or a Ray cluster (pip install 'batchrun[ray]')",
+    )
+    run.add_argument("--ray-address", help="the Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
+    run.add_argument(
+        "--ray-actors", type=_positive_int, help="a fixed pool of N sending actors (default: 1 up to one per CPU)"
     )
     run.set_defaults(func=_run)
 
@@ -136,6 +153,8 @@ def _run(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     if args.max_cost is not None and job.spec.pricing is None:
         raise JobError(f"{job.path}: --max-cost needs pricing in the job file to count the cost")
+    if args.engine == "local" and (args.ray_address is not None or args.ray_actors is not None):
+        raise JobError("--ray-address and --ray-actors need --engine ray")
     options = RunOptions(
         limit=args.limit,
         concurrency=args.concurrency,
@@ -145,9 +164,24 @@ def _run(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         max_cost=args.max_cost,
     )
-    summary = anyio.run(run_job, job, options)
+    if args.engine == "ray":
+        engine = _ray_engine()
+        summary = anyio.run(engine.run_job_on_ray, job, options, engine.RayOptions(args.ray_address, args.ray_actors))
+    else:
+        summary = anyio.run(run_job, job, options)
     _print_summary(summary)
     return 0
+
+
+def _ray_engine() -> ModuleType:
+    """The Ray engine, which needs the optional `ray` extra; the core install never imports Ray."""
+    try:
+        from batchrun import engine_ray
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] != "ray":
+            raise
+        raise JobError("--engine ray needs Ray, which is not installed: pip install 'batchrun[ray]'") from None
+    return engine_ray
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

@@ -98,11 +98,11 @@ class InputTable:
         every = max(1, -(-total // max(rows, 1)))  # ceil: the sample spans the whole input
         return self._collect(self._frame.gather_every(every).head(rows))
 
-    def batches(self, limit: int | None = None, batch_rows: int = BATCH_ROWS) -> Iterator[pl.DataFrame]:
-        """Input rows in order, each batch with the row_index column first."""
+    def batches(self, limit: int | None = None, batch_rows: int = BATCH_ROWS, start: int = 0) -> Iterator[pl.DataFrame]:
+        """Input rows in order from row `start` up to row `limit`, each batch with the row_index column first."""
         frame = self._frame.with_row_index(ROW_INDEX)
-        if limit is not None:
-            frame = frame.head(limit)
+        if start or limit is not None:
+            frame = frame.slice(start, None if limit is None else max(0, limit - start))
         try:
             yield from frame.collect_batches(chunk_size=batch_rows)
         except pl.exceptions.PolarsError as e:

@@ -29,13 +29,16 @@ class Progress:
         self._last = 0.0
 
     def row_done(self, status: str, record: RowRecord | None) -> None:
+        self.count(status, record and record.prompt_tokens, record and record.completion_tokens)
+
+    def count(self, status: str, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+        """One finished row, by its status and tokens (what the Ray engine's actors report)."""
         if status != "ok":
             self.failed += 1
-        if record is not None:
-            prompt, completion = record.prompt_tokens or 0, record.completion_tokens or 0
-            self.tokens += prompt + completion
-            if self._pricing is not None:
-                self.cost += cost(self._pricing, prompt, completion)
+        prompt, completion = prompt_tokens or 0, completion_tokens or 0
+        self.tokens += prompt + completion
+        if self._pricing is not None:
+            self.cost += cost(self._pricing, prompt, completion)
         self._pending += 1
         now = time.monotonic()
         if now - self._last >= REFRESH_S:  # tqdm calls are not free at thousands of rows a second

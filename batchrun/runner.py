@@ -98,12 +98,12 @@ class Run:
         spec = job.spec
         self.concurrency = options.concurrency or spec.run.concurrency
         self.table = InputTable.for_job(job)
-        self.table.check_ids()
         self.renderer = Renderer(job, self.table.columns)
         self.parser = AnswerParser.for_spec(spec)
         output.check_columns(job, self.parser, self.table.columns)
         self.protocol = protocols.PROTOCOLS[spec.provider.api]
         self.api_key = job.api_key()
+        self.base_url = spec.provider.base_url  # the emulator's own address once execute() starts it
         self.watch = AbortWatch()
         self.limits = Limits(self.concurrency, spec.run.requests_per_minute, spec.run.tokens_per_minute)
         self.settings = fingerprint.settings_digest(spec)
@@ -117,6 +117,7 @@ class Run:
 
     async def execute(self) -> dict[str, Any]:
         started = time.monotonic()
+        self.table.check_ids()
         options = self.options
         flags = ResumeFlags(options.restart, options.rerun_changed, options.retry_failed)
         checkpoint, notes = open_for_run(self.job, self.table, self.renderer, flags)
@@ -141,6 +142,7 @@ class Run:
                 spent=self.budget.spent,
             )
             with _base_url(self.job) as base_url:
+                self.base_url = base_url
                 transport = Transport(base_url, self.api_key, self.job.spec.run.timeout_s, self.concurrency)
                 try:
                     await self._run_all(checkpoint, transport, progress)
@@ -205,33 +207,64 @@ class Run:
     async def _produce(
         self, send: MemoryObjectSendStream[WorkItem], checkpoint: Checkpoint, progress: Progress
     ) -> None:
-        spec = self.job.spec
-        id_name = self.table.id_name
         async with send:
             for batch in self.table.batches(self.options.limit):
                 lo, hi = batch[ROW_INDEX][0], batch[ROW_INDEX][-1] + 1
                 done = checkpoint.finished_in_range(lo, hi)
                 for row in batch.iter_rows(named=True):
-                    idx = row[ROW_INDEX]
-                    if idx in done:
+                    if row[ROW_INDEX] in done:
                         continue
                     if self.budget.stopped:
                         return
-                    row_id = str(row[id_name])
-                    try:
-                        request = self.renderer.render(row)
-                    except jinja2.TemplateError as e:
-                        checkpoint.finish(_input_error(idx, row_id, f"template: {e}"))
-                        progress.row_done("error", None)
-                        continue
-                    chars = request.text_chars
-                    body = self.protocol.build(request, spec)
-                    estimate = estimate_tokens(chars, spec.params)
-                    key = request_key(request)
-                    request_hash = fingerprint.row_hash(self.settings, key)
-                    item = WorkItem(idx, row_id, body, estimate, prompt_tokens_estimate(chars), key, request_hash)
-                    await send.send(item)
+                    item = self._item(row, checkpoint, progress)
+                    if item is not None:
+                        await send.send(item)
                 await anyio.sleep(0)  # let workers run between batches
+
+    def _item(self, row: dict[str, Any], checkpoint: Checkpoint, progress: Progress) -> WorkItem | None:
+        """The row's request, ready to send; None when its templates fail on it (finished as an input error)."""
+        spec = self.job.spec
+        idx = row[ROW_INDEX]
+        row_id = str(row[self.table.id_name])
+        try:
+            request = self.renderer.render(row)
+        except jinja2.TemplateError as e:
+            checkpoint.finish(_input_error(idx, row_id, f"template: {e}"))
+            progress.row_done("error", None)
+            return None
+        chars = request.text_chars
+        body = self.protocol.build(request, spec)
+        estimate = estimate_tokens(chars, spec.params)
+        key = request_key(request)
+        request_hash = fingerprint.row_hash(self.settings, key)
+        return WorkItem(idx, row_id, body, estimate, prompt_tokens_estimate(chars), key, request_hash)
+
+    async def work_rows(
+        self, rows: list[dict[str, Any]], checkpoint: Checkpoint, transport: Transport, progress: Progress
+    ) -> None:
+        """These input rows, each rendered, sent and finished like any row of a local run (the Ray engine's batches).
+
+        Rows held back by a possible abort stay held: `settle_held` decides about them.
+        """
+        send, receive = anyio.create_memory_object_stream[WorkItem](len(rows))
+        async with anyio.create_task_group() as work:
+            for _ in range(min(len(rows), self.concurrency)):
+                work.start_soon(self._work, receive.clone(), checkpoint, transport, progress, work.cancel_scope)
+            receive.close()
+            with send:
+                for row in rows:
+                    item = self._item(row, checkpoint, progress)
+                    if item is not None:
+                        send.send_nowait(item)
+
+    def settle_held(self, checkpoint: Checkpoint, progress: Progress) -> None:
+        """Rows held back by a possible abort: pending if the run stopped, else errors after all."""
+        if self.watch.tripped is None:
+            self._release_held(checkpoint, progress)
+            return
+        for held in self._held:
+            checkpoint.withdraw(held.idx)
+        self._held.clear()
 
     async def _work(
         self,

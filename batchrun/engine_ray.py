@@ -1,0 +1,256 @@
+"""`batchrun run JOB --engine ray`: the same job on a Ray cluster, with the same output and resume promise.
+
+Ray Data partitions, schedules and retries; batchrun supplies the work:
+
+* The input is a Ray Data datasource whose read tasks each read a range of rows with
+  batchrun's own reader (inputs.py): values, rendered requests and request hashes are
+  the local engine's, so a checkpoint can be resumed by either engine, and every row
+  keeps its row_index (Ray's own readers give rows no stable position).
+* A pool of `RowSender` actors (map_batches) sends each batch's rows through the local
+  engine's own row path (`Run.work_rows`: rendering, protocols, transport, retries,
+  repairs), with the job-wide state of ray_coordinator.py in place of their own.
+* The driver opens, checks and finally writes the output exactly as a local run does
+  (`Run.execute`), and shows one progress bar fed by the actors' reports.
+
+Ray Data's own checkpointing (CheckpointConfig with an id column) is not used: it records
+a block's ids once the whole block is written, so a kill loses every row of unfinished
+blocks, and it keeps neither the answers nor the intents that say which rows may be paid twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import ray
+import ray.data
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from batchrun.checkpoint import Checkpoint, RowRecord
+from batchrun.errors import JobError
+from batchrun.inputs import ROW_INDEX, InputTable
+from batchrun.progress import Progress
+from batchrun.protocols import CallError
+from batchrun.ray_coordinator import ClusterLedger, ClusterLimits, ClusterSharing, ClusterWatch, Coordinator
+from batchrun.runner import GRACE_S, Run, RunOptions
+from batchrun.spec import Job
+from batchrun.transport import Transport
+
+LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # rows are small; Ray spills to disk beyond it
+RANGE_ROWS = 50_000  # input rows per read task
+STATE_EVERY_S = 0.5  # how often the driver asks whether the job was stopped
+REPORT = pa.schema([("status", pa.string()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64())])
+
+
+@dataclass
+class RayOptions:
+    address: str | None = None  # None: the RAY_ADDRESS variable, else a local Ray started for this run
+    actors: int | None = None  # None: from 1 up to one per CPU of the cluster
+
+
+async def run_job_on_ray(job: Job, options: RunOptions, ray_options: RayOptions) -> dict[str, Any]:
+    return await RayRun(job, options, ray_options).execute()
+
+
+class RayRun(Run):
+    """A run whose rows are sent by Ray actors; everything before and after sending is the local run's."""
+
+    def __init__(self, job: Job, options: RunOptions, ray_options: RayOptions) -> None:
+        if options.max_cost is not None or job.spec.run.max_cost is not None:
+            raise JobError(
+                f"{job.path}: run.max_cost: a budget is not supported yet with --engine ray; "
+                "run without it, or without --engine ray"
+            )
+        super().__init__(job, options)
+        self.ray_options = ray_options
+
+    async def _run_all(self, checkpoint: Checkpoint, transport: Transport, progress: Progress) -> None:
+        # Ray's calls block; nothing else runs on this event loop in a Ray run.
+        with _ray_session(self.ray_options.address):
+            name = f"batchrun-{uuid.uuid4().hex}"
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            run = self.job.spec.run
+            coordinator = Coordinator.options(name=name, scheduling_strategy=here).remote(
+                str(checkpoint.folder), self.concurrency, run.requests_per_minute, run.tokens_per_minute
+            )
+            ray.get(coordinator.start.remote())
+            try:
+                self._send_all(coordinator, name, progress)
+            except KeyboardInterrupt:
+                self._stop_on_ctrl_c(coordinator)
+            finally:
+                final = ray.get(coordinator.close.remote())
+        self.requested = final["requested"]
+        checkpoint.awaiting_answer = set(final["awaiting_answer"])
+        if final["tripped"] is not None:
+            self.watch.tripped = CallError(**final["tripped"])
+
+    def _send_all(self, coordinator: Any, name: str, progress: Progress) -> None:
+        limit = self.options.limit
+        rows = self.table.count() if limit is None else min(limit, self.table.count())
+        batch_rows = max(16, min(self.concurrency, 512))  # one batch can keep the whole limit busy
+        dataset = ray.data.read_datasource(
+            InputRanges(self.job, rows, batch_rows), override_num_blocks=max(1, -(-rows // RANGE_ROWS))
+        )
+        reports = dataset.map_batches(
+            RowSender,
+            fn_constructor_kwargs={"job": self.job, "options": self.options, "coordinator": name, "url": self.base_url},
+            batch_size=batch_rows,
+            batch_format="pyarrow",
+            compute=_actor_pool(self.ray_options.actors),
+            num_cpus=1,
+        )
+        checked = time.monotonic()
+        try:
+            for report in reports.iter_batches(batch_format="pyarrow", batch_size=None):
+                for status, prompt, completion in zip(*(report[name].to_pylist() for name in REPORT.names)):
+                    progress.count(status, prompt, completion)
+                if time.monotonic() - checked >= STATE_EVERY_S:
+                    checked = time.monotonic()
+                    if ray.get(coordinator.stopped.remote()):
+                        return  # the abort watch tripped: the rest stays pending
+        except ray.exceptions.RayError as e:
+            raise _job_error(e) or e from None
+
+    def _stop_on_ctrl_c(self, coordinator: Any) -> None:
+        """As a local run: send no new row; rows in flight get GRACE_S to finish, or a second Ctrl-C cancels them."""
+        self.interrupts = 1
+        ray.get(coordinator.refuse_new_rows.remote())
+        deadline = time.monotonic() + GRACE_S
+        try:
+            while ray.get(coordinator.awaiting_answer.remote()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        except KeyboardInterrupt:
+            self.interrupts = 2
+
+
+class InputRanges(Datasource):
+    """The job's input for Ray Data: each read task reads a range of rows with batchrun's reader."""
+
+    def __init__(self, job: Job, rows: int, block_rows: int) -> None:
+        super().__init__()
+        self._job = job
+        self._rows = rows
+        self._block_rows = block_rows
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, **_: Any) -> list[ReadTask]:
+        step = max(self._block_rows, -(-self._rows // max(1, parallelism)))
+        return [
+            ReadTask(
+                partial(_read_rows, self._job, lo, min(lo + step, self._rows), self._block_rows),
+                BlockMetadata(
+                    num_rows=min(lo + step, self._rows) - lo, size_bytes=None, input_files=None, exec_stats=None
+                ),
+            )
+            for lo in range(0, self._rows, step)
+        ]
+
+
+def _read_rows(job: Job, lo: int, hi: int, block_rows: int) -> Iterator[pa.Table]:
+    for batch in InputTable.for_job(job).batches(hi, block_rows, start=lo):
+        yield batch.to_arrow(compat_level=pl.CompatLevel.oldest())
+
+
+class RowSender:
+    """One actor of the pool: sends the rows of the batches it is given, through the local engine's row path."""
+
+    def __init__(self, job: Job, options: RunOptions, coordinator: str, url: str) -> None:
+        self._job = job
+        self._options = options
+        self._url = url
+        self._coordinator = ray.get_actor(coordinator)
+        self._run: Run | None = None
+
+    def _start(self) -> Run:
+        """On the actor's event loop (anyio's primitives need it): the local row path, with the job-wide state."""
+        run = Run(self._job, self._options)
+        self._watch = run.watch = ClusterWatch(self._coordinator)
+        self._limits = run.limits = ClusterLimits(self._coordinator, self._watch)  # type: ignore[assignment]
+        run.sharing = ClusterSharing(self._coordinator)  # type: ignore[assignment]
+        self._ledger = ClusterLedger(self._coordinator)
+        self._transport = Transport(self._url, run.api_key, self._job.spec.run.timeout_s, run.concurrency)
+        self._run = run
+        return run
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        run = self._run or self._start()
+        rows = list(pl.from_arrow(batch).iter_rows(named=True))  # type: ignore[union-attr]
+        todo = set(await self._coordinator.unfinished.remote([row[ROW_INDEX] for row in rows]))
+        report = _Report()
+        with self._limits.stoppable():
+            await run.work_rows([row for row in rows if row[ROW_INDEX] in todo], self._ledger, self._transport, report)  # type: ignore[arg-type]
+        await self._watch.refresh()
+        run.settle_held(self._ledger, report)  # type: ignore[arg-type]
+        return report.table()
+
+
+class _Report:
+    """The progress bar's share of a batch: each finished row's status and tokens, sent back to the driver."""
+
+    def __init__(self) -> None:
+        self._rows: list[tuple[str, int | None, int | None]] = []
+
+    def row_done(self, status: str, record: RowRecord | None) -> None:
+        self._rows.append((status, record and record.prompt_tokens, record and record.completion_tokens))
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_pylist([dict(zip(REPORT.names, row)) for row in self._rows], schema=REPORT)
+
+
+def _actor_pool(actors: int | None) -> ray.data.ActorPoolStrategy:
+    if actors:
+        return ray.data.ActorPoolStrategy(size=actors)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus))
+
+
+@contextmanager
+def _ray_session(address: str | None) -> Iterator[None]:
+    """Connects to the cluster at `address` (or RAY_ADDRESS), or starts a local Ray for this run only."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
+    try:
+        if address:
+            ray.init(address=address, **quiet)
+        else:
+            ray.init(
+                address="local",
+                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                **quiet,
+            )
+    except ConnectionError as e:
+        raise JobError(f"--ray-address {address}: cannot connect to a Ray cluster there ({e})") from None
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # batchrun's own bar is the one
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _job_error(error: BaseException) -> JobError | None:
+    """A JobError raised on a worker (e.g. the key's variable not set there), found inside Ray's wrapping."""
+    seen: BaseException | None = error
+    for _ in range(10):
+        if seen is None or isinstance(seen, JobError):
+            break
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    return JobError(str(seen).strip().splitlines()[-1]) if isinstance(seen, JobError) else None

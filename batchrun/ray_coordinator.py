@@ -1,0 +1,300 @@
+"""The Ray engine's cluster-wide state: one actor for the whole job, and its stand-ins on the workers.
+
+What must hold for the whole job, not per worker, lives in one `Coordinator` actor on
+the driver's node, built from the local engine's own parts:
+
+* the limiter (`limits.Limits`): every attempt on any worker waits for a permit from it,
+  so concurrency, requests and tokens per minute, push-back and server pauses are the
+  job's. One limiter rather than an exact split of the limits across actors: a split
+  would leave the share of an actor that ran out of work unused, breaks when the pool
+  autoscales, and cannot pause or halve the whole job when the relay pushes back. A
+  permit costs a Ray call (well under a millisecond), far below a request's latency.
+* the checkpoint (`checkpoint.Checkpoint`, the same SQLite file a local run writes):
+  intents are committed before each request, finished rows at least every 0.2 s, so
+  a killed driver or worker loses at most the rows in flight. Workers never open the
+  file, so it needs no storage shared between nodes.
+* the abort watch (a wrong key stops the job after a few 401s, not a few per worker)
+  and the shared answers of identical requests.
+
+On a worker, `Run`'s row path talks to it through `ClusterLimits`, `ClusterLedger`,
+`ClusterWatch` and `ClusterSharing`, which have the members that path uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import anyio
+import ray
+
+from batchrun.checkpoint import Checkpoint, RowRecord
+from batchrun.limits import Limits
+from batchrun.protocols import CallError
+from batchrun.runner import AbortWatch
+from batchrun.sharing import SharedAnswers
+
+# Rows of every worker may wait on the coordinator at once (for a permit, an intent's
+# commit, an identical request's answer); Ray queues calls beyond this, and a queued
+# release behind waiting acquires would stall the job.
+MAX_WAITING_CALLS = 1_000_000
+
+
+def error_fields(error: CallError) -> dict[str, Any]:
+    """A CallError as plain fields: the exception itself does not survive pickling."""
+    return asdict(error)
+
+
+class _Permit:
+    """One attempt's place in the limiter, held by a task of the coordinator until its release."""
+
+    def __init__(self) -> None:
+        self.decided = anyio.Event()
+        self.released = anyio.Event()
+        self.charge: Any = None  # what Limits.slot yielded; None until granted
+        self.task: asyncio.Task[None] | None = None
+
+
+@ray.remote(num_cpus=0, max_concurrency=MAX_WAITING_CALLS)
+class Coordinator:
+    def __init__(self, folder: str, concurrency: int, rpm: float | None, tpm: float | None) -> None:
+        self._setup = (Path(folder), concurrency, rpm, tpm)
+        self._ids = itertools.count()
+        self._permits: dict[int, _Permit] = {}
+        self._leading: dict[bytes, tuple[Any, Callable[[RowRecord], None]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.requested = 0
+
+    async def start(self) -> None:
+        """anyio's primitives need the actor's event loop, so they are made here rather than in __init__."""
+        folder, concurrency, rpm, tpm = self._setup
+        self.checkpoint = Checkpoint(folder)  # the driver holds the run's lock
+        self.limits = Limits(concurrency, rpm, tpm)
+        self.watch = AbortWatch()
+        self.sharing = SharedAnswers()
+        self._spawn(self.checkpoint.flush_loop())
+
+    def _spawn(self, work: Any) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- the limiter ----------------------------------------------------------------
+
+    async def acquire(self, tokens: int) -> tuple[int | None, dict[str, Any] | None]:
+        """A permit for one attempt estimated at `tokens`; (None, the abort's error) once the job stopped."""
+        permit = _Permit()
+        if self.watch.tripped is None:
+            number = next(self._ids)
+            self._permits[number] = permit
+            permit.task = self._spawn(self._hold(permit, tokens))
+            await permit.decided.wait()
+            if permit.charge is not None:
+                return number, None
+        return None, error_fields(self.watch.tripped) if self.watch.tripped else None
+
+    async def _hold(self, permit: _Permit, tokens: int) -> None:
+        async with self.limits.slot(tokens) as charge:
+            permit.charge = charge
+            permit.decided.set()
+            await permit.released.wait()
+
+    async def release(self, number: int) -> None:
+        self._permits.pop(number).released.set()
+
+    async def correct(self, number: int, actual_tokens: int | None) -> None:
+        self.limits.correct(self._permits[number].charge, actual_tokens)
+
+    async def on_success(self) -> None:
+        """A request succeeded: the in-flight limit recovers."""
+        self.limits.on_success()
+
+    async def on_pushback(self, hint_s: float | None) -> None:
+        self.limits.on_pushback(hint_s)
+
+    def _stop(self) -> None:
+        """The run aborts: waiting permits are refused, so no new request goes out anywhere."""
+        for number, permit in list(self._permits.items()):
+            if permit.charge is None and permit.task is not None:
+                permit.task.cancel()
+                del self._permits[number]
+                permit.decided.set()
+
+    # --- the checkpoint ---------------------------------------------------------------
+
+    async def unfinished(self, indexes: list[int]) -> list[int]:
+        """Which of these rows still need a request (none once the run stopped)."""
+        if not indexes or self.watch.tripped is not None:
+            return []
+        await self.checkpoint.flush()  # rows finished moments ago count as finished
+        done = self.checkpoint.finished_in_range(min(indexes), max(indexes) + 1)
+        return [i for i in indexes if i not in done]
+
+    async def begin(self, idx: int) -> None:
+        await self.checkpoint.begin(idx)
+        self.requested += 1
+
+    async def finish(self, record: RowRecord) -> None:
+        self.checkpoint.finish(record)
+
+    async def withdraw(self, idx: int) -> None:
+        self.checkpoint.withdraw(idx)
+
+    # --- the abort watch -------------------------------------------------------------
+
+    async def on_error(self, fields: dict[str, Any]) -> None:
+        was_tripped = self.watch.tripped is not None
+        self.watch.on_error(CallError(**fields))
+        if self.watch.tripped is not None and not was_tripped:
+            self._stop()
+
+    async def on_row_success(self) -> None:
+        self.watch.on_success()
+
+    async def tripped(self) -> dict[str, Any] | None:
+        return error_fields(self.watch.tripped) if self.watch.tripped else None
+
+    # --- shared answers --------------------------------------------------------------
+
+    async def find_shared(self, key: bytes, idx: int, row_id: str) -> RowRecord | None:
+        """An identical request's answer for this row; None: this row asks, and leads its key until `end_leading`."""
+        record = await self.sharing.find(key, idx, row_id)
+        if record is None:  # no await since find: nobody else took the lead
+            leading = self.sharing.leading(key)
+            self._leading[key] = (leading, leading.__enter__())
+        return record
+
+    async def end_leading(self, key: bytes, record: RowRecord | None) -> None:
+        leading, publish = self._leading.pop(key)
+        if record is not None:
+            publish(record)
+        leading.__exit__(None, None, None)
+
+    # --- the driver ------------------------------------------------------------------
+
+    async def stopped(self) -> bool:
+        return self.watch.tripped is not None
+
+    async def refuse_new_rows(self) -> None:
+        """Ctrl-C: no row that has not begun may be sent; rows in flight may finish."""
+        self.checkpoint.refuse_new_rows()
+
+    async def awaiting_answer(self) -> int:
+        return len(self.checkpoint.awaiting_answer)
+
+    async def close(self) -> dict[str, Any]:
+        """Commits what is left and closes the checkpoint; returns what the driver reports."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.checkpoint.flush()
+        self.checkpoint.close()
+        return {
+            "requested": self.requested,
+            "awaiting_answer": sorted(self.checkpoint.awaiting_answer),
+            "tripped": await self.tripped(),
+        }
+
+
+# --- stand-ins on the workers ------------------------------------------------------------
+
+
+class ClusterWatch:
+    """Run's abort watch, kept by the coordinator; `tripped` is this worker's latest news of it."""
+
+    def __init__(self, coordinator: Any) -> None:
+        self._coordinator = coordinator
+        self.tripped: CallError | None = None
+
+    def on_error(self, error: CallError) -> None:
+        self._coordinator.on_error.remote(error_fields(error))
+
+    def on_success(self) -> None:
+        self._coordinator.on_row_success.remote()
+
+    async def refresh(self) -> None:
+        """Calls from one worker run in order, so this sees every error this worker reported."""
+        fields = await self._coordinator.tripped.remote()
+        self.tripped = CallError(**fields) if fields else None
+
+
+class ClusterLimits:
+    """Run's limiter, answered by the coordinator's; a refused permit stops this worker's batches."""
+
+    def __init__(self, coordinator: Any, watch: ClusterWatch) -> None:
+        self._coordinator = coordinator
+        self._watch = watch
+        self._batches: set[anyio.CancelScope] = set()
+
+    @contextmanager
+    def stoppable(self) -> Iterator[None]:
+        """Around one batch: cancelled, like the local run's workers, when the job stops."""
+        with anyio.CancelScope() as scope:
+            self._batches.add(scope)
+            try:
+                yield
+            finally:
+                self._batches.discard(scope)
+
+    @asynccontextmanager
+    async def slot(self, tokens: int) -> AsyncIterator[int]:
+        number, tripped = await self._coordinator.acquire.remote(tokens)
+        if number is None:  # the job stopped: this row stays pending, nothing is sent
+            self._watch.tripped = CallError(**tripped) if tripped else self._watch.tripped
+            for scope in self._batches:
+                scope.cancel()
+            await anyio.sleep_forever()
+        try:
+            yield number
+        finally:
+            self._coordinator.release.remote(number)
+
+    def correct(self, number: int, actual_tokens: int | None) -> None:
+        self._coordinator.correct.remote(number, actual_tokens)
+
+    def on_success(self) -> None:
+        self._coordinator.on_success.remote()
+
+    def on_pushback(self, hint_s: float | None) -> None:
+        self._coordinator.on_pushback.remote(hint_s)
+
+
+class ClusterLedger:
+    """The checkpoint as Run's row path uses it: intents, finished rows, withdrawn rows."""
+
+    def __init__(self, coordinator: Any) -> None:
+        self._coordinator = coordinator
+
+    async def begin(self, idx: int) -> None:
+        await self._coordinator.begin.remote(idx)
+
+    def finish(self, record: RowRecord) -> None:
+        self._coordinator.finish.remote(record)
+
+    def withdraw(self, idx: int) -> None:
+        self._coordinator.withdraw.remote(idx)
+
+
+class ClusterSharing:
+    """Identical requests answered once across the whole job, not once per worker."""
+
+    def __init__(self, coordinator: Any) -> None:
+        self._coordinator = coordinator
+
+    async def find(self, key: bytes, idx: int, row_id: str) -> RowRecord | None:
+        return await self._coordinator.find_shared.remote(key, idx, row_id)
+
+    @contextmanager
+    def leading(self, key: bytes) -> Iterator[Callable[[RowRecord], None]]:
+        answers: list[RowRecord] = []
+        try:
+            yield answers.append
+        finally:
+            self._coordinator.end_leading.remote(key, answers[0] if answers else None)
