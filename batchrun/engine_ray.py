@@ -42,13 +42,21 @@ from batchrun.errors import JobError
 from batchrun.inputs import ROW_INDEX, InputTable
 from batchrun.progress import Progress
 from batchrun.protocols import CallError
-from batchrun.ray_coordinator import ClusterLedger, ClusterLimits, ClusterSharing, ClusterWatch, Coordinator
+from batchrun.ray_coordinator import (
+    ClusterLedger,
+    ClusterLimits,
+    ClusterSharing,
+    ClusterWatch,
+    Coordinator,
+    CoordinatorLink,
+)
 from batchrun.runner import GRACE_S, Run, RunOptions
 from batchrun.spec import Job
 from batchrun.transport import Transport
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # rows are small; Ray spills to disk beyond it
 RANGE_ROWS = 50_000  # input rows per read task
+ACTOR_CPUS = 0.5  # a sending actor mostly waits on the network; the rest of the CPUs read the input
 STATE_EVERY_S = 0.5  # how often the driver asks whether the job was stopped
 REPORT = pa.schema([("status", pa.string()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64())])
 
@@ -100,16 +108,20 @@ class RayRun(Run):
         limit = self.options.limit
         rows = self.table.count() if limit is None else min(limit, self.table.count())
         batch_rows = max(16, min(self.concurrency, 512))  # one batch can keep the whole limit busy
-        dataset = ray.data.read_datasource(
-            InputRanges(self.job, rows, batch_rows), override_num_blocks=max(1, -(-rows // RANGE_ROWS))
+        actors = self.ray_options.actors
+        pool = (
+            ray.data.ActorPoolStrategy(size=actors) if actors else ray.data.ActorPoolStrategy(max_size=_most_actors())
         )
+        # Enough read tasks for every actor to have work from the start, each a range of whole batches.
+        ranges = min(max(_most_actors(actors), -(-rows // RANGE_ROWS)), max(1, -(-rows // batch_rows)))
+        dataset = ray.data.read_datasource(InputRanges(self.job, rows, batch_rows), override_num_blocks=ranges)
         reports = dataset.map_batches(
             RowSender,
             fn_constructor_kwargs={"job": self.job, "options": self.options, "coordinator": name, "url": self.base_url},
             batch_size=batch_rows,
             batch_format="pyarrow",
-            compute=_actor_pool(self.ray_options.actors),
-            num_cpus=1,
+            compute=pool,
+            num_cpus=ACTOR_CPUS,
         )
         checked = time.monotonic()
         try:
@@ -148,7 +160,8 @@ class InputRanges(Datasource):
         return None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, **_: Any) -> list[ReadTask]:
-        step = max(self._block_rows, -(-self._rows // max(1, parallelism)))
+        blocks = -(-self._rows // self._block_rows)
+        step = -(-blocks // max(1, parallelism)) * self._block_rows
         return [
             ReadTask(
                 partial(_read_rows, self._job, lo, min(lo + step, self._rows), self._block_rows),
@@ -178,10 +191,11 @@ class RowSender:
     def _start(self) -> Run:
         """On the actor's event loop (anyio's primitives need it): the local row path, with the job-wide state."""
         run = Run(self._job, self._options)
-        self._watch = run.watch = ClusterWatch(self._coordinator)
-        self._limits = run.limits = ClusterLimits(self._coordinator, self._watch)  # type: ignore[assignment]
-        run.sharing = ClusterSharing(self._coordinator)  # type: ignore[assignment]
-        self._ledger = ClusterLedger(self._coordinator)
+        self._link = CoordinatorLink(self._coordinator)
+        self._watch = run.watch = ClusterWatch(self._link)  # type: ignore[assignment]
+        self._limits = run.limits = ClusterLimits(self._link, self._watch)  # type: ignore[assignment]
+        run.sharing = ClusterSharing(self._link)  # type: ignore[assignment]
+        self._ledger = ClusterLedger(self._link)
         self._transport = Transport(self._url, run.api_key, self._job.spec.run.timeout_s, run.concurrency)
         self._run = run
         return run
@@ -195,6 +209,7 @@ class RowSender:
             await run.work_rows([row for row in rows if row[ROW_INDEX] in todo], self._ledger, self._transport, report)  # type: ignore[arg-type]
         await self._watch.refresh()
         run.settle_held(self._ledger, report)  # type: ignore[arg-type]
+        await self._link.settle()  # the batch's rows are with the coordinator before the driver hears of them
         return report.table()
 
 
@@ -211,11 +226,9 @@ class _Report:
         return pa.Table.from_pylist([dict(zip(REPORT.names, row)) for row in self._rows], schema=REPORT)
 
 
-def _actor_pool(actors: int | None) -> ray.data.ActorPoolStrategy:
-    if actors:
-        return ray.data.ActorPoolStrategy(size=actors)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpus))
+def _most_actors(actors: int | None = None) -> int:
+    """The pool's size: as asked, else up to one actor per CPU of the cluster."""
+    return actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 @contextmanager

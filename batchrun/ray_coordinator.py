@@ -17,7 +17,8 @@ the driver's node, built from the local engine's own parts:
   and the shared answers of identical requests.
 
 On a worker, `Run`'s row path talks to it through `ClusterLimits`, `ClusterLedger`,
-`ClusterWatch` and `ClusterSharing`, which have the members that path uses.
+`ClusterWatch` and `ClusterSharing`, which have the members that path uses, over one
+`CoordinatorLink`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from batchrun.sharing import SharedAnswers
 # commit, an identical request's answer); Ray queues calls beyond this, and a queued
 # release behind waiting acquires would stall the job.
 MAX_WAITING_CALLS = 1_000_000
+TELL_EVERY_S = 0.02  # how long a worker keeps the calls nobody waits for before sending them together
 
 
 def error_fields(error: CallError) -> dict[str, Any]:
@@ -105,11 +107,11 @@ class Coordinator:
             permit.decided.set()
             await permit.released.wait()
 
-    async def release(self, number: int) -> None:
-        self._permits.pop(number).released.set()
-
-    async def correct(self, number: int, actual_tokens: int | None) -> None:
-        self.limits.correct(self._permits[number].charge, actual_tokens)
+    async def release(self, number: int, actual_tokens: int | None) -> None:
+        """The attempt ended; `actual_tokens` (its usage, when it succeeded) corrects its estimate."""
+        permit = self._permits.pop(number)
+        self.limits.correct(permit.charge, actual_tokens)
+        permit.released.set()
 
     async def on_success(self) -> None:
         """A request succeeded: the in-flight limit recovers."""
@@ -176,6 +178,11 @@ class Coordinator:
             publish(record)
         leading.__exit__(None, None, None)
 
+    async def told(self, calls: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """A worker's batch of calls that nobody waits for (see CoordinatorLink)."""
+        for method, args in calls:
+            await getattr(self, method)(*args)
+
     # --- the driver ------------------------------------------------------------------
 
     async def stopped(self) -> bool:
@@ -206,30 +213,77 @@ class Coordinator:
 # --- stand-ins on the workers ------------------------------------------------------------
 
 
-class ClusterWatch:
-    """Run's abort watch, kept by the coordinator; `tripped` is this worker's latest news of it."""
+class CoordinatorLink:
+    """A worker's line to the coordinator.
+
+    Calls nobody waits for are told in batches (one Ray call per `TELL_EVERY_S`, or with
+    the next question), which keeps the coordinator's work per row small. Ray does not
+    run an async actor's calls in the order they were sent, so a batch ends with `settle`:
+    its finished rows are with the coordinator before the driver hears of them, and news
+    of an abort is read only after this worker's own errors arrived.
+    """
 
     def __init__(self, coordinator: Any) -> None:
         self._coordinator = coordinator
+        self._outbox: list[tuple[str, tuple[Any, ...]]] = []
+        self._told: list[Any] = []  # Ray's references to the batches of told calls, until settled
+        self._teller: asyncio.Task[None] | None = None
+
+    def tell(self, method: str, *args: Any) -> None:
+        self._outbox.append((method, args))
+        if self._teller is None:
+            self._teller = asyncio.ensure_future(self._tell_every(TELL_EVERY_S))
+
+    async def ask(self, method: str, *args: Any) -> Any:
+        self._send_outbox()
+        return await getattr(self._coordinator, method).remote(*args)
+
+    async def settle(self) -> None:
+        self._send_outbox()
+        told, self._told = self._told, []
+        await asyncio.gather(*told)
+
+    def _send_outbox(self) -> None:
+        if self._outbox:
+            self._told.append(self._coordinator.told.remote(self._outbox))
+            self._outbox = []
+
+    async def _tell_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            self._send_outbox()
+
+
+class ClusterWatch:
+    """Run's abort watch, kept by the coordinator; `tripped` is this worker's latest news of it."""
+
+    def __init__(self, link: CoordinatorLink) -> None:
+        self._link = link
         self.tripped: CallError | None = None
 
     def on_error(self, error: CallError) -> None:
-        self._coordinator.on_error.remote(error_fields(error))
+        self._link.tell("on_error", error_fields(error))
 
     def on_success(self) -> None:
-        self._coordinator.on_row_success.remote()
+        self._link.tell("on_row_success")
 
     async def refresh(self) -> None:
-        """Calls from one worker run in order, so this sees every error this worker reported."""
-        fields = await self._coordinator.tripped.remote()
+        await self._link.settle()
+        fields = await self._link.ask("tripped")
         self.tripped = CallError(**fields) if fields else None
+
+
+class ClusterPermit:
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.actual_tokens: int | None = None
 
 
 class ClusterLimits:
     """Run's limiter, answered by the coordinator's; a refused permit stops this worker's batches."""
 
-    def __init__(self, coordinator: Any, watch: ClusterWatch) -> None:
-        self._coordinator = coordinator
+    def __init__(self, link: CoordinatorLink, watch: ClusterWatch) -> None:
+        self._link = link
         self._watch = watch
         self._batches: set[anyio.CancelScope] = set()
 
@@ -244,52 +298,53 @@ class ClusterLimits:
                 self._batches.discard(scope)
 
     @asynccontextmanager
-    async def slot(self, tokens: int) -> AsyncIterator[int]:
-        number, tripped = await self._coordinator.acquire.remote(tokens)
+    async def slot(self, tokens: int) -> AsyncIterator[ClusterPermit]:
+        number, tripped = await self._link.ask("acquire", tokens)
         if number is None:  # the job stopped: this row stays pending, nothing is sent
             self._watch.tripped = CallError(**tripped) if tripped else self._watch.tripped
             for scope in self._batches:
                 scope.cancel()
             await anyio.sleep_forever()
+        permit = ClusterPermit(number)
         try:
-            yield number
+            yield permit
         finally:
-            self._coordinator.release.remote(number)
+            self._link.tell("release", number, permit.actual_tokens)
 
-    def correct(self, number: int, actual_tokens: int | None) -> None:
-        self._coordinator.correct.remote(number, actual_tokens)
+    def correct(self, permit: ClusterPermit, actual_tokens: int | None) -> None:
+        permit.actual_tokens = actual_tokens  # goes with the release: calls may run out of order
 
     def on_success(self) -> None:
-        self._coordinator.on_success.remote()
+        self._link.tell("on_success")
 
     def on_pushback(self, hint_s: float | None) -> None:
-        self._coordinator.on_pushback.remote(hint_s)
+        self._link.tell("on_pushback", hint_s)
 
 
 class ClusterLedger:
     """The checkpoint as Run's row path uses it: intents, finished rows, withdrawn rows."""
 
-    def __init__(self, coordinator: Any) -> None:
-        self._coordinator = coordinator
+    def __init__(self, link: CoordinatorLink) -> None:
+        self._link = link
 
     async def begin(self, idx: int) -> None:
-        await self._coordinator.begin.remote(idx)
+        await self._link.ask("begin", idx)
 
     def finish(self, record: RowRecord) -> None:
-        self._coordinator.finish.remote(record)
+        self._link.tell("finish", record)
 
     def withdraw(self, idx: int) -> None:
-        self._coordinator.withdraw.remote(idx)
+        self._link.tell("withdraw", idx)
 
 
 class ClusterSharing:
     """Identical requests answered once across the whole job, not once per worker."""
 
-    def __init__(self, coordinator: Any) -> None:
-        self._coordinator = coordinator
+    def __init__(self, link: CoordinatorLink) -> None:
+        self._link = link
 
     async def find(self, key: bytes, idx: int, row_id: str) -> RowRecord | None:
-        return await self._coordinator.find_shared.remote(key, idx, row_id)
+        return await self._link.ask("find_shared", key, idx, row_id)
 
     @contextmanager
     def leading(self, key: bytes) -> Iterator[Callable[[RowRecord], None]]:
@@ -297,4 +352,4 @@ class ClusterSharing:
         try:
             yield answers.append
         finally:
-            self._coordinator.end_leading.remote(key, answers[0] if answers else None)
+            self._link.tell("end_leading", key, answers[0] if answers else None)
