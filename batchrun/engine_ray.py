@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -93,12 +94,13 @@ class RayRun(Run):
                 str(checkpoint.folder), self.concurrency, run.requests_per_minute, run.tokens_per_minute
             )
             ray.get(coordinator.start.remote())
-            try:
-                self._send_all(coordinator, name, progress)
-            except KeyboardInterrupt:
-                self._stop_on_ctrl_c(coordinator)
-            finally:
-                final = ray.get(coordinator.close.remote())
+            with _ctrl_c_interrupts():
+                try:
+                    self._send_all(coordinator, name, progress)
+                except KeyboardInterrupt:
+                    self._stop_on_ctrl_c(coordinator)
+                finally:
+                    final = ray.get(coordinator.close.remote())
         self.requested = final["requested"]
         checkpoint.awaiting_answer = set(final["awaiting_answer"])
         if final["tripped"] is not None:
@@ -226,6 +228,16 @@ class _Report:
         return pa.Table.from_pylist([dict(zip(REPORT.names, row)) for row in self._rows], schema=REPORT)
 
 
+@contextmanager
+def _ctrl_c_interrupts() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt in Ray's blocking calls, instead of waiting for asyncio's next await."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _most_actors(actors: int | None = None) -> int:
     """The pool's size: as asked, else up to one actor per CPU of the cluster."""
     return actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -244,7 +256,6 @@ def _ray_session(address: str | None) -> Iterator[None]:
                 address="local",
                 object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                 include_dashboard=False,
-                _node_ip_address="127.0.0.1",
                 **quiet,
             )
     except ConnectionError as e:

@@ -1,0 +1,238 @@
+"""`--engine ray` (PRODUCT.md promise 7) on a local Ray, against the emulator, checked at the server.
+
+Ray starts once for the module: a small local cluster that the runs join with
+--ray-address, as they would join a real one. The comparison with the local engine
+starts its own local Ray, as `--engine ray` does when no address is given.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+from conftest import REPO, Emulator, cli_env, run_cli, write_job
+from test_resume import (  # noqa: F401  (slow_emulator is a fixture)
+    assert_every_row_once_in_order,
+    in_flight_reported,
+    many_reviews,
+    slow_emulator,
+    wait_for_requests,
+)
+
+# A cluster started by ray.init takes token authentication; its clients say so.
+RAY_CLIENT = {"RAY_AUTH_MODE": "token", "RAY_ADDRESS": None}
+HOLD_RAY = """
+import logging, time, ray
+ray.init(address="local", num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False,
+         logging_level=logging.ERROR)
+print(ray.get_runtime_context().gcs_address, flush=True)
+time.sleep(3600)
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> Iterator[str]:
+    """A local Ray cluster (2 CPUs) for the module's runs; stopped with its process group."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_RAY],
+        env=cli_env(RAY_CLIENT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    assert holder.stdout is not None
+    address = holder.stdout.readline().strip()
+    if not address:
+        holder.kill()
+        raise RuntimeError("the local Ray cluster did not start")
+    yield address
+    os.killpg(holder.pid, signal.SIGTERM)
+    holder.wait(timeout=30)
+
+
+def ray_run(job: Path, address: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli(
+        "run", str(job), "--quiet", "--engine", "ray", "--ray-address", address, *args, env=RAY_CLIENT, timeout=180
+    )
+
+
+# --- the same output --------------------------------------------------------------------
+
+
+def demo_like_job(folder: Path, base_url: str, output: str) -> Path:
+    """jobs/demo.yaml on the test's emulator, over the demo's reviews plus two the relay refuses."""
+    rows = pl.read_csv(REPO / "sample_data" / "reviews.csv")
+    refused = pl.DataFrame(
+        {
+            "review_id": ["X1", "X2"],
+            "product": ["kettle", "lamp"],
+            "rating": [1, 5],
+            "text": ["[[emulator: prompt_blocked]] Terrible.", "[[emulator: prompt_blocked]] Lovely."],
+        }
+    )
+    pl.concat([rows.head(150), refused, rows.tail(150)]).write_csv(folder / "reviews.csv")
+    job = yaml.safe_load((REPO / "jobs" / "demo.yaml").read_text(encoding="utf-8"))
+    job["input"]["path"] = "reviews.csv"
+    job["provider"].update(base_url=base_url, api_key_env="TEST_RELAY_KEY")
+    job["output"]["path"] = output
+    path = folder / f"{Path(output).stem}.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def sharing_groups(df: pl.DataFrame) -> set[frozenset[str]]:
+    """Rows whose identical request was asked once: the asked row and those sharing its answer."""
+    groups: defaultdict[str, set[str]] = defaultdict(set)
+    for row_id, source in zip(df["review_id"], df["shared_from"]):
+        groups[source or row_id].add(row_id)
+    return {frozenset(group) for group in groups.values()}
+
+
+@pytest.mark.ray
+def test_ray_output_equals_the_local_engines(tmp_path: Path, emulator: Emulator) -> None:
+    local_job = demo_like_job(tmp_path, emulator.url, "out/local.parquet")
+    assert run_cli("run", str(local_job), "--quiet").returncode == 0
+    local_requests = emulator.stats()["requests"]
+    emulator.reset()
+
+    ray_job = demo_like_job(tmp_path, emulator.url, "out/ray.parquet")
+    started = run_cli("run", str(ray_job), "--engine", "ray", env={"RAY_ADDRESS": None}, timeout=180)
+    assert started.returncode == 0, started.stderr
+    assert "302 rows: 300 ok, 2 error" in started.stdout  # refused rows are error rows; the job went on
+    assert emulator.stats()["requests"] == local_requests  # identical requests asked once across actors
+
+    # Timings and the relay's request ids (in error messages) belong to each request, not to the row.
+    request_id = pl.col("error").str.replace(r" \(request id: \w+\)$", "")
+    local = pl.read_parquet(tmp_path / "out" / "local.parquet").drop("latency_s").with_columns(request_id)
+    ray = pl.read_parquet(tmp_path / "out" / "ray.parquet").drop("latency_s").with_columns(request_id)
+    assert ray.schema == local.schema
+    # Which row of a group of identical requests is the one asked depends on which actor got there
+    # first; everything else, every value of every row in input order, is the same.
+    asked = ["shared_from", "prompt_tokens", "completion_tokens", "cost", "attempts"]
+    assert ray.drop(asked).equals(local.drop(asked))
+    assert sharing_groups(ray) == sharing_groups(local)
+    alone = pl.col("review_id").is_in([r for g in sharing_groups(local) if len(g) == 1 for r in g])
+    assert ray.filter(alone).equals(local.filter(alone))
+    assert ray.select(pl.col(asked[1:]).sum()).equals(local.select(pl.col(asked[1:]).sum()))
+    assert (ray.filter(pl.col("status") == "error")["error_class"] == "blocked").all()
+
+    status = run_cli("status", str(ray_job))
+    assert "302 of 302 rows done: 300 ok, 2 failed (blocked 2); 0 pending" in status.stdout, status.stdout
+
+
+# --- limits for the whole job ----------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_limits_hold_for_the_whole_job_not_per_actor(
+    tmp_path: Path,
+    slow_emulator: Emulator,  # noqa: F811
+    ray_address: str,
+) -> None:
+    many_reviews(tmp_path, 120)
+    job = write_job(tmp_path, slow_emulator.url, run={"concurrency": 3, "max_attempts": 5, "timeout_s": 30})
+    slow_emulator.reset()
+    done = ray_run(job, ray_address, "--ray-actors", "2")
+    assert done.returncode == 0, done.stderr
+    stats = slow_emulator.stats()
+    assert stats["requests"] == 120
+    assert stats["peak_in_flight"] <= 3, stats  # two actors, three requests in flight between them
+
+    # 600 a minute is 10 a second for the job; paced per actor (Ray's own HTTP processor) it would be 20.
+    write_job(tmp_path, slow_emulator.url, run={"concurrency": 16, "requests_per_minute": 600, "timeout_s": 30})
+    slow_emulator.reset()
+    done = ray_run(job, ray_address, "--ray-actors", "2", "--restart", "--limit", "50")
+    assert done.returncode == 0, done.stderr
+    stats = slow_emulator.stats()
+    print(f"requests per minute 600: at most {stats['max_per_second']} in a second")
+    assert stats["requests"] == 50 and stats["max_per_minute"] <= 600
+    assert stats["max_per_second"] <= 14, stats  # 10 paced, plus arrival jitter; never the 20 of two actors
+
+
+# --- the same resume promise ------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_kill_the_driver_then_rerun_each_row_once(
+    tmp_path: Path,
+    slow_emulator: Emulator,  # noqa: F811
+    ray_address: str,
+) -> None:
+    ids = many_reviews(tmp_path)
+    job = write_job(tmp_path, slow_emulator.url)
+    slow_emulator.reset()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchrun", "run", str(job), "--quiet", "--engine", "ray"]
+        + ["--ray-actors", "2", "--ray-address", ray_address],
+        env=cli_env(RAY_CLIENT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    wait_for_requests(slow_emulator, 60, process)
+    killed_at = time.time()
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and everything in its process group
+    process.wait()
+    first = slow_emulator.stats()
+    slow_emulator.reset()
+
+    status = run_cli("status", str(job))
+    assert "rows were in flight when the last run stopped" in status.stdout, status.stdout
+    rerun = ray_run(job, ray_address, "--ray-actors", "2")
+    assert rerun.returncode == 0, rerun.stderr
+    second = slow_emulator.stats()
+    assert_every_row_once_in_order(tmp_path, ids)
+    assert set(second["by_prompt"].values()) <= {1}  # the rerun asks each row at most once
+    assert len(set(first["by_prompt"]) | set(second["by_prompt"])) == len(ids)  # and, with the first run, all
+    again = [p for p in second["by_prompt"] if p in first["by_prompt"]]
+    for prompt in again:
+        answered = first["answered_at"].get(prompt)
+        assert answered is None or answered > killed_at - 1.0, f"answered {killed_at - answered:.2f} s before the kill"
+    assert len(again) <= in_flight_reported(rerun.stdout)
+    reported = in_flight_reported(rerun.stdout)
+    print(f"killed after {first['requests']} requests; {len(again)} asked again, {reported} reported in flight")
+
+
+# --- the optional extra ------------------------------------------------------------------
+
+
+BLOCK_RAY = "import sys; sys.modules['ray'] = None; from batchrun.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def test_engine_ray_without_the_extra_says_what_to_install(tmp_path: Path, reviews: Path, emulator: Emulator) -> None:
+    """With `ray` not importable (as in a core install), --engine ray is one line; the local engine never needs it."""
+    job = write_job(tmp_path, emulator.url)
+    refused = subprocess.run(
+        [sys.executable, "-c", BLOCK_RAY, "run", str(job), "--engine", "ray"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    assert (
+        refused.stderr
+        == "batchrun: error: --engine ray needs Ray, which is not installed: pip install 'batchrun[ray]'\n"
+    )
+    assert emulator.stats()["requests"] == 0
+
+    local = subprocess.run(
+        [sys.executable, "-c", BLOCK_RAY, "run", str(job), "--quiet"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert local.returncode == 0, local.stderr
+    assert emulator.stats()["requests"] == 6
