@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS rows (
     attempts INTEGER NOT NULL,
     error_class TEXT,
     error TEXT,
-    finished_at REAL NOT NULL
+    finished_at REAL NOT NULL,
+    image_paths TEXT
 );
 CREATE TABLE IF NOT EXISTS inflight (idx INTEGER PRIMARY KEY, started_at REAL NOT NULL);
 """
@@ -68,6 +69,7 @@ class RowRecord:
     error_class: str | None
     error: str | None
     finished_at: float
+    image_paths: str | None = None  # JSON list of the files the row's images were written to
 
 
 ROW_COLUMNS = list(RowRecord.__dataclass_fields__)

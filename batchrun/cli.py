@@ -7,8 +7,6 @@ import os
 import sys
 from typing import Any
 
-import orjson
-
 from batchrun.errors import JobError, RunAborted
 
 EXIT_BAD_INPUT = 2
@@ -87,6 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     from batchrun.spec import load_job
 
     job = load_job(args.job)
+    _print_warnings(job.warnings)
     options = RunOptions(
         limit=args.limit,
         concurrency=args.concurrency,
@@ -118,28 +117,35 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 def _validate(args: argparse.Namespace) -> int:
     from batchrun import protocols
+    from batchrun.images import loader_for, preview_body
     from batchrun.inputs import ROW_INDEX, InputTable
     from batchrun.render import Renderer
     from batchrun.spec import load_job
 
     job = load_job(args.job)
+    _print_warnings(job.warnings)
     spec = job.spec
     table = InputTable.for_job(job)
     table.check_ids()
     renderer = Renderer(job, table.columns)
     job.api_key()
     protocol = protocols.PROTOCOLS[spec.provider.api]
+    loader = loader_for(job, protocol.INLINE_IMAGE_URLS)
     print(f"job {spec.name}: {table.count()} rows from {spec.input.path}, columns: {', '.join(table.columns)}")
     print(f"{spec.provider.api} {spec.model} -> POST {spec.provider.base_url}{protocol.path(spec.model, spec.stream)}")
     shown = 0
     for batch in table.batches(limit=args.show):
         for row in batch.iter_rows(named=True):
-            body = protocol.build(renderer.render(row), spec)
             print(f"\nrow {row[table.id_name] if table.id_column else row[ROW_INDEX]}:")
-            print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+            print(preview_body(protocol, loader, renderer.render(row), spec))
             shown += 1
     print(f"\nok: the job is valid ({shown} requests shown, none sent)")
     return 0
+
+
+def _print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"batchrun: warning: {warning}", file=sys.stderr)
 
 
 def _status(args: argparse.Namespace) -> int:

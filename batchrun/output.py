@@ -24,6 +24,7 @@ TOOL_CALL = pl.Struct({"name": pl.String, "arguments": pl.String})
 RESULT_SCHEMA: dict[str, pl.DataType] = {
     "response_text": pl.String(),
     "tool_calls": pl.List(TOOL_CALL),
+    "image_paths": pl.List(pl.String()),
     "finish_reason": pl.String(),
     "model": pl.String(),
     "prompt_tokens": pl.Int64(),
@@ -39,7 +40,8 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
 def result_frame(rows: list[tuple[Any, ...]], pricing: PricingSpec | None) -> pl.DataFrame:
     """Checkpoint rows to the output's result columns (plus row_index to join on)."""
     cols = {name: [r[i] for r in rows] for i, name in enumerate(ROW_COLUMNS)}
-    cols["tool_calls"] = [orjson.loads(t) if t else None for t in cols["tool_calls"]]
+    for name in ("tool_calls", "image_paths"):
+        cols[name] = [orjson.loads(t) if t else None for t in cols[name]]
     frame = pl.DataFrame(
         {ROW_INDEX: cols["idx"], **{name: cols[name] for name in RESULT_SCHEMA}},
         schema={ROW_INDEX: pl.UInt32(), **RESULT_SCHEMA},

@@ -12,7 +12,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -21,14 +21,14 @@ import jinja2
 import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from batchrun import output, protocols
+from batchrun import images, output, protocols
 from batchrun.checkpoint import Checkpoint, RowRecord, checkpoint_folder
 from batchrun.errors import RunAborted
 from batchrun.inputs import ROW_INDEX, InputTable
 from batchrun.limits import Limits, estimate_tokens
 from batchrun.progress import Progress
 from batchrun.protocols import CallError
-from batchrun.render import Renderer
+from batchrun.render import Renderer, Request
 from batchrun.spec import Job
 from batchrun.transport import Outcome, Transport, call_with_retries
 
@@ -48,7 +48,7 @@ class RunOptions:
 class WorkItem:
     idx: int
     row_id: str
-    body: dict[str, Any]
+    request: Request  # the body is built by the worker, once the row's images are loaded
     estimate: int
 
 
@@ -91,6 +91,8 @@ class Run:
         self.table.check_ids()
         self.renderer = Renderer(job, self.table.columns)
         self.protocol = protocols.PROTOCOLS[spec.provider.api]
+        self.decoder = self.protocol.decoder(spec)
+        self.images = images.loader_for(job, self.protocol.INLINE_IMAGE_URLS)
         self.api_key = job.api_key()
         self.watch = AbortWatch()
         self.limits = Limits(self.concurrency, spec.run.requests_per_minute, spec.run.tokens_per_minute)
@@ -119,6 +121,7 @@ class Run:
                     await self._run_all(checkpoint, transport, progress)
                 finally:
                     await transport.aclose()
+                    await self.images.aclose()
                     progress.close()
             if self.watch.tripped is not None:
                 raise RunAborted(_abort_message(self.watch.tripped, self.job))
@@ -167,8 +170,8 @@ class Run:
                         progress.row_done("error", None)
                         continue
                     chars = len(request.user) + len(request.system or "")
-                    body = self.protocol.build(request, spec)
-                    await send.send(WorkItem(idx, row_id, body, estimate_tokens(chars, spec.params)))
+                    estimate = estimate_tokens(chars, spec.params) + images.IMAGE_TOKEN_ESTIMATE * len(request.images)
+                    await send.send(WorkItem(idx, row_id, request, estimate))
                 await anyio.sleep(0)  # let workers run between batches
 
     async def _work(
@@ -183,19 +186,30 @@ class Run:
         path = self.protocol.path(spec.model, spec.stream)
         async with receive:
             async for item in receive:
+                try:
+                    body = await self._body(item.request)
+                except images.ImageError as e:
+                    checkpoint.finish(_input_error(item.idx, item.row_id, str(e)))
+                    progress.row_done("error", None)
+                    continue
                 self.requested += 1
                 outcome = await call_with_retries(
                     transport,
                     self.limits,
                     path,
-                    item.body,
-                    self.protocol.parse,
+                    body,
+                    self.decoder,
                     item.estimate,
                     spec.run.max_attempts,
                     self.watch.on_error,
                     before_first_send=partial(checkpoint.begin, item.idx),
                 )
                 record = _record(item, outcome)
+                if outcome.reply is not None and outcome.reply.images:
+                    saved = await anyio.to_thread.run_sync(
+                        images.save_images, outcome.reply.images, self.job.images_dir, item.row_id
+                    )
+                    record.image_paths = orjson.dumps(saved).decode()
                 if outcome.error is not None and outcome.error.abort in ("A", "B"):
                     # Held back: if the run aborts, this row stays pending rather than failed.
                     self._held.append(record)
@@ -210,6 +224,12 @@ class Run:
                     self._release_held(checkpoint, progress)
                 checkpoint.finish(record)
                 progress.row_done(record.status, record)
+
+    async def _body(self, request: Request) -> dict[str, Any]:
+        """Images are read only now, right before the row is sent (ImageError: nothing is sent)."""
+        if request.images:
+            request = replace(request, image_inputs=await self.images.load(request.images))
+        return self.protocol.build(request, self.job.spec)
 
     def _release_held(self, checkpoint: Checkpoint, progress: Progress) -> None:
         """The run goes on after all: rows held back by a possible abort are errors after all."""
