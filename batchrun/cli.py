@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
         help="answer with fault NAME at this rate, e.g. 429=0.1 (repeatable)",
     )
     emulator.add_argument("--seed", type=int, default=0)
+    emulator.add_argument("--ping-ms", type=float, default=10_000, help="`: PING` interval on OpenAI streams; 0: none")
+    emulator.add_argument("--stall-ms", type=float, default=3_000, help="how long a `stall` directive pauses a stream")
+    emulator.add_argument("--chunk-delay-ms", type=float, default=0.0, help="delay between stream events")
     emulator.set_defaults(func=_emulator)
     return parser
 
@@ -180,6 +183,7 @@ def _status(args: argparse.Namespace) -> int:
 def _emulator(args: argparse.Namespace) -> int:
     from batchrun.emulator.faults import FAULTS
     from batchrun.emulator.server import EmulatorConfig, serve_forever
+    from batchrun.emulator.streams import StreamSettings
 
     rates: dict[str, float] = {}
     for item in args.fault:
@@ -196,7 +200,12 @@ def _emulator(args: argparse.Namespace) -> int:
         if not key:
             raise JobError(f"--api-key-env: the variable {args.api_key_env} is not set")
     config = EmulatorConfig(
-        api_key=key, latency_s=args.latency_ms / 1000, jitter_s=args.jitter_ms / 1000, fault_rates=rates, seed=args.seed
+        api_key=key,
+        latency_s=args.latency_ms / 1000,
+        jitter_s=args.jitter_ms / 1000,
+        fault_rates=rates,
+        seed=args.seed,
+        streams=StreamSettings(args.ping_ms / 1000 or None, args.stall_ms / 1000, args.chunk_delay_ms / 1000),
     )
     try:
         serve_forever(config, args.host, args.port)
