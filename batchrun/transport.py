@@ -106,6 +106,7 @@ async def read_answer(chunks: AsyncIterator[bytes], decoder: Decoder) -> Reply:
         stream = decoder.new_stream()
         for event in data:
             _add_event(stream, event)
+        stream.done()  # a closed array is a whole stream: its `]` is the terminator
         return stream.reply()
     stream = decoder.new_stream()
     parser = SSEParser()

@@ -49,6 +49,7 @@ class Stats:
         self.requests = 0
         self.by_status: Counter[int] = Counter()
         self.by_prompt: Counter[str] = Counter()
+        self.by_route: Counter[str] = Counter()  # path, marked " (stream)" when a stream was asked for
         self.in_flight = 0
         self.peak_in_flight = 0
         self.per_second: defaultdict[int, int] = defaultdict(int)
@@ -73,6 +74,7 @@ class Stats:
             "requests": self.requests,
             "by_status": {str(k): v for k, v in self.by_status.items()},
             "by_prompt": dict(self.by_prompt),
+            "by_route": dict(self.by_route),
             "peak_in_flight": self.peak_in_flight,
             "max_per_second": self.max_in_window(1),
             "max_per_minute": self.max_in_window(60),
@@ -176,6 +178,7 @@ class Emulator:
         if prompt is None:
             return json_response(400, relay_error(400, what, "invalid_request", request_id), request_id)
         self.stats.by_prompt[prompt] += 1
+        self.stats.by_route[request.path + (" (stream)" if body.get("stream") is True else "")] += 1
         await self._delay()
         fault = self._fault(prompt, prompt)
         if fault == "reset":
