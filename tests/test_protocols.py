@@ -16,9 +16,7 @@ from batchrun.render import ImageInput, Request
 from batchrun.spec import JobSpec
 from batchrun.transport import read_answer
 
-PNG = base64.b64decode(
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR42mP4z8AAAAMBAQAY3Y2wAAAAAElFTkSuQmCC"
-)
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR42mP4z8AAAAMBAQAY3Y2wAAAAAElFTkSuQmCC")
 PNG_B64 = base64.b64encode(PNG).decode()
 
 

@@ -45,6 +45,8 @@ def sentiment(text: str) -> str:
 
 def text_answer(prompt: str, images: list[str] | None = None) -> str:
     """A label for sentiment prompts, a caption from image descriptions, else the prompt's first words."""
+    if len(images or []) == 1:
+        return images[0][0].upper() + images[0][1:] + "."
     if images:
         return " ".join(f"Image {i}: {description}." for i, description in enumerate(images, 1))
     if all(label in prompt.lower() for label in _LABELS):

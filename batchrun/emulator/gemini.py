@@ -127,7 +127,8 @@ def _parts(
     if call is not None:
         return [*parts, {"functionCall": call}], "STOP", answers.count_tokens(str(call["args"]))
     if "image" in model:
-        text = f"Here is the image: {answers.text_answer(prompt)}"
+        based_on = f", after {len(images_in)} reference image(s)" if images_in else ""
+        text = f"Here is the image{based_on}: {answers.text_answer(prompt)}"
     else:
         text = answers.text_answer(prompt, [pictures.describe(i) for i in images_in])
     tokens, finish = answers.count_tokens(text), _FINISH.get(fault or "", "STOP")
@@ -137,13 +138,17 @@ def _parts(
     parts.append({"text": text})
     if makes_image and finish == "STOP":
         ratio = (config.get("imageConfig") or {}).get("aspectRatio")
-        parts.append({"inlineData": _png(*pictures.png_size(ratio), seed)})
+        # A reference image lends the result its main colour, so the link shows by eye.
+        colour = next((c for c in map(pictures.main_colour, images_in) if c), None)
+        background = pictures.palette_rgb(colour) if colour else None
+        parts.append({"inlineData": _png(*pictures.png_size(ratio), seed, background)})
         tokens += IMAGE_TOKENS
     return parts, finish, tokens
 
 
-def _png(width: int, height: int, seed: int) -> dict[str, str]:
-    return {"mimeType": "image/png", "data": base64.b64encode(pictures.png(width, height, seed)).decode()}
+def _png(width: int, height: int, seed: int, background: tuple[int, int, int] | None = None) -> dict[str, str]:
+    data = pictures.png(width, height, seed, background)
+    return {"mimeType": "image/png", "data": base64.b64encode(data).decode()}
 
 
 def _forced_call(body: dict[str, Any], seed: int, prompt: str) -> dict[str, Any] | None:

@@ -27,11 +27,11 @@ _PALETTE = {
 _COLOURS = list(_PALETTE.values())
 
 
-def png(width: int, height: int, seed: int) -> bytes:
-    """A width × height RGB PNG: a background and a disc in two colours picked by the seed."""
+def png(width: int, height: int, seed: int, background: tuple[int, int, int] | None = None) -> bytes:
+    """A width × height RGB PNG: a background (picked by the seed unless given) and a disc of another colour."""
     n = len(_COLOURS)
-    background = _COLOURS[seed % n]
-    disc = _COLOURS[(seed % n + 1 + (seed // n) % (n - 1)) % n]  # never the background colour
+    background = background or _COLOURS[seed % n]
+    disc = _COLOURS[(_COLOURS.index(background) + 1 + (seed // n) % (n - 1)) % n]  # never the background colour
     cx, cy, r2 = width / 2, height / 2, (min(width, height) * 0.3) ** 2
     rows = bytearray()
     for y in range(height):
@@ -70,7 +70,7 @@ def describe(data: bytes) -> str:
     """`a 64x48 PNG, mostly red`, or less for formats the emulator does not decode."""
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         width, height = struct.unpack(">II", data[16:24])
-        colour = _png_colour(data)
+        colour = main_colour(data)
         return f"a {width}x{height} PNG" + (f", mostly {colour}" if colour else "")
     kind = {b"\xff\xd8": "JPEG", b"GI": "GIF", b"RI": "WEBP", b"BM": "BMP"}.get(data[:2], "image")
     return f"a {kind} of {len(data)} bytes"
@@ -84,8 +84,14 @@ def describe_data_url(url: str) -> str:
         return "an unreadable image"
 
 
-def _png_colour(data: bytes) -> str | None:
+def palette_rgb(name: str) -> tuple[int, int, int]:
+    return _PALETTE[name]
+
+
+def main_colour(data: bytes) -> str | None:
     """The palette colour nearest the mean pixel, for 8-bit RGB/RGBA non-interlaced PNGs."""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None
     pos, idat, header = 8, bytearray(), b""
     while pos + 8 <= len(data):
         (length,) = struct.unpack(">I", data[pos : pos + 4])
