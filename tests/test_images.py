@@ -250,3 +250,10 @@ def test_completions_without_max_tokens_is_a_warning(tmp_path: Path, emulator: E
     result = run_cli("validate", str(job))
     assert result.returncode == 0, result.stderr
     assert "warning" in result.stderr and "params: max_tokens is not set" in result.stderr
+
+
+def test_a_gemini_image_url_that_cannot_be_downloaded_is_a_row_error(tmp_path: Path, emulator: Emulator) -> None:
+    rows_csv(tmp_path, [["D1", f"{emulator.url}/_emulator/no-such-image.png"]])
+    df = run_ok(image_job(tmp_path, emulator.url, "gemini", "gemini-2.5-flash"))
+    assert df["error_class"][0] == "input" and "download failed: HTTP 404" in df["error"][0]
+    assert emulator.stats()["requests"] == 0
