@@ -32,6 +32,10 @@ class Request:
     images: tuple[str, ...] = field(default_factory=tuple)  # as rendered: paths, URLs or data URLs
     image_inputs: tuple[ImageInput, ...] = field(default_factory=tuple)  # `images` loaded, right before sending
 
+    @property
+    def text_chars(self) -> int:
+        return len(self.user) + len(self.system or "")
+
 
 class Renderer:
     """Compiled templates of one job, checked against the input's columns."""

@@ -323,3 +323,19 @@ def test_framing_failures() -> None:
     google = raises(read, [b'[{"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "slow"}}]'], GEMINI)
     assert google.error_class == "rate_limited"
     assert raises(read, [b"data: {not json\n\n"], CHAT).error_class == "malformed"
+
+
+def test_gemini_structured_output_in_gemini_dialect_unless_params_set_it() -> None:
+    schema = {"type": "object", "properties": {"label": {"enum": ["positive", "negative"]}}, "required": ["label"]}
+    json_job = {"model": "gemini-2.5-flash", "output": {"path": "o.parquet", "parse": "json", "schema": schema}}
+    config = gemini.build(Request(None, "u"), spec(**json_job))["generationConfig"]
+    assert config == {
+        "responseMimeType": "application/json",
+        "responseSchema": {
+            "type": "OBJECT",
+            "properties": {"label": {"type": "STRING", "enum": ["positive", "negative"]}},
+            "required": ["label"],
+        },
+    }
+    own = gemini.build(Request(None, "u"), spec(**json_job, params={"responseMimeType": "text/x.enum"}))
+    assert own["generationConfig"] == {"responseMimeType": "text/x.enum"}

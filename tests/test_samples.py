@@ -73,4 +73,4 @@ def test_complete(project: Path) -> None:
     assert df.height == 300 and set(df["finish_reason"]) == {"stop"}
     assert set(df["response_text"]) == {"positive", "negative", "neutral"}
     demo = run_sample(project, "demo", "review-sentiment")  # the same reviews labelled through chat
-    assert df["response_text"].to_list() == demo["response_text"].to_list()
+    assert df["response_text"].to_list() == demo["label"].to_list()

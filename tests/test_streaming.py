@@ -25,8 +25,7 @@ def protocol_job(folder: Path, url: str, api: str, stream: bool, **overrides: An
         url,
         provider={"api": api, "base_url": url, "api_key_env": "TEST_RELAY_KEY"},
         stream=stream,
-        output={"path": f"out/{api}-{stream}.parquet"},
-        **{**PROTOCOLS[api], **overrides},
+        **{"output": {"path": f"out/{api}-{stream}.parquet"}, **PROTOCOLS[api], **overrides},
     )
 
 
@@ -197,3 +196,11 @@ def test_gemini_blocked_prompts_and_safety_stops(stream: bool, tmp_path: Path, e
     assert "SAFETY" in df["error"][2]
     requests = emulator.stats()["by_prompt"]
     assert [n for prompt, n in requests.items() if rows[0][1] in prompt] == [1]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_gemini_structured_output(stream: bool, tmp_path: Path, reviews: Path, emulator: Emulator) -> None:
+    schema = {"type": "object", "properties": {"label": {"enum": ["positive", "negative", "neutral"]}}}
+    output = {"path": f"out/gemini-{stream}.parquet", "parse": "json", "schema": schema}
+    df = run_ok(protocol_job(tmp_path, emulator.url, "gemini", stream, output=output))
+    assert dict(zip(df["review_id"], df["label"])) == EXPECTED_LABELS

@@ -16,13 +16,20 @@ _IMAGE_PARTS = ("image_url", "input_image")
 
 
 def chat_prompt(messages: Any) -> str | None:
-    """All message text joined: the key for directives, counts and deterministic answers."""
-    if not isinstance(messages, list):
+    """The text of the messages up to the first user message: the key for directives, counts and answers.
+
+    Later turns (a repair's failed answer and follow-up) leave the key unchanged, so a
+    `[[emulator: bad_json x 1]]` row answers badly once and well when asked again.
+    """
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         return None
+    first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), len(messages) - 1)
+    return _text(messages[: first_user + 1])
+
+
+def _text(messages: list[dict[str, Any]]) -> str:
     texts: list[str] = []
     for m in messages:
-        if not isinstance(m, dict):
-            return None
         content = m.get("content")
         if isinstance(content, str):
             texts.append(content)
@@ -43,7 +50,11 @@ def chat_images(messages: list[Any]) -> list[str]:
     return found
 
 
-def chat_completion(body: dict[str, Any], prompt: str, request_id: str) -> dict[str, Any]:
+# Answer faults the chat handler enacts itself: a 200 whose text is not the clean JSON asked for.
+ANSWER_FAULTS = {"bad_json", "fenced_json", "prose_json"}
+
+
+def chat_completion(body: dict[str, Any], prompt: str, request_id: str, fault: str | None = None) -> dict[str, Any]:
     seed = answers.digest(prompt)
     model = str(body.get("model", "unknown"))
     images = chat_images(body["messages"])
@@ -57,7 +68,9 @@ def chat_completion(body: dict[str, Any], prompt: str, request_id: str) -> dict[
                 "type": "function",
                 "function": {
                     "name": tool["name"],
-                    "arguments": orjson.dumps(answers.value_for(tool.get("parameters") or {}, seed, prompt)).decode(),
+                    "arguments": _with_fault(
+                        orjson.dumps(answers.value_for(tool.get("parameters") or {}, seed, prompt)).decode(), fault
+                    ),
                 },
             }
             for i, tool in enumerate(forced)
@@ -67,7 +80,7 @@ def chat_completion(body: dict[str, Any], prompt: str, request_id: str) -> dict[
     else:
         schema = _response_schema(body)
         text = (
-            orjson.dumps(answers.value_for(schema, seed, prompt)).decode()
+            _with_fault(orjson.dumps(answers.value_for(schema, seed, prompt)).decode(), fault)
             if schema is not None
             else answers.text_answer(prompt, images)
         )
@@ -81,7 +94,7 @@ def chat_completion(body: dict[str, Any], prompt: str, request_id: str) -> dict[
             text += f"\n\n![image](data:image/png;base64,{data})"
             completion += 1290
         message["content"] = text
-    prompt_tokens = answers.count_tokens(prompt) + 8 + 85 * len(images)
+    prompt_tokens = answers.count_tokens(_text(body["messages"])) + 8 + 85 * len(images)  # every turn is billed
     return {
         "id": f"chatcmpl-{request_id}",
         "object": "chat.completion",
@@ -133,6 +146,37 @@ def _call_fragments(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if n < len(p)
     ]
     return opening + rounds
+
+
+def _with_fault(json_text: str, fault: str | None) -> str:
+    if fault == "bad_json":
+        return json_text[: max(1, len(json_text) // 2)]  # cut in the middle: not JSON
+    if fault == "fenced_json":
+        return f"```json\n{json_text}\n```"
+    if fault == "prose_json":
+        return f"Here is the result: {json_text} Let me know if you need more."
+    return json_text
+
+
+# Models whose upstream rejects response_format json_schema (older ones do).
+NO_JSON_SCHEMA_PREFIXES = ("gpt-3.5",)
+
+
+def schema_rejection(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The 400 body OpenAI answers when the model does not support json_schema, or None."""
+    fmt = body.get("response_format")
+    if not (isinstance(fmt, dict) and fmt.get("type") == "json_schema"):
+        return None
+    if not str(body.get("model", "")).startswith(NO_JSON_SCHEMA_PREFIXES):
+        return None
+    return {
+        "error": {
+            "message": "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model.",
+            "type": "invalid_request_error",
+            "param": "response_format",
+            "code": None,
+        }
+    }
 
 
 def _forced_tools(body: dict[str, Any]) -> list[dict[str, Any]]:

@@ -69,9 +69,16 @@ HTML_502 = (
     b"<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>"
 )
 
-# The answering code enacts the rest itself: stream cuts, stalls and framing variants (streams.py),
+# The answering code enacts the rest itself: bad_json, fenced_json and prose_json, a 200 whose JSON
+# is cut, fenced or in prose (chat.py); stream cuts, stalls and framing variants (streams.py);
 # Gemini content outcomes (gemini.py).
-FAULTS = set(_ERRORS) | {"502", "malformed", "reset", "error-200"} | STREAM_FAULTS | FRAMINGS | GEMINI_FAULTS
+FAULTS = (
+    set(_ERRORS)
+    | {"502", "malformed", "reset", "error-200", "bad_json", "fenced_json", "prose_json"}
+    | STREAM_FAULTS
+    | FRAMINGS
+    | GEMINI_FAULTS
+)
 
 
 def fault_response(fault: str, request_id: str) -> web.Response | None:

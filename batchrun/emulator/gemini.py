@@ -13,6 +13,8 @@ import binascii
 import hashlib
 from typing import Any
 
+import orjson
+
 from batchrun.emulator import answers, pictures
 from batchrun.emulator.streams import split_text
 
@@ -126,7 +128,10 @@ def _parts(
     call = _forced_call(body, seed, prompt)
     if call is not None:
         return [*parts, {"functionCall": call}], "STOP", answers.count_tokens(str(call["args"]))
-    if "image" in model:
+    schema = config.get("responseSchema")
+    if isinstance(schema, dict):
+        text = orjson.dumps(answers.value_for(_lower_types(schema), seed, prompt)).decode()
+    elif "image" in model:
         based_on = f", after {len(images_in)} reference image(s)" if images_in else ""
         text = f"Here is the image{based_on}: {answers.text_answer(prompt)}"
     else:

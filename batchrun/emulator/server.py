@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 
 from batchrun.emulator import answers, pictures
-from batchrun.emulator.chat import chat_chunks, chat_completion, chat_prompt
+from batchrun.emulator.chat import ANSWER_FAULTS, chat_chunks, chat_completion, chat_prompt, schema_rejection
 from batchrun.emulator.completions import completion, completion_chunks, completions_prompt
 from batchrun.emulator.faults import FAULTS, directive_in, fault_response, json_response, relay_error
 from batchrun.emulator.gemini import gemini_events, gemini_prompt, gemini_whole
@@ -191,7 +191,9 @@ class Emulator:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         async def answer(request: web.Request, body: dict[str, Any], prompt: str, rid: str, fault: str | None):
-            whole = chat_completion(body, prompt, rid)
+            if (rejection := schema_rejection(body)) is not None:
+                return json_response(400, rejection, rid)
+            whole = chat_completion(body, prompt, rid, fault if fault in ANSWER_FAULTS else None)
             if not (body.get("stream") or fault in FRAMINGS):
                 return json_response(200, whole, rid)
             events = chat_chunks(whole, _include_usage(body))

@@ -22,6 +22,7 @@ from batchrun.protocols.reply import Decoder, ImageOut, Reply
 from batchrun.protocols.sse import stream_cut
 from batchrun.render import Request
 from batchrun.spec import JobSpec
+from batchrun.structured import gemini_response_schema, uses_native_schema
 
 INLINE_IMAGE_URLS = True  # a Gemini-bound channel may not fetch URLs: batchrun downloads them
 TOP_LEVEL_PARAMS = ("safetySettings", "tools", "toolConfig", "cachedContent")
@@ -66,11 +67,16 @@ def build(request: Request, spec: JobSpec) -> dict[str, Any]:
 
 
 def generation_config(spec: JobSpec) -> dict[str, Any]:
-    """params in Gemini's names: a `generationConfig` mapping and every key not sent at the top level."""
+    """params in Gemini's names: a `generationConfig` mapping and every key not sent at the top level;
+    with a schema, structured output in Gemini's dialect unless params set their own (§4.1)."""
     config = dict(spec.params.get("generationConfig") or {})
     config.update(
         {key: value for key, value in spec.params.items() if key not in TOP_LEVEL_PARAMS and key != "generationConfig"}
     )
+    if uses_native_schema(spec) and not {"responseSchema", "responseMimeType"} & set(config):
+        assert spec.output.json_schema is not None
+        config["responseMimeType"] = "application/json"
+        config["responseSchema"] = gemini_response_schema(spec.output.json_schema)
     return config
 
 
