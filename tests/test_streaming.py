@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +207,26 @@ def test_gemini_structured_output(stream: bool, tmp_path: Path, reviews: Path, e
     output = {"path": f"out/gemini-{stream}.parquet", "parse": "json", "schema": schema}
     df = run_ok(protocol_job(tmp_path, emulator.url, "gemini", stream, output=output))
     assert dict(zip(df["review_id"], df["label"])) == EXPECTED_LABELS
+
+
+def test_gemini_paths_take_google_key_forms_and_chat_only_bearer() -> None:
+    emulator = start_emulator("--api-key-env", "EMULATOR_KEY", env={"EMULATOR_KEY": "the-key"})
+    try:
+        body = json.dumps({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}).encode()
+        path = "/v1beta/models/gemini-2.5-flash:generateContent"
+
+        def status(url: str, headers: dict[str, str]) -> int:
+            request = urllib.request.Request(emulator.url + url, data=body, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=10) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        assert status(path, {"Authorization": "Bearer the-key"}) == 200
+        assert status(path, {"x-goog-api-key": "the-key"}) == 200
+        assert status(path + "?key=the-key", {}) == 200
+        assert status(path, {"x-goog-api-key": "wrong"}) == 401
+        assert status("/v1/chat/completions", {"x-goog-api-key": "the-key"}) == 401
+    finally:
+        stop_emulator(emulator)
