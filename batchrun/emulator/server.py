@@ -12,7 +12,7 @@ import random
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,7 +166,13 @@ class Emulator:
         if delay > 0:
             await asyncio.sleep(delay)
 
-    async def _serve(self, request: web.Request, prompt_of: Any, what: str, answer: Any) -> web.StreamResponse:
+    async def _serve(
+        self,
+        request: web.Request,
+        prompt_of: Callable[[dict[str, Any]], str | None],
+        what: str,
+        answer: Callable[[web.Request, dict[str, Any], str, str, str | None], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
         """The steps every route shares: auth, body, counting by prompt, latency, faults; then `answer`."""
         request_id = self._request_id()
         if (denied := await self._auth(request, request_id)) is not None:
@@ -190,7 +196,9 @@ class Emulator:
         return await answer(request, body, prompt, request_id, fault)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        async def answer(request: web.Request, body: dict[str, Any], prompt: str, rid: str, fault: str | None):
+        async def answer(
+            request: web.Request, body: dict[str, Any], prompt: str, rid: str, fault: str | None
+        ) -> web.StreamResponse:
             if (rejection := schema_rejection(body)) is not None:
                 return json_response(400, rejection, rid)
             whole = chat_completion(body, prompt, rid, fault if fault in ANSWER_FAULTS else None)
@@ -202,7 +210,9 @@ class Emulator:
         return await self._serve(request, lambda b: chat_prompt(b.get("messages")), "messages must be a list", answer)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        async def answer(request: web.Request, body: dict[str, Any], prompt: str, rid: str, fault: str | None):
+        async def answer(
+            request: web.Request, body: dict[str, Any], prompt: str, rid: str, fault: str | None
+        ) -> web.StreamResponse:
             whole = completion(body, prompt, rid)
             if not (body.get("stream") or fault in FRAMINGS):
                 return json_response(200, whole, rid)
@@ -216,7 +226,9 @@ class Emulator:
         if action not in ("generateContent", "streamGenerateContent") or not model:
             return await self.not_found(request)
 
-        async def answer(request: web.Request, body: dict[str, Any], prompt: str, rid: str, fault: str | None):
+        async def answer(
+            request: web.Request, body: dict[str, Any], prompt: str, rid: str, fault: str | None
+        ) -> web.StreamResponse:
             events = gemini_events(body, model, prompt, fault, rid)
             # streamGenerateContent without alt=sse: one JSON object, as old relay builds answer.
             sse = action == "streamGenerateContent" and request.query.get("alt") == "sse"
