@@ -242,14 +242,29 @@ def test_what_a_protocol_cannot_send_is_refused_in_one_line(case: str, tmp_path:
     assert "job.yaml:" in result.stderr and expected in result.stderr
 
 
-def test_completions_without_max_tokens_is_a_warning(tmp_path: Path, emulator: Emulator) -> None:
+WARNINGS: dict[str, tuple[dict[str, Any], str]] = {
+    "completions without max_tokens": (
+        {"api": "openai-completions", "model": "gpt-3.5-turbo-instruct"},
+        "params: max_tokens is not set",
+    ),
+    "images_dir without IMAGE": (
+        {
+            "params": {"responseModalities": ["TEXT"]},
+            "output": {"path": "out/result.parquet", "images_dir": "out/img"},
+        },
+        "output.images_dir: is set but params.responseModalities lacks IMAGE",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WARNINGS))
+def test_likely_mistakes_are_warnings(case: str, tmp_path: Path, emulator: Emulator) -> None:
+    overrides, expected = WARNINGS[case]
     rows_csv(tmp_path, [["W1", "x"]])
-    job = image_job(
-        tmp_path, emulator.url, "openai-completions", "gpt-3.5-turbo-instruct", prompt={"user": "Say {{ image }}"}
-    )
-    result = run_cli("validate", str(job))
+    settings = {"api": "gemini", "model": "gemini-2.5-flash-image", "prompt": {"user": "Say {{ image }}"}}
+    result = run_cli("validate", str(image_job(tmp_path, emulator.url, **{**settings, **overrides})))
     assert result.returncode == 0, result.stderr
-    assert "warning" in result.stderr and "params: max_tokens is not set" in result.stderr
+    assert result.stderr.startswith("batchrun: warning: ") and expected in result.stderr
 
 
 def test_a_gemini_image_url_that_cannot_be_downloaded_is_a_row_error(tmp_path: Path, emulator: Emulator) -> None:
