@@ -23,13 +23,15 @@ COMPARED = ["response_text", "tool_calls", "finish_reason", "model", "prompt_tok
 
 
 def protocol_job(folder: Path, url: str, api: str, stream: bool, **overrides: Any) -> Path:
-    return write_job(
+    """A job file of its own per protocol and stream setting (each job keeps its own checkpoint)."""
+    job = write_job(
         folder,
         url,
         provider={"api": api, "base_url": url, "api_key_env": "TEST_RELAY_KEY"},
         stream=stream,
         **{"output": {"path": f"out/{api}-{stream}.parquet"}, **PROTOCOLS[api], **overrides},
     )
+    return job.rename(job.with_name(f"{api}-{stream}.yaml"))
 
 
 def run_ok(job: Path, *args: str) -> pl.DataFrame:

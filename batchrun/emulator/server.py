@@ -50,6 +50,7 @@ class Stats:
         self.by_status: Counter[int] = Counter()
         self.by_prompt: Counter[str] = Counter()
         self.by_route: Counter[str] = Counter()  # path, marked " (stream)" when a stream was asked for
+        self.answered_at: dict[str, float] = {}  # prompt -> when its last 200 answer was sent (resume tests)
         self.in_flight = 0
         self.peak_in_flight = 0
         self.per_second: defaultdict[int, int] = defaultdict(int)
@@ -75,6 +76,7 @@ class Stats:
             "by_status": {str(k): v for k, v in self.by_status.items()},
             "by_prompt": dict(self.by_prompt),
             "by_route": dict(self.by_route),
+            "answered_at": self.answered_at,
             "peak_in_flight": self.peak_in_flight,
             "max_per_second": self.max_in_window(1),
             "max_per_minute": self.max_in_window(60),
@@ -123,6 +125,8 @@ class Emulator:
         finally:
             self.stats.in_flight -= 1
             self.stats.by_status[status] += 1
+            if status == 200 and "prompt" in request:
+                self.stats.answered_at[request["prompt"]] = time.time()
 
     async def _auth(self, request: web.Request, request_id: str) -> web.Response | None:
         if self.config.api_key is None:
@@ -185,6 +189,7 @@ class Emulator:
             return json_response(400, relay_error(400, what, "invalid_request", request_id), request_id)
         self.stats.by_prompt[prompt] += 1
         self.stats.by_route[request.path + (" (stream)" if body.get("stream") is True else "")] += 1
+        request["prompt"] = prompt
         await self._delay()
         fault = self._fault(prompt, prompt)
         if fault == "reset":
