@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from typing import Any
 
 import orjson
 
 from batchrun.errors import JobError, RunAborted
+from batchrun.redaction import redact
 
+EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_ABORTED = 3
 EXIT_INTERRUPTED = 130
@@ -31,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         job = getattr(args, "job", None)
         print(f"\nbatchrun: interrupted; run `batchrun run {job}` again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception:  # a bug: show it, but never with the key in it
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        return EXIT_INTERNAL
 
 
 def _parser() -> argparse.ArgumentParser:
