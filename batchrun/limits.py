@@ -13,8 +13,9 @@
   real usage when the answer arrives.
 * A server hint (Retry-After & co.) pauses every new start, not just one row's.
   A hintless push-back pauses every start too, with the backoff of §6.1, which
-  grows while push-backs keep coming without a run of successes in between:
-  the relay's own window counts failed requests, so only a global pause helps.
+  grows while push-backs keep coming without a run of successes in between
+  (requests sent before the last pause do not count again): the relay's own
+  window counts failed requests, so only a global pause helps.
 * The outage breaker (breaker.py) holds every start while the relay is down.
 
 Why not aiolimiter: its leaky bucket lets a full `max_rate` through at once and
@@ -43,7 +44,11 @@ OUTPUT_CAP_KEYS = ("max_completion_tokens", "max_tokens", "maxOutputTokens")
 DEFAULT_OUTPUT_ESTIMATE = 256
 CHARS_PER_TOKEN = 4
 BACKOFF_CAP_S = 60.0
-DECREASE_EVERY_S = 1.0  # the in-flight limit halves at most this often
+DECREASE_EVERY_S = 1.0
+# Token charges are estimates, corrected seconds later: up to 3 s of pacing given back by
+# corrections may be used at once, or the overestimate would slow the run (3 s of a
+# minute's budget is still no burst).
+TOKEN_CREDIT_S = 3.0  # the in-flight limit halves at most this often
 
 
 def estimate_tokens(prompt_chars: int, params: dict[str, Any]) -> int:
@@ -73,12 +78,14 @@ class MinuteBudget:
     """At most `per_minute` units (requests or tokens) started in any 60-second window, evenly paced.
 
     Pacing: after a start of `n` units the next may start `n * 60 / per_minute` s
-    later (no bursts, no saved-up credit). The window log is the hard bound; a
-    single charge larger than the whole budget still goes, alone in its window.
+    later; at most `credit_s` of unused pacing (idle time, or corrections that
+    gave an overestimate back) may be used at once. The window log is the hard
+    bound; a single charge larger than the whole budget still goes, alone in its window.
     """
 
-    def __init__(self, per_minute: float) -> None:
+    def __init__(self, per_minute: float, credit_s: float = 0.0) -> None:
         self.per_minute = per_minute
+        self._credit_s = credit_s
         self._s_per_unit = WINDOW_S / per_minute
         self._next_start = -math.inf
         self._log: deque[Charge] = deque()
@@ -104,14 +111,14 @@ class MinuteBudget:
         c = Charge(now, amount)
         self._log.append(c)
         self._in_window += amount
-        self._next_start = max(self._next_start, now) + amount * self._s_per_unit
+        self._next_start = max(self._next_start, now - self._credit_s) + amount * self._s_per_unit
         return c
 
     def correct(self, c: Charge, actual: float, now: float) -> None:
         """Replace a charge's amount with the real one; the pacing gets the difference back, up to now."""
         if c.at > self._cutoff:
             self._in_window += actual - c.amount
-        self._next_start = max(now, self._next_start + (actual - c.amount) * self._s_per_unit)
+        self._next_start = max(now - self._credit_s, self._next_start + (actual - c.amount) * self._s_per_unit)
         c.amount = actual
 
     def _expire(self, now: float) -> None:
@@ -122,8 +129,9 @@ class MinuteBudget:
 
 @dataclass
 class Ticket:
-    """One admitted attempt: its token charge, and whether it probes a relay that seemed down."""
+    """One admitted attempt: when it started, its token charge, whether it probes a relay that seemed down."""
 
+    started_at: float
     tokens: Charge | None
     probe: bool
 
@@ -142,12 +150,13 @@ class Limits:
         self.max_concurrency = concurrency
         self.in_flight = anyio.CapacityLimiter(concurrency)
         self.requests = MinuteBudget(requests_per_minute) if requests_per_minute else None
-        self.tokens = MinuteBudget(tokens_per_minute) if tokens_per_minute else None
+        self.tokens = MinuteBudget(tokens_per_minute, TOKEN_CREDIT_S) if tokens_per_minute else None
         self.breaker = OutageBreaker(outage_timeout_s)
         self._paused_until = -math.inf
         self._successes = 0  # in a row, towards the next +1
         self._pushbacks = 0  # hintless decreases since the last run of successes: the global backoff's exponent
         self._last_decrease = -math.inf
+        self._last_backoff = -math.inf
         self._gate = anyio.Lock()  # one request at a time passes the rate checks, in order
         self._changed = anyio.Event()  # set when the breaker closes or its probe ends
 
@@ -181,7 +190,7 @@ class Limits:
             if self.requests:
                 self.requests.charge(now, 1)
             charge = self.tokens.charge(now, tokens) if self.tokens else None
-            return Ticket(charge, self.breaker.started(now))
+            return Ticket(now, charge, self.breaker.started(now))
 
     def succeeded(self, ticket: Ticket, actual_tokens: int | None) -> None:
         now = anyio.current_time()
@@ -198,24 +207,25 @@ class Limits:
     def failed(self, ticket: Ticket, error: CallError) -> None:
         now = anyio.current_time()
         if error.error_class in PUSHBACK_CLASSES or error.status == 503:
-            self._push_back(now, error.retry_hint)
+            self._push_back(ticket, now, error.retry_hint)
         self._breaker_outcome(ticket, now, failed=self.breaker.counts_as_down(error), error=error)
 
     def excuses(self, error: CallError) -> bool:
         """A failure while the relay is down does not use up the row's attempts: it waits for the relay."""
         return self.breaker.is_open and self.breaker.counts_as_down(error)
 
-    def _push_back(self, now: float, hint_s: float | None) -> None:
+    def _push_back(self, ticket: Ticket, now: float, hint_s: float | None) -> None:
         """Halve the in-flight limit (at most once a second) and pause every start."""
         self._successes = 0
         if now - self._last_decrease >= DECREASE_EVERY_S:
             self._last_decrease = now
             self.in_flight.total_tokens = max(1, self.limit // 2)
-            if not hint_s:
-                self._pause(now + backoff_s(self._pushbacks))
-                self._pushbacks += 1
         if hint_s:
             self._pause(now + hint_s)
+        elif ticket.started_at >= self._last_backoff:  # not one of the wave that caused the last backoff
+            self._last_backoff = now
+            self._pause(now + backoff_s(self._pushbacks))
+            self._pushbacks += 1
 
     def _pause(self, until: float) -> None:
         self._paused_until = max(self._paused_until, until)
