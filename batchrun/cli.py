@@ -75,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
         help="answer with fault NAME at this rate, e.g. 429=0.1 (repeatable)",
     )
     emulator.add_argument("--seed", type=int, default=0)
+    emulator.add_argument(
+        "--rpm-limit", type=_positive_int, help="per key, N requests per window (failed ones count); 429 beyond"
+    )
+    emulator.add_argument("--rpm-window-s", type=float, default=60.0, help="the --rpm-limit window (default 60)")
+    emulator.add_argument(
+        "--max-concurrency", type=_positive_int, help="more in flight at once: 429 token_concurrency_limit_reached"
+    )
     emulator.set_defaults(func=_emulator)
     return parser
 
@@ -196,7 +203,14 @@ def _emulator(args: argparse.Namespace) -> int:
         if not key:
             raise JobError(f"--api-key-env: the variable {args.api_key_env} is not set")
     config = EmulatorConfig(
-        api_key=key, latency_s=args.latency_ms / 1000, jitter_s=args.jitter_ms / 1000, fault_rates=rates, seed=args.seed
+        api_key=key,
+        latency_s=args.latency_ms / 1000,
+        jitter_s=args.jitter_ms / 1000,
+        fault_rates=rates,
+        seed=args.seed,
+        rpm_limit=args.rpm_limit,
+        rpm_window_s=args.rpm_window_s,
+        max_concurrency=args.max_concurrency,
     )
     try:
         serve_forever(config, args.host, args.port)
