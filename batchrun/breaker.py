@@ -5,7 +5,9 @@ down (connection refused or reset, timeouts, a storm of 5xx), the breaker
 opens: no row is sent, except one probe at a time, 1, 2, 4 … 30 s apart. The
 first answer that shows the relay alive closes it. If it stays open longer than
 `run.outage_timeout_s`, every waiting start gets an abort-rule-A error, so the
-run stops with its rows pending and can be resumed.
+run stops with its rows pending and can be resumed. Once a few attempts in a
+row have failed that way, failures stop using up rows' attempts (`looks_down`),
+so no row ends as an error just before the breaker opens.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from batchrun.protocols import CallError
 DOWN_CLASSES = {"connection", "timeout", "server", "malformed"}
 WINDOW = 20  # recent attempts looked at
 OPEN_AT = 18  # failures among them that open the breaker
+LOOKS_DOWN_AFTER = 5  # failures in a row: rows stop using up attempts, so none fails before the breaker opens
 PROBE_EVERY_MAX_S = 30.0
 
 
@@ -26,6 +29,7 @@ class OutageBreaker:
         self.timeout_s = timeout_s
         self._recent: deque[bool] = deque()  # True: the attempt failed as if the relay were down
         self._failures = 0
+        self._in_a_row = 0
         self._opened_at: float | None = None
         self._probing = False
         self._probes = 0
@@ -35,6 +39,10 @@ class OutageBreaker:
     @property
     def is_open(self) -> bool:
         return self._opened_at is not None
+
+    @property
+    def looks_down(self) -> bool:
+        return self._opened_at is not None or self._in_a_row >= LOOKS_DOWN_AFTER
 
     @staticmethod
     def counts_as_down(error: CallError) -> bool:
@@ -62,6 +70,7 @@ class OutageBreaker:
         """An attempt's outcome; True when starts held by the breaker may try again."""
         if failed:
             self._last_error = error
+        self._in_a_row = self._in_a_row + 1 if failed else 0
         if self._opened_at is not None:
             if not failed:
                 self._close()
@@ -92,7 +101,7 @@ class OutageBreaker:
         last = f"; last error: {self._last_error}" if self._last_error else ""
         return CallError(
             "outage",
-            f"no request has succeeded for {self.timeout_s:g} s (run.outage_timeout_s){last}",
+            f"every request failed for {self.timeout_s:g} s (run.outage_timeout_s){last}",
             retryable=False,
             abort="A",
         )

@@ -14,8 +14,10 @@
 * A server hint (Retry-After & co.) pauses every new start, not just one row's.
   A hintless push-back pauses every start too, with the backoff of §6.1, which
   grows while push-backs keep coming without a run of successes in between
-  (requests sent before the last pause do not count again): the relay's own
-  window counts failed requests, so only a global pause helps.
+  (requests sent before the last pause do not count again), and it ends with
+  one request alone, the others waiting for its answer: the relay's own window
+  counts failed requests, so only a global pause helps, and only a probe tells
+  when the window has room again.
 * The outage breaker (breaker.py) holds every start while the relay is down.
 
 Why not aiolimiter: its leaky bucket lets a full `max_rate` through at once and
@@ -134,6 +136,7 @@ class Ticket:
     started_at: float
     tokens: Charge | None
     probe: bool
+    rate_probe: bool = False
 
 
 PUSHBACK_CLASSES = {"rate_limited"}
@@ -157,8 +160,9 @@ class Limits:
         self._pushbacks = 0  # hintless decreases since the last run of successes: the global backoff's exponent
         self._last_decrease = -math.inf
         self._last_backoff = -math.inf
+        self._rate_probe = "off"  # after a hintless pause: "wanted", then "in_flight" until its answer
         self._gate = anyio.Lock()  # one request at a time passes the rate checks, in order
-        self._changed = anyio.Event()  # set when the breaker closes or its probe ends
+        self._changed = anyio.Event()  # set when a probe ends (the breaker's or the rate limit's)
 
     @property
     def limit(self) -> int:
@@ -182,6 +186,7 @@ class Limits:
                     self.requests.wait_s(now, 1) if self.requests else 0.0,
                     self.tokens.wait_s(now, tokens) if self.tokens else 0.0,
                     self.breaker.wait_s(now),  # raises once the outage outlasts its timeout
+                    math.inf if self._rate_probe == "in_flight" else 0.0,
                 )
                 if wait <= 0:
                     break
@@ -190,7 +195,10 @@ class Limits:
             if self.requests:
                 self.requests.charge(now, 1)
             charge = self.tokens.charge(now, tokens) if self.tokens else None
-            return Ticket(now, charge, self.breaker.started(now))
+            rate_probe = self._rate_probe == "wanted"
+            if rate_probe:
+                self._rate_probe = "in_flight"
+            return Ticket(now, charge, self.breaker.started(now), rate_probe)
 
     def succeeded(self, ticket: Ticket, actual_tokens: int | None) -> None:
         now = anyio.current_time()
@@ -202,17 +210,23 @@ class Limits:
             self._pushbacks = 0
             if self.limit < self.max_concurrency:
                 self.in_flight.total_tokens = self.limit + 1
+        if ticket.rate_probe:
+            self._rate_probe = "off"
+            self._wake()
         self._breaker_outcome(ticket, now, failed=False)
 
     def failed(self, ticket: Ticket, error: CallError) -> None:
         now = anyio.current_time()
+        if ticket.rate_probe:
+            self._rate_probe = "off"
+            self._wake()
         if error.error_class in PUSHBACK_CLASSES or error.status == 503:
             self._push_back(ticket, now, error.retry_hint)
         self._breaker_outcome(ticket, now, failed=self.breaker.counts_as_down(error), error=error)
 
     def excuses(self, error: CallError) -> bool:
-        """A failure while the relay is down does not use up the row's attempts: it waits for the relay."""
-        return self.breaker.is_open and self.breaker.counts_as_down(error)
+        """A failure while the relay looks down does not use up the row's attempts: it waits for the relay."""
+        return self.breaker.looks_down and self.breaker.counts_as_down(error)
 
     def _push_back(self, ticket: Ticket, now: float, hint_s: float | None) -> None:
         """Halve the in-flight limit (at most once a second) and pause every start."""
@@ -226,11 +240,18 @@ class Limits:
             self._last_backoff = now
             self._pause(now + backoff_s(self._pushbacks))
             self._pushbacks += 1
+            if self._rate_probe == "off":
+                # We cannot know when the server's window has room again: one request finds out,
+                # the others wait for its answer instead of all being refused together.
+                self._rate_probe = "wanted"
 
     def _pause(self, until: float) -> None:
         self._paused_until = max(self._paused_until, until)
 
     def _breaker_outcome(self, ticket: Ticket, now: float, failed: bool, error: CallError | None = None) -> None:
         if self.breaker.record(now, failed, ticket.probe, error):
-            self._changed.set()
-            self._changed = anyio.Event()
+            self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()

@@ -200,9 +200,10 @@ class Emulator:
             )
         key = prompt
         self.stats.by_prompt[key] += 1
-        if (limited := self._over_limits(request, request_id)) is not None:
-            return limited
+        limited = self._over_limits(request, request_id)  # counted on arrival, answered after the latency
         await self._delay()
+        if limited is not None:
+            return limited
         fault = self._fault(key, prompt)
         if fault is not None and (
             answer := fault_response(fault, request_id, request.headers.get("Authorization", ""))
