@@ -248,3 +248,39 @@ def test_estimate_is_characters_over_four_plus_the_output_cap() -> None:
     assert estimate_tokens(401, {"max_tokens": 10}) == 111
     assert estimate_tokens(8, {"generationConfig": {"maxOutputTokens": 30}}) == 32
     assert estimate_tokens(8, {}) == 2 + 256
+
+
+async def test_after_a_hintless_pause_one_request_probes_before_the_rest_go() -> None:
+    limits = Limits(concurrency=8)
+    async with limits.slot(1) as ticket:
+        pass
+    limits.failed(ticket, CallError("rate_limited", "请求数限制", status=429))
+    starts: list[tuple[float, bool]] = []
+
+    async def row() -> None:
+        async with limits.slot(1) as t:
+            starts.append((anyio.current_time(), t.rate_probe))
+            await anyio.sleep(0.5)
+        limits.succeeded(t, None)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(row)
+    (first, probe), *others = starts
+    assert probe and not any(p for _, p in others)
+    assert all(t >= first + 0.5 for t, _ in others)  # the others waited for the probe's answer
+
+
+async def test_failures_stop_using_up_attempts_once_the_relay_looks_down() -> None:
+    limits = Limits(concurrency=2)
+    down = CallError("connection", "connection: All connection attempts failed")
+    for expected in (False, False, False, False, True):
+        async with limits.slot(1) as ticket:
+            pass
+        limits.failed(ticket, down)
+        assert limits.excuses(down) is expected
+    assert not limits.excuses(CallError("bad_request", "HTTP 400", status=400, retryable=False))
+    async with limits.slot(1) as ticket:
+        pass
+    limits.succeeded(ticket, None)
+    assert not limits.excuses(down)
