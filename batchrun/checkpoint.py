@@ -44,7 +44,9 @@ CREATE TABLE IF NOT EXISTS rows (
     attempts INTEGER NOT NULL,
     error_class TEXT,
     error TEXT,
-    finished_at REAL NOT NULL
+    finished_at REAL NOT NULL,
+    shared_from TEXT,
+    repairs INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS inflight (idx INTEGER PRIMARY KEY, started_at REAL NOT NULL);
 """
@@ -68,6 +70,8 @@ class RowRecord:
     error_class: str | None
     error: str | None
     finished_at: float
+    shared_from: str | None = None  # the row whose identical request answered this one (nothing was sent)
+    repairs: int = 0  # follow-up asks after answers that failed output.schema
 
 
 ROW_COLUMNS = list(RowRecord.__dataclass_fields__)
@@ -152,6 +156,11 @@ class Checkpoint:
     def withdraw(self, idx: int) -> None:
         """The request of `idx` was answered without cost (e.g. 401): it is pending, not in flight."""
         self._withdrawn.append(idx)
+
+    def forget(self, idxs: list[int]) -> None:
+        """Drop these finished rows so they are requested again (answers that failed output.schema)."""
+        with self._lock:
+            self._db.executemany("DELETE FROM rows WHERE idx = ?", [(i,) for i in idxs])
 
     def forget_errors(self) -> int:
         """--retry-failed: drop rows that ended in error so they are requested again."""

@@ -10,12 +10,13 @@ from typing import Any
 
 import orjson
 
-from batchrun.errors import JobError, RunAborted
+from batchrun.errors import BudgetReached, JobError, RunAborted
 from batchrun.redaction import redact
 
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_ABORTED = 3
+EXIT_BUDGET = 4
 EXIT_INTERRUPTED = 130
 
 
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunAborted as e:
         print(f"batchrun: {e}", file=sys.stderr)
         return EXIT_ABORTED
+    except BudgetReached as e:
+        print(f"batchrun: {e}", file=sys.stderr)
+        return EXIT_BUDGET
     except KeyboardInterrupt:
         job = getattr(args, "job", None)
         print(f"\nbatchrun: interrupted; run `batchrun run {job}` again to resume", file=sys.stderr)
@@ -50,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--restart", action="store_true", help="throw the checkpoint away and start over")
     run.add_argument("--retry-failed", action="store_true", help="request again the rows that ended in error")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--max-cost",
+        type=_non_negative_float,
+        help="stop before the job's cost could pass this (overrides run.max_cost)",
+    )
     run.set_defaults(func=_run)
 
     validate = sub.add_parser("validate", help="check the job and its input, show the first requests; no network")
@@ -93,6 +102,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
 def _run(args: argparse.Namespace) -> int:
     import anyio
 
@@ -100,12 +116,15 @@ def _run(args: argparse.Namespace) -> int:
     from batchrun.spec import load_job
 
     job = load_job(args.job)
+    if args.max_cost is not None and job.spec.pricing is None:
+        raise JobError(f"{job.path}: --max-cost needs pricing in the job file to count the cost")
     options = RunOptions(
         limit=args.limit,
         concurrency=args.concurrency,
         restart=args.restart,
         retry_failed=args.retry_failed,
         quiet=args.quiet,
+        max_cost=args.max_cost,
     )
     summary = anyio.run(run_job, job, options)
     _print_summary(summary)
@@ -121,6 +140,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
         line += f"; cost {summary['cost']:.4f} {summary['currency']}"
     line += f"; {summary['wall_s']:.1f} s, {summary['requests_per_s'] or 0:.1f} requests/s"
     print(line)
+    if summary["schema_invalid"]:
+        print(f"{summary['schema_invalid']} answers did not parse or match output.schema (error_class schema_invalid)")
+    if summary["shared"]:
+        print(f"{summary['shared']} rows repeated another row's request and share its answer (column shared_from)")
     if summary["in_flight_at_last_stop"]:
         print(
             f"{summary['in_flight_at_last_stop']} rows were in flight when the last run stopped "
@@ -130,16 +153,18 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from batchrun import protocols
+    from batchrun import output, protocols, spend
     from batchrun.inputs import ROW_INDEX, InputTable
     from batchrun.render import Renderer
     from batchrun.spec import load_job
+    from batchrun.structured import AnswerParser
 
     job = load_job(args.job)
     spec = job.spec
     table = InputTable.for_job(job)
     table.check_ids()
     renderer = Renderer(job, table.columns)
+    output.check_columns(job, AnswerParser.for_spec(spec), table.columns)
     job.api_key()
     protocol = protocols.PROTOCOLS[spec.provider.api]
     print(f"job {spec.name}: {table.count()} rows from {spec.input.path}, columns: {', '.join(table.columns)}")
@@ -151,14 +176,19 @@ def _validate(args: argparse.Namespace) -> int:
             print(f"\nrow {row[table.id_name] if table.id_column else row[ROW_INDEX]}:")
             print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
             shown += 1
+    print()
+    for line in spend.describe_estimate(spend.estimate_job(job, table, renderer), job):
+        print(line)
     print(f"\nok: the job is valid ({shown} requests shown, none sent)")
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
+    from batchrun import output, spend
     from batchrun.checkpoint import Checkpoint, checkpoint_folder
     from batchrun.inputs import InputTable
     from batchrun.spec import load_job
+    from batchrun.structured import AnswerParser
 
     job = load_job(args.job)
     folder = checkpoint_folder(job.output_path)
@@ -168,19 +198,23 @@ def _status(args: argparse.Namespace) -> int:
         print(f"job {job.spec.name}: not started; {rows} rows pending")
         return 0
     checkpoint = Checkpoint(folder)
+    parser = AnswerParser.for_spec(job.spec)
     try:
         totals = checkpoint.totals()
+        invalid = sum(len(f) for f in output.failed_answers(checkpoint, parser, rows)) if parser else 0
     finally:
         checkpoint.close()
+    ok, errors = totals["ok"] - invalid, totals["error"] + invalid
     pending = rows - totals["ok"] - totals["error"]
-    print(f"job {job.spec.name}: {totals['ok']} ok, {totals['error']} error, {pending} pending of {rows} rows")
+    print(f"job {job.spec.name}: {ok} ok, {errors} error, {pending} pending of {rows} rows")
+    if invalid:
+        print(f"{invalid} of the errors are answers that did not parse or match output.schema")
     print(f"tokens: {totals['prompt_tokens']} in / {totals['completion_tokens']} out")
     if job.spec.pricing is not None:
-        p = job.spec.pricing
-        cost = (
-            totals["prompt_tokens"] * p.input_per_million + totals["completion_tokens"] * p.output_per_million
-        ) / 1e6
-        print(f"cost so far: {cost:.4f} {p.currency}")
+        spent = spend.cost(job.spec.pricing, totals["prompt_tokens"], totals["completion_tokens"])
+        limit = job.spec.run.max_cost
+        budget = f" of run.max_cost {spend.money(limit, job.spec.pricing)}" if limit is not None else ""
+        print(f"cost so far: {spend.money(spent, job.spec.pricing)}{budget}")
     return 0
 
 

@@ -7,3 +7,7 @@ class JobError(Exception):
 
 class RunAborted(Exception):
     """The run was stopped because continuing would not help (bad key, no balance)."""
+
+
+class BudgetReached(Exception):
+    """The run stopped sending because the next request could pass run.max_cost; it resumes when raised."""

@@ -55,9 +55,18 @@ TOKEN_CREDIT_S = 3.0  # the in-flight limit halves at most this often
 
 def estimate_tokens(prompt_chars: int, params: dict[str, Any]) -> int:
     """Prompt characters / 4, plus the output cap the params set (or 256 when none is set)."""
+    cap = output_cap(params)
+    return prompt_tokens_estimate(prompt_chars) + (cap if cap is not None else DEFAULT_OUTPUT_ESTIMATE)
+
+
+def prompt_tokens_estimate(prompt_chars: int) -> int:
+    return math.ceil(prompt_chars / CHARS_PER_TOKEN)
+
+
+def output_cap(params: dict[str, Any]) -> int | None:
+    """The output-token cap params set, in any protocol's name; None when there is none."""
     config = params.get("generationConfig") if isinstance(params.get("generationConfig"), dict) else {}
-    cap = next((v for k in OUTPUT_CAP_KEYS for v in (params.get(k), config.get(k)) if isinstance(v, int)), None)
-    return math.ceil(prompt_chars / CHARS_PER_TOKEN) + (cap if cap is not None else DEFAULT_OUTPUT_ESTIMATE)
+    return next((v for k in OUTPUT_CAP_KEYS for v in (params.get(k), config.get(k)) if isinstance(v, int)), None)
 
 
 def backoff_s(retries_made: int) -> float:

@@ -22,6 +22,10 @@ class Request:
     user: str
     images: tuple[str, ...] = field(default_factory=tuple)
 
+    @property
+    def text_chars(self) -> int:
+        return len(self.user) + len(self.system or "")
+
 
 class Renderer:
     """Compiled templates of one job, checked against the input's columns."""

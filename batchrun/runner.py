@@ -21,15 +21,17 @@ import jinja2
 import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from batchrun import output, protocols
+from batchrun import output, protocols, spend
 from batchrun.checkpoint import Checkpoint, RowRecord, checkpoint_folder
-from batchrun.errors import RunAborted
+from batchrun.errors import BudgetReached, RunAborted
 from batchrun.inputs import ROW_INDEX, InputTable
-from batchrun.limits import Limits, estimate_tokens
+from batchrun.limits import Limits, estimate_tokens, output_cap, prompt_tokens_estimate
 from batchrun.progress import Progress
 from batchrun.protocols import CallError
 from batchrun.render import Renderer
+from batchrun.sharing import SharedAnswers, request_key
 from batchrun.spec import Job
+from batchrun.structured import AnswerParser, ask_with_repairs, explain_native_rejection
 from batchrun.transport import Outcome, Transport, call_with_retries
 
 ABORT_AFTER = 3  # PROTOCOL.md §5.2 rules B and C
@@ -42,6 +44,7 @@ class RunOptions:
     restart: bool = False
     retry_failed: bool = False
     quiet: bool = False
+    max_cost: float | None = None  # overrides run.max_cost
 
 
 @dataclass
@@ -49,7 +52,9 @@ class WorkItem:
     idx: int
     row_id: str
     body: dict[str, Any]
-    estimate: int
+    estimate: int  # tokens, for the tokens-per-minute window
+    prompt_estimate: int  # input tokens, for the budget
+    key: bytes  # identical requests share one answer
 
 
 class AbortWatch:
@@ -90,6 +95,8 @@ class Run:
         self.table = InputTable.for_job(job)
         self.table.check_ids()
         self.renderer = Renderer(job, self.table.columns)
+        self.parser = AnswerParser.for_spec(spec)
+        output.check_columns(job, self.parser, self.table.columns)
         self.protocol = protocols.PROTOCOLS[spec.provider.api]
         self.api_key = job.api_key()
         self.watch = AbortWatch()
@@ -97,6 +104,9 @@ class Run:
         self.limits = Limits(self.concurrency, run.requests_per_minute, run.tokens_per_minute, run.outage_timeout_s)
         self.requested = 0
         self._held: list[RowRecord] = []
+        self.sharing = SharedAnswers()
+        max_cost = options.max_cost if options.max_cost is not None else spec.run.max_cost
+        self.budget = spend.Budget(max_cost, spec.pricing, spent=0.0)
 
     async def execute(self) -> dict[str, Any]:
         started = time.monotonic()
@@ -108,11 +118,19 @@ class Run:
             interrupted = checkpoint.take_interrupted()
             if self.options.retry_failed:
                 checkpoint.forget_errors()
+                if self.parser is not None:  # answers that failed the schema are errors too
+                    for failed in output.failed_answers(checkpoint, self.parser, self.table.count()):
+                        checkpoint.forget(failed)
+            if self.job.spec.pricing is not None:
+                done = checkpoint.totals()
+                self.budget.spent = spend.cost(self.job.spec.pricing, done["prompt_tokens"], done["completion_tokens"])
             total = self.table.count() if self.options.limit is None else min(self.options.limit, self.table.count())
             progress = Progress(
                 total=total - checkpoint.count_finished(0, total),
                 quiet=self.options.quiet,
                 pricing=self.job.spec.pricing,
+                max_cost=self.budget.limit,
+                spent=self.budget.spent,
             )
             with _base_url(self.job) as base_url:
                 transport = Transport(base_url, self.api_key, self.job.spec.run.timeout_s, self.concurrency)
@@ -123,11 +141,11 @@ class Run:
                     progress.close()
             if self.watch.tripped is not None:
                 raise RunAborted(_abort_message(self.watch.tripped, self.job))
+            if self.budget.stopped:
+                raise BudgetReached(self.budget.stop_message(self.job, total - checkpoint.count_finished(0, total)))
             totals = checkpoint.totals()
-            output.write_parquet(
-                self.table, checkpoint, self.job.output_path, self.options.limit, self.job.spec.pricing
-            )
-            summary = self._summary(totals, total, interrupted, time.monotonic() - started)
+            written = output.write_parquet(self.table, checkpoint, self.job, self.options.limit, self.parser)
+            summary = self._summary(totals, written, total, interrupted, time.monotonic() - started)
             output.write_summary(self.job.output_path, summary)
             return summary
         finally:
@@ -160,6 +178,8 @@ class Run:
                     idx = row[ROW_INDEX]
                     if idx in done:
                         continue
+                    if self.budget.stopped:
+                        return
                     row_id = str(row[id_name])
                     try:
                         request = self.renderer.render(row)
@@ -167,9 +187,11 @@ class Run:
                         checkpoint.finish(_input_error(idx, row_id, f"template: {e}"))
                         progress.row_done("error", None)
                         continue
-                    chars = len(request.user) + len(request.system or "")
+                    chars = request.text_chars
                     body = self.protocol.build(request, spec)
-                    await send.send(WorkItem(idx, row_id, body, estimate_tokens(chars, spec.params)))
+                    estimate = estimate_tokens(chars, spec.params)
+                    item = WorkItem(idx, row_id, body, estimate, prompt_tokens_estimate(chars), request_key(request))
+                    await send.send(item)
                 await anyio.sleep(0)  # let workers run between batches
 
     async def _work(
@@ -180,23 +202,21 @@ class Run:
         progress: Progress,
         scope: anyio.CancelScope,
     ) -> None:
-        spec = self.job.spec
-        path = self.protocol.path(spec.model, spec.stream)
         async with receive:
             async for item in receive:
-                self.requested += 1
-                outcome = await call_with_retries(
-                    transport,
-                    self.limits,
-                    path,
-                    item.body,
-                    self.protocol.parse,
-                    item.estimate,
-                    spec.run.max_attempts,
-                    self.watch.on_error,
-                    before_first_send=partial(checkpoint.begin, item.idx),
-                )
-                record = _record(item, outcome)
+                if self.budget.stopped:
+                    continue  # left pending: the budget allows no more requests
+                record = await self.sharing.find(item.key, item.idx, item.row_id)
+                if record is not None:
+                    checkpoint.finish(record)
+                    progress.row_done(self._status(record), record)
+                    continue
+                with self.sharing.leading(item.key) as publish:
+                    asked = await self._ask(item, checkpoint, transport)
+                    if asked is None:
+                        continue
+                    record, outcome = asked
+                    publish(record)
                 if outcome.error is not None and outcome.error.abort in ("A", "B"):
                     # Held back: if the run aborts, this row stays pending rather than failed.
                     self._held.append(record)
@@ -210,23 +230,82 @@ class Run:
                     self.watch.on_success()
                     self._release_held(checkpoint, progress)
                 checkpoint.finish(record)
-                progress.row_done(record.status, record)
+                progress.row_done(self._status(record), record)
+
+    async def _ask(
+        self, item: WorkItem, checkpoint: Checkpoint, transport: Transport
+    ) -> tuple[RowRecord, Outcome] | None:
+        """The row's request, and its repairs; None if the budget does not allow it."""
+        spec = self.job.spec
+        path = self.protocol.path(spec.model, spec.stream)
+        cap = output_cap(spec.params)
+
+        async def send(body: dict[str, Any], extra_tokens: int, first: bool) -> Outcome | None:
+            prompt_estimate = item.prompt_estimate + extra_tokens
+            held = self.budget.reserve(prompt_estimate, cap)
+            if held is None:
+                return None
+            outcome = await call_with_retries(
+                transport,
+                self.limits,
+                path,
+                body,
+                self.protocol.parse,
+                item.estimate + extra_tokens,
+                spec.run.max_attempts,
+                self.watch.on_error,
+                before_first_send=partial(checkpoint.begin, item.idx) if first else _nothing,
+            )
+            reply = outcome.reply
+            self.budget.settle(held, prompt_estimate, reply and reply.prompt_tokens, reply and reply.completion_tokens)
+            return outcome
+
+        async def follow_up(answer: str, message: str) -> Outcome | None:
+            body = self.protocol.repair_body(item.body, answer, message)
+            return await send(body, prompt_tokens_estimate(len(answer) + len(message)), first=False)
+
+        outcome = await send(item.body, 0, first=True)
+        if outcome is None:
+            return None
+        self.requested += 1
+        if outcome.error is not None:
+            explain_native_rejection(outcome.error, spec)
+        repairs = 0
+        if self.parser is not None and spec.output.repair_attempts:
+            outcome, repairs = await ask_with_repairs(outcome, self.parser, spec.output.repair_attempts, follow_up)
+        record = _record(item, outcome)
+        record.repairs = repairs
+        return record, outcome
+
+    def _status(self, record: RowRecord) -> str:
+        """The row's status as the output will have it: an answer that fails its check is an error."""
+        if record.status != "ok" or self.parser is None:
+            return record.status
+        return (
+            "ok"
+            if self.parser.judge_stored(record.response_text, record.finish_reason, record.tool_calls).ok
+            else "error"
+        )
 
     def _release_held(self, checkpoint: Checkpoint, progress: Progress) -> None:
         """The run goes on after all: rows held back by a possible abort are errors after all."""
         for held in self._held:
             checkpoint.finish(held)
-            progress.row_done(held.status, held)
+            progress.row_done(self._status(held), held)
         self._held.clear()
 
-    def _summary(self, totals: dict[str, Any], total: int, interrupted: int, wall_s: float) -> dict[str, Any]:
+    def _summary(
+        self, totals: dict[str, Any], written: dict[str, Any], total: int, interrupted: int, wall_s: float
+    ) -> dict[str, Any]:
         pricing = self.job.spec.pricing
         summary: dict[str, Any] = {
             "job": self.job.spec.name,
             "output": str(self.job.output_path),
             "rows": total,
-            "ok": totals["ok"],
-            "error": totals["error"],
+            "ok": written["ok"],
+            "error": written["error"],
+            "schema_invalid": written["schema_invalid"],
+            "shared": written["shared"],
             "prompt_tokens": totals["prompt_tokens"],
             "completion_tokens": totals["completion_tokens"],
             "requested_this_run": self.requested,
@@ -235,12 +314,10 @@ class Run:
             "requests_per_s": round(self.requested / wall_s, 2) if wall_s > 0 else None,
         }
         if pricing is not None:
-            summary["cost"] = round(
-                totals["prompt_tokens"] * pricing.input_per_million / 1e6
-                + totals["completion_tokens"] * pricing.output_per_million / 1e6,
-                6,
-            )
+            summary["cost"] = round(written["cost"], 6)
             summary["currency"] = pricing.currency
+            if self.budget.limit is not None:
+                summary["max_cost"] = self.budget.limit
         return summary
 
 
@@ -263,6 +340,10 @@ def _record(item: WorkItem, outcome: Outcome) -> RowRecord:
         error=str(error) if error else None,
         finished_at=time.time(),
     )
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _input_error(idx: int, row_id: str, message: str) -> RowRecord:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from batchrun.errors import JobError
 from batchrun.redaction import register_secret
+from batchrun.structured import output_problems
 
 EMULATOR = "emulator"
 DEFAULT_BASE_URL = "https://ai.szkmjb.com"
@@ -142,23 +143,17 @@ def _unsupported(spec: JobSpec) -> list[tuple[str, str]]:
         found.append(("prompt.images", "image input is not supported yet"))
     if spec.prompt.max_image_side is not None:
         found.append(("prompt.max_image_side", "image resizing is not supported yet"))
-    if spec.output.parse != "text":
-        found.append(("output.parse", f"parse: {spec.output.parse} is not supported yet (use text)"))
-    if spec.output.json_schema is not None:
-        found.append(("output.schema", "schemas are not supported yet"))
     if spec.output.images_dir is not None:
         found.append(("output.images_dir", "image output is not supported yet"))
-    if spec.output.repair_attempts:
-        found.append(("output.repair_attempts", "repair is not supported yet"))
-    if not spec.output.native_schema:
-        found.append(("output.native_schema", "native_schema is not supported yet"))
     if spec.output.sharded:
         found.append(("output.sharded", "sharded output is not supported yet"))
-    if spec.run.max_cost is not None:
-        found.append(("run.max_cost", "a budget is not supported yet"))
-    if spec.pricing and spec.pricing.per_image is not None:
-        found.append(("pricing.per_image", "per-image pricing is not supported yet"))
     return found
+
+
+def _spend_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    if spec.run.max_cost is not None and spec.pricing is None:
+        return [("run.max_cost", "a budget needs pricing (input_per_million, output_per_million) to count the cost")]
+    return []
 
 
 OWNED_PARAMS = {"openai-chat": {"model", "messages", "stream", "stream_options"}}
@@ -184,7 +179,7 @@ def load_job(path: str | os.PathLike[str]) -> Job:
         spec = JobSpec.model_validate(data)
     except ValidationError as e:
         raise JobError(_describe(path, e, lines)) from None
-    for key, problem in _unsupported(spec):
+    for key, problem in [*_unsupported(spec), *output_problems(spec), *_spend_problems(spec)]:
         raise JobError(f"{path}:{lines.get(key, 1)}: {key}: {problem}")
     owned = OWNED_PARAMS.get(spec.provider.api, set()) & set(spec.params)
     if owned:

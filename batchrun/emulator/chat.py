@@ -11,13 +11,20 @@ from batchrun.emulator import answers
 
 
 def chat_prompt(messages: Any) -> str | None:
-    """All message text joined: the key for directives, counts and deterministic answers."""
-    if not isinstance(messages, list):
+    """The text of the messages up to the first user message: the key for directives, counts and answers.
+
+    Later turns (a repair's failed answer and follow-up) leave the key unchanged, so a
+    `[[emulator: bad_json x 1]]` row answers badly once and well when asked again.
+    """
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         return None
+    first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), len(messages) - 1)
+    return _text(messages[: first_user + 1])
+
+
+def _text(messages: list[dict[str, Any]]) -> str:
     texts: list[str] = []
     for m in messages:
-        if not isinstance(m, dict):
-            return None
         content = m.get("content")
         if isinstance(content, str):
             texts.append(content)
@@ -28,19 +35,23 @@ def chat_prompt(messages: Any) -> str | None:
     return "\n".join(texts)
 
 
-def chat_completion(body: dict[str, Any], prompt: str, request_id: str) -> dict[str, Any]:
+# Answer faults the chat handler enacts itself: a 200 whose text is not the clean JSON asked for.
+ANSWER_FAULTS = {"bad_json", "fenced_json", "prose_json"}
+
+
+def chat_completion(body: dict[str, Any], prompt: str, request_id: str, fault: str | None = None) -> dict[str, Any]:
     seed = answers.digest(prompt)
     model = str(body.get("model", "unknown"))
     message: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None}
     finish = "stop"
     forced = _forced_tool(body)
     if forced is not None:
-        args = answers.value_for(forced.get("parameters") or {}, seed, prompt)
+        args = orjson.dumps(answers.value_for(forced.get("parameters") or {}, seed, prompt)).decode()
         message["tool_calls"] = [
             {
                 "id": f"call_{seed % 10**8}",
                 "type": "function",
-                "function": {"name": forced["name"], "arguments": orjson.dumps(args).decode()},
+                "function": {"name": forced["name"], "arguments": _with_fault(args, fault)},
             }
         ]
         finish = "tool_calls"
@@ -48,7 +59,7 @@ def chat_completion(body: dict[str, Any], prompt: str, request_id: str) -> dict[
     else:
         schema = _response_schema(body)
         text = (
-            orjson.dumps(answers.value_for(schema, seed, prompt)).decode()
+            _with_fault(orjson.dumps(answers.value_for(schema, seed, prompt)).decode(), fault)
             if schema is not None
             else answers.text_answer(prompt)
         )
@@ -57,7 +68,7 @@ def chat_completion(body: dict[str, Any], prompt: str, request_id: str) -> dict[
         if isinstance(cap, int) and completion > cap:
             text, completion, finish = text[: cap * 4], cap, "length"
         message["content"] = text
-    prompt_tokens = answers.count_tokens(prompt) + 8
+    prompt_tokens = answers.count_tokens(_text(body["messages"])) + 8  # every turn is billed
     return {
         "id": f"chatcmpl-{request_id}",
         "object": "chat.completion",
@@ -71,6 +82,37 @@ def chat_completion(body: dict[str, Any], prompt: str, request_id: str) -> dict[
             "prompt_tokens_details": {"cached_tokens": 0},
             "completion_tokens_details": {"reasoning_tokens": 0},
         },
+    }
+
+
+def _with_fault(json_text: str, fault: str | None) -> str:
+    if fault == "bad_json":
+        return json_text[: max(1, len(json_text) // 2)]  # cut in the middle: not JSON
+    if fault == "fenced_json":
+        return f"```json\n{json_text}\n```"
+    if fault == "prose_json":
+        return f"Here is the result: {json_text} Let me know if you need more."
+    return json_text
+
+
+# Models whose upstream rejects response_format json_schema (older ones do).
+NO_JSON_SCHEMA_PREFIXES = ("gpt-3.5",)
+
+
+def schema_rejection(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The 400 body OpenAI answers when the model does not support json_schema, or None."""
+    fmt = body.get("response_format")
+    if not (isinstance(fmt, dict) and fmt.get("type") == "json_schema"):
+        return None
+    if not str(body.get("model", "")).startswith(NO_JSON_SCHEMA_PREFIXES):
+        return None
+    return {
+        "error": {
+            "message": "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model.",
+            "type": "invalid_request_error",
+            "param": "response_format",
+            "code": None,
+        }
     }
 
 

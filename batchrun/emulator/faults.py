@@ -103,7 +103,9 @@ _GOOGLE_ERRORS: dict[str, tuple[int, str, str, dict]] = {
 }
 
 ENACTED = {"reset", "reset-mid-body", "hang"}
-FAULTS = set(_ERRORS) | set(_GOOGLE_ERRORS) | ENACTED | {"502", "malformed", "error-200", "429-date", "echo-key"}
+# bad_json, fenced_json and prose_json: a 200 whose JSON is cut, fenced or in prose (emulator/chat.py).
+ANSWERED = {"502", "malformed", "error-200", "429-date", "echo-key", "bad_json", "fenced_json", "prose_json"}
+FAULTS = set(_ERRORS) | set(_GOOGLE_ERRORS) | ENACTED | ANSWERED
 HANG_S = 600.0  # longer than any client timeout; ends early when the client hangs up
 
 

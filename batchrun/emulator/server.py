@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from batchrun.emulator.chat import chat_completion, chat_prompt
+from batchrun.emulator.chat import ANSWER_FAULTS, chat_completion, chat_prompt, schema_rejection
 from batchrun.emulator.faults import (
     ENACTED,
     FAULTS,
@@ -209,7 +209,10 @@ class Emulator:
             answer := fault_response(fault, request_id, request.headers.get("Authorization", ""))
         ):
             return answer
-        answer = json_response(200, chat_completion(body, prompt, request_id), request_id)
+        if (rejection := schema_rejection(body)) is not None:
+            return json_response(400, rejection, request_id)
+        answer_fault = fault if fault in ANSWER_FAULTS else None
+        answer = json_response(200, chat_completion(body, prompt, request_id, answer_fault), request_id)
         if fault in ENACTED:
             return await enact(fault, request, answer)
         return answer

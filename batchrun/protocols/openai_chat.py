@@ -10,6 +10,7 @@ from batchrun.protocols.relay_errors import CallError, from_body
 from batchrun.protocols.reply import Reply
 from batchrun.render import Request
 from batchrun.spec import JobSpec
+from batchrun.structured import uses_native_schema
 
 _PART_NAMES = {"standard": ("text", "image_url"), "responses": ("input_text", "input_image")}
 
@@ -23,8 +24,21 @@ def build(request: Request, spec: JobSpec) -> dict[str, Any]:
     if request.system is not None:
         messages.append({"role": "system", "content": request.system})
     messages.append({"role": "user", "content": _user_content(request, spec.provider.image_part_style)})
+    body: dict[str, Any] = {"model": spec.model, "messages": messages}
+    if uses_native_schema(spec):
+        # §2.4: no `strict` (it demands a schema few users write); params.response_format replaces this.
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "output", "schema": spec.output.json_schema},
+        }
     # params go in as written: nothing renamed, dropped or defaulted.
-    return {"model": spec.model, "messages": messages, **spec.params}
+    return {**body, **spec.params}
+
+
+def repair_body(body: dict[str, Any], answer: str, message: str) -> dict[str, Any]:
+    """The same request, continued: the failed answer, then a user message saying what is wrong with it."""
+    follow_up = [{"role": "assistant", "content": answer}, {"role": "user", "content": message}]
+    return {**body, "messages": [*body["messages"], *follow_up]}
 
 
 def _user_content(request: Request, style: str) -> str | list[dict[str, Any]]:
