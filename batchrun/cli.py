@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import traceback
 from typing import Any
 
 import orjson
 
-from batchrun.errors import BudgetReached, JobError, RunAborted
+from batchrun.errors import BudgetReached, JobError, RunAborted, RunInterrupted
 from batchrun.redaction import redact
 
 EXIT_INTERNAL = 1
@@ -34,13 +35,38 @@ def main(argv: list[str] | None = None) -> int:
     except BudgetReached as e:
         print(f"batchrun: {e}", file=sys.stderr)
         return EXIT_BUDGET
+    except RunInterrupted as e:
+        print(f"\nbatchrun: {_interrupted_message(e)}; resume with: {_resume_command(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        job = getattr(args, "job", None)
-        print(f"\nbatchrun: interrupted; run `batchrun run {job}` again to resume", file=sys.stderr)
+        resume = f"; resume with: {_resume_command(args)}" if args.command == "run" else ""
+        print(f"\nbatchrun: interrupted{resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception:  # a bug: show it, but never with the key in it
         print(redact(traceback.format_exc()), file=sys.stderr, end="")
         return EXIT_INTERNAL
+
+
+def _interrupted_message(e: RunInterrupted) -> str:
+    message = f"interrupted: {e.done} of {e.total} rows done, {e.total - e.done} pending"
+    if e.cancelled:
+        message += (
+            f"; {e.cancelled} requests in flight were cancelled {e.cancelled_when} "
+            "(they may have been paid; the next run counts them)"
+        )
+    return message
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command that resumes a run: the same job, row limit, concurrency and budget; never --restart."""
+    words = ["batchrun", "run", args.job]
+    if args.limit is not None:
+        words += ["--limit", str(args.limit)]
+    if args.concurrency is not None:
+        words += ["--concurrency", str(args.concurrency)]
+    if args.max_cost is not None:
+        words += ["--max-cost", f"{args.max_cost:g}"]
+    return shlex.join(words)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--concurrency", type=_positive_int, help="requests in flight at most (overrides run.concurrency)")
     run.add_argument("--restart", action="store_true", help="throw the checkpoint away and start over")
     run.add_argument("--retry-failed", action="store_true", help="request again the rows that ended in error")
+    run.add_argument(
+        "--rerun-changed",
+        action="store_true",
+        help="after the job file changed: keep answers whose request is unchanged, send only the changed rows",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument(
         "--max-cost",
@@ -123,6 +154,7 @@ def _run(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         restart=args.restart,
         retry_failed=args.retry_failed,
+        rerun_changed=args.rerun_changed,
         quiet=args.quiet,
         max_cost=args.max_cost,
     )
@@ -184,37 +216,10 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from batchrun import output, spend
-    from batchrun.checkpoint import Checkpoint, checkpoint_folder
-    from batchrun.inputs import InputTable
+    from batchrun.resume import status_lines
     from batchrun.spec import load_job
-    from batchrun.structured import AnswerParser
 
-    job = load_job(args.job)
-    folder = checkpoint_folder(job.output_path)
-    table = InputTable.for_job(job)
-    rows = table.count()
-    if not (folder / "checkpoint.sqlite").exists():
-        print(f"job {job.spec.name}: not started; {rows} rows pending")
-        return 0
-    checkpoint = Checkpoint(folder)
-    parser = AnswerParser.for_spec(job.spec)
-    try:
-        totals = checkpoint.totals()
-        invalid = sum(len(f) for f in output.failed_answers(checkpoint, parser, rows)) if parser else 0
-    finally:
-        checkpoint.close()
-    ok, errors = totals["ok"] - invalid, totals["error"] + invalid
-    pending = rows - totals["ok"] - totals["error"]
-    print(f"job {job.spec.name}: {ok} ok, {errors} error, {pending} pending of {rows} rows")
-    if invalid:
-        print(f"{invalid} of the errors are answers that did not parse or match output.schema")
-    print(f"tokens: {totals['prompt_tokens']} in / {totals['completion_tokens']} out")
-    if job.spec.pricing is not None:
-        spent = spend.cost(job.spec.pricing, totals["prompt_tokens"], totals["completion_tokens"])
-        limit = job.spec.run.max_cost
-        budget = f" of run.max_cost {spend.money(limit, job.spec.pricing)}" if limit is not None else ""
-        print(f"cost so far: {spend.money(spent, job.spec.pricing)}{budget}")
+    print("\n".join(status_lines(load_job(args.job))))
     return 0
 
 

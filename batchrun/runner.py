@@ -8,7 +8,8 @@ goes to the checkpoint. The output is written from the checkpoint at the end.
 
 from __future__ import annotations
 
-import shutil
+import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,20 +22,22 @@ import jinja2
 import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from batchrun import output, protocols, spend
-from batchrun.checkpoint import Checkpoint, RowRecord, checkpoint_folder
-from batchrun.errors import BudgetReached, RunAborted
+from batchrun import fingerprint, output, protocols, spend
+from batchrun.checkpoint import Checkpoint, RowRecord
+from batchrun.errors import BudgetReached, RunAborted, RunInterrupted
 from batchrun.inputs import ROW_INDEX, InputTable
 from batchrun.limits import Limits, estimate_tokens, output_cap, prompt_tokens_estimate
 from batchrun.progress import Progress
 from batchrun.protocols import CallError
 from batchrun.render import Renderer
+from batchrun.resume import ResumeFlags, open_for_run
 from batchrun.sharing import SharedAnswers, request_key
 from batchrun.spec import Job
 from batchrun.structured import AnswerParser, ask_with_repairs, explain_native_rejection
 from batchrun.transport import Outcome, Transport, call_with_retries
 
 ABORT_AFTER = 3  # PROTOCOL.md §5.2 rules B and C
+GRACE_S = 3.0  # after Ctrl-C, how long rows in flight may take to finish before they are cancelled
 
 
 @dataclass
@@ -43,6 +46,7 @@ class RunOptions:
     concurrency: int | None = None
     restart: bool = False
     retry_failed: bool = False
+    rerun_changed: bool = False
     quiet: bool = False
     max_cost: float | None = None  # overrides run.max_cost
 
@@ -55,6 +59,7 @@ class WorkItem:
     estimate: int  # tokens, for the tokens-per-minute window
     prompt_estimate: int  # input tokens, for the budget
     key: bytes  # identical requests share one answer
+    request_hash: int  # the key with the job's request settings: what a rerun compares (fingerprint.py)
 
 
 class AbortWatch:
@@ -102,20 +107,24 @@ class Run:
         self.watch = AbortWatch()
         run = spec.run
         self.limits = Limits(self.concurrency, run.requests_per_minute, run.tokens_per_minute, run.outage_timeout_s)
+        self.settings = fingerprint.settings_digest(spec)
         self.requested = 0
         self._held: list[RowRecord] = []
+        self.interrupts = 0
+        self._producing = anyio.CancelScope()
         self.sharing = SharedAnswers()
         max_cost = options.max_cost if options.max_cost is not None else spec.run.max_cost
         self.budget = spend.Budget(max_cost, spec.pricing, spent=0.0)
 
     async def execute(self) -> dict[str, Any]:
         started = time.monotonic()
-        folder = checkpoint_folder(self.job.output_path)
-        if self.options.restart and folder.exists():
-            shutil.rmtree(folder)
-        checkpoint = Checkpoint(folder)
+        options = self.options
+        flags = ResumeFlags(options.restart, options.rerun_changed, options.retry_failed)
+        checkpoint, notes = open_for_run(self.job, self.table, self.renderer, flags)
         try:
-            interrupted = checkpoint.take_interrupted()
+            for note in notes:
+                print(f"batchrun: {note}", file=sys.stderr)
+            interrupted = checkpoint.count_interrupted()
             if self.options.retry_failed:
                 checkpoint.forget_errors()
                 if self.parser is not None:  # answers that failed the schema are errors too
@@ -139,6 +148,10 @@ class Run:
                 finally:
                     await transport.aclose()
                     progress.close()
+            if self.interrupts:
+                when = f"after {GRACE_S:g} s" if self.interrupts == 1 else "at the second Ctrl-C"
+                cancelled = len(checkpoint.awaiting_answer)
+                raise RunInterrupted(checkpoint.count_finished(0, total), total, cancelled, when)
             if self.watch.tripped is not None:
                 raise RunAborted(_abort_message(self.watch.tripped, self.job))
             if self.budget.stopped:
@@ -156,7 +169,8 @@ class Run:
         async with anyio.create_task_group() as tg:
             tg.start_soon(checkpoint.flush_loop)
             async with anyio.create_task_group() as work:
-                work.start_soon(self._produce, send, checkpoint, progress)
+                tg.start_soon(self._stop_on_ctrl_c, checkpoint, work.cancel_scope)
+                work.start_soon(self._produce_until_ctrl_c, send, checkpoint, progress)
                 for _ in range(self.concurrency):
                     work.start_soon(self._work, receive.clone(), checkpoint, transport, progress, work.cancel_scope)
                 receive.close()
@@ -164,6 +178,30 @@ class Run:
                 self._release_held(checkpoint, progress)
             await checkpoint.flush()
             tg.cancel_scope.cancel()
+
+    async def _produce_until_ctrl_c(
+        self, send: MemoryObjectSendStream[WorkItem], checkpoint: Checkpoint, progress: Progress
+    ) -> None:
+        with self._producing:
+            await self._produce(send, checkpoint, progress)
+
+    async def _stop_on_ctrl_c(self, checkpoint: Checkpoint, work: anyio.CancelScope) -> None:
+        """First Ctrl-C: send no new row; rows in flight get GRACE_S to finish. A second one cancels them now.
+
+        Either way the run then commits what finished (the checkpoint is consistent at every commit).
+        """
+        with anyio.open_signal_receiver(signal.SIGINT) as signals:
+            await anext(signals)
+            self.interrupts = 1
+            self._producing.cancel()
+            checkpoint.refuse_new_rows()
+            work.deadline = anyio.current_time() + GRACE_S
+            while checkpoint.awaiting_answer:
+                with anyio.move_on_after(0.05):
+                    await anext(signals)
+                    self.interrupts = 2
+                    break
+            work.cancel()
 
     async def _produce(
         self, send: MemoryObjectSendStream[WorkItem], checkpoint: Checkpoint, progress: Progress
@@ -190,7 +228,9 @@ class Run:
                     chars = request.text_chars
                     body = self.protocol.build(request, spec)
                     estimate = estimate_tokens(chars, spec.params)
-                    item = WorkItem(idx, row_id, body, estimate, prompt_tokens_estimate(chars), request_key(request))
+                    key = request_key(request)
+                    request_hash = fingerprint.row_hash(self.settings, key)
+                    item = WorkItem(idx, row_id, body, estimate, prompt_tokens_estimate(chars), key, request_hash)
                     await send.send(item)
                 await anyio.sleep(0)  # let workers run between batches
 
@@ -339,6 +379,7 @@ def _record(item: WorkItem, outcome: Outcome) -> RowRecord:
         error_class=error.error_class if error else None,
         error=str(error) if error else None,
         finished_at=time.time(),
+        request_hash=item.request_hash,
     )
 
 

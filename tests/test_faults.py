@@ -153,7 +153,7 @@ def test_a_relay_that_is_down_stops_the_run_with_rows_pending_then_resumes(tmp_p
     assert f"127.0.0.1:{port} seems to be down" in lines[0] and "run.outage_timeout_s" in lines[0]
     assert "batchrun run" in lines[0]  # how to resume
     status = run_cli("status", str(job))
-    assert "0 ok, 0 error, 30 pending of 30 rows" in status.stdout  # not one row was marked failed
+    assert "0 of 30 rows done: 0 ok, 0 failed; 30 pending" in status.stdout  # not one row was marked failed
 
     emulator = started("--port", str(port))
     resumed = run_cli("run", str(job), "--quiet")

@@ -73,7 +73,7 @@ def test_a_budget_stops_the_run_midway_and_raising_it_finishes(tmp_path: Path, e
     status = run_cli("status", str(job))
     spent = float(re.search(r"cost so far: (\d+\.\d+) USD", status.stdout).group(1))  # type: ignore[union-attr]
     assert spent <= 0.5, "the budget was crossed"
-    assert f"{first} ok, 0 error, {40 - first} pending" in status.stdout
+    assert f"{first} of 40 rows done: {first} ok, 0 failed; {40 - first} pending" in status.stdout
 
     again = run_cli("run", str(job), "--quiet", "--max-cost", "100")
     assert again.returncode == 0, again.stderr

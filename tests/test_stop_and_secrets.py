@@ -27,7 +27,7 @@ def test_wrong_key_stops_the_run_after_a_few_requests(tmp_path: Path, keyed_emul
     assert keyed_emulator.stats()["requests"] <= 10
     assert not (tmp_path / "out" / "result.parquet").exists()
     status = run_cli("status", str(job))
-    assert "0 ok, 0 error, 200 pending of 200 rows" in status.stdout
+    assert "0 of 200 rows done: 0 ok, 0 failed; 200 pending" in status.stdout
     assert_key_nowhere(tmp_path, result, status)
     # Rows stay pending: with the right key the same command finishes every row.
     fixed = run_cli("run", str(job), "--quiet", env={"TEST_RELAY_KEY": "the-right-key"})
@@ -45,7 +45,7 @@ def test_quota_error_stops_at_once(tmp_path: Path, emulator: Emulator) -> None:
     assert "no balance or quota" in result.stderr and "用户额度不足" in result.stderr
     assert emulator.stats()["requests"] == 1
     status = run_cli("status", str(job))
-    assert "0 ok, 0 error, 50 pending of 50 rows" in status.stdout
+    assert "0 of 50 rows done: 0 ok, 0 failed; 50 pending" in status.stdout
     assert_key_nowhere(tmp_path, result, status)
 
 

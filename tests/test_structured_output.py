@@ -98,7 +98,7 @@ def test_bad_fenced_and_prose_answers(tmp_path: Path, emulator: Emulator) -> Non
     summary = json.loads((tmp_path / "out" / "result.summary.json").read_text())
     assert (summary["ok"], summary["error"], summary["schema_invalid"]) == (3, 1, 1)
     status = run_cli("status", str(job))
-    assert "3 ok, 1 error, 0 pending" in status.stdout and "1 of the errors" in status.stdout
+    assert "4 of 4 rows done: 3 ok, 1 failed; 0 pending" in status.stdout and "1 of the failed rows" in status.stdout
 
 
 def test_repair_succeeds_on_the_second_ask(tmp_path: Path, emulator: Emulator) -> None:
@@ -156,16 +156,33 @@ def test_a_model_that_rejects_the_native_schema_points_to_the_switch(
 def test_a_changed_schema_reparses_stored_answers_without_requests(
     tmp_path: Path, reviews: Path, emulator: Emulator
 ) -> None:
-    _run(_json_job(tmp_path, emulator.url))
+    # The request's format is set in params, so output.schema only checks the answers: changing it sends nothing.
+    sent = {"type": "json_schema", "json_schema": {"name": "output", "schema": LABEL_SCHEMA}}
+    params = {"max_completion_tokens": 20, "response_format": sent}
+
+    def job(output: dict[str, Any]) -> Path:
+        return write_job(tmp_path, emulator.url, params=params, output={"path": "out/result.parquet", **output})
+
+    _run(job({"parse": "json", "schema": LABEL_SCHEMA}))
     emulator.reset()
     narrower = {**LABEL_SCHEMA, "properties": {"label": {"enum": ["positive", "negative"]}}}
-    df = _run(_json_job(tmp_path, emulator.url, narrower))
+    df = _run(job({"parse": "json", "schema": narrower}))
     assert emulator.stats()["requests"] == 0
     neutral = df.filter(pl.col("response_text").str.contains("neutral"))
     assert neutral.height == 2 and set(neutral["error_class"]) == {"schema_invalid"}
-    text = _run(write_job(tmp_path, emulator.url))  # back to parse: text: the same answers, as text
+    text = _run(job({}))  # back to parse: text: the same answers, as text
     assert emulator.stats()["requests"] == 0
     assert "label" not in text.columns and set(text["status"]) == {"ok"}
+
+
+def test_a_changed_native_schema_changes_the_requests(tmp_path: Path, reviews: Path, emulator: Emulator) -> None:
+    _run(_json_job(tmp_path, emulator.url))
+    emulator.reset()
+    narrower = {**LABEL_SCHEMA, "properties": {"label": {"enum": ["positive", "negative"]}}}
+    refused = run_cli("run", str(_json_job(tmp_path, emulator.url, narrower)), "--quiet")
+    assert refused.returncode == 2
+    assert "output.schema: " in refused.stderr and "6 of 6 finished rows" in refused.stderr
+    assert emulator.stats()["requests"] == 0
 
 
 def test_retry_failed_asks_again_for_answers_that_failed_the_schema(tmp_path: Path, emulator: Emulator) -> None:

@@ -57,6 +57,7 @@ class Stats:
         self.requests = 0
         self.by_status: Counter[int] = Counter()
         self.by_prompt: Counter[str] = Counter()
+        self.answered_at: dict[str, float] = {}  # prompt -> when its last 200 answer was sent (resume tests)
         self.in_flight = 0
         self.peak_in_flight = 0
         self.per_second: defaultdict[int, int] = defaultdict(int)
@@ -86,6 +87,7 @@ class Stats:
             "requests": self.requests,
             "by_status": {str(k): v for k, v in self.by_status.items()},
             "by_prompt": dict(self.by_prompt),
+            "answered_at": self.answered_at,
             "peak_in_flight": self.peak_in_flight,
             "max_per_second": self.max_in_window(1),
             "max_per_minute": self.max_in_window(60),
@@ -134,6 +136,8 @@ class Emulator:
             self.stats.by_status[status] += 1
             if status == 429:
                 self.stats.limited_per_second[arrived] += 1
+            elif status == 200 and "prompt" in request:
+                self.stats.answered_at[request["prompt"]] = time.time()
 
     async def _auth(self, request: web.Request, request_id: str) -> web.Response | None:
         if self.config.api_key is None:
@@ -200,6 +204,7 @@ class Emulator:
             )
         key = prompt
         self.stats.by_prompt[key] += 1
+        request["prompt"] = key
         limited = self._over_limits(request, request_id)  # counted on arrival, answered after the latency
         await self._delay()
         if limited is not None:
