@@ -33,7 +33,7 @@ import anyio
 from batchrun.errors import JobError
 
 FLUSH_S = 0.2
-SCHEMA_VERSION = "2"  # bump when a table changes; a checkpoint of another version is refused
+SCHEMA_VERSION = "3"  # bump when a table changes; a checkpoint of another version is refused
 DB_NAME = "checkpoint.sqlite"
 
 _SCHEMA = """
@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS rows (
     finished_at REAL NOT NULL,
     shared_from TEXT,
     repairs INTEGER NOT NULL,
-    request_hash INTEGER
+    request_hash INTEGER,
+    image_paths TEXT
 );
 CREATE TABLE IF NOT EXISTS inflight (idx INTEGER PRIMARY KEY, started_at REAL NOT NULL);
 """
@@ -82,6 +83,7 @@ class RowRecord:
     shared_from: str | None = None  # the row whose identical request answered this one (nothing was sent)
     repairs: int = 0  # follow-up asks after answers that failed output.schema
     request_hash: int | None = None  # see fingerprint.row_hash; None when the row could not be rendered
+    image_paths: str | None = None  # JSON list of the files the row's images were written to
 
 
 ROW_COLUMNS = list(RowRecord.__dataclass_fields__)

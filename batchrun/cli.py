@@ -6,13 +6,14 @@ import argparse
 import os
 import shlex
 import sys
+import traceback
 from types import ModuleType
 from typing import Any
 
-import orjson
-
 from batchrun.errors import BudgetReached, JobError, RunAborted, RunInterrupted
+from batchrun.redaction import redact
 
+EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_ABORTED = 3
 EXIT_BUDGET = 4
@@ -40,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         resume = f"; resume with: {_resume_command(args)}" if args.command == "run" else ""
         print(f"\nbatchrun: interrupted{resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception:  # a bug: show it, but never with the key in it
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        return EXIT_INTERNAL
 
 
 def _interrupted_message(e: RunInterrupted) -> str:
@@ -126,6 +130,16 @@ def _parser() -> argparse.ArgumentParser:
         help="answer with fault NAME at this rate, e.g. 429=0.1 (repeatable)",
     )
     emulator.add_argument("--seed", type=int, default=0)
+    emulator.add_argument("--ping-ms", type=float, default=10_000, help="`: PING` interval on OpenAI streams; 0: none")
+    emulator.add_argument("--stall-ms", type=float, default=3_000, help="how long a `stall` directive pauses a stream")
+    emulator.add_argument("--chunk-delay-ms", type=float, default=0.0, help="delay between stream events")
+    emulator.add_argument(
+        "--rpm-limit", type=_positive_int, help="per key, N requests per window (failed ones count); 429 beyond"
+    )
+    emulator.add_argument("--rpm-window-s", type=float, default=60.0, help="the --rpm-limit window (default 60)")
+    emulator.add_argument(
+        "--max-concurrency", type=_positive_int, help="more in flight at once: 429 token_concurrency_limit_reached"
+    )
     emulator.set_defaults(func=_emulator)
     return parser
 
@@ -151,6 +165,7 @@ def _run(args: argparse.Namespace) -> int:
     from batchrun.spec import load_job
 
     job = load_job(args.job)
+    _print_warnings(job.warnings)
     if args.max_cost is not None and job.spec.pricing is None:
         raise JobError(f"{job.path}: --max-cost needs pricing in the job file to count the cost")
     if args.engine == "local" and (args.ray_address is not None or args.ray_actors is not None):
@@ -207,12 +222,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 def _validate(args: argparse.Namespace) -> int:
     from batchrun import output, protocols, spend
+    from batchrun.images import loader_for, preview_body
     from batchrun.inputs import ROW_INDEX, InputTable
     from batchrun.render import Renderer
     from batchrun.spec import load_job
     from batchrun.structured import AnswerParser
 
     job = load_job(args.job)
+    _print_warnings(job.warnings)
     spec = job.spec
     table = InputTable.for_job(job)
     table.check_ids()
@@ -220,20 +237,25 @@ def _validate(args: argparse.Namespace) -> int:
     output.check_columns(job, AnswerParser.for_spec(spec), table.columns)
     job.api_key()
     protocol = protocols.PROTOCOLS[spec.provider.api]
+    loader = loader_for(job, protocol.INLINE_IMAGE_URLS)
     print(f"job {spec.name}: {table.count()} rows from {spec.input.path}, columns: {', '.join(table.columns)}")
     print(f"{spec.provider.api} {spec.model} -> POST {spec.provider.base_url}{protocol.path(spec.model, spec.stream)}")
     shown = 0
     for batch in table.batches(limit=args.show):
         for row in batch.iter_rows(named=True):
-            body = protocol.build(renderer.render(row), spec)
             print(f"\nrow {row[table.id_name] if table.id_column else row[ROW_INDEX]}:")
-            print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+            print(preview_body(protocol, loader, renderer.render(row), spec))
             shown += 1
     print()
     for line in spend.describe_estimate(spend.estimate_job(job, table, renderer), job):
         print(line)
     print(f"\nok: the job is valid ({shown} requests shown, none sent)")
     return 0
+
+
+def _print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"batchrun: warning: {warning}", file=sys.stderr)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -247,6 +269,7 @@ def _status(args: argparse.Namespace) -> int:
 def _emulator(args: argparse.Namespace) -> int:
     from batchrun.emulator.faults import FAULTS
     from batchrun.emulator.server import EmulatorConfig, serve_forever
+    from batchrun.emulator.streams import StreamSettings
 
     rates: dict[str, float] = {}
     for item in args.fault:
@@ -263,7 +286,15 @@ def _emulator(args: argparse.Namespace) -> int:
         if not key:
             raise JobError(f"--api-key-env: the variable {args.api_key_env} is not set")
     config = EmulatorConfig(
-        api_key=key, latency_s=args.latency_ms / 1000, jitter_s=args.jitter_ms / 1000, fault_rates=rates, seed=args.seed
+        api_key=key,
+        latency_s=args.latency_ms / 1000,
+        jitter_s=args.jitter_ms / 1000,
+        fault_rates=rates,
+        seed=args.seed,
+        streams=StreamSettings(args.ping_ms / 1000 or None, args.stall_ms / 1000, args.chunk_delay_ms / 1000),
+        rpm_limit=args.rpm_limit,
+        rpm_window_s=args.rpm_window_s,
+        max_concurrency=args.max_concurrency,
     )
     try:
         serve_forever(config, args.host, args.port)

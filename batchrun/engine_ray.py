@@ -89,9 +89,8 @@ class RayRun(Run):
         with _ray_session(self.ray_options.address):
             name = f"batchrun-{uuid.uuid4().hex}"
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-            run = self.job.spec.run
             coordinator = Coordinator.options(name=name, scheduling_strategy=here).remote(
-                str(checkpoint.folder), self.concurrency, run.requests_per_minute, run.tokens_per_minute
+                str(checkpoint.folder), self.concurrency, self.job.spec.run
             )
             ray.get(coordinator.start.remote())
             with _ctrl_c_interrupts():

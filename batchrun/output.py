@@ -28,6 +28,7 @@ TOOL_CALL = pl.Struct({"name": pl.String, "arguments": pl.String})
 RESULT_SCHEMA: dict[str, pl.DataType] = {
     "response_text": pl.String(),
     "tool_calls": pl.List(TOOL_CALL),
+    "image_paths": pl.List(pl.String()),
     "finish_reason": pl.String(),
     "model": pl.String(),
     "prompt_tokens": pl.Int64(),
@@ -51,7 +52,8 @@ def result_frame(
     `repairs` is a column only when the job asks for repairs.
     """
     cols = {name: [r[i] for r in rows] for i, name in enumerate(ROW_COLUMNS)}
-    cols["tool_calls"] = [orjson.loads(t) if t else None for t in cols["tool_calls"]]
+    for name in ("tool_calls", "image_paths"):
+        cols[name] = [orjson.loads(t) if t else None for t in cols[name]]
     names = [n for n in RESULT_SCHEMA if repairs or n != "repairs"]
     frame = pl.DataFrame(
         {ROW_INDEX: cols["idx"], **{name: cols[name] for name in names}},

@@ -34,11 +34,13 @@ from typing import Any
 import anyio
 import ray
 
+from batchrun.breaker import OutageBreaker
 from batchrun.checkpoint import Checkpoint, RowRecord
-from batchrun.limits import Limits
+from batchrun.limits import Limits, Ticket
 from batchrun.protocols import CallError
 from batchrun.runner import AbortWatch
 from batchrun.sharing import SharedAnswers
+from batchrun.spec import RunSpec
 
 # Rows of every worker may wait on the coordinator at once (for a permit, an intent's
 # commit, an identical request's answer); Ray queues calls beyond this, and a queued
@@ -53,19 +55,20 @@ def error_fields(error: CallError) -> dict[str, Any]:
 
 
 class _Permit:
-    """One attempt's place in the limiter, held by a task of the coordinator until its release."""
+    """One attempt's place in the limiter, held by a task of the coordinator until the attempt ends."""
 
     def __init__(self) -> None:
         self.decided = anyio.Event()
         self.released = anyio.Event()
-        self.charge: Any = None  # what Limits.slot yielded; None until granted
+        self.ticket: Ticket | None = None  # what Limits.slot yielded; None until granted
+        self.refused: CallError | None = None  # the limiter gave up instead (the relay stayed down)
         self.task: asyncio.Task[None] | None = None
 
 
 @ray.remote(num_cpus=0, max_concurrency=MAX_WAITING_CALLS)
 class Coordinator:
-    def __init__(self, folder: str, concurrency: int, rpm: float | None, tpm: float | None) -> None:
-        self._setup = (Path(folder), concurrency, rpm, tpm)
+    def __init__(self, folder: str, concurrency: int, run: RunSpec) -> None:
+        self._setup = (Path(folder), concurrency, run)
         self._ids = itertools.count()
         self._permits: dict[int, _Permit] = {}
         self._leading: dict[bytes, tuple[Any, Callable[[RowRecord], None]]] = {}
@@ -74,9 +77,9 @@ class Coordinator:
 
     async def start(self) -> None:
         """anyio's primitives need the actor's event loop, so they are made here rather than in __init__."""
-        folder, concurrency, rpm, tpm = self._setup
+        folder, concurrency, run = self._setup
         self.checkpoint = Checkpoint(folder)  # the driver holds the run's lock
-        self.limits = Limits(concurrency, rpm, tpm)
+        self.limits = Limits(concurrency, run.requests_per_minute, run.tokens_per_minute, run.outage_timeout_s)
         self.watch = AbortWatch()
         self.sharing = SharedAnswers()
         self._spawn(self.checkpoint.flush_loop())
@@ -87,45 +90,60 @@ class Coordinator:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    async def told(self, calls: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """A worker's batch of calls that nobody waits for (see CoordinatorLink)."""
+        for method, args in calls:
+            await getattr(self, method)(*args)
+
     # --- the limiter ----------------------------------------------------------------
 
-    async def acquire(self, tokens: int) -> tuple[int | None, dict[str, Any] | None]:
-        """A permit for one attempt estimated at `tokens`; (None, the abort's error) once the job stopped."""
-        permit = _Permit()
+    async def acquire(self, tokens: int) -> dict[str, Any]:
+        """A place for one attempt estimated at `tokens`.
+
+        {"permit": number, "looks_down": ...}; {"refused": error} when the limiter gives up
+        (the relay stayed down too long); {"stopped": error} once the job stopped.
+        """
         if self.watch.tripped is None:
             number = next(self._ids)
-            self._permits[number] = permit
+            permit = self._permits[number] = _Permit()
             permit.task = self._spawn(self._hold(permit, tokens))
             await permit.decided.wait()
-            if permit.charge is not None:
-                return number, None
-        return None, error_fields(self.watch.tripped) if self.watch.tripped else None
+            if permit.ticket is not None:
+                return {"permit": number, "looks_down": self.limits.breaker.looks_down}
+            self._permits.pop(number, None)
+            if permit.refused is not None:
+                return {"refused": error_fields(permit.refused)}
+        return {"stopped": await self.tripped()}
 
     async def _hold(self, permit: _Permit, tokens: int) -> None:
-        async with self.limits.slot(tokens) as charge:
-            permit.charge = charge
+        try:
+            async with self.limits.slot(tokens) as ticket:
+                permit.ticket = ticket
+                permit.decided.set()
+                await permit.released.wait()
+        except CallError as e:
+            permit.refused = e
             permit.decided.set()
-            await permit.released.wait()
 
-    async def release(self, number: int, actual_tokens: int | None) -> None:
-        """The attempt ended; `actual_tokens` (its usage, when it succeeded) corrects its estimate."""
+    async def succeeded(self, number: int, actual_tokens: int | None) -> None:
         permit = self._permits.pop(number)
-        self.limits.correct(permit.charge, actual_tokens)
+        self.limits.succeeded(permit.ticket, actual_tokens)  # type: ignore[arg-type]
         permit.released.set()
 
-    async def on_success(self) -> None:
-        """A request succeeded: the in-flight limit recovers."""
-        self.limits.on_success()
+    async def failed(self, number: int, fields: dict[str, Any]) -> None:
+        permit = self._permits.pop(number)
+        permit.released.set()
+        self.limits.failed(permit.ticket, CallError(**fields))  # type: ignore[arg-type]
 
-    async def on_pushback(self, hint_s: float | None) -> None:
-        self.limits.on_pushback(hint_s)
+    async def abandoned(self, number: int) -> None:
+        """The attempt was cancelled: its place is free, and nothing is learnt from it."""
+        self._permits.pop(number).released.set()
 
     def _stop(self) -> None:
         """The run aborts: waiting permits are refused, so no new request goes out anywhere."""
-        for number, permit in list(self._permits.items()):
-            if permit.charge is None and permit.task is not None:
+        for permit in self._permits.values():
+            if permit.ticket is None and permit.task is not None:
                 permit.task.cancel()
-                del self._permits[number]
                 permit.decided.set()
 
     # --- the checkpoint ---------------------------------------------------------------
@@ -156,7 +174,7 @@ class Coordinator:
         if self.watch.tripped is not None and not was_tripped:
             self._stop()
 
-    async def on_row_success(self) -> None:
+    async def on_success(self) -> None:
         self.watch.on_success()
 
     async def tripped(self) -> dict[str, Any] | None:
@@ -177,11 +195,6 @@ class Coordinator:
         if record is not None:
             publish(record)
         leading.__exit__(None, None, None)
-
-    async def told(self, calls: list[tuple[str, tuple[Any, ...]]]) -> None:
-        """A worker's batch of calls that nobody waits for (see CoordinatorLink)."""
-        for method, args in calls:
-            await getattr(self, method)(*args)
 
     # --- the driver ------------------------------------------------------------------
 
@@ -265,18 +278,12 @@ class ClusterWatch:
         self._link.tell("on_error", error_fields(error))
 
     def on_success(self) -> None:
-        self._link.tell("on_row_success")
+        self._link.tell("on_success")
 
     async def refresh(self) -> None:
         await self._link.settle()
         fields = await self._link.ask("tripped")
         self.tripped = CallError(**fields) if fields else None
-
-
-class ClusterPermit:
-    def __init__(self, number: int) -> None:
-        self.number = number
-        self.actual_tokens: int | None = None
 
 
 class ClusterLimits:
@@ -286,6 +293,7 @@ class ClusterLimits:
         self._link = link
         self._watch = watch
         self._batches: set[anyio.CancelScope] = set()
+        self._looks_down = False  # the relay, as of the latest permit
 
     @contextmanager
     def stoppable(self) -> Iterator[None]:
@@ -298,27 +306,32 @@ class ClusterLimits:
                 self._batches.discard(scope)
 
     @asynccontextmanager
-    async def slot(self, tokens: int) -> AsyncIterator[ClusterPermit]:
-        number, tripped = await self._link.ask("acquire", tokens)
-        if number is None:  # the job stopped: this row stays pending, nothing is sent
-            self._watch.tripped = CallError(**tripped) if tripped else self._watch.tripped
+    async def slot(self, tokens: int) -> AsyncIterator[int]:
+        """A permit's number; its attempt ends with `succeeded` (inside) or `failed` (just after)."""
+        answer = await self._link.ask("acquire", tokens)
+        if "refused" in answer:
+            raise CallError(**answer["refused"])
+        if "stopped" in answer:  # the job stopped: this row stays pending, nothing is sent
+            if answer["stopped"]:
+                self._watch.tripped = CallError(**answer["stopped"])
             for scope in self._batches:
                 scope.cancel()
             await anyio.sleep_forever()
-        permit = ClusterPermit(number)
+        self._looks_down = answer["looks_down"]
         try:
-            yield permit
-        finally:
-            self._link.tell("release", number, permit.actual_tokens)
+            yield answer["permit"]
+        except BaseException:  # cancelled mid-attempt: no outcome follows
+            self._link.tell("abandoned", answer["permit"])
+            raise
 
-    def correct(self, permit: ClusterPermit, actual_tokens: int | None) -> None:
-        permit.actual_tokens = actual_tokens  # goes with the release: calls may run out of order
+    def succeeded(self, permit: int, actual_tokens: int | None) -> None:
+        self._link.tell("succeeded", permit, actual_tokens)
 
-    def on_success(self) -> None:
-        self._link.tell("on_success")
+    def failed(self, permit: int, error: CallError) -> None:
+        self._link.tell("failed", permit, error_fields(error))
 
-    def on_pushback(self, hint_s: float | None) -> None:
-        self._link.tell("on_pushback", hint_s)
+    def excuses(self, error: CallError) -> bool:
+        return self._looks_down and OutageBreaker.counts_as_down(error)
 
 
 class ClusterLedger:

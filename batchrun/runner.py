@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -22,14 +22,14 @@ import jinja2
 import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from batchrun import fingerprint, output, protocols, spend
+from batchrun import fingerprint, images, output, protocols, spend
 from batchrun.checkpoint import Checkpoint, RowRecord
 from batchrun.errors import BudgetReached, RunAborted, RunInterrupted
 from batchrun.inputs import ROW_INDEX, InputTable
 from batchrun.limits import Limits, estimate_tokens, output_cap, prompt_tokens_estimate
 from batchrun.progress import Progress
 from batchrun.protocols import CallError
-from batchrun.render import Renderer
+from batchrun.render import Renderer, Request
 from batchrun.resume import ResumeFlags, open_for_run
 from batchrun.sharing import SharedAnswers, request_key
 from batchrun.spec import Job
@@ -55,7 +55,7 @@ class RunOptions:
 class WorkItem:
     idx: int
     row_id: str
-    body: dict[str, Any]
+    request: Request  # the body is built by the worker, once the row's images are loaded
     estimate: int  # tokens, for the tokens-per-minute window
     prompt_estimate: int  # input tokens, for the budget
     key: bytes  # identical requests share one answer
@@ -102,10 +102,13 @@ class Run:
         self.parser = AnswerParser.for_spec(spec)
         output.check_columns(job, self.parser, self.table.columns)
         self.protocol = protocols.PROTOCOLS[spec.provider.api]
+        self.decoder = self.protocol.decoder(spec)
+        self.images = images.loader_for(job, self.protocol.INLINE_IMAGE_URLS)
         self.api_key = job.api_key()
         self.base_url = spec.provider.base_url  # the emulator's own address once execute() starts it
         self.watch = AbortWatch()
-        self.limits = Limits(self.concurrency, spec.run.requests_per_minute, spec.run.tokens_per_minute)
+        run = spec.run
+        self.limits = Limits(self.concurrency, run.requests_per_minute, run.tokens_per_minute, run.outage_timeout_s)
         self.settings = fingerprint.settings_digest(spec)
         self.requested = 0
         self._held: list[RowRecord] = []
@@ -148,6 +151,7 @@ class Run:
                     await self._run_all(checkpoint, transport, progress)
                 finally:
                     await transport.aclose()
+                    await self.images.aclose()
                     progress.close()
             if self.interrupts:
                 when = f"after {GRACE_S:g} s" if self.interrupts == 1 else "at the second Ctrl-C"
@@ -233,11 +237,12 @@ class Run:
             progress.row_done("error", None)
             return None
         chars = request.text_chars
-        body = self.protocol.build(request, spec)
-        estimate = estimate_tokens(chars, spec.params)
+        image_tokens = images.IMAGE_TOKEN_ESTIMATE * len(request.images)
+        estimate = estimate_tokens(chars, spec.params) + image_tokens
+        prompt_estimate = prompt_tokens_estimate(chars) + image_tokens
         key = request_key(request)
         request_hash = fingerprint.row_hash(self.settings, key)
-        return WorkItem(idx, row_id, body, estimate, prompt_tokens_estimate(chars), key, request_hash)
+        return WorkItem(idx, row_id, request, estimate, prompt_estimate, key, request_hash)
 
     async def work_rows(
         self, rows: list[dict[str, Any]], checkpoint: Checkpoint, transport: Transport, progress: Progress
@@ -311,6 +316,11 @@ class Run:
         spec = self.job.spec
         path = self.protocol.path(spec.model, spec.stream)
         cap = output_cap(spec.params)
+        try:
+            request_body = await self._body(item.request)
+        except images.ImageError as e:  # nothing is sent for this row
+            failed = Outcome(None, CallError("input", str(e), retryable=False), 0, 0.0)
+            return _record(item, failed), failed
 
         async def send(body: dict[str, Any], extra_tokens: int, first: bool) -> Outcome | None:
             prompt_estimate = item.prompt_estimate + extra_tokens
@@ -322,7 +332,7 @@ class Run:
                 self.limits,
                 path,
                 body,
-                self.protocol.parse,
+                self.decoder,
                 item.estimate + extra_tokens,
                 spec.run.max_attempts,
                 self.watch.on_error,
@@ -333,10 +343,10 @@ class Run:
             return outcome
 
         async def follow_up(answer: str, message: str) -> Outcome | None:
-            body = self.protocol.repair_body(item.body, answer, message)
+            body = self.protocol.repair_body(request_body, answer, message)
             return await send(body, prompt_tokens_estimate(len(answer) + len(message)), first=False)
 
-        outcome = await send(item.body, 0, first=True)
+        outcome = await send(request_body, 0, first=True)
         if outcome is None:
             return None
         self.requested += 1
@@ -347,6 +357,11 @@ class Run:
             outcome, repairs = await ask_with_repairs(outcome, self.parser, spec.output.repair_attempts, follow_up)
         record = _record(item, outcome)
         record.repairs = repairs
+        if outcome.reply is not None and outcome.reply.images:
+            saved = await anyio.to_thread.run_sync(
+                images.save_images, outcome.reply.images, self.job.images_dir, item.row_id
+            )
+            record.image_paths = orjson.dumps(saved).decode()
         return record, outcome
 
     def _status(self, record: RowRecord) -> str:
@@ -358,6 +373,12 @@ class Run:
             if self.parser.judge_stored(record.response_text, record.finish_reason, record.tool_calls).ok
             else "error"
         )
+
+    async def _body(self, request: Request) -> dict[str, Any]:
+        """Images are read only now, right before the row is sent (ImageError: nothing is sent)."""
+        if request.images:
+            request = replace(request, image_inputs=await self.images.load(request.images))
+        return self.protocol.build(request, self.job.spec)
 
     def _release_held(self, checkpoint: Checkpoint, progress: Progress) -> None:
         """The run goes on after all: rows held back by a possible abort are errors after all."""
@@ -427,6 +448,7 @@ def _abort_message(error: CallError, job: Job) -> str:
     what = {
         "auth": f"the API key was refused; check {job.spec.provider.api_key_env}",
         "quota": "the account has no balance or quota left; top it up",
+        "outage": f"the relay at {job.spec.provider.base_url} seems to be down",
     }.get(error.error_class, "the same error repeated before any row succeeded")
     return f"run stopped: {what}: {error}. Finished rows are kept; run `batchrun run {job.path}` again to resume."
 

@@ -7,6 +7,7 @@ dotted key, so a user can fix the job before anything is sent.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from batchrun.errors import JobError
+from batchrun.redaction import register_secret
 from batchrun.structured import output_problems
 
 EMULATOR = "emulator"
@@ -59,6 +61,7 @@ class RunSpec(_Section):
     tokens_per_minute: float | None = Field(default=None, gt=0)
     max_attempts: int = Field(default=5, ge=1, le=100)
     timeout_s: float = Field(default=120, gt=0)
+    outage_timeout_s: float = Field(default=600, gt=0)  # how long to wait for a relay that seems down
     max_cost: float | None = Field(default=None, ge=0)
 
 
@@ -89,6 +92,7 @@ class Job:
         self.spec = spec
         self.path = path
         self.folder = path.parent
+        self.warnings: list[str] = []  # one line each, printed by the commands
 
     def resolve(self, relative: str) -> Path:
         return (self.folder / os.path.expanduser(relative)).resolve()
@@ -103,9 +107,14 @@ class Job:
         return self.resolve(self.spec.output.path)
 
     @property
-    def images_dir(self) -> Path | None:
+    def images_dir(self) -> Path:
+        """output.images_dir, by default `<output name>_images/` beside the output."""
         d = self.spec.output.images_dir
-        return self.resolve(d) if d else None
+        return self.resolve(d) if d else self.output_path.with_name(self.output_path.stem + "_images")
+
+    @property
+    def input_folder(self) -> Path:
+        return Path(self.input_path).parent.resolve()
 
     @property
     def uses_emulator(self) -> bool:
@@ -114,11 +123,17 @@ class Job:
     def api_key(self) -> str:
         """The key from the environment; never stored anywhere by batchrun."""
         env = self.spec.provider.api_key_env
-        key = os.environ.get(env, "")
+        key = os.environ.get(env, "").strip()  # a pasted key often brings a newline along
+        register_secret(key)
         if not key and not self.uses_emulator:
             raise JobError(
                 f"{self.path}: provider.api_key_env: the variable {env} is not set; "
                 f"export {env}=<your key> (or use base_url: emulator to try the job without one)"
+            )
+        if not all(" " < c < "\x7f" for c in key):
+            raise JobError(
+                f"{self.path}: provider.api_key_env: the key in {env} has spaces or characters that cannot "
+                "be sent in an HTTP header; set it to the key exactly as issued"
             )
         return key
 
@@ -127,16 +142,6 @@ class Job:
 # better than silently ignoring them.
 def _unsupported(spec: JobSpec) -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
-    if spec.provider.api != "openai-chat":
-        found.append(("provider.api", f"{spec.provider.api} is not supported yet (use openai-chat)"))
-    if spec.stream:
-        found.append(("stream", "streaming is not supported yet (use stream: false)"))
-    if spec.prompt.images:
-        found.append(("prompt.images", "image input is not supported yet"))
-    if spec.prompt.max_image_side is not None:
-        found.append(("prompt.max_image_side", "image resizing is not supported yet"))
-    if spec.output.images_dir is not None:
-        found.append(("output.images_dir", "image output is not supported yet"))
     if spec.output.sharded:
         found.append(("output.sharded", "sharded output is not supported yet"))
     return found
@@ -148,7 +153,41 @@ def _spend_problems(spec: JobSpec) -> list[tuple[str, str]]:
     return []
 
 
-OWNED_PARAMS = {"openai-chat": {"model", "messages", "stream", "stream_options"}}
+OWNED_PARAMS = {
+    "openai-chat": {"model", "messages", "stream", "stream_options"},
+    "openai-completions": {"model", "prompt", "stream", "stream_options"},
+    "gemini": {"contents", "systemInstruction", "system_instruction"},
+}
+_GEMINI_MODEL_FORBIDDEN = re.compile(r"[/?#:\s]")
+
+
+def _protocol_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """What the chosen protocol cannot send (PROTOCOL.md §1, §3, §4.1)."""
+    from batchrun.images import PILLOW_MISSING, pillow_available
+
+    api = spec.provider.api
+    found: list[tuple[str, str]] = []
+    if api == "gemini" and _GEMINI_MODEL_FORBIDDEN.search(spec.model):
+        found.append(("model", f"{spec.model!r}: a Gemini model is its bare id, without / ? # : or spaces"))
+    if api == "openai-completions" and spec.prompt.images:
+        found.append(("prompt.images", "openai-completions takes no images; use openai-chat or gemini"))
+    if spec.prompt.max_image_side is not None and not pillow_available():
+        found.append(("prompt.max_image_side", PILLOW_MISSING))
+    return found
+
+
+def _warnings(spec: JobSpec) -> list[tuple[str, str]]:
+    """Legal but probably not what the user wants."""
+    from batchrun.protocols.gemini import generation_config
+
+    found: list[tuple[str, str]] = []
+    api = spec.provider.api
+    if api == "openai-completions" and "max_tokens" not in spec.params:
+        found.append(("params", "max_tokens is not set; the completions default is tiny (16 tokens)"))
+    modalities = generation_config(spec).get("responseModalities") if api == "gemini" else None
+    if spec.output.images_dir and isinstance(modalities, list) and "IMAGE" not in [str(m).upper() for m in modalities]:
+        found.append(("output.images_dir", "is set but params.responseModalities lacks IMAGE: no image will come"))
+    return found
 
 
 def load_job(path: str | os.PathLike[str]) -> Job:
@@ -171,13 +210,20 @@ def load_job(path: str | os.PathLike[str]) -> Job:
         spec = JobSpec.model_validate(data)
     except ValidationError as e:
         raise JobError(_describe(path, e, lines)) from None
-    for key, problem in [*_unsupported(spec), *output_problems(spec), *_spend_problems(spec)]:
+    for key, problem in [
+        *_unsupported(spec),
+        *output_problems(spec),
+        *_spend_problems(spec),
+        *_protocol_problems(spec),
+    ]:
         raise JobError(f"{path}:{lines.get(key, 1)}: {key}: {problem}")
     owned = OWNED_PARAMS.get(spec.provider.api, set()) & set(spec.params)
     if owned:
         key = "params." + sorted(owned)[0]
         raise JobError(f"{path}:{lines.get(key, 1)}: {key}: batchrun sets this itself; remove it from params")
-    return Job(spec, job_path)
+    job = Job(spec, job_path)
+    job.warnings = [f"{path}:{lines.get(key, 1)}: {key}: {problem}" for key, problem in _warnings(spec)]
+    return job
 
 
 def _describe(path: str | os.PathLike[str], error: ValidationError, lines: dict[str, int]) -> str:

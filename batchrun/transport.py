@@ -1,14 +1,15 @@
 """HTTP to the relay: one shared httpx client, attempts, retries with backoff.
 
-`Transport.attempt` makes one POST and turns every network failure into a
-`CallError`; `call_with_retries` is the per-row attempt loop of PROTOCOL.md §6.
+`Transport.attempt` makes one POST, reads the answer (a JSON body or a stream,
+told apart by its first byte) and turns every failure into a `CallError`;
+`call_with_retries` is the per-row attempt loop of PROTOCOL.md §6.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,56 +17,129 @@ import anyio
 import httpx
 import orjson
 
-from batchrun.limits import Limits
-from batchrun.protocols import CallError, Reply
-from batchrun.protocols.relay_errors import from_response
-
-BACKOFF_CAP_S = 60.0
+from batchrun.limits import Limits, backoff_s
+from batchrun.protocols import CallError, Decoder, Reply, StreamAnswer
+from batchrun.protocols.relay_errors import from_body, from_response
+from batchrun.protocols.sse import SSEParser
 
 
 class Transport:
     def __init__(self, base_url: str, api_key: str, timeout_s: float, concurrency: int) -> None:
         self.api_key = api_key
+        self.timeout_s = timeout_s
         headers = {"content-type": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         self._client = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             headers=headers,
+            # The read timeout applies to every read: for a stream, the idle timeout of §6.4.
             timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
             follow_redirects=False,
         )
 
-    async def attempt(self, path: str, body: bytes, parse: Callable[[Any], Reply]) -> Reply:
+    async def attempt(self, path: str, body: bytes, decoder: Decoder) -> Reply:
+        """One POST and its answer; every failure becomes a CallError (key redacted)."""
         try:
-            response = await self._client.post(path, content=body)
+            if decoder.stream:
+                return await self._exchange(path, body, decoder)  # no total cap: only the idle timeout
+            with anyio.fail_after(self.timeout_s):
+                return await self._exchange(path, body, decoder)
+        except TimeoutError:
+            raise CallError("timeout", f"timeout: no complete answer within {self.timeout_s:g} s") from None
         except httpx.TimeoutException as e:
             raise self._network_error("timeout", e) from None
         except httpx.HTTPError as e:
             raise self._network_error("connection", e) from None
-        if response.status_code >= 300:
-            raise from_response(response.status_code, response.content, response.headers).redacted(self.api_key)
-        try:
-            data = orjson.loads(response.content)
-        except orjson.JSONDecodeError:
-            excerpt = " ".join(response.text[:200].split())
-            raise CallError("malformed", f"malformed response: not JSON: {excerpt}", abort="C").redacted(
-                self.api_key
-            ) from None
-        try:
-            return parse(data)
-        except CallError as e:
-            e.request_id = e.request_id or response.headers.get("x-oneapi-request-id")
-            raise e.redacted(self.api_key) from None
+
+    async def _exchange(self, path: str, body: bytes, decoder: Decoder) -> Reply:
+        async with self._client.stream("POST", path, content=body) as response:
+            if response.status_code >= 300:
+                raise from_response(response.status_code, await response.aread(), response.headers)
+            try:
+                return await read_answer(response.aiter_bytes(), decoder)
+            except CallError as e:
+                e.request_id = e.request_id or response.headers.get("x-oneapi-request-id")
+                raise
 
     def _network_error(self, error_class: str, e: Exception) -> CallError:
-        # httpx messages may echo URLs; the key is redacted all the same.
+        # httpx messages may echo URLs or headers: CallError masks the key in them.
         detail = str(e) or type(e).__name__
-        return CallError(error_class, f"{error_class}: {detail}").redacted(self.api_key)
+        return CallError(error_class, f"{error_class}: {detail}")
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+_BLANK = b" \t\r\n\xef\xbb\xbf"  # whitespace and a UTF-8 BOM
+_SSE_STARTS = b"de:ir"  # data, event, a comment, id, retry
+
+
+async def read_answer(chunks: AsyncIterator[bytes], decoder: Decoder) -> Reply:
+    """The answer, framed by its first non-blank byte whatever the Content-Type (§4.3, §7 item 22):
+    `{` one whole JSON answer, `[` a JSON array of stream events, else server-sent events."""
+    reader = chunks.__aiter__()
+    head = b""
+    async for chunk in reader:
+        head += chunk
+        if head.lstrip(_BLANK):
+            break
+    first = head.lstrip(_BLANK)[:1]
+    if not first:
+        raise CallError("malformed", "malformed response: empty body", abort="C")
+    if first in b"{[" or first not in _SSE_STARTS:
+        body = bytearray(head)
+        async for chunk in reader:
+            body += chunk
+        data = _json(bytes(body))
+        if first == b"{":
+            return decoder.parse(data)
+        if not isinstance(data, list):
+            raise CallError("malformed", "malformed response: neither an object nor a stream", abort="C")
+        if (err := from_body(data)) is not None:  # a Google error wrapped in a one-element array
+            raise err
+        stream = decoder.new_stream()
+        for event in data:
+            _add_event(stream, event)
+        stream.done()  # a closed array is a whole stream: its `]` is the terminator
+        return stream.reply()
+    stream = decoder.new_stream()
+    parser = SSEParser()
+    for data_text in parser.feed(head):
+        _event(stream, data_text)
+    async for chunk in reader:
+        for data_text in parser.feed(chunk):
+            _event(stream, data_text)
+    for data_text in parser.close():
+        _event(stream, data_text)
+    return stream.reply()
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        excerpt = " ".join(body[:400].decode("utf-8", "replace").split())[:200]
+        raise CallError("malformed", f"malformed response: not JSON: {excerpt}", abort="C") from None
+
+
+def _event(stream: StreamAnswer, data: str) -> None:
+    if data == "[DONE]":
+        stream.done()
+        return
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise CallError("malformed", f"malformed stream event: not JSON: {data[:200]}", abort="C") from None
+    _add_event(stream, event)
+
+
+def _add_event(stream: StreamAnswer, event: Any) -> None:
+    # An event that is {"error": ...} is that error, whatever the HTTP status said (§2.6).
+    if (err := from_body(event)) is not None:
+        raise err
+    stream.add(event)
 
 
 @dataclass
@@ -83,8 +157,7 @@ def backoff_delay(retries_made: int, error: CallError) -> float:
     if error.retry_hint is not None:
         delay = error.retry_hint + random.uniform(0, 1)
     else:
-        d = min(BACKOFF_CAP_S, 2.0**retries_made)
-        delay = d / 2 + random.uniform(0, d / 2)
+        delay = backoff_s(retries_made)
     return max(delay, error.min_delay)
 
 
@@ -94,15 +167,12 @@ def may_retry(error: CallError, attempts: int, max_attempts: int) -> bool:
     return error.max_retries is None or attempts <= error.max_retries
 
 
-PUSHBACK_CLASSES = {"rate_limited"}
-
-
 async def call_with_retries(
     transport: Transport,
     limits: Limits,
     path: str,
     body: dict[str, Any],
-    parse: Callable[[Any], Reply],
+    decoder: Decoder,
     estimate: int,
     max_attempts: int,
     on_error: Callable[[CallError], None],
@@ -114,27 +184,31 @@ async def call_with_retries(
     (the checkpoint's intent record); `on_error` sees every failure (abort rules).
     """
     payload = orjson.dumps(body)
-    attempts = 0
+    attempts = excused = 0
+    started = time.monotonic()
     while True:
-        attempts += 1
-        async with limits.slot(estimate) as charge:
-            if attempts == 1:
-                await before_first_send()
-            started = time.monotonic()
-            try:
-                reply = await transport.attempt(path, payload, parse)
-            except CallError as e:
-                error = e
-            else:
-                limits.correct(charge, _total_tokens(reply))
-                limits.on_success()
-                return Outcome(reply, None, attempts, time.monotonic() - started)
-        if error.error_class in PUSHBACK_CLASSES or error.status == 503:
-            limits.on_pushback(error.retry_hint)
+        try:
+            async with limits.slot(estimate) as ticket:
+                attempts += 1
+                if attempts == 1:
+                    await before_first_send()
+                started = time.monotonic()
+                try:
+                    reply = await transport.attempt(path, payload, decoder)
+                except CallError as e:
+                    error = e
+                else:
+                    limits.succeeded(ticket, _total_tokens(reply))
+                    return Outcome(reply, None, attempts, time.monotonic() - started)
+        except CallError as gave_up:  # the outage breaker: the relay stayed down too long
+            on_error(gave_up)
+            return Outcome(None, gave_up, attempts, 0.0)
+        limits.failed(ticket, error)
         on_error(error)
-        if not may_retry(error, attempts, max_attempts):
+        excused += limits.excuses(error)
+        if not may_retry(error, attempts - excused, max_attempts):
             return Outcome(None, error, attempts, time.monotonic() - started)
-        await anyio.sleep(backoff_delay(attempts - 1, error))
+        await anyio.sleep(backoff_delay(attempts - 1 - excused, error))
 
 
 def _total_tokens(reply: Reply) -> int | None:

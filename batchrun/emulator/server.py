@@ -12,7 +12,7 @@ import random
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +20,22 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from batchrun.emulator.chat import ANSWER_FAULTS, chat_completion, chat_prompt, schema_rejection
-from batchrun.emulator.faults import FAULTS, directive_in, fault_response, json_response, relay_error
+from batchrun.emulator import answers, pictures
+from batchrun.emulator.chat import ANSWER_FAULTS, chat_chunks, chat_completion, chat_prompt, schema_rejection
+from batchrun.emulator.completions import completion, completion_chunks, completions_prompt
+from batchrun.emulator.faults import (
+    ENACTED,
+    FAULTS,
+    RequestWindow,
+    directive_in,
+    enact,
+    fault_response,
+    json_response,
+    rate_limited,
+    relay_error,
+)
+from batchrun.emulator.gemini import gemini_events, gemini_prompt, gemini_whole
+from batchrun.emulator.streams import FRAMINGS, StreamSettings, write_stream
 
 
 @dataclass
@@ -32,6 +46,10 @@ class EmulatorConfig:
     fault_rates: dict[str, float] = field(default_factory=dict)  # fault name -> probability per request
     seed: int = 0
     max_body_bytes: int = 64 * 1024 * 1024
+    streams: StreamSettings = field(default_factory=StreamSettings)
+    rpm_limit: int | None = None  # per key, failed requests counted, like the relay's own window
+    rpm_window_s: float = 60.0  # tests shorten the window to see a whole cycle in seconds
+    max_concurrency: int | None = None  # more in flight at once: 429 token_concurrency_limit_reached
 
 
 class Stats:
@@ -44,16 +62,18 @@ class Stats:
         self.requests = 0
         self.by_status: Counter[int] = Counter()
         self.by_prompt: Counter[str] = Counter()
+        self.by_route: Counter[str] = Counter()  # path, marked " (stream)" when a stream was asked for
         self.answered_at: dict[str, float] = {}  # prompt -> when its last 200 answer was sent (resume tests)
         self.in_flight = 0
         self.peak_in_flight = 0
         self.per_second: defaultdict[int, int] = defaultdict(int)
+        self.limited_per_second: defaultdict[int, int] = defaultdict(int)  # 429s, by second of arrival
 
-    def started(self) -> None:
+    def started(self, second: int) -> None:
         self.requests += 1
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-        self.per_second[int(time.time())] += 1
+        self.per_second[second] += 1
 
     def max_in_window(self, seconds: int) -> int:
         if not self.per_second:
@@ -64,11 +84,16 @@ class Stats:
             best = max(best, sum(self.per_second.get(t, 0) for t in range(start, start + seconds)))
         return best
 
+    def timeline(self) -> list[list[int]]:
+        """[second, requests, 429s] for each second that saw a request."""
+        return [[t, n, self.limited_per_second.get(t, 0)] for t, n in sorted(self.per_second.items())]
+
     def as_json(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
             "by_status": {str(k): v for k, v in self.by_status.items()},
             "by_prompt": dict(self.by_prompt),
+            "by_route": dict(self.by_route),
             "answered_at": self.answered_at,
             "peak_in_flight": self.peak_in_flight,
             "max_per_second": self.max_in_window(1),
@@ -83,12 +108,19 @@ class Emulator:
         self._random = random.Random(config.seed)
         self._seen: Counter[str] = Counter()  # requests per prompt key, for "x N" directives
         self._ids = 0
+        self._window = RequestWindow(config.rpm_limit, config.rpm_window_s) if config.rpm_limit else None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._count])
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1beta/models/{target}", self.gemini)
+        app.router.add_post("/v1/models/{target}", self.gemini)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1beta/models", self.models)
         app.router.add_get("/_emulator/stats", self.get_stats)
+        app.router.add_get("/_emulator/images/{name}", self.image)
+        app.router.add_get("/_emulator/timeline", self.get_timeline)
         app.router.add_post("/_emulator/reset", self.reset_stats)
         app.router.add_route("*", "/{tail:.*}", self.not_found)
         return app
@@ -101,8 +133,9 @@ class Emulator:
     async def _count(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if request.path.startswith("/_emulator/"):
             return await handler(request)
-        self.stats.started()
-        status = 0
+        arrived = int(time.time())
+        self.stats.started(arrived)
+        status = 0  # stays 0 if the client hangs up first
         try:
             response = await handler(request)
             status = response.status
@@ -113,13 +146,17 @@ class Emulator:
         finally:
             self.stats.in_flight -= 1
             self.stats.by_status[status] += 1
-            if status == 200 and "prompt" in request:
+            if status == 429:
+                self.stats.limited_per_second[arrived] += 1
+            elif status == 200 and "prompt" in request:
                 self.stats.answered_at[request["prompt"]] = time.time()
 
     async def _auth(self, request: web.Request, request_id: str) -> web.Response | None:
         if self.config.api_key is None:
             return None
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if request.path.startswith(("/v1beta/", "/v1/models/")):  # Google's own ways, on Gemini paths only
+            given = given or request.headers.get("x-goog-api-key", "") or request.query.get("key", "")
         if given == self.config.api_key:
             return None
         return json_response(401, relay_error(401, "无效的令牌", "", request_id), request_id)
@@ -146,9 +183,20 @@ class Emulator:
         d = directive_in(prompt)
         if d is not None and d.fault in FAULTS and (d.times is None or seen < d.times):
             return d.fault
-        for fault, rate in self.config.fault_rates.items():
-            if self._random.random() < rate:
-                return fault
+        if self.config.fault_rates:
+            draw = self._random.random()  # one draw: each fault gets exactly its own rate
+            for fault, rate in self.config.fault_rates.items():
+                if draw < rate:
+                    return fault
+                draw -= rate
+        return None
+
+    def _over_limits(self, request: web.Request, request_id: str) -> web.Response | None:
+        """The relay's own limits, checked on arrival: a 429 without any hint."""
+        if self._window is not None and not self._window.admit(request.headers.get("Authorization", ""), time.time()):
+            return rate_limited(request_id)
+        if self.config.max_concurrency is not None and self.stats.in_flight > self.config.max_concurrency:
+            return rate_limited(request_id, "token_concurrency_limit_reached")
         return None
 
     async def _delay(self) -> None:
@@ -156,46 +204,115 @@ class Emulator:
         if delay > 0:
             await asyncio.sleep(delay)
 
-    async def chat(self, request: web.Request) -> web.StreamResponse:
+    async def _serve(
+        self,
+        request: web.Request,
+        prompt_of: Callable[[dict[str, Any]], str | None],
+        what: str,
+        answer: Callable[[web.Request, dict[str, Any], str, str, str | None], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """The steps every route shares: auth, body, counting by prompt, latency, faults; then `answer`."""
         request_id = self._request_id()
         if (denied := await self._auth(request, request_id)) is not None:
             return denied
         body = await self._body(request, request_id)
         if isinstance(body, web.Response):
             return body
-        prompt = chat_prompt(body.get("messages"))
+        prompt = prompt_of(body)
         if prompt is None:
-            return json_response(
-                400, relay_error(400, "messages must be a list of messages", "invalid_request", request_id), request_id
-            )
-        key = prompt
-        self.stats.by_prompt[key] += 1
-        request["prompt"] = key
+            return json_response(400, relay_error(400, what, "invalid_request", request_id), request_id)
+        self.stats.by_prompt[prompt] += 1
+        self.stats.by_route[request.path + (" (stream)" if body.get("stream") is True else "")] += 1
+        request["prompt"] = prompt
+        limited = self._over_limits(request, request_id)  # counted on arrival, answered after the latency
         await self._delay()
-        fault = self._fault(key, prompt)
-        if fault == "reset":
-            assert request.transport is not None
-            request.transport.close()  # the connection drops before any answer
-            return web.Response(status=500)
-        if fault is not None and (answer := fault_response(fault, request_id)) is not None:
-            return answer
-        if (rejection := schema_rejection(body)) is not None:
-            return json_response(400, rejection, request_id)
-        answer_fault = fault if fault in ANSWER_FAULTS else None
-        return json_response(200, chat_completion(body, prompt, request_id, answer_fault), request_id)
+        if limited is not None:
+            return limited
+        fault = self._fault(prompt, prompt)
+        authorization = request.headers.get("Authorization", "")
+        if fault is not None and (answer_now := fault_response(fault, request_id, authorization)) is not None:
+            return answer_now
+        if fault in ENACTED:
+            # A healthy answer to cut short; a stream cut mid-body is the `stream-cut` fault's job.
+            healthy = await answer(request, {**body, "stream": False}, prompt, request_id, None)
+            assert isinstance(healthy, web.Response)
+            return await enact(fault, request, healthy)
+        return await answer(request, body, prompt, request_id, fault)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        async def answer(
+            request: web.Request, body: dict[str, Any], prompt: str, rid: str, fault: str | None
+        ) -> web.StreamResponse:
+            if (rejection := schema_rejection(body)) is not None:
+                return json_response(400, rejection, rid)
+            whole = chat_completion(body, prompt, rid, fault if fault in ANSWER_FAULTS else None)
+            if not (body.get("stream") or fault in FRAMINGS):
+                return json_response(200, whole, rid)
+            events = chat_chunks(whole, _include_usage(body))
+            return await write_stream(request, events, rid, self.config.streams, fault, pings=True)
+
+        return await self._serve(request, lambda b: chat_prompt(b.get("messages")), "messages must be a list", answer)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        async def answer(
+            request: web.Request, body: dict[str, Any], prompt: str, rid: str, fault: str | None
+        ) -> web.StreamResponse:
+            whole = completion(body, prompt, rid)
+            if not (body.get("stream") or fault in FRAMINGS):
+                return json_response(200, whole, rid)
+            events = completion_chunks(whole, _include_usage(body))
+            return await write_stream(request, events, rid, self.config.streams, fault, pings=True)
+
+        return await self._serve(request, completions_prompt, "prompt must be a string", answer)
+
+    async def gemini(self, request: web.Request) -> web.StreamResponse:
+        model, _, action = request.match_info["target"].rpartition(":")
+        if action not in ("generateContent", "streamGenerateContent") or not model:
+            return await self.not_found(request)
+
+        async def answer(
+            request: web.Request, body: dict[str, Any], prompt: str, rid: str, fault: str | None
+        ) -> web.StreamResponse:
+            events = gemini_events(body, model, prompt, fault, rid)
+            # streamGenerateContent without alt=sse: one JSON object, as old relay builds answer.
+            sse = action == "streamGenerateContent" and request.query.get("alt") == "sse"
+            if not (sse or fault in FRAMINGS):
+                return json_response(200, gemini_whole(events), rid)
+            return await write_stream(request, events, rid, self.config.streams, fault, pings=False)
+
+        return await self._serve(request, gemini_prompt, "contents must be a list of contents", answer)
+
+    async def image(self, request: web.Request) -> web.Response:
+        """A small PNG drawn from its name, for image-URL trials (not counted in the stats)."""
+        png = pictures.png(48, 48, answers.digest(request.match_info["name"]))
+        return web.Response(body=png, content_type="image/png")
 
     async def models(self, request: web.Request) -> web.Response:
-        ids = ["gpt-5.4", "gpt-4o-mini", "gemini-2.5-flash", "gemini-3-pro-image-preview"]
-        return json_response(
-            200, {"object": "list", "data": [{"id": i, "object": "model"} for i in ids]}, self._request_id()
-        )
+        ids = [
+            "gpt-5.4",
+            "gpt-4o-mini",
+            "gpt-3.5-turbo-instruct",
+            "gemini-2.5-flash",
+            "gemini-2.5-flash-image",
+            "gemini-3-pro-image-preview",
+        ]
+        if request.path.startswith("/v1beta/"):
+            listing = {"models": [{"name": f"models/{i}", "displayName": i} for i in ids if i.startswith("gemini")]}
+        else:
+            listing = {"object": "list", "data": [{"id": i, "object": "model"} for i in ids]}
+        return json_response(200, listing, self._request_id())
 
     async def get_stats(self, request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(self.stats.as_json()), content_type="application/json")
 
+    async def get_timeline(self, request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(self.stats.timeline()), content_type="application/json")
+
     async def reset_stats(self, request: web.Request) -> web.Response:
         self.stats.reset()
         self._seen.clear()
+        if self._window is not None:
+            self._window.clear()
         return web.Response(body=b"{}", content_type="application/json")
 
     async def not_found(self, request: web.Request) -> web.Response:
@@ -209,11 +326,17 @@ class Emulator:
         )
 
 
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
 # --- running it ----------------------------------------------------------------------
 
 
 async def serve(config: EmulatorConfig, host: str, port: int) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(Emulator(config).app(), access_log=None)
+    # handler_cancellation: a client that hangs up (a timeout) ends its handler, as with a real server.
+    runner = web.AppRunner(Emulator(config).app(), access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
     await site.start()
