@@ -16,6 +16,10 @@ the driver's node, built from the local engine's own parts:
 * the abort watch (a wrong key stops the job after a few 401s, not a few per worker)
   and the shared answers of identical requests.
 
+A worker that dies (Ray then restarts it and retries its batch) cannot give back its
+permits or its lead on an identical request: each worker says it is alive at least every
+`HEARTBEAT_S`, and what a worker silent for `LEASE_S` held is taken back.
+
 On a worker, `Run`'s row path talks to it through `ClusterLimits`, `ClusterLedger`,
 `ClusterWatch` and `ClusterSharing`, which have the members that path uses, over one
 `CoordinatorLink`.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict
@@ -47,6 +52,8 @@ from batchrun.spec import RunSpec
 # release behind waiting acquires would stall the job.
 MAX_WAITING_CALLS = 1_000_000
 TELL_EVERY_S = 0.02  # how long a worker keeps the calls nobody waits for before sending them together
+HEARTBEAT_S = 1.0
+LEASE_S = 15.0
 
 
 def error_fields(error: CallError) -> dict[str, Any]:
@@ -63,6 +70,7 @@ class _Permit:
         self.ticket: Ticket | None = None  # what Limits.slot yielded; None until granted
         self.refused: CallError | None = None  # the limiter gave up instead (the relay stayed down)
         self.task: asyncio.Task[None] | None = None
+        self.owner = ""
 
 
 @ray.remote(num_cpus=0, max_concurrency=MAX_WAITING_CALLS)
@@ -71,7 +79,8 @@ class Coordinator:
         self._setup = (Path(folder), concurrency, run)
         self._ids = itertools.count()
         self._permits: dict[int, _Permit] = {}
-        self._leading: dict[bytes, tuple[Any, Callable[[RowRecord], None]]] = {}
+        self._leading: dict[bytes, tuple[Any, Callable[[RowRecord], None], str]] = {}
+        self._seen: dict[str, float] = {}  # worker -> when it last spoke
         self._tasks: set[asyncio.Task[None]] = set()
         self.requested = 0
 
@@ -83,6 +92,7 @@ class Coordinator:
         self.watch = AbortWatch()
         self.sharing = SharedAnswers()
         self._spawn(self.checkpoint.flush_loop())
+        self._spawn(self._take_back_from_silent_workers())
 
     def _spawn(self, work: Any) -> asyncio.Task[None]:
         task = asyncio.ensure_future(work)
@@ -90,30 +100,60 @@ class Coordinator:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def told(self, calls: list[tuple[str, tuple[Any, ...]]]) -> None:
-        """A worker's batch of calls that nobody waits for (see CoordinatorLink)."""
+    async def told(self, worker: str, calls: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """A worker's batch of calls that nobody waits for (see CoordinatorLink); empty, it says the worker lives."""
+        self._seen[worker] = anyio.current_time()
         for method, args in calls:
             await getattr(self, method)(*args)
 
+    async def _take_back_from_silent_workers(self) -> None:
+        while True:
+            await anyio.sleep(HEARTBEAT_S)
+            cutoff = anyio.current_time() - LEASE_S
+            for worker in [w for w, seen in self._seen.items() if seen < cutoff]:
+                del self._seen[worker]
+                for number, permit in list(self._permits.items()):
+                    if permit.owner == worker:
+                        self._drop(number)
+                for key, (_, _, owner) in list(self._leading.items()):
+                    if owner == worker:
+                        await self.end_leading(key, None)
+
+    def _drop(self, number: int) -> _Permit | None:
+        """A permit leaves: granted, its place is freed; waiting, it is given up."""
+        permit = self._permits.pop(number, None)
+        if permit is not None:
+            permit.released.set()
+            if permit.ticket is None and permit.task is not None:
+                permit.task.cancel()
+                permit.decided.set()
+        return permit
+
     # --- the limiter ----------------------------------------------------------------
 
-    async def acquire(self, tokens: int) -> dict[str, Any]:
+    async def acquire(self, tokens: int, worker: str) -> dict[str, Any]:
         """A place for one attempt estimated at `tokens`.
 
         {"permit": number, "looks_down": ...}; {"refused": error} when the limiter gives up
-        (the relay stayed down too long); {"stopped": error} once the job stopped.
+        (the relay stayed down too long); {"stopped": error} once the job stopped; {"again":
+        True} when the worker was taken for dead while it waited.
         """
-        if self.watch.tripped is None:
-            number = next(self._ids)
-            permit = self._permits[number] = _Permit()
-            permit.task = self._spawn(self._hold(permit, tokens))
-            await permit.decided.wait()
-            if permit.ticket is not None:
-                return {"permit": number, "looks_down": self.limits.breaker.looks_down}
-            self._permits.pop(number, None)
-            if permit.refused is not None:
-                return {"refused": error_fields(permit.refused)}
-        return {"stopped": await self.tripped()}
+        self._seen[worker] = anyio.current_time()
+        if self.watch.tripped is not None:
+            return {"stopped": await self.tripped()}
+        number = next(self._ids)
+        permit = self._permits[number] = _Permit()
+        permit.owner = worker
+        permit.task = self._spawn(self._hold(permit, tokens))
+        await permit.decided.wait()
+        if permit.ticket is not None and number in self._permits:
+            return {"permit": number, "looks_down": self.limits.breaker.looks_down}
+        self._drop(number)
+        if permit.refused is not None:
+            return {"refused": error_fields(permit.refused)}
+        if self.watch.tripped is not None:
+            return {"stopped": await self.tripped()}
+        return {"again": True}
 
     async def _hold(self, permit: _Permit, tokens: int) -> None:
         try:
@@ -126,25 +166,25 @@ class Coordinator:
             permit.decided.set()
 
     async def succeeded(self, number: int, actual_tokens: int | None) -> None:
-        permit = self._permits.pop(number)
-        self.limits.succeeded(permit.ticket, actual_tokens)  # type: ignore[arg-type]
-        permit.released.set()
+        """The attempt was answered (`actual_tokens`: its usage). A permit taken back already is past learning from."""
+        permit = self._drop(number)
+        if permit is not None:
+            self.limits.succeeded(permit.ticket, actual_tokens)  # type: ignore[arg-type]
 
     async def failed(self, number: int, fields: dict[str, Any]) -> None:
-        permit = self._permits.pop(number)
-        permit.released.set()
-        self.limits.failed(permit.ticket, CallError(**fields))  # type: ignore[arg-type]
+        permit = self._drop(number)
+        if permit is not None:
+            self.limits.failed(permit.ticket, CallError(**fields))  # type: ignore[arg-type]
 
     async def abandoned(self, number: int) -> None:
         """The attempt was cancelled: its place is free, and nothing is learnt from it."""
-        self._permits.pop(number).released.set()
+        self._drop(number)
 
     def _stop(self) -> None:
         """The run aborts: waiting permits are refused, so no new request goes out anywhere."""
-        for permit in self._permits.values():
-            if permit.ticket is None and permit.task is not None:
-                permit.task.cancel()
-                permit.decided.set()
+        for number, permit in list(self._permits.items()):
+            if permit.ticket is None:
+                self._drop(number)
 
     # --- the checkpoint ---------------------------------------------------------------
 
@@ -182,16 +222,20 @@ class Coordinator:
 
     # --- shared answers --------------------------------------------------------------
 
-    async def find_shared(self, key: bytes, idx: int, row_id: str) -> RowRecord | None:
+    async def find_shared(self, key: bytes, idx: int, row_id: str, worker: str) -> RowRecord | None:
         """An identical request's answer for this row; None: this row asks, and leads its key until `end_leading`."""
+        self._seen[worker] = anyio.current_time()
         record = await self.sharing.find(key, idx, row_id)
-        if record is None:  # no await since find: nobody else took the lead
+        if record is None and worker in self._seen:  # no await since find: nobody else took the lead
             leading = self.sharing.leading(key)
-            self._leading[key] = (leading, leading.__enter__())
+            self._leading[key] = (leading, leading.__enter__(), worker)
         return record
 
     async def end_leading(self, key: bytes, record: RowRecord | None) -> None:
-        leading, publish = self._leading.pop(key)
+        found = self._leading.pop(key, None)
+        if found is None:  # taken back from a worker taken for dead
+            return
+        leading, publish, _ = found
         if record is not None:
             publish(record)
         leading.__exit__(None, None, None)
@@ -237,15 +281,15 @@ class CoordinatorLink:
     """
 
     def __init__(self, coordinator: Any) -> None:
+        """On the worker's event loop: the link says the worker is alive for as long as the loop runs."""
         self._coordinator = coordinator
+        self.worker = uuid.uuid4().hex  # this worker, as the coordinator knows it (a restarted one is another)
         self._outbox: list[tuple[str, tuple[Any, ...]]] = []
         self._told: list[Any] = []  # Ray's references to the batches of told calls, until settled
-        self._teller: asyncio.Task[None] | None = None
+        self._teller = asyncio.ensure_future(self._tell_every(TELL_EVERY_S))
 
     def tell(self, method: str, *args: Any) -> None:
         self._outbox.append((method, args))
-        if self._teller is None:
-            self._teller = asyncio.ensure_future(self._tell_every(TELL_EVERY_S))
 
     async def ask(self, method: str, *args: Any) -> Any:
         self._send_outbox()
@@ -258,12 +302,17 @@ class CoordinatorLink:
 
     def _send_outbox(self) -> None:
         if self._outbox:
-            self._told.append(self._coordinator.told.remote(self._outbox))
+            self._told.append(self._coordinator.told.remote(self.worker, self._outbox))
             self._outbox = []
 
     async def _tell_every(self, seconds: float) -> None:
+        quiet = 0.0
         while True:
             await asyncio.sleep(seconds)
+            quiet = 0.0 if self._outbox else quiet + seconds
+            if quiet >= HEARTBEAT_S:
+                self._coordinator.told.remote(self.worker, [])
+                quiet = 0.0
             self._send_outbox()
 
 
@@ -308,7 +357,9 @@ class ClusterLimits:
     @asynccontextmanager
     async def slot(self, tokens: int) -> AsyncIterator[int]:
         """A permit's number; its attempt ends with `succeeded` (inside) or `failed` (just after)."""
-        answer = await self._link.ask("acquire", tokens)
+        answer = {"again": True}
+        while "again" in answer:
+            answer = await self._link.ask("acquire", tokens, self._link.worker)
         if "refused" in answer:
             raise CallError(**answer["refused"])
         if "stopped" in answer:  # the job stopped: this row stays pending, nothing is sent
@@ -357,7 +408,7 @@ class ClusterSharing:
         self._link = link
 
     async def find(self, key: bytes, idx: int, row_id: str) -> RowRecord | None:
-        return await self._link.ask("find_shared", key, idx, row_id)
+        return await self._link.ask("find_shared", key, idx, row_id, self._link.worker)
 
     @contextmanager
     def leading(self, key: bytes) -> Iterator[Callable[[RowRecord], None]]:
