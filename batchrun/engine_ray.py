@@ -100,6 +100,8 @@ class RayRun(Run):
                     self._stop_on_ctrl_c(coordinator)
                 finally:
                     final = ray.get(coordinator.close.remote())
+        if final["problem"] is not None:
+            raise JobError(final["problem"])
         self.requested = final["requested"]
         checkpoint.awaiting_answer = set(final["awaiting_answer"])
         if final["tripped"] is not None:
@@ -125,16 +127,13 @@ class RayRun(Run):
             num_cpus=ACTOR_CPUS,
         )
         checked = time.monotonic()
-        try:
-            for report in reports.iter_batches(batch_format="pyarrow", batch_size=None):
-                for status, prompt, completion in zip(*(report[name].to_pylist() for name in REPORT.names)):
-                    progress.count(status, prompt, completion)
-                if time.monotonic() - checked >= STATE_EVERY_S:
-                    checked = time.monotonic()
-                    if ray.get(coordinator.stopped.remote()):
-                        return  # the abort watch tripped: the rest stays pending
-        except ray.exceptions.RayError as e:
-            raise _job_error(e) or e from None
+        for report in reports.iter_batches(batch_format="pyarrow", batch_size=None):
+            for status, prompt, completion in zip(*(report[name].to_pylist() for name in REPORT.names)):
+                progress.count(status, prompt, completion)
+            if time.monotonic() - checked >= STATE_EVERY_S:
+                checked = time.monotonic()
+                if ray.get(coordinator.stopped.remote()):
+                    return  # the rest stays pending
 
     def _stop_on_ctrl_c(self, coordinator: Any) -> None:
         """As a local run: send no new row; rows in flight get GRACE_S to finish, or a second Ctrl-C cancels them."""
@@ -202,7 +201,12 @@ class RowSender:
         return run
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        run = self._run or self._start()
+        try:
+            run = self._run or self._start()
+        except JobError as e:  # e.g. the key's variable is not set on this node
+            node = ray.util.get_node_ip_address()
+            await self._coordinator.cannot_start.remote(f"on the Ray worker at {node}: {e}")
+            return _Report().table()
         rows = list(pl.from_arrow(batch).iter_rows(named=True))  # type: ignore[union-attr]
         todo = set(await self._coordinator.unfinished.remote([row[ROW_INDEX] for row in rows]))
         report = _Report()
@@ -267,13 +271,3 @@ def _ray_session(address: str | None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
-
-
-def _job_error(error: BaseException) -> JobError | None:
-    """A JobError raised on a worker (e.g. the key's variable not set there), found inside Ray's wrapping."""
-    seen: BaseException | None = error
-    for _ in range(10):
-        if seen is None or isinstance(seen, JobError):
-            break
-        seen = getattr(seen, "cause", None) or seen.__cause__
-    return JobError(str(seen).strip().splitlines()[-1]) if isinstance(seen, JobError) else None

@@ -83,6 +83,7 @@ class Coordinator:
         self._seen: dict[str, float] = {}  # worker -> when it last spoke
         self._tasks: set[asyncio.Task[None]] = set()
         self.requested = 0
+        self.problem: str | None = None  # a worker could not start: the job stops and the driver says why
 
     async def start(self) -> None:
         """anyio's primitives need the actor's event loop, so they are made here rather than in __init__."""
@@ -139,7 +140,7 @@ class Coordinator:
         True} when the worker was taken for dead while it waited.
         """
         self._seen[worker] = anyio.current_time()
-        if self.watch.tripped is not None:
+        if await self.stopped():
             return {"stopped": await self.tripped()}
         number = next(self._ids)
         permit = self._permits[number] = _Permit()
@@ -151,7 +152,7 @@ class Coordinator:
         self._drop(number)
         if permit.refused is not None:
             return {"refused": error_fields(permit.refused)}
-        if self.watch.tripped is not None:
+        if await self.stopped():
             return {"stopped": await self.tripped()}
         return {"again": True}
 
@@ -190,7 +191,7 @@ class Coordinator:
 
     async def unfinished(self, indexes: list[int]) -> list[int]:
         """Which of these rows still need a request (none once the run stopped)."""
-        if not indexes or self.watch.tripped is not None:
+        if not indexes or await self.stopped():
             return []
         await self.checkpoint.flush()  # rows finished moments ago count as finished
         done = self.checkpoint.finished_in_range(min(indexes), max(indexes) + 1)
@@ -243,7 +244,12 @@ class Coordinator:
     # --- the driver ------------------------------------------------------------------
 
     async def stopped(self) -> bool:
-        return self.watch.tripped is not None
+        return self.watch.tripped is not None or self.problem is not None
+
+    async def cannot_start(self, problem: str) -> None:
+        """A worker cannot do the job (e.g. the key's variable is not set on its node): nothing more is sent."""
+        self.problem = self.problem or problem
+        self._stop()
 
     async def refuse_new_rows(self) -> None:
         """Ctrl-C: no row that has not begun may be sent; rows in flight may finish."""
@@ -264,6 +270,7 @@ class Coordinator:
             "requested": self.requested,
             "awaiting_answer": sorted(self.checkpoint.awaiting_answer),
             "tripped": await self.tripped(),
+            "problem": self.problem,
         }
 
 
