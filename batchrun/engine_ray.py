@@ -255,6 +255,9 @@ def _ray_session(address: str | None) -> Iterator[None]:
         if address:
             ray.init(address=address, **quiet)
         else:
+            # Ray runs its workers at niceness 15; these commit the checkpoint and pace requests,
+            # and starved by a busy machine they would let answers wait for a commit.
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(
                 address="local",
                 object_store_memory=LOCAL_OBJECT_STORE_BYTES,

@@ -31,7 +31,8 @@ from test_resume import (  # noqa: F401  (slow_emulator is a fixture)
 # A cluster started by ray.init takes token authentication; its clients say so.
 RAY_CLIENT = {"RAY_AUTH_MODE": "token", "RAY_ADDRESS": None}
 HOLD_RAY = """
-import logging, time, ray
+import logging, os, time, ray
+os.environ["RAY_worker_niceness"] = "0"  # as batchrun's own local Ray
 ray.init(address="local", num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False,
          logging_level=logging.ERROR)
 print(ray.get_runtime_context().gcs_address, flush=True)
@@ -151,11 +152,11 @@ def test_limits_hold_for_the_whole_job_not_per_actor(
     # 600 a minute is 10 a second for the job; paced per actor (Ray's own HTTP processor) it would be 20.
     write_job(tmp_path, slow_emulator.url, run={"concurrency": 16, "requests_per_minute": 600, "timeout_s": 30})
     slow_emulator.reset()
-    done = ray_run(job, ray_address, "--ray-actors", "2", "--restart", "--limit", "50")
+    done = ray_run(job, ray_address, "--ray-actors", "2", "--restart", "--limit", "40")
     assert done.returncode == 0, done.stderr
     stats = slow_emulator.stats()
     print(f"requests per minute 600: at most {stats['max_per_second']} in a second")
-    assert stats["requests"] == 50 and stats["max_per_minute"] <= 600
+    assert stats["requests"] == 40 and stats["max_per_minute"] <= 600
     assert stats["max_per_second"] <= 14, stats  # 10 paced, plus arrival jitter; never the 20 of two actors
 
 
