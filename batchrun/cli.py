@@ -1,4 +1,4 @@
-"""Commands: run, validate, status, emulator."""
+"""Commands: run, validate, status, emulator, bench."""
 
 from __future__ import annotations
 
@@ -70,6 +70,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     emulator.add_argument("--seed", type=int, default=0)
     emulator.set_defaults(func=_emulator)
+
+    bench = sub.add_parser("bench", help="measure the client's own throughput against the emulator")
+    bench.add_argument("--quick", action="store_true", help="a few-second run with small sizes (what CI runs)")
+    bench.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
+    bench.add_argument(
+        "--memory",
+        type=_positive_int,
+        action="append",
+        default=[],
+        metavar="ROWS",
+        help="also compare peak memory of a ROWS-row job with a 10,000-row one (repeatable)",
+    )
+    bench.set_defaults(func=_bench)
     return parser
 
 
@@ -169,6 +182,12 @@ def _status(args: argparse.Namespace) -> int:
         ) / 1e6
         print(f"cost so far: {cost:.4f} {p.currency}")
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from batchrun.bench import main as bench_main
+
+    return bench_main(args.quick, args.json, args.memory)
 
 
 def _emulator(args: argparse.Namespace) -> int:

@@ -42,6 +42,7 @@ class RunOptions:
     restart: bool = False
     retry_failed: bool = False
     quiet: bool = False
+    durable_checkpoint: bool = True  # False only in `batchrun bench`, to measure the checkpoint's cost
 
 
 @dataclass
@@ -102,7 +103,7 @@ class Run:
         folder = checkpoint_folder(self.job.output_path)
         if self.options.restart and folder.exists():
             shutil.rmtree(folder)
-        checkpoint = Checkpoint(folder)
+        checkpoint = Checkpoint(folder, durable=self.options.durable_checkpoint)
         try:
             interrupted = checkpoint.take_interrupted()
             if self.options.retry_failed:
