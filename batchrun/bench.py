@@ -76,15 +76,31 @@ LATENCY_MS = 200.0
 
 
 @dataclass
+class Rate:
+    """Requests per second (wall clock), and this process's CPU time per request, all threads."""
+
+    rps: float
+    cpu_us: float
+
+    @classmethod
+    def timed(cls, requests: int, measure: Callable[[], object]) -> Rate:
+        wall, cpu = time.perf_counter(), time.process_time()
+        measure()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        return cls(round(requests / wall, 1), round(cpu / requests * 1e6, 1))
+
+
+@dataclass
 class Scenario:
     name: str
     concurrency: int
     latency_ms: float
     rows: int
-    reference: str  # what the pipeline is compared with
-    reference_rps: float | None = None
-    pipeline_rps: float | None = None
-    ratio: float | None = None
+    compared_with: str
+    reference: Rate | None = None
+    pipeline: Rate | None = None
+    ratio: float | None = None  # pipeline / reference, requests/s
+    cpu_ratio: float | None = None  # reference / pipeline, CPU per request: steadier on a busy machine
     target: str = ""
     note: str = ""
 
@@ -181,7 +197,7 @@ def emulator_process(latency_ms: float = 0.0) -> Iterator[str]:
 # --- what is measured -------------------------------------------------------------------
 
 
-async def _transport_loop(base_url: str, bodies: list[bytes], concurrency: int) -> float:
+async def _transport_loop(base_url: str, bodies: list[bytes], concurrency: int) -> Rate:
     transport = Transport(base_url, KEY, 120, concurrency)
     queue = iter(bodies)
 
@@ -189,34 +205,39 @@ async def _transport_loop(base_url: str, bodies: list[bytes], concurrency: int) 
         for body in queue:
             await transport.attempt(CHAT_PATH, body, openai_chat.parse)
 
-    started = time.perf_counter()
-    try:
+    async def all_workers() -> None:
         async with anyio.create_task_group() as tg:
             for _ in range(concurrency):
                 tg.start_soon(worker)
-        return len(bodies) / (time.perf_counter() - started)
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        await all_workers()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        return Rate(round(len(bodies) / wall, 1), round(cpu / len(bodies) * 1e6, 1))
     finally:
         await transport.aclose()
 
 
-def bare_loop(base_url: str, bodies: list[bytes], concurrency: int) -> float:
-    """Requests/s of the bare loop, on the event loop the CLI uses."""
+def bare_loop(base_url: str, bodies: list[bytes], concurrency: int) -> Rate:
+    """The bare loop, on the event loop the CLI uses."""
     return eventloop.run(_transport_loop, base_url, bodies, concurrency)
 
 
-def pipeline(job: Job, rows: int, durable_checkpoint: bool = True) -> float:
-    """Requests/s of a whole `batchrun run` of the job, in this process, from scratch."""
+def pipeline(job: Job, rows: int, durable_checkpoint: bool = True) -> Rate:
+    """A whole `batchrun run` of the job, in this process, from scratch."""
     options = RunOptions(quiet=True, restart=True, durable_checkpoint=durable_checkpoint)
-    started = time.perf_counter()
-    summary = eventloop.run(run_job, job, options)
-    elapsed = time.perf_counter() - started
+    summary: dict[str, Any] = {}
+    rate = Rate.timed(rows, lambda: summary.update(eventloop.run(run_job, job, options)))
     if summary["ok"] != rows:
         raise RuntimeError(f"bench: only {summary['ok']} of {rows} rows succeeded; the figures would be wrong")
-    return rows / elapsed
+    return rate
 
 
-def best_of(repeat: int, measure: Callable[[], float]) -> float:
-    return max(measure() for _ in range(repeat))
+def best_of(repeat: int, measure: Callable[[], Rate]) -> Rate:
+    """The fastest run and the least CPU per request (other processes only ever slow a run down)."""
+    rates = [measure() for _ in range(repeat)]
+    return Rate(max(r.rps for r in rates), min(r.cpu_us for r in rates))
 
 
 # --- HTTP stacks, bare -------------------------------------------------------------------
@@ -361,13 +382,13 @@ def run_bench(quick: bool, memory_rows: list[int]) -> Report:
             job = write_job(inputs, input_path, url, sizes.concurrency)
             bodies = request_bodies(job)
             zero = Scenario("zero latency", sizes.concurrency, 0, sizes.rows, "bare loop", target=">= 0.90")
-            zero.reference_rps = best_of(sizes.repeat, lambda: bare_loop(url, bodies, sizes.concurrency))
-            zero.pipeline_rps = best_of(sizes.repeat, lambda: pipeline(job, sizes.rows))
+            zero.reference = best_of(sizes.repeat, lambda: bare_loop(url, bodies, sizes.concurrency))
+            zero.pipeline = best_of(sizes.repeat, lambda: pipeline(job, sizes.rows))
             off = Scenario(
                 "checkpoint on vs off", sizes.concurrency, 0, sizes.rows, "pipeline, checkpoint off", target=">= 0.95"
             )
-            off.reference_rps = best_of(sizes.repeat, lambda: pipeline(job, sizes.rows, durable_checkpoint=False))
-            off.pipeline_rps = zero.pipeline_rps
+            off.reference = best_of(sizes.repeat, lambda: pipeline(job, sizes.rows, durable_checkpoint=False))
+            off.pipeline = zero.pipeline
             off.note = "off: SQLite in memory, no request waits for a commit"
             report.stacks = http_stacks(url, bodies[: sizes.stack_rows], sizes.concurrency)
             report.emulator_rps_at_least = max(v for s in report.stacks for k, v in s.items() if k != "stack")
@@ -375,8 +396,9 @@ def run_bench(quick: bool, memory_rows: list[int]) -> Report:
                 report.memory = memory(memory_rows, url, workdir)
         report.scenarios += [zero, _latency_scenario(workdir, sizes), off, _streaming_scenario()]
     for s in report.scenarios:
-        if s.reference_rps and s.pipeline_rps:
-            s.ratio = round(s.pipeline_rps / s.reference_rps, 3)
+        if s.reference and s.pipeline:
+            s.ratio = round(s.pipeline.rps / s.reference.rps, 3)
+            s.cpu_ratio = round(s.reference.cpu_us / s.pipeline.cpu_us, 3)
     return report
 
 
@@ -398,9 +420,9 @@ def _latency_scenario(workdir: Path, sizes: Sizes) -> Scenario:
         job = write_job(folder, input_path, url, sizes.latency_concurrency)
         bodies = request_bodies(job)
         bare = best_of(sizes.repeat, lambda: bare_loop(url, bodies, sizes.latency_concurrency))
-        scenario.pipeline_rps = best_of(sizes.repeat, lambda: pipeline(job, sizes.latency_rows))
-    scenario.reference_rps = min(ideal, bare)
-    scenario.note = f"ideal {ideal:.0f}/s, bare loop {bare:.0f}/s"
+        scenario.pipeline = best_of(sizes.repeat, lambda: pipeline(job, sizes.latency_rows))
+    scenario.reference = Rate(min(ideal, bare.rps), bare.cpu_us)
+    scenario.note = f"ideal {ideal:.0f}/s, bare loop {bare.rps:.0f}/s"
     return scenario
 
 
@@ -430,19 +452,20 @@ def format_report(report: Report) -> str:
         f"batchrun bench{' --quick' if report.quick else ''}: {m['cpus']} CPUs, Python {m['python']}, "
         f"{m['platform']}, uvloop {'on' if m['uvloop'] else 'off'}",
         "",
-        f"{'scenario':<22}{'conc':>6}{'rows':>8}  {'reference':<26}{'ref req/s':>10}{'batchrun req/s':>16}"
-        f"{'ratio':>7}{'target':>8}",
+        f"{'scenario':<22}{'conc':>5}{'rows':>7}  {'compared with':<25}{'req/s':>7}{'batchrun':>9}{'ratio':>6}"
+        f"{'target':>8}  {'CPU µs/req':>10}{'batchrun':>9}{'ratio':>6}",
     ]
     for s in report.scenarios:
-        if s.ratio is None:
-            lines.append(f"{s.name:<22}{'':>6}{'':>8}  {s.note}")
+        if s.reference is None or s.pipeline is None:
+            lines.append(f"{s.name:<22}{'':>12}  {s.note}")
             continue
         lines.append(
-            f"{s.name:<22}{s.concurrency:>6}{s.rows:>8}  {s.reference:<26}{s.reference_rps:>10.0f}"
-            f"{s.pipeline_rps:>16.0f}{s.ratio:>7.2f}{s.target:>8}"
+            f"{s.name:<22}{s.concurrency:>5}{s.rows:>7}  {s.compared_with:<25}{s.reference.rps:>7.0f}"
+            f"{s.pipeline.rps:>9.0f}{s.ratio:>6.2f}{s.target:>8}  {s.reference.cpu_us:>10.0f}{s.pipeline.cpu_us:>9.0f}"
+            f"{s.cpu_ratio:>6.2f}"
         )
         if s.note:
-            lines.append(f"{'':<38}{s.note}")
+            lines.append(f"{'':<36}{s.note}")
     if report.stacks:
         loops = [k for k in report.stacks[0] if k != "stack"]
         lines += [

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,12 +44,14 @@ class Transport:
             timeout=timeout,
             connector=aiohttp.TCPConnector(limit=concurrency),
             cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=True,  # HTTPS_PROXY / NO_PROXY, as a user of a CLI expects
         )
+        self._proxy = _env_proxy(self._base_url)
 
     async def attempt(self, path: str, body: bytes, parse: Callable[[Any], Reply]) -> Reply:
         try:
-            async with self._session.post(self._base_url + path, data=body, allow_redirects=False) as response:
+            async with self._session.post(
+                self._base_url + path, data=body, allow_redirects=False, proxy=self._proxy
+            ) as response:
                 status, content, headers = response.status, await response.read(), response.headers
         except asyncio.TimeoutError as e:  # aiohttp's timeouts, on Python 3.10 too
             raise self._network_error("timeout", e) from None
@@ -75,6 +79,14 @@ class Transport:
 
     async def aclose(self) -> None:
         await self._session.close()
+
+
+def _env_proxy(base_url: str) -> str | None:
+    """HTTPS_PROXY / HTTP_PROXY / NO_PROXY, read once: aiohttp's `trust_env` reads them in a thread per request."""
+    parts = urllib.parse.urlsplit(base_url)
+    if urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
 
 
 @dataclass
