@@ -58,6 +58,7 @@ PHRASES = [
 MEMORY_BASE_ROWS = 10_000
 MEMORY_DONE_FRACTION = 0.9
 WRITE_CHUNK = 1_000_000
+ROW_GROUP_ROWS = 512**2  # polars' default; reading holds one row group, so memory follows this, not the row count
 
 
 @dataclass
@@ -132,7 +133,7 @@ def write_input(path: Path, rows: int) -> Path:
                 }
             ).to_arrow()
             writer = writer or pq.ParquetWriter(path, chunk.schema, compression="zstd")
-            writer.write_table(chunk)
+            writer.write_table(chunk, row_group_size=ROW_GROUP_ROWS)
     finally:
         if writer is not None:
             writer.close()
@@ -320,20 +321,28 @@ def prefill(job: Job, done: int) -> None:
         checkpoint.close()
 
 
-def peak_rss_mb(args: list[str], env: dict[str, str] | None = None) -> float:
+# The kernel's peak RSS of a child counts the image it was forked from, before exec:
+# a small launcher process forks the CLI, so the figure is the CLI's own.
+_LAUNCHER = (
+    "import os, resource, subprocess, sys\n"
+    "code = subprocess.run(sys.argv[2:], stdout=subprocess.DEVNULL).returncode\n"
+    "with open(sys.argv[1], 'w') as f: f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
+    "sys.exit(code)\n"
+)
+
+
+def peak_rss_mb(args: list[str], folder: Path, env: dict[str, str] | None = None) -> float:
     """Peak resident memory of `python -m batchrun ARGS` as a child process, from the kernel."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "batchrun", *args],
+    report = folder / "peak-rss-kib"
+    result = subprocess.run(
+        [sys.executable, "-c", _LAUNCHER, str(report), sys.executable, "-m", "batchrun", *args],
         env={**os.environ, KEY_ENV: KEY, **(env or {})},
-        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        text=True,
     )
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    stderr = process.stderr.read().decode() if process.stderr else ""
-    if process.returncode != 0:
-        raise RuntimeError(f"batchrun {' '.join(args)} failed ({process.returncode}): {stderr.strip()[-500:]}")
-    return usage.ru_maxrss / 1024  # Linux reports KiB
+    if result.returncode != 0:
+        raise RuntimeError(f"batchrun {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()[-500:]}")
+    return int(report.read_text()) / 1024  # Linux reports KiB
 
 
 def resume_peak_rss_mb(folder: Path, rows: int, pending: int, base_url: str) -> float:
@@ -341,7 +350,7 @@ def resume_peak_rss_mb(folder: Path, rows: int, pending: int, base_url: str) -> 
     folder.mkdir(parents=True, exist_ok=True)
     job = write_job(folder, write_input(folder / "input.parquet", rows), base_url, concurrency=64)
     prefill(job, rows - pending)
-    peak = peak_rss_mb(["run", str(job.path), "--quiet"])
+    peak = peak_rss_mb(["run", str(job.path), "--quiet"], folder)
     if pq.ParquetFile(job.output_path).metadata.num_rows != rows:
         raise RuntimeError(f"bench: the output of the {rows}-row job does not have {rows} rows")
     return peak
