@@ -20,6 +20,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,8 +39,9 @@ import yaml
 
 from batchrun import eventloop
 from batchrun.checkpoint import Checkpoint, RowRecord, checkpoint_folder
+from batchrun.fingerprint import Fingerprint
 from batchrun.inputs import InputTable
-from batchrun.protocols import openai_chat
+from batchrun.protocols import Decoder, openai_chat
 from batchrun.render import Renderer
 from batchrun.runner import RunOptions, run_job
 from batchrun.spec import Job, load_job
@@ -48,6 +50,7 @@ from batchrun.transport import Transport
 KEY_ENV = "BATCHRUN_BENCH_KEY"
 KEY = "sk-bench-not-a-secret"
 CHAT_PATH = openai_chat.path("gpt-5.4", False)
+STREAM_PIECES = 17
 PHRASES = [
     "I love this kettle, it works perfectly and the lid is sturdy.",
     "The handle broke after a week, terrible value and very noisy.",
@@ -140,17 +143,18 @@ def write_input(path: Path, rows: int) -> Path:
     return path
 
 
-def write_job(folder: Path, input_path: Path, base_url: str, concurrency: int) -> Job:
+def write_job(folder: Path, input_path: Path, base_url: str, concurrency: int, stream: bool = False) -> Job:
     job = {
         "name": "bench",
         "input": {"path": str(input_path), "id_column": "review_id"},
         "provider": {"api": "openai-chat", "base_url": base_url, "api_key_env": KEY_ENV},
         "model": "gpt-5.4",
         "prompt": {
-            "system": "You label product reviews.",
-            "user": "Review: {{ text }}\nAnswer positive, negative or neutral.",
+            "system": "You summarise product reviews.",
+            "user": "Review: {{ text }}\nSummarise it in a few words.",
         },
-        "params": {"max_completion_tokens": 20},
+        "params": {"max_completion_tokens": 40},
+        "stream": stream,
         "output": {"path": "out/bench.parquet"},
         "run": {"concurrency": concurrency, "max_attempts": 3, "timeout_s": 120},
     }
@@ -173,9 +177,14 @@ def request_bodies(job: Job) -> list[bytes]:
 
 @contextmanager
 def emulator_process(latency_ms: float = 0.0) -> Iterator[str]:
-    """The emulator in its own process, on a free port; yields its URL."""
+    """The emulator in its own process, on a free port; yields its URL.
+
+    Streamed answers come in STREAM_PIECES content events (about 20 events with the
+    role, finish, usage and [DONE]); no keepalive pings.
+    """
+    args = ["--port", "0", "--latency-ms", str(latency_ms), "--stream-pieces", str(STREAM_PIECES), "--ping-ms", "0"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "batchrun", "emulator", "--port", "0", "--latency-ms", str(latency_ms)],
+        [sys.executable, "-m", "batchrun", "emulator", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -198,13 +207,13 @@ def emulator_process(latency_ms: float = 0.0) -> Iterator[str]:
 # --- what is measured -------------------------------------------------------------------
 
 
-async def _transport_loop(base_url: str, bodies: list[bytes], concurrency: int) -> Rate:
+async def _transport_loop(base_url: str, bodies: list[bytes], concurrency: int, decoder: Decoder) -> Rate:
     transport = Transport(base_url, KEY, 120, concurrency)
     queue = iter(bodies)
 
     async def worker() -> None:
         for body in queue:
-            await transport.attempt(CHAT_PATH, body, openai_chat.parse)
+            await transport.attempt(CHAT_PATH, body, decoder)
 
     async def all_workers() -> None:
         async with anyio.create_task_group() as tg:
@@ -220,14 +229,18 @@ async def _transport_loop(base_url: str, bodies: list[bytes], concurrency: int) 
         await transport.aclose()
 
 
-def bare_loop(base_url: str, bodies: list[bytes], concurrency: int) -> Rate:
-    """The bare loop, on the event loop the CLI uses."""
-    return eventloop.run(_transport_loop, base_url, bodies, concurrency)
+def bare_loop(job: Job, bodies: list[bytes]) -> Rate:
+    """The bare loop over the job's requests, on the event loop the CLI uses."""
+    spec = job.spec
+    return eventloop.run(
+        _transport_loop, spec.provider.base_url, bodies, spec.run.concurrency, openai_chat.decoder(spec)
+    )
 
 
 def pipeline(job: Job, rows: int, durable_checkpoint: bool = True) -> Rate:
     """A whole `batchrun run` of the job, in this process, from scratch."""
-    options = RunOptions(quiet=True, restart=True, durable_checkpoint=durable_checkpoint)
+    shutil.rmtree(checkpoint_folder(job.output_path), ignore_errors=True)  # from scratch, without --restart's note
+    options = RunOptions(quiet=True, durable_checkpoint=durable_checkpoint)
     summary: dict[str, Any] = {}
     rate = Rate.timed(rows, lambda: summary.update(eventloop.run(run_job, job, options)))
     if summary["ok"] != rows:
@@ -309,6 +322,7 @@ def prefill(job: Job, done: int) -> None:
     checkpoint = Checkpoint(checkpoint_folder(job.output_path))
     now = time.time()
     try:
+        Fingerprint.of(job, None).save(checkpoint)
         for lo in range(0, done, 100_000):
             for idx in range(lo, min(done, lo + 100_000)):
                 checkpoint.finish(
@@ -384,26 +398,24 @@ def run_bench(quick: bool, memory_rows: list[int]) -> Report:
     report = Report(quick=quick, machine=_machine())
     with tempfile.TemporaryDirectory(prefix="batchrun-bench-") as tmp:
         workdir = Path(tmp)
-        inputs = workdir / "zero"
-        inputs.mkdir()
-        input_path = write_input(inputs / "input.parquet", sizes.rows)
         with emulator_process() as url:
-            job = write_job(inputs, input_path, url, sizes.concurrency)
-            bodies = request_bodies(job)
-            zero = Scenario("zero latency", sizes.concurrency, 0, sizes.rows, "bare loop", target=">= 0.90")
-            zero.reference = best_of(sizes.repeat, lambda: bare_loop(url, bodies, sizes.concurrency))
-            zero.pipeline = best_of(sizes.repeat, lambda: pipeline(job, sizes.rows))
+            job, bodies = _workload(workdir / "zero", url, sizes.rows, sizes.concurrency)
+            zero = _compare("zero latency", job, bodies, sizes, target=">= 0.90")
+            report.stacks = http_stacks(url, bodies[: sizes.stack_rows], sizes.concurrency)
+            report.emulator_rps_at_least = max(v for s in report.stacks for k, v in s.items() if k != "stack")
             off = Scenario(
                 "checkpoint on vs off", sizes.concurrency, 0, sizes.rows, "pipeline, checkpoint off", target=">= 0.95"
             )
             off.reference = best_of(sizes.repeat, lambda: pipeline(job, sizes.rows, durable_checkpoint=False))
             off.pipeline = zero.pipeline
             off.note = "off: SQLite in memory, no request waits for a commit"
-            report.stacks = http_stacks(url, bodies[: sizes.stack_rows], sizes.concurrency)
-            report.emulator_rps_at_least = max(v for s in report.stacks for k, v in s.items() if k != "stack")
+            job, bodies = _workload(workdir / "stream", url, sizes.rows, sizes.concurrency, stream=True)
+            streaming = _compare(
+                f"streaming ({STREAM_PIECES + 4} events)", job, bodies, sizes, target=">= 0.80", what="bare stream loop"
+            )
             if memory_rows:
                 report.memory = memory(memory_rows, url, workdir)
-        report.scenarios += [zero, _latency_scenario(workdir, sizes), off, _streaming_scenario()]
+        report.scenarios += [zero, _latency_scenario(workdir / "latency", sizes), off, streaming]
     for s in report.scenarios:
         if s.reference and s.pipeline:
             s.ratio = round(s.pipeline.rps / s.reference.rps, 3)
@@ -411,33 +423,32 @@ def run_bench(quick: bool, memory_rows: list[int]) -> Report:
     return report
 
 
-def _latency_scenario(workdir: Path, sizes: Sizes) -> Scenario:
-    """200 ms a request: the ideal is concurrency / latency, or the bare loop if the CPU caps lower."""
-    folder = workdir / "latency"
-    folder.mkdir()
-    input_path = write_input(folder / "input.parquet", sizes.latency_rows)
-    ideal = sizes.latency_concurrency / (LATENCY_MS / 1000)
-    scenario = Scenario(
-        f"{LATENCY_MS:.0f} ms latency",
-        sizes.latency_concurrency,
-        LATENCY_MS,
-        sizes.latency_rows,
-        "min(ideal, bare loop)",
-        target=">= 0.95",
-    )
-    with emulator_process(LATENCY_MS) as url:
-        job = write_job(folder, input_path, url, sizes.latency_concurrency)
-        bodies = request_bodies(job)
-        bare = best_of(sizes.repeat, lambda: bare_loop(url, bodies, sizes.latency_concurrency))
-        scenario.pipeline = best_of(sizes.repeat, lambda: pipeline(job, sizes.latency_rows))
-    scenario.reference = Rate(min(ideal, bare.rps), bare.cpu_us)
-    scenario.note = f"ideal {ideal:.0f}/s, bare loop {bare.rps:.0f}/s"
+def _workload(folder: Path, url: str, rows: int, concurrency: int, stream: bool = False) -> tuple[Job, list[bytes]]:
+    folder.mkdir(parents=True)
+    job = write_job(folder, write_input(folder / "input.parquet", rows), url, concurrency, stream)
+    return job, request_bodies(job)
+
+
+def _compare(name: str, job: Job, bodies: list[bytes], sizes: Sizes, target: str, what: str = "bare loop") -> Scenario:
+    """The bare loop, then the pipeline, on the same requests."""
+    scenario = Scenario(name, job.spec.run.concurrency, 0, len(bodies), what, target=target)
+    scenario.reference = best_of(sizes.repeat, lambda: bare_loop(job, bodies))
+    scenario.pipeline = best_of(sizes.repeat, lambda: pipeline(job, len(bodies)))
     return scenario
 
 
-def _streaming_scenario() -> Scenario:
-    scenario = Scenario("streaming (SSE)", 0, 0, 0, "bare streaming loop", target=">= 0.80")
-    scenario.note = "not available: batchrun does not stream yet (stream: true is refused as not supported)"
+def _latency_scenario(folder: Path, sizes: Sizes) -> Scenario:
+    """200 ms a request: the ideal is concurrency / latency, or the bare loop if the CPU caps lower."""
+    ideal = sizes.latency_concurrency / (LATENCY_MS / 1000)
+    with emulator_process(LATENCY_MS) as url:
+        job, bodies = _workload(folder, url, sizes.latency_rows, sizes.latency_concurrency)
+        scenario = _compare(f"{LATENCY_MS:.0f} ms latency", job, bodies, sizes, target=">= 0.95")
+    bare = scenario.reference
+    assert bare is not None
+    scenario.latency_ms = LATENCY_MS
+    scenario.compared_with = "min(ideal, bare loop)"
+    scenario.reference = Rate(min(ideal, bare.rps), bare.cpu_us)
+    scenario.note = f"ideal {ideal:.0f}/s, bare loop {bare.rps:.0f}/s"
     return scenario
 
 

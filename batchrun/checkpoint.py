@@ -10,11 +10,16 @@
 
 A kill between commits loses at most the uncommitted finished rows (their
 intents remain, so the rerun counts them). SQLite's journal makes a torn write
-impossible to mistake for a committed one.
+impossible to mistake for a committed one: a WAL cut mid-frame loses only its
+uncommitted tail. Damage SQLite cannot repair (a cut database file, a file that
+is not a database, a checkpoint from another format) is refused on open with a
+one-line message. A lock file keeps two runs off one checkpoint.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -25,8 +30,11 @@ from typing import Any
 
 import anyio
 
+from batchrun.errors import JobError
+
 FLUSH_S = 0.2
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "3"  # bump when a table changes; a checkpoint of another version is refused
+DB_NAME = "checkpoint.sqlite"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -44,7 +52,11 @@ CREATE TABLE IF NOT EXISTS rows (
     attempts INTEGER NOT NULL,
     error_class TEXT,
     error TEXT,
-    finished_at REAL NOT NULL
+    finished_at REAL NOT NULL,
+    shared_from TEXT,
+    repairs INTEGER NOT NULL,
+    request_hash INTEGER,
+    image_paths TEXT
 );
 CREATE TABLE IF NOT EXISTS inflight (idx INTEGER PRIMARY KEY, started_at REAL NOT NULL);
 """
@@ -68,6 +80,10 @@ class RowRecord:
     error_class: str | None
     error: str | None
     finished_at: float
+    shared_from: str | None = None  # the row whose identical request answered this one (nothing was sent)
+    repairs: int = 0  # follow-up asks after answers that failed output.schema
+    request_hash: int | None = None  # see fingerprint.row_hash; None when the row could not be rendered
+    image_paths: str | None = None  # JSON list of the files the row's images were written to
 
 
 ROW_COLUMNS = list(RowRecord.__dataclass_fields__)
@@ -80,18 +96,74 @@ class Checkpoint:
         # durable=False is for `batchrun bench` only, to measure what durability costs:
         # the database lives in memory and no request waits for a commit.
         self.durable = durable
-        target = folder / "checkpoint.sqlite" if durable else ":memory:"
+        target = folder / DB_NAME if durable else ":memory:"
         self._db = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process; WAL keeps it consistent
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process; WAL keeps it consistent
+            self._open_or_create()
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise JobError(
+                f"{folder}: the checkpoint is damaged ({e}); run again with --restart to start over "
+                "(its stored answers are lost)"
+            ) from None
+        except JobError:
+            self._db.close()
+            raise
         self._lock = threading.Lock()  # one thread at a time on the connection
+        self._lock_file: int | None = None
+        self._refusing = False
+        self.awaiting_answer: set[int] = set()  # begun in this run, not finished: at most `concurrency` rows
         self._intents: list[tuple[int, float]] = []
         self._finished: list[RowRecord] = []
         self._withdrawn: list[int] = []
         self._intent_done = anyio.Event()
         self._wake = anyio.Event()
         self._last_flush = time.monotonic()
+
+    def _open_or_create(self) -> None:
+        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:  # new: the schema and its version in one transaction, so a kill leaves none or both
+            self._db.executescript(
+                f"BEGIN; {_SCHEMA} INSERT INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
+            )
+            return
+        (page_size,) = self._db.execute("PRAGMA page_size").fetchone()
+        if (self.folder / DB_NAME).stat().st_size % page_size:  # SQLite writes whole pages only
+            raise sqlite3.DatabaseError("its database file is cut short")
+        problem = self._db.execute("PRAGMA quick_check").fetchone()[0]
+        if problem != "ok":
+            raise sqlite3.DatabaseError(problem.splitlines()[-1] if problem.startswith("***") else problem)
+        found = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        version = found[0] if found else "1"  # format 1 did not record its version
+        if version != SCHEMA_VERSION:
+            raise JobError(
+                f"{self.folder}: the checkpoint was written in format {version}, this batchrun reads format "
+                f"{SCHEMA_VERSION}; run again with --restart to start over, or use the batchrun that wrote it"
+            )
+
+    def lock_for_run(self) -> None:
+        """Only one run at a time may use a checkpoint: two would pay for every row twice."""
+        fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise JobError(
+                f"{self.folder}: another batchrun run is using this checkpoint; wait for it to end or stop it"
+            ) from None
+        self._lock_file = fd
+
+    def run_in_progress(self) -> bool:
+        fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops a lock this call took
+        return False
 
     # --- reading --------------------------------------------------------------------
 
@@ -132,37 +204,66 @@ class Checkpoint:
             "last_finished_at": last,
         }
 
-    def take_interrupted(self) -> int:
-        """Rows whose request may have been sent by a run that died: count them, then forget them."""
-        with self._lock:
-            (count,) = self._db.execute("SELECT COUNT(*) FROM inflight").fetchone()
-            self._db.execute("DELETE FROM inflight")
-        return int(count)
+    def count_interrupted(self) -> int:
+        """Rows whose request was sent by an earlier run that stopped before their answer was recorded.
+
+        They stay counted until they finish, so a run killed again before re-sending them still reports them.
+        """
+        return int(self._query("SELECT COUNT(*) FROM inflight")[0][0])
+
+    def error_classes(self) -> dict[str, int]:
+        rows = self._query("SELECT error_class, COUNT(*) FROM rows WHERE status = 'error' GROUP BY 1 ORDER BY 2 DESC")
+        return {str(cls): int(n) for cls, n in rows}
+
+    def hashes_in_range(self, lo: int, hi: int, ok_only: bool = False) -> dict[int, int | None]:
+        """Request hash of each finished row in [lo, hi)."""
+        sql = "SELECT idx, request_hash FROM rows WHERE idx >= ? AND idx < ?" + (
+            " AND status = 'ok'" if ok_only else ""
+        )
+        return dict(self._query(sql, (lo, hi)))
 
     # --- writing --------------------------------------------------------------------
 
     async def begin(self, idx: int) -> None:
-        """Durably record that `idx` is about to be requested; returns once committed."""
-        if not self.durable:
-            return
-        self._intents.append((idx, time.time()))
-        done = self._intent_done
-        self._wake.set()
-        await done.wait()
+        """Durably record that `idx` is about to be requested; returns once committed.
+
+        After `refuse_new_rows` it records nothing and waits to be cancelled: the row stays pending.
+        """
+        if self._refusing:
+            await anyio.sleep_forever()
+        if self.durable:
+            self._intents.append((idx, time.time()))
+            done = self._intent_done
+            self._wake.set()
+            await done.wait()
+        self.awaiting_answer.add(idx)
+
+    def refuse_new_rows(self) -> None:
+        """Ctrl-C: no row that has not begun may be sent any more."""
+        self._refusing = True
 
     def finish(self, record: RowRecord) -> None:
+        self.awaiting_answer.discard(record.idx)
         self._finished.append(record)
         if len(self._finished) >= 512:
             self._wake.set()
 
     def withdraw(self, idx: int) -> None:
         """The request of `idx` was answered without cost (e.g. 401): it is pending, not in flight."""
+        self.awaiting_answer.discard(idx)
         self._withdrawn.append(idx)
 
     def forget_errors(self) -> int:
         """--retry-failed: drop rows that ended in error so they are requested again."""
         with self._lock:
             return self._db.execute("DELETE FROM rows WHERE status = 'error'").rowcount
+
+    def forget(self, indexes: list[int]) -> None:
+        """Drop these finished rows so they are requested again (--rerun-changed, answers that failed output.schema)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany("DELETE FROM rows WHERE idx = ?", [(i,) for i in indexes])
+            self._db.execute("COMMIT")
 
     async def flush_loop(self) -> None:
         """Runs for the whole run; cancel it after a final `flush()`."""
@@ -203,6 +304,9 @@ class Checkpoint:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        if self._lock_file is not None:
+            os.close(self._lock_file)
+            self._lock_file = None
 
 
 def checkpoint_folder(output_path: Path) -> Path:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from typing import Any
 
-import orjson
-
-from batchrun.errors import JobError, RunAborted
+from batchrun.errors import BudgetReached, JobError, RunAborted, RunInterrupted
 
 EXIT_BAD_INPUT = 2
 EXIT_ABORTED = 3
+EXIT_BUDGET = 4
 EXIT_INTERRUPTED = 130
 
 
@@ -27,10 +27,38 @@ def main(argv: list[str] | None = None) -> int:
     except RunAborted as e:
         print(f"batchrun: {e}", file=sys.stderr)
         return EXIT_ABORTED
-    except KeyboardInterrupt:
-        job = getattr(args, "job", None)
-        print(f"\nbatchrun: interrupted; run `batchrun run {job}` again to resume", file=sys.stderr)
+    except BudgetReached as e:
+        print(f"batchrun: {e}", file=sys.stderr)
+        return EXIT_BUDGET
+    except RunInterrupted as e:
+        print(f"\nbatchrun: {_interrupted_message(e)}; resume with: {_resume_command(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        resume = f"; resume with: {_resume_command(args)}" if args.command == "run" else ""
+        print(f"\nbatchrun: interrupted{resume}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _interrupted_message(e: RunInterrupted) -> str:
+    message = f"interrupted: {e.done} of {e.total} rows done, {e.total - e.done} pending"
+    if e.cancelled:
+        message += (
+            f"; {e.cancelled} requests in flight were cancelled {e.cancelled_when} "
+            "(they may have been paid; the next run counts them)"
+        )
+    return message
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command that resumes a run: the same job, row limit, concurrency and budget; never --restart."""
+    words = ["batchrun", "run", args.job]
+    if args.limit is not None:
+        words += ["--limit", str(args.limit)]
+    if args.concurrency is not None:
+        words += ["--concurrency", str(args.concurrency)]
+    if args.max_cost is not None:
+        words += ["--max-cost", f"{args.max_cost:g}"]
+    return shlex.join(words)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +71,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--concurrency", type=_positive_int, help="requests in flight at most (overrides run.concurrency)")
     run.add_argument("--restart", action="store_true", help="throw the checkpoint away and start over")
     run.add_argument("--retry-failed", action="store_true", help="request again the rows that ended in error")
+    run.add_argument(
+        "--rerun-changed",
+        action="store_true",
+        help="after the job file changed: keep answers whose request is unchanged, send only the changed rows",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--max-cost",
+        type=_non_negative_float,
+        help="stop before the job's cost could pass this (overrides run.max_cost)",
+    )
     run.set_defaults(func=_run)
 
     validate = sub.add_parser("validate", help="check the job and its input, show the first requests; no network")
@@ -69,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
         help="answer with fault NAME at this rate, e.g. 429=0.1 (repeatable)",
     )
     emulator.add_argument("--seed", type=int, default=0)
+    emulator.add_argument("--ping-ms", type=float, default=10_000, help="`: PING` interval on OpenAI streams; 0: none")
+    emulator.add_argument("--stall-ms", type=float, default=3_000, help="how long a `stall` directive pauses a stream")
+    emulator.add_argument("--chunk-delay-ms", type=float, default=0.0, help="delay between stream events")
+    emulator.add_argument(
+        "--stream-pieces", type=_positive_int, default=4, help="content events per streamed chat answer (default 4)"
+    )
     emulator.set_defaults(func=_emulator)
 
     bench = sub.add_parser("bench", help="measure the client's own throughput against the emulator")
@@ -93,6 +137,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
 def _run(args: argparse.Namespace) -> int:
     import anyio
 
@@ -100,12 +151,17 @@ def _run(args: argparse.Namespace) -> int:
     from batchrun.spec import load_job
 
     job = load_job(args.job)
+    _print_warnings(job.warnings)
+    if args.max_cost is not None and job.spec.pricing is None:
+        raise JobError(f"{job.path}: --max-cost needs pricing in the job file to count the cost")
     options = RunOptions(
         limit=args.limit,
         concurrency=args.concurrency,
         restart=args.restart,
         retry_failed=args.retry_failed,
+        rerun_changed=args.rerun_changed,
         quiet=args.quiet,
+        max_cost=args.max_cost,
     )
     summary = anyio.run(run_job, job, options)
     _print_summary(summary)
@@ -121,6 +177,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
         line += f"; cost {summary['cost']:.4f} {summary['currency']}"
     line += f"; {summary['wall_s']:.1f} s, {summary['requests_per_s'] or 0:.1f} requests/s"
     print(line)
+    if summary["schema_invalid"]:
+        print(f"{summary['schema_invalid']} answers did not parse or match output.schema (error_class schema_invalid)")
+    if summary["shared"]:
+        print(f"{summary['shared']} rows repeated another row's request and share its answer (column shared_from)")
     if summary["in_flight_at_last_stop"]:
         print(
             f"{summary['in_flight_at_last_stop']} rows were in flight when the last run stopped "
@@ -130,57 +190,48 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from batchrun import protocols
+    from batchrun import output, protocols, spend
+    from batchrun.images import loader_for, preview_body
     from batchrun.inputs import ROW_INDEX, InputTable
     from batchrun.render import Renderer
     from batchrun.spec import load_job
+    from batchrun.structured import AnswerParser
 
     job = load_job(args.job)
+    _print_warnings(job.warnings)
     spec = job.spec
     table = InputTable.for_job(job)
     table.check_ids()
     renderer = Renderer(job, table.columns)
+    output.check_columns(job, AnswerParser.for_spec(spec), table.columns)
     job.api_key()
     protocol = protocols.PROTOCOLS[spec.provider.api]
+    loader = loader_for(job, protocol.INLINE_IMAGE_URLS)
     print(f"job {spec.name}: {table.count()} rows from {spec.input.path}, columns: {', '.join(table.columns)}")
     print(f"{spec.provider.api} {spec.model} -> POST {spec.provider.base_url}{protocol.path(spec.model, spec.stream)}")
     shown = 0
     for batch in table.batches(limit=args.show):
         for row in batch.iter_rows(named=True):
-            body = protocol.build(renderer.render(row), spec)
             print(f"\nrow {row[table.id_name] if table.id_column else row[ROW_INDEX]}:")
-            print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())
+            print(preview_body(protocol, loader, renderer.render(row), spec))
             shown += 1
+    print()
+    for line in spend.describe_estimate(spend.estimate_job(job, table, renderer), job):
+        print(line)
     print(f"\nok: the job is valid ({shown} requests shown, none sent)")
     return 0
 
 
+def _print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"batchrun: warning: {warning}", file=sys.stderr)
+
+
 def _status(args: argparse.Namespace) -> int:
-    from batchrun.checkpoint import Checkpoint, checkpoint_folder
-    from batchrun.inputs import InputTable
+    from batchrun.resume import status_lines
     from batchrun.spec import load_job
 
-    job = load_job(args.job)
-    folder = checkpoint_folder(job.output_path)
-    table = InputTable.for_job(job)
-    rows = table.count()
-    if not (folder / "checkpoint.sqlite").exists():
-        print(f"job {job.spec.name}: not started; {rows} rows pending")
-        return 0
-    checkpoint = Checkpoint(folder)
-    try:
-        totals = checkpoint.totals()
-    finally:
-        checkpoint.close()
-    pending = rows - totals["ok"] - totals["error"]
-    print(f"job {job.spec.name}: {totals['ok']} ok, {totals['error']} error, {pending} pending of {rows} rows")
-    print(f"tokens: {totals['prompt_tokens']} in / {totals['completion_tokens']} out")
-    if job.spec.pricing is not None:
-        p = job.spec.pricing
-        cost = (
-            totals["prompt_tokens"] * p.input_per_million + totals["completion_tokens"] * p.output_per_million
-        ) / 1e6
-        print(f"cost so far: {cost:.4f} {p.currency}")
+    print("\n".join(status_lines(load_job(args.job))))
     return 0
 
 
@@ -193,6 +244,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _emulator(args: argparse.Namespace) -> int:
     from batchrun.emulator.faults import FAULTS
     from batchrun.emulator.server import EmulatorConfig, serve_forever
+    from batchrun.emulator.streams import StreamSettings
 
     rates: dict[str, float] = {}
     for item in args.fault:
@@ -209,7 +261,14 @@ def _emulator(args: argparse.Namespace) -> int:
         if not key:
             raise JobError(f"--api-key-env: the variable {args.api_key_env} is not set")
     config = EmulatorConfig(
-        api_key=key, latency_s=args.latency_ms / 1000, jitter_s=args.jitter_ms / 1000, fault_rates=rates, seed=args.seed
+        api_key=key,
+        latency_s=args.latency_ms / 1000,
+        jitter_s=args.jitter_ms / 1000,
+        fault_rates=rates,
+        seed=args.seed,
+        streams=StreamSettings(
+            args.ping_ms / 1000 or None, args.stall_ms / 1000, args.chunk_delay_ms / 1000, args.stream_pieces
+        ),
     )
     try:
         serve_forever(config, args.host, args.port)

@@ -7,3 +7,18 @@ class JobError(Exception):
 
 class RunAborted(Exception):
     """The run was stopped because continuing would not help (bad key, no balance)."""
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C stopped the run; what finished is committed and the same command resumes."""
+
+    def __init__(self, done: int, total: int, cancelled: int, cancelled_when: str) -> None:
+        super().__init__(f"{done} of {total} rows done")
+        self.done = done
+        self.total = total
+        self.cancelled = cancelled  # requests cut off before their answer: they may have been paid
+        self.cancelled_when = cancelled_when
+
+
+class BudgetReached(Exception):
+    """The run stopped sending because the next request could pass run.max_cost; it resumes when raised."""

@@ -125,6 +125,11 @@ class InputTable:
                 f"(repeated: {', '.join(map(str, repeated))}); pick a unique column or drop input.id_column"
             )
 
+    def sample(self, rows: int, total: int) -> pl.DataFrame:
+        """About `rows` rows spread evenly over an input of `total` rows (for estimates)."""
+        every = max(1, -(-total // max(rows, 1)))  # ceil: the sample spans the whole input
+        return self._collect(self._frame.gather_every(every).head(rows))
+
     def batches(self, limit: int | None = None, batch_rows: int = BATCH_ROWS) -> Iterator[pl.DataFrame]:
         """Input rows in order, each batch with the row_index column first."""
         offset = 0

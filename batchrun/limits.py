@@ -28,9 +28,18 @@ DEFAULT_OUTPUT_ESTIMATE = 256
 
 def estimate_tokens(prompt_chars: int, params: dict[str, Any]) -> int:
     """Prompt characters / 4, plus the output cap the params set (or a default)."""
+    cap = output_cap(params)
+    return prompt_tokens_estimate(prompt_chars) + (cap if cap is not None else DEFAULT_OUTPUT_ESTIMATE)
+
+
+def prompt_tokens_estimate(prompt_chars: int) -> int:
+    return math.ceil(prompt_chars / 4)
+
+
+def output_cap(params: dict[str, Any]) -> int | None:
+    """The output-token cap params set, in any protocol's name; None when there is none."""
     config = params.get("generationConfig") if isinstance(params.get("generationConfig"), dict) else {}
-    cap = next((v for k in OUTPUT_CAP_KEYS for v in (params.get(k), config.get(k)) if isinstance(v, int)), None)
-    return math.ceil(prompt_chars / 4) + (cap if cap is not None else DEFAULT_OUTPUT_ESTIMATE)
+    return next((v for k in OUTPUT_CAP_KEYS for v in (params.get(k), config.get(k)) if isinstance(v, int)), None)
 
 
 class _Charge:

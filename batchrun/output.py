@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,12 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchrun import spend
 from batchrun.checkpoint import ROW_COLUMNS, Checkpoint
+from batchrun.errors import JobError
 from batchrun.inputs import ROW_INDEX, InputTable
-from batchrun.spec import PricingSpec
+from batchrun.spec import Job, PricingSpec
+from batchrun.structured import PARSE_NOTE, SCHEMA_INVALID, AnswerParser
 
 # Input batches are gathered into row groups of this many rows: the writer keeps every
 # row group's metadata until it closes, and one group per 2,048-row batch made 10 M rows ~5,000 groups.
@@ -28,49 +32,80 @@ TOOL_CALL = pl.Struct({"name": pl.String, "arguments": pl.String})
 RESULT_SCHEMA: dict[str, pl.DataType] = {
     "response_text": pl.String(),
     "tool_calls": pl.List(TOOL_CALL),
+    "image_paths": pl.List(pl.String()),
     "finish_reason": pl.String(),
     "model": pl.String(),
     "prompt_tokens": pl.Int64(),
     "completion_tokens": pl.Int64(),
     "latency_s": pl.Float64(),
     "attempts": pl.Int64(),
+    "repairs": pl.Int64(),
+    "shared_from": pl.String(),
     "status": pl.String(),
     "error_class": pl.String(),
     "error": pl.String(),
 }
 
 
-def result_frame(rows: list[tuple[Any, ...]], pricing: PricingSpec | None) -> pl.DataFrame:
-    """Checkpoint rows to the output's result columns (plus row_index to join on)."""
+def result_frame(
+    rows: list[tuple[Any, ...]], parser: AnswerParser | None, pricing: PricingSpec | None, repairs: bool = False
+) -> pl.DataFrame:
+    """Checkpoint rows to the output's result columns (plus row_index to join on).
+
+    The answers are parsed here, so a changed schema only needs the output rewritten;
+    `repairs` is a column only when the job asks for repairs.
+    """
     cols = {name: [r[i] for r in rows] for i, name in enumerate(ROW_COLUMNS)}
-    cols["tool_calls"] = [orjson.loads(t) if t else None for t in cols["tool_calls"]]
+    for name in ("tool_calls", "image_paths"):
+        cols[name] = [orjson.loads(t) if t else None for t in cols[name]]
+    names = [n for n in RESULT_SCHEMA if repairs or n != "repairs"]
     frame = pl.DataFrame(
-        {ROW_INDEX: cols["idx"], **{name: cols[name] for name in RESULT_SCHEMA}},
-        schema={ROW_INDEX: pl.UInt32(), **RESULT_SCHEMA},
+        {ROW_INDEX: cols["idx"], **{name: cols[name] for name in names}},
+        schema={ROW_INDEX: pl.UInt32(), **{name: RESULT_SCHEMA[name] for name in names}},
     )
+    if parser is not None:
+        frame = parser.apply(frame)
     if pricing is not None:
-        cost = pl.col("prompt_tokens") * (pricing.input_per_million / 1e6) + pl.col("completion_tokens") * (
-            pricing.output_per_million / 1e6
-        )
-        frame = frame.with_columns(cost.alias("cost"))
+        frame = frame.with_columns(spend.cost_expr(pricing, frame.columns))
     return frame
+
+
+def check_columns(job: Job, parser: AnswerParser | None, input_columns: list[str]) -> None:
+    """The schema's properties become columns: none may clash with an input or result column."""
+    if parser is None:
+        return
+    taken = {*input_columns, ROW_INDEX, *RESULT_SCHEMA, PARSE_NOTE, "cost", "image_paths"}
+    clash = sorted(taken & set(parser.columns))
+    if clash:
+        raise JobError(
+            f"{job.path}: output.schema: the property {clash[0]!r} would become a column, but the output already "
+            "has a column of that name; rename the property (in the tool's parameters with parse: tool)"
+        )
 
 
 def write_parquet(
     table: InputTable,
     checkpoint: Checkpoint,
-    path: Path,
+    job: Job,
     limit: int | None,
-    pricing: PricingSpec | None,
-) -> None:
+    parser: AnswerParser | None,
+) -> dict[str, Any]:
+    """Writes the output; returns its totals (rows ok / error, schema failures, shared, cost)."""
+    path, pricing = job.output_path, job.spec.pricing
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     writer: pq.ParquetWriter | None = None
     group: list[pa.Table] = []
+    totals: dict[str, Any] = {"ok": 0, "error": 0, SCHEMA_INVALID: 0, "shared": 0}
+    if pricing is not None:
+        totals["cost"] = 0.0
     try:
         for batch in table.batches(limit):
             lo, hi = batch[ROW_INDEX][0], batch[ROW_INDEX][-1] + 1
-            results = result_frame(checkpoint.rows_in_range(lo, hi), pricing)
+            results = result_frame(
+                checkpoint.rows_in_range(lo, hi), parser, pricing, job.spec.output.repair_attempts > 0
+            )
+            _add_totals(totals, results)
             merged = batch.join(results, on=ROW_INDEX, how="left", maintain_order="left")
             if table.id_column is not None:
                 merged = merged.drop(ROW_INDEX)
@@ -89,6 +124,33 @@ def write_parquet(
     if writer is None:  # an empty input still gets a (column-less) file
         pl.DataFrame().write_parquet(tmp)
     os.replace(tmp, path)
+    return totals
+
+
+def _add_totals(totals: dict[str, Any], results: pl.DataFrame) -> None:
+    row = results.select(
+        (pl.col("status") == "ok").sum().alias("ok"),
+        (pl.col("status") == "error").sum().alias("error"),
+        (pl.col("error_class") == SCHEMA_INVALID).sum().alias(SCHEMA_INVALID),
+        pl.col("shared_from").is_not_null().sum().alias("shared"),
+        *([pl.col("cost").sum()] if "cost" in totals else []),
+    ).row(0, named=True)
+    for key, value in row.items():
+        totals[key] += value
+
+
+def failed_answers(checkpoint: Checkpoint, parser: AnswerParser, rows: int, chunk: int = 10_000) -> Iterator[list[int]]:
+    """Indexes of stored answers that fail the parse/schema check, a chunk of the checkpoint at a time."""
+    for lo in range(0, rows, chunk):
+        failed = []
+        for record in checkpoint.rows_in_range(lo, lo + chunk):
+            row = dict(zip(ROW_COLUMNS, record))
+            if (
+                row["status"] == "ok"
+                and not parser.judge_stored(row["response_text"], row["finish_reason"], row["tool_calls"]).ok
+            ):
+                failed.append(row["idx"])
+        yield failed
 
 
 def summary_path(output_path: Path) -> Path:

@@ -9,17 +9,22 @@ from tqdm import tqdm
 
 from batchrun.checkpoint import RowRecord
 from batchrun.spec import PricingSpec
+from batchrun.spend import cost
 
 REFRESH_S = 0.5
 
 
 class Progress:
-    def __init__(self, total: int, quiet: bool, pricing: PricingSpec | None) -> None:
+    def __init__(
+        self, total: int, quiet: bool, pricing: PricingSpec | None, max_cost: float | None = None, spent: float = 0.0
+    ) -> None:
+        """`spent`: the job's cost before this run, so the bar shows the job's total against `max_cost`."""
         self._bar = tqdm(total=total, unit="row", disable=quiet, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
         self._pricing = pricing
+        self._max_cost = max_cost
         self.failed = 0
         self.tokens = 0
-        self.cost = 0.0
+        self.cost = spent
         self._pending = 0
         self._last = 0.0
 
@@ -30,9 +35,7 @@ class Progress:
             prompt, completion = record.prompt_tokens or 0, record.completion_tokens or 0
             self.tokens += prompt + completion
             if self._pricing is not None:
-                self.cost += (
-                    prompt * self._pricing.input_per_million + completion * self._pricing.output_per_million
-                ) / 1e6
+                self.cost += cost(self._pricing, prompt, completion)
         self._pending += 1
         now = time.monotonic()
         if now - self._last >= REFRESH_S:  # tqdm calls are not free at thousands of rows a second
@@ -44,7 +47,8 @@ class Progress:
         self._last = now
         postfix = {"failed": self.failed, "tokens": self.tokens}
         if self._pricing is not None:
-            postfix["cost"] = f"{self.cost:.4f} {self._pricing.currency}"
+            budget = f" of {self._max_cost:.4f}" if self._max_cost is not None else ""
+            postfix["cost"] = f"{self.cost:.4f}{budget} {self._pricing.currency}"
         self._bar.set_postfix(postfix, refresh=False)
 
     def close(self) -> None:

@@ -15,12 +15,26 @@ _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newlin
 
 
 @dataclass(frozen=True)
+class ImageInput:
+    """An image ready to send: a URL passed on as is, or bytes with their MIME type."""
+
+    mime: str = ""
+    data: bytes = b""
+    url: str | None = None
+
+
+@dataclass(frozen=True)
 class Request:
     """What one row asks, before any protocol shapes it."""
 
     system: str | None
     user: str
-    images: tuple[str, ...] = field(default_factory=tuple)
+    images: tuple[str, ...] = field(default_factory=tuple)  # as rendered: paths, URLs or data URLs
+    image_inputs: tuple[ImageInput, ...] = field(default_factory=tuple)  # `images` loaded, right before sending
+
+    @property
+    def text_chars(self) -> int:
+        return len(self.user) + len(self.system or "")
 
 
 class Renderer:

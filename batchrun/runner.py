@@ -8,11 +8,12 @@ goes to the checkpoint. The output is written from the checkpoint at the end.
 
 from __future__ import annotations
 
-import shutil
+import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -21,18 +22,22 @@ import jinja2
 import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from batchrun import output, protocols
-from batchrun.checkpoint import Checkpoint, RowRecord, checkpoint_folder
-from batchrun.errors import RunAborted
+from batchrun import fingerprint, images, output, protocols, spend
+from batchrun.checkpoint import Checkpoint, RowRecord
+from batchrun.errors import BudgetReached, RunAborted, RunInterrupted
 from batchrun.inputs import ROW_INDEX, InputTable
-from batchrun.limits import Limits, estimate_tokens
+from batchrun.limits import Limits, estimate_tokens, output_cap, prompt_tokens_estimate
 from batchrun.progress import Progress
 from batchrun.protocols import CallError
-from batchrun.render import Renderer
+from batchrun.render import Renderer, Request
+from batchrun.resume import ResumeFlags, open_for_run
+from batchrun.sharing import SharedAnswers, request_key
 from batchrun.spec import Job
+from batchrun.structured import AnswerParser, ask_with_repairs, explain_native_rejection
 from batchrun.transport import Outcome, Transport, call_with_retries
 
 ABORT_AFTER = 3  # PROTOCOL.md §5.2 rules B and C
+GRACE_S = 3.0  # after Ctrl-C, how long rows in flight may take to finish before they are cancelled
 
 
 @dataclass
@@ -41,7 +46,9 @@ class RunOptions:
     concurrency: int | None = None
     restart: bool = False
     retry_failed: bool = False
+    rerun_changed: bool = False
     quiet: bool = False
+    max_cost: float | None = None  # overrides run.max_cost
     durable_checkpoint: bool = True  # False only in `batchrun bench`, to measure the checkpoint's cost
 
 
@@ -49,8 +56,11 @@ class RunOptions:
 class WorkItem:
     idx: int
     row_id: str
-    body: dict[str, Any]
-    estimate: int
+    request: Request  # the body is built by the worker, once the row's images are loaded
+    estimate: int  # tokens, for the tokens-per-minute window
+    prompt_estimate: int  # input tokens, for the budget
+    key: bytes  # identical requests share one answer
+    request_hash: int  # the key with the job's request settings: what a rerun compares (fingerprint.py)
 
 
 class AbortWatch:
@@ -91,28 +101,47 @@ class Run:
         self.table = InputTable.for_job(job)
         self.table.check_ids()
         self.renderer = Renderer(job, self.table.columns)
+        self.parser = AnswerParser.for_spec(spec)
+        output.check_columns(job, self.parser, self.table.columns)
         self.protocol = protocols.PROTOCOLS[spec.provider.api]
+        self.decoder = self.protocol.decoder(spec)
+        self.images = images.loader_for(job, self.protocol.INLINE_IMAGE_URLS)
         self.api_key = job.api_key()
         self.watch = AbortWatch()
         self.limits = Limits(self.concurrency, spec.run.requests_per_minute, spec.run.tokens_per_minute)
+        self.settings = fingerprint.settings_digest(spec)
         self.requested = 0
         self._held: list[RowRecord] = []
+        self.interrupts = 0
+        self._producing = anyio.CancelScope()
+        self.sharing = SharedAnswers()
+        max_cost = options.max_cost if options.max_cost is not None else spec.run.max_cost
+        self.budget = spend.Budget(max_cost, spec.pricing, spent=0.0)
 
     async def execute(self) -> dict[str, Any]:
         started = time.monotonic()
-        folder = checkpoint_folder(self.job.output_path)
-        if self.options.restart and folder.exists():
-            shutil.rmtree(folder)
-        checkpoint = Checkpoint(folder, durable=self.options.durable_checkpoint)
+        options = self.options
+        flags = ResumeFlags(options.restart, options.rerun_changed, options.retry_failed)
+        checkpoint, notes = open_for_run(self.job, self.table, self.renderer, flags, options.durable_checkpoint)
         try:
-            interrupted = checkpoint.take_interrupted()
+            for note in notes:
+                print(f"batchrun: {note}", file=sys.stderr)
+            interrupted = checkpoint.count_interrupted()
             if self.options.retry_failed:
                 checkpoint.forget_errors()
+                if self.parser is not None:  # answers that failed the schema are errors too
+                    for failed in output.failed_answers(checkpoint, self.parser, self.table.count()):
+                        checkpoint.forget(failed)
+            if self.job.spec.pricing is not None:
+                done = checkpoint.totals()
+                self.budget.spent = spend.cost(self.job.spec.pricing, done["prompt_tokens"], done["completion_tokens"])
             total = self.table.count() if self.options.limit is None else min(self.options.limit, self.table.count())
             progress = Progress(
                 total=total - checkpoint.count_finished(0, total),
                 quiet=self.options.quiet,
                 pricing=self.job.spec.pricing,
+                max_cost=self.budget.limit,
+                spent=self.budget.spent,
             )
             with _base_url(self.job) as base_url:
                 transport = Transport(base_url, self.api_key, self.job.spec.run.timeout_s, self.concurrency)
@@ -120,14 +149,19 @@ class Run:
                     await self._run_all(checkpoint, transport, progress)
                 finally:
                     await transport.aclose()
+                    await self.images.aclose()
                     progress.close()
+            if self.interrupts:
+                when = f"after {GRACE_S:g} s" if self.interrupts == 1 else "at the second Ctrl-C"
+                cancelled = len(checkpoint.awaiting_answer)
+                raise RunInterrupted(checkpoint.count_finished(0, total), total, cancelled, when)
             if self.watch.tripped is not None:
                 raise RunAborted(_abort_message(self.watch.tripped, self.job))
+            if self.budget.stopped:
+                raise BudgetReached(self.budget.stop_message(self.job, total - checkpoint.count_finished(0, total)))
             totals = checkpoint.totals()
-            output.write_parquet(
-                self.table, checkpoint, self.job.output_path, self.options.limit, self.job.spec.pricing
-            )
-            summary = self._summary(totals, total, interrupted, time.monotonic() - started)
+            written = output.write_parquet(self.table, checkpoint, self.job, self.options.limit, self.parser)
+            summary = self._summary(totals, written, total, interrupted, time.monotonic() - started)
             output.write_summary(self.job.output_path, summary)
             return summary
         finally:
@@ -138,7 +172,8 @@ class Run:
         async with anyio.create_task_group() as tg:
             tg.start_soon(checkpoint.flush_loop)
             async with anyio.create_task_group() as work:
-                work.start_soon(self._produce, send, checkpoint, progress)
+                tg.start_soon(self._stop_on_ctrl_c, checkpoint, work.cancel_scope)
+                work.start_soon(self._produce_until_ctrl_c, send, checkpoint, progress)
                 for _ in range(self.concurrency):
                     work.start_soon(self._work, receive.clone(), checkpoint, transport, progress, work.cancel_scope)
                 receive.close()
@@ -146,6 +181,30 @@ class Run:
                 self._release_held(checkpoint, progress)
             await checkpoint.flush()
             tg.cancel_scope.cancel()
+
+    async def _produce_until_ctrl_c(
+        self, send: MemoryObjectSendStream[WorkItem], checkpoint: Checkpoint, progress: Progress
+    ) -> None:
+        with self._producing:
+            await self._produce(send, checkpoint, progress)
+
+    async def _stop_on_ctrl_c(self, checkpoint: Checkpoint, work: anyio.CancelScope) -> None:
+        """First Ctrl-C: send no new row; rows in flight get GRACE_S to finish. A second one cancels them now.
+
+        Either way the run then commits what finished (the checkpoint is consistent at every commit).
+        """
+        with anyio.open_signal_receiver(signal.SIGINT) as signals:
+            await anext(signals)
+            self.interrupts = 1
+            self._producing.cancel()
+            checkpoint.refuse_new_rows()
+            work.deadline = anyio.current_time() + GRACE_S
+            while checkpoint.awaiting_answer:
+                with anyio.move_on_after(0.05):
+                    await anext(signals)
+                    self.interrupts = 2
+                    break
+            work.cancel()
 
     async def _produce(
         self, send: MemoryObjectSendStream[WorkItem], checkpoint: Checkpoint, progress: Progress
@@ -160,6 +219,8 @@ class Run:
                     idx = row[ROW_INDEX]
                     if idx in done:
                         continue
+                    if self.budget.stopped:
+                        return
                     row_id = str(row[id_name])
                     try:
                         request = self.renderer.render(row)
@@ -167,9 +228,14 @@ class Run:
                         checkpoint.finish(_input_error(idx, row_id, f"template: {e}"))
                         progress.row_done("error", None)
                         continue
-                    chars = len(request.user) + len(request.system or "")
-                    body = self.protocol.build(request, spec)
-                    await send.send(WorkItem(idx, row_id, body, estimate_tokens(chars, spec.params)))
+                    chars = request.text_chars
+                    image_tokens = images.IMAGE_TOKEN_ESTIMATE * len(request.images)
+                    estimate = estimate_tokens(chars, spec.params) + image_tokens
+                    prompt_estimate = prompt_tokens_estimate(chars) + image_tokens
+                    key = request_key(request)
+                    request_hash = fingerprint.row_hash(self.settings, key)
+                    item = WorkItem(idx, row_id, request, estimate, prompt_estimate, key, request_hash)
+                    await send.send(item)
                 await anyio.sleep(0)  # let workers run between batches
 
     async def _work(
@@ -180,23 +246,21 @@ class Run:
         progress: Progress,
         scope: anyio.CancelScope,
     ) -> None:
-        spec = self.job.spec
-        path = self.protocol.path(spec.model, spec.stream)
         async with receive:
             async for item in receive:
-                self.requested += 1
-                outcome = await call_with_retries(
-                    transport,
-                    self.limits,
-                    path,
-                    item.body,
-                    self.protocol.parse,
-                    item.estimate,
-                    spec.run.max_attempts,
-                    self.watch.on_error,
-                    before_first_send=partial(checkpoint.begin, item.idx),
-                )
-                record = _record(item, outcome)
+                if self.budget.stopped:
+                    continue  # left pending: the budget allows no more requests
+                record = await self.sharing.find(item.key, item.idx, item.row_id)
+                if record is not None:
+                    checkpoint.finish(record)
+                    progress.row_done(self._status(record), record)
+                    continue
+                with self.sharing.leading(item.key) as publish:
+                    asked = await self._ask(item, checkpoint, transport)
+                    if asked is None:
+                        continue
+                    record, outcome = asked
+                    publish(record)
                 if outcome.error is not None and outcome.error.abort in ("A", "B"):
                     # Held back: if the run aborts, this row stays pending rather than failed.
                     self._held.append(record)
@@ -210,23 +274,98 @@ class Run:
                     self.watch.on_success()
                     self._release_held(checkpoint, progress)
                 checkpoint.finish(record)
-                progress.row_done(record.status, record)
+                progress.row_done(self._status(record), record)
+
+    async def _ask(
+        self, item: WorkItem, checkpoint: Checkpoint, transport: Transport
+    ) -> tuple[RowRecord, Outcome] | None:
+        """The row's request, and its repairs; None if the budget does not allow it."""
+        spec = self.job.spec
+        path = self.protocol.path(spec.model, spec.stream)
+        cap = output_cap(spec.params)
+        try:
+            request_body = await self._body(item.request)
+        except images.ImageError as e:  # nothing is sent for this row
+            failed = Outcome(None, CallError("input", str(e), retryable=False), 0, 0.0)
+            return _record(item, failed), failed
+
+        async def send(body: dict[str, Any], extra_tokens: int, first: bool) -> Outcome | None:
+            prompt_estimate = item.prompt_estimate + extra_tokens
+            held = self.budget.reserve(prompt_estimate, cap)
+            if held is None:
+                return None
+            outcome = await call_with_retries(
+                transport,
+                self.limits,
+                path,
+                body,
+                self.decoder,
+                item.estimate + extra_tokens,
+                spec.run.max_attempts,
+                self.watch.on_error,
+                before_first_send=partial(checkpoint.begin, item.idx) if first else _nothing,
+            )
+            reply = outcome.reply
+            self.budget.settle(held, prompt_estimate, reply and reply.prompt_tokens, reply and reply.completion_tokens)
+            return outcome
+
+        async def follow_up(answer: str, message: str) -> Outcome | None:
+            body = self.protocol.repair_body(request_body, answer, message)
+            return await send(body, prompt_tokens_estimate(len(answer) + len(message)), first=False)
+
+        outcome = await send(request_body, 0, first=True)
+        if outcome is None:
+            return None
+        self.requested += 1
+        if outcome.error is not None:
+            explain_native_rejection(outcome.error, spec)
+        repairs = 0
+        if self.parser is not None and spec.output.repair_attempts:
+            outcome, repairs = await ask_with_repairs(outcome, self.parser, spec.output.repair_attempts, follow_up)
+        record = _record(item, outcome)
+        record.repairs = repairs
+        if outcome.reply is not None and outcome.reply.images:
+            saved = await anyio.to_thread.run_sync(
+                images.save_images, outcome.reply.images, self.job.images_dir, item.row_id
+            )
+            record.image_paths = orjson.dumps(saved).decode()
+        return record, outcome
+
+    def _status(self, record: RowRecord) -> str:
+        """The row's status as the output will have it: an answer that fails its check is an error."""
+        if record.status != "ok" or self.parser is None:
+            return record.status
+        return (
+            "ok"
+            if self.parser.judge_stored(record.response_text, record.finish_reason, record.tool_calls).ok
+            else "error"
+        )
+
+    async def _body(self, request: Request) -> dict[str, Any]:
+        """Images are read only now, right before the row is sent (ImageError: nothing is sent)."""
+        if request.images:
+            request = replace(request, image_inputs=await self.images.load(request.images))
+        return self.protocol.build(request, self.job.spec)
 
     def _release_held(self, checkpoint: Checkpoint, progress: Progress) -> None:
         """The run goes on after all: rows held back by a possible abort are errors after all."""
         for held in self._held:
             checkpoint.finish(held)
-            progress.row_done(held.status, held)
+            progress.row_done(self._status(held), held)
         self._held.clear()
 
-    def _summary(self, totals: dict[str, Any], total: int, interrupted: int, wall_s: float) -> dict[str, Any]:
+    def _summary(
+        self, totals: dict[str, Any], written: dict[str, Any], total: int, interrupted: int, wall_s: float
+    ) -> dict[str, Any]:
         pricing = self.job.spec.pricing
         summary: dict[str, Any] = {
             "job": self.job.spec.name,
             "output": str(self.job.output_path),
             "rows": total,
-            "ok": totals["ok"],
-            "error": totals["error"],
+            "ok": written["ok"],
+            "error": written["error"],
+            "schema_invalid": written["schema_invalid"],
+            "shared": written["shared"],
             "prompt_tokens": totals["prompt_tokens"],
             "completion_tokens": totals["completion_tokens"],
             "requested_this_run": self.requested,
@@ -235,12 +374,10 @@ class Run:
             "requests_per_s": round(self.requested / wall_s, 2) if wall_s > 0 else None,
         }
         if pricing is not None:
-            summary["cost"] = round(
-                totals["prompt_tokens"] * pricing.input_per_million / 1e6
-                + totals["completion_tokens"] * pricing.output_per_million / 1e6,
-                6,
-            )
+            summary["cost"] = round(written["cost"], 6)
             summary["currency"] = pricing.currency
+            if self.budget.limit is not None:
+                summary["max_cost"] = self.budget.limit
         return summary
 
 
@@ -262,7 +399,12 @@ def _record(item: WorkItem, outcome: Outcome) -> RowRecord:
         error_class=error.error_class if error else None,
         error=str(error) if error else None,
         finished_at=time.time(),
+        request_hash=item.request_hash,
     )
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _input_error(idx: int, row_id: str, message: str) -> RowRecord:

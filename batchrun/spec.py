@@ -7,6 +7,7 @@ dotted key, so a user can fix the job before anything is sent.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from batchrun.errors import JobError
+from batchrun.structured import output_problems
 
 EMULATOR = "emulator"
 DEFAULT_BASE_URL = "https://ai.szkmjb.com"
@@ -88,6 +90,7 @@ class Job:
         self.spec = spec
         self.path = path
         self.folder = path.parent
+        self.warnings: list[str] = []  # one line each, printed by the commands
 
     def resolve(self, relative: str) -> Path:
         return (self.folder / os.path.expanduser(relative)).resolve()
@@ -102,9 +105,14 @@ class Job:
         return self.resolve(self.spec.output.path)
 
     @property
-    def images_dir(self) -> Path | None:
+    def images_dir(self) -> Path:
+        """output.images_dir, by default `<output name>_images/` beside the output."""
         d = self.spec.output.images_dir
-        return self.resolve(d) if d else None
+        return self.resolve(d) if d else self.output_path.with_name(self.output_path.stem + "_images")
+
+    @property
+    def input_folder(self) -> Path:
+        return Path(self.input_path).parent.resolve()
 
     @property
     def uses_emulator(self) -> bool:
@@ -126,34 +134,52 @@ class Job:
 # better than silently ignoring them.
 def _unsupported(spec: JobSpec) -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
-    if spec.provider.api != "openai-chat":
-        found.append(("provider.api", f"{spec.provider.api} is not supported yet (use openai-chat)"))
-    if spec.stream:
-        found.append(("stream", "streaming is not supported yet (use stream: false)"))
-    if spec.prompt.images:
-        found.append(("prompt.images", "image input is not supported yet"))
-    if spec.prompt.max_image_side is not None:
-        found.append(("prompt.max_image_side", "image resizing is not supported yet"))
-    if spec.output.parse != "text":
-        found.append(("output.parse", f"parse: {spec.output.parse} is not supported yet (use text)"))
-    if spec.output.json_schema is not None:
-        found.append(("output.schema", "schemas are not supported yet"))
-    if spec.output.images_dir is not None:
-        found.append(("output.images_dir", "image output is not supported yet"))
-    if spec.output.repair_attempts:
-        found.append(("output.repair_attempts", "repair is not supported yet"))
-    if not spec.output.native_schema:
-        found.append(("output.native_schema", "native_schema is not supported yet"))
     if spec.output.sharded:
         found.append(("output.sharded", "sharded output is not supported yet"))
-    if spec.run.max_cost is not None:
-        found.append(("run.max_cost", "a budget is not supported yet"))
-    if spec.pricing and spec.pricing.per_image is not None:
-        found.append(("pricing.per_image", "per-image pricing is not supported yet"))
     return found
 
 
-OWNED_PARAMS = {"openai-chat": {"model", "messages", "stream", "stream_options"}}
+def _spend_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    if spec.run.max_cost is not None and spec.pricing is None:
+        return [("run.max_cost", "a budget needs pricing (input_per_million, output_per_million) to count the cost")]
+    return []
+
+
+OWNED_PARAMS = {
+    "openai-chat": {"model", "messages", "stream", "stream_options"},
+    "openai-completions": {"model", "prompt", "stream", "stream_options"},
+    "gemini": {"contents", "systemInstruction", "system_instruction"},
+}
+_GEMINI_MODEL_FORBIDDEN = re.compile(r"[/?#:\s]")
+
+
+def _protocol_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """What the chosen protocol cannot send (PROTOCOL.md §1, §3, §4.1)."""
+    from batchrun.images import PILLOW_MISSING, pillow_available
+
+    api = spec.provider.api
+    found: list[tuple[str, str]] = []
+    if api == "gemini" and _GEMINI_MODEL_FORBIDDEN.search(spec.model):
+        found.append(("model", f"{spec.model!r}: a Gemini model is its bare id, without / ? # : or spaces"))
+    if api == "openai-completions" and spec.prompt.images:
+        found.append(("prompt.images", "openai-completions takes no images; use openai-chat or gemini"))
+    if spec.prompt.max_image_side is not None and not pillow_available():
+        found.append(("prompt.max_image_side", PILLOW_MISSING))
+    return found
+
+
+def _warnings(spec: JobSpec) -> list[tuple[str, str]]:
+    """Legal but probably not what the user wants."""
+    from batchrun.protocols.gemini import generation_config
+
+    found: list[tuple[str, str]] = []
+    api = spec.provider.api
+    if api == "openai-completions" and "max_tokens" not in spec.params:
+        found.append(("params", "max_tokens is not set; the completions default is tiny (16 tokens)"))
+    modalities = generation_config(spec).get("responseModalities") if api == "gemini" else None
+    if spec.output.images_dir and isinstance(modalities, list) and "IMAGE" not in [str(m).upper() for m in modalities]:
+        found.append(("output.images_dir", "is set but params.responseModalities lacks IMAGE: no image will come"))
+    return found
 
 
 def load_job(path: str | os.PathLike[str]) -> Job:
@@ -176,13 +202,20 @@ def load_job(path: str | os.PathLike[str]) -> Job:
         spec = JobSpec.model_validate(data)
     except ValidationError as e:
         raise JobError(_describe(path, e, lines)) from None
-    for key, problem in _unsupported(spec):
+    for key, problem in [
+        *_unsupported(spec),
+        *output_problems(spec),
+        *_spend_problems(spec),
+        *_protocol_problems(spec),
+    ]:
         raise JobError(f"{path}:{lines.get(key, 1)}: {key}: {problem}")
     owned = OWNED_PARAMS.get(spec.provider.api, set()) & set(spec.params)
     if owned:
         key = "params." + sorted(owned)[0]
         raise JobError(f"{path}:{lines.get(key, 1)}: {key}: batchrun sets this itself; remove it from params")
-    return Job(spec, job_path)
+    job = Job(spec, job_path)
+    job.warnings = [f"{path}:{lines.get(key, 1)}: {key}: {problem}" for key, problem in _warnings(spec)]
+    return job
 
 
 def _describe(path: str | os.PathLike[str], error: ValidationError, lines: dict[str, int]) -> str:

@@ -4,18 +4,18 @@ aiohttp rather than httpx: on `batchrun bench` a bare loop over httpx's pool
 managed about 500 requests/s at concurrency 64 (and fell further as concurrency
 rose), aiohttp over 11,000 on the same machine (README, Performance).
 
-`Transport.attempt` makes one POST and turns every network failure into a
-`CallError`; `call_with_retries` is the per-row attempt loop of PROTOCOL.md §6.
+`Transport.attempt` makes one POST, reads the answer (a JSON body or a stream,
+told apart by its first byte) and turns every failure into a `CallError`;
+`call_with_retries` is the per-row attempt loop of PROTOCOL.md §6.
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +24,9 @@ import anyio
 import orjson
 
 from batchrun.limits import Limits
-from batchrun.protocols import CallError, Reply
-from batchrun.protocols.relay_errors import from_response
+from batchrun.protocols import CallError, Decoder, Reply, StreamAnswer
+from batchrun.protocols.relay_errors import from_body, from_response
+from batchrun.protocols.sse import SSEParser
 
 BACKOFF_CAP_S = 60.0
 
@@ -33,44 +34,46 @@ BACKOFF_CAP_S = 60.0
 class Transport:
     def __init__(self, base_url: str, api_key: str, timeout_s: float, concurrency: int) -> None:
         self.api_key = api_key
+        self.timeout_s = timeout_s
         self._base_url = base_url.rstrip("/")
         headers = {"content-type": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
-        # PROTOCOL.md §6.4: connect within min(10 s, timeout_s); the whole attempt within timeout_s.
-        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(10.0, timeout_s))
         self._session = aiohttp.ClientSession(
             headers=headers,
-            timeout=timeout,
+            # sock_read applies to every read: for a stream, the idle timeout of §6.4.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=min(10.0, timeout_s), sock_read=timeout_s),
             connector=aiohttp.TCPConnector(limit=concurrency),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         self._proxy = _env_proxy(self._base_url)
 
-    async def attempt(self, path: str, body: bytes, parse: Callable[[Any], Reply]) -> Reply:
+    async def attempt(self, path: str, body: bytes, decoder: Decoder) -> Reply:
+        """One POST and its answer; every failure becomes a CallError (key redacted)."""
         try:
-            async with self._session.post(
-                self._base_url + path, data=body, allow_redirects=False, proxy=self._proxy
-            ) as response:
-                status, content, headers = response.status, await response.read(), response.headers
-        except asyncio.TimeoutError as e:  # aiohttp's timeouts, on Python 3.10 too
+            if decoder.stream:
+                return await self._exchange(path, body, decoder)  # no total cap: only the idle timeout
+            with anyio.fail_after(self.timeout_s):
+                return await self._exchange(path, body, decoder)
+        except aiohttp.ServerTimeoutError as e:  # connect or idle read (before TimeoutError: it is one)
             raise self._network_error("timeout", e) from None
+        except TimeoutError:
+            raise CallError("timeout", f"timeout: no complete answer within {self.timeout_s:g} s") from None
         except aiohttp.ClientError as e:
             raise self._network_error("connection", e) from None
-        if status >= 300:
-            raise from_response(status, content, headers).redacted(self.api_key)
-        try:
-            data = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            excerpt = " ".join(content[:200].decode("utf-8", "replace").split())
-            raise CallError("malformed", f"malformed response: not JSON: {excerpt}", abort="C").redacted(
-                self.api_key
-            ) from None
-        try:
-            return parse(data)
         except CallError as e:
-            e.request_id = e.request_id or headers.get("x-oneapi-request-id")
             raise e.redacted(self.api_key) from None
+
+    async def _exchange(self, path: str, body: bytes, decoder: Decoder) -> Reply:
+        url = self._base_url + path
+        async with self._session.post(url, data=body, allow_redirects=False, proxy=self._proxy) as response:
+            if response.status >= 300:
+                raise from_response(response.status, await response.read(), response.headers)
+            try:
+                return await read_answer(response.content.iter_any(), decoder)
+            except CallError as e:
+                e.request_id = e.request_id or response.headers.get("x-oneapi-request-id")
+                raise
 
     def _network_error(self, error_class: str, e: Exception) -> CallError:
         # aiohttp messages may echo URLs; the key is redacted all the same.
@@ -87,6 +90,76 @@ def _env_proxy(base_url: str) -> str | None:
     if urllib.request.proxy_bypass(parts.hostname or ""):
         return None
     return urllib.request.getproxies().get(parts.scheme)
+
+
+_BLANK = b" \t\r\n\xef\xbb\xbf"  # whitespace and a UTF-8 BOM
+_SSE_STARTS = b"de:ir"  # data, event, a comment, id, retry
+
+
+async def read_answer(chunks: AsyncIterator[bytes], decoder: Decoder) -> Reply:
+    """The answer, framed by its first non-blank byte whatever the Content-Type (§4.3, §7 item 22):
+    `{` one whole JSON answer, `[` a JSON array of stream events, else server-sent events."""
+    reader = chunks.__aiter__()
+    head = b""
+    async for chunk in reader:
+        head += chunk
+        if head.lstrip(_BLANK):
+            break
+    first = head.lstrip(_BLANK)[:1]
+    if not first:
+        raise CallError("malformed", "malformed response: empty body", abort="C")
+    if first in b"{[" or first not in _SSE_STARTS:
+        body = bytearray(head)
+        async for chunk in reader:
+            body += chunk
+        data = _json(bytes(body))
+        if first == b"{":
+            return decoder.parse(data)
+        if not isinstance(data, list):
+            raise CallError("malformed", "malformed response: neither an object nor a stream", abort="C")
+        if (err := from_body(data)) is not None:  # a Google error wrapped in a one-element array
+            raise err
+        stream = decoder.new_stream()
+        for event in data:
+            _add_event(stream, event)
+        stream.done()  # a closed array is a whole stream: its `]` is the terminator
+        return stream.reply()
+    stream = decoder.new_stream()
+    parser = SSEParser()
+    for data_text in parser.feed(head):
+        _event(stream, data_text)
+    async for chunk in reader:
+        for data_text in parser.feed(chunk):
+            _event(stream, data_text)
+    for data_text in parser.close():
+        _event(stream, data_text)
+    return stream.reply()
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        excerpt = " ".join(body[:400].decode("utf-8", "replace").split())[:200]
+        raise CallError("malformed", f"malformed response: not JSON: {excerpt}", abort="C") from None
+
+
+def _event(stream: StreamAnswer, data: str) -> None:
+    if data == "[DONE]":
+        stream.done()
+        return
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise CallError("malformed", f"malformed stream event: not JSON: {data[:200]}", abort="C") from None
+    _add_event(stream, event)
+
+
+def _add_event(stream: StreamAnswer, event: Any) -> None:
+    # An event that is {"error": ...} is that error, whatever the HTTP status said (§2.6).
+    if (err := from_body(event)) is not None:
+        raise err
+    stream.add(event)
 
 
 @dataclass
@@ -123,7 +196,7 @@ async def call_with_retries(
     limits: Limits,
     path: str,
     body: dict[str, Any],
-    parse: Callable[[Any], Reply],
+    decoder: Decoder,
     estimate: int,
     max_attempts: int,
     on_error: Callable[[CallError], None],
@@ -143,7 +216,7 @@ async def call_with_retries(
                 await before_first_send()
             started = time.monotonic()
             try:
-                reply = await transport.attempt(path, payload, parse)
+                reply = await transport.attempt(path, payload, decoder)
             except CallError as e:
                 error = e
             else:

@@ -24,12 +24,14 @@ def test_run_writes_every_contract_column_in_input_order(tmp_path: Path, reviews
         "stars",
         "response_text",
         "tool_calls",
+        "image_paths",
         "finish_reason",
         "model",
         "prompt_tokens",
         "completion_tokens",
         "latency_s",
         "attempts",
+        "shared_from",
         "status",
         "error_class",
         "error",
@@ -42,7 +44,8 @@ def test_run_writes_every_contract_column_in_input_order(tmp_path: Path, reviews
     assert set(df["model"]) == {"gpt-5.4"}
     assert df["attempts"].to_list() == [1] * 6
     assert df["error_class"].null_count() == 6 and df["error"].null_count() == 6
-    assert df["tool_calls"].null_count() == 6
+    assert df["tool_calls"].null_count() == 6 and df["image_paths"].null_count() == 6
+    assert df["shared_from"].null_count() == 6
     assert (df["prompt_tokens"] > 0).all() and (df["completion_tokens"] > 0).all()
     expected_cost = df["prompt_tokens"] * 2.5e-6 + df["completion_tokens"] * 1e-5
     assert (df["cost"] - expected_cost).abs().max() < 1e-12

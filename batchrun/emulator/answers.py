@@ -22,6 +22,7 @@ _NEGATIVE = set(
     "cracked missing late never wrong scratched overpriced unusable sticky smell smells rattles".split()
 )
 _WORD = re.compile(r"[a-zA-Z']+")
+_LETTERS = re.compile(r"[^\W\d_]+")  # words in any script, so answers keep non-ASCII text
 _LABELS = ("positive", "negative", "neutral")
 
 
@@ -42,10 +43,15 @@ def sentiment(text: str) -> str:
     return "positive" if score > 0 else "negative" if score < 0 else "neutral"
 
 
-def text_answer(prompt: str) -> str:
+def text_answer(prompt: str, images: list[str] | None = None) -> str:
+    """A label for sentiment prompts, a caption from image descriptions, else the prompt's first words."""
+    if len(images or []) == 1:
+        return images[0][0].upper() + images[0][1:] + "."
+    if images:
+        return " ".join(f"Image {i}: {description}." for i, description in enumerate(images, 1))
     if all(label in prompt.lower() for label in _LABELS):
         return sentiment(_subject(prompt))
-    words = _WORD.findall(prompt)
+    words = _LETTERS.findall(prompt)
     return "Emulated answer about: " + " ".join(words[:12])
 
 

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
+from batchrun.emulator.gemini import GEMINI_FAULTS
+from batchrun.emulator.streams import FRAMINGS, STREAM_FAULTS
+
 _DIRECTIVE = re.compile(r"\[\[emulator:\s*([a-z0-9_\-]+)(?:\s*x\s*(\d+))?\s*\]\]")
 
 
@@ -66,7 +69,16 @@ HTML_502 = (
     b"<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>"
 )
 
-FAULTS = set(_ERRORS) | {"502", "malformed", "reset", "error-200"}
+# The answering code enacts the rest itself: bad_json, fenced_json and prose_json, a 200 whose JSON
+# is cut, fenced or in prose (chat.py); stream cuts, stalls and framing variants (streams.py);
+# Gemini content outcomes (gemini.py).
+FAULTS = (
+    set(_ERRORS)
+    | {"502", "malformed", "reset", "error-200", "bad_json", "fenced_json", "prose_json"}
+    | STREAM_FAULTS
+    | FRAMINGS
+    | GEMINI_FAULTS
+)
 
 
 def fault_response(fault: str, request_id: str) -> web.Response | None:

@@ -12,7 +12,7 @@ import random
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +20,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from batchrun.emulator.chat import chat_completion, chat_prompt
+from batchrun.emulator import answers, pictures
+from batchrun.emulator.chat import ANSWER_FAULTS, chat_chunks, chat_completion, chat_prompt, schema_rejection
+from batchrun.emulator.completions import completion, completion_chunks, completions_prompt
 from batchrun.emulator.faults import FAULTS, directive_in, fault_response, json_response, relay_error
+from batchrun.emulator.gemini import gemini_events, gemini_prompt, gemini_whole
+from batchrun.emulator.streams import FRAMINGS, StreamSettings, write_stream
 
 
 @dataclass
@@ -32,6 +36,7 @@ class EmulatorConfig:
     fault_rates: dict[str, float] = field(default_factory=dict)  # fault name -> probability per request
     seed: int = 0
     max_body_bytes: int = 64 * 1024 * 1024
+    streams: StreamSettings = field(default_factory=StreamSettings)
 
 
 class Stats:
@@ -44,6 +49,8 @@ class Stats:
         self.requests = 0
         self.by_status: Counter[int] = Counter()
         self.by_prompt: Counter[str] = Counter()
+        self.by_route: Counter[str] = Counter()  # path, marked " (stream)" when a stream was asked for
+        self.answered_at: dict[str, float] = {}  # prompt -> when its last 200 answer was sent (resume tests)
         self.in_flight = 0
         self.peak_in_flight = 0
         self.per_second: defaultdict[int, int] = defaultdict(int)
@@ -68,6 +75,8 @@ class Stats:
             "requests": self.requests,
             "by_status": {str(k): v for k, v in self.by_status.items()},
             "by_prompt": dict(self.by_prompt),
+            "by_route": dict(self.by_route),
+            "answered_at": self.answered_at,
             "peak_in_flight": self.peak_in_flight,
             "max_per_second": self.max_in_window(1),
             "max_per_minute": self.max_in_window(60),
@@ -85,8 +94,13 @@ class Emulator:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._count])
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1beta/models/{target}", self.gemini)
+        app.router.add_post("/v1/models/{target}", self.gemini)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1beta/models", self.models)
         app.router.add_get("/_emulator/stats", self.get_stats)
+        app.router.add_get("/_emulator/images/{name}", self.image)
         app.router.add_post("/_emulator/reset", self.reset_stats)
         app.router.add_route("*", "/{tail:.*}", self.not_found)
         return app
@@ -111,11 +125,15 @@ class Emulator:
         finally:
             self.stats.in_flight -= 1
             self.stats.by_status[status] += 1
+            if status == 200 and "prompt" in request:
+                self.stats.answered_at[request["prompt"]] = time.time()
 
     async def _auth(self, request: web.Request, request_id: str) -> web.Response | None:
         if self.config.api_key is None:
             return None
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if request.path.startswith(("/v1beta/", "/v1/models/")):  # Google's own ways, on Gemini paths only
+            given = given or request.headers.get("x-goog-api-key", "") or request.query.get("key", "")
         if given == self.config.api_key:
             return None
         return json_response(401, relay_error(401, "无效的令牌", "", request_id), request_id)
@@ -152,35 +170,98 @@ class Emulator:
         if delay > 0:
             await asyncio.sleep(delay)
 
-    async def chat(self, request: web.Request) -> web.StreamResponse:
+    async def _serve(
+        self,
+        request: web.Request,
+        prompt_of: Callable[[dict[str, Any]], str | None],
+        what: str,
+        answer: Callable[[web.Request, dict[str, Any], str, str, str | None], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """The steps every route shares: auth, body, counting by prompt, latency, faults; then `answer`."""
         request_id = self._request_id()
         if (denied := await self._auth(request, request_id)) is not None:
             return denied
         body = await self._body(request, request_id)
         if isinstance(body, web.Response):
             return body
-        prompt = chat_prompt(body.get("messages"))
+        prompt = prompt_of(body)
         if prompt is None:
-            return json_response(
-                400, relay_error(400, "messages must be a list of messages", "invalid_request", request_id), request_id
-            )
-        key = prompt
-        self.stats.by_prompt[key] += 1
+            return json_response(400, relay_error(400, what, "invalid_request", request_id), request_id)
+        self.stats.by_prompt[prompt] += 1
+        self.stats.by_route[request.path + (" (stream)" if body.get("stream") is True else "")] += 1
+        request["prompt"] = prompt
         await self._delay()
-        fault = self._fault(key, prompt)
+        fault = self._fault(prompt, prompt)
         if fault == "reset":
             assert request.transport is not None
             request.transport.close()  # the connection drops before any answer
             return web.Response(status=500)
-        if fault is not None and (answer := fault_response(fault, request_id)) is not None:
-            return answer
-        return json_response(200, chat_completion(body, prompt, request_id), request_id)
+        if fault is not None and (answer_now := fault_response(fault, request_id)) is not None:
+            return answer_now
+        return await answer(request, body, prompt, request_id, fault)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        async def answer(
+            request: web.Request, body: dict[str, Any], prompt: str, rid: str, fault: str | None
+        ) -> web.StreamResponse:
+            if (rejection := schema_rejection(body)) is not None:
+                return json_response(400, rejection, rid)
+            whole = chat_completion(body, prompt, rid, fault if fault in ANSWER_FAULTS else None)
+            if not (body.get("stream") or fault in FRAMINGS):
+                return json_response(200, whole, rid)
+            events = chat_chunks(whole, _include_usage(body), self.config.streams.text_pieces)
+            return await write_stream(request, events, rid, self.config.streams, fault, pings=True)
+
+        return await self._serve(request, lambda b: chat_prompt(b.get("messages")), "messages must be a list", answer)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        async def answer(
+            request: web.Request, body: dict[str, Any], prompt: str, rid: str, fault: str | None
+        ) -> web.StreamResponse:
+            whole = completion(body, prompt, rid)
+            if not (body.get("stream") or fault in FRAMINGS):
+                return json_response(200, whole, rid)
+            events = completion_chunks(whole, _include_usage(body))
+            return await write_stream(request, events, rid, self.config.streams, fault, pings=True)
+
+        return await self._serve(request, completions_prompt, "prompt must be a string", answer)
+
+    async def gemini(self, request: web.Request) -> web.StreamResponse:
+        model, _, action = request.match_info["target"].rpartition(":")
+        if action not in ("generateContent", "streamGenerateContent") or not model:
+            return await self.not_found(request)
+
+        async def answer(
+            request: web.Request, body: dict[str, Any], prompt: str, rid: str, fault: str | None
+        ) -> web.StreamResponse:
+            events = gemini_events(body, model, prompt, fault, rid)
+            # streamGenerateContent without alt=sse: one JSON object, as old relay builds answer.
+            sse = action == "streamGenerateContent" and request.query.get("alt") == "sse"
+            if not (sse or fault in FRAMINGS):
+                return json_response(200, gemini_whole(events), rid)
+            return await write_stream(request, events, rid, self.config.streams, fault, pings=False)
+
+        return await self._serve(request, gemini_prompt, "contents must be a list of contents", answer)
+
+    async def image(self, request: web.Request) -> web.Response:
+        """A small PNG drawn from its name, for image-URL trials (not counted in the stats)."""
+        png = pictures.png(48, 48, answers.digest(request.match_info["name"]))
+        return web.Response(body=png, content_type="image/png")
 
     async def models(self, request: web.Request) -> web.Response:
-        ids = ["gpt-5.4", "gpt-4o-mini", "gemini-2.5-flash", "gemini-3-pro-image-preview"]
-        return json_response(
-            200, {"object": "list", "data": [{"id": i, "object": "model"} for i in ids]}, self._request_id()
-        )
+        ids = [
+            "gpt-5.4",
+            "gpt-4o-mini",
+            "gpt-3.5-turbo-instruct",
+            "gemini-2.5-flash",
+            "gemini-2.5-flash-image",
+            "gemini-3-pro-image-preview",
+        ]
+        if request.path.startswith("/v1beta/"):
+            listing = {"models": [{"name": f"models/{i}", "displayName": i} for i in ids if i.startswith("gemini")]}
+        else:
+            listing = {"object": "list", "data": [{"id": i, "object": "model"} for i in ids]}
+        return json_response(200, listing, self._request_id())
 
     async def get_stats(self, request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(self.stats.as_json()), content_type="application/json")
@@ -199,6 +280,11 @@ class Emulator:
             ),
             request_id,
         )
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 # --- running it ----------------------------------------------------------------------

@@ -1,19 +1,25 @@
-"""Wire protocols: one module per API, each with build/parse functions.
+"""Wire protocols: one module per API.
 
 A protocol module provides:
   path(model, stream) -> str          the URL path (with query) to POST to
-  build(request, spec) -> dict        the JSON body for one rendered request
-  parse(data) -> Reply                a 200 JSON body; raises CallError for in-band failures
+  build(request, spec) -> dict        the JSON body for one rendered request (images already loaded)
+  decoder(spec) -> Decoder            how to read a whole JSON answer (parse) and a stream (new_stream);
+                                      both raise CallError for in-band failures
+  INLINE_IMAGE_URLS                   True if image URLs must be downloaded and sent as bytes
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from batchrun.protocols import openai_chat
+from batchrun.protocols import gemini, openai_chat, openai_completions
 from batchrun.protocols.relay_errors import CallError
-from batchrun.protocols.reply import Reply
+from batchrun.protocols.reply import Decoder, Reply, StreamAnswer
 
-PROTOCOLS: dict[str, ModuleType] = {"openai-chat": openai_chat}
+PROTOCOLS: dict[str, ModuleType] = {
+    "openai-chat": openai_chat,
+    "openai-completions": openai_completions,
+    "gemini": gemini,
+}
 
-__all__ = ["PROTOCOLS", "CallError", "Reply"]
+__all__ = ["PROTOCOLS", "CallError", "Decoder", "Reply", "StreamAnswer"]

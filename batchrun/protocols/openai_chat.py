@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from typing import Any
 
 import orjson
 
 from batchrun.protocols.relay_errors import CallError, from_body
-from batchrun.protocols.reply import Reply
-from batchrun.render import Request
+from batchrun.protocols.reply import Decoder, ImageOut, Reply
+from batchrun.protocols.sse import stream_cut
+from batchrun.render import ImageInput, Request
 from batchrun.spec import JobSpec
+from batchrun.structured import uses_native_schema
 
+INLINE_IMAGE_URLS = False  # the upstream fetches http(s) URLs itself
 _PART_NAMES = {"standard": ("text", "image_url"), "responses": ("input_text", "input_image")}
+# A Gemini image model behind the chat path returns its images as Markdown data URIs (§7 item 23).
+_MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(data:(image/[\w.+-]+);base64,([A-Za-z0-9+/=\s]+)\)")
 
 
 def path(model: str, stream: bool) -> str:
@@ -23,17 +31,45 @@ def build(request: Request, spec: JobSpec) -> dict[str, Any]:
     if request.system is not None:
         messages.append({"role": "system", "content": request.system})
     messages.append({"role": "user", "content": _user_content(request, spec.provider.image_part_style)})
+    body: dict[str, Any] = {"model": spec.model, "messages": messages}
+    if uses_native_schema(spec):
+        # §2.4: no `strict` (it demands a schema few users write); params.response_format replaces this.
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "output", "schema": spec.output.json_schema},
+        }
     # params go in as written: nothing renamed, dropped or defaulted.
-    return {"model": spec.model, "messages": messages, **spec.params}
+    return {**body, **spec.params, **stream_fields(spec)}
+
+
+def stream_fields(spec: JobSpec) -> dict[str, Any]:
+    """Streams always ask for the usage chunk (shared with completions)."""
+    return {"stream": True, "stream_options": {"include_usage": True}} if spec.stream else {}
+
+
+def repair_body(body: dict[str, Any], answer: str, message: str) -> dict[str, Any]:
+    """The same request, continued: the failed answer, then a user message saying what is wrong with it."""
+    follow_up = [{"role": "assistant", "content": answer}, {"role": "user", "content": message}]
+    return {**body, "messages": [*body["messages"], *follow_up]}
 
 
 def _user_content(request: Request, style: str) -> str | list[dict[str, Any]]:
-    if not request.images:
+    if not request.image_inputs:
         return request.user
     text_type, image_type = _PART_NAMES[style]
     parts: list[dict[str, Any]] = [{"type": text_type, "text": request.user}]
-    parts += [{"type": image_type, "image_url": {"url": url}} for url in request.images]
+    parts += [{"type": image_type, "image_url": {"url": _url(image)}} for image in request.image_inputs]
     return parts
+
+
+def _url(image: ImageInput) -> str:
+    if image.url is not None:
+        return image.url
+    return f"data:{image.mime};base64,{base64.b64encode(image.data).decode()}"
+
+
+def decoder(spec: JobSpec) -> Decoder:
+    return Decoder(parse=parse, new_stream=Stream, stream=spec.stream)
 
 
 def parse(data: Any) -> Reply:
@@ -44,28 +80,53 @@ def parse(data: Any) -> Reply:
         raise CallError("malformed", "malformed response: no choices", abort="C")
     choice = choices[0]
     message = choice.get("message") or {}
-    finish = choice.get("finish_reason")
-    text = message.get("content") or None
     calls = [
         {"name": str(fn.get("name", "")), "arguments": _arguments(fn.get("arguments"))}
         for call in message.get("tool_calls") or []
         if isinstance(fn := call.get("function"), dict)
     ]
-    if message.get("refusal"):
-        raise CallError("refused", f"refused: {message['refusal']}", retryable=False)
+    return reply_from(message.get("content"), message.get("refusal"), calls, choice.get("finish_reason"), data)
+
+
+def reply_from(
+    content: Any, refusal: Any, calls: list[dict[str, str]], finish: str | None, answer: dict[str, Any]
+) -> Reply:
+    """The row's outcome (§2.5), the same for a whole answer and a stream (`answer` gives model and usage)."""
+    text = content if isinstance(content, str) and content else None
+    if refusal:
+        raise CallError("refused", f"refused: {refusal}", retryable=False)
     if finish == "content_filter":
         raise CallError("content_filter", "output withheld by the content filter", max_retries=1)
     if finish is None and text is None and not calls:
         raise CallError("malformed", "malformed response: no content and no finish_reason", abort="C")
-    usage = data.get("usage") or {}
+    text, images = _markdown_images(text)
+    usage = answer.get("usage") or {}
     return Reply(
         text=text,
         finish_reason=finish,
-        model=data.get("model"),
+        model=answer.get("model"),
         prompt_tokens=usage.get("prompt_tokens"),
         completion_tokens=usage.get("completion_tokens"),
         tool_calls=calls,
+        images=images,
     )
+
+
+def _markdown_images(text: str | None) -> tuple[str | None, list[ImageOut]]:
+    """Data-URI images out of the text, each replaced by `[image N]` (N counts from 1)."""
+    if text is None or "data:image/" not in text:
+        return text, []
+    images: list[ImageOut] = []
+
+    def take(m: re.Match[str]) -> str:
+        try:
+            data = base64.b64decode("".join(m.group(2).split()), validate=True)
+        except binascii.Error:
+            return m.group(0)  # not an image after all: leave the text as it came
+        images.append(ImageOut(m.group(1), data))
+        return f"[image {len(images)}]"
+
+    return _MARKDOWN_IMAGE.sub(take, text), images
 
 
 def _arguments(value: Any) -> str:
@@ -73,3 +134,59 @@ def _arguments(value: Any) -> str:
     if isinstance(value, str):
         return value
     return orjson.dumps(value).decode()
+
+
+class Stream:
+    """A chat stream (§2.6): deltas of choice 0 concatenated, tool calls merged by index."""
+
+    def __init__(self) -> None:
+        self._text: list[str] = []
+        self._refusal: list[str] = []
+        self._calls: dict[int, dict[str, str]] = {}
+        self._finish: str | None = None
+        self._answer: dict[str, Any] = {}  # model and usage, as a whole answer would carry them
+        self._done = False
+
+    def add(self, event: Any) -> None:
+        if not isinstance(event, dict):
+            raise CallError("malformed", "malformed stream event: not an object", abort="C")
+        if event.get("model"):
+            self._answer["model"] = event["model"]
+        if isinstance(event.get("usage"), dict):
+            self._answer["usage"] = event["usage"]
+        # Usage chunks and keepalives have no choices; only choice 0 is read (n = 1).
+        for choice in event.get("choices") or []:
+            if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                self._add_choice(choice)
+                if choice.get("finish_reason"):
+                    self._finish = choice["finish_reason"]
+
+    def _add_choice(self, choice: dict[str, Any]) -> None:
+        delta = choice.get("delta") or {}
+        if isinstance(delta.get("content"), str):
+            self._text.append(delta["content"])
+        if isinstance(delta.get("refusal"), str):
+            self._refusal.append(delta["refusal"])
+        # delta.reasoning_content (a Gemini model behind the chat path) is thinking, not the answer.
+        for fragment in delta.get("tool_calls") or []:
+            if isinstance(fragment, dict):
+                self._merge_call(fragment)
+
+    def _merge_call(self, fragment: dict[str, Any]) -> None:
+        call = self._calls.setdefault(fragment.get("index", 0), {"name": "", "arguments": ""})
+        function = fragment.get("function") or {}
+        call["name"] = call["name"] or str(function.get("name") or "")
+        if isinstance(function.get("arguments"), str):
+            call["arguments"] += function["arguments"]
+
+    def done(self) -> None:
+        self._done = True
+
+    def reply(self) -> Reply:
+        # [DONE] alone is not trusted: a relay that cut a stream may still write a tidy ending.
+        if self._finish is None:
+            raise stream_cut("no finish_reason")
+        if not self._done:
+            raise stream_cut("no [DONE]")
+        calls = [self._calls[i] for i in sorted(self._calls)]
+        return reply_from("".join(self._text), "".join(self._refusal), calls, self._finish, self._answer)

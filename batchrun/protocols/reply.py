@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+
+class ImageOut(NamedTuple):
+    """A generated image as returned: its MIME type and bytes."""
+
+    mime: str
+    data: bytes
 
 
 @dataclass
@@ -13,3 +22,26 @@ class Reply:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     tool_calls: list[dict[str, str]] = field(default_factory=list)  # each {name, arguments}
+    images: list[ImageOut] = field(default_factory=list)  # in answer order; the last one is the final image
+
+
+class StreamAnswer(Protocol):
+    """One streamed answer, put together event by event (PROTOCOL.md §2.6, §4.3)."""
+
+    def add(self, event: Any) -> None:
+        """One parsed JSON event; raises CallError for in-band failures (a blocked prompt)."""
+
+    def done(self) -> None:
+        """The stream's `[DONE]` marker arrived."""
+
+    def reply(self) -> Reply:
+        """At the end of the body: the answer, or CallError if the stream was cut short."""
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """How one job reads answers: a whole JSON body, or a stream of events."""
+
+    parse: Callable[[Any], Reply]
+    new_stream: Callable[[], StreamAnswer]
+    stream: bool  # the job asked for a stream: no whole-attempt timeout, only the idle one

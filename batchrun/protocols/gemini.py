@@ -1,0 +1,198 @@
+"""Gemini generateContent / streamGenerateContent?alt=sse (PROTOCOL.md §4).
+
+Answers are read in camelCase or snake_case. Thought parts (reasoning and
+interim draft images) are skipped; the other images are kept in order, the last
+being the final one. A blocked prompt is not retried; a safety stop, or an
+image job answered without an image, is retried at most once.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import urllib.parse
+from functools import cache, partial
+from typing import Any
+
+import orjson
+
+from batchrun.protocols.relay_errors import CallError, from_body
+from batchrun.protocols.reply import Decoder, ImageOut, Reply
+from batchrun.protocols.sse import stream_cut
+from batchrun.render import Request
+from batchrun.spec import JobSpec
+from batchrun.structured import gemini_response_schema, uses_native_schema
+
+INLINE_IMAGE_URLS = True  # a Gemini-bound channel may not fetch URLs: batchrun downloads them
+TOP_LEVEL_PARAMS = ("safetySettings", "tools", "toolConfig", "cachedContent")
+_CONTENT_STOPS = {
+    "SAFETY",
+    "RECITATION",
+    "LANGUAGE",
+    "BLOCKLIST",
+    "PROHIBITED_CONTENT",
+    "SPII",
+    "OTHER",
+    "IMAGE_SAFETY",
+    "IMAGE_PROHIBITED_CONTENT",
+    "IMAGE_RECITATION",
+    "IMAGE_OTHER",
+}
+_TOOL_STOPS = {"MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL", "TOO_MANY_TOOL_CALLS"}
+
+
+def path(model: str, stream: bool) -> str:
+    model = urllib.parse.quote(model, safe="")
+    # Always alt=sse: without it Google streams one JSON array and old relays answer unstreamed.
+    return (
+        f"/v1beta/models/{model}:streamGenerateContent?alt=sse" if stream else f"/v1beta/models/{model}:generateContent"
+    )
+
+
+def build(request: Request, spec: JobSpec) -> dict[str, Any]:
+    # Reference images first, then the text; every image inline (batchrun downloads URLs itself).
+    parts: list[dict[str, Any]] = [
+        {"inlineData": {"mimeType": image.mime, "data": base64.b64encode(image.data).decode()}}
+        for image in request.image_inputs
+    ]
+    parts.append({"text": request.user})
+    body: dict[str, Any] = {"contents": [{"role": "user", "parts": parts}]}
+    if request.system is not None:
+        body["systemInstruction"] = {"parts": [{"text": request.system}]}
+    body.update({key: value for key, value in spec.params.items() if key in TOP_LEVEL_PARAMS})
+    if config := generation_config(spec):
+        body["generationConfig"] = config
+    return body
+
+
+def generation_config(spec: JobSpec) -> dict[str, Any]:
+    """params in Gemini's names: a `generationConfig` mapping and every key not sent at the top level;
+    with a schema, structured output in Gemini's dialect unless params set their own (§4.1)."""
+    config = dict(spec.params.get("generationConfig") or {})
+    config.update(
+        {key: value for key, value in spec.params.items() if key not in TOP_LEVEL_PARAMS and key != "generationConfig"}
+    )
+    if uses_native_schema(spec) and not {"responseSchema", "responseMimeType"} & set(config):
+        assert spec.output.json_schema is not None
+        config["responseMimeType"] = "application/json"
+        config["responseSchema"] = gemini_response_schema(spec.output.json_schema)
+    return config
+
+
+def expects_images(spec: JobSpec) -> bool:
+    """An image job: IMAGE among responseModalities, or (when unset) an image model id."""
+    modalities = generation_config(spec).get("responseModalities")
+    if isinstance(modalities, list):
+        return any(str(m).upper() == "IMAGE" for m in modalities)
+    return "image" in spec.model.lower()
+
+
+def decoder(spec: JobSpec) -> Decoder:
+    image_job = expects_images(spec)
+    return Decoder(parse=partial(parse, image_job=image_job), new_stream=partial(Answer, image_job), stream=spec.stream)
+
+
+def parse(data: Any, image_job: bool = False) -> Reply:
+    if (err := from_body(data)) is not None:
+        raise err
+    answer = Answer(image_job, streamed=False)
+    answer.add(data)
+    if not answer.had_candidates:
+        raise CallError("malformed", "malformed response: no candidates and no blockReason", abort="C")
+    return answer.reply()
+
+
+@cache
+def _snake(camel: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", camel).lower()
+
+
+def _get(obj: dict[str, Any], camel: str) -> Any:
+    """A field in camelCase or snake_case (`inlineData` / `inline_data`)."""
+    value = obj.get(camel)
+    return obj.get(_snake(camel)) if value is None else value
+
+
+def _int(obj: dict[str, Any], camel: str) -> int:
+    value = _get(obj, camel)
+    return value if isinstance(value, int) else 0
+
+
+class Answer:
+    """One GenerateContentResponse, or the events of a stream, each holding only new parts (§4.3)."""
+
+    def __init__(self, image_job: bool, streamed: bool = True) -> None:
+        self.image_job = image_job
+        self.streamed = streamed
+        self.had_candidates = False
+        self._text: list[str] = []
+        self._images: list[ImageOut] = []
+        self._calls: list[dict[str, str]] = []
+        self._finish: str | None = None
+        self._usage: dict[str, Any] | None = None
+        self._model: str | None = None
+
+    def add(self, event: Any) -> None:
+        if not isinstance(event, dict):
+            raise CallError("malformed", "malformed response: not an object", abort="C")
+        feedback = _get(event, "promptFeedback")
+        if isinstance(feedback, dict) and (reason := _get(feedback, "blockReason")):
+            # The same prompt would be blocked again: not retried.
+            raise CallError("blocked", f"prompt blocked: {reason}", retryable=False)
+        if isinstance(usage := _get(event, "usageMetadata"), dict):
+            self._usage = usage  # running totals: the last one counts
+        self._model = _get(event, "modelVersion") or self._model
+        candidates = _get(event, "candidates")
+        if not isinstance(candidates, list) or not candidates or not isinstance(candidates[0], dict):
+            return
+        self.had_candidates = True
+        content = _get(candidates[0], "content")
+        for part in (_get(content, "parts") if isinstance(content, dict) else None) or []:
+            if isinstance(part, dict) and not _get(part, "thought"):
+                self._add_part(part)
+        self._finish = _get(candidates[0], "finishReason") or self._finish
+
+    def _add_part(self, part: dict[str, Any]) -> None:
+        if isinstance(text := _get(part, "text"), str):
+            self._text.append(text)
+        inline = _get(part, "inlineData")
+        if isinstance(inline, dict) and str(_get(inline, "mimeType") or "").startswith("image/"):
+            try:
+                data = base64.b64decode(inline.get("data") or "", validate=True)
+            except binascii.Error:
+                raise CallError("malformed", "malformed response: an image's base64 is invalid", abort="C") from None
+            self._images.append(ImageOut(_get(inline, "mimeType"), data))
+        call = _get(part, "functionCall")
+        if isinstance(call, dict):
+            args = call.get("args") or {}
+            self._calls.append({"name": str(call.get("name", "")), "arguments": orjson.dumps(args).decode()})
+
+    def done(self) -> None:
+        """Gemini streams have no [DONE]; one that comes anyway proves nothing."""
+
+    def reply(self) -> Reply:
+        finish = self._finish
+        if self.streamed and finish is None:
+            raise stream_cut("no finishReason")
+        if finish in _CONTENT_STOPS or finish == "NO_IMAGE":
+            raise CallError("content_filter", f"the model stopped: finishReason {finish}", max_retries=1)
+        if finish in _TOOL_STOPS:
+            raise CallError("tool_call", f"the model stopped: finishReason {finish}", max_retries=1)
+        text = "".join(self._text) or None
+        if self.image_job and not self._images and finish != "MAX_TOKENS":
+            raise CallError("no_image", "no image returned", max_retries=1)
+        if finish not in ("STOP", "MAX_TOKENS") and text is None and not self._images and not self._calls:
+            raise CallError("malformed", f"malformed response: no output (finishReason {finish})", abort="C")
+        usage = self._usage
+        return Reply(
+            text=text,
+            finish_reason=finish,
+            model=self._model,
+            prompt_tokens=_int(usage, "promptTokenCount") + _int(usage, "toolUsePromptTokenCount") if usage else None,
+            completion_tokens=_int(usage, "candidatesTokenCount") + _int(usage, "thoughtsTokenCount")
+            if usage
+            else None,
+            tool_calls=self._calls,
+            images=self._images,
+        )

@@ -1,0 +1,48 @@
+"""OpenAI legacy completions: POST /v1/completions (PROTOCOL.md §3).
+
+One `prompt` string (the system prompt, a blank line, the user prompt); the
+answer is `choices[0].text`, streamed as whole `text_completion` events whose
+text is the next fragment. Outcomes follow chat (§2.5).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batchrun.protocols import openai_chat
+from batchrun.protocols.relay_errors import CallError, from_body
+from batchrun.protocols.reply import Decoder, Reply
+from batchrun.render import Request
+from batchrun.spec import JobSpec
+
+INLINE_IMAGE_URLS = False  # no images on this API
+
+
+def path(model: str, stream: bool) -> str:
+    return "/v1/completions"
+
+
+def build(request: Request, spec: JobSpec) -> dict[str, Any]:
+    prompt = request.user if request.system is None else f"{request.system}\n\n{request.user}"
+    return {"model": spec.model, "prompt": prompt, **spec.params, **openai_chat.stream_fields(spec)}
+
+
+def decoder(spec: JobSpec) -> Decoder:
+    return Decoder(parse=parse, new_stream=Stream, stream=spec.stream)
+
+
+def parse(data: Any) -> Reply:
+    if (err := from_body(data)) is not None:
+        raise err
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not choices or not isinstance(choices[0], dict):
+        raise CallError("malformed", "malformed response: no choices", abort="C")
+    return openai_chat.reply_from(choices[0].get("text"), None, [], choices[0].get("finish_reason"), data)
+
+
+class Stream(openai_chat.Stream):
+    """Like a chat stream, with each event's `choices[0].text` as the next fragment."""
+
+    def _add_choice(self, choice: dict[str, Any]) -> None:
+        if isinstance(choice.get("text"), str):
+            self._text.append(choice["text"])

@@ -1,0 +1,79 @@
+"""Server-sent events, parsed incrementally from arbitrary network reads (PROTOCOL.md §2.6).
+
+Reads may end anywhere: inside a line, between the CR and LF of a CRLF, or in
+the middle of a UTF-8 character. Lines are cut on LF, CRLF or a lone CR and
+decoded only once complete, so none of that matters. Only `data` is kept;
+comments (`: PING`) and other fields are dropped. Lines have no length limit.
+"""
+
+from __future__ import annotations
+
+import re
+
+from batchrun.protocols.relay_errors import CallError
+
+_LINE_END = re.compile(rb"[\r\n]")
+_BOM = "\ufeff"
+
+
+class SSEParser:
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes of the buffer already known to hold no line end
+        self._skip_lf = False  # the last line ended with CR: an LF right after it belongs to it
+        self._data: list[str] = []
+        self._first_line = True
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """The data of every event this chunk completes, in order."""
+        self._buffer += chunk
+        events: list[str] = []
+        start = 0
+        while True:
+            if self._skip_lf and start < len(self._buffer):
+                self._skip_lf = False
+                if self._buffer[start] == 0x0A:
+                    start += 1
+                    continue
+            m = _LINE_END.search(self._buffer, max(start, self._scanned))
+            if m is None:
+                break
+            self._line(bytes(self._buffer[start : m.start()]), events)
+            self._skip_lf = m.group() == b"\r"
+            start = m.end()
+        del self._buffer[:start]
+        self._scanned = len(self._buffer)
+        return events
+
+    def close(self) -> list[str]:
+        """At the end of the body: the last line and event, even without their blank line."""
+        events: list[str] = []
+        if self._buffer:
+            self._line(bytes(self._buffer), events)
+            self._buffer.clear()
+        self._dispatch(events)
+        return events
+
+    def _line(self, raw: bytes, events: list[str]) -> None:
+        line = raw.decode("utf-8", "replace")
+        if self._first_line:
+            self._first_line = False
+            line = line.removeprefix(_BOM)
+        if not line:
+            self._dispatch(events)
+            return
+        if line.startswith(":"):
+            return  # a comment, such as the relay's ": PING" keepalive
+        name, _, value = line.partition(":")
+        if name == "data":
+            self._data.append(value.removeprefix(" "))
+
+    def _dispatch(self, events: list[str]) -> None:
+        if self._data:
+            events.append("\n".join(self._data))
+            self._data = []
+
+
+def stream_cut(missing: str) -> CallError:
+    """A stream that ended before it was complete: a failed attempt, retried whole (§6.4)."""
+    return CallError("incomplete_stream", f"the server cut the stream before it finished ({missing})")

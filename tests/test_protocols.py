@@ -1,0 +1,341 @@
+"""Build and parse functions on the edge cases of PROTOCOL.md §7 (no network: pure functions)."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+
+from batchrun.protocols import CallError, gemini, openai_chat, openai_completions
+from batchrun.protocols.reply import Decoder, ImageOut, Reply
+from batchrun.render import ImageInput, Request
+from batchrun.spec import JobSpec
+from batchrun.transport import read_answer
+
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR42mP4z8AAAAMBAQAY3Y2wAAAAAElFTkSuQmCC")
+PNG_B64 = base64.b64encode(PNG).decode()
+
+
+def spec(**overrides: Any) -> JobSpec:
+    data: dict[str, Any] = {
+        "name": "t",
+        "input": {"path": "x.csv"},
+        "model": "gpt-5.4",
+        "prompt": {"user": "u"},
+        "output": {"path": "o.parquet"},
+    }
+    data.update(overrides)
+    return JobSpec.model_validate(data)
+
+
+def raises(fn: Any, *args: Any) -> CallError:
+    with pytest.raises(CallError) as info:
+        fn(*args)
+    return info.value
+
+
+# --- build ------------------------------------------------------------------------
+
+
+def test_chat_body_with_images_in_both_part_styles() -> None:
+    request = Request("sys", "look", ("a.png", "https://x/y.png"), (ImageInput("image/png", PNG), ImageInput(url="u")))
+    body = openai_chat.build(request, spec(params={"max_completion_tokens": 5}))
+    assert body["messages"][0] == {"role": "system", "content": "sys"}
+    assert body["messages"][1]["content"] == [
+        {"type": "text", "text": "look"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_B64}"}},
+        {"type": "image_url", "image_url": {"url": "u"}},
+    ]
+    assert body["max_completion_tokens"] == 5 and "stream" not in body
+    relay_style = openai_chat.build(request, spec(provider={"image_part_style": "responses"}))
+    types = [p["type"] for p in relay_style["messages"][1]["content"]]
+    assert types == ["input_text", "input_image", "input_image"]
+    assert relay_style["messages"][1]["content"][1]["image_url"] == {"url": f"data:image/png;base64,{PNG_B64}"}
+
+
+def test_streams_ask_for_the_usage_chunk() -> None:
+    for module in (openai_chat, openai_completions):
+        body = module.build(Request(None, "u"), spec(stream=True))
+        assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+
+
+def test_completions_prompt_is_system_blank_line_user() -> None:
+    body = openai_completions.build(Request("sys", "user text"), spec(params={"max_tokens": 9}))
+    assert body == {"model": "gpt-5.4", "prompt": "sys\n\nuser text", "max_tokens": 9}
+
+
+def test_gemini_body_splits_params_and_puts_images_first() -> None:
+    params = {
+        "temperature": 0.5,
+        "generationConfig": {"responseModalities": ["TEXT", "IMAGE"]},
+        "safetySettings": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}],
+        "toolConfig": {"functionCallingConfig": {"mode": "ANY"}},
+    }
+    request = Request("sys", "draw", ("a.png",), (ImageInput("image/png", PNG),))
+    body = gemini.build(request, spec(model="gemini-2.5-flash-image", params=params))
+    assert body["contents"] == [
+        {"role": "user", "parts": [{"inlineData": {"mimeType": "image/png", "data": PNG_B64}}, {"text": "draw"}]}
+    ]
+    assert body["systemInstruction"] == {"parts": [{"text": "sys"}]}
+    assert body["generationConfig"] == {"responseModalities": ["TEXT", "IMAGE"], "temperature": 0.5}
+    assert body["safetySettings"] == params["safetySettings"] and body["toolConfig"] == params["toolConfig"]
+    assert gemini.path("gemini-2.5-flash", True) == "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+    assert gemini.path("gemini-2.5-flash", False) == "/v1beta/models/gemini-2.5-flash:generateContent"
+
+
+def test_which_gemini_jobs_expect_images() -> None:
+    assert gemini.expects_images(spec(model="gemini-2.5-flash-image"))
+    assert not gemini.expects_images(spec(model="gemini-2.5-flash-image", params={"responseModalities": ["TEXT"]}))
+    assert gemini.expects_images(spec(model="x", params={"generationConfig": {"responseModalities": ["IMAGE"]}}))
+    assert not gemini.expects_images(spec(model="gemini-2.5-flash"))
+
+
+# --- chat -------------------------------------------------------------------------
+
+
+def chat_body(message: dict[str, Any], finish: str | None = "stop", **extra: Any) -> dict[str, Any]:
+    return {"model": "m", "choices": [{"index": 0, "message": message, "finish_reason": finish}], **extra}
+
+
+def test_chat_tool_calls_with_null_content() -> None:
+    call = {"id": "c", "type": "function", "function": {"name": "set_label", "arguments": '{"label": "x"'}}
+    reply = openai_chat.parse(chat_body({"content": None, "tool_calls": [call]}, "tool_calls"))
+    assert reply.text is None and reply.tool_calls == [{"name": "set_label", "arguments": '{"label": "x"'}]
+
+
+def test_chat_in_band_failures() -> None:
+    refused = raises(openai_chat.parse, chat_body({"content": None, "refusal": "no"}))
+    assert refused.error_class == "refused" and not refused.retryable and refused.message == "refused: no"
+    filtered = raises(openai_chat.parse, chat_body({"content": ""}, "content_filter"))
+    assert filtered.error_class == "content_filter" and filtered.max_retries == 1
+    for body in ({"choices": []}, {"object": "chat.completion"}, chat_body({"content": None}, None)):
+        assert raises(openai_chat.parse, body).error_class == "malformed"
+    wrapped = raises(openai_chat.parse, {"error": {"message": "boom", "type": "upstream_error", "code": 500}})
+    assert wrapped.status == 500 and wrapped.retryable
+
+
+def test_markdown_data_uri_images_are_taken_out_of_the_text() -> None:
+    content = f"Here you go ![image](data:image/png;base64,{PNG_B64}) and ![b](data:image/png;base64,{PNG_B64})"
+    reply = openai_chat.parse(chat_body({"content": content}))
+    assert reply.text == "Here you go [image 1] and [image 2]"
+    assert reply.images == [ImageOut("image/png", PNG)] * 2
+
+
+def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+    return {"model": "m", "choices": choices, **extra}
+
+
+def feed(stream: Any, events: list[Any]) -> Reply:
+    for event in events:
+        stream.done() if event == "[DONE]" else stream.add(event)
+    return stream.reply()
+
+
+def test_chat_stream_merges_interleaved_tool_call_fragments() -> None:
+    events = [
+        chunk({"role": "assistant", "content": ""}),
+        chunk(
+            {"tool_calls": [{"index": 0, "id": "a", "type": "function", "function": {"name": "f", "arguments": ""}}]}
+        ),
+        chunk({"tool_calls": [{"index": 1, "id": "b", "type": "function", "function": {"name": "g"}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"x":'}}]}),
+        chunk({"tool_calls": [{"index": 1, "function": {"arguments": '{"y":'}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}),
+        chunk({"tool_calls": [{"index": 1, "function": {"arguments": "2}"}}]}),
+        chunk({}, "tool_calls"),
+        "[DONE]",
+    ]
+    reply = feed(openai_chat.Stream(), events)
+    assert reply.tool_calls == [{"name": "f", "arguments": '{"x":1}'}, {"name": "g", "arguments": '{"y":2}'}]
+    assert reply.text is None and reply.finish_reason == "tool_calls" and reply.prompt_tokens is None
+
+
+def test_chat_stream_skips_empty_choices_and_reasoning_and_keeps_usage() -> None:
+    usage = {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+    events = [
+        chunk({"role": "assistant", "content": ""}),
+        chunk(),  # a keepalive with no choices
+        chunk({"reasoning_content": "thinking..."}),
+        chunk({"content": "nega"}),
+        chunk({"content": "tive"}),
+        chunk({}, "stop"),
+        chunk(usage=usage),
+        "[DONE]",
+    ]
+    reply = feed(openai_chat.Stream(), events)
+    assert (reply.text, reply.finish_reason, reply.prompt_tokens, reply.completion_tokens) == ("negative", "stop", 4, 2)
+
+
+def test_an_incomplete_chat_stream_is_a_retryable_failure() -> None:
+    no_done = [chunk({"content": "neg"}), chunk({}, "stop")]
+    no_finish = [chunk({"content": "neg"}), chunk(usage={"prompt_tokens": 1}), "[DONE]"]
+    for events in (no_done, no_finish):
+        err = raises(feed, openai_chat.Stream(), events)
+        assert err.error_class == "incomplete_stream" and err.retryable and "cut the stream" in err.message
+
+
+def test_completions_parse_and_stream_agree() -> None:
+    usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+    whole = {"model": "i", "choices": [{"index": 0, "text": " negative", "finish_reason": "stop"}], "usage": usage}
+    events = [
+        {"model": "i", "choices": [{"index": 0, "text": " neg", "finish_reason": None}]},
+        {"model": "i", "choices": [{"index": 0, "text": "ative", "finish_reason": None}]},
+        {"model": "i", "choices": [{"index": 0, "text": "", "finish_reason": "stop"}]},
+        {"model": "i", "choices": [], "usage": usage},
+        "[DONE]",
+    ]
+    assert openai_completions.parse(whole) == feed(openai_completions.Stream(), events)
+    assert openai_completions.parse(whole).text == " negative"
+
+
+# --- gemini -----------------------------------------------------------------------
+
+
+def gemini_answer(parts: list[dict[str, Any]], finish: str | None = "STOP", **extra: Any) -> dict[str, Any]:
+    candidate: dict[str, Any] = {"index": 0, "content": {"role": "model", "parts": parts}}
+    if finish:
+        candidate["finishReason"] = finish
+    return {"candidates": [candidate], **extra}
+
+
+def test_gemini_thoughts_skipped_images_kept_in_order_and_thinking_counted() -> None:
+    draft, final = PNG + b"draft", PNG
+    answer = gemini_answer(
+        [
+            {"text": "Sketching first.", "thought": True},
+            {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(draft).decode()}, "thought": True},
+            {"text": "Here is the poster."},
+            {"inlineData": {"mimeType": "image/png", "data": PNG_B64}},
+        ],
+        usageMetadata={
+            "promptTokenCount": 270,
+            "toolUsePromptTokenCount": 5,
+            "candidatesTokenCount": 1300,
+            "thoughtsTokenCount": 220,
+            "totalTokenCount": 1795,
+        },
+        modelVersion="gemini-3-pro-image-preview",
+    )
+    reply = gemini.parse(answer, image_job=True)
+    assert reply.text == "Here is the poster." and reply.images == [ImageOut("image/png", final)]
+    assert (reply.prompt_tokens, reply.completion_tokens) == (275, 1520)
+    assert reply.model == "gemini-3-pro-image-preview" and reply.finish_reason == "STOP"
+
+
+def test_gemini_snake_case_answers_are_read_like_camel_case() -> None:
+    answer = {
+        "candidates": [
+            {
+                "finish_reason": "STOP",
+                "content": {"parts": [{"text": "hi"}, {"inline_data": {"mime_type": "image/png", "data": PNG_B64}}]},
+            }
+        ],
+        "usage_metadata": {"prompt_token_count": 3, "candidates_token_count": 4},
+    }
+    reply = gemini.parse(answer)
+    assert (reply.text, reply.images, reply.prompt_tokens, reply.completion_tokens) == (
+        "hi",
+        [ImageOut("image/png", PNG)],
+        3,
+        4,
+    )
+
+
+def test_gemini_function_call_args_become_a_json_string() -> None:
+    reply = gemini.parse(gemini_answer([{"functionCall": {"name": "extract", "args": {"city": "Oslo", "n": 2}}}]))
+    assert reply.tool_calls == [{"name": "extract", "arguments": '{"city":"Oslo","n":2}'}]
+    assert reply.text is None
+
+
+def test_gemini_outcomes() -> None:
+    blocked = raises(gemini.parse, {"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}, "usageMetadata": {}})
+    assert blocked.error_class == "blocked" and not blocked.retryable
+    assert blocked.message == "prompt blocked: PROHIBITED_CONTENT"
+    for reason in ("SAFETY", "IMAGE_SAFETY", "RECITATION", "NO_IMAGE"):
+        stopped = raises(gemini.parse, gemini_answer([], reason))
+        assert stopped.max_retries == 1 and reason in stopped.message
+    no_image = raises(gemini.parse, gemini_answer([{"text": "only words"}]), True)
+    assert no_image.error_class == "no_image" and no_image.message == "no image returned" and no_image.max_retries == 1
+    cut = gemini.parse(gemini_answer([{"text": "cut o"}], "MAX_TOKENS"))
+    assert cut.text == "cut o" and cut.finish_reason == "MAX_TOKENS"
+    assert raises(gemini.parse, {"usageMetadata": {}}).error_class == "malformed"
+    assert gemini.parse(gemini_answer([{"text": "x"}], None)).finish_reason is None  # unknown but usable
+    assert raises(gemini.parse, gemini_answer([], "FINISH_REASON_UNSPECIFIED")).error_class == "malformed"
+
+
+def test_gemini_stream_uses_running_usage_and_needs_a_finish_reason() -> None:
+    first = gemini_answer([{"text": "Here "}], None, usageMetadata={"promptTokenCount": 9, "totalTokenCount": 9})
+    last = gemini_answer(
+        [{"text": "it is."}],
+        usageMetadata={"promptTokenCount": 9, "candidatesTokenCount": 3, "totalTokenCount": 12},
+    )
+    reply = feed(gemini.Answer(False), [first, last])
+    assert (reply.text, reply.prompt_tokens, reply.completion_tokens) == ("Here it is.", 9, 3)
+    err = raises(feed, gemini.Answer(False), [first])
+    assert err.error_class == "incomplete_stream" and err.retryable
+    blocked = {"promptFeedback": {"blockReason": "SAFETY"}}
+    assert raises(feed, gemini.Answer(False), [blocked]).error_class == "blocked"
+
+
+# --- framing: decided by the first non-blank byte (§4.3, §7 item 22) ------------------
+
+
+async def _chunks(parts: list[bytes]) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+def read(parts: list[bytes], decoder: Decoder) -> Reply:
+    return anyio.run(read_answer, _chunks(parts), decoder)
+
+
+GEMINI = gemini.decoder(spec(model="gemini-2.5-flash", stream=True))
+CHAT = openai_chat.decoder(spec(stream=False))
+
+
+def test_framing_by_the_first_byte() -> None:
+    answer = gemini_answer([{"text": "whole"}])
+    assert read([b"\n  ", orjson.dumps(answer)], GEMINI).text == "whole"  # one JSON object: the whole answer
+    events = [gemini_answer([{"text": "a"}], None), gemini_answer([{"text": "b"}])]
+    assert read([orjson.dumps(events)], GEMINI).text == "ab"  # a JSON array of events
+    sse = b"".join(b"data: " + orjson.dumps(e) + b"\r\n\r\n" for e in events)
+    assert read([sse[:7], sse[7:]], GEMINI).text == "ab"
+    # SSE answering a non-stream request.
+    chat_sse = b'data: {"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+    assert read([chat_sse], CHAT).text == "hi"
+
+
+def test_framing_failures() -> None:
+    assert raises(read, [b"  \n"], CHAT).error_class == "malformed"
+    html = raises(read, [b"<html><body>502 Bad Gateway</body></html>"], CHAT)
+    assert html.error_class == "malformed" and "502 Bad Gateway" in html.message
+    mid_stream_error = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"h"}}]}\n\n'
+        b'data: {"error":{"message":"upstream overloaded","type":"upstream_error","code":"503"}}\n\n'
+    )
+    err = raises(read, [mid_stream_error], CHAT)
+    assert err.message == "upstream overloaded" and err.retryable
+    google = raises(read, [b'[{"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "slow"}}]'], GEMINI)
+    assert google.error_class == "rate_limited"
+    assert raises(read, [b"data: {not json\n\n"], CHAT).error_class == "malformed"
+
+
+def test_gemini_structured_output_in_gemini_dialect_unless_params_set_it() -> None:
+    schema = {"type": "object", "properties": {"label": {"enum": ["positive", "negative"]}}, "required": ["label"]}
+    json_job = {"model": "gemini-2.5-flash", "output": {"path": "o.parquet", "parse": "json", "schema": schema}}
+    config = gemini.build(Request(None, "u"), spec(**json_job))["generationConfig"]
+    assert config == {
+        "responseMimeType": "application/json",
+        "responseSchema": {
+            "type": "OBJECT",
+            "properties": {"label": {"type": "STRING", "enum": ["positive", "negative"]}},
+            "required": ["label"],
+        },
+    }
+    own = gemini.build(Request(None, "u"), spec(**json_job, params={"responseMimeType": "text/x.enum"}))
+    assert own["generationConfig"] == {"responseMimeType": "text/x.enum"}

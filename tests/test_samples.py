@@ -1,0 +1,76 @@
+"""The sample jobs of the README, each run with its one command on the built-in emulator."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import orjson
+import polars as pl
+import pytest
+from conftest import REPO, run_cli
+from PIL import Image
+
+from batchrun.emulator.pictures import describe, main_colour
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A copy of jobs/ and sample_data/, so the samples write their out/ there."""
+    for folder in ("jobs", "sample_data"):
+        shutil.copytree(REPO / folder, tmp_path / folder)
+    return tmp_path
+
+
+def run_sample(project: Path, name: str, output: str | None = None) -> pl.DataFrame:
+    job = project / "jobs" / f"{name}.yaml"
+    checked = run_cli("validate", str(job))
+    assert checked.returncode == 0 and not checked.stderr, checked.stderr
+    result = run_cli("run", str(job), "--quiet", cwd=project)
+    assert result.returncode == 0, result.stderr
+    df = pl.read_parquet(project / "out" / f"{output or name}.parquet")
+    assert set(df["status"]) == {"ok"}, df["error"].unique().to_list()
+    return df
+
+
+def test_caption(project: Path) -> None:
+    df = run_sample(project, "caption")
+    assert df.height == 5
+    for subject, caption in zip(df["subject"], df["response_text"]):
+        colour = caption.removeprefix("A 64x48 PNG, mostly ").removesuffix(".")
+        assert colour in subject, (subject, caption)
+
+
+def test_posters(project: Path) -> None:
+    df = run_sample(project, "posters")
+    assert df.height == 6
+    for row in df.iter_rows(named=True):
+        (path,) = row["image_paths"]
+        assert Path(path) == project / "out" / "posters" / f"{row['brief_id']}_0.png"
+        with Image.open(path) as image:
+            image.verify()
+            assert image.size == (48, 64)  # aspectRatio 3:4
+        if row["reference_image"]:
+            reference = (project / "sample_data" / row["reference_image"]).read_bytes()
+            assert describe(Path(path).read_bytes()).endswith(f"mostly {main_colour(reference)}")
+    assert len(list((project / "out" / "posters").iterdir())) == 6  # the drafts were not kept
+
+
+def test_extract(project: Path) -> None:
+    df = run_sample(project, "extract")
+    assert df.height == 300 and df["response_text"].null_count() == 300
+    calls = {row_id: calls[0] for row_id, calls in zip(df["review_id"], df["tool_calls"].to_list())}
+    assert {c["name"] for c in calls.values()} == {"record_review"}
+    for call in calls.values():
+        args = orjson.loads(call["arguments"])
+        assert args["sentiment"] in ("positive", "negative", "neutral")
+        assert isinstance(args["would_recommend"], bool) and 1 <= args["rating_guess"] <= 5
+    assert orjson.loads(calls["R1001"]["arguments"])["sentiment"] == "positive"  # "I love this USB-C charger..."
+
+
+def test_complete(project: Path) -> None:
+    df = run_sample(project, "complete")
+    assert df.height == 300 and set(df["finish_reason"]) == {"stop"}
+    assert set(df["response_text"]) == {"positive", "negative", "neutral"}
+    demo = run_sample(project, "demo", "review-sentiment")  # the same reviews labelled through chat
+    assert df["response_text"].to_list() == demo["label"].to_list()
