@@ -145,8 +145,7 @@ def _non_negative_float(text: str) -> float:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import anyio
-
+    from batchrun import eventloop
     from batchrun.runner import RunOptions, run_job
     from batchrun.spec import load_job
 
@@ -163,7 +162,7 @@ def _run(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         max_cost=args.max_cost,
     )
-    summary = anyio.run(run_job, job, options)
+    summary = eventloop.run(run_job, job, options)
     _print_summary(summary)
     return 0
 
