@@ -215,6 +215,8 @@ class Run:
             for batch in self.table.batches(self.options.limit):
                 lo, hi = batch[ROW_INDEX][0], batch[ROW_INDEX][-1] + 1
                 done = checkpoint.finished_in_range(lo, hi)
+                if len(done) == batch.height:
+                    continue  # all finished: a mostly done job resumes without touching its rows
                 for row in batch.iter_rows(named=True):
                     idx = row[ROW_INDEX]
                     if idx in done:
