@@ -6,10 +6,13 @@ import argparse
 import os
 import shlex
 import sys
+import traceback
 from typing import Any
 
 from batchrun.errors import BudgetReached, JobError, RunAborted, RunInterrupted
+from batchrun.redaction import redact
 
+EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_ABORTED = 3
 EXIT_BUDGET = 4
@@ -37,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         resume = f"; resume with: {_resume_command(args)}" if args.command == "run" else ""
         print(f"\nbatchrun: interrupted{resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception:  # a bug: show it, but never with the key in it
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        return EXIT_INTERNAL
 
 
 def _interrupted_message(e: RunInterrupted) -> str:
@@ -112,6 +118,13 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument("--chunk-delay-ms", type=float, default=0.0, help="delay between stream events")
     emulator.add_argument(
         "--stream-pieces", type=_positive_int, default=4, help="content events per streamed chat answer (default 4)"
+    )
+    emulator.add_argument(
+        "--rpm-limit", type=_positive_int, help="per key, N requests per window (failed ones count); 429 beyond"
+    )
+    emulator.add_argument("--rpm-window-s", type=float, default=60.0, help="the --rpm-limit window (default 60)")
+    emulator.add_argument(
+        "--max-concurrency", type=_positive_int, help="more in flight at once: 429 token_concurrency_limit_reached"
     )
     emulator.set_defaults(func=_emulator)
 
@@ -268,6 +281,9 @@ def _emulator(args: argparse.Namespace) -> int:
         streams=StreamSettings(
             args.ping_ms / 1000 or None, args.stall_ms / 1000, args.chunk_delay_ms / 1000, args.stream_pieces
         ),
+        rpm_limit=args.rpm_limit,
+        rpm_window_s=args.rpm_window_s,
+        max_concurrency=args.max_concurrency,
     )
     try:
         serve_forever(config, args.host, args.port)

@@ -42,14 +42,14 @@ class Progress:
             self._refresh(now)
 
     def _refresh(self, now: float) -> None:
-        self._bar.update(self._pending)
-        self._pending = 0
-        self._last = now
         postfix = {"failed": self.failed, "tokens": self.tokens}
         if self._pricing is not None:
             budget = f" of {self._max_cost:.4f}" if self._max_cost is not None else ""
             postfix["cost"] = f"{self.cost:.4f}{budget} {self._pricing.currency}"
-        self._bar.set_postfix(postfix, refresh=False)
+        self._bar.set_postfix(postfix, refresh=False)  # before update(), which redraws the bar
+        self._bar.update(self._pending)
+        self._pending = 0
+        self._last = now
 
     def close(self) -> None:
         self._refresh(time.monotonic())

@@ -108,7 +108,8 @@ class Run:
         self.images = images.loader_for(job, self.protocol.INLINE_IMAGE_URLS)
         self.api_key = job.api_key()
         self.watch = AbortWatch()
-        self.limits = Limits(self.concurrency, spec.run.requests_per_minute, spec.run.tokens_per_minute)
+        run = spec.run
+        self.limits = Limits(self.concurrency, run.requests_per_minute, run.tokens_per_minute, run.outage_timeout_s)
         self.settings = fingerprint.settings_digest(spec)
         self.requested = 0
         self._held: list[RowRecord] = []
@@ -417,6 +418,7 @@ def _abort_message(error: CallError, job: Job) -> str:
     what = {
         "auth": f"the API key was refused; check {job.spec.provider.api_key_env}",
         "quota": "the account has no balance or quota left; top it up",
+        "outage": f"the relay at {job.spec.provider.base_url} seems to be down",
     }.get(error.error_class, "the same error repeated before any row succeeded")
     return f"run stopped: {what}: {error}. Finished rows are kept; run `batchrun run {job.path}` again to resume."
 

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from batchrun.errors import JobError
+from batchrun.redaction import register_secret
 from batchrun.structured import output_problems
 
 EMULATOR = "emulator"
@@ -60,6 +61,7 @@ class RunSpec(_Section):
     tokens_per_minute: float | None = Field(default=None, gt=0)
     max_attempts: int = Field(default=5, ge=1, le=100)
     timeout_s: float = Field(default=120, gt=0)
+    outage_timeout_s: float = Field(default=600, gt=0)  # how long to wait for a relay that seems down
     max_cost: float | None = Field(default=None, ge=0)
 
 
@@ -121,11 +123,17 @@ class Job:
     def api_key(self) -> str:
         """The key from the environment; never stored anywhere by batchrun."""
         env = self.spec.provider.api_key_env
-        key = os.environ.get(env, "")
+        key = os.environ.get(env, "").strip()  # a pasted key often brings a newline along
+        register_secret(key)
         if not key and not self.uses_emulator:
             raise JobError(
                 f"{self.path}: provider.api_key_env: the variable {env} is not set; "
                 f"export {env}=<your key> (or use base_url: emulator to try the job without one)"
+            )
+        if not all(" " < c < "\x7f" for c in key):
+            raise JobError(
+                f"{self.path}: provider.api_key_env: the key in {env} has spaces or characters that cannot "
+                "be sent in an HTTP header; set it to the key exactly as issued"
             )
         return key
 

@@ -24,12 +24,10 @@ import aiohttp
 import anyio
 import orjson
 
-from batchrun.limits import Limits
+from batchrun.limits import Limits, backoff_s
 from batchrun.protocols import CallError, Decoder, Reply, StreamAnswer
 from batchrun.protocols.relay_errors import from_body, from_response
 from batchrun.protocols.sse import SSEParser
-
-BACKOFF_CAP_S = 60.0
 
 
 class Transport:
@@ -62,8 +60,6 @@ class Transport:
             raise CallError("timeout", f"timeout: no complete answer within {self.timeout_s:g} s") from None
         except aiohttp.ClientError as e:
             raise self._network_error("connection", e) from None
-        except CallError as e:
-            raise e.redacted(self.api_key) from None
 
     async def _exchange(self, path: str, body: bytes, decoder: Decoder) -> Reply:
         url = self._base_url + path
@@ -80,9 +76,9 @@ class Transport:
                 raise
 
     def _network_error(self, error_class: str, e: Exception) -> CallError:
-        # aiohttp messages may echo URLs; the key is redacted all the same.
+        # aiohttp messages may echo URLs or headers: CallError masks the key in them.
         detail = str(e) or type(e).__name__
-        return CallError(error_class, f"{error_class}: {detail}").redacted(self.api_key)
+        return CallError(error_class, f"{error_class}: {detail}")
 
     async def aclose(self) -> None:
         await self._session.close()
@@ -181,8 +177,7 @@ def backoff_delay(retries_made: int, error: CallError) -> float:
     if error.retry_hint is not None:
         delay = error.retry_hint + random.uniform(0, 1)
     else:
-        d = min(BACKOFF_CAP_S, 2.0**retries_made)
-        delay = d / 2 + random.uniform(0, d / 2)
+        delay = backoff_s(retries_made)
     return max(delay, error.min_delay)
 
 
@@ -190,9 +185,6 @@ def may_retry(error: CallError, attempts: int, max_attempts: int) -> bool:
     if not error.retryable or attempts >= max_attempts:
         return False
     return error.max_retries is None or attempts <= error.max_retries
-
-
-PUSHBACK_CLASSES = {"rate_limited"}
 
 
 async def call_with_retries(
@@ -212,27 +204,31 @@ async def call_with_retries(
     (the checkpoint's intent record); `on_error` sees every failure (abort rules).
     """
     payload = orjson.dumps(body)
-    attempts = 0
+    attempts = excused = 0
+    started = time.monotonic()
     while True:
-        attempts += 1
-        async with limits.slot(estimate) as charge:
-            if attempts == 1:
-                await before_first_send()
-            started = time.monotonic()
-            try:
-                reply = await transport.attempt(path, payload, decoder)
-            except CallError as e:
-                error = e
-            else:
-                limits.correct(charge, _total_tokens(reply))
-                limits.on_success()
-                return Outcome(reply, None, attempts, time.monotonic() - started)
-        if error.error_class in PUSHBACK_CLASSES or error.status == 503:
-            limits.on_pushback(error.retry_hint)
+        try:
+            async with limits.slot(estimate) as ticket:
+                attempts += 1
+                if attempts == 1:
+                    await before_first_send()
+                started = time.monotonic()
+                try:
+                    reply = await transport.attempt(path, payload, decoder)
+                except CallError as e:
+                    error = e
+                else:
+                    limits.succeeded(ticket, _total_tokens(reply))
+                    return Outcome(reply, None, attempts, time.monotonic() - started)
+        except CallError as gave_up:  # the outage breaker: the relay stayed down too long
+            on_error(gave_up)
+            return Outcome(None, gave_up, attempts, 0.0)
+        limits.failed(ticket, error)
         on_error(error)
-        if not may_retry(error, attempts, max_attempts):
+        excused += limits.excuses(error)
+        if not may_retry(error, attempts - excused, max_attempts):
             return Outcome(None, error, attempts, time.monotonic() - started)
-        await anyio.sleep(backoff_delay(attempts - 1, error))
+        await anyio.sleep(backoff_delay(attempts - 1 - excused, error))
 
 
 def _total_tokens(reply: Reply) -> int | None:

@@ -148,3 +148,37 @@ EXPECTED_LABELS = {
 @pytest.fixture
 def reviews(tmp_path: Path) -> Path:
     return write_csv(tmp_path / "reviews.csv", ["review_id", "text", "stars"], REVIEWS)
+
+
+def assert_key_nowhere(folder: Path, *results: subprocess.CompletedProcess[str], key: str = TEST_KEY) -> None:
+    """The key is in no output stream and no file under the job's folder (Parquet read back, not just scanned)."""
+    import polars as pl
+
+    forms = {key, key.removeprefix("sk-")}
+    for result in results:
+        for form in forms:
+            assert form not in result.stdout + result.stderr
+    for path in folder.rglob("*"):
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        for form in forms:
+            assert form.encode() not in data, path
+        if path.suffix == ".parquet":  # compressed pages would hide it from a byte scan
+            text = pl.read_parquet(path).select(pl.all().cast(pl.String)).write_csv()
+            for form in forms:
+                assert form not in text, path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def timeline(emulator: Emulator) -> list[list[int]]:
+    """[second, requests, 429s] for each second the emulator saw requests."""
+    with urllib.request.urlopen(emulator.url + "/_emulator/timeline", timeout=10) as r:
+        return json.loads(r.read())

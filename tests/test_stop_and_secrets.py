@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import TEST_KEY, Emulator, run_cli, start_emulator, stop_emulator, write_csv, write_job
+from conftest import Emulator, assert_key_nowhere, run_cli, start_emulator, stop_emulator, write_csv, write_job
 
 
 @pytest.fixture
@@ -20,11 +20,15 @@ def test_wrong_key_stops_the_run_after_a_few_requests(tmp_path: Path, keyed_emul
     job = write_job(tmp_path, keyed_emulator.url, run={"concurrency": 2, "max_attempts": 5, "timeout_s": 30})
     result = run_cli("run", str(job), "--quiet")
     assert result.returncode == 3
+    assert len(result.stderr.strip().splitlines()) == 1  # one clear line
     assert "API key was refused" in result.stderr and "TEST_RELAY_KEY" in result.stderr
     assert "batchrun run" in result.stderr  # says how to resume
     assert "Traceback" not in result.stderr
     assert keyed_emulator.stats()["requests"] <= 10
     assert not (tmp_path / "out" / "result.parquet").exists()
+    status = run_cli("status", str(job))
+    assert "0 of 200 rows done: 0 ok, 0 failed; 200 pending" in status.stdout
+    assert_key_nowhere(tmp_path, result, status)
     # Rows stay pending: with the right key the same command finishes every row.
     fixed = run_cli("run", str(job), "--quiet", env={"TEST_RELAY_KEY": "the-right-key"})
     assert fixed.returncode == 0, fixed.stderr
@@ -37,17 +41,21 @@ def test_quota_error_stops_at_once(tmp_path: Path, emulator: Emulator) -> None:
     job = write_job(tmp_path, emulator.url, run={"concurrency": 1, "max_attempts": 5, "timeout_s": 30})
     result = run_cli("run", str(job), "--quiet")
     assert result.returncode == 3
-    assert "no balance or quota" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "no balance or quota" in result.stderr and "用户额度不足" in result.stderr
     assert emulator.stats()["requests"] == 1
+    status = run_cli("status", str(job))
+    assert "0 of 50 rows done: 0 ok, 0 failed; 50 pending" in status.stdout
+    assert_key_nowhere(tmp_path, result, status)
 
 
 def test_the_key_appears_in_no_file_and_no_output(tmp_path: Path, emulator: Emulator) -> None:
-    rows = [["S1", f"echo {TEST_KEY} [[emulator: 500 x 1]]"], ["S2", "fine"], ["S3", "[[emulator: 413]]"]]
+    rows = [["S1", "upstream busy [[emulator: 500 x 1]]"], ["S2", "fine"], ["S3", "[[emulator: 413]]"]]
+    rows += [["S4", "[[emulator: reset-mid-body x 1]]"], ["S5", "[[emulator: google-503-list x 1]]"]]
+    rows += [["S6", "[[emulator: 429-date x 1]]"], ["S7", "[[emulator: 429-ratelimit-headers x 1]]"]]
     write_csv(tmp_path / "reviews.csv", ["review_id", "text"], rows)
     job = write_job(tmp_path, emulator.url, run={"concurrency": 2, "max_attempts": 2, "timeout_s": 30})
     result = run_cli("run", str(job))
     assert result.returncode == 0, result.stderr
-    assert TEST_KEY not in result.stdout + result.stderr
-    for path in (tmp_path / "out").rglob("*"):
-        if path.is_file():
-            assert TEST_KEY.encode() not in path.read_bytes(), path
+    assert "7 rows: 6 ok, 1 error" in result.stdout
+    assert_key_nowhere(tmp_path, result, run_cli("status", str(job)))

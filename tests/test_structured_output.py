@@ -145,11 +145,12 @@ def test_a_model_that_rejects_the_native_schema_points_to_the_switch(
         model="gpt-3.5-turbo",
         output={"path": "out/result.parquet", "parse": "json", "schema": LABEL_SCHEMA},
     )
-    df = _run(job)
-    assert set(df["error_class"]) == {"bad_request"}
-    assert "'json_schema' is not supported with this model" in df["error"][0]
-    assert "set output.native_schema: false" in df["error"][0]
-    assert emulator.stats()["by_status"] == {"400": 6}
+    # A 400 naming a parameter stops the run after three alike (PROTOCOL.md §5.2 rule C).
+    result = run_cli("run", str(job), "--quiet")
+    assert result.returncode == 3
+    assert "'json_schema' is not supported with this model" in result.stderr
+    assert "set output.native_schema: false" in result.stderr
+    assert set(emulator.stats()["by_status"]) == {"400"}
 
 
 def test_a_changed_schema_reparses_stored_answers_without_requests(

@@ -4,11 +4,19 @@ A prompt may carry a directive `[[emulator: FAULT]]` (every request with that
 prompt fails) or `[[emulator: FAULT x N]]` (its first N requests fail, later
 ones succeed), so a test can make exactly the rows it wants fail. `bench` and
 soak runs pick faults at a seeded random rate instead (`EmulatorConfig.fault_rates`).
+
+Most faults are an error answer (`fault_response`); a few are behaviour
+(`enact`: drop the connection, cut the body, stall). `RequestWindow` is the
+relay's own per-key request limit.
 """
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
 import re
+import time
+from collections import deque
 from dataclasses import dataclass
 
 import orjson
@@ -37,7 +45,9 @@ def relay_error(status: int, message: str, code: str | int, request_id: str, kin
     return {"error": {"message": f"{message} (request id: {request_id})", "type": kind, "code": code}}
 
 
-def json_response(status: int, body: dict, request_id: str, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(
+    status: int, body: dict | list, request_id: str, headers: dict[str, str] | None = None
+) -> web.Response:
     return web.Response(
         status=status,
         body=orjson.dumps(body),
@@ -51,6 +61,20 @@ _ERRORS: dict[str, tuple[int, str, str | int, dict[str, str]]] = {
     "429": (429, "您的请求数限制已达到上限，请稍后再试", "", {}),
     "429-retry-after": (429, "Rate limit reached for requests", "rate_limit_exceeded", {"Retry-After": "1"}),
     "429-retry-after-ms": (429, "Rate limit reached for requests", "rate_limit_exceeded", {"retry-after-ms": "700.5"}),
+    # Only the requests group is exhausted: the tokens group's long reset must be ignored.
+    "429-ratelimit-headers": (
+        429,
+        "Rate limit reached for requests",
+        "rate_limit_exceeded",
+        {
+            "x-ratelimit-limit-requests": "600",
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": "1s",
+            "x-ratelimit-limit-tokens": "200000",
+            "x-ratelimit-remaining-tokens": "15800",
+            "x-ratelimit-reset-tokens": "6m0s",
+        },
+    ),
     "429-quota": (429, "You exceeded your current quota", "insufficient_quota", {}),
     "401": (401, "无效的令牌", "", {}),
     "403-quota": (403, "用户额度不足, 剩余额度: $0.000000", "insufficient_user_quota", {}),
@@ -69,23 +93,45 @@ HTML_502 = (
     b"<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>"
 )
 
-# The answering code enacts the rest itself: bad_json, fenced_json and prose_json, a 200 whose JSON
-# is cut, fenced or in prose (chat.py); stream cuts, stalls and framing variants (streams.py);
+# fault name -> (status, RPC status, message, extra fields); answered in Google's shape
+_GOOGLE_ERRORS: dict[str, tuple[int, str, str, dict]] = {
+    "google-429": (
+        429,
+        "RESOURCE_EXHAUSTED",
+        "Resource has been exhausted (e.g. check quota).",
+        {"details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "1s"}]},
+    ),
+    # wrapped in a one-element list
+    "google-503-list": (503, "UNAVAILABLE", "The model is overloaded. Please try again later.", {}),
+}
+
+ENACTED = {"reset", "reset-mid-body", "hang"}
+# bad_json, fenced_json and prose_json: a 200 whose JSON is cut, fenced or in prose (emulator/chat.py).
+ANSWERED = {"502", "malformed", "error-200", "429-date", "echo-key", "bad_json", "fenced_json", "prose_json"}
+# The answering code enacts the rest itself: stream cuts, stalls and framing variants (streams.py);
 # Gemini content outcomes (gemini.py).
-FAULTS = (
-    set(_ERRORS)
-    | {"502", "malformed", "reset", "error-200", "bad_json", "fenced_json", "prose_json"}
-    | STREAM_FAULTS
-    | FRAMINGS
-    | GEMINI_FAULTS
-)
+FAULTS = set(_ERRORS) | set(_GOOGLE_ERRORS) | ENACTED | ANSWERED | STREAM_FAULTS | FRAMINGS | GEMINI_FAULTS
+HANG_S = 600.0  # longer than any client timeout; ends early when the client hangs up
 
 
-def fault_response(fault: str, request_id: str) -> web.Response | None:
-    """The HTTP answer for a fault, or None for faults the handler enacts itself (reset)."""
+def fault_response(fault: str, request_id: str, authorization: str = "") -> web.Response | None:
+    """The HTTP answer for a fault, or None for the faults `enact` plays out."""
     if fault in _ERRORS:
         status, message, code, headers = _ERRORS[fault]
         return json_response(status, relay_error(status, message, code, request_id), request_id, headers)
+    if fault in _GOOGLE_ERRORS:
+        status, rpc_status, message, extra = _GOOGLE_ERRORS[fault]
+        error = {"error": {"code": status, "message": message, "status": rpc_status, **extra}}
+        return json_response(status, [error] if fault.endswith("-list") else error, request_id)
+    if fault == "429-date":
+        # HTTP dates have whole seconds: 2 s ahead is a wait of 1 to 2 s.
+        retry_at = email.utils.formatdate(time.time() + 2, usegmt=True)
+        body = relay_error(429, "Rate limit reached for requests", "rate_limit_exceeded", request_id)
+        return json_response(429, body, request_id, {"Retry-After": retry_at})
+    if fault == "echo-key":
+        # A badly behaved upstream that repeats the credentials it was sent.
+        body = relay_error(500, f"upstream rejected credentials {authorization!r}", "", request_id, "upstream_error")
+        return json_response(500, body, request_id)
     if fault == "502":
         return web.Response(
             status=502, body=HTML_502, content_type="text/html", headers={"X-Oneapi-Request-Id": request_id}
@@ -106,3 +152,53 @@ def fault_response(fault: str, request_id: str) -> web.Response | None:
             request_id,
         )
     return None
+
+
+async def enact(fault: str, request: web.Request, answer: web.Response) -> web.StreamResponse:
+    """Play out a fault that is behaviour: `answer` is what a healthy server would have sent."""
+    assert request.transport is not None
+    if fault == "reset":  # the connection drops before any answer
+        request.transport.close()
+        return answer
+    if fault == "hang":  # stall before the headers
+        await asyncio.sleep(HANG_S)
+        return answer
+    # reset-mid-body: the headers and half the body, then the connection drops.
+    body = answer.body if isinstance(answer.body, bytes) else b""
+    cut = web.StreamResponse(status=answer.status, headers=answer.headers)
+    cut.content_length = len(body)
+    await cut.prepare(request)
+    await cut.write(body[: len(body) // 2])
+    request.transport.close()
+    return cut
+
+
+class RequestWindow:
+    """The relay's per-key limit: at most `limit` requests in any `window_s`, failed ones counted too.
+
+    Constant work per request: each key keeps only its last `limit` arrival times.
+    """
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._arrivals: dict[str, deque[float]] = {}
+
+    def admit(self, key: str, now: float) -> bool:
+        arrivals = self._arrivals.get(key)
+        if arrivals is None:
+            arrivals = self._arrivals[key] = deque(maxlen=self.limit)
+        full = len(arrivals) == self.limit and now - arrivals[0] < self.window_s
+        arrivals.append(now)  # a refused request counts as well
+        return not full
+
+    def clear(self) -> None:
+        self._arrivals.clear()
+
+
+RATE_LIMITED = "您的请求数限制已达到上限，请稍后再试"
+
+
+def rate_limited(request_id: str, code: str = "") -> web.Response:
+    """The relay's own 429: a Chinese message and no hint headers at all."""
+    return json_response(429, relay_error(429, RATE_LIMITED, code, request_id), request_id)

@@ -23,7 +23,17 @@ from aiohttp import web
 from batchrun.emulator import answers, pictures
 from batchrun.emulator.chat import ANSWER_FAULTS, chat_chunks, chat_completion, chat_prompt, schema_rejection
 from batchrun.emulator.completions import completion, completion_chunks, completions_prompt
-from batchrun.emulator.faults import FAULTS, directive_in, fault_response, json_response, relay_error
+from batchrun.emulator.faults import (
+    ENACTED,
+    FAULTS,
+    RequestWindow,
+    directive_in,
+    enact,
+    fault_response,
+    json_response,
+    rate_limited,
+    relay_error,
+)
 from batchrun.emulator.gemini import gemini_events, gemini_prompt, gemini_whole
 from batchrun.emulator.streams import FRAMINGS, StreamSettings, write_stream
 
@@ -37,6 +47,9 @@ class EmulatorConfig:
     seed: int = 0
     max_body_bytes: int = 64 * 1024 * 1024
     streams: StreamSettings = field(default_factory=StreamSettings)
+    rpm_limit: int | None = None  # per key, failed requests counted, like the relay's own window
+    rpm_window_s: float = 60.0  # tests shorten the window to see a whole cycle in seconds
+    max_concurrency: int | None = None  # more in flight at once: 429 token_concurrency_limit_reached
 
 
 class Stats:
@@ -54,12 +67,13 @@ class Stats:
         self.in_flight = 0
         self.peak_in_flight = 0
         self.per_second: defaultdict[int, int] = defaultdict(int)
+        self.limited_per_second: defaultdict[int, int] = defaultdict(int)  # 429s, by second of arrival
 
-    def started(self) -> None:
+    def started(self, second: int) -> None:
         self.requests += 1
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-        self.per_second[int(time.time())] += 1
+        self.per_second[second] += 1
 
     def max_in_window(self, seconds: int) -> int:
         if not self.per_second:
@@ -69,6 +83,10 @@ class Stats:
         for start in ticks:
             best = max(best, sum(self.per_second.get(t, 0) for t in range(start, start + seconds)))
         return best
+
+    def timeline(self) -> list[list[int]]:
+        """[second, requests, 429s] for each second that saw a request."""
+        return [[t, n, self.limited_per_second.get(t, 0)] for t, n in sorted(self.per_second.items())]
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -90,6 +108,7 @@ class Emulator:
         self._random = random.Random(config.seed)
         self._seen: Counter[str] = Counter()  # requests per prompt key, for "x N" directives
         self._ids = 0
+        self._window = RequestWindow(config.rpm_limit, config.rpm_window_s) if config.rpm_limit else None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._count])
@@ -101,6 +120,7 @@ class Emulator:
         app.router.add_get("/v1beta/models", self.models)
         app.router.add_get("/_emulator/stats", self.get_stats)
         app.router.add_get("/_emulator/images/{name}", self.image)
+        app.router.add_get("/_emulator/timeline", self.get_timeline)
         app.router.add_post("/_emulator/reset", self.reset_stats)
         app.router.add_route("*", "/{tail:.*}", self.not_found)
         return app
@@ -113,8 +133,9 @@ class Emulator:
     async def _count(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if request.path.startswith("/_emulator/"):
             return await handler(request)
-        self.stats.started()
-        status = 0
+        arrived = int(time.time())
+        self.stats.started(arrived)
+        status = 0  # stays 0 if the client hangs up first
         try:
             response = await handler(request)
             status = response.status
@@ -125,7 +146,9 @@ class Emulator:
         finally:
             self.stats.in_flight -= 1
             self.stats.by_status[status] += 1
-            if status == 200 and "prompt" in request:
+            if status == 429:
+                self.stats.limited_per_second[arrived] += 1
+            elif status == 200 and "prompt" in request:
                 self.stats.answered_at[request["prompt"]] = time.time()
 
     async def _auth(self, request: web.Request, request_id: str) -> web.Response | None:
@@ -160,9 +183,20 @@ class Emulator:
         d = directive_in(prompt)
         if d is not None and d.fault in FAULTS and (d.times is None or seen < d.times):
             return d.fault
-        for fault, rate in self.config.fault_rates.items():
-            if self._random.random() < rate:
-                return fault
+        if self.config.fault_rates:
+            draw = self._random.random()  # one draw: each fault gets exactly its own rate
+            for fault, rate in self.config.fault_rates.items():
+                if draw < rate:
+                    return fault
+                draw -= rate
+        return None
+
+    def _over_limits(self, request: web.Request, request_id: str) -> web.Response | None:
+        """The relay's own limits, checked on arrival: a 429 without any hint."""
+        if self._window is not None and not self._window.admit(request.headers.get("Authorization", ""), time.time()):
+            return rate_limited(request_id)
+        if self.config.max_concurrency is not None and self.stats.in_flight > self.config.max_concurrency:
+            return rate_limited(request_id, "token_concurrency_limit_reached")
         return None
 
     async def _delay(self) -> None:
@@ -190,14 +224,19 @@ class Emulator:
         self.stats.by_prompt[prompt] += 1
         self.stats.by_route[request.path + (" (stream)" if body.get("stream") is True else "")] += 1
         request["prompt"] = prompt
+        limited = self._over_limits(request, request_id)  # counted on arrival, answered after the latency
         await self._delay()
+        if limited is not None:
+            return limited
         fault = self._fault(prompt, prompt)
-        if fault == "reset":
-            assert request.transport is not None
-            request.transport.close()  # the connection drops before any answer
-            return web.Response(status=500)
-        if fault is not None and (answer_now := fault_response(fault, request_id)) is not None:
+        authorization = request.headers.get("Authorization", "")
+        if fault is not None and (answer_now := fault_response(fault, request_id, authorization)) is not None:
             return answer_now
+        if fault in ENACTED:
+            # A healthy answer to cut short; a stream cut mid-body is the `stream-cut` fault's job.
+            healthy = await answer(request, {**body, "stream": False}, prompt, request_id, None)
+            assert isinstance(healthy, web.Response)
+            return await enact(fault, request, healthy)
         return await answer(request, body, prompt, request_id, fault)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -266,9 +305,14 @@ class Emulator:
     async def get_stats(self, request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(self.stats.as_json()), content_type="application/json")
 
+    async def get_timeline(self, request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(self.stats.timeline()), content_type="application/json")
+
     async def reset_stats(self, request: web.Request) -> web.Response:
         self.stats.reset()
         self._seen.clear()
+        if self._window is not None:
+            self._window.clear()
         return web.Response(body=b"{}", content_type="application/json")
 
     async def not_found(self, request: web.Request) -> web.Response:
@@ -291,7 +335,8 @@ def _include_usage(body: dict[str, Any]) -> bool:
 
 
 async def serve(config: EmulatorConfig, host: str, port: int) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(Emulator(config).app(), access_log=None)
+    # handler_cancellation: a client that hangs up (a timeout) ends its handler, as with a real server.
+    runner = web.AppRunner(Emulator(config).app(), access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
     await site.start()

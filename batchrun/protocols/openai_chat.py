@@ -72,13 +72,18 @@ def decoder(spec: JobSpec) -> Decoder:
     return Decoder(parse=parse, new_stream=Stream, stream=spec.stream)
 
 
-def parse(data: Any) -> Reply:
+def first_choice(data: Any) -> dict[str, Any]:
+    """`choices[0]` of a whole answer; an error body is that error, no choices is malformed."""
     if (err := from_body(data)) is not None:
         raise err
     choices = data.get("choices") if isinstance(data, dict) else None
     if not choices or not isinstance(choices[0], dict):
         raise CallError("malformed", "malformed response: no choices", abort="C")
-    choice = choices[0]
+    return choices[0]
+
+
+def parse(data: Any) -> Reply:
+    choice = first_choice(data)
     message = choice.get("message") or {}
     calls = [
         {"name": str(fn.get("name", "")), "arguments": _arguments(fn.get("arguments"))}

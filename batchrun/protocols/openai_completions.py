@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from batchrun.protocols import openai_chat
-from batchrun.protocols.relay_errors import CallError, from_body
 from batchrun.protocols.reply import Decoder, Reply
 from batchrun.render import Request
 from batchrun.spec import JobSpec
@@ -32,12 +31,8 @@ def decoder(spec: JobSpec) -> Decoder:
 
 
 def parse(data: Any) -> Reply:
-    if (err := from_body(data)) is not None:
-        raise err
-    choices = data.get("choices") if isinstance(data, dict) else None
-    if not choices or not isinstance(choices[0], dict):
-        raise CallError("malformed", "malformed response: no choices", abort="C")
-    return openai_chat.reply_from(choices[0].get("text"), None, [], choices[0].get("finish_reason"), data)
+    choice = openai_chat.first_choice(data)
+    return openai_chat.reply_from(choice.get("text"), None, [], choice.get("finish_reason"), data)
 
 
 class Stream(openai_chat.Stream):

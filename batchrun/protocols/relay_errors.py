@@ -7,14 +7,17 @@ becomes one `CallError` that says whether to retry and whether to stop the run.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+from batchrun.redaction import redact
 
 
 @dataclass
@@ -32,38 +35,44 @@ class CallError(Exception):
     min_delay: float = 0.0
     request_id: str | None = None
 
+    def __post_init__(self) -> None:
+        # Server text and exception text may echo the key: masked before anyone can store it.
+        self.message = redact(self.message)
+
     def __str__(self) -> str:
         text = self.message
         if self.request_id and self.request_id not in text:
             text += f" (request id: {self.request_id})"
-        return text
-
-    def redacted(self, secret: str) -> CallError:
-        if secret:
-            self.message = self.message.replace(secret, "***")
-        return self
+        return redact(text)
 
 
 _REQUEST_ID_SUFFIX = re.compile(r"\(request id: ([^)\s]+)\)\s*$")
 _QUOTA_CODES = ("insufficient_user_quota", "pre_consume_token_quota_failed", "insufficient_quota")
 
 
+@dataclass
+class _ErrorFields:
+    message: str
+    code: str = ""
+    rpc_status: str = ""  # Google's RPC status, or the OpenAI shape's `type`
+    details: list[Any] = field(default_factory=list)
+    param: str = ""
+
+
 def from_response(status: int, body: bytes, headers: Mapping[str, str]) -> CallError:
     """A non-2xx answer (or a 2xx whose body is an error) as a CallError."""
-    parsed = _error_fields(body)
-    if parsed is None:
+    fields = _error_fields(body)
+    if fields is None:
         excerpt = " ".join(body[:400].decode("utf-8", "replace").split())[:200]
-        message, code, rpc_status, details = f"HTTP {status}: {excerpt}".rstrip(": "), "", "", []
-    else:
-        message, code, rpc_status, details = parsed
-        if message_status := _int_or_none(code):
-            status = status if status >= 400 else message_status
+        fields = _ErrorFields(f"HTTP {status}: {excerpt}".rstrip(": "))
+    elif (code_status := _int_or_none(fields.code)) and status < 400:
+        status = code_status  # a 200 carrying a Google-shaped error: its code is the real status
     request_id = headers.get("x-oneapi-request-id") or headers.get("x-request-id")
-    if not request_id and (m := _REQUEST_ID_SUFFIX.search(message)):
+    if not request_id and (m := _REQUEST_ID_SUFFIX.search(fields.message)):
         request_id = m.group(1)
-    err = classify(status, code, rpc_status, message)
+    err = classify(status, fields.code, fields.rpc_status, fields.message, fields.param)
     err.request_id = request_id
-    hint = retry_hint(headers, details, status)
+    hint = retry_hint(headers, fields.details, status)
     if hint is not None:
         err.retry_hint = hint
     _apply_should_retry(err, headers)
@@ -78,7 +87,7 @@ def from_body(data: Any, status: int = 200, headers: Mapping[str, str] | None = 
     return from_response(status, orjson.dumps(item), headers or {})
 
 
-def _error_fields(body: bytes) -> tuple[str, str, str, list[Any]] | None:
+def _error_fields(body: bytes) -> _ErrorFields | None:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -89,18 +98,22 @@ def _error_fields(body: bytes) -> tuple[str, str, str, list[Any]] | None:
         return None
     error = data.get("error")
     if isinstance(error, dict):
-        code = error.get("code")
-        return (
-            str(error.get("message") or ""),
-            "" if code is None else str(code),
-            str(error.get("status") or error.get("type") or ""),
-            error.get("details") if isinstance(error.get("details"), list) else [],
+        return _ErrorFields(
+            message=_text(error.get("message")),
+            code=_text(error.get("code")),
+            rpc_status=_text(error.get("status") or error.get("type")),
+            details=error["details"] if isinstance(error.get("details"), list) else [],
+            param=_text(error.get("param")),
         )
     if isinstance(error, str):
-        return error, "", "", []
+        return _ErrorFields(error)
     if isinstance(data.get("message"), str):
-        return data["message"], str(data.get("code") or ""), "", []
+        return _ErrorFields(data["message"], code=_text(data.get("code")))
     return None
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
 
 
 def _int_or_none(value: str) -> int | None:
@@ -110,7 +123,7 @@ def _int_or_none(value: str) -> int | None:
         return None
 
 
-def classify(status: int, code: str, rpc_status: str, message: str) -> CallError:
+def classify(status: int, code: str, rpc_status: str, message: str, param: str = "") -> CallError:
     """PROTOCOL.md §5.2: by status, then code, then RPC status; keywords last."""
     lowered = f"{code} {rpc_status}".lower()
     daily = "per day" in message.lower() or "perday" in message.lower()
@@ -140,7 +153,7 @@ def classify(status: int, code: str, rpc_status: str, message: str) -> CallError
         return err("server", f"empty response: {message}", max_retries=2)
     if status in (408, 409, 425) or status >= 500:
         return err("timeout" if status in (408, 504) else "server")
-    if status == 400 and ("unsupported_" in code or "param" in lowered):
+    if status == 400 and ("unsupported_" in code or "param" in code.lower() or param):
         return err("bad_request", retryable=False, abort="C")
     if 400 <= status < 500:
         return err("bad_request", retryable=False)
@@ -186,8 +199,10 @@ def _retry_after(value: str | None) -> float | None:
         return seconds
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError):
         return None
+    if when.tzinfo is None:  # "-0000" parses naive; HTTP dates are GMT all the same
+        when = when.replace(tzinfo=datetime.timezone.utc)
     return when.timestamp() - time.time()
 
 
@@ -199,13 +214,23 @@ def _retry_info(details: list[Any]) -> float | None:
 
 
 def _ratelimit_reset(headers: Mapping[str, str]) -> float | None:
+    """PROTOCOL.md §6.2: the longest reset among the groups whose `remaining` is 0.
+
+    A group whose limit is -1, 0 or missing is unknown and ignored.
+    """
     resets = [
         go_duration(headers.get(f"x-ratelimit-reset-{kind}", ""))
         for kind in ("requests", "tokens")
-        if headers.get(f"x-ratelimit-remaining-{kind}") == "0"
+        if _positive(headers.get(f"x-ratelimit-limit-{kind}"))
+        and _float(headers.get(f"x-ratelimit-remaining-{kind}")) == 0
     ]
     found = [r for r in resets if r is not None]
     return max(found) if found else None
+
+
+def _positive(value: str | None) -> bool:
+    number = _float(value)
+    return number is not None and number > 0
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|h|m|s)")
