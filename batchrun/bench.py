@@ -10,7 +10,7 @@ process, on the same synthetic rows and concurrency:
   run, start-up and the Parquet write included.
 
 Memory runs `batchrun run` as a child process and reads its peak RSS from the
-kernel (`wait4`), on a job that is 90 % done: every input row is read, checked
+kernel, on a job that is 90 % done: every input row is read, checked
 against the checkpoint and written to the output; the rest are requested.
 """
 
@@ -256,8 +256,6 @@ def best_of(repeat: int, measure: Callable[[], Rate]) -> Rate:
 
 # --- HTTP stacks, bare -------------------------------------------------------------------
 
-Post = Callable[[bytes], Awaitable[Any]]
-
 
 async def _stack_loop(stack: str, base_url: str, bodies: list[bytes], concurrency: int) -> float:
     import aiohttp
@@ -345,12 +343,12 @@ _LAUNCHER = (
 )
 
 
-def peak_rss_mb(args: list[str], folder: Path, env: dict[str, str] | None = None) -> float:
+def peak_rss_mb(args: list[str], folder: Path) -> float:
     """Peak resident memory of `python -m batchrun ARGS` as a child process, from the kernel."""
     report = folder / "peak-rss-kib"
     result = subprocess.run(
         [sys.executable, "-c", _LAUNCHER, str(report), sys.executable, "-m", "batchrun", *args],
-        env={**os.environ, KEY_ENV: KEY, **(env or {})},
+        env={**os.environ, KEY_ENV: KEY},
         stderr=subprocess.PIPE,
         text=True,
     )
