@@ -1,4 +1,4 @@
-"""Commands: run, validate, status, emulator."""
+"""Commands: run, validate, status, emulator, bench."""
 
 from __future__ import annotations
 
@@ -134,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument("--stall-ms", type=float, default=3_000, help="how long a `stall` directive pauses a stream")
     emulator.add_argument("--chunk-delay-ms", type=float, default=0.0, help="delay between stream events")
     emulator.add_argument(
+        "--stream-pieces", type=_positive_int, default=4, help="content events per streamed chat answer (default 4)"
+    )
+    emulator.add_argument(
         "--rpm-limit", type=_positive_int, help="per key, N requests per window (failed ones count); 429 beyond"
     )
     emulator.add_argument("--rpm-window-s", type=float, default=60.0, help="the --rpm-limit window (default 60)")
@@ -141,6 +144,19 @@ def _parser() -> argparse.ArgumentParser:
         "--max-concurrency", type=_positive_int, help="more in flight at once: 429 token_concurrency_limit_reached"
     )
     emulator.set_defaults(func=_emulator)
+
+    bench = sub.add_parser("bench", help="measure the client's own throughput against the emulator")
+    bench.add_argument("--quick", action="store_true", help="a few-second run with small sizes (what CI runs)")
+    bench.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
+    bench.add_argument(
+        "--memory",
+        type=_positive_int,
+        action="append",
+        default=[],
+        metavar="ROWS",
+        help="also compare peak memory of a ROWS-row job with a 10,000-row one (repeatable)",
+    )
+    bench.set_defaults(func=_bench)
     return parser
 
 
@@ -159,8 +175,7 @@ def _non_negative_float(text: str) -> float:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import anyio
-
+    from batchrun import eventloop
     from batchrun.runner import RunOptions, run_job
     from batchrun.spec import load_job
 
@@ -181,9 +196,11 @@ def _run(args: argparse.Namespace) -> int:
     )
     if args.engine == "ray":
         engine = _ray_engine()
-        summary = anyio.run(engine.run_job_on_ray, job, options, engine.RayOptions(args.ray_address, args.ray_actors))
+        summary = eventloop.run(
+            engine.run_job_on_ray, job, options, engine.RayOptions(args.ray_address, args.ray_actors)
+        )
     else:
-        summary = anyio.run(run_job, job, options)
+        summary = eventloop.run(run_job, job, options)
     _print_summary(summary)
     return 0
 
@@ -266,6 +283,12 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from batchrun.bench import main as bench_main
+
+    return bench_main(args.quick, args.json, args.memory)
+
+
 def _emulator(args: argparse.Namespace) -> int:
     from batchrun.emulator.faults import FAULTS
     from batchrun.emulator.server import EmulatorConfig, serve_forever
@@ -291,7 +314,9 @@ def _emulator(args: argparse.Namespace) -> int:
         jitter_s=args.jitter_ms / 1000,
         fault_rates=rates,
         seed=args.seed,
-        streams=StreamSettings(args.ping_ms / 1000 or None, args.stall_ms / 1000, args.chunk_delay_ms / 1000),
+        streams=StreamSettings(
+            args.ping_ms / 1000 or None, args.stall_ms / 1000, args.chunk_delay_ms / 1000, args.stream_pieces
+        ),
         rpm_limit=args.rpm_limit,
         rpm_window_s=args.rpm_window_s,
         max_concurrency=args.max_concurrency,

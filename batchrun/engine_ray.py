@@ -24,6 +24,7 @@ import os
 import signal
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -115,8 +116,11 @@ class RayRun(Run):
         pool = (
             ray.data.ActorPoolStrategy(size=actors) if actors else ray.data.ActorPoolStrategy(max_size=_most_actors())
         )
-        # Enough read tasks for every actor to have work from the start, each a range of whole batches.
-        ranges = min(max(_most_actors(actors), -(-rows // RANGE_ROWS)), max(1, -(-rows // batch_rows)))
+        # Parquet: enough read tasks for every actor to have work from the start, each a range of whole
+        # batches. CSV and JSONL can only be read from their start: one task streams them.
+        ranges = 1
+        if self.table.splittable:
+            ranges = min(max(_most_actors(actors), -(-rows // RANGE_ROWS)), max(1, -(-rows // batch_rows)))
         dataset = ray.data.read_datasource(InputRanges(self.job, rows, batch_rows), override_num_blocks=ranges)
         reports = dataset.map_batches(
             RowSender,
@@ -270,6 +274,8 @@ def _ray_session(address: str | None) -> Iterator[None]:
     context.enable_progress_bars = False  # batchrun's own bar is the one
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
+    # Ray counts read tasks, not the blocks they stream: one task reading a CSV feeds every actor.
+    warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")
     try:
         yield
     finally:

@@ -62,7 +62,11 @@ class Renderer:
                     f"{job.path}: {key}: the template uses {', '.join(repr(m) for m in missing)}, "
                     f"which the input does not have; its columns are: {', '.join(columns)}"
                 )
-            compiled[key] = _ENV.from_string(source)
+            template = _ENV.from_string(source)
+            # Jinja keeps globals in a ChainMap, copied key by key into every render's context;
+            # a plain dict is copied in C: render is about 3x faster (profiled on `batchrun bench`).
+            template.globals = dict(template.globals)
+            compiled[key] = template
         self._user = compiled["prompt.user"]
         self._system = compiled.get("prompt.system")
         self._images = [compiled[f"prompt.images.{i}"] for i in range(len(prompt.images))]

@@ -32,14 +32,16 @@ class ResumeFlags:
     retry_failed: bool = False
 
 
-def open_for_run(job: Job, table: InputTable, renderer: Renderer, flags: ResumeFlags) -> tuple[Checkpoint, list[str]]:
+def open_for_run(
+    job: Job, table: InputTable, renderer: Renderer, flags: ResumeFlags, durable: bool = True
+) -> tuple[Checkpoint, list[str]]:
     """The job's checkpoint, locked for this run and matching the job file; notes say what was done to it.
 
     Raises JobError, before any request, when the job changed in a way that changes requests
     and neither --restart nor --rerun-changed was given.
     """
     folder, notes = _prepare_folder(job, flags.restart)
-    checkpoint = Checkpoint(folder)
+    checkpoint = Checkpoint(folder, durable)
     try:
         checkpoint.lock_for_run()
         comparison, current = compare(

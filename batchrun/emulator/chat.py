@@ -111,7 +111,7 @@ def chat_completion(body: dict[str, Any], prompt: str, request_id: str, fault: s
     }
 
 
-def chat_chunks(completion: dict[str, Any], include_usage: bool) -> list[Any]:
+def chat_chunks(completion: dict[str, Any], include_usage: bool, text_pieces: int = 4) -> list[Any]:
     """The same answer as a stream: role chunk, content (or interleaved tool-call) chunks,
     finish chunk, the usage chunk with `choices: []` when asked for, then [DONE]."""
     head = {k: completion[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
@@ -124,7 +124,7 @@ def chat_chunks(completion: dict[str, Any], include_usage: bool) -> list[Any]:
     chunks = [chunk({"role": "assistant", "content": ""})]
     if "gemini" in completion["model"]:
         chunks.append(chunk({"reasoning_content": "Thinking it over."}))  # thoughts stay out of the answer
-    chunks += [chunk({"content": piece}) for piece in split_text(message["content"] or "")]
+    chunks += [chunk({"content": piece}) for piece in split_text(message["content"] or "", text_pieces)]
     chunks += [chunk({"tool_calls": [fragment]}) for fragment in _call_fragments(message.get("tool_calls") or [])]
     chunks.append(chunk({}, choice["finish_reason"]))
     if include_usage:

@@ -248,7 +248,7 @@ class Emulator:
             whole = chat_completion(body, prompt, rid, fault if fault in ANSWER_FAULTS else None)
             if not (body.get("stream") or fault in FRAMINGS):
                 return json_response(200, whole, rid)
-            events = chat_chunks(whole, _include_usage(body))
+            events = chat_chunks(whole, _include_usage(body), self.config.streams.text_pieces)
             return await write_stream(request, events, rid, self.config.streams, fault, pings=True)
 
         return await self._serve(request, lambda b: chat_prompt(b.get("messages")), "messages must be a list", answer)

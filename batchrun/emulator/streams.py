@@ -36,6 +36,7 @@ class StreamSettings:
     ping_s: float | None = 10.0  # `: PING` interval on OpenAI-format streams (the relay's is about 10 s)
     stall_s: float = 3.0  # how long a `stall` pauses
     chunk_delay_s: float = 0.0  # between events
+    text_pieces: int = 4  # content events per streamed chat answer (`batchrun bench` asks for ~20 events)
 
 
 def split_text(text: str, parts: int = 4) -> list[str]:
