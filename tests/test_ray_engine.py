@@ -140,17 +140,20 @@ def test_limits_hold_for_the_whole_job_not_per_actor(
     slow_emulator: Emulator,  # noqa: F811
     ray_address: str,
 ) -> None:
-    many_reviews(tmp_path, 120)
-    job = write_job(tmp_path, slow_emulator.url, run={"concurrency": 3, "max_attempts": 5, "timeout_s": 30})
+    ids = many_reviews(tmp_path, 120)
+    pl.read_csv(tmp_path / "reviews.csv").write_parquet(tmp_path / "reviews.parquet")  # read as ranges of rows
+    parquet = {"path": "reviews.parquet", "id_column": "review_id"}
+    job = write_job(tmp_path, slow_emulator.url, input=parquet, run={"concurrency": 3, "timeout_s": 30})
     slow_emulator.reset()
     done = ray_run(job, ray_address, "--ray-actors", "2")
     assert done.returncode == 0, done.stderr
+    assert_every_row_once_in_order(tmp_path, ids)
     stats = slow_emulator.stats()
     assert stats["requests"] == 120
     assert stats["peak_in_flight"] <= 3, stats  # two actors, three requests in flight between them
 
     # 600 a minute is 10 a second for the job; paced per actor (Ray's own HTTP processor) it would be 20.
-    write_job(tmp_path, slow_emulator.url, run={"concurrency": 16, "requests_per_minute": 600, "timeout_s": 30})
+    write_job(tmp_path, slow_emulator.url, input=parquet, run={"concurrency": 16, "requests_per_minute": 600})
     slow_emulator.reset()
     done = ray_run(job, ray_address, "--ray-actors", "2", "--restart", "--limit", "40")
     assert done.returncode == 0, done.stderr
