@@ -132,7 +132,7 @@ class RayRun(Run):
         )
         checked = time.monotonic()
         for report in reports.iter_batches(batch_format="pyarrow", batch_size=None):
-            for status, prompt, completion in zip(*(report[name].to_pylist() for name in REPORT.names)):
+            for status, prompt, completion in zip(*(report[column].to_pylist() for column in REPORT.names)):
                 progress.count(status, prompt, completion)
             if time.monotonic() - checked >= STATE_EVERY_S:
                 checked = time.monotonic()
@@ -196,9 +196,9 @@ class RowSender:
         """On the actor's event loop (anyio's primitives need it): the local row path, with the job-wide state."""
         run = Run(self._job, self._options)
         self._link = CoordinatorLink(self._coordinator)
-        self._watch = run.watch = ClusterWatch(self._link)  # type: ignore[assignment]
-        self._limits = run.limits = ClusterLimits(self._link, self._watch)  # type: ignore[assignment]
-        run.sharing = ClusterSharing(self._link)  # type: ignore[assignment]
+        self._watch = run.watch = ClusterWatch(self._link)
+        self._limits = run.limits = ClusterLimits(self._link, self._watch)
+        run.sharing = ClusterSharing(self._link)
         self._ledger = ClusterLedger(self._link)
         self._transport = Transport(self._url, run.api_key, self._job.spec.run.timeout_s, run.concurrency)
         self._run = run
@@ -211,13 +211,13 @@ class RowSender:
             node = ray.util.get_node_ip_address()
             await self._coordinator.cannot_start.remote(f"on the Ray worker at {node}: {e}")
             return _Report().table()
-        rows = list(pl.from_arrow(batch).iter_rows(named=True))  # type: ignore[union-attr]
+        rows = list(pl.from_arrow(batch).iter_rows(named=True))
         todo = set(await self._coordinator.unfinished.remote([row[ROW_INDEX] for row in rows]))
         report = _Report()
         with self._limits.stoppable():
-            await run.work_rows([row for row in rows if row[ROW_INDEX] in todo], self._ledger, self._transport, report)  # type: ignore[arg-type]
+            await run.work_rows([row for row in rows if row[ROW_INDEX] in todo], self._ledger, self._transport, report)
         await self._watch.refresh()
-        run.settle_held(self._ledger, report)  # type: ignore[arg-type]
+        run.settle_held(self._ledger, report)
         await self._link.settle()  # the batch's rows are with the coordinator before the driver hears of them
         return report.table()
 

@@ -75,6 +75,8 @@ class _Permit:
 
 @ray.remote(num_cpus=0, max_concurrency=MAX_WAITING_CALLS)
 class Coordinator:
+    """The job's state that must hold for every worker at once (see above); one per run, on the driver's node."""
+
     def __init__(self, folder: str, concurrency: int, run: RunSpec) -> None:
         self._setup = (Path(folder), concurrency, run)
         self._ids = itertools.count()
@@ -170,12 +172,12 @@ class Coordinator:
         """The attempt was answered (`actual_tokens`: its usage). A permit taken back already is past learning from."""
         permit = self._drop(number)
         if permit is not None:
-            self.limits.succeeded(permit.ticket, actual_tokens)  # type: ignore[arg-type]
+            self.limits.succeeded(permit.ticket, actual_tokens)
 
     async def failed(self, number: int, fields: dict[str, Any]) -> None:
         permit = self._drop(number)
         if permit is not None:
-            self.limits.failed(permit.ticket, CallError(**fields))  # type: ignore[arg-type]
+            self.limits.failed(permit.ticket, CallError(**fields))
 
     async def abandoned(self, number: int) -> None:
         """The attempt was cancelled: its place is free, and nothing is learnt from it."""
