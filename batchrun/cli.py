@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         resume = f"; resume with: {_resume_command(args)}" if args.command == "run" else ""
         print(f"\nbatchrun: interrupted{resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as e:  # e.g. an output folder that cannot be written
+        where = f"{e.filename}: " if e.filename else ""
+        print(redact(f"batchrun: error: {where}{e.strerror or e}"), file=sys.stderr)
+        return EXIT_BAD_INPUT
     except Exception:  # a bug: show it, but never with the key in it
         print(redact(traceback.format_exc()), file=sys.stderr, end="")
         return EXIT_INTERNAL

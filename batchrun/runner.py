@@ -297,7 +297,7 @@ class Run:
                         continue
                     record, outcome = asked
                     publish(record)
-                if outcome.error is not None and outcome.error.abort in ("A", "B"):
+                if outcome.error is not None and outcome.error.abort is not None:
                     # Held back: if the run aborts, this row stays pending rather than failed.
                     self._held.append(record)
                     if self.watch.tripped is not None:

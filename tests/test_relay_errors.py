@@ -300,3 +300,39 @@ def test_the_key_inside_any_error_text_is_masked() -> None:
     late = CallError("server", "x")
     late.message = f"changed later: {key}"
     assert key not in str(late)
+
+
+@pytest.mark.parametrize(
+    ("code", "error_class", "abort"),
+    [
+        ("insufficient_user_quota", "quota", "A"),
+        ("insufficient_quota", "quota", "A"),
+        ("entitlement_expired", "quota", "A"),
+        ("rate_limit_exceeded", "rate_limited", None),
+        ("invalid_api_key", "auth", "B"),
+    ],
+)
+def test_a_relay_error_inside_a_200_is_classified_by_its_code(code: str, error_class: str, abort: str | None) -> None:
+    body = orjson.dumps({"error": {"message": "wrapped", "type": "new_api_error", "code": code}})
+    err = from_response(200, body, {})
+    assert (err.error_class, err.abort) == (error_class, abort)
+
+
+def test_a_daily_quota_named_only_in_the_quota_failure_details_stops_the_run() -> None:
+    body = orjson.dumps(
+        {
+            "error": {
+                "code": 429,
+                "status": "RESOURCE_EXHAUSTED",
+                "message": "Quota exceeded.",
+                "details": [
+                    {
+                        "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                        "violations": [{"quotaId": "GenerateRequestsPerDayPerProjectPerModel"}],
+                    }
+                ],
+            }
+        }
+    )
+    err = from_response(429, body, {})
+    assert (err.error_class, err.abort, err.retryable) == ("quota", "A", False)

@@ -59,3 +59,27 @@ def test_the_key_appears_in_no_file_and_no_output(tmp_path: Path, emulator: Emul
     assert result.returncode == 0, result.stderr
     assert "7 rows: 6 ok, 1 error" in result.stdout
     assert_key_nowhere(tmp_path, result, run_cli("status", str(job)))
+
+
+def test_the_same_error_before_any_success_stops_the_run_not_after_every_row(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    """Rule C: a wrong path (404 for every request) stops after a few answers; the rows stay pending."""
+    write_csv(tmp_path / "reviews.csv", ["review_id", "text"], [[f"R{i}", f"review {i}"] for i in range(200)])
+    job = write_job(
+        tmp_path, emulator.url + "/wrong-prefix", run={"concurrency": 2, "max_attempts": 3, "timeout_s": 30}
+    )
+    result = run_cli("run", str(job), "--quiet")
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    assert emulator.stats()["requests"] <= 6
+    assert not (tmp_path / "out" / "result.parquet").exists()
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path: Path, reviews: Path, emulator: Emulator) -> None:
+    job = write_job(tmp_path, emulator.url, output={"path": "reviews.csv/result.parquet"})
+    result = run_cli("run", str(job), "--quiet")
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert "reviews.csv" in result.stderr
+    assert emulator.stats()["requests"] == 0

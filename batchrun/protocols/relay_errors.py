@@ -11,7 +11,7 @@ import datetime
 import email.utils
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,12 +65,12 @@ def from_response(status: int, body: bytes, headers: Mapping[str, str]) -> CallE
     if fields is None:
         excerpt = " ".join(body[:400].decode("utf-8", "replace").split())[:200]
         fields = _ErrorFields(f"HTTP {status}: {excerpt}".rstrip(": "))
-    elif (code_status := _int_or_none(fields.code)) and status < 400:
-        status = code_status  # a 200 carrying a Google-shaped error: its code is the real status
+    elif status < 400:  # a 200 carrying an error: its code says what the status would have been
+        status = _int_or_none(fields.code) or _status_of_code(fields.code) or status
     request_id = headers.get("x-oneapi-request-id") or headers.get("x-request-id")
     if not request_id and (m := _REQUEST_ID_SUFFIX.search(fields.message)):
         request_id = m.group(1)
-    err = classify(status, fields.code, fields.rpc_status, fields.message, fields.param)
+    err = classify(status, fields.code, fields.rpc_status, fields.message, fields.param, fields.details)
     err.request_id = request_id
     hint = retry_hint(headers, fields.details, status)
     if hint is not None:
@@ -123,10 +123,30 @@ def _int_or_none(value: str) -> int | None:
         return None
 
 
-def classify(status: int, code: str, rpc_status: str, message: str, param: str = "") -> CallError:
+# Relay and OpenAI codes that name their HTTP status, for errors that arrive inside a 200.
+_CODE_STATUS = {
+    "insufficient_user_quota": 403,
+    "pre_consume_token_quota_failed": 403,
+    "insufficient_quota": 429,
+    "rate_limit_exceeded": 429,
+    "token_concurrency_limit_reached": 429,
+    "invalid_api_key": 401,
+    "empty_response": 500,
+}
+
+
+def _status_of_code(code: str) -> int | None:
+    return 403 if code.startswith("entitlement_") else _CODE_STATUS.get(code)
+
+
+def classify(
+    status: int, code: str, rpc_status: str, message: str, param: str = "", details: Sequence[Any] = ()
+) -> CallError:
     """PROTOCOL.md §5.2: by status, then code, then RPC status; keywords last."""
     lowered = f"{code} {rpc_status}".lower()
-    daily = "per day" in message.lower() or "perday" in message.lower()
+    # A daily quota shows in the message or in a QuotaFailure's quotaId (`...PerDay...`).
+    said = f"{message} {orjson.dumps(list(details)).decode() if details else ''}".lower()
+    daily = "per day" in said or "perday" in said
 
     def err(error_class: str, text: str | None = None, **kw: Any) -> CallError:
         return CallError(error_class, text or message or f"HTTP {status}", status=status, code=code, **kw)
