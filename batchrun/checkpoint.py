@@ -192,9 +192,10 @@ class Checkpoint:
         return self._query(f"SELECT {cols} FROM rows WHERE idx >= ? AND idx < ? ORDER BY idx", (lo, hi))
 
     def totals(self) -> dict[str, Any]:
-        ok, errors, prompt, completion, last = self._query(
+        ok, errors, prompt, completion, last, images = self._query(
             "SELECT COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'error'), 0),"
-            " SUM(prompt_tokens), SUM(completion_tokens), MAX(finished_at) FROM rows"
+            " SUM(prompt_tokens), SUM(completion_tokens), MAX(finished_at),"
+            " SUM(CASE WHEN shared_from IS NULL THEN json_array_length(image_paths) END) FROM rows"
         )[0]
         return {
             "ok": ok,
@@ -202,6 +203,7 @@ class Checkpoint:
             "prompt_tokens": prompt or 0,
             "completion_tokens": completion or 0,
             "last_finished_at": last,
+            "images": images or 0,
         }
 
     def count_interrupted(self) -> int:

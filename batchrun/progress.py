@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
+import orjson
 from tqdm import tqdm
 
 from batchrun.checkpoint import RowRecord
@@ -29,16 +30,19 @@ class Progress:
         self._last = 0.0
 
     def row_done(self, status: str, record: RowRecord | None) -> None:
-        self.count(status, record and record.prompt_tokens, record and record.completion_tokens)
+        # Shared rows cost nothing: their images are the source row's.
+        paid = record is not None and record.image_paths and record.shared_from is None
+        images = len(orjson.loads(record.image_paths)) if paid else 0
+        self.count(status, record and record.prompt_tokens, record and record.completion_tokens, images)
 
-    def count(self, status: str, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+    def count(self, status: str, prompt_tokens: int | None, completion_tokens: int | None, images: int = 0) -> None:
         """One finished row, by its status and tokens (what the Ray engine's actors report)."""
         if status != "ok":
             self.failed += 1
         prompt, completion = prompt_tokens or 0, completion_tokens or 0
         self.tokens += prompt + completion
         if self._pricing is not None:
-            self.cost += cost(self._pricing, prompt, completion)
+            self.cost += cost(self._pricing, prompt, completion, images)
         self._pending += 1
         now = time.monotonic()
         if now - self._last >= REFRESH_S:  # tqdm calls are not free at thousands of rows a second

@@ -136,7 +136,9 @@ class Run:
                         checkpoint.forget(failed)
             if self.job.spec.pricing is not None:
                 done = checkpoint.totals()
-                self.budget.spent = spend.cost(self.job.spec.pricing, done["prompt_tokens"], done["completion_tokens"])
+                self.budget.spent = spend.cost(
+                    self.job.spec.pricing, done["prompt_tokens"], done["completion_tokens"], done["images"]
+                )
             total = self.table.count() if self.options.limit is None else min(self.options.limit, self.table.count())
             progress = Progress(
                 total=total - checkpoint.count_finished(0, total),
@@ -342,7 +344,12 @@ class Run:
                 before_first_send=partial(checkpoint.begin, item.idx) if first else _nothing,
             )
             reply = outcome.reply
-            self.budget.settle(held, prompt_estimate, reply and reply.prompt_tokens, reply and reply.completion_tokens)
+            if reply is None:
+                self.budget.settle(held, prompt_estimate, None, None)
+            else:
+                self.budget.settle(
+                    held, prompt_estimate, reply.prompt_tokens, reply.completion_tokens, len(reply.images)
+                )
             return outcome
 
         async def follow_up(answer: str, message: str) -> Outcome | None:

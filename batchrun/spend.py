@@ -92,12 +92,17 @@ class Budget:
         return worst
 
     def settle(
-        self, held: float, prompt_estimate: int, prompt_tokens: int | None, completion_tokens: int | None
+        self,
+        held: float,
+        prompt_estimate: int,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        images: int = 0,
     ) -> None:
         if self.limit is None or self.pricing is None:
             return
         self.reserved -= held
-        self.spent += cost(self.pricing, prompt_tokens, completion_tokens)
+        self.spent += cost(self.pricing, prompt_tokens, completion_tokens, images)
         if prompt_tokens and prompt_estimate:
             self._input_scale = max(self._input_scale, prompt_tokens / prompt_estimate)
 

@@ -74,3 +74,18 @@ def test_complete(project: Path) -> None:
     assert set(df["response_text"]) == {"positive", "negative", "neutral"}
     demo = run_sample(project, "demo", "review-sentiment")  # the same reviews labelled through chat
     assert df["response_text"].to_list() == demo["label"].to_list()
+
+
+def test_per_image_pricing_counts_in_summary_status_and_output_alike(project: Path) -> None:
+    job = project / "jobs" / "posters.yaml"
+    text = job.read_text() + "pricing: {input_per_million: 1, output_per_million: 2, per_image: 0.25}\n"
+    job.write_text(text)
+    df = run_sample(project, "posters")
+    summary = orjson.loads((project / "out" / "posters.summary.json").read_bytes())
+    images = sum(len(paths) for paths in df["image_paths"])
+    tokens = (df["prompt_tokens"].sum() * 1 + df["completion_tokens"].sum() * 2) / 1e6
+    assert images == 6
+    assert abs(df["cost"].sum() - (tokens + 0.25 * images)) < 1e-9
+    assert abs(summary["cost"] - df["cost"].sum()) < 1e-6
+    status = run_cli("status", str(job))
+    assert f"cost so far: {summary['cost']:.4f}" in status.stdout, status.stdout
