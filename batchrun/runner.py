@@ -303,8 +303,7 @@ class Run:
                     # Held back: if the run aborts, this row stays pending rather than failed.
                     self._held.append(record)
                     if self.watch.tripped is not None:
-                        for held in self._held:
-                            checkpoint.withdraw(held.idx)
+                        self.settle_held(checkpoint, progress)
                         scope.cancel()
                         return
                     continue

@@ -22,6 +22,7 @@ import yaml
 from conftest import REPO, Emulator, cli_env, run_cli, write_job
 from test_resume import (  # noqa: F401  (slow_emulator is a fixture)
     assert_every_row_once_in_order,
+    assert_resumed_without_paying_twice,
     in_flight_reported,
     many_reviews,
     slow_emulator,
@@ -196,14 +197,7 @@ def test_kill_the_driver_then_rerun_each_row_once(
     rerun = ray_run(job, ray_address, "--ray-actors", "2")
     assert rerun.returncode == 0, rerun.stderr
     second = slow_emulator.stats()
-    assert_every_row_once_in_order(tmp_path, ids)
-    assert set(second["by_prompt"].values()) <= {1}  # the rerun asks each row at most once
-    assert len(set(first["by_prompt"]) | set(second["by_prompt"])) == len(ids)  # and, with the first run, all
-    again = [p for p in second["by_prompt"] if p in first["by_prompt"]]
-    for prompt in again:
-        answered = first["answered_at"].get(prompt)
-        assert answered is None or answered > killed_at - 1.0, f"answered {killed_at - answered:.2f} s before the kill"
-    assert len(again) <= in_flight_reported(rerun.stdout)
+    again = assert_resumed_without_paying_twice(tmp_path, ids, first, second, killed_at, rerun.stdout)
     reported = in_flight_reported(rerun.stdout)
     print(f"killed after {first['requests']} requests; {len(again)} asked again, {reported} reported in flight")
 

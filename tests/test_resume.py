@@ -77,6 +77,24 @@ def assert_every_row_once_in_order(tmp_path: Path, ids: list[str]) -> pl.DataFra
     return df
 
 
+def assert_resumed_without_paying_twice(
+    tmp_path: Path, ids: list[str], first: dict, second: dict, killed_at: float, rerun_stdout: str
+) -> list[str]:
+    """The promise after a kill: every row once, in order; nothing answered > 1 s before the kill asked again.
+
+    Returns the prompts the rerun asked again (only rows with an intent and no recorded answer).
+    """
+    assert_every_row_once_in_order(tmp_path, ids)
+    assert set(second["by_prompt"].values()) <= {1}  # the rerun asks each row at most once
+    assert len(set(first["by_prompt"]) | set(second["by_prompt"])) == len(ids)  # and, with the first run, all
+    again = [p for p in second["by_prompt"] if p in first["by_prompt"]]
+    for prompt in again:
+        answered = first["answered_at"].get(prompt)  # None: never answered, or answered after the kill
+        assert answered is None or answered > killed_at - 1.0, f"answered {killed_at - answered:.2f} s before the kill"
+    assert len(again) <= in_flight_reported(rerun_stdout)  # the rerun counts every row it may pay twice
+    return again
+
+
 def kill_and_resume(tmp_path: Path, emulator: Emulator, moment: float) -> int:
     """SIGKILL a run `moment` seconds in, rerun, check; returns how many rows were requested again."""
     ids = many_reviews(tmp_path)
@@ -93,15 +111,7 @@ def kill_and_resume(tmp_path: Path, emulator: Emulator, moment: float) -> int:
     rerun = run_cli("run", str(job), "--quiet")
     assert rerun.returncode == 0, rerun.stderr
     second = emulator.stats()
-    assert_every_row_once_in_order(tmp_path, ids)
-    assert set(second["by_prompt"].values()) <= {1}  # the rerun asks each row at most once
-    assert len(set(first["by_prompt"]) | set(second["by_prompt"])) == len(ids)  # and, with the first run, all
-    again = [p for p in second["by_prompt"] if p in first["by_prompt"]]
-    for prompt in again:
-        answered = first["answered_at"].get(prompt)  # None: never answered, or answered after the kill
-        assert answered is None or answered > killed_at - 1.0, f"answered {killed_at - answered:.2f} s before the kill"
-    # Only rows with an intent and no recorded answer are sent again; the rerun counts them all.
-    assert len(again) <= in_flight_reported(rerun.stdout)
+    again = assert_resumed_without_paying_twice(tmp_path, ids, first, second, killed_at, rerun.stdout)
     print(
         f"kill at {moment:.2f} s: first run sent {first['requests']}, rerun sent {second['requests']}, "
         f"{in_flight_reported(rerun.stdout)} reported in flight, {len(again)} requested again"
