@@ -1,7 +1,7 @@
 """How fast requests may start: in-flight limit, requests and tokens per minute, pauses.
 
 * In flight: `InFlight` places whose number moves AIMD-style between 1 and
-  `run.concurrency` (PROTOCOL.md §6.3): halved on a rate-limit 429 or a 503 (at
+  `run.concurrency` (docs/protocol.md §6.3): halved on a rate-limit 429 or a 503 (at
   most once a second), +1 after a limit's worth of successes in a row. A shrink
   never interrupts requests already in flight; new ones wait until fewer than
   the new limit are.
@@ -70,7 +70,7 @@ def output_cap(params: dict[str, Any]) -> int | None:
 
 
 def backoff_s(retries_made: int) -> float:
-    """PROTOCOL.md §6.1 with no server hint: 1, 2, 4 … 60 s, equal jitter (never 0, never above d)."""
+    """docs/protocol.md §6.1 with no server hint: 1, 2, 4 … 60 s, equal jitter (never 0, never above d)."""
     d = min(BACKOFF_CAP_S, 2.0**retries_made)
     return d / 2 + random.uniform(0, d / 2)
 

@@ -1,4 +1,4 @@
-"""Keeping the API key out of every message batchrun writes (PRODUCT.md promise 4).
+"""Keeping the API key out of every message batchrun writes.
 
 The key is registered once, where it is read from the environment; every path
 that turns an exception or a server's text into a message (CallError, the CLI's

@@ -36,7 +36,7 @@ from batchrun.spec import Job
 from batchrun.structured import AnswerParser, ask_with_repairs, explain_native_rejection
 from batchrun.transport import Outcome, Transport, call_with_retries
 
-ABORT_AFTER = 3  # PROTOCOL.md §5.2 rules B and C
+ABORT_AFTER = 3  # docs/protocol.md §5.2 rules B and C
 GRACE_S = 3.0  # after Ctrl-C, how long rows in flight may take to finish before they are cancelled
 
 
@@ -64,7 +64,7 @@ class WorkItem:
 
 
 class AbortWatch:
-    """Stops the run when going on cannot help (PROTOCOL.md §5.2 rules A, B, C)."""
+    """Stops the run when going on cannot help (docs/protocol.md §5.2 rules A, B, C)."""
 
     def __init__(self) -> None:
         self.tripped: CallError | None = None

@@ -162,7 +162,7 @@ _GEMINI_MODEL_FORBIDDEN = re.compile(r"[/?#:\s]")
 
 
 def _protocol_problems(spec: JobSpec) -> list[tuple[str, str]]:
-    """What the chosen protocol cannot send (PROTOCOL.md §1, §3, §4.1)."""
+    """What the chosen protocol cannot send (docs/protocol.md §1, §3, §4.1)."""
     from batchrun.images import PILLOW_MISSING, pillow_available
 
     api = spec.provider.api

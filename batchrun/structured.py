@@ -104,7 +104,7 @@ def answer_schema(spec: JobSpec) -> dict[str, Any] | None:
 
 
 def uses_native_schema(spec: JobSpec) -> bool:
-    """Whether batchrun asks the API itself for the schema (PROTOCOL.md §2.4, §4.1)."""
+    """Whether batchrun asks the API itself for the schema (docs/protocol.md §2.4, §4.1)."""
     return (
         spec.output.parse == "json"
         and spec.output.json_schema is not None
@@ -437,7 +437,7 @@ def conform(value: Any, dtype: pl.DataType) -> Any:
     return None
 
 
-# --- Gemini's schema dialect (PROTOCOL.md §4.1) --------------------------------------
+# --- Gemini's schema dialect (docs/protocol.md §4.1) --------------------------------------
 
 # The keywords of Gemini's OpenAPI-style `Schema`; anything else is dropped.
 GEMINI_KEYWORDS = {

@@ -6,7 +6,7 @@ rose), aiohttp over 11,000 on the same machine (README, Performance).
 
 `Transport.attempt` makes one POST, reads the answer (a JSON body or a stream,
 told apart by its first byte) and turns every failure into a `CallError`;
-`call_with_retries` is the per-row attempt loop of PROTOCOL.md §6.
+`call_with_retries` is the per-row attempt loop of docs/protocol.md §6.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class Transport:
         headers = {"content-type": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
-        # PROTOCOL.md §6.4. A stream has no total cap: sock_read applies to every read, its idle timeout.
+        # docs/protocol.md §6.4. A stream has no total cap: sock_read applies to every read, its idle timeout.
         # A whole answer must come within timeout_s (aiohttp's own timer: anyio.fail_after cost 4% of the CPU).
         connect = min(10.0, timeout_s)
         self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=timeout_s)
@@ -173,7 +173,7 @@ class Outcome:
 
 
 def backoff_delay(retries_made: int, error: CallError) -> float:
-    """PROTOCOL.md §6.1: a server hint wins; else exponential with equal jitter."""
+    """docs/protocol.md §6.1: a server hint wins; else exponential with equal jitter."""
     if error.retry_hint is not None:
         delay = error.retry_hint + random.uniform(0, 1)
     else:

@@ -1,4 +1,4 @@
-"""Build and parse functions on the edge cases of PROTOCOL.md §7 (no network: pure functions)."""
+"""Build and parse functions on the edge cases of docs/protocol.md §7 (no network: pure functions)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`--engine ray` (PRODUCT.md promise 7) on a local Ray, against the emulator, checked at the server.
+"""`--engine ray` on a local Ray, against the emulator, checked at the server.
 
 Ray starts once for the module: a small local cluster that the runs join with
 --ray-address, as they would join a real one. The comparison with the local engine

@@ -1,4 +1,4 @@
-"""Every failure shape of PROTOCOL.md §5 and the hints of §6, normalised (§7 items 12-21, 28)."""
+"""Every failure shape of docs/protocol.md §5 and the hints of §6, normalised (§7 items 12-21, 28)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Resume (PRODUCT.md promise 1): real CLI processes, real signals, checked at the emulator.
+"""Resume: real CLI processes, real signals, checked at the emulator.
 
 The kill test SIGKILLs the run's process group at random moments (BATCHRUN_KILL_MOMENTS
 of them, 3 by default; 20 for a local soak) and checks the rerun from the server's side:

@@ -1,4 +1,4 @@
-"""The SSE parser (PROTOCOL.md §2.6): any split of a stream into reads gives the same events."""
+"""The SSE parser (docs/protocol.md §2.6): any split of a stream into reads gives the same events."""
 
 from __future__ import annotations
 

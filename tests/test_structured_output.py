@@ -145,7 +145,7 @@ def test_a_model_that_rejects_the_native_schema_points_to_the_switch(
         model="gpt-3.5-turbo",
         output={"path": "out/result.parquet", "parse": "json", "schema": LABEL_SCHEMA},
     )
-    # A 400 naming a parameter stops the run after three alike (PROTOCOL.md §5.2 rule C).
+    # A 400 naming a parameter stops the run after three alike (docs/protocol.md §5.2 rule C).
     result = run_cli("run", str(job), "--quiet")
     assert result.returncode == 3
     assert "'json_schema' is not supported with this model" in result.stderr

@@ -1,4 +1,4 @@
-"""PROTOCOL.md §6.4 timeouts over loopback: a whole answer within run.timeout_s; a stream
+"""docs/protocol.md §6.4 timeouts over loopback: a whole answer within run.timeout_s; a stream
 has no total cap, only run.timeout_s between bytes."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Gemini generateContent / streamGenerateContent as the relay answers them (PROTOCOL.md §4).
+"""Gemini generateContent / streamGenerateContent as the relay answers them (docs/protocol.md §4).
 
 Text models answer text (or a forced functionCall); image models (an id with
 "image") answer a text part and a small real PNG, and "pro" models think first:

@@ -1,4 +1,4 @@
-"""Gemini generateContent / streamGenerateContent?alt=sse (PROTOCOL.md §4).
+"""Gemini generateContent / streamGenerateContent?alt=sse (docs/protocol.md §4).
 
 Answers are read in camelCase or snake_case. Thought parts (reasoning and
 interim draft images) are skipped; the other images are kept in order, the last

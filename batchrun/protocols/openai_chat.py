@@ -1,4 +1,4 @@
-"""OpenAI chat completions: POST /v1/chat/completions (PROTOCOL.md §2)."""
+"""OpenAI chat completions: POST /v1/chat/completions (docs/protocol.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""OpenAI legacy completions: POST /v1/completions (PROTOCOL.md §3).
+"""OpenAI legacy completions: POST /v1/completions (docs/protocol.md §3).
 
 One `prompt` string (the system prompt, a blank line, the user prompt); the
 answer is `choices[0].text`, streamed as whole `text_completion` events whose

@@ -1,4 +1,4 @@
-"""Failures from the relay, normalised (PROTOCOL.md §5) whatever their shape.
+"""Failures from the relay, normalised (docs/protocol.md §5) whatever their shape.
 
 Any path may answer in the OpenAI shape, the Google shape (maybe wrapped in a
 one-element list), HTML or plain text, often with a Chinese message. Each
@@ -29,7 +29,7 @@ class CallError(Exception):
     retryable: bool = True
     max_retries: int | None = None  # a tighter cap than run.max_attempts, for content outcomes
     abort: str | None = (
-        None  # PROTOCOL.md §5.2 rules: "A" at once, "B" after 3 in a row, "C" 3 alike before any success
+        None  # docs/protocol.md §5.2 rules: "A" at once, "B" after 3 in a row, "C" 3 alike before any success
     )
     retry_hint: float | None = None  # seconds the server asked us to wait
     min_delay: float = 0.0
@@ -142,7 +142,7 @@ def _status_of_code(code: str) -> int | None:
 def classify(
     status: int, code: str, rpc_status: str, message: str, param: str = "", details: Sequence[Any] = ()
 ) -> CallError:
-    """PROTOCOL.md §5.2: by status, then code, then RPC status; keywords last."""
+    """docs/protocol.md §5.2: by status, then code, then RPC status; keywords last."""
     lowered = f"{code} {rpc_status}".lower()
     # A daily quota shows in the message or in a QuotaFailure's quotaId (`...PerDay...`).
     said = f"{message} {orjson.dumps(list(details)).decode() if details else ''}".lower()
@@ -186,7 +186,7 @@ def _apply_should_retry(err: CallError, headers: Mapping[str, str]) -> None:
         err.retryable = value == "true"
 
 
-# --- server hints (PROTOCOL.md §6.1) -------------------------------------------------
+# --- server hints (docs/protocol.md §6.1) -------------------------------------------------
 
 HINT_CAP_S = 120.0
 
@@ -234,7 +234,7 @@ def _retry_info(details: list[Any]) -> float | None:
 
 
 def _ratelimit_reset(headers: Mapping[str, str]) -> float | None:
-    """PROTOCOL.md §6.2: the longest reset among the groups whose `remaining` is 0.
+    """docs/protocol.md §6.2: the longest reset among the groups whose `remaining` is 0.
 
     A group whose limit is -1, 0 or missing is unknown and ignored.
     """

@@ -26,7 +26,7 @@ class Reply:
 
 
 class StreamAnswer(Protocol):
-    """One streamed answer, put together event by event (PROTOCOL.md §2.6, §4.3)."""
+    """One streamed answer, put together event by event (docs/protocol.md §2.6, §4.3)."""
 
     def add(self, event: Any) -> None:
         """One parsed JSON event; raises CallError for in-band failures (a blocked prompt)."""

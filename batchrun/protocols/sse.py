@@ -1,4 +1,4 @@
-"""Server-sent events, parsed incrementally from arbitrary network reads (PROTOCOL.md §2.6).
+"""Server-sent events, parsed incrementally from arbitrary network reads (docs/protocol.md §2.6).
 
 Reads may end anywhere: inside a line, between the CR and LF of a CRLF, or in
 the middle of a UTF-8 character. Lines are cut on LF, CRLF or a lone CR and
