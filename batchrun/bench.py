@@ -39,12 +39,14 @@ import yaml
 
 from batchrun import eventloop
 from batchrun.checkpoint import Checkpoint, RowRecord, checkpoint_folder
+from batchrun.checks import load_job
 from batchrun.fingerprint import Fingerprint
 from batchrun.inputs import InputTable
 from batchrun.protocols import Decoder, openai_chat
 from batchrun.render import Renderer
 from batchrun.runner import RunOptions, run_job
-from batchrun.spec import Job, load_job
+from batchrun.settings import RequestSettings
+from batchrun.spec import Job
 from batchrun.transport import Transport
 
 KEY_ENV = "BATCHRUN_BENCH_KEY"
@@ -169,7 +171,7 @@ def request_bodies(job: Job) -> list[bytes]:
     table = InputTable.for_job(job)
     renderer = Renderer(job, table.columns)
     return [
-        orjson.dumps(openai_chat.build(renderer.render(row), job.spec))
+        orjson.dumps(openai_chat.build(renderer.render(row), RequestSettings.of(job.spec)))
         for batch in table.batches()
         for row in batch.iter_rows(named=True)
     ]
@@ -233,7 +235,11 @@ def bare_loop(job: Job, bodies: list[bytes]) -> Rate:
     """The bare loop over the job's requests, on the event loop the CLI uses."""
     spec = job.spec
     return eventloop.run(
-        _transport_loop, spec.provider.base_url, bodies, spec.run.concurrency, openai_chat.decoder(spec)
+        _transport_loop,
+        spec.provider.base_url,
+        bodies,
+        spec.run.concurrency,
+        openai_chat.decoder(RequestSettings.of(spec)),
     )
 
 

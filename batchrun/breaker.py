@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 from collections import deque
 
-from batchrun.protocols import CallError
+from batchrun.protocols.relay_errors import CallError
+from batchrun.stops import StopRule
 
 DOWN_CLASSES = {"connection", "timeout", "server", "malformed"}
 WINDOW = 20  # recent attempts looked at
@@ -103,5 +104,5 @@ class OutageBreaker:
             "outage",
             f"every request failed for {self.timeout_s:g} s (run.outage_timeout_s){last}",
             retryable=False,
-            abort="A",
+            abort=StopRule.A,
         )

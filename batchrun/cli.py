@@ -180,8 +180,8 @@ def _non_negative_float(text: str) -> float:
 
 def _run(args: argparse.Namespace) -> int:
     from batchrun import eventloop
+    from batchrun.checks import load_job
     from batchrun.runner import RunOptions, run_job
-    from batchrun.spec import load_job
 
     job = load_job(args.job)
     _print_warnings(job.warnings)
@@ -242,11 +242,13 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from batchrun import output, protocols, spend
+    from batchrun import output, spend
+    from batchrun.checks import load_job
     from batchrun.images import loader_for, preview_body
     from batchrun.inputs import ROW_INDEX, InputTable
+    from batchrun.protocols import protocol_for
     from batchrun.render import Renderer
-    from batchrun.spec import load_job
+    from batchrun.settings import RequestSettings
     from batchrun.structured import AnswerParser
 
     job = load_job(args.job)
@@ -257,7 +259,7 @@ def _validate(args: argparse.Namespace) -> int:
     renderer = Renderer(job, table.columns)
     output.check_columns(job, AnswerParser.for_spec(spec), table.columns)
     job.api_key()
-    protocol = protocols.PROTOCOLS[spec.provider.api]
+    protocol = protocol_for(spec.provider.api)
     loader = loader_for(job, protocol.INLINE_IMAGE_URLS)
     print(f"job {spec.name}: {table.count()} rows from {spec.input.path}, columns: {', '.join(table.columns)}")
     print(f"{spec.provider.api} {spec.model} -> POST {spec.provider.base_url}{protocol.path(spec.model, spec.stream)}")
@@ -265,7 +267,7 @@ def _validate(args: argparse.Namespace) -> int:
     for batch in table.batches(limit=args.show):
         for row in batch.iter_rows(named=True):
             print(f"\nrow {row[table.id_name] if table.id_column else row[ROW_INDEX]}:")
-            print(preview_body(protocol, loader, renderer.render(row), spec))
+            print(preview_body(protocol, loader, renderer.render(row), RequestSettings.of(spec)))
             shown += 1
     print()
     for line in spend.describe_estimate(spend.estimate_job(job, table, renderer), job):
@@ -280,8 +282,8 @@ def _print_warnings(warnings: list[str]) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from batchrun.checks import load_job
     from batchrun.resume import status_lines
-    from batchrun.spec import load_job
 
     print("\n".join(status_lines(load_job(args.job))))
     return 0

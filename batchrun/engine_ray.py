@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 import pyarrow as pa
@@ -90,7 +90,8 @@ class RayRun(Run):
         with _ray_session(self.ray_options.address):
             name = f"batchrun-{uuid.uuid4().hex}"
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-            coordinator = Coordinator.options(name=name, scheduling_strategy=here).remote(
+            actor = cast(Any, Coordinator)  # ray.remote made the class an actor class; mypy cannot see it
+            coordinator = actor.options(name=name, scheduling_strategy=here).remote(
                 str(checkpoint.folder), self.concurrency, self.job.spec.run
             )
             ray.get(coordinator.start.remote())
@@ -98,7 +99,7 @@ class RayRun(Run):
                 try:
                     self._send_all(coordinator, name, progress)
                 except KeyboardInterrupt:
-                    self._stop_on_ctrl_c(coordinator)
+                    self._stop_ray_on_ctrl_c(coordinator)
                 finally:
                     final = ray.get(coordinator.close.remote())
         if final["problem"] is not None:
@@ -139,7 +140,7 @@ class RayRun(Run):
                 if ray.get(coordinator.stopped.remote()):
                     return  # the rest stays pending
 
-    def _stop_on_ctrl_c(self, coordinator: Any) -> None:
+    def _stop_ray_on_ctrl_c(self, coordinator: Any) -> None:
         """As a local run: send no new row; rows in flight get GRACE_S to finish, or a second Ctrl-C cancels them."""
         self.interrupts = 1
         ray.get(coordinator.refuse_new_rows.remote())
@@ -211,7 +212,7 @@ class RowSender:
             node = ray.util.get_node_ip_address()
             await self._coordinator.cannot_start.remote(f"on the Ray worker at {node}: {e}")
             return _Report().table()
-        rows = list(pl.from_arrow(batch).iter_rows(named=True))
+        rows = list(cast(pl.DataFrame, pl.from_arrow(batch)).iter_rows(named=True))
         todo = set(await self._coordinator.unfinished.remote([row[ROW_INDEX] for row in rows]))
         report = _Report()
         with self._limits.stoppable():
@@ -229,7 +230,10 @@ class _Report:
         self._rows: list[tuple[str, int | None, int | None]] = []
 
     def row_done(self, status: str, record: RowRecord | None) -> None:
-        self._rows.append((status, record and record.prompt_tokens, record and record.completion_tokens))
+        if record is None:
+            self._rows.append((status, None, None))
+        else:
+            self._rows.append((status, record.prompt_tokens, record.completion_tokens))
 
     def table(self) -> pa.Table:
         return pa.Table.from_pylist([dict(zip(REPORT.names, row)) for row in self._rows], schema=REPORT)

@@ -29,37 +29,26 @@ import orjson
 from batchrun.checkpoint import Checkpoint
 from batchrun.inputs import ROW_INDEX, InputTable
 from batchrun.render import Renderer
+from batchrun.settings import RequestSettings
 from batchrun.sharing import request_key
 from batchrun.spec import Job, JobSpec
-from batchrun.structured import uses_native_schema
 
 META_KEY = "fingerprint"
 SHOWN_CHARS = 60
 
 
 def request_settings(spec: JobSpec) -> dict[str, Any]:
-    """The job-file settings that shape every request body, by their job-file names."""
-    settings: dict[str, Any] = {
-        "model": spec.model,
-        "provider.api": spec.provider.api,
-        "params": spec.params,
-        "stream": spec.stream,
-    }
-    if spec.prompt.images:
-        settings["provider.image_part_style"] = spec.provider.image_part_style
-        settings["prompt.max_image_side"] = spec.prompt.max_image_side
-    if uses_native_schema(spec):
-        settings["output.schema"] = spec.output.json_schema
-    return settings
+    """The job-file settings that shape every request body (settings.RequestSettings), by their job-file names."""
+    return RequestSettings.of(spec).by_job_keys()
 
 
 def templates(spec: JobSpec) -> dict[str, Any]:
     return {"prompt.system": spec.prompt.system, "prompt.user": spec.prompt.user, "prompt.images": spec.prompt.images}
 
 
-def settings_digest(spec: JobSpec) -> bytes:
-    """The request settings, hashed: one part of every row's request hash."""
-    return hashlib.blake2b(orjson.dumps(request_settings(spec), option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
+def settings_digest(settings: RequestSettings) -> bytes:
+    """The request settings, hashed whole: one part of every row's request hash."""
+    return hashlib.blake2b(orjson.dumps(settings.by_job_keys(), option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
 
 
 def row_hash(settings: bytes, key: bytes) -> int:
@@ -142,7 +131,7 @@ def compare(
     changes = current.changes_from(stored) if stored is not None else []
     changed = finished = 0
     if changes:
-        settings = settings_digest(job.spec)
+        settings = settings_digest(RequestSettings.of(job.spec))
         for indexes, held in _changed_rows(checkpoint, table, renderer, settings, ok_only):
             changed += len(indexes)
             finished += held

@@ -31,7 +31,8 @@ import orjson
 
 from batchrun.protocols.reply import ImageOut
 from batchrun.render import ImageInput, Request
-from batchrun.spec import Job, JobSpec
+from batchrun.settings import RequestSettings
+from batchrun.spec import Job
 
 IMAGE_TOKEN_ESTIMATE = 1000  # a rough per-image allowance for the tokens-per-minute estimate
 MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
@@ -247,14 +248,14 @@ def shorten_payloads(value: Any, keep: int = 48) -> Any:
     return value
 
 
-def preview_body(protocol: ModuleType, loader: ImageLoader, request: Request, spec: JobSpec) -> str:
+def preview_body(protocol: ModuleType, loader: ImageLoader, request: Request, settings: RequestSettings) -> str:
     """What `validate` shows for one row: local images read, payloads shortened, nothing downloaded."""
     downloads = loader.downloads(request.images)
     try:
         inputs = anyio.run(loader.load, tuple(r for r in request.images if r not in downloads))
     except ImageError as e:
         return f"(not sent: the row would be an input error: {e})"
-    body = shorten_payloads(protocol.build(replace(request, image_inputs=inputs), spec))
+    body = shorten_payloads(protocol.build(replace(request, image_inputs=inputs), settings))
     text = orjson.dumps(body, option=orjson.OPT_INDENT_2).decode()
     if downloads:
         text += "\n(plus, downloaded and sent inline when the row runs: " + ", ".join(downloads) + ")"

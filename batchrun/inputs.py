@@ -108,8 +108,9 @@ class InputTable:
 
     def _id_hashes(self) -> Iterator[pl.Series]:
         nulls = 0
-        for frame in self._frames([self.id_column]):
-            ids = frame.get_column(self.id_column)
+        column = self.id_name  # check_ids has made sure the job has an id column
+        for frame in self._frames([column]):
+            ids = frame.get_column(column)
             nulls += ids.null_count()
             yield ids.hash(seed=0)
         if nulls:

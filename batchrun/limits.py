@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import anyio
@@ -65,7 +66,8 @@ def prompt_tokens_estimate(prompt_chars: int) -> int:
 
 def output_cap(params: dict[str, Any]) -> int | None:
     """The output-token cap params set, in any protocol's name; None when there is none."""
-    config = params.get("generationConfig") if isinstance(params.get("generationConfig"), dict) else {}
+    nested = params.get("generationConfig")
+    config: dict[str, Any] = nested if isinstance(nested, dict) else {}
     return next((v for k in OUTPUT_CAP_KEYS for v in (params.get(k), config.get(k)) if isinstance(v, int)), None)
 
 
@@ -151,6 +153,14 @@ class Ticket:
 PUSHBACK_CLASSES = {"rate_limited"}
 
 
+class RateProbe(Enum):
+    """After a hintless push-back, one request alone finds out whether the server's window has room again."""
+
+    OFF = "off"  # no probe: starts go as the limits allow
+    WANTED = "wanted"  # the next start is the probe
+    IN_FLIGHT = "in_flight"  # the probe is out: every other start waits for its answer
+
+
 class InFlight:
     """Places for requests in flight, resizable (the AIMD limit).
 
@@ -219,7 +229,7 @@ class Limits:
         self._pushbacks = 0  # hintless decreases since the last run of successes: the global backoff's exponent
         self._last_decrease = -math.inf
         self._last_backoff = -math.inf
-        self._rate_probe = "off"  # after a hintless pause: "wanted", then "in_flight" until its answer
+        self._rate_probe = RateProbe.OFF
         self._gate = anyio.Lock()  # one request at a time passes the rate checks, in order
         self._changed = anyio.Event()  # set when a probe ends (the breaker's or the rate limit's)
 
@@ -252,7 +262,7 @@ class Limits:
             self.requests.wait_s(now, 1) if self.requests else 0.0,
             self.tokens.wait_s(now, tokens) if self.tokens else 0.0,
             self.breaker.wait_s(now),  # raises once the outage outlasts its timeout
-            math.inf if self._rate_probe == "in_flight" else 0.0,
+            math.inf if self._rate_probe is RateProbe.IN_FLIGHT else 0.0,
         )
 
     def _start(self, now: float, tokens: int) -> Ticket:
@@ -260,9 +270,9 @@ class Limits:
         if self.requests:
             self.requests.charge(now, 1)
         charge = self.tokens.charge(now, tokens) if self.tokens else None
-        rate_probe = self._rate_probe == "wanted"
+        rate_probe = self._rate_probe is RateProbe.WANTED
         if rate_probe:
-            self._rate_probe = "in_flight"
+            self._rate_probe = RateProbe.IN_FLIGHT
         return Ticket(now, charge, self.breaker.started(now), rate_probe)
 
     def succeeded(self, ticket: Ticket, actual_tokens: int | None) -> None:
@@ -276,14 +286,14 @@ class Limits:
             if self.limit < self.max_concurrency:
                 self.in_flight.total = self.limit + 1
         if ticket.rate_probe:
-            self._rate_probe = "off"
+            self._rate_probe = RateProbe.OFF
             self._wake()
         self._breaker_outcome(ticket, now, failed=False)
 
     def failed(self, ticket: Ticket, error: CallError) -> None:
         now = anyio.current_time()
         if ticket.rate_probe:
-            self._rate_probe = "off"
+            self._rate_probe = RateProbe.OFF
             self._wake()
         if error.error_class in PUSHBACK_CLASSES or error.status == 503:
             self._push_back(ticket, now, error.retry_hint)
@@ -305,10 +315,10 @@ class Limits:
             self._last_backoff = now
             self._pause(now + backoff_s(self._pushbacks))
             self._pushbacks += 1
-            if self._rate_probe == "off":
+            if self._rate_probe is RateProbe.OFF:
                 # We cannot know when the server's window has room again: one request finds out,
                 # the others wait for its answer instead of all being refused together.
-                self._rate_probe = "wanted"
+                self._rate_probe = RateProbe.WANTED
 
     def _pause(self, until: float) -> None:
         self._paused_until = max(self._paused_until, until)

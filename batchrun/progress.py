@@ -31,9 +31,12 @@ class Progress:
 
     def row_done(self, status: str, record: RowRecord | None) -> None:
         # Shared rows cost nothing: their images are the source row's.
-        paid = record is not None and record.image_paths and record.shared_from is None
-        images = len(orjson.loads(record.image_paths)) if paid else 0
-        self.count(status, record and record.prompt_tokens, record and record.completion_tokens, images)
+        if record is None:
+            self.count(status, None, None)
+            return
+        paid = record.image_paths is not None and record.shared_from is None
+        images = len(orjson.loads(record.image_paths)) if paid and record.image_paths else 0
+        self.count(status, record.prompt_tokens, record.completion_tokens, images)
 
     def count(self, status: str, prompt_tokens: int | None, completion_tokens: int | None, images: int = 0) -> None:
         """One finished row, by its status and tokens (what the Ray engine's actors report)."""
@@ -49,7 +52,7 @@ class Progress:
             self._refresh(now)
 
     def _refresh(self, now: float) -> None:
-        postfix = {"failed": self.failed, "tokens": self.tokens}
+        postfix: dict[str, object] = {"failed": self.failed, "tokens": self.tokens}
         if self._pricing is not None:
             budget = f" of {self._max_cost:.4f}" if self._max_cost is not None else ""
             postfix["cost"] = f"{self.cost:.4f}{budget} {self._pricing.currency}"

@@ -43,9 +43,9 @@ from batchrun.breaker import OutageBreaker
 from batchrun.checkpoint import Checkpoint, RowRecord
 from batchrun.limits import Limits, Ticket
 from batchrun.protocols import CallError
-from batchrun.runner import AbortWatch
 from batchrun.sharing import SharedAnswers
 from batchrun.spec import RunSpec
+from batchrun.stops import AbortWatch
 
 # Rows of every worker may wait on the coordinator at once (for a permit, an intent's
 # commit, an identical request's answer); Ray queues calls beyond this, and a queued
@@ -92,7 +92,7 @@ class Coordinator:
         folder, concurrency, run = self._setup
         self.checkpoint = Checkpoint(folder)  # the driver holds the run's lock
         self.limits = Limits(concurrency, run.requests_per_minute, run.tokens_per_minute, run.outage_timeout_s)
-        self.watch = AbortWatch()
+        self.watch: AbortWatch[CallError] = AbortWatch()
         self.sharing = SharedAnswers()
         self._spawn(self.checkpoint.flush_loop())
         self._spawn(self._take_back_from_silent_workers())
@@ -171,12 +171,12 @@ class Coordinator:
     async def succeeded(self, number: int, actual_tokens: int | None) -> None:
         """The attempt was answered (`actual_tokens`: its usage). A permit taken back already is past learning from."""
         permit = self._drop(number)
-        if permit is not None:
+        if permit is not None and permit.ticket is not None:
             self.limits.succeeded(permit.ticket, actual_tokens)
 
     async def failed(self, number: int, fields: dict[str, Any]) -> None:
         permit = self._drop(number)
-        if permit is not None:
+        if permit is not None and permit.ticket is not None:
             self.limits.failed(permit.ticket, CallError(**fields))
 
     async def abandoned(self, number: int) -> None:
@@ -366,7 +366,7 @@ class ClusterLimits:
     @asynccontextmanager
     async def slot(self, tokens: int) -> AsyncIterator[int]:
         """A permit's number; its attempt ends with `succeeded` (inside) or `failed` (just after)."""
-        answer = {"again": True}
+        answer: dict[str, Any] = {"again": True}
         while "again" in answer:
             answer = await self._link.ask("acquire", tokens, self._link.worker)
         if "refused" in answer:

@@ -22,21 +22,24 @@ import jinja2
 import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from batchrun import fingerprint, images, output, protocols, spend
+from batchrun import fingerprint, images, output, spend
 from batchrun.checkpoint import Checkpoint, RowRecord
 from batchrun.errors import BudgetReached, RunAborted, RunInterrupted
 from batchrun.inputs import ROW_INDEX, InputTable
 from batchrun.limits import Limits, estimate_tokens, output_cap, prompt_tokens_estimate
 from batchrun.progress import Progress
-from batchrun.protocols import CallError
+from batchrun.protocols import CallError, protocol_for
 from batchrun.render import Renderer, Request
+from batchrun.repair import ask_with_repairs, explain_native_rejection
 from batchrun.resume import ResumeFlags, open_for_run
+from batchrun.seams import Admission, Ledger, ProgressSink, Sharing, StopWatch
+from batchrun.settings import RequestSettings
 from batchrun.sharing import SharedAnswers, request_key
 from batchrun.spec import Job
-from batchrun.structured import AnswerParser, ask_with_repairs, explain_native_rejection
+from batchrun.stops import AbortWatch, HeldRows
+from batchrun.structured import AnswerParser
 from batchrun.transport import Outcome, Transport, call_with_retries
 
-ABORT_AFTER = 3  # docs/protocol.md §5.2 rules B and C
 GRACE_S = 3.0  # after Ctrl-C, how long rows in flight may take to finish before they are cancelled
 
 
@@ -63,35 +66,6 @@ class WorkItem:
     request_hash: int  # the key with the job's request settings: what a rerun compares (fingerprint.py)
 
 
-class AbortWatch:
-    """Stops the run when going on cannot help (docs/protocol.md §5.2 rules A, B, C)."""
-
-    def __init__(self) -> None:
-        self.tripped: CallError | None = None
-        self._any_success = False
-        self._b_run = 0
-        self._c_key: tuple[Any, ...] | None = None
-        self._c_run = 0
-
-    def on_success(self) -> None:
-        self._any_success = True
-        self._b_run = 0
-
-    def on_error(self, error: CallError) -> None:
-        if error.abort == "A":
-            self.tripped = error
-        elif error.abort == "B":
-            self._b_run += 1
-            if self._b_run >= ABORT_AFTER:
-                self.tripped = error
-        elif error.abort == "C" and not self._any_success:
-            key = (error.status, error.code, error.error_class)
-            self._c_run = self._c_run + 1 if key == self._c_key else 1
-            self._c_key = key
-            if self._c_run >= ABORT_AFTER:
-                self.tripped = error
-
-
 class Run:
     def __init__(self, job: Job, options: RunOptions) -> None:
         self.job = job
@@ -102,20 +76,23 @@ class Run:
         self.renderer = Renderer(job, self.table.columns)
         self.parser = AnswerParser.for_spec(spec)
         output.check_columns(job, self.parser, self.table.columns)
-        self.protocol = protocols.PROTOCOLS[spec.provider.api]
-        self.decoder = self.protocol.decoder(spec)
+        self.request_settings = RequestSettings.of(spec)
+        self.protocol = protocol_for(spec.provider.api)
+        self.decoder = self.protocol.decoder(self.request_settings)
         self.images = images.loader_for(job, self.protocol.INLINE_IMAGE_URLS)
         self.api_key = job.api_key()
         self.base_url = spec.provider.base_url  # the emulator's own address once execute() starts it
-        self.watch = AbortWatch()
+        self.watch: StopWatch = AbortWatch[CallError]()
         run = spec.run
-        self.limits = Limits(self.concurrency, run.requests_per_minute, run.tokens_per_minute, run.outage_timeout_s)
-        self.settings = fingerprint.settings_digest(spec)
+        self.limits: Admission = Limits(
+            self.concurrency, run.requests_per_minute, run.tokens_per_minute, run.outage_timeout_s
+        )
+        self.settings = fingerprint.settings_digest(self.request_settings)
         self.requested = 0
-        self._held: list[RowRecord] = []
+        self._held: HeldRows[RowRecord] = HeldRows()
         self.interrupts = 0
         self._producing = anyio.CancelScope()
-        self.sharing = SharedAnswers()
+        self.sharing: Sharing = SharedAnswers()
         max_cost = options.max_cost if options.max_cost is not None else spec.run.max_cost
         self.budget = spend.Budget(max_cost, spec.pricing, spent=0.0)
 
@@ -230,7 +207,7 @@ class Run:
                         await send.send(item)
                 await anyio.sleep(0)  # let workers run between batches
 
-    def _item(self, row: dict[str, Any], checkpoint: Checkpoint, progress: Progress) -> WorkItem | None:
+    def _item(self, row: dict[str, Any], checkpoint: Ledger, progress: ProgressSink) -> WorkItem | None:
         """The row's request, ready to send; None when its templates fail on it (finished as an input error)."""
         spec = self.job.spec
         idx = row[ROW_INDEX]
@@ -250,7 +227,7 @@ class Run:
         return WorkItem(idx, row_id, request, estimate, prompt_estimate, key, request_hash)
 
     async def work_rows(
-        self, rows: list[dict[str, Any]], checkpoint: Checkpoint, transport: Transport, progress: Progress
+        self, rows: list[dict[str, Any]], checkpoint: Ledger, transport: Transport, progress: ProgressSink
     ) -> None:
         """These input rows, each rendered, sent and finished like any row of a local run (the Ray engine's batches).
 
@@ -267,21 +244,19 @@ class Run:
                     if item is not None:
                         send.send_nowait(item)
 
-    def settle_held(self, checkpoint: Checkpoint, progress: Progress) -> None:
+    def settle_held(self, checkpoint: Ledger, progress: ProgressSink) -> None:
         """Rows held back by a possible abort: pending if the run stopped, else errors after all."""
         if self.watch.tripped is None:
             self._release_held(checkpoint, progress)
             return
-        for held in self._held:
-            checkpoint.withdraw(held.idx)
-        self._held.clear()
+        self._held.withdraw(lambda held: checkpoint.withdraw(held.idx))
 
     async def _work(
         self,
         receive: MemoryObjectReceiveStream[WorkItem],
-        checkpoint: Checkpoint,
+        checkpoint: Ledger,
         transport: Transport,
-        progress: Progress,
+        progress: ProgressSink,
         scope: anyio.CancelScope,
     ) -> None:
         async with receive:
@@ -301,7 +276,7 @@ class Run:
                     publish(record)
                 if outcome.error is not None and outcome.error.abort is not None:
                     # Held back: if the run aborts, this row stays pending rather than failed.
-                    self._held.append(record)
+                    self._held.hold(record)
                     if self.watch.tripped is not None:
                         self.settle_held(checkpoint, progress)
                         scope.cancel()
@@ -313,9 +288,7 @@ class Run:
                 checkpoint.finish(record)
                 progress.row_done(self._status(record), record)
 
-    async def _ask(
-        self, item: WorkItem, checkpoint: Checkpoint, transport: Transport
-    ) -> tuple[RowRecord, Outcome] | None:
+    async def _ask(self, item: WorkItem, checkpoint: Ledger, transport: Transport) -> tuple[RowRecord, Outcome] | None:
         """The row's request, and its repairs; None if the budget does not allow it."""
         spec = self.job.spec
         path = self.protocol.path(spec.model, spec.stream)
@@ -360,7 +333,7 @@ class Run:
             return None
         self.requested += 1
         if outcome.error is not None:
-            explain_native_rejection(outcome.error, spec)
+            explain_native_rejection(outcome.error, self.request_settings)
         repairs = 0
         if self.parser is not None and spec.output.repair_attempts:
             outcome, repairs = await ask_with_repairs(outcome, self.parser, spec.output.repair_attempts, follow_up)
@@ -387,14 +360,16 @@ class Run:
         """Images are read only now, right before the row is sent (ImageError: nothing is sent)."""
         if request.images:
             request = replace(request, image_inputs=await self.images.load(request.images))
-        return self.protocol.build(request, self.job.spec)
+        return self.protocol.build(request, self.request_settings)
 
-    def _release_held(self, checkpoint: Checkpoint, progress: Progress) -> None:
+    def _release_held(self, checkpoint: Ledger, progress: ProgressSink) -> None:
         """The run goes on after all: rows held back by a possible abort are errors after all."""
-        for held in self._held:
+
+        def finish(held: RowRecord) -> None:
             checkpoint.finish(held)
             progress.row_done(self._status(held), held)
-        self._held.clear()
+
+        self._held.release(finish)
 
     def _summary(
         self, totals: dict[str, Any], written: dict[str, Any], total: int, interrupted: int, wall_s: float

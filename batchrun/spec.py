@@ -1,13 +1,14 @@
 """The job file: YAML loading with line numbers, pydantic validation, defaults.
 
 Every problem becomes a one-line `JobError` naming the file, the line and the
-dotted key, so a user can fix the job before anything is sent.
+dotted key, so a user can fix the job before anything is sent. Checks that need
+other features' knowledge (schemas, protocols, images) are in checks.py, which
+runs them on the job read here.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from batchrun.errors import JobError
 from batchrun.redaction import register_secret
-from batchrun.structured import output_problems
 
 EMULATOR = "emulator"
 DEFAULT_BASE_URL = "https://ai.szkmjb.com"
@@ -88,9 +88,10 @@ class JobSpec(_Section):
 class Job:
     """A validated job file with its paths resolved against the job's folder."""
 
-    def __init__(self, spec: JobSpec, path: Path) -> None:
+    def __init__(self, spec: JobSpec, path: Path, lines: dict[str, int] | None = None) -> None:
         self.spec = spec
         self.path = path
+        self.lines = lines or {}  # dotted key -> its line in the job file, for messages
         self.folder = path.parent
         self.warnings: list[str] = []  # one line each, printed by the commands
 
@@ -138,59 +139,8 @@ class Job:
         return key
 
 
-# Keys that parse but whose feature batchrun does not have yet: refusing them is
-# better than silently ignoring them.
-def _unsupported(spec: JobSpec) -> list[tuple[str, str]]:
-    found: list[tuple[str, str]] = []
-    if spec.output.sharded:
-        found.append(("output.sharded", "sharded output is not supported yet"))
-    return found
-
-
-def _spend_problems(spec: JobSpec) -> list[tuple[str, str]]:
-    if spec.run.max_cost is not None and spec.pricing is None:
-        return [("run.max_cost", "a budget needs pricing (input_per_million, output_per_million) to count the cost")]
-    return []
-
-
-OWNED_PARAMS = {
-    "openai-chat": {"model", "messages", "stream", "stream_options"},
-    "openai-completions": {"model", "prompt", "stream", "stream_options"},
-    "gemini": {"contents", "systemInstruction", "system_instruction"},
-}
-_GEMINI_MODEL_FORBIDDEN = re.compile(r"[/?#:\s]")
-
-
-def _protocol_problems(spec: JobSpec) -> list[tuple[str, str]]:
-    """What the chosen protocol cannot send (docs/protocol.md §1, §3, §4.1)."""
-    from batchrun.images import PILLOW_MISSING, pillow_available
-
-    api = spec.provider.api
-    found: list[tuple[str, str]] = []
-    if api == "gemini" and _GEMINI_MODEL_FORBIDDEN.search(spec.model):
-        found.append(("model", f"{spec.model!r}: a Gemini model is its bare id, without / ? # : or spaces"))
-    if api == "openai-completions" and spec.prompt.images:
-        found.append(("prompt.images", "openai-completions takes no images; use openai-chat or gemini"))
-    if spec.prompt.max_image_side is not None and not pillow_available():
-        found.append(("prompt.max_image_side", PILLOW_MISSING))
-    return found
-
-
-def _warnings(spec: JobSpec) -> list[tuple[str, str]]:
-    """Legal but probably not what the user wants."""
-    from batchrun.protocols.gemini import generation_config
-
-    found: list[tuple[str, str]] = []
-    api = spec.provider.api
-    if api == "openai-completions" and "max_tokens" not in spec.params:
-        found.append(("params", "max_tokens is not set; the completions default is tiny (16 tokens)"))
-    modalities = generation_config(spec).get("responseModalities") if api == "gemini" else None
-    if spec.output.images_dir and isinstance(modalities, list) and "IMAGE" not in [str(m).upper() for m in modalities]:
-        found.append(("output.images_dir", "is set but params.responseModalities lacks IMAGE: no image will come"))
-    return found
-
-
-def load_job(path: str | os.PathLike[str]) -> Job:
+def read_job(path: str | os.PathLike[str]) -> Job:
+    """The job file parsed and its shape validated; checks.load_job adds the checks across keys and features."""
     job_path = Path(path).resolve()
     try:
         text = job_path.read_text(encoding="utf-8")
@@ -210,20 +160,7 @@ def load_job(path: str | os.PathLike[str]) -> Job:
         spec = JobSpec.model_validate(data)
     except ValidationError as e:
         raise JobError(_describe(path, e, lines)) from None
-    for key, problem in [
-        *_unsupported(spec),
-        *output_problems(spec),
-        *_spend_problems(spec),
-        *_protocol_problems(spec),
-    ]:
-        raise JobError(f"{path}:{lines.get(key, 1)}: {key}: {problem}")
-    owned = OWNED_PARAMS.get(spec.provider.api, set()) & set(spec.params)
-    if owned:
-        key = "params." + sorted(owned)[0]
-        raise JobError(f"{path}:{lines.get(key, 1)}: {key}: batchrun sets this itself; remove it from params")
-    job = Job(spec, job_path)
-    job.warnings = [f"{path}:{lines.get(key, 1)}: {key}: {problem}" for key, problem in _warnings(spec)]
-    return job
+    return Job(spec, job_path, lines)
 
 
 def _describe(path: str | os.PathLike[str], error: ValidationError, lines: dict[str, int]) -> str:

@@ -9,27 +9,23 @@
   `length` when the answer was cut off at the output cap.
 
 Parsing happens when the output is written, from the stored answers, so a changed
-schema re-parses without a request. It also runs in the worker when
-`output.repair_attempts` asks for a follow-up on a failed answer (`ask_with_repairs`).
+schema re-parses without a request. It also runs in the row path when
+`output.repair_attempts` asks for a follow-up on a failed answer (repair.py).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import jsonschema
 import polars as pl
 from jsonschema.exceptions import best_match
 from jsonschema.validators import validator_for
 
-if TYPE_CHECKING:
-    from batchrun.protocols import CallError
-    from batchrun.spec import JobSpec
-    from batchrun.transport import Outcome
+from batchrun.spec import JobSpec
 
 SCHEMA_INVALID = "schema_invalid"
 TRUNCATED = "length"
@@ -111,17 +107,6 @@ def uses_native_schema(spec: JobSpec) -> bool:
         and spec.output.native_schema
         and "response_format" not in spec.params
     )
-
-
-def explain_native_rejection(error: CallError, spec: JobSpec) -> None:
-    """A 400 about the schema batchrun added: say so, and name the switch that turns it off."""
-    text = f"{error.message} {error.code}".lower()
-    mentions = ("response_format", "schema", "responsemimetype", "structured")
-    if error.status == 400 and uses_native_schema(spec) and any(m in text for m in mentions):
-        error.message += (
-            "; batchrun sent output.schema as native structured output: if this model does not support it, "
-            "set output.native_schema: false (the answer is still checked against the schema)"
-        )
 
 
 # --- answers ---------------------------------------------------------------------------
@@ -262,54 +247,6 @@ def repair_request(problem: str) -> str:
     return f"Your answer could not be used: {problem}. Reply again with only the corrected JSON, with no other text."
 
 
-async def ask_with_repairs(
-    first: Outcome,
-    parser: AnswerParser,
-    max_repairs: int,
-    follow_up: Callable[[str, str], Awaitable[Outcome | None]],
-) -> tuple[Outcome, int]:
-    """Ask again, up to `max_repairs` times, while the answer fails its check.
-
-    `follow_up(answer, message)` sends the answer back with a message quoting what is
-    wrong with it (returns None if the budget refused it).
-    The returned outcome is the last answer, with the tokens, attempts and time of every ask.
-    """
-    outcome, repairs = first, 0
-    while outcome.reply is not None and repairs < max_repairs:
-        reply = outcome.reply
-        verdict = parser.judge(reply.text, reply.finish_reason, reply.tool_calls)
-        if verdict.error_class != SCHEMA_INVALID:  # ok, or cut off: asking again would not help
-            break
-        nxt = await follow_up(reply.text or "", repair_request(verdict.error or ""))
-        if nxt is None:
-            break
-        repairs += 1
-        outcome = _combined(outcome, nxt)
-    return outcome, repairs
-
-
-def _combined(before: Outcome, after: Outcome) -> Outcome:
-    """The later ask's answer (or, if it failed, the earlier one), carrying the cost of both."""
-    reply = after.reply or before.reply
-    assert before.reply is not None and reply is not None
-    total = replace(
-        reply,
-        prompt_tokens=_add(before.reply.prompt_tokens, after.reply.prompt_tokens if after.reply else None),
-        completion_tokens=_add(before.reply.completion_tokens, after.reply.completion_tokens if after.reply else None),
-    )
-    return replace(
-        after,
-        reply=total,
-        error=None,
-        attempts=before.attempts + after.attempts,
-        latency_s=before.latency_s + after.latency_s,
-    )
-
-
-def _add(a: int | None, b: int | None) -> int | None:
-    return None if a is None and b is None else (a or 0) + (b or 0)
-
-
 # --- schema → column types ----------------------------------------------------------
 
 
@@ -350,11 +287,11 @@ def dtype_for(schema: Any, root: dict[str, Any], seen: tuple[str, ...] = ()) -> 
         return _literal_dtype(values)
     kind = schema.get("type")
     if isinstance(kind, list):
-        kinds = [k for k in kind if k != "null"]
-        if set(kinds) == {"integer", "number"}:
+        named = [k for k in kind if k != "null"]
+        if set(named) == {"integer", "number"}:
             kind = "number"
-        elif len(kinds) == 1:
-            kind = kinds[0]
+        elif len(named) == 1:
+            kind = named[0]
         else:
             return JSON_TEXT
     if kind is None:
@@ -429,11 +366,12 @@ def conform(value: Any, dtype: pl.DataType) -> Any:
     if isinstance(dtype, pl.Float64):
         return float(value) if isinstance(value, (int, float)) else None
     if isinstance(dtype, pl.List):
-        return [conform(v, dtype.inner) for v in value] if isinstance(value, list) else None
+        inner = cast(pl.DataType, dtype.inner)  # an instance since polars 1.0; typed as either
+        return [conform(v, inner) for v in value] if isinstance(value, list) else None
     if isinstance(dtype, pl.Struct):
         if not isinstance(value, dict):
             return None
-        return {f.name: conform(value.get(f.name), f.dtype) for f in dtype.fields}
+        return {f.name: conform(value.get(f.name), cast(pl.DataType, f.dtype)) for f in dtype.fields}
     return None
 
 

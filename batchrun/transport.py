@@ -24,10 +24,12 @@ import aiohttp
 import anyio
 import orjson
 
-from batchrun.limits import Limits, backoff_s
+from batchrun.limits import backoff_s
 from batchrun.protocols import CallError, Decoder, Reply, StreamAnswer
 from batchrun.protocols.relay_errors import from_body, from_response
 from batchrun.protocols.sse import SSEParser
+from batchrun.seams import Admission
+from batchrun.stops import StopRule
 
 
 class Transport:
@@ -107,7 +109,7 @@ async def read_answer(chunks: AsyncIterator[bytes], decoder: Decoder) -> Reply:
             break
     first = head.lstrip(_BLANK)[:1]
     if not first:
-        raise CallError("malformed", "malformed response: empty body", abort="C")
+        raise CallError("malformed", "malformed response: empty body", abort=StopRule.C)
     if first in b"{[" or first not in _SSE_STARTS:
         body = bytearray(head)
         async for chunk in reader:
@@ -116,7 +118,7 @@ async def read_answer(chunks: AsyncIterator[bytes], decoder: Decoder) -> Reply:
         if first == b"{":
             return decoder.parse(data)
         if not isinstance(data, list):
-            raise CallError("malformed", "malformed response: neither an object nor a stream", abort="C")
+            raise CallError("malformed", "malformed response: neither an object nor a stream", abort=StopRule.C)
         if (err := from_body(data)) is not None:  # a Google error wrapped in a one-element array
             raise err
         stream = decoder.new_stream()
@@ -141,7 +143,7 @@ def _json(body: bytes) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
         excerpt = " ".join(body[:400].decode("utf-8", "replace").split())[:200]
-        raise CallError("malformed", f"malformed response: not JSON: {excerpt}", abort="C") from None
+        raise CallError("malformed", f"malformed response: not JSON: {excerpt}", abort=StopRule.C) from None
 
 
 def _event(stream: StreamAnswer, data: str) -> None:
@@ -151,7 +153,7 @@ def _event(stream: StreamAnswer, data: str) -> None:
     try:
         event = orjson.loads(data)
     except orjson.JSONDecodeError:
-        raise CallError("malformed", f"malformed stream event: not JSON: {data[:200]}", abort="C") from None
+        raise CallError("malformed", f"malformed stream event: not JSON: {data[:200]}", abort=StopRule.C) from None
     _add_event(stream, event)
 
 
@@ -189,7 +191,7 @@ def may_retry(error: CallError, attempts: int, max_attempts: int) -> bool:
 
 async def call_with_retries(
     transport: Transport,
-    limits: Limits,
+    limits: Admission,
     path: str,
     body: dict[str, Any],
     decoder: Decoder,

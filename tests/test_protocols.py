@@ -13,6 +13,7 @@ import pytest
 from batchrun.protocols import CallError, gemini, openai_chat, openai_completions
 from batchrun.protocols.reply import Decoder, ImageOut, Reply
 from batchrun.render import ImageInput, Request
+from batchrun.settings import RequestSettings
 from batchrun.spec import JobSpec
 from batchrun.transport import read_answer
 
@@ -20,7 +21,8 @@ PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4
 PNG_B64 = base64.b64encode(PNG).decode()
 
 
-def spec(**overrides: Any) -> JobSpec:
+def spec(**overrides: Any) -> RequestSettings:
+    """What a job of these keys asks with (the protocols build from it, not from the job file)."""
     data: dict[str, Any] = {
         "name": "t",
         "input": {"path": "x.csv"},
@@ -29,7 +31,7 @@ def spec(**overrides: Any) -> JobSpec:
         "output": {"path": "o.parquet"},
     }
     data.update(overrides)
-    return JobSpec.model_validate(data)
+    return RequestSettings.of(JobSpec.model_validate(data))
 
 
 def raises(fn: Any, *args: Any) -> CallError:
@@ -51,7 +53,9 @@ def test_chat_body_with_images_in_both_part_styles() -> None:
         {"type": "image_url", "image_url": {"url": "u"}},
     ]
     assert body["max_completion_tokens"] == 5 and "stream" not in body
-    relay_style = openai_chat.build(request, spec(provider={"image_part_style": "responses"}))
+    relay_style = openai_chat.build(
+        request, spec(provider={"image_part_style": "responses"}, prompt={"user": "u", "images": ["{{ a }}"]})
+    )
     types = [p["type"] for p in relay_style["messages"][1]["content"]]
     assert types == ["input_text", "input_image", "input_image"]
     assert relay_style["messages"][1]["content"][1]["image_url"] == {"url": f"data:image/png;base64,{PNG_B64}"}

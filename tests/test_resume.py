@@ -379,3 +379,40 @@ def test_request_settings_hold_only_what_shapes_the_request_body() -> None:
     assert settings(output={"path": "o.parquet", "parse": "json", "schema": schema, "native_schema": False}) == plain
     with_images = settings(prompt={"user": "{{ text }}", "images": ["{{ path }}"]})
     assert with_images["provider.image_part_style"] == "standard"
+
+
+def test_every_request_setting_changes_the_fingerprint() -> None:
+    """RequestSettings is hashed whole: a changed field, nested ones included, is a different request."""
+    import dataclasses
+
+    from batchrun.fingerprint import settings_digest
+    from batchrun.settings import ImageSettings, RequestSettings
+
+    base = RequestSettings(
+        model="m",
+        api="openai-chat",
+        params={"temperature": 0},
+        stream=False,
+        images=ImageSettings(part_style="standard", max_side=None),
+        native_schema={"type": "object"},
+    )
+    changed = {
+        "model": "m2",
+        "api": "gemini",
+        "params": {"temperature": 1},
+        "stream": True,
+        "images": None,
+        "native_schema": None,
+    }
+    assert set(changed) == {f.name for f in dataclasses.fields(RequestSettings)}, "a new field needs a case here"
+    digests = {settings_digest(base)}
+    for name, value in changed.items():
+        digests.add(settings_digest(dataclasses.replace(base, **{name: value})))
+    image_changes = {"part_style": "responses", "max_side": 512}
+    assert set(image_changes) == {f.name for f in dataclasses.fields(ImageSettings)}
+    for name, value in image_changes.items():
+        assert base.images is not None
+        digests.add(
+            settings_digest(dataclasses.replace(base, images=dataclasses.replace(base.images, **{name: value})))
+        )
+    assert len(digests) == 1 + len(changed) + len(image_changes)

@@ -45,7 +45,7 @@ def sentiment(text: str) -> str:
 
 def text_answer(prompt: str, images: list[str] | None = None) -> str:
     """A label for sentiment prompts, a caption from image descriptions, else the prompt's first words."""
-    if len(images or []) == 1:
+    if images and len(images) == 1:
         return images[0][0].upper() + images[0][1:] + "."
     if images:
         return " ".join(f"Image {i}: {description}." for i, description in enumerate(images, 1))
@@ -83,9 +83,9 @@ def value_for(schema: dict[str, Any], seed: int, prompt: str) -> Any:
         high = int(schema.get("maximum", low + 100))
         return low + seed % (high - low + 1)
     if kind == "number":
-        low = float(schema.get("minimum", 0))
-        high = float(schema.get("maximum", low + 1))
-        return round(low + (seed % 1000) / 999 * (high - low), 3)
+        lowest = float(schema.get("minimum", 0))
+        highest = float(schema.get("maximum", lowest + 1))
+        return round(lowest + (seed % 1000) / 999 * (highest - lowest), 3)
     if kind == "boolean":
         return bool(seed % 2)
     if kind == "null":

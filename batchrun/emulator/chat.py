@@ -181,8 +181,8 @@ def schema_rejection(body: dict[str, Any]) -> dict[str, Any] | None:
 
 def _forced_tools(body: dict[str, Any]) -> list[dict[str, Any]]:
     """The tools the emulator calls: the named one, every one for "required", else the first."""
-    tools = [t.get("function") for t in body.get("tools") or [] if isinstance(t, dict)]
-    tools = [t for t in tools if isinstance(t, dict) and "name" in t]
+    declared = [t.get("function") for t in body.get("tools") or [] if isinstance(t, dict)]
+    tools: list[dict[str, Any]] = [t for t in declared if isinstance(t, dict) and "name" in t]
     choice = body.get("tool_choice", "auto" if tools else "none")
     if not tools or choice == "none":
         return []

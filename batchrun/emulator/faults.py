@@ -18,6 +18,7 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -41,12 +42,14 @@ def directive_in(text: str) -> Directive | None:
     return Directive(m.group(1), int(m.group(2)) if m.group(2) else None)
 
 
-def relay_error(status: int, message: str, code: str | int, request_id: str, kind: str = "new_api_error") -> dict:
+def relay_error(
+    status: int, message: str, code: str | int, request_id: str, kind: str = "new_api_error"
+) -> dict[str, Any]:
     return {"error": {"message": f"{message} (request id: {request_id})", "type": kind, "code": code}}
 
 
 def json_response(
-    status: int, body: dict | list, request_id: str, headers: dict[str, str] | None = None
+    status: int, body: dict[str, Any] | list[Any], request_id: str, headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.Response(
         status=status,
@@ -94,7 +97,7 @@ HTML_502 = (
 )
 
 # fault name -> (status, RPC status, message, extra fields); answered in Google's shape
-_GOOGLE_ERRORS: dict[str, tuple[int, str, str, dict]] = {
+_GOOGLE_ERRORS: dict[str, tuple[int, str, str, dict[str, Any]]] = {
     "google-429": (
         429,
         "RESOURCE_EXHAUSTED",

@@ -66,7 +66,7 @@ def gemini_events(body: dict[str, Any], model: str, prompt: str, fault: str | No
     finishReason and the final usage on the last; running-total usage on the others."""
     images_in = _input_images(body)
     prompt_tokens = answers.count_tokens(prompt) + INPUT_IMAGE_TOKENS * len(images_in)
-    head = {"modelVersion": model, "responseId": f"r-{request_id}"}
+    head: dict[str, Any] = {"modelVersion": model, "responseId": f"r-{request_id}"}
     if fault == "blocked":
         usage = {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens}
         return [head | {"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}, "usageMetadata": usage}]

@@ -296,6 +296,7 @@ class Emulator:
             "gemini-2.5-flash-image",
             "gemini-3-pro-image-preview",
         ]
+        listing: dict[str, Any]
         if request.path.startswith("/v1beta/"):
             listing = {"models": [{"name": f"models/{i}", "displayName": i} for i in ids if i.startswith("gemini")]}
         else:

@@ -97,7 +97,7 @@ def _has_finish(event: Any) -> bool:
     if not isinstance(event, dict):
         return False
     return any(
-        c.get("finish_reason") or c.get("finishReason") for c in event.get("choices", event.get("candidates", []))
+        c.get("finish_reason") or c.get("finishReason") for c in event.get("choices", event.get("candidates")) or []
     )
 
 

@@ -21,8 +21,9 @@ from batchrun.protocols.relay_errors import CallError, from_body
 from batchrun.protocols.reply import Decoder, ImageOut, Reply
 from batchrun.protocols.sse import stream_cut
 from batchrun.render import Request
-from batchrun.spec import JobSpec
-from batchrun.structured import gemini_response_schema, uses_native_schema
+from batchrun.settings import RequestSettings
+from batchrun.stops import StopRule
+from batchrun.structured import gemini_response_schema
 
 INLINE_IMAGE_URLS = True  # a Gemini-bound channel may not fetch URLs: batchrun downloads them
 TOP_LEVEL_PARAMS = ("safetySettings", "tools", "toolConfig", "cachedContent")
@@ -50,7 +51,7 @@ def path(model: str, stream: bool) -> str:
     )
 
 
-def build(request: Request, spec: JobSpec) -> dict[str, Any]:
+def build(request: Request, settings: RequestSettings) -> dict[str, Any]:
     # Reference images first, then the text; every image inline (batchrun downloads URLs itself).
     parts: list[dict[str, Any]] = [
         {"inlineData": {"mimeType": image.mime, "data": base64.b64encode(image.data).decode()}}
@@ -60,37 +61,39 @@ def build(request: Request, spec: JobSpec) -> dict[str, Any]:
     body: dict[str, Any] = {"contents": [{"role": "user", "parts": parts}]}
     if request.system is not None:
         body["systemInstruction"] = {"parts": [{"text": request.system}]}
-    body.update({key: value for key, value in spec.params.items() if key in TOP_LEVEL_PARAMS})
-    if config := generation_config(spec):
+    body.update({key: value for key, value in settings.params.items() if key in TOP_LEVEL_PARAMS})
+    if config := generation_config(settings):
         body["generationConfig"] = config
     return body
 
 
-def generation_config(spec: JobSpec) -> dict[str, Any]:
+def generation_config(settings: RequestSettings) -> dict[str, Any]:
     """params in Gemini's names: a `generationConfig` mapping and every key not sent at the top level;
     with a schema, structured output in Gemini's dialect unless params set their own (§4.1)."""
-    config = dict(spec.params.get("generationConfig") or {})
+    params = settings.params
+    config = dict(params.get("generationConfig") or {})
     config.update(
-        {key: value for key, value in spec.params.items() if key not in TOP_LEVEL_PARAMS and key != "generationConfig"}
+        {key: value for key, value in params.items() if key not in TOP_LEVEL_PARAMS and key != "generationConfig"}
     )
-    if uses_native_schema(spec) and not {"responseSchema", "responseMimeType"} & set(config):
-        assert spec.output.json_schema is not None
+    if settings.native_schema is not None and not {"responseSchema", "responseMimeType"} & set(config):
         config["responseMimeType"] = "application/json"
-        config["responseSchema"] = gemini_response_schema(spec.output.json_schema)
+        config["responseSchema"] = gemini_response_schema(settings.native_schema)
     return config
 
 
-def expects_images(spec: JobSpec) -> bool:
+def expects_images(settings: RequestSettings) -> bool:
     """An image job: IMAGE among responseModalities, or (when unset) an image model id."""
-    modalities = generation_config(spec).get("responseModalities")
+    modalities = generation_config(settings).get("responseModalities")
     if isinstance(modalities, list):
         return any(str(m).upper() == "IMAGE" for m in modalities)
-    return "image" in spec.model.lower()
+    return "image" in settings.model.lower()
 
 
-def decoder(spec: JobSpec) -> Decoder:
-    image_job = expects_images(spec)
-    return Decoder(parse=partial(parse, image_job=image_job), new_stream=partial(Answer, image_job), stream=spec.stream)
+def decoder(settings: RequestSettings) -> Decoder:
+    image_job = expects_images(settings)
+    return Decoder(
+        parse=partial(parse, image_job=image_job), new_stream=partial(Answer, image_job), stream=settings.stream
+    )
 
 
 def parse(data: Any, image_job: bool = False) -> Reply:
@@ -99,7 +102,7 @@ def parse(data: Any, image_job: bool = False) -> Reply:
     answer = Answer(image_job, streamed=False)
     answer.add(data)
     if not answer.had_candidates:
-        raise CallError("malformed", "malformed response: no candidates and no blockReason", abort="C")
+        raise CallError("malformed", "malformed response: no candidates and no blockReason", abort=StopRule.C)
     return answer.reply()
 
 
@@ -135,7 +138,7 @@ class Answer:
 
     def add(self, event: Any) -> None:
         if not isinstance(event, dict):
-            raise CallError("malformed", "malformed response: not an object", abort="C")
+            raise CallError("malformed", "malformed response: not an object", abort=StopRule.C)
         feedback = _get(event, "promptFeedback")
         if isinstance(feedback, dict) and (reason := _get(feedback, "blockReason")):
             # The same prompt would be blocked again: not retried.
@@ -161,7 +164,9 @@ class Answer:
             try:
                 data = base64.b64decode(inline.get("data") or "", validate=True)
             except binascii.Error:
-                raise CallError("malformed", "malformed response: an image's base64 is invalid", abort="C") from None
+                raise CallError(
+                    "malformed", "malformed response: an image's base64 is invalid", abort=StopRule.C
+                ) from None
             self._images.append(ImageOut(_get(inline, "mimeType"), data))
         call = _get(part, "functionCall")
         if isinstance(call, dict):
@@ -183,7 +188,7 @@ class Answer:
         if self.image_job and not self._images and finish != "MAX_TOKENS":
             raise CallError("no_image", "no image returned", max_retries=1)
         if finish not in ("STOP", "MAX_TOKENS") and text is None and not self._images and not self._calls:
-            raise CallError("malformed", f"malformed response: no output (finishReason {finish})", abort="C")
+            raise CallError("malformed", f"malformed response: no output (finishReason {finish})", abort=StopRule.C)
         usage = self._usage
         return Reply(
             text=text,

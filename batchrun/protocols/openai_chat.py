@@ -13,8 +13,8 @@ from batchrun.protocols.relay_errors import CallError, from_body
 from batchrun.protocols.reply import Decoder, ImageOut, Reply
 from batchrun.protocols.sse import stream_cut
 from batchrun.render import ImageInput, Request
-from batchrun.spec import JobSpec
-from batchrun.structured import uses_native_schema
+from batchrun.settings import RequestSettings
+from batchrun.stops import StopRule
 
 INLINE_IMAGE_URLS = False  # the upstream fetches http(s) URLs itself
 _PART_NAMES = {"standard": ("text", "image_url"), "responses": ("input_text", "input_image")}
@@ -26,25 +26,26 @@ def path(model: str, stream: bool) -> str:
     return "/v1/chat/completions"
 
 
-def build(request: Request, spec: JobSpec) -> dict[str, Any]:
+def build(request: Request, settings: RequestSettings) -> dict[str, Any]:
     messages: list[dict[str, Any]] = []
     if request.system is not None:
         messages.append({"role": "system", "content": request.system})
-    messages.append({"role": "user", "content": _user_content(request, spec.provider.image_part_style)})
-    body: dict[str, Any] = {"model": spec.model, "messages": messages}
-    if uses_native_schema(spec):
+    style = settings.images.part_style if settings.images else "standard"
+    messages.append({"role": "user", "content": _user_content(request, style)})
+    body: dict[str, Any] = {"model": settings.model, "messages": messages}
+    if settings.native_schema is not None:
         # §2.4: no `strict` (it demands a schema few users write); params.response_format replaces this.
         body["response_format"] = {
             "type": "json_schema",
-            "json_schema": {"name": "output", "schema": spec.output.json_schema},
+            "json_schema": {"name": "output", "schema": settings.native_schema},
         }
     # params go in as written: nothing renamed, dropped or defaulted.
-    return {**body, **spec.params, **stream_fields(spec)}
+    return {**body, **settings.params, **stream_fields(settings)}
 
 
-def stream_fields(spec: JobSpec) -> dict[str, Any]:
+def stream_fields(settings: RequestSettings) -> dict[str, Any]:
     """Streams always ask for the usage chunk (shared with completions)."""
-    return {"stream": True, "stream_options": {"include_usage": True}} if spec.stream else {}
+    return {"stream": True, "stream_options": {"include_usage": True}} if settings.stream else {}
 
 
 def repair_body(body: dict[str, Any], answer: str, message: str) -> dict[str, Any]:
@@ -68,8 +69,8 @@ def _url(image: ImageInput) -> str:
     return f"data:{image.mime};base64,{base64.b64encode(image.data).decode()}"
 
 
-def decoder(spec: JobSpec) -> Decoder:
-    return Decoder(parse=parse, new_stream=Stream, stream=spec.stream)
+def decoder(settings: RequestSettings) -> Decoder:
+    return Decoder(parse=parse, new_stream=Stream, stream=settings.stream)
 
 
 def first_choice(data: Any) -> dict[str, Any]:
@@ -78,7 +79,7 @@ def first_choice(data: Any) -> dict[str, Any]:
         raise err
     choices = data.get("choices") if isinstance(data, dict) else None
     if not choices or not isinstance(choices[0], dict):
-        raise CallError("malformed", "malformed response: no choices", abort="C")
+        raise CallError("malformed", "malformed response: no choices", abort=StopRule.C)
     return choices[0]
 
 
@@ -103,7 +104,7 @@ def reply_from(
     if finish == "content_filter":
         raise CallError("content_filter", "output withheld by the content filter", max_retries=1)
     if finish is None and text is None and not calls:
-        raise CallError("malformed", "malformed response: no content and no finish_reason", abort="C")
+        raise CallError("malformed", "malformed response: no content and no finish_reason", abort=StopRule.C)
     text, images = _markdown_images(text)
     usage = answer.get("usage") or {}
     return Reply(
@@ -154,7 +155,7 @@ class Stream:
 
     def add(self, event: Any) -> None:
         if not isinstance(event, dict):
-            raise CallError("malformed", "malformed stream event: not an object", abort="C")
+            raise CallError("malformed", "malformed stream event: not an object", abort=StopRule.C)
         if event.get("model"):
             self._answer["model"] = event["model"]
         if isinstance(event.get("usage"), dict):

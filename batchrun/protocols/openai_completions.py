@@ -12,7 +12,7 @@ from typing import Any
 from batchrun.protocols import openai_chat
 from batchrun.protocols.reply import Decoder, Reply
 from batchrun.render import Request
-from batchrun.spec import JobSpec
+from batchrun.settings import RequestSettings
 
 INLINE_IMAGE_URLS = False  # no images on this API
 
@@ -21,13 +21,13 @@ def path(model: str, stream: bool) -> str:
     return "/v1/completions"
 
 
-def build(request: Request, spec: JobSpec) -> dict[str, Any]:
+def build(request: Request, settings: RequestSettings) -> dict[str, Any]:
     prompt = request.user if request.system is None else f"{request.system}\n\n{request.user}"
-    return {"model": spec.model, "prompt": prompt, **spec.params, **openai_chat.stream_fields(spec)}
+    return {"model": settings.model, "prompt": prompt, **settings.params, **openai_chat.stream_fields(settings)}
 
 
-def decoder(spec: JobSpec) -> Decoder:
-    return Decoder(parse=parse, new_stream=Stream, stream=spec.stream)
+def decoder(settings: RequestSettings) -> Decoder:
+    return Decoder(parse=parse, new_stream=Stream, stream=settings.stream)
 
 
 def parse(data: Any) -> Reply:

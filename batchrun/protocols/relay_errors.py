@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from batchrun.redaction import redact
+from batchrun.stops import StopRule
 
 
 @dataclass
@@ -28,14 +29,14 @@ class CallError(Exception):
     code: str = ""
     retryable: bool = True
     max_retries: int | None = None  # a tighter cap than run.max_attempts, for content outcomes
-    abort: str | None = (
-        None  # docs/protocol.md §5.2 rules: "A" at once, "B" after 3 in a row, "C" 3 alike before any success
-    )
+    abort: StopRule | None = None  # the stop rule this failure counts towards (stops.py)
     retry_hint: float | None = None  # seconds the server asked us to wait
     min_delay: float = 0.0
     request_id: str | None = None
 
     def __post_init__(self) -> None:
+        if self.abort is not None:
+            self.abort = StopRule(self.abort)  # "A" from a caller or a pickled copy is the rule
         # Server text and exception text may echo the key: masked before anyone can store it.
         self.message = redact(self.message)
 
@@ -156,25 +157,25 @@ def classify(
     if code == "prompt_blocked":
         return err("blocked", f"prompt blocked: {message}", retryable=False)
     if status == 401:
-        return err("auth", retryable=False, abort="B")
+        return err("auth", retryable=False, abort=StopRule.B)
     if status == 403:
         if any(q in lowered for q in _QUOTA_CODES) or code.startswith("entitlement_") or "额度" in message:
-            return err("quota", retryable=False, abort="A")
-        return err("auth", retryable=False, abort="B")
+            return err("quota", retryable=False, abort=StopRule.A)
+        return err("auth", retryable=False, abort=StopRule.B)
     if status == 429:
         if "insufficient_quota" in lowered or (rpc_status == "RESOURCE_EXHAUSTED" and daily) or "额度" in message:
-            return err("quota", retryable=False, abort="A")
+            return err("quota", retryable=False, abort=StopRule.A)
         return err("rate_limited")
     if status == 413:
         return err("too_large", "request too large: use smaller images", retryable=False)
     if status == 404:
-        return err("not_found", retryable=False, abort="C")
+        return err("not_found", retryable=False, abort=StopRule.C)
     if status == 500 and code == "empty_response":
         return err("server", f"empty response: {message}", max_retries=2)
     if status in (408, 409, 425) or status >= 500:
         return err("timeout" if status in (408, 504) else "server")
     if status == 400 and ("unsupported_" in code or "param" in code.lower() or param):
-        return err("bad_request", retryable=False, abort="C")
+        return err("bad_request", retryable=False, abort=StopRule.C)
     if 400 <= status < 500:
         return err("bad_request", retryable=False)
     return err("server")
@@ -182,7 +183,7 @@ def classify(
 
 def _apply_should_retry(err: CallError, headers: Mapping[str, str]) -> None:
     value = (headers.get("x-should-retry") or "").lower()
-    if value in ("true", "false") and err.abort != "A":
+    if value in ("true", "false") and err.abort != StopRule.A:
         err.retryable = value == "true"
 
 

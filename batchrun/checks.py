@@ -1,0 +1,86 @@
+"""The checks across keys and features, run on a job once its file's shape is valid (spec.read_job).
+
+They need what other modules know (schemas, protocols, images), so they live
+above them rather than in spec.py, which everything imports. Each problem is one
+line naming the file, the line and the key; warnings are kept on the job for the
+commands to print.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from batchrun.errors import JobError
+from batchrun.images import PILLOW_MISSING, pillow_available
+from batchrun.protocols.gemini import generation_config
+from batchrun.settings import RequestSettings
+from batchrun.spec import Job, JobSpec, read_job
+from batchrun.structured import output_problems
+
+
+def load_job(path: str | os.PathLike[str]) -> Job:
+    """The job file read, validated and checked: what every command runs."""
+    job = read_job(path)
+    spec, lines = job.spec, job.lines
+    for key, problem in [
+        *_unsupported(spec),
+        *output_problems(spec),
+        *_spend_problems(spec),
+        *_protocol_problems(spec),
+    ]:
+        raise JobError(f"{path}:{lines.get(key, 1)}: {key}: {problem}")
+    owned = OWNED_PARAMS.get(spec.provider.api, set()) & set(spec.params)
+    if owned:
+        key = "params." + sorted(owned)[0]
+        raise JobError(f"{path}:{lines.get(key, 1)}: {key}: batchrun sets this itself; remove it from params")
+    job.warnings = [f"{path}:{lines.get(key, 1)}: {key}: {problem}" for key, problem in _warnings(spec)]
+    return job
+
+
+# Keys that parse but whose feature batchrun does not have yet: refusing them is
+# better than silently ignoring them.
+def _unsupported(spec: JobSpec) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    if spec.output.sharded:
+        found.append(("output.sharded", "sharded output is not supported yet"))
+    return found
+
+
+def _spend_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    if spec.run.max_cost is not None and spec.pricing is None:
+        return [("run.max_cost", "a budget needs pricing (input_per_million, output_per_million) to count the cost")]
+    return []
+
+
+OWNED_PARAMS = {
+    "openai-chat": {"model", "messages", "stream", "stream_options"},
+    "openai-completions": {"model", "prompt", "stream", "stream_options"},
+    "gemini": {"contents", "systemInstruction", "system_instruction"},
+}
+_GEMINI_MODEL_FORBIDDEN = re.compile(r"[/?#:\s]")
+
+
+def _protocol_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """What the chosen protocol cannot send (docs/protocol.md §1, §3, §4.1)."""
+    api = spec.provider.api
+    found: list[tuple[str, str]] = []
+    if api == "gemini" and _GEMINI_MODEL_FORBIDDEN.search(spec.model):
+        found.append(("model", f"{spec.model!r}: a Gemini model is its bare id, without / ? # : or spaces"))
+    if api == "openai-completions" and spec.prompt.images:
+        found.append(("prompt.images", "openai-completions takes no images; use openai-chat or gemini"))
+    if spec.prompt.max_image_side is not None and not pillow_available():
+        found.append(("prompt.max_image_side", PILLOW_MISSING))
+    return found
+
+
+def _warnings(spec: JobSpec) -> list[tuple[str, str]]:
+    """Legal but probably not what the user wants."""
+    found: list[tuple[str, str]] = []
+    api = spec.provider.api
+    if api == "openai-completions" and "max_tokens" not in spec.params:
+        found.append(("params", "max_tokens is not set; the completions default is tiny (16 tokens)"))
+    modalities = generation_config(RequestSettings.of(spec)).get("responseModalities") if api == "gemini" else None
+    if spec.output.images_dir and isinstance(modalities, list) and "IMAGE" not in [str(m).upper() for m in modalities]:
+        found.append(("output.images_dir", "is set but params.responseModalities lacks IMAGE: no image will come"))
+    return found
