@@ -6,11 +6,12 @@ Ray Data partitions, schedules and retries; batchrun supplies the work:
   batchrun's own reader (inputs.py): values, rendered requests and request hashes are
   the local engine's, so a checkpoint can be resumed by either engine, and every row
   keeps its row_index (Ray's own readers give rows no stable position).
-* A pool of `RowSender` actors (map_batches) sends each batch's rows through the local
-  engine's own row path (`Run.work_rows`: rendering, protocols, transport, retries,
-  repairs), with the job-wide state of ray_coordinator.py in place of their own.
-* The driver opens, checks and finally writes the output exactly as a local run does
-  (`Run.execute`), and shows one progress bar fed by the actors' reports.
+* A pool of `RowSender` actors (map_batches) sends each batch's rows through the same
+  row pipeline as the local engine (rows.RowPipeline: rendering, protocols, transport,
+  retries, repairs), built with the job-wide stand-ins of ray_coordinator.py as its
+  collaborators. An actor gets the input's columns from the driver: it never scans the input.
+* The driver is a `Run` like a local one (`Run.execute` opens, checks and finally writes
+  the output) with `RayEngine` as its engine, and shows one progress bar fed by the actors' reports.
 
 Ray Data's own checkpointing (CheckpointConfig with an id column) is not used: it records
 a block's ids once the whole block is written, so a kill loses every row of unfinished
@@ -52,8 +53,12 @@ from batchrun.ray_coordinator import (
     Coordinator,
     CoordinatorLink,
 )
-from batchrun.runner import GRACE_S, Run, RunOptions
+from batchrun.render import Renderer
+from batchrun.rows import RowParts, RowPipeline
+from batchrun.runner import GRACE_S, Run, RunOptions, Sent
 from batchrun.spec import Job
+from batchrun.spend import Budget
+from batchrun.structured import AnswerParser
 from batchrun.transport import Transport
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # rows are small; Ray spills to disk beyond it
@@ -70,49 +75,48 @@ class RayOptions:
 
 
 async def run_job_on_ray(job: Job, options: RunOptions, ray_options: RayOptions) -> dict[str, Any]:
-    return await RayRun(job, options, ray_options).execute()
+    if options.max_cost is not None or job.spec.run.max_cost is not None:
+        raise JobError(
+            f"{job.path}: run.max_cost: a budget is not supported yet with --engine ray; "
+            "run without it, or without --engine ray"
+        )
+    return await Run(job, options, RayEngine(ray_options)).execute()
 
 
-class RayRun(Run):
-    """A run whose rows are sent by Ray actors; everything before and after sending is the local run's."""
+class RayEngine:
+    """Sends a run's rows with Ray actors; everything before and after sending is the `Run`'s, as locally."""
 
-    def __init__(self, job: Job, options: RunOptions, ray_options: RayOptions) -> None:
-        if options.max_cost is not None or job.spec.run.max_cost is not None:
-            raise JobError(
-                f"{job.path}: run.max_cost: a budget is not supported yet with --engine ray; "
-                "run without it, or without --engine ray"
-            )
-        super().__init__(job, options)
+    def __init__(self, ray_options: RayOptions) -> None:
         self.ray_options = ray_options
+        self._interrupts = 0
 
-    async def _run_all(self, checkpoint: Checkpoint, transport: Transport, progress: Progress) -> None:
+    async def send_all(self, run: Run, checkpoint: Checkpoint, progress: Progress, base_url: str) -> Sent:
         # Ray's calls block; nothing else runs on this event loop in a Ray run.
         with _ray_session(self.ray_options.address):
             name = f"batchrun-{uuid.uuid4().hex}"
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
             actor = cast(Any, Coordinator)  # ray.remote made the class an actor class; mypy cannot see it
             coordinator = actor.options(name=name, scheduling_strategy=here).remote(
-                str(checkpoint.folder), self.concurrency, self.job.spec.run
+                str(checkpoint.folder), run.concurrency, run.job.spec.run
             )
             ray.get(coordinator.start.remote())
             with _ctrl_c_interrupts():
                 try:
-                    self._send_all(coordinator, name, progress)
+                    self._send_all(run, coordinator, name, progress, base_url)
                 except KeyboardInterrupt:
                     self._stop_ray_on_ctrl_c(coordinator)
                 finally:
                     final = ray.get(coordinator.close.remote())
         if final["problem"] is not None:
             raise JobError(final["problem"])
-        self.requested = final["requested"]
         checkpoint.awaiting_answer = set(final["awaiting_answer"])
-        if final["tripped"] is not None:
-            self.watch.tripped = CallError(**final["tripped"])
+        tripped = CallError(**final["tripped"]) if final["tripped"] is not None else None
+        return Sent(final["requested"], self._interrupts, tripped)
 
-    def _send_all(self, coordinator: Any, name: str, progress: Progress) -> None:
-        limit = self.options.limit
-        rows = self.table.count() if limit is None else min(limit, self.table.count())
-        batch_rows = max(16, min(self.concurrency, 512))  # one batch can keep the whole limit busy
+    def _send_all(self, run: Run, coordinator: Any, name: str, progress: Progress, base_url: str) -> None:
+        limit = run.options.limit
+        rows = run.table.count() if limit is None else min(limit, run.table.count())
+        batch_rows = max(16, min(run.concurrency, 512))  # one batch can keep the whole limit busy
         actors = self.ray_options.actors
         pool = (
             ray.data.ActorPoolStrategy(size=actors) if actors else ray.data.ActorPoolStrategy(max_size=_most_actors())
@@ -120,12 +124,20 @@ class RayRun(Run):
         # Parquet: enough read tasks for every actor to have work from the start, each a range of whole
         # batches. CSV and JSONL can only be read from their start: one task streams them.
         ranges = 1
-        if self.table.splittable:
+        if run.table.splittable:
             ranges = min(max(_most_actors(actors), -(-rows // RANGE_ROWS)), max(1, -(-rows // batch_rows)))
-        dataset = ray.data.read_datasource(InputRanges(self.job, rows, batch_rows), override_num_blocks=ranges)
+        dataset = ray.data.read_datasource(InputRanges(run.job, rows, batch_rows), override_num_blocks=ranges)
+        sender = {
+            "job": run.job,
+            "columns": run.table.columns,
+            "id_name": run.table.id_name,
+            "concurrency": run.concurrency,
+            "coordinator": name,
+            "url": base_url,
+        }
         reports = dataset.map_batches(
             RowSender,
-            fn_constructor_kwargs={"job": self.job, "options": self.options, "coordinator": name, "url": self.base_url},
+            fn_constructor_kwargs=sender,
             batch_size=batch_rows,
             batch_format="pyarrow",
             compute=pool,
@@ -142,14 +154,14 @@ class RayRun(Run):
 
     def _stop_ray_on_ctrl_c(self, coordinator: Any) -> None:
         """As a local run: send no new row; rows in flight get GRACE_S to finish, or a second Ctrl-C cancels them."""
-        self.interrupts = 1
+        self._interrupts = 1
         ray.get(coordinator.refuse_new_rows.remote())
         deadline = time.monotonic() + GRACE_S
         try:
             while ray.get(coordinator.awaiting_answer.remote()) and time.monotonic() < deadline:
                 time.sleep(0.05)
         except KeyboardInterrupt:
-            self.interrupts = 2
+            self._interrupts = 2
 
 
 class InputRanges(Datasource):
@@ -184,30 +196,36 @@ def _read_rows(job: Job, lo: int, hi: int, block_rows: int) -> Iterator[pa.Table
 
 
 class RowSender:
-    """One actor of the pool: sends the rows of the batches it is given, through the local engine's row path."""
+    """One actor of the pool: sends the rows of the batches it is given through the job's row pipeline."""
 
-    def __init__(self, job: Job, options: RunOptions, coordinator: str, url: str) -> None:
+    def __init__(
+        self, job: Job, columns: list[str], id_name: str, concurrency: int, coordinator: str, url: str
+    ) -> None:
         self._job = job
-        self._options = options
+        self._columns = columns
+        self._id_name = id_name
+        self._concurrency = concurrency
         self._url = url
         self._coordinator = ray.get_actor(coordinator)
-        self._run: Run | None = None
+        self._pipeline: RowPipeline | None = None
 
-    def _start(self) -> Run:
-        """On the actor's event loop (anyio's primitives need it): the local row path, with the job-wide state."""
-        run = Run(self._job, self._options)
+    def _start(self) -> RowPipeline:
+        """On the actor's event loop (anyio's primitives need it): the pipeline, with the job-wide collaborators."""
+        job = self._job
+        api_key = job.api_key()
         self._link = CoordinatorLink(self._coordinator)
-        self._watch = run.watch = ClusterWatch(self._link)
-        self._limits = run.limits = ClusterLimits(self._link, self._watch)
-        run.sharing = ClusterSharing(self._link)
-        self._ledger = ClusterLedger(self._link)
-        self._transport = Transport(self._url, run.api_key, self._job.spec.run.timeout_s, run.concurrency)
-        self._run = run
-        return run
+        self._watch = ClusterWatch(self._link)
+        self._limits = ClusterLimits(self._link, self._watch)
+        transport = Transport(self._url, api_key, job.spec.run.timeout_s, self._concurrency)
+        parts = RowParts(ClusterLedger(self._link), self._limits, ClusterSharing(self._link), self._watch, transport)
+        parser = AnswerParser.for_spec(job.spec)
+        no_budget = Budget(None, job.spec.pricing, spent=0.0)  # run_job_on_ray refuses run.max_cost
+        self._pipeline = RowPipeline(job, Renderer(job, self._columns), parser, self._id_name, parts, no_budget)
+        return self._pipeline
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         try:
-            run = self._run or self._start()
+            pipeline = self._pipeline or self._start()
         except JobError as e:  # e.g. the key's variable is not set on this node
             node = ray.util.get_node_ip_address()
             await self._coordinator.cannot_start.remote(f"on the Ray worker at {node}: {e}")
@@ -216,9 +234,9 @@ class RowSender:
         todo = set(await self._coordinator.unfinished.remote([row[ROW_INDEX] for row in rows]))
         report = _Report()
         with self._limits.stoppable():
-            await run.work_rows([row for row in rows if row[ROW_INDEX] in todo], self._ledger, self._transport, report)
+            await pipeline.work_rows([row for row in rows if row[ROW_INDEX] in todo], self._concurrency, report)
         await self._watch.refresh()
-        run.settle_held(self._ledger, report)
+        pipeline.settle_held(report)
         await self._link.settle()  # the batch's rows are with the coordinator before the driver hears of them
         return report.table()
 

@@ -20,8 +20,9 @@ A worker that dies (Ray then restarts it and retries its batch) cannot give back
 permits or its lead on an identical request: each worker says it is alive at least every
 `HEARTBEAT_S`, and what a worker silent for `LEASE_S` held is taken back.
 
-On a worker, `Run`'s row path talks to it through `ClusterLimits`, `ClusterLedger`,
-`ClusterWatch` and `ClusterSharing`, which have the members that path uses, over one
+On a worker, the row pipeline (rows.py) talks to it through `ClusterLedger`,
+`ClusterLimits`, `ClusterSharing` and `ClusterWatch`, which implement the row path's
+declared collaborators (seams.py: Ledger, Admission, Sharing, StopWatch), over one
 `CoordinatorLink`.
 """
 
@@ -326,7 +327,7 @@ class CoordinatorLink:
 
 
 class ClusterWatch:
-    """Run's abort watch, kept by the coordinator; `tripped` is this worker's latest news of it."""
+    """The abort watch (seams.StopWatch), kept by the coordinator; `tripped` is this worker's latest news of it."""
 
     def __init__(self, link: CoordinatorLink) -> None:
         self._link = link
@@ -345,7 +346,7 @@ class ClusterWatch:
 
 
 class ClusterLimits:
-    """Run's limiter, answered by the coordinator's; a refused permit stops this worker's batches."""
+    """The limiter (seams.Admission), answered by the coordinator's; a refused permit stops this worker's batches."""
 
     def __init__(self, link: CoordinatorLink, watch: ClusterWatch) -> None:
         self._link = link
@@ -395,7 +396,7 @@ class ClusterLimits:
 
 
 class ClusterLedger:
-    """The checkpoint as Run's row path uses it: intents, finished rows, withdrawn rows."""
+    """The checkpoint as the row pipeline uses it (seams.Ledger): intents, finished rows, withdrawn rows."""
 
     def __init__(self, link: CoordinatorLink) -> None:
         self._link = link

@@ -1,9 +1,15 @@
-"""The run: input batches → requests → limiter → protocol → checkpoint → Parquet.
+"""The run: open the checkpoint, send the rows with an engine, write the output from the checkpoint.
 
-One producer renders rows into request bodies and feeds a bounded stream, so
-memory stays flat however large the input; `concurrency` workers take from it,
-each row going through the limiter and the retry loop, and every finished row
-goes to the checkpoint. The output is written from the checkpoint at the end.
+`Run` is what every engine shares: the input, the templates and the answer
+parser, the checkpoint opened for resume, the budget, the progress bar, and at
+the end the Parquet output, the summary, or the one-line reason the run stopped.
+How the rows are sent is the `Engine`'s: `LocalEngine` here, `RayEngine` in
+engine_ray.py; both send each row through the same rows.RowPipeline.
+
+The local engine: one producer renders rows into work items and feeds a bounded
+stream, so memory stays flat however large the input; `concurrency` workers take
+from it, each row going through the pipeline, and every finished row goes to the
+checkpoint.
 """
 
 from __future__ import annotations
@@ -13,32 +19,27 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from functools import partial
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import anyio
-import jinja2
-import orjson
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 
-from batchrun import fingerprint, images, output, spend
-from batchrun.checkpoint import Checkpoint, RowRecord
+from batchrun import output, spend
+from batchrun.checkpoint import Checkpoint
 from batchrun.errors import BudgetReached, RunAborted, RunInterrupted
 from batchrun.inputs import ROW_INDEX, InputTable
-from batchrun.limits import Limits, estimate_tokens, output_cap, prompt_tokens_estimate
+from batchrun.limits import Limits
 from batchrun.progress import Progress
-from batchrun.protocols import CallError, protocol_for
-from batchrun.render import Renderer, Request
-from batchrun.repair import ask_with_repairs, explain_native_rejection
+from batchrun.protocols import CallError
+from batchrun.render import Renderer
 from batchrun.resume import ResumeFlags, open_for_run
-from batchrun.seams import Admission, Ledger, ProgressSink, Sharing, StopWatch
-from batchrun.settings import RequestSettings
-from batchrun.sharing import SharedAnswers, request_key
+from batchrun.rows import RowParts, RowPipeline, WorkItem
+from batchrun.sharing import SharedAnswers
 from batchrun.spec import Job
-from batchrun.stops import AbortWatch, HeldRows
+from batchrun.stops import AbortWatch
 from batchrun.structured import AnswerParser
-from batchrun.transport import Outcome, Transport, call_with_retries
+from batchrun.transport import Transport
 
 GRACE_S = 3.0  # after Ctrl-C, how long rows in flight may take to finish before they are cancelled
 
@@ -56,45 +57,38 @@ class RunOptions:
 
 
 @dataclass
-class WorkItem:
-    idx: int
-    row_id: str
-    request: Request  # the body is built by the worker, once the row's images are loaded
-    estimate: int  # tokens, for the tokens-per-minute window
-    prompt_estimate: int  # input tokens, for the budget
-    key: bytes  # identical requests share one answer
-    request_hash: int  # the key with the job's request settings: what a rerun compares (fingerprint.py)
+class Sent:
+    """How an engine's sending ended."""
+
+    requested: int  # requests started this run
+    interrupts: int = 0  # Ctrl-Cs: 1 let rows in flight finish, 2 cancelled them
+    tripped: CallError | None = None  # the failure that stopped the run (stops.py), if one did
+
+
+class Engine(Protocol):
+    """Sends the rows of a run that is open: finished rows go to `checkpoint`, counts to `progress`."""
+
+    async def send_all(self, run: Run, checkpoint: Checkpoint, progress: Progress, base_url: str) -> Sent: ...
 
 
 class Run:
-    def __init__(self, job: Job, options: RunOptions) -> None:
+    def __init__(self, job: Job, options: RunOptions, engine: Engine | None = None) -> None:
         self.job = job
         self.options = options
+        self.engine: Engine = engine or LocalEngine()
         spec = job.spec
         self.concurrency = options.concurrency or spec.run.concurrency
         self.table = InputTable.for_job(job)
         self.renderer = Renderer(job, self.table.columns)
         self.parser = AnswerParser.for_spec(spec)
         output.check_columns(job, self.parser, self.table.columns)
-        self.request_settings = RequestSettings.of(spec)
-        self.protocol = protocol_for(spec.provider.api)
-        self.decoder = self.protocol.decoder(self.request_settings)
-        self.images = images.loader_for(job, self.protocol.INLINE_IMAGE_URLS)
         self.api_key = job.api_key()
-        self.base_url = spec.provider.base_url  # the emulator's own address once execute() starts it
-        self.watch: StopWatch = AbortWatch[CallError]()
-        run = spec.run
-        self.limits: Admission = Limits(
-            self.concurrency, run.requests_per_minute, run.tokens_per_minute, run.outage_timeout_s
-        )
-        self.settings = fingerprint.settings_digest(self.request_settings)
-        self.requested = 0
-        self._held: HeldRows[RowRecord] = HeldRows()
-        self.interrupts = 0
-        self._producing = anyio.CancelScope()
-        self.sharing: Sharing = SharedAnswers()
         max_cost = options.max_cost if options.max_cost is not None else spec.run.max_cost
         self.budget = spend.Budget(max_cost, spec.pricing, spent=0.0)
+
+    def pipeline(self, parts: RowParts) -> RowPipeline:
+        """The row pipeline of this job, working with `parts`."""
+        return RowPipeline(self.job, self.renderer, self.parser, self.table.id_name, parts, self.budget)
 
     async def execute(self) -> dict[str, Any]:
         started = time.monotonic()
@@ -125,254 +119,34 @@ class Run:
                 spent=self.budget.spent,
             )
             with _base_url(self.job) as base_url:
-                self.base_url = base_url
-                transport = Transport(base_url, self.api_key, self.job.spec.run.timeout_s, self.concurrency)
                 try:
-                    await self._run_all(checkpoint, transport, progress)
+                    sent = await self.engine.send_all(self, checkpoint, progress, base_url)
                 finally:
-                    await transport.aclose()
-                    await self.images.aclose()
                     progress.close()
-            if self.interrupts:
-                when = f"after {GRACE_S:g} s" if self.interrupts == 1 else "at the second Ctrl-C"
+            if sent.interrupts:
+                when = f"after {GRACE_S:g} s" if sent.interrupts == 1 else "at the second Ctrl-C"
                 cancelled = len(checkpoint.awaiting_answer)
                 raise RunInterrupted(checkpoint.count_finished(0, total), total, cancelled, when)
-            if self.watch.tripped is not None:
-                raise RunAborted(_abort_message(self.watch.tripped, self.job))
+            if sent.tripped is not None:
+                raise RunAborted(_abort_message(sent.tripped, self.job))
             if self.budget.stopped:
                 raise BudgetReached(self.budget.stop_message(self.job, total - checkpoint.count_finished(0, total)))
             totals = checkpoint.totals()
             written = output.write_parquet(self.table, checkpoint, self.job, self.options.limit, self.parser)
-            summary = self._summary(totals, written, total, interrupted, time.monotonic() - started)
+            summary = self._summary(totals, written, total, interrupted, sent.requested, time.monotonic() - started)
             output.write_summary(self.job.output_path, summary)
             return summary
         finally:
             checkpoint.close()
 
-    async def _run_all(self, checkpoint: Checkpoint, transport: Transport, progress: Progress) -> None:
-        send, receive = anyio.create_memory_object_stream[WorkItem](self.concurrency * 2)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(checkpoint.flush_loop)
-            async with anyio.create_task_group() as work:
-                tg.start_soon(self._stop_on_ctrl_c, checkpoint, work.cancel_scope)
-                work.start_soon(self._produce_until_ctrl_c, send, checkpoint, progress)
-                for _ in range(self.concurrency):
-                    work.start_soon(self._work, receive.clone(), checkpoint, transport, progress, work.cancel_scope)
-                receive.close()
-            if self.watch.tripped is None:
-                self._release_held(checkpoint, progress)
-            await checkpoint.flush()
-            tg.cancel_scope.cancel()
-
-    async def _produce_until_ctrl_c(
-        self, send: MemoryObjectSendStream[WorkItem], checkpoint: Checkpoint, progress: Progress
-    ) -> None:
-        with self._producing:
-            await self._produce(send, checkpoint, progress)
-
-    async def _stop_on_ctrl_c(self, checkpoint: Checkpoint, work: anyio.CancelScope) -> None:
-        """First Ctrl-C: send no new row; rows in flight get GRACE_S to finish. A second one cancels them now.
-
-        Either way the run then commits what finished (the checkpoint is consistent at every commit).
-        """
-        with anyio.open_signal_receiver(signal.SIGINT) as signals:
-            await anext(signals)
-            self.interrupts = 1
-            self._producing.cancel()
-            checkpoint.refuse_new_rows()
-            work.deadline = anyio.current_time() + GRACE_S
-            while checkpoint.awaiting_answer:
-                with anyio.move_on_after(0.05):
-                    await anext(signals)
-                    self.interrupts = 2
-                    break
-            work.cancel()
-
-    async def _produce(
-        self, send: MemoryObjectSendStream[WorkItem], checkpoint: Checkpoint, progress: Progress
-    ) -> None:
-        async with send:
-            for batch in self.table.batches(self.options.limit):
-                lo, hi = batch[ROW_INDEX][0], batch[ROW_INDEX][-1] + 1
-                done = checkpoint.finished_in_range(lo, hi)
-                if len(done) == batch.height:
-                    continue  # all finished: a mostly done job resumes without touching its rows
-                for row in batch.iter_rows(named=True):
-                    if row[ROW_INDEX] in done:
-                        continue
-                    if self.budget.stopped:
-                        return
-                    item = self._item(row, checkpoint, progress)
-                    if item is not None:
-                        await send.send(item)
-                await anyio.sleep(0)  # let workers run between batches
-
-    def _item(self, row: dict[str, Any], checkpoint: Ledger, progress: ProgressSink) -> WorkItem | None:
-        """The row's request, ready to send; None when its templates fail on it (finished as an input error)."""
-        spec = self.job.spec
-        idx = row[ROW_INDEX]
-        row_id = str(row[self.table.id_name])
-        try:
-            request = self.renderer.render(row)
-        except jinja2.TemplateError as e:
-            checkpoint.finish(_input_error(idx, row_id, f"template: {e}"))
-            progress.row_done("error", None)
-            return None
-        chars = request.text_chars
-        image_tokens = images.IMAGE_TOKEN_ESTIMATE * len(request.images)
-        estimate = estimate_tokens(chars, spec.params) + image_tokens
-        prompt_estimate = prompt_tokens_estimate(chars) + image_tokens
-        key = request_key(request)
-        request_hash = fingerprint.row_hash(self.settings, key)
-        return WorkItem(idx, row_id, request, estimate, prompt_estimate, key, request_hash)
-
-    async def work_rows(
-        self, rows: list[dict[str, Any]], checkpoint: Ledger, transport: Transport, progress: ProgressSink
-    ) -> None:
-        """These input rows, each rendered, sent and finished like any row of a local run (the Ray engine's batches).
-
-        Rows held back by a possible abort stay held: `settle_held` decides about them.
-        """
-        send, receive = anyio.create_memory_object_stream[WorkItem](len(rows))
-        async with anyio.create_task_group() as work:
-            for _ in range(min(len(rows), self.concurrency)):
-                work.start_soon(self._work, receive.clone(), checkpoint, transport, progress, work.cancel_scope)
-            receive.close()
-            with send:
-                for row in rows:
-                    item = self._item(row, checkpoint, progress)
-                    if item is not None:
-                        send.send_nowait(item)
-
-    def settle_held(self, checkpoint: Ledger, progress: ProgressSink) -> None:
-        """Rows held back by a possible abort: pending if the run stopped, else errors after all."""
-        if self.watch.tripped is None:
-            self._release_held(checkpoint, progress)
-            return
-        self._held.withdraw(lambda held: checkpoint.withdraw(held.idx))
-
-    async def _work(
-        self,
-        receive: MemoryObjectReceiveStream[WorkItem],
-        checkpoint: Ledger,
-        transport: Transport,
-        progress: ProgressSink,
-        scope: anyio.CancelScope,
-    ) -> None:
-        async with receive:
-            async for item in receive:
-                if self.budget.stopped:
-                    continue  # left pending: the budget allows no more requests
-                record = await self.sharing.find(item.key, item.idx, item.row_id)
-                if record is not None:
-                    checkpoint.finish(record)
-                    progress.row_done(self._status(record), record)
-                    continue
-                with self.sharing.leading(item.key) as publish:
-                    asked = await self._ask(item, checkpoint, transport)
-                    if asked is None:
-                        continue
-                    record, outcome = asked
-                    publish(record)
-                if outcome.error is not None and outcome.error.abort is not None:
-                    # Held back: if the run aborts, this row stays pending rather than failed.
-                    self._held.hold(record)
-                    if self.watch.tripped is not None:
-                        self.settle_held(checkpoint, progress)
-                        scope.cancel()
-                        return
-                    continue
-                if outcome.reply is not None:
-                    self.watch.on_success()
-                    self._release_held(checkpoint, progress)
-                checkpoint.finish(record)
-                progress.row_done(self._status(record), record)
-
-    async def _ask(self, item: WorkItem, checkpoint: Ledger, transport: Transport) -> tuple[RowRecord, Outcome] | None:
-        """The row's request, and its repairs; None if the budget does not allow it."""
-        spec = self.job.spec
-        path = self.protocol.path(spec.model, spec.stream)
-        cap = output_cap(spec.params)
-        try:
-            request_body = await self._body(item.request)
-        except images.ImageError as e:  # nothing is sent for this row
-            failed = Outcome(None, CallError("input", str(e), retryable=False), 0, 0.0)
-            return _record(item, failed), failed
-
-        async def send(body: dict[str, Any], extra_tokens: int, first: bool) -> Outcome | None:
-            prompt_estimate = item.prompt_estimate + extra_tokens
-            held = self.budget.reserve(prompt_estimate, cap)
-            if held is None:
-                return None
-            outcome = await call_with_retries(
-                transport,
-                self.limits,
-                path,
-                body,
-                self.decoder,
-                item.estimate + extra_tokens,
-                spec.run.max_attempts,
-                self.watch.on_error,
-                before_first_send=partial(checkpoint.begin, item.idx) if first else _nothing,
-            )
-            reply = outcome.reply
-            if reply is None:
-                self.budget.settle(held, prompt_estimate, None, None)
-            else:
-                self.budget.settle(
-                    held, prompt_estimate, reply.prompt_tokens, reply.completion_tokens, len(reply.images)
-                )
-            return outcome
-
-        async def follow_up(answer: str, message: str) -> Outcome | None:
-            body = self.protocol.repair_body(request_body, answer, message)
-            return await send(body, prompt_tokens_estimate(len(answer) + len(message)), first=False)
-
-        outcome = await send(request_body, 0, first=True)
-        if outcome is None:
-            return None
-        self.requested += 1
-        if outcome.error is not None:
-            explain_native_rejection(outcome.error, self.request_settings)
-        repairs = 0
-        if self.parser is not None and spec.output.repair_attempts:
-            outcome, repairs = await ask_with_repairs(outcome, self.parser, spec.output.repair_attempts, follow_up)
-        record = _record(item, outcome)
-        record.repairs = repairs
-        if outcome.reply is not None and outcome.reply.images:
-            saved = await anyio.to_thread.run_sync(
-                images.save_images, outcome.reply.images, self.job.images_dir, item.row_id
-            )
-            record.image_paths = orjson.dumps(saved).decode()
-        return record, outcome
-
-    def _status(self, record: RowRecord) -> str:
-        """The row's status as the output will have it: an answer that fails its check is an error."""
-        if record.status != "ok" or self.parser is None:
-            return record.status
-        return (
-            "ok"
-            if self.parser.judge_stored(record.response_text, record.finish_reason, record.tool_calls).ok
-            else "error"
-        )
-
-    async def _body(self, request: Request) -> dict[str, Any]:
-        """Images are read only now, right before the row is sent (ImageError: nothing is sent)."""
-        if request.images:
-            request = replace(request, image_inputs=await self.images.load(request.images))
-        return self.protocol.build(request, self.request_settings)
-
-    def _release_held(self, checkpoint: Ledger, progress: ProgressSink) -> None:
-        """The run goes on after all: rows held back by a possible abort are errors after all."""
-
-        def finish(held: RowRecord) -> None:
-            checkpoint.finish(held)
-            progress.row_done(self._status(held), held)
-
-        self._held.release(finish)
-
     def _summary(
-        self, totals: dict[str, Any], written: dict[str, Any], total: int, interrupted: int, wall_s: float
+        self,
+        totals: dict[str, Any],
+        written: dict[str, Any],
+        total: int,
+        interrupted: int,
+        requested: int,
+        wall_s: float,
     ) -> dict[str, Any]:
         pricing = self.job.spec.pricing
         summary: dict[str, Any] = {
@@ -385,10 +159,10 @@ class Run:
             "shared": written["shared"],
             "prompt_tokens": totals["prompt_tokens"],
             "completion_tokens": totals["completion_tokens"],
-            "requested_this_run": self.requested,
+            "requested_this_run": requested,
             "in_flight_at_last_stop": interrupted,
             "wall_s": round(wall_s, 3),
-            "requests_per_s": round(self.requested / wall_s, 2) if wall_s > 0 else None,
+            "requests_per_s": round(requested / wall_s, 2) if wall_s > 0 else None,
         }
         if pricing is not None:
             summary["cost"] = round(written["cost"], 6)
@@ -398,34 +172,93 @@ class Run:
         return summary
 
 
-def _record(item: WorkItem, outcome: Outcome) -> RowRecord:
-    reply, error = outcome.reply, outcome.error
-    calls = orjson.dumps(reply.tool_calls).decode() if reply and reply.tool_calls else None
-    return RowRecord(
-        idx=item.idx,
-        row_id=item.row_id,
-        status="ok" if reply is not None else "error",
-        response_text=reply.text if reply else None,
-        tool_calls=calls,
-        finish_reason=reply.finish_reason if reply else None,
-        model=reply.model if reply else None,
-        prompt_tokens=reply.prompt_tokens if reply else None,
-        completion_tokens=reply.completion_tokens if reply else None,
-        latency_s=round(outcome.latency_s, 4),
-        attempts=outcome.attempts,
-        error_class=error.error_class if error else None,
-        error=str(error) if error else None,
-        finished_at=time.time(),
-        request_hash=item.request_hash,
-    )
+class LocalEngine:
+    """Sends the rows from this process: a producer, `concurrency` workers, and Ctrl-C handling."""
 
+    def __init__(self) -> None:
+        self._interrupts = 0
+        self._producing = anyio.CancelScope()
 
-async def _nothing() -> None:
-    return None
+    async def send_all(self, run: Run, checkpoint: Checkpoint, progress: Progress, base_url: str) -> Sent:
+        spec = run.job.spec.run
+        limits = Limits(run.concurrency, spec.requests_per_minute, spec.tokens_per_minute, spec.outage_timeout_s)
+        watch = AbortWatch[CallError]()
+        transport = Transport(base_url, run.api_key, spec.timeout_s, run.concurrency)
+        pipeline = run.pipeline(RowParts(checkpoint, limits, SharedAnswers(), watch, transport))
+        try:
+            await self._send_all(run, pipeline, checkpoint, progress)
+        finally:
+            await transport.aclose()
+            await pipeline.aclose()
+        return Sent(pipeline.requested, self._interrupts, watch.tripped)
 
+    async def _send_all(self, run: Run, pipeline: RowPipeline, checkpoint: Checkpoint, progress: Progress) -> None:
+        send, receive = anyio.create_memory_object_stream[WorkItem](run.concurrency * 2)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(checkpoint.flush_loop)
+            async with anyio.create_task_group() as work:
+                tg.start_soon(self._stop_on_ctrl_c, checkpoint, work.cancel_scope)
+                work.start_soon(self._produce_until_ctrl_c, run, pipeline, send, checkpoint, progress)
+                for _ in range(run.concurrency):
+                    work.start_soon(pipeline.work, receive.clone(), progress, work.cancel_scope)
+                receive.close()
+            if pipeline.parts.watch.tripped is None:
+                pipeline.release_held(progress)
+            await checkpoint.flush()
+            tg.cancel_scope.cancel()
 
-def _input_error(idx: int, row_id: str, message: str) -> RowRecord:
-    return RowRecord(idx, row_id, "error", None, None, None, None, None, None, None, 0, "input", message, time.time())
+    async def _produce_until_ctrl_c(
+        self,
+        run: Run,
+        pipeline: RowPipeline,
+        send: MemoryObjectSendStream[WorkItem],
+        checkpoint: Checkpoint,
+        progress: Progress,
+    ) -> None:
+        with self._producing:
+            await self._produce(run, pipeline, send, checkpoint, progress)
+
+    async def _stop_on_ctrl_c(self, checkpoint: Checkpoint, work: anyio.CancelScope) -> None:
+        """First Ctrl-C: send no new row; rows in flight get GRACE_S to finish. A second one cancels them now.
+
+        Either way the run then commits what finished (the checkpoint is consistent at every commit).
+        """
+        with anyio.open_signal_receiver(signal.SIGINT) as signals:
+            await anext(signals)
+            self._interrupts = 1
+            self._producing.cancel()
+            checkpoint.refuse_new_rows()
+            work.deadline = anyio.current_time() + GRACE_S
+            while checkpoint.awaiting_answer:
+                with anyio.move_on_after(0.05):
+                    await anext(signals)
+                    self._interrupts = 2
+                    break
+            work.cancel()
+
+    async def _produce(
+        self,
+        run: Run,
+        pipeline: RowPipeline,
+        send: MemoryObjectSendStream[WorkItem],
+        checkpoint: Checkpoint,
+        progress: Progress,
+    ) -> None:
+        async with send:
+            for batch in run.table.batches(run.options.limit):
+                lo, hi = batch[ROW_INDEX][0], batch[ROW_INDEX][-1] + 1
+                done = checkpoint.finished_in_range(lo, hi)
+                if len(done) == batch.height:
+                    continue  # all finished: a mostly done job resumes without touching its rows
+                for row in batch.iter_rows(named=True):
+                    if row[ROW_INDEX] in done:
+                        continue
+                    if run.budget.stopped:
+                        return
+                    item = pipeline.item(row, progress)
+                    if item is not None:
+                        await send.send(item)
+                await anyio.sleep(0)  # let workers run between batches
 
 
 def _abort_message(error: CallError, job: Job) -> str:

@@ -19,7 +19,7 @@ LAYERS: list[list[str]] = [
     ["protocols"],
     ["images", "breaker", "limits", "spend", "sharing", "seams"],
     ["checks", "transport", "fingerprint", "output", "progress"],
-    ["resume", "repair"],
+    ["resume", "repair", "rows"],
     ["runner", "ray_coordinator"],
     ["engine_ray"],
     ["bench", "cli", "__main__", "__init__"],

@@ -1,0 +1,283 @@
+"""The row pipeline: one input row to one finished, committed result.
+
+render → images → protocol body → budget → limiter → transport with retries →
+decode → parse → repair → checkpoint → progress. Every engine composes the same
+`RowPipeline`; what it needs from the run around it comes in as the declared
+collaborators of seams.py, so the local engine passes its own parts and a Ray
+actor passes stand-ins for the job-wide ones, and neither re-implements a step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any
+
+import anyio
+import jinja2
+import orjson
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from batchrun import fingerprint, images, spend
+from batchrun.checkpoint import RowRecord
+from batchrun.inputs import ROW_INDEX
+from batchrun.limits import estimate_tokens, output_cap, prompt_tokens_estimate
+from batchrun.protocols import CallError, protocol_for
+from batchrun.render import Renderer, Request
+from batchrun.repair import ask_with_repairs, explain_native_rejection
+from batchrun.seams import Admission, Ledger, ProgressSink, Sharing, StopWatch
+from batchrun.settings import RequestSettings
+from batchrun.sharing import request_key
+from batchrun.spec import Job
+from batchrun.stops import HeldRows
+from batchrun.structured import AnswerParser
+from batchrun.transport import Outcome, Transport, call_with_retries
+
+
+@dataclass
+class WorkItem:
+    idx: int
+    row_id: str
+    request: Request  # the body is built by the worker, once the row's images are loaded
+    estimate: int  # tokens, for the tokens-per-minute window
+    prompt_estimate: int  # input tokens, for the budget
+    key: bytes  # identical requests share one answer
+    request_hash: int  # the key with the job's request settings: what a rerun compares (fingerprint.py)
+
+
+@dataclass
+class RowParts:
+    """The collaborators a pipeline works with; the engine decides what stands behind each."""
+
+    ledger: Ledger
+    admission: Admission
+    sharing: Sharing
+    watch: StopWatch
+    transport: Transport
+
+
+class RowPipeline:
+    """Sends rows and finishes each as its result; `requested` counts the requests it started."""
+
+    def __init__(
+        self,
+        job: Job,
+        renderer: Renderer,
+        parser: AnswerParser | None,
+        id_name: str,
+        parts: RowParts,
+        budget: spend.Budget,
+    ) -> None:
+        spec = job.spec
+        self.job = job
+        self.renderer = renderer
+        self.parser = parser
+        self.id_name = id_name
+        self.parts = parts
+        self.budget = budget
+        self.request_settings = RequestSettings.of(spec)
+        self.protocol = protocol_for(spec.provider.api)
+        self.decoder = self.protocol.decoder(self.request_settings)
+        self.images = images.loader_for(job, self.protocol.INLINE_IMAGE_URLS)
+        self.settings = fingerprint.settings_digest(self.request_settings)
+        self.requested = 0
+        self._held: HeldRows[RowRecord] = HeldRows()
+
+    async def aclose(self) -> None:
+        await self.images.aclose()
+
+    def item(self, row: dict[str, Any], progress: ProgressSink) -> WorkItem | None:
+        """The row's request, ready to send; None when its templates fail on it (finished as an input error)."""
+        idx = row[ROW_INDEX]
+        row_id = str(row[self.id_name])
+        try:
+            request = self.renderer.render(row)
+        except jinja2.TemplateError as e:
+            self.parts.ledger.finish(_input_error(idx, row_id, f"template: {e}"))
+            progress.row_done("error", None)
+            return None
+        chars = request.text_chars
+        image_tokens = images.IMAGE_TOKEN_ESTIMATE * len(request.images)
+        estimate = estimate_tokens(chars, self.job.spec.params) + image_tokens
+        prompt_estimate = prompt_tokens_estimate(chars) + image_tokens
+        key = request_key(request)
+        request_hash = fingerprint.row_hash(self.settings, key)
+        return WorkItem(idx, row_id, request, estimate, prompt_estimate, key, request_hash)
+
+    async def work(
+        self, receive: MemoryObjectReceiveStream[WorkItem], progress: ProgressSink, scope: anyio.CancelScope
+    ) -> None:
+        """One worker: sends the rows it receives, one at a time; cancels `scope` when the run must stop."""
+        async with receive:
+            async for item in receive:
+                if not await self.send(item, progress):
+                    scope.cancel()
+                    return
+
+    async def work_rows(self, rows: list[dict[str, Any]], concurrency: int, progress: ProgressSink) -> None:
+        """These input rows, each rendered, sent and finished like any row of a local run (the Ray engine's batches).
+
+        Rows held back by a possible abort stay held: `settle_held` decides about them.
+        """
+        send, receive = anyio.create_memory_object_stream[WorkItem](len(rows))
+        async with anyio.create_task_group() as work:
+            for _ in range(min(len(rows), concurrency)):
+                work.start_soon(self.work, receive.clone(), progress, work.cancel_scope)
+            receive.close()
+            with send:
+                for row in rows:
+                    item = self.item(row, progress)
+                    if item is not None:
+                        send.send_nowait(item)
+
+    async def send(self, item: WorkItem, progress: ProgressSink) -> bool:
+        """The row sent (or answered by an identical one) and finished; False when the run must stop."""
+        parts = self.parts
+        if self.budget.stopped:
+            return True  # left pending: the budget allows no more requests
+        record = await parts.sharing.find(item.key, item.idx, item.row_id)
+        if record is not None:
+            parts.ledger.finish(record)
+            progress.row_done(self.status(record), record)
+            return True
+        with parts.sharing.leading(item.key) as publish:
+            asked = await self._ask(item)
+            if asked is None:
+                return True
+            record, outcome = asked
+            publish(record)
+        if outcome.error is not None and outcome.error.abort is not None:
+            # Held back: if the run aborts, this row stays pending rather than failed.
+            self._held.hold(record)
+            if parts.watch.tripped is not None:
+                self.settle_held(progress)
+                return False
+            return True
+        if outcome.reply is not None:
+            parts.watch.on_success()
+            self.release_held(progress)
+        parts.ledger.finish(record)
+        progress.row_done(self.status(record), record)
+        return True
+
+    def settle_held(self, progress: ProgressSink) -> None:
+        """Rows held back by a possible abort: pending if the run stopped, else errors after all."""
+        if self.parts.watch.tripped is None:
+            self.release_held(progress)
+            return
+        ledger = self.parts.ledger
+        self._held.withdraw(lambda held: ledger.withdraw(held.idx))
+
+    def release_held(self, progress: ProgressSink) -> None:
+        """The run goes on after all: rows held back by a possible abort are errors after all."""
+        ledger = self.parts.ledger
+
+        def finish(held: RowRecord) -> None:
+            ledger.finish(held)
+            progress.row_done(self.status(held), held)
+
+        self._held.release(finish)
+
+    def status(self, record: RowRecord) -> str:
+        """The row's status as the output will have it: an answer that fails its check is an error."""
+        if record.status != "ok" or self.parser is None:
+            return record.status
+        verdict = self.parser.judge_stored(record.response_text, record.finish_reason, record.tool_calls)
+        return "ok" if verdict.ok else "error"
+
+    async def _ask(self, item: WorkItem) -> tuple[RowRecord, Outcome] | None:
+        """The row's request, and its repairs; None if the budget does not allow it."""
+        spec = self.job.spec
+        parts = self.parts
+        path = self.protocol.path(spec.model, spec.stream)
+        cap = output_cap(spec.params)
+        try:
+            request_body = await self._body(item.request)
+        except images.ImageError as e:  # nothing is sent for this row
+            failed = Outcome(None, CallError("input", str(e), retryable=False), 0, 0.0)
+            return _record(item, failed), failed
+
+        async def send(body: dict[str, Any], extra_tokens: int, first: bool) -> Outcome | None:
+            prompt_estimate = item.prompt_estimate + extra_tokens
+            held = self.budget.reserve(prompt_estimate, cap)
+            if held is None:
+                return None
+            outcome = await call_with_retries(
+                parts.transport,
+                parts.admission,
+                path,
+                body,
+                self.decoder,
+                item.estimate + extra_tokens,
+                spec.run.max_attempts,
+                parts.watch.on_error,
+                before_first_send=partial(parts.ledger.begin, item.idx) if first else _nothing,
+            )
+            reply = outcome.reply
+            if reply is None:
+                self.budget.settle(held, prompt_estimate, None, None)
+            else:
+                self.budget.settle(
+                    held, prompt_estimate, reply.prompt_tokens, reply.completion_tokens, len(reply.images)
+                )
+            return outcome
+
+        async def follow_up(answer: str, message: str) -> Outcome | None:
+            body = self.protocol.repair_body(request_body, answer, message)
+            return await send(body, prompt_tokens_estimate(len(answer) + len(message)), first=False)
+
+        outcome = await send(request_body, 0, first=True)
+        if outcome is None:
+            return None
+        self.requested += 1
+        if outcome.error is not None:
+            explain_native_rejection(outcome.error, self.request_settings)
+        repairs = 0
+        if self.parser is not None and spec.output.repair_attempts:
+            outcome, repairs = await ask_with_repairs(outcome, self.parser, spec.output.repair_attempts, follow_up)
+        record = _record(item, outcome)
+        record.repairs = repairs
+        if outcome.reply is not None and outcome.reply.images:
+            saved = await anyio.to_thread.run_sync(
+                images.save_images, outcome.reply.images, self.job.images_dir, item.row_id
+            )
+            record.image_paths = orjson.dumps(saved).decode()
+        return record, outcome
+
+    async def _body(self, request: Request) -> dict[str, Any]:
+        """Images are read only now, right before the row is sent (ImageError: nothing is sent)."""
+        if request.images:
+            request = replace(request, image_inputs=await self.images.load(request.images))
+        body: dict[str, Any] = self.protocol.build(request, self.request_settings)
+        return body
+
+
+def _record(item: WorkItem, outcome: Outcome) -> RowRecord:
+    reply, error = outcome.reply, outcome.error
+    calls = orjson.dumps(reply.tool_calls).decode() if reply and reply.tool_calls else None
+    return RowRecord(
+        idx=item.idx,
+        row_id=item.row_id,
+        status="ok" if reply is not None else "error",
+        response_text=reply.text if reply else None,
+        tool_calls=calls,
+        finish_reason=reply.finish_reason if reply else None,
+        model=reply.model if reply else None,
+        prompt_tokens=reply.prompt_tokens if reply else None,
+        completion_tokens=reply.completion_tokens if reply else None,
+        latency_s=round(outcome.latency_s, 4),
+        attempts=outcome.attempts,
+        error_class=error.error_class if error else None,
+        error=str(error) if error else None,
+        finished_at=time.time(),
+        request_hash=item.request_hash,
+    )
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _input_error(idx: int, row_id: str, message: str) -> RowRecord:
+    return RowRecord(idx, row_id, "error", None, None, None, None, None, None, None, 0, "input", message, time.time())
