@@ -1,9 +1,18 @@
-"""Shared fixtures: the emulator as a real server process, the CLI as a real process."""
+"""Shared fixtures: the emulator as a real server process; the CLI as a real process, or in this one.
+
+Two tiers: `pytest -m "not slow and not ray"` is the fast one, run before each commit;
+`pytest` (CI) runs everything. Tests that only need a run use `run_here` / `run_job`
+(the CLI's own `main` in this process: no Python start-up per run); tests about exit
+codes on signals, kill -9 and what a real process prints keep `run_cli`.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import random
 import subprocess
 import sys
 import urllib.request
@@ -69,6 +78,29 @@ def stop_emulator(emulator: Emulator) -> None:
         emulator.process.kill()
 
 
+SEED_VARIABLE = "BATCHRUN_TEST_SEED"
+
+
+@pytest.fixture(autouse=True)
+def seed(request: pytest.FixtureRequest) -> int:
+    """Every test's randomness (the `random` module, and `random.Random(seed)` where a test wants its own) from
+    one seed: BATCHRUN_TEST_SEED if set, else a fresh one, shown when the test fails."""
+    value = int(os.environ.get(SEED_VARIABLE) or random.randrange(2**32))
+    random.seed(value)
+    request.node.user_properties.append(("seed", value))
+    return value
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for name, value in item.user_properties:
+            if name == "seed":
+                report.sections.append(("seed", f"{SEED_VARIABLE}={value} reproduces this test's random choices"))
+
+
 @pytest.fixture(scope="session")
 def shared_emulator() -> Iterator[Emulator]:
     emulator = start_emulator()
@@ -94,6 +126,53 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def run_here(
+    *args: str, cwd: Path | None = None, env: dict[str, str | None] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`run_cli` in this process: the CLI's exit code, stdout and stderr, without starting Python again.
+
+    The environment is the one `run_cli` gives its process, for the length of the call. (`timeout` is
+    accepted for a like-for-like call; a run here is bounded by its job's own timeouts.)
+    """
+    from batchrun.cli import main
+
+    wanted = cli_env(env)
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    os.environ.clear()
+    os.environ.update(wanted)
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["batchrun", *args], code, out.getvalue(), err.getvalue())
+
+
+def run_job(folder: Path, rows: list[list[Any]], url: str, *args: str, **job: Any) -> tuple[dict[str, Any], Any]:
+    """A labelling job over `rows` (review_id, text, stars) run in this process: (summary, output frame).
+
+    `job` replaces top-level sections of `write_job`'s job; a failed run fails the test with its stderr.
+    """
+    import polars as pl
+
+    write_csv(folder / "reviews.csv", ["review_id", "text", "stars"], rows)
+    path = write_job(folder, url, **job)
+    result = run_here("run", str(path), "--quiet", *args)
+    assert result.returncode == 0, result.stderr
+    from batchrun.output import summary_path
+
+    output = folder / yaml.safe_load(path.read_text())["output"]["path"]
+    return json.loads(summary_path(output).read_text()), pl.read_parquet(output)
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:

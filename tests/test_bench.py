@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import run_cli
 
 
+@pytest.mark.slow
 def test_quick_bench_prints_the_table_and_writes_the_figures(tmp_path: Path) -> None:
     figures = tmp_path / "bench.json"
     result = run_cli("bench", "--quick", "--json", str(figures), timeout=180)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import polars as pl
-from conftest import EXPECTED_LABELS, REVIEWS, Emulator, run_cli, write_csv, write_job
+from conftest import EXPECTED_LABELS, REVIEWS, Emulator, run_cli, run_here, write_csv, write_job
 
 
 def test_run_writes_every_contract_column_in_input_order(tmp_path: Path, reviews: Path, emulator: Emulator) -> None:
@@ -60,7 +60,7 @@ def test_run_writes_every_contract_column_in_input_order(tmp_path: Path, reviews
 
 def test_default_id_is_the_row_index(tmp_path: Path, reviews: Path, emulator: Emulator) -> None:
     job = write_job(tmp_path, emulator.url, input={"path": "reviews.csv"})
-    assert run_cli("run", str(job), "--quiet").returncode == 0
+    assert run_here("run", str(job), "--quiet").returncode == 0
     df = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert df.columns[:4] == ["row_index", "review_id", "text", "stars"]
     assert df["row_index"].to_list() == list(range(6))
@@ -68,7 +68,7 @@ def test_default_id_is_the_row_index(tmp_path: Path, reviews: Path, emulator: Em
 
 def test_limit_runs_only_the_first_rows(tmp_path: Path, reviews: Path, emulator: Emulator) -> None:
     job = write_job(tmp_path, emulator.url)
-    result = run_cli("run", str(job), "--quiet", "--limit", "2")
+    result = run_here("run", str(job), "--quiet", "--limit", "2")
     assert result.returncode == 0, result.stderr
     df = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert df["review_id"].to_list() == ["R1", "R2"]
@@ -77,9 +77,9 @@ def test_limit_runs_only_the_first_rows(tmp_path: Path, reviews: Path, emulator:
 
 def test_rerun_of_a_finished_job_sends_nothing(tmp_path: Path, reviews: Path, emulator: Emulator) -> None:
     job = write_job(tmp_path, emulator.url)
-    assert run_cli("run", str(job), "--quiet").returncode == 0
+    assert run_here("run", str(job), "--quiet").returncode == 0
     emulator.reset()
-    again = run_cli("run", str(job), "--quiet")
+    again = run_here("run", str(job), "--quiet")
     assert again.returncode == 0, again.stderr
     assert emulator.stats()["requests"] == 0
     assert pl.read_parquet(tmp_path / "out" / "result.parquet").height == 6
@@ -97,7 +97,7 @@ def test_jsonl_and_parquet_inputs(tmp_path: Path, emulator: Emulator) -> None:
             input={"path": source, "id_column": "review_id"},
             output={"path": f"out/{source.replace('*', 'all')}.parquet"},
         )
-        result = run_cli("run", str(job), "--quiet")
+        result = run_here("run", str(job), "--quiet")
         assert result.returncode == 0, result.stderr
         df = pl.read_parquet(tmp_path / "out" / f"{source.replace('*', 'all')}.parquet")
         assert dict(zip(df["review_id"], df["response_text"])) == EXPECTED_LABELS
@@ -114,7 +114,7 @@ def test_retries_500_429_502_and_resets_until_every_row_is_ok(tmp_path: Path, em
     ]
     write_csv(tmp_path / "reviews.csv", ["review_id", "text"], rows)
     job = write_job(tmp_path, emulator.url)
-    result = run_cli("run", str(job), "--quiet")
+    result = run_here("run", str(job), "--quiet")
     assert result.returncode == 0, result.stderr
     df = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert set(df["status"]) == {"ok"}
@@ -130,7 +130,7 @@ def test_a_row_that_keeps_failing_is_kept_as_an_error(tmp_path: Path, emulator: 
     ]
     write_csv(tmp_path / "reviews.csv", ["review_id", "text"], rows)
     job = write_job(tmp_path, emulator.url, run={"concurrency": 4, "max_attempts": 2, "timeout_s": 30})
-    result = run_cli("run", str(job), "--quiet")
+    result = run_here("run", str(job), "--quiet")
     assert result.returncode == 0, result.stderr
     df = pl.read_parquet(tmp_path / "out" / "result.parquet").sort("review_id")
     assert df["status"].to_list() == ["error", "ok", "error"]

@@ -71,6 +71,7 @@ def test_concurrency_8_never_has_more_than_8_in_flight(tmp_path: Path, started) 
     assert_key_nowhere(tmp_path, result, again)
 
 
+@pytest.mark.slow
 def test_requests_per_minute_spreads_starts_evenly(tmp_path: Path, started) -> None:
     # The emulator refuses a request that arrives within 0.4 s of the one before (its window holds 1):
     # 120 a minute, 0.5 s apart, never trips it; a burst would.
@@ -115,6 +116,7 @@ def test_every_row_survives_random_faults_within_max_attempts(tmp_path: Path, st
     assert_key_nowhere(tmp_path, result)
 
 
+@pytest.mark.slow
 def test_back_off_brings_the_429_rate_down_under_a_server_limit(tmp_path: Path, started) -> None:
     # The server allows 60 requests per 3 s per key (1200 a minute), failed ones counted, and answers
     # 429 without hints; the job allows 30000 a minute. Without back-off nearly every request would be
@@ -141,6 +143,7 @@ def test_back_off_brings_the_429_rate_down_under_a_server_limit(tmp_path: Path, 
     assert_key_nowhere(tmp_path, result)
 
 
+@pytest.mark.slow
 def test_a_relay_that_is_down_stops_the_run_with_rows_pending_then_resumes(tmp_path: Path, started) -> None:
     port = free_port()  # nothing listens there yet: every connection is refused
     write_reviews(tmp_path, 30)
@@ -163,6 +166,7 @@ def test_a_relay_that_is_down_stops_the_run_with_rows_pending_then_resumes(tmp_p
     assert_key_nowhere(tmp_path, result, status, resumed)
 
 
+@pytest.mark.slow
 def test_the_run_waits_for_a_relay_that_comes_back(tmp_path: Path, started) -> None:
     # The relay is down when the run starts and back a few seconds later, within outage_timeout_s:
     # the breaker holds the rows and probes, so the run finishes with every row ok, none failed.

@@ -10,7 +10,7 @@ from typing import Any
 
 import polars as pl
 import pytest
-from conftest import REPO, Emulator, run_cli, write_csv, write_job
+from conftest import REPO, Emulator, run_cli, run_here, write_csv, write_job
 from PIL import Image
 
 from batchrun.emulator import answers, pictures
@@ -37,7 +37,7 @@ def rows_csv(folder: Path, rows: list[list[str]]) -> None:
 
 
 def run_ok(job: Path, *args: str) -> pl.DataFrame:
-    result = run_cli("run", str(job), "--quiet", *args)
+    result = run_here("run", str(job), "--quiet", *args)
     assert result.returncode == 0, result.stderr
     return pl.read_parquet(job.parent / "out" / "result.parquet")
 
@@ -209,12 +209,12 @@ def test_a_gemini_model_on_the_chat_path_returns_markdown_images(
 def test_validate_shows_image_requests_shortened_and_sends_nothing(tmp_path: Path, emulator: Emulator) -> None:
     shutil.copytree(SAMPLES, tmp_path / "data" / "pics")
     rows_csv(tmp_path, [["V1", "pics/rose.png"], ["V2", "https://example.com/a.png"], ["V3", "../../x.png"]])
-    chat = run_cli("validate", str(image_job(tmp_path, emulator.url, "openai-chat", "gpt-5.4")), "--show", "3")
+    chat = run_here("validate", str(image_job(tmp_path, emulator.url, "openai-chat", "gpt-5.4")), "--show", "3")
     assert chat.returncode == 0, chat.stderr
     assert '"url": "data:image/png;base64,iVBORw0KGgo' in chat.stdout and "characters)" in chat.stdout
     assert '"url": "https://example.com/a.png"' in chat.stdout
     assert "outside the job's folders" in chat.stdout
-    gemini = run_cli("validate", str(image_job(tmp_path, emulator.url, "gemini", "gemini-2.5-flash")), "--show", "3")
+    gemini = run_here("validate", str(image_job(tmp_path, emulator.url, "gemini", "gemini-2.5-flash")), "--show", "3")
     assert gemini.returncode == 0, gemini.stderr
     assert '"mimeType": "image/png"' in gemini.stdout
     assert "downloaded and sent inline when the row runs: https://example.com/a.png" in gemini.stdout
@@ -262,7 +262,7 @@ def test_likely_mistakes_are_warnings(case: str, tmp_path: Path, emulator: Emula
     overrides, expected = WARNINGS[case]
     rows_csv(tmp_path, [["W1", "x"]])
     settings = {"api": "gemini", "model": "gemini-2.5-flash-image", "prompt": {"user": "Say {{ image }}"}}
-    result = run_cli("validate", str(image_job(tmp_path, emulator.url, **{**settings, **overrides})))
+    result = run_here("validate", str(image_job(tmp_path, emulator.url, **{**settings, **overrides})))
     assert result.returncode == 0, result.stderr
     assert result.stderr.startswith("batchrun: warning: ") and expected in result.stderr
 

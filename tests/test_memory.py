@@ -17,6 +17,7 @@ from batchrun import bench, inputs
 from batchrun.inputs import ROW_INDEX, InputTable
 
 
+@pytest.mark.slow
 def test_peak_memory_of_500k_rows_is_within_1_5x_of_10k_rows(tmp_path: Path, emulator: Emulator) -> None:
     small = bench.resume_peak_rss_mb(tmp_path / "small", 10_000, 500, emulator.url)
     large = bench.resume_peak_rss_mb(tmp_path / "large", 500_000, 500, emulator.url)

@@ -1,9 +1,9 @@
 """Resume: real CLI processes, real signals, checked at the emulator.
 
 The kill test SIGKILLs the run's process group at random moments (BATCHRUN_KILL_MOMENTS
-of them, 3 by default; 20 for a local soak) and checks the rerun from the server's side:
-every row once in the output, and no row re-requested whose answer the emulator sent
-more than a second before the kill.
+of them, 3 by default; 20 for a local soak; BATCHRUN_TEST_SEED replays a failed draw) and
+checks the rerun from the server's side: every row once in the output, and no row
+re-requested whose answer the emulator sent more than a second before the kill.
 """
 
 from __future__ import annotations
@@ -119,9 +119,10 @@ def kill_and_resume(tmp_path: Path, emulator: Emulator, moment: float) -> int:
     return len(again)
 
 
-def test_kill_9_at_random_moments_then_rerun(tmp_path: Path, slow_emulator: Emulator) -> None:
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_rerun(tmp_path: Path, slow_emulator: Emulator, seed: int) -> None:
     moments = int(os.environ.get("BATCHRUN_KILL_MOMENTS", "3"))
-    rng = random.Random(os.environ.get("BATCHRUN_KILL_SEED"))
+    rng = random.Random(seed)
     worst = 0
     for n in range(moments):
         folder = tmp_path / f"kill-{n}"
@@ -131,6 +132,7 @@ def test_kill_9_at_random_moments_then_rerun(tmp_path: Path, slow_emulator: Emul
     print(f"worst re-request count over {moments} kills: {worst}")
 
 
+@pytest.mark.slow
 def test_ctrl_c_finishes_rows_in_flight_and_says_how_to_resume(tmp_path: Path, slow_emulator: Emulator) -> None:
     ids = many_reviews(tmp_path)
     job = write_job(tmp_path, slow_emulator.url)
@@ -156,6 +158,7 @@ def test_ctrl_c_finishes_rows_in_flight_and_says_how_to_resume(tmp_path: Path, s
     assert_every_row_once_in_order(tmp_path, ids)
 
 
+@pytest.mark.slow
 def test_ctrl_c_cancels_slow_requests_after_grace_or_at_second_ctrl_c(tmp_path: Path, emulator: Emulator) -> None:
     ids = many_reviews(tmp_path, 40)
     stalled = start_emulator("--latency-ms", "20000")

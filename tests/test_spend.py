@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from conftest import REPO, Emulator, run_cli, write_csv, write_job
+from conftest import REPO, Emulator, run_cli, run_here, write_csv, write_job
 
 PRICING = {"input_per_million": 1000, "output_per_million": 2000, "currency": "USD"}
 
@@ -30,13 +30,13 @@ def _amounts(line: str) -> list[float]:
 
 def test_validate_estimates_the_demo_cost_within_30_percent(tmp_path: Path) -> None:
     job = _demo_copy(tmp_path)
-    validate = run_cli("validate", str(job), "--show", "0")
+    validate = run_here("validate", str(job), "--show", "0")
     assert validate.returncode == 0, validate.stderr
     cost_line = next(line for line in validate.stdout.splitlines() if line.strip().startswith("cost:"))
     low, high, likely = _amounts(cost_line)
     assert "estimate for 300 rows" in validate.stdout and "20 a row, the cap in params" in validate.stdout
 
-    result = run_cli("run", str(job), "--quiet")
+    result = run_here("run", str(job), "--quiet")
     assert result.returncode == 0, result.stderr
     actual = json.loads((tmp_path / "out" / "demo.summary.json").read_text())["cost"]
     assert abs(likely - actual) / actual <= 0.30, (likely, actual)
@@ -108,7 +108,7 @@ def test_identical_requests_are_sent_once_and_shared(tmp_path: Path, emulator: E
     rows = [[f"D{i:02d}", texts[i % 3]] for i in range(12)]
     write_csv(tmp_path / "reviews.csv", ["review_id", "text"], rows)
     job = write_job(tmp_path, emulator.url, pricing=PRICING, run={"concurrency": 8, "max_attempts": 2, "timeout_s": 30})
-    result = run_cli("run", str(job), "--quiet")
+    result = run_here("run", str(job), "--quiet")
     assert result.returncode == 0, result.stderr
     assert "9 rows repeated another row's request" in result.stdout
     assert emulator.stats()["requests"] == 3

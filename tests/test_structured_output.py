@@ -9,7 +9,7 @@ from typing import Any
 import jsonschema
 import polars as pl
 import pytest
-from conftest import EXPECTED_LABELS, Emulator, run_cli, write_csv, write_job
+from conftest import EXPECTED_LABELS, Emulator, run_cli, run_here, write_csv, write_job
 from test_structured import EVERY_TYPE
 
 LABEL_SCHEMA = {
@@ -25,7 +25,7 @@ def _json_job(folder: Path, url: str, schema: dict[str, Any] = LABEL_SCHEMA, cap
 
 
 def _run(job: Path, *args: str) -> pl.DataFrame:
-    result = run_cli("run", str(job), "--quiet", *args)
+    result = run_here("run", str(job), "--quiet", *args)
     assert result.returncode == 0, result.stderr
     return pl.read_parquet(job.parent / "out" / "result.parquet")
 
@@ -50,7 +50,7 @@ def test_native_schema_is_sent_unless_switched_off(tmp_path: Path, reviews: Path
     # The emulator answers JSON only when the request carries response_format json_schema.
     df = _run(_json_job(tmp_path, emulator.url))
     assert dict(zip(df["review_id"], df["label"])) == EXPECTED_LABELS
-    validate = run_cli("validate", str(tmp_path / "job.yaml"), "--show", "1")
+    validate = run_here("validate", str(tmp_path / "job.yaml"), "--show", "1")
     assert '"type": "json_schema"' in validate.stdout and '"name": "output"' in validate.stdout
 
     off = _run(_json_job(tmp_path, emulator.url, native_schema=False), "--restart")
@@ -85,7 +85,7 @@ def test_bad_fenced_and_prose_answers(tmp_path: Path, emulator: Emulator) -> Non
     ]
     write_csv(tmp_path / "reviews.csv", ["review_id", "text"], rows)
     job = _json_job(tmp_path, emulator.url)
-    result = run_cli("run", str(job), "--quiet")
+    result = run_here("run", str(job), "--quiet")
     assert result.returncode == 0, result.stderr
     assert "1 answers did not parse or match output.schema" in result.stdout
     df = pl.read_parquet(tmp_path / "out" / "result.parquet")
@@ -97,7 +97,7 @@ def test_bad_fenced_and_prose_answers(tmp_path: Path, emulator: Emulator) -> Non
     assert df["attempts"].to_list() == [1, 1, 1, 1]  # a bad answer is not a transport retry
     summary = json.loads((tmp_path / "out" / "result.summary.json").read_text())
     assert (summary["ok"], summary["error"], summary["schema_invalid"]) == (3, 1, 1)
-    status = run_cli("status", str(job))
+    status = run_here("status", str(job))
     assert "4 of 4 rows done: 3 ok, 1 failed; 0 pending" in status.stdout and "1 of the failed rows" in status.stdout
 
 

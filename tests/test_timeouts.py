@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
-from conftest import run_cli, start_emulator, stop_emulator, write_csv, write_job
+from conftest import run_here, start_emulator, stop_emulator, write_csv, write_job
 
 
 def _run(tmp_path: Path, emulator_args: list[str], text: str, stream: bool) -> pl.DataFrame:
@@ -14,7 +14,7 @@ def _run(tmp_path: Path, emulator_args: list[str], text: str, stream: bool) -> p
     emulator = start_emulator(*emulator_args)
     try:
         job = write_job(tmp_path, emulator.url, stream=stream, run={"max_attempts": 1, "timeout_s": 0.5})
-        result = run_cli("run", str(job), "--quiet")
+        result = run_here("run", str(job), "--quiet")
         assert result.returncode == 0, result.stderr
     finally:
         stop_emulator(emulator)
