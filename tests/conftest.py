@@ -159,13 +159,13 @@ def run_here(
 
 
 def run_job(folder: Path, rows: list[list[Any]], url: str, *args: str, **job: Any) -> tuple[dict[str, Any], Any]:
-    """A labelling job over `rows` (review_id, text, stars) run in this process: (summary, output frame).
+    """A labelling job over `rows` (review_id, text[, stars]) run in this process: (summary, output frame).
 
     `job` replaces top-level sections of `write_job`'s job; a failed run fails the test with its stderr.
     """
     import polars as pl
 
-    write_csv(folder / "reviews.csv", ["review_id", "text", "stars"], rows)
+    write_csv(folder / "reviews.csv", ["review_id", "text", "stars"][: len(rows[0])], rows)
     path = write_job(folder, url, **job)
     result = run_here("run", str(path), "--quiet", *args)
     assert result.returncode == 0, result.stderr

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import polars as pl
-from conftest import EXPECTED_LABELS, REVIEWS, Emulator, run_cli, run_here, write_csv, write_job
+from conftest import EXPECTED_LABELS, REVIEWS, Emulator, run_cli, run_here, run_job, write_job
 
 
 def test_run_writes_every_contract_column_in_input_order(tmp_path: Path, reviews: Path, emulator: Emulator) -> None:
@@ -112,11 +112,7 @@ def test_retries_500_429_502_and_resets_until_every_row_is_ok(tmp_path: Path, em
         ["F5", "Terrible. [[emulator: 429-retry-after x 1]]"],
         ["F6", "Plain review with no fault."],
     ]
-    write_csv(tmp_path / "reviews.csv", ["review_id", "text"], rows)
-    job = write_job(tmp_path, emulator.url)
-    result = run_here("run", str(job), "--quiet")
-    assert result.returncode == 0, result.stderr
-    df = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    _, df = run_job(tmp_path, rows, emulator.url)
     assert set(df["status"]) == {"ok"}
     assert dict(zip(df["review_id"], df["attempts"])) == {"F1": 3, "F2": 2, "F3": 2, "F4": 2, "F5": 2, "F6": 1}
     assert emulator.stats()["requests"] == 3 + 2 + 2 + 2 + 2 + 1
@@ -128,11 +124,8 @@ def test_a_row_that_keeps_failing_is_kept_as_an_error(tmp_path: Path, emulator: 
         ["E2", "I love it."],
         ["E3", "Bad words [[emulator: sensitive_words_detected]]"],
     ]
-    write_csv(tmp_path / "reviews.csv", ["review_id", "text"], rows)
-    job = write_job(tmp_path, emulator.url, run={"concurrency": 4, "max_attempts": 2, "timeout_s": 30})
-    result = run_here("run", str(job), "--quiet")
-    assert result.returncode == 0, result.stderr
-    df = pl.read_parquet(tmp_path / "out" / "result.parquet").sort("review_id")
+    _, df = run_job(tmp_path, rows, emulator.url, run={"concurrency": 4, "max_attempts": 2, "timeout_s": 30})
+    df = df.sort("review_id")
     assert df["status"].to_list() == ["error", "ok", "error"]
     assert df["error_class"].to_list() == ["server", None, "bad_request"]
     assert df["attempts"].to_list() == [2, 1, 1]

@@ -20,7 +20,17 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import REVIEWS, Emulator, cli_env, run_cli, start_emulator, stop_emulator, write_csv, write_job
+from conftest import (
+    REVIEWS,
+    Emulator,
+    cli_env,
+    run_cli,
+    run_here,
+    start_emulator,
+    stop_emulator,
+    write_csv,
+    write_job,
+)
 
 ROWS = 240
 LATENCY_MS = "40"
@@ -203,7 +213,7 @@ def test_changed_template_is_refused_and_restart_sends_every_row(
     tmp_path: Path, reviews: Path, emulator: Emulator
 ) -> None:
     job = write_job(tmp_path, emulator.url)
-    assert run_cli("run", str(job), "--quiet").returncode == 0
+    assert run_here("run", str(job), "--quiet").returncode == 0
     emulator.reset()
     write_job(tmp_path, emulator.url, prompt={"user": "Label this review: {{ text }}"})
     refused = run_cli("run", str(job), "--quiet")
@@ -213,7 +223,7 @@ def test_changed_template_is_refused_and_restart_sends_every_row(
     assert "prompt.user changed" in message and "prompt.system changed" in message
     assert "6 of 6 finished rows" in message and "--rerun-changed" in message and "--restart" in message
     assert emulator.stats()["requests"] == 0
-    status = run_cli("status", str(job))
+    status = run_here("status", str(job))
     assert "job file: changed (prompt.system changed; prompt.user changed): 6 of 6" in status.stdout
 
     restarted = run_cli("run", str(job), "--quiet", "--restart")
@@ -224,7 +234,7 @@ def test_changed_template_is_refused_and_restart_sends_every_row(
 
 def test_rerun_changed_sends_only_rows_whose_request_changed(tmp_path: Path, reviews: Path, emulator: Emulator) -> None:
     job = write_job(tmp_path, emulator.url, prompt={"user": "Review: {{ text }}"})
-    assert run_cli("run", str(job), "--quiet").returncode == 0
+    assert run_here("run", str(job), "--quiet").returncode == 0
     before = pl.read_parquet(tmp_path / "out" / "result.parquet")
     emulator.reset()
     write_job(tmp_path, emulator.url, prompt={"user": "Review: {{ text }}{% if stars > 3 %} (from a fan){% endif %}"})
@@ -241,7 +251,7 @@ def test_rerun_changed_sends_only_rows_whose_request_changed(tmp_path: Path, rev
     assert after["review_id"].to_list() == before["review_id"].to_list()
     assert set(after["status"]) == {"ok"}
     emulator.reset()
-    assert run_cli("run", str(job), "--quiet").returncode == 0  # the checkpoint now matches the job
+    assert run_here("run", str(job), "--quiet").returncode == 0  # the checkpoint now matches the job
     assert emulator.stats()["requests"] == 0
 
 
@@ -249,7 +259,7 @@ def test_changes_that_do_not_change_requests_apply_with_zero_requests(
     tmp_path: Path, reviews: Path, emulator: Emulator
 ) -> None:
     job = write_job(tmp_path, emulator.url)
-    assert run_cli("run", str(job), "--quiet").returncode == 0
+    assert run_here("run", str(job), "--quiet").returncode == 0
     emulator.reset()
     # Output path, limits, concurrency, attempts, job name, server: answers are re-derived, nothing is sent.
     write_job(
@@ -267,12 +277,12 @@ def test_changes_that_do_not_change_requests_apply_with_zero_requests(
     assert emulator.stats()["requests"] == 0
     moved = pl.read_parquet(tmp_path / "elsewhere" / "labels.parquet")
     assert moved.height == 6 and set(moved["status"]) == {"ok"} and moved["cost"].null_count() == 0
-    assert "job file: matches the checkpoint" in run_cli("status", str(job)).stdout
+    assert "job file: matches the checkpoint" in run_here("status", str(job)).stdout
 
 
 def test_changed_input_rows_are_counted_and_rerun(tmp_path: Path, reviews: Path, emulator: Emulator) -> None:
     job = write_job(tmp_path, emulator.url)
-    assert run_cli("run", str(job), "--quiet").returncode == 0
+    assert run_here("run", str(job), "--quiet").returncode == 0
     rows = [list(r) for r in REVIEWS]
     rows[2][1] = "It arrived on Wednesday in a box."
     write_csv(tmp_path / "reviews.csv", ["review_id", "text", "stars"], rows)
@@ -293,7 +303,7 @@ def test_retry_failed_sends_only_the_failed_rows(tmp_path: Path, emulator: Emula
     job = write_job(tmp_path, emulator.url, prompt={"user": broken}, run={"max_attempts": 1, "timeout_s": 30})
     first = run_cli("run", str(job), "--quiet")
     assert first.returncode == 0 and "9 rows: 6 ok, 3 error" in first.stdout
-    status = run_cli("status", str(job)).stdout
+    status = run_here("status", str(job)).stdout
     assert "9 of 9 rows done: 6 ok, 3 failed (server 3); 0 pending" in status
     assert re.search(r"tokens: \d+ in / \d+ out\nlast row finished: .* \(\d+ s ago\)\n", status), status
     assert "job file: matches the checkpoint" in status
@@ -311,7 +321,7 @@ def test_retry_failed_sends_only_the_failed_rows(tmp_path: Path, emulator: Emula
 
 def test_truncated_checkpoint_is_refused_with_one_line(tmp_path: Path, reviews: Path, emulator: Emulator) -> None:
     job = write_job(tmp_path, emulator.url)
-    assert run_cli("run", str(job), "--quiet").returncode == 0
+    assert run_here("run", str(job), "--quiet").returncode == 0
     db = tmp_path / "out" / "result.parquet.batchrun" / "checkpoint.sqlite"
     os.truncate(db, db.stat().st_size - 1000)  # cut mid-page, as a crash of the disk or a bad copy would
     emulator.reset()
