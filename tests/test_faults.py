@@ -95,6 +95,7 @@ def test_requests_per_minute_spreads_starts_evenly(tmp_path: Path, started) -> N
     assert_key_nowhere(tmp_path, result, burst)
 
 
+@pytest.mark.slow  # back-off and 1.5 s hangs: a soak of the retry loop
 def test_every_row_survives_random_faults_within_max_attempts(tmp_path: Path, started) -> None:
     emulator = started(
         *("--fault", "429=0.05", "--fault", "429-retry-after=0.05", "--fault", "500=0.05"),

@@ -216,7 +216,7 @@ def test_changed_template_is_refused_and_restart_sends_every_row(
     assert run_here("run", str(job), "--quiet").returncode == 0
     emulator.reset()
     write_job(tmp_path, emulator.url, prompt={"user": "Label this review: {{ text }}"})
-    refused = run_cli("run", str(job), "--quiet")
+    refused = run_here("run", str(job), "--quiet")
     assert refused.returncode == 2
     message = refused.stderr.strip()
     assert "\n" not in message and "Traceback" not in message
@@ -226,7 +226,7 @@ def test_changed_template_is_refused_and_restart_sends_every_row(
     status = run_here("status", str(job))
     assert "job file: changed (prompt.system changed; prompt.user changed): 6 of 6" in status.stdout
 
-    restarted = run_cli("run", str(job), "--quiet", "--restart")
+    restarted = run_here("run", str(job), "--quiet", "--restart")
     assert restarted.returncode == 0, restarted.stderr
     assert "discarded a checkpoint with 6 ok and 0 error rows" in restarted.stderr
     assert emulator.stats()["requests"] == 6
@@ -238,11 +238,11 @@ def test_rerun_changed_sends_only_rows_whose_request_changed(tmp_path: Path, rev
     before = pl.read_parquet(tmp_path / "out" / "result.parquet")
     emulator.reset()
     write_job(tmp_path, emulator.url, prompt={"user": "Review: {{ text }}{% if stars > 3 %} (from a fan){% endif %}"})
-    refused = run_cli("run", str(job), "--quiet")
+    refused = run_here("run", str(job), "--quiet")
     assert refused.returncode == 2 and "2 of 6 finished rows" in refused.stderr
     assert "keep the other 4 answers" in refused.stderr
 
-    rerun = run_cli("run", str(job), "--quiet", "--rerun-changed")
+    rerun = run_here("run", str(job), "--quiet", "--rerun-changed")
     assert rerun.returncode == 0, rerun.stderr
     assert "2 rows will be sent again, 4 answers kept" in rerun.stderr
     fans = {f"Review: {text} (from a fan)" for _, text, stars in REVIEWS if stars > 3}
@@ -271,7 +271,7 @@ def test_changes_that_do_not_change_requests_apply_with_zero_requests(
         pricing={"input_per_million": 1, "output_per_million": 2},
     )
     (tmp_path / "reviews.csv").touch()  # same content, new mtime
-    again = run_cli("run", str(job), "--quiet")
+    again = run_here("run", str(job), "--quiet")
     assert again.returncode == 0, again.stderr
     assert "moved the checkpoint" in again.stderr
     assert emulator.stats()["requests"] == 0
@@ -287,10 +287,10 @@ def test_changed_input_rows_are_counted_and_rerun(tmp_path: Path, reviews: Path,
     rows[2][1] = "It arrived on Wednesday in a box."
     write_csv(tmp_path / "reviews.csv", ["review_id", "text", "stars"], rows)
     emulator.reset()
-    refused = run_cli("run", str(job), "--quiet")
+    refused = run_here("run", str(job), "--quiet")
     assert refused.returncode == 2
     assert "the input's content changed (reviews.csv)" in refused.stderr and "1 of 6" in refused.stderr
-    assert run_cli("run", str(job), "--quiet", "--rerun-changed").returncode == 0
+    assert run_here("run", str(job), "--quiet", "--rerun-changed").returncode == 0
     assert list(emulator.stats()["by_prompt"].values()) == [1]
     assert_every_row_once_in_order(tmp_path, [r[0] for r in rows])
 
@@ -301,7 +301,7 @@ def test_retry_failed_sends_only_the_failed_rows(tmp_path: Path, emulator: Emula
     # The fault directive is only in the prompt of flaky rows, and only while the template adds it.
     broken = "Review: {{ text }}{% if flaky %} [[emulator: 500]]{% endif %}"
     job = write_job(tmp_path, emulator.url, prompt={"user": broken}, run={"max_attempts": 1, "timeout_s": 30})
-    first = run_cli("run", str(job), "--quiet")
+    first = run_here("run", str(job), "--quiet")
     assert first.returncode == 0 and "9 rows: 6 ok, 3 error" in first.stdout
     status = run_here("status", str(job)).stdout
     assert "9 of 9 rows done: 6 ok, 3 failed (server 3); 0 pending" in status
@@ -309,7 +309,7 @@ def test_retry_failed_sends_only_the_failed_rows(tmp_path: Path, emulator: Emula
     assert "job file: matches the checkpoint" in status
     emulator.reset()
     write_job(tmp_path, emulator.url, prompt={"user": "Review: {{ text }}"}, run={"max_attempts": 1, "timeout_s": 30})
-    again = run_cli("run", str(job), "--quiet", "--retry-failed")
+    again = run_here("run", str(job), "--quiet", "--retry-failed")
     assert again.returncode == 0, again.stderr
     assert sorted(emulator.stats()["by_prompt"]) == [f"Review: Review {i}, fine." for i in (0, 3, 6)]
     df = pl.read_parquet(tmp_path / "out" / "result.parquet")
@@ -326,18 +326,18 @@ def test_truncated_checkpoint_is_refused_with_one_line(tmp_path: Path, reviews: 
     os.truncate(db, db.stat().st_size - 1000)  # cut mid-page, as a crash of the disk or a bad copy would
     emulator.reset()
     for command in ("run", "status"):
-        refused = run_cli(command, str(job))
+        refused = run_here(command, str(job))
         assert refused.returncode == 2
         message = refused.stderr.strip()
         assert "\n" not in message and "Traceback" not in message
         assert "the checkpoint is damaged" in message and "--restart" in message
     assert emulator.stats()["requests"] == 0
-    restarted = run_cli("run", str(job), "--quiet", "--restart")
+    restarted = run_here("run", str(job), "--quiet", "--restart")
     assert restarted.returncode == 0, restarted.stderr
     assert "discarded a checkpoint it could not read" in restarted.stderr
     assert emulator.stats()["requests"] == 6
     os.truncate(db, 2 * 4096)  # cut at a page boundary: tables lose their pages
-    refused = run_cli("run", str(job))
+    refused = run_here("run", str(job))
     assert refused.returncode == 2 and "the checkpoint is damaged (database disk image is malformed)" in refused.stderr
 
 

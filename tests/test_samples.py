@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 import polars as pl
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_here
 from PIL import Image
 
 from batchrun.emulator.pictures import describe, main_colour
@@ -24,9 +24,9 @@ def project(tmp_path: Path) -> Path:
 
 def run_sample(project: Path, name: str, output: str | None = None) -> pl.DataFrame:
     job = project / "jobs" / f"{name}.yaml"
-    checked = run_cli("validate", str(job))
+    checked = run_here("validate", str(job))
     assert checked.returncode == 0 and not checked.stderr, checked.stderr
-    result = run_cli("run", str(job), "--quiet", cwd=project)
+    result = run_here("run", str(job), "--quiet", cwd=project)
     assert result.returncode == 0, result.stderr
     df = pl.read_parquet(project / "out" / f"{output or name}.parquet")
     assert set(df["status"]) == {"ok"}, df["error"].unique().to_list()
