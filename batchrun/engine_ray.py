@@ -104,7 +104,7 @@ class RayEngine:
                 try:
                     self._send_all(run, coordinator, name, progress, base_url)
                 except KeyboardInterrupt:
-                    self._stop_ray_on_ctrl_c(coordinator)
+                    self._stop_on_ctrl_c(coordinator)
                 finally:
                     final = ray.get(coordinator.close.remote())
         if final["problem"] is not None:
@@ -152,7 +152,7 @@ class RayEngine:
                 if ray.get(coordinator.stopped.remote()):
                     return  # the rest stays pending
 
-    def _stop_ray_on_ctrl_c(self, coordinator: Any) -> None:
+    def _stop_on_ctrl_c(self, coordinator: Any) -> None:
         """As a local run: send no new row; rows in flight get GRACE_S to finish, or a second Ctrl-C cancels them."""
         self._interrupts = 1
         ray.get(coordinator.refuse_new_rows.remote())
