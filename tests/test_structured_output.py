@@ -274,7 +274,7 @@ def test_structured_settings_are_checked_before_anything_is_sent(
     expected: str | None,
 ) -> None:
     job = write_job(tmp_path, emulator.url, params=params, output={"path": "out/result.parquet", **output})
-    result = run_cli("validate", str(job))
+    result = run_here("validate", str(job))
     if expected is None:
         assert result.returncode == 0, result.stderr
         return
