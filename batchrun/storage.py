@@ -103,7 +103,11 @@ def _pyarrow_s3_options(options: dict[str, str] | None) -> dict[str, Any]:
     unknown = sorted(set(given) - set(names) - {"aws_allow_http"})
     if unknown:
         raise JobError(f"storage_options: {unknown[0]!r} is not one batchrun can pass on; see docs/object-storage.md")
-    return {names[k]: v for k, v in given.items() if k in names}
+    translated = {names[k]: v for k, v in given.items() if k in names}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and "endpoint_override" not in translated:  # pyarrow does not read these itself
+        translated["endpoint_override"] = endpoint
+    return translated
 
 
 def check_output(url: str, options: dict[str, str] | None) -> None:
