@@ -13,6 +13,7 @@ import threading
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, Union
 
@@ -159,7 +160,11 @@ def _blocking(fn: Callable[..., Awaitable[T]] | Callable[..., T], *args: Any, pr
         future = pool.submit(work)
         while True:
             try:
-                return future.result()
+                # Short waits: SIGINT may land on another thread, and Python runs its handler
+                # (KeyboardInterrupt) only when this thread wakes.
+                return future.result(timeout=0.1)
+            except FutureTimeout:
+                continue
             except KeyboardInterrupt:
                 if presses is None:
                     raise

@@ -263,6 +263,10 @@ def _validated(
         spec = JobSpec.model_validate(data)
     except ValidationError as e:
         raise JobError(_describe(path, e, lines)) from None
+    for options in (spec.input.storage_options, spec.output.storage_options):
+        for name, value in (options or {}).items():
+            if any(word in name.lower() for word in ("secret", "token", "password", "account_key", "sas")):
+                register_secret(value)  # masked from every message, like the API key
     if spec.input.path is None and frame is None:
         raise JobError(f"{_at(path, lines, 'input')}: missing key 'input.path'")
     for key, problem in [

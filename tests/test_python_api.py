@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +14,7 @@ import pandas as pd
 import polars as pl
 import pyarrow as pa
 import pytest
-from conftest import EXPECTED_LABELS, REVIEWS, TEST_KEY, Emulator
+from conftest import EXPECTED_LABELS, REVIEWS, TEST_KEY, Emulator, start_emulator, stop_emulator
 
 import batchrun
 
@@ -129,3 +133,36 @@ def test_errors_are_typed_one_line_and_never_system_exit(notebook: Path, emulato
     assert set(batchrun.__all__) == {
         "run", "arun", "validate", "status", "JobError", "RunAborted", "BudgetReached", "RunInterrupted"
     }
+
+
+def test_ctrl_c_in_a_running_loop_stops_the_run_and_the_next_call_resumes(notebook: Path) -> None:
+    """Jupyter's interrupt raises KeyboardInterrupt in the cell's thread; the run in its worker thread stops cleanly."""
+    slow = start_emulator("--latency-ms", "300")
+    try:
+        ids = [f"S{i:03d}" for i in range(60)]
+        frame = pl.DataFrame({"review_id": ids, "text": [f"Review {i}: fine." for i in range(60)]})
+        job = job_dict(slow.url)
+
+        async def cell() -> None:
+            batchrun.run(job, input=frame, concurrency=2, quiet=True)
+
+        loop = asyncio.new_event_loop()  # like a kernel's loop: SIGINT stays Python's KeyboardInterrupt
+        def interrupt_once_sending() -> None:
+            while slow.stats()["requests"] < 4:
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        threading.Thread(target=interrupt_once_sending, daemon=True).start()
+        try:
+            with pytest.raises(batchrun.RunInterrupted, match=r"^interrupted: \d+ of 60 rows done") as stopped:
+                loop.run_until_complete(cell())
+        finally:
+            loop.close()
+        assert 0 < stopped.value.done < 60
+        first = slow.stats()["by_prompt"]
+        slow.reset()
+        df = batchrun.run(job, input=frame, quiet=True)
+        assert df["review_id"].to_list() == ids and set(df["status"]) == {"ok"}
+        assert not set(first) & set(slow.stats()["by_prompt"])  # no row answered before the stop is sent again
+    finally:
+        stop_emulator(slow)
