@@ -29,8 +29,8 @@ from batchrun.spec import Job, job_from_dict, load_job
 if TYPE_CHECKING:
     import pandas as pd
 
-JobLike = Union[str, os.PathLike[str], Mapping[str, Any]]
-FrameLike = Union[pl.DataFrame, "pd.DataFrame", pa.Table]
+JobLike = str | os.PathLike[str] | Mapping[str, Any]
+FrameLike = Union[pl.DataFrame, "pd.DataFrame", pa.Table]  # noqa: UP007 (pandas is optional: a forward reference)
 T = TypeVar("T")
 
 

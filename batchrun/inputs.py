@@ -36,7 +36,7 @@ ID_PARTITION_ROWS = 500_000  # ids checked for uniqueness this many at a time
 
 
 class InputTable:
-    """One input file (or a glob of Parquet files, an object-storage URL, or a frame given in Python) and its id column."""
+    """One input (a file, a glob of Parquet files, an object-storage URL or a frame from Python) and its id column."""
 
     def __init__(
         self,
@@ -95,8 +95,10 @@ class InputTable:
             return self.given.lazy()
         if self.remote:
             if suffix in (".csv", ".jsonl", ".ndjson") and storage.scheme(path) not in storage.STREAMED_SCHEMES:
-                raise JobError(f"{self._where}: CSV and JSONL on {storage.scheme(path)}:// are not supported yet; "
-                               "use Parquet there, or s3:// or https://")
+                raise JobError(
+                    f"{self._where}: CSV and JSONL on {storage.scheme(path)}:// are not supported yet; "
+                    "use Parquet there, or s3:// or https://"
+                )
         elif _is_glob(path):
             if suffix != ".parquet":
                 raise JobError(f"{self._where}: a glob must name .parquet files")

@@ -28,7 +28,8 @@ from conftest import REVIEWS, Emulator, cli_env, free_port, run_cli, start_emula
 from test_resume import in_flight_reported
 
 ADMIN_POLICY = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
-SETUP_CALLS = 4  # IAM calls moto lets through unsigned: create_user, create_policy, attach_user_policy, create_access_key
+# The IAM calls moto lets through unsigned: create_user, create_policy, attach_user_policy, create_access_key.
+SETUP_CALLS = 4
 
 
 @dataclass

@@ -131,7 +131,14 @@ def test_errors_are_typed_one_line_and_never_system_exit(notebook: Path, emulato
         auth(job_dict(emulator.url, prompt={"user": "{{ text }} [[emulator: 401]]"}), input=reviews_frame(), quiet=True)
     assert emulator.stats()["requests"] <= 4
     assert set(batchrun.__all__) == {
-        "run", "arun", "validate", "status", "JobError", "RunAborted", "BudgetReached", "RunInterrupted"
+        "run",
+        "arun",
+        "validate",
+        "status",
+        "JobError",
+        "RunAborted",
+        "BudgetReached",
+        "RunInterrupted",
     }
 
 
@@ -147,6 +154,7 @@ def test_ctrl_c_in_a_running_loop_stops_the_run_and_the_next_call_resumes(notebo
             batchrun.run(job, input=frame, concurrency=2, quiet=True)
 
         loop = asyncio.new_event_loop()  # like a kernel's loop: SIGINT stays Python's KeyboardInterrupt
+
         def interrupt_once_sending() -> None:
             while slow.stats()["requests"] < 4:
                 time.sleep(0.05)
