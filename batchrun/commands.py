@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from batchrun import output, protocols, spend, storage
+from batchrun import output, protocols, spend
 from batchrun.errors import JobError
 from batchrun.images import loader_for, preview_body
 from batchrun.inputs import ROW_INDEX, InputTable
@@ -36,9 +36,6 @@ async def run(
         return await run_job(job, options)
     if job.frame is not None:
         raise JobError("--engine ray with an input given in Python is not supported yet; write it to Parquet first")
-    remote = [p for p in (job.input_path, job.spec.output.path) if storage.is_url(p)]
-    if remote:
-        raise JobError(f"{remote[0]}: object storage with --engine ray is not supported yet; use local paths")
     ray_engine = _ray_engine()
     return await ray_engine.run_job_on_ray(job, options, ray_engine.RayOptions(ray_address, ray_actors))
 

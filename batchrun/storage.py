@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -155,7 +154,3 @@ def explain(e: BaseException) -> str | None:
 def first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0][:300] if lines else type(e).__name__
-
-
-def is_missing(e: BaseException) -> bool:
-    return isinstance(e, (FileNotFoundError, urllib.error.HTTPError)) or "not found" in str(e).lower()

@@ -238,3 +238,25 @@ def test_bad_credentials_and_missing_buckets_are_one_line_and_send_nothing(
         assert len(lines) == 1 and expected in lines[0], result.stderr
         assert "Traceback" not in result.stderr and s3.secret not in result.stderr
     assert emulator.stats()["requests"] == 0
+
+
+@pytest.mark.ray
+def test_engine_ray_reads_its_ranges_from_s3_and_uploads_the_output(
+    tmp_path: Path, s3: S3Server, emulator: Emulator
+) -> None:
+    pytest.importorskip("ray")
+    rows = [[f"Y{i:04d}", f"Review number {i}: it does what it says.", 1 + i % 5] for i in range(400)]
+    bucket = s3.bucket()
+    source = upload(s3, bucket, "in/reviews.parquet", reviews_frame(rows))
+    job = write_job(
+        tmp_path,
+        emulator.url,
+        input={"path": source, "id_column": "review_id"},
+        output={"path": f"s3://{bucket}/out/labels.parquet"},
+    )
+    result = run_cli("run", str(job), "--quiet", "--engine", "ray", env=s3.env(tmp_path / "state"), timeout=300)
+    assert result.returncode == 0, result.stderr
+    df = s3.read_parquet(bucket, "out/labels.parquet")
+    assert df["review_id"].to_list() == [r[0] for r in rows]
+    assert set(df["status"]) == {"ok"}
+    assert sorted(emulator.stats()["by_prompt"].values()) == [1] * len(rows)  # every row asked once
