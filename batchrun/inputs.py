@@ -29,8 +29,8 @@ ROW_INDEX = "row_index"  # 0-based position in the input; the id when no id_colu
 BATCH_ROWS = 2048
 BLOCK_BYTES = 4 << 20  # CSV / JSONL read size
 PARQUET_READ_ROWS = 16_384
-# polars fetches whole row groups' column chunks for a slice, so an object is read in bigger
-# slices: fewer fetches of the same row group (polars writes 262,144-row groups by default).
+# polars fetches a whole row group's column chunks for any slice of it, so an object is read in
+# bigger slices, to fetch each row group fewer times (docs/object-storage.md has the measurements).
 REMOTE_PARQUET_READ_ROWS = 65_536
 ID_PARTITION_ROWS = 500_000  # ids checked for uniqueness this many at a time
 
@@ -66,8 +66,9 @@ class InputTable:
                 "which batchrun uses as the default id; set input.id_column"
             )
         if id_column is not None and id_column not in self.schema:
+            source = "the frame" if frame is not None else path
             raise JobError(
-                f"{job_file}: input.id_column: column '{id_column}' is not in {path}; "
+                f"{job_file}: input.id_column: column '{id_column}' is not in {source}; "
                 f"its columns are: {', '.join(self.columns)}"
             )
 
