@@ -11,9 +11,10 @@ import asyncio
 import os
 import threading
 import warnings
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, Union
 
@@ -56,7 +57,7 @@ def run(
     options = _options(limit, concurrency, restart, retry_failed, rerun_changed, max_cost, quiet)
     if _loop_running() or threading.current_thread() is not threading.main_thread():
         options.presses = CtrlC()  # no SIGINT handler of ours: it is not our loop or thread
-        _blocking(commands.run, loaded, options, presses=options.presses)
+        _in_worker_thread(partial(eventloop.run, commands.run, loaded, options), options.presses)
     else:
         eventloop.run(commands.run, loaded, options)
     return _read_output(loaded)
@@ -86,7 +87,7 @@ def validate(job: JobLike, input: FrameLike | None = None, *, show: int = 2) -> 
     """Checks the job and its input; returns the first `show` rendered requests and the cost estimate. Sends nothing."""
     loaded = _load(job, input)
     if _loop_running():  # rendering loads images on an event loop of its own
-        return _blocking(commands.plan, loaded, show)
+        return _in_worker_thread(partial(commands.plan, loaded, show))
     return commands.plan(loaded, show)
 
 
@@ -150,12 +151,11 @@ def _loop_running() -> bool:
     return True
 
 
-def _blocking(fn: Callable[..., Awaitable[T]] | Callable[..., T], *args: Any, presses: CtrlC | None = None) -> T:
-    """`fn` in a worker thread (on an event loop of its own when it is async), waited for here.
+def _in_worker_thread(work: Callable[[], T], presses: CtrlC | None = None) -> T:
+    """`work` in a worker thread, waited for here.
 
     Ctrl-C while waiting is handed to the run (`presses`), which stops as the CLI does and raises RunInterrupted.
     """
-    work = (lambda: eventloop.run(fn, *args)) if asyncio.iscoroutinefunction(fn) else (lambda: fn(*args))
     with ThreadPoolExecutor(1, thread_name_prefix="batchrun") as pool:
         future = pool.submit(work)
         while True:
