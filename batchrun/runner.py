@@ -23,7 +23,7 @@ import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from batchrun import fingerprint, images, output, protocols, spend, storage
-from batchrun.checkpoint import Checkpoint, RowRecord
+from batchrun.checkpoint import DB_NAME, Checkpoint, RowRecord, checkpoint_folder
 from batchrun.errors import BudgetReached, RunAborted, RunInterrupted
 from batchrun.inputs import ROW_INDEX, InputTable
 from batchrun.limits import Limits, estimate_tokens, output_cap, prompt_tokens_estimate
@@ -141,7 +141,8 @@ class Run:
         started = time.monotonic()
         self.table.check_ids()
         if self.job.output_url is not None:
-            storage.check_output(self.job.output_url, self.job.spec.output.storage_options)
+            fresh = not (checkpoint_folder(self.job.output_path) / DB_NAME).exists()
+            storage.check_output(self.job.output_url, self.job.spec.output.storage_options, fresh)
         options = self.options
         flags = ResumeFlags(options.restart, options.rerun_changed, options.retry_failed)
         checkpoint, notes = open_for_run(self.job, self.table, self.renderer, flags, options.durable_checkpoint)

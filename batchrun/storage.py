@@ -109,15 +109,22 @@ def _pyarrow_s3_options(options: dict[str, str] | None) -> dict[str, Any]:
     return translated
 
 
-def check_output(url: str, options: dict[str, str] | None) -> None:
-    """Before anything is sent: the output's bucket exists and the credentials are good (nothing is written)."""
+def check_output(url: str, options: dict[str, str] | None, fresh: bool) -> None:
+    """Before anything is sent: the output's bucket exists, the credentials are good, and (for a job
+    without a checkpoint, `fresh`) no object is at the key, as batchrun never writes over one it did not write.
+    Nothing is written."""
     try:
         pl.scan_parquet(url, storage_options=storage_options(options)).collect_schema()
     except Exception as e:  # polars raises many kinds for cloud errors
-        problem = explain(e)
-        if problem is not None:
+        if (problem := explain(e)) is not None:
             raise JobError(f"output.path {url}: {problem}") from None
-        # Anything else (commonly: no object at the key yet) means the bucket answered.
+        if isinstance(e, FileNotFoundError):
+            return  # nothing at the key yet
+    if fresh:
+        raise JobError(
+            f"output.path {url}: an object is already there and no checkpoint of this job wrote it; "
+            "batchrun does not write over it: remove it or choose another output.path"
+        )
 
 
 def upload(local: Path, url: str, options: dict[str, str] | None) -> None:

@@ -237,6 +237,12 @@ def test_bad_credentials_and_missing_buckets_are_one_line_and_send_nothing(
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], result.stderr
         assert "Traceback" not in result.stderr and s3.secret not in result.stderr
+    # An object batchrun did not write is never written over.
+    s3.client().put_object(Bucket=bucket, Key="theirs.parquet", Body=b"someone else's data")
+    job = write_job(tmp_path, emulator.url, output={"path": f"s3://{bucket}/theirs.parquet"})
+    result = run_cli("run", str(job), "--quiet", env=s3.env(state))
+    assert result.returncode == 2 and "an object is already there" in result.stderr, result.stderr
+    assert s3.client().get_object(Bucket=bucket, Key="theirs.parquet")["Body"].read() == b"someone else's data"
     assert emulator.stats()["requests"] == 0
 
 
