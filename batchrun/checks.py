@@ -1,40 +1,55 @@
-"""The checks across keys and features, run on a job once its file's shape is valid (spec.read_job).
+"""The checks across keys and features, run on a job once its shape is valid (spec.read_job).
 
-They need what other modules know (schemas, protocols, images), so they live
-above them rather than in spec.py, which everything imports. Each problem is one
-line naming the file, the line and the key; warnings are kept on the job for the
-commands to print.
+They need what other modules know (schemas, protocols, images, storage), so they
+live above them rather than in spec.py, which everything imports. Each problem is
+one line naming the file, the line and the key; warnings are kept on the job for
+the commands to print.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
+from typing import Any
 
+import polars as pl
+
+from batchrun import storage
 from batchrun.errors import JobError
 from batchrun.images import PILLOW_MISSING, pillow_available
 from batchrun.protocols.gemini import generation_config
 from batchrun.settings import RequestSettings
-from batchrun.spec import Job, JobSpec, read_job
+from batchrun.spec import Job, JobSpec, read_job, read_job_dict
 from batchrun.structured import output_problems
 
 
 def load_job(path: str | os.PathLike[str]) -> Job:
-    """The job file read, validated and checked: what every command runs."""
-    job = read_job(path)
-    spec, lines = job.spec, job.lines
+    """The job file at `path`, validated and checked: what every command runs."""
+    return checked(read_job(path))
+
+
+def job_from_dict(data: dict[str, Any], folder: Path, frame: pl.DataFrame | None = None) -> Job:
+    """A job given in Python as a dict of the job file's keys (spec.read_job_dict), checked."""
+    return checked(read_job_dict(data, folder, frame))
+
+
+def checked(job: Job) -> Job:
+    """The job, if nothing across its keys is wrong (else the first problem as a JobError); warnings kept on it."""
+    spec = job.spec
     for key, problem in [
         *_unsupported(spec),
+        *_storage_problems(spec),
         *output_problems(spec),
         *_spend_problems(spec),
         *_protocol_problems(spec),
     ]:
-        raise JobError(f"{path}:{lines.get(key, 1)}: {key}: {problem}")
+        raise JobError(f"{job.where(key)}: {key}: {problem}")
     owned = OWNED_PARAMS.get(spec.provider.api, set()) & set(spec.params)
     if owned:
         key = "params." + sorted(owned)[0]
-        raise JobError(f"{path}:{lines.get(key, 1)}: {key}: batchrun sets this itself; remove it from params")
-    job.warnings = [f"{path}:{lines.get(key, 1)}: {key}: {problem}" for key, problem in _warnings(spec)]
+        raise JobError(f"{job.where(key)}: {key}: batchrun sets this itself; remove it from params")
+    job.warnings = [f"{job.where(key)}: {key}: {problem}" for key, problem in _warnings(spec)]
     return job
 
 
@@ -44,6 +59,16 @@ def _unsupported(spec: JobSpec) -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
     if spec.output.sharded:
         found.append(("output.sharded", "sharded output is not supported yet"))
+    return found
+
+
+def _storage_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    for key, path in (("input.path", spec.input.path), ("output.path", spec.output.path)):
+        if path is not None and (problem := storage.url_problem(path, output=key == "output.path")):
+            found.append((key, problem))
+    if spec.output.images_dir is not None and storage.is_url(spec.output.images_dir):
+        found.append(("output.images_dir", "object storage for images is not supported yet; use a local folder"))
     return found
 
 

@@ -17,16 +17,17 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
-from batchrun import output, spend
-from batchrun.checkpoint import Checkpoint
+from batchrun import output, spend, storage
+from batchrun.checkpoint import DB_NAME, Checkpoint, checkpoint_folder
 from batchrun.errors import BudgetReached, RunAborted, RunInterrupted
 from batchrun.inputs import ROW_INDEX, InputTable
 from batchrun.limits import Limits
@@ -54,6 +55,24 @@ class RunOptions:
     quiet: bool = False
     max_cost: float | None = None  # overrides run.max_cost
     durable_checkpoint: bool = True  # False only in `batchrun bench`, to measure the checkpoint's cost
+    presses: CtrlC | None = None  # Ctrl-C handed over by another thread; None: this thread's SIGINT
+
+
+class CtrlC:
+    """Ctrl-C presses handed to a run from another thread (a run in a worker thread gets no signal,
+    and a run inside someone else's event loop must not take its SIGINT handler)."""
+
+    def __init__(self) -> None:
+        self.pressed = 0
+        self._seen = 0
+
+    def press(self) -> None:
+        self.pressed += 1
+
+    async def wait(self) -> None:
+        while self._seen >= self.pressed:
+            await anyio.sleep(0.05)
+        self._seen += 1
 
 
 @dataclass
@@ -75,7 +94,7 @@ class Run:
     def __init__(self, job: Job, options: RunOptions, engine: Engine | None = None) -> None:
         self.job = job
         self.options = options
-        self.engine: Engine = engine or LocalEngine()
+        self.engine: Engine = engine or LocalEngine(options.presses)
         spec = job.spec
         self.concurrency = options.concurrency or spec.run.concurrency
         self.table = InputTable.for_job(job)
@@ -93,6 +112,9 @@ class Run:
     async def execute(self) -> dict[str, Any]:
         started = time.monotonic()
         self.table.check_ids()
+        if self.job.output_url is not None:
+            fresh = not (checkpoint_folder(self.job.output_path) / DB_NAME).exists()
+            storage.check_output(self.job.output_url, self.job.spec.output.storage_options, fresh)
         options = self.options
         flags = ResumeFlags(options.restart, options.rerun_changed, options.retry_failed)
         checkpoint, notes = open_for_run(self.job, self.table, self.renderer, flags, options.durable_checkpoint)
@@ -151,7 +173,7 @@ class Run:
         pricing = self.job.spec.pricing
         summary: dict[str, Any] = {
             "job": self.job.spec.name,
-            "output": str(self.job.output_path),
+            "output": self.job.output_url or str(self.job.output_path),
             "rows": total,
             "ok": written["ok"],
             "error": written["error"],
@@ -175,7 +197,8 @@ class Run:
 class LocalEngine:
     """Sends the rows from this process: a producer, `concurrency` workers, and Ctrl-C handling."""
 
-    def __init__(self) -> None:
+    def __init__(self, presses: CtrlC | None = None) -> None:
+        self._presses = presses  # None: this thread's SIGINT
         self._interrupts = 0
         self._producing = anyio.CancelScope()
 
@@ -223,18 +246,27 @@ class LocalEngine:
 
         Either way the run then commits what finished (the checkpoint is consistent at every commit).
         """
-        with anyio.open_signal_receiver(signal.SIGINT) as signals:
-            await anext(signals)
+        async with self._ctrl_c() as pressed:
+            await pressed()
             self._interrupts = 1
             self._producing.cancel()
             checkpoint.refuse_new_rows()
             work.deadline = anyio.current_time() + GRACE_S
             while checkpoint.awaiting_answer:
                 with anyio.move_on_after(0.05):
-                    await anext(signals)
+                    await pressed()
                     self._interrupts = 2
                     break
             work.cancel()
+
+    @asynccontextmanager
+    async def _ctrl_c(self) -> AsyncIterator[Callable[[], Awaitable[object]]]:
+        """A function that returns at the next Ctrl-C."""
+        if self._presses is not None:
+            yield self._presses.wait
+            return
+        with anyio.open_signal_receiver(signal.SIGINT) as signals:
+            yield partial(anext, signals)
 
     async def _produce(
         self,

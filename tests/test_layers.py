@@ -12,7 +12,7 @@ ARCHITECTURE = REPO / "ARCHITECTURE.md"
 
 # ARCHITECTURE.md's layers, top (imported by all) to bottom (imports all).
 LAYERS: list[list[str]] = [
-    ["errors", "redaction", "stops", "eventloop", "emulator"],
+    ["errors", "redaction", "stops", "eventloop", "storage", "emulator"],
     ["spec"],
     ["structured", "render", "inputs", "checkpoint"],
     ["settings"],
@@ -22,7 +22,7 @@ LAYERS: list[list[str]] = [
     ["resume", "repair", "rows"],
     ["runner", "ray_coordinator"],
     ["engine_ray"],
-    ["bench", "cli", "__main__", "__init__"],
+    ["commands", "api", "bench", "cli", "__main__", "__init__"],
 ]
 LAYER = {name: n for n, names in enumerate(LAYERS) for name in names}
 
