@@ -163,6 +163,7 @@ def test_input_and_output_on_s3(tmp_path: Path, s3: S3Server, emulator: Emulator
     assert emulator.stats()["requests"] == 0
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_rerun(tmp_path: Path, s3: S3Server) -> None:
     """Every row once; nothing answered more than a second before the kill is asked again; no partial object."""
     rows = [[f"K{i:04d}", f"Review number {i}: it does what it says.", 1 + i % 5] for i in range(240)]
