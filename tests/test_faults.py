@@ -16,6 +16,7 @@ from conftest import (
     cli_env,
     free_port,
     run_cli,
+    run_here,
     start_emulator,
     stop_emulator,
     timeline,
@@ -58,14 +59,14 @@ def test_concurrency_8_never_has_more_than_8_in_flight(tmp_path: Path, started) 
     emulator = started("--latency-ms", "40", "--jitter-ms", "40", "--max-concurrency", "8")
     write_reviews(tmp_path, 120)
     job = write_job(tmp_path, emulator.url, run={"concurrency": 8, "max_attempts": 5, "timeout_s": 30})
-    result = run_cli("run", str(job), "--quiet")
+    result = run_here("run", str(job), "--quiet")
     assert result.returncode == 0, result.stderr
     stats = emulator.stats()
     assert stats["peak_in_flight"] == 8
     assert stats["requests"] == 120 and stats["by_status"] == {"200": 120}
 
     emulator.reset()
-    again = run_cli("run", str(job), "--quiet", "--restart", "--concurrency", "3", "--limit", "30")
+    again = run_here("run", str(job), "--quiet", "--restart", "--concurrency", "3", "--limit", "30")
     assert again.returncode == 0, again.stderr
     assert emulator.stats()["peak_in_flight"] == 3
     assert_key_nowhere(tmp_path, result, again)
