@@ -22,13 +22,13 @@ import re
 import urllib.parse
 from dataclasses import replace
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import anyio
 import httpx
 import orjson
 
+from batchrun.protocols import WireProtocol
 from batchrun.protocols.reply import ImageOut
 from batchrun.render import ImageInput, Request
 from batchrun.settings import RequestSettings
@@ -248,7 +248,7 @@ def shorten_payloads(value: Any, keep: int = 48) -> Any:
     return value
 
 
-def preview_body(protocol: ModuleType, loader: ImageLoader, request: Request, settings: RequestSettings) -> str:
+def preview_body(protocol: WireProtocol, loader: ImageLoader, request: Request, settings: RequestSettings) -> str:
     """What `validate` shows for one row: local images read, payloads shortened, nothing downloaded."""
     downloads = loader.downloads(request.images)
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import jinja2
@@ -23,7 +23,7 @@ from batchrun import fingerprint, images, spend
 from batchrun.checkpoint import RowRecord
 from batchrun.inputs import ROW_INDEX
 from batchrun.limits import estimate_tokens, output_cap, prompt_tokens_estimate
-from batchrun.protocols import CallError, protocol_for
+from batchrun.protocols import CallError, Repairing, protocol_for
 from batchrun.render import Renderer, Request
 from batchrun.repair import ask_with_repairs, explain_native_rejection
 from batchrun.seams import Admission, Ledger, ProgressSink, Sharing, StopWatch
@@ -224,7 +224,8 @@ class RowPipeline:
             return outcome
 
         async def follow_up(answer: str, message: str) -> Outcome | None:
-            body = self.protocol.repair_body(request_body, answer, message)
+            protocol = cast(Repairing, self.protocol)  # repair_attempts is refused for the others (checks.py)
+            body = protocol.repair_body(request_body, answer, message)
             return await send(body, prompt_tokens_estimate(len(answer) + len(message)), first=False)
 
         outcome = await send(request_body, 0, first=True)

@@ -15,10 +15,31 @@ package (for CallError, Reply, ...) loads no protocol and nothing above it.
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from batchrun.protocols.relay_errors import CallError
 from batchrun.protocols.reply import Decoder, Reply, StreamAnswer
+
+if TYPE_CHECKING:
+    from batchrun.render import Request
+    from batchrun.settings import RequestSettings
+
+
+class WireProtocol(Protocol):
+    """What every protocol module provides (see above); `repair_body` only where repair is supported."""
+
+    INLINE_IMAGE_URLS: bool
+
+    def path(self, model: str, stream: bool) -> str: ...
+    def build(self, request: Request, settings: RequestSettings) -> dict[str, Any]: ...
+    def decoder(self, settings: RequestSettings) -> Decoder: ...
+
+
+class Repairing(WireProtocol, Protocol):
+    """A protocol that can continue a request with a follow-up (checks.py allows repair only for these)."""
+
+    def repair_body(self, body: dict[str, Any], answer: str, message: str) -> dict[str, Any]: ...
+
 
 _MODULES = {
     "openai-chat": "batchrun.protocols.openai_chat",
@@ -28,9 +49,16 @@ _MODULES = {
 APIS = tuple(_MODULES)
 
 
-def protocol_for(api: str) -> ModuleType:
+def protocol_for(api: str) -> WireProtocol:
     """The protocol module of `provider.api` (validated by spec.py, so always known)."""
-    return importlib.import_module(_MODULES[api])
+    return cast(WireProtocol, importlib.import_module(_MODULES[api]))
 
 
-__all__ = ["APIS", "CallError", "Decoder", "Reply", "StreamAnswer", "protocol_for"]
+if TYPE_CHECKING:  # mypy checks that each module has what WireProtocol says
+    from batchrun.protocols import gemini, openai_chat, openai_completions
+
+    _MODULES_FIT: tuple[WireProtocol, ...] = (gemini, openai_chat, openai_completions)
+    _REPAIRING_FIT: Repairing = openai_chat
+
+
+__all__ = ["APIS", "CallError", "Decoder", "Repairing", "Reply", "StreamAnswer", "WireProtocol", "protocol_for"]
