@@ -252,6 +252,21 @@ class Checkpoint:
         rows = self._query("SELECT error_class, COUNT(*) FROM rows WHERE status = 'error' GROUP BY 1 ORDER BY 2 DESC")
         return {str(cls): int(n) for cls, n in rows}
 
+    def report_bounds(self) -> tuple[Any, ...]:
+        """Last row index, first start, last finish (limiter seconds included), most tokens in and out."""
+        last, first, end, most_in, most_out = self._query(
+            "SELECT MAX(idx), MIN(COALESCE(started_at, finished_at)), MAX(finished_at),"
+            " MAX(prompt_tokens), MAX(completion_tokens) FROM rows"
+        )[0]
+        lo, hi = self._query("SELECT MIN(second), MAX(second) + 1 FROM limiter")[0]
+        if first is not None:
+            first, end = min(first, lo or first), max(end, hi or end)
+        return last, first, end, most_in, most_out
+
+    def limiter_seconds(self) -> list[tuple[int, int, float]]:
+        """(second, lowest in-flight limit, seconds paused) of each second recorded, in order."""
+        return self._query("SELECT second, limit_min, paused_s FROM limiter ORDER BY second")
+
     def hashes_in_range(self, lo: int, hi: int, ok_only: bool = False) -> dict[int, int | None]:
         """Request hash of each finished row in [lo, hi)."""
         sql = "SELECT idx, request_hash FROM rows WHERE idx >= ? AND idx < ?" + (
