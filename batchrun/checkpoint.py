@@ -253,15 +253,11 @@ class Checkpoint:
         return {str(cls): int(n) for cls, n in rows}
 
     def report_bounds(self) -> tuple[Any, ...]:
-        """Last row index, first start, last finish (limiter seconds included), most tokens in and out."""
-        last, first, end, most_in, most_out = self._query(
+        """Last row index, first start, last finish, most tokens in and out."""
+        return self._query(
             "SELECT MAX(idx), MIN(COALESCE(started_at, finished_at)), MAX(finished_at),"
             " MAX(prompt_tokens), MAX(completion_tokens) FROM rows"
         )[0]
-        lo, hi = self._query("SELECT MIN(second), MAX(second) + 1 FROM limiter")[0]
-        if first is not None:
-            first, end = min(first, lo or first), max(end, hi or end)
-        return last, first, end, most_in, most_out
 
     def limiter_seconds(self) -> list[tuple[int, int, float]]:
         """(second, lowest in-flight limit, seconds paused) of each second recorded, in order."""

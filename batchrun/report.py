@@ -236,8 +236,10 @@ class Tally:
         report.errors.update(errors.value_counts().iter_rows())
         self._time_bins(frame, bins)
         for r in rows:
-            started = r[COL["started_at"]]
-            for offset, outcome, status in parse_attempt_log(r[COL["attempt_log"]]):
+            started, log = r[COL["started_at"]], r[COL["attempt_log"]]
+            if log is None or (" " not in log and log.endswith(":ok")):
+                continue  # the common case: one attempt, answered
+            for offset, outcome, status in parse_attempt_log(log):
                 if outcome == "ok":
                     continue
                 i = bins.index(started + offset)
@@ -388,4 +390,5 @@ def _load_input_images(report: Report, renderer: Renderer) -> None:
         await loader.aclose()
 
     anyio.run(load_all)
+    report.captions = [s for s in report.captions if s.input_images]  # rows that sent no image
 

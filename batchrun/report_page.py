@@ -194,7 +194,7 @@ def _over_time(report: Report) -> str:
     rows_top = max(max(a + b for a, b in zip(bins.ok, bins.error)), 1)
     fail_top = max(max(a + b for a, b in zip(bins.rate_limited, bins.other_errors)), 1)
     known = [v for v in bins.limit if v is not None]
-    limit_top = max(known + [report.job.spec.run.concurrency, 1])
+    limit_top = max(known + [report.job.spec.run.concurrency, 1]) * 1.25  # the line stays clear of the top
     body = [
         _frame(8, h, rows_top, "rows finished"),
         _bars(bins.ok, rows_top, 8, h, OK_COLOUR),

@@ -46,7 +46,7 @@ CHARTS = {"timeline", "latency", "tokens_in", "tokens_out"}
 def browse(page: Path, profile: Path, screenshot: Path | None = None) -> str:
     """The DOM chromium builds from the page (and a screenshot of it, when asked)."""
     assert CHROMIUM is not None
-    base = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1000,1900"]
+    base = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--window-size=1000,3000"]
     url = page.resolve().as_uri()
     if screenshot is not None:
         subprocess.run([*base, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True)
@@ -203,7 +203,7 @@ def _save_small(png: Path, target: Path) -> None:
     target.parent.mkdir(exist_ok=True)
     with Image.open(png) as image:
         image = image.convert("RGB")
-        image.thumbnail((720, 1400))
+        image.thumbnail((640, 2000))
         image.quantize(colors=64).save(target, optimize=True)
 
 
