@@ -233,7 +233,8 @@ class Tally:
         if report.cost is not None:
             report.cost += totals["cost"] or 0.0
         errors = frame.filter(pl.col("status") == "error")["error_class"].fill_null("unknown")
-        report.errors.update(errors.value_counts().iter_rows())
+        for error_class, n in errors.value_counts().iter_rows():
+            report.errors[error_class] += n
         self._time_bins(frame, bins)
         for r in rows:
             started, log = r[COL["started_at"]], r[COL["attempt_log"]]
@@ -391,4 +392,3 @@ def _load_input_images(report: Report, renderer: Renderer) -> None:
 
     anyio.run(load_all)
     report.captions = [s for s in report.captions if s.input_images]  # rows that sent no image
-

@@ -15,14 +15,14 @@ import base64
 import html
 import io
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from batchrun import images, spend
-from batchrun.report import LATENCY_STEP, TIME_BINS, Histogram, Report, Sample, TimeBins, percentile
 from batchrun.redaction import redact
+from batchrun.report import LATENCY_STEP, TIME_BINS, Histogram, Report, TimeBins, percentile
 
 THUMB_SIDE = 192
 THUMB_BYTES = 64_000  # without Pillow, images up to this size are embedded as they are
@@ -146,7 +146,9 @@ def _svg(name: str, height: int, body: Iterable[str]) -> str:
     )
 
 
-def _bars(values: list[float], top: float, y0: float, h: float, colour: str, base: list[float] | None = None) -> str:
+def _bars(
+    values: Sequence[float], top: float, y0: float, h: float, colour: str, base: Sequence[float] | None = None
+) -> str:
     """Bars along the plot width, `base` stacked below (same units); only non-zero bars are drawn."""
     width = (W - PAD_L - PAD_R) / max(len(values), 1)
     out = []
@@ -283,7 +285,9 @@ def _latency(report: Report) -> str:
         + "</tr>"
         for name, c in (("ok", ok), ("error", error))
     )
-    table = f"<table style='width:auto'><tr><th></th><th>rows</th><th>p50</th><th>p90</th><th>p99</th></tr>{rows}</table>"
+    table = (
+        f"<table style='width:auto'><tr><th></th><th>rows</th><th>p50</th><th>p90</th><th>p99</th></tr>{rows}</table>"
+    )
     note = "<p class=note>per row, first attempt to answer (retries and their waits included); log scale</p>"
     legend = _legend(("ok", OK_COLOUR), ("error", ERROR_COLOUR))
     return f"<h2>Latency</h2>{legend}{_svg('latency', h + 32, body)}{table}{note}"
@@ -314,7 +318,10 @@ def _tokens(report: Report) -> str:
         for spent in bins.cost:
             total += spent
             running.append(total)
-        body = [_frame(8, h, total, f"cost so far ({pricing.currency})"), _bars(bins.cost, max(bins.cost), 8, h, "#cbd5e1")]
+        body = [
+            _frame(8, h, total, f"cost so far ({pricing.currency})"),
+            _bars(bins.cost, max(bins.cost), 8, h, "#cbd5e1"),
+        ]
         width = (W - PAD_L - PAD_R) / TIME_BINS
         points = " ".join(f"{PAD_L + (i + 1) * width:.1f},{8 + h - v / total * h:.1f}" for i, v in enumerate(running))
         body.append(f"<polyline class=datum points='{points}' fill=none stroke='#059669' stroke-width=2/>")
@@ -370,7 +377,8 @@ def _gallery(report: Report, budget: list[int]) -> str:
                 left_out += 1
                 continue
             figures.append(
-                f"<figure class=generated data-row='{_e(s.row_id)}' data-image='{_e(Path(path).name)}'><img alt='{_e(s.row_id)}' src='{uri}'>"
+                f"<figure class=generated data-row='{_e(s.row_id)}' data-image='{_e(Path(path).name)}'>"
+                f"<img alt='{_e(s.row_id)}' src='{uri}'>"
                 f"<figcaption><b>{_e(s.row_id)}</b> {_e(s.prompt, 200)}</figcaption></figure>"
             )
     note = (

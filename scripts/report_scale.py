@@ -66,29 +66,53 @@ def make_job(folder: Path, rows: int) -> Path:
             checkpoint._write([], batch, [])
             batch = []
     checkpoint._write([], batch, [])
-    seconds = [(int(start) + s, 64 if s % 900 > 60 else 8, 64, 64, 1.0 if s % 900 < 20 else 0.0)
-               for s in range(int(HOURS * 3600))]
+    seconds = [
+        (int(start) + s, 64 if s % 900 > 60 else 8, 64, 64, 1.0 if s % 900 < 20 else 0.0)
+        for s in range(int(HOURS * 3600))
+    ]
     checkpoint._write([], [], [], seconds)
     checkpoint.close()
     return path
 
 
 def _record(i: int, t: float, rng: random.Random) -> RowRecord:
-    latency = rng.lognormvariate(-0.5, 0.6)
-    log = f"0.000:ok" if i % 33 else f"0.000:rate_limited:429 {latency / 2:.3f}:ok"
+    latency = round(rng.lognormvariate(-0.5, 0.6), 4)
+    row = RowRecord(
+        i,
+        f"R{i}",
+        "ok",
+        "positive",
+        None,
+        "stop",
+        "gpt-5.4",
+        40 + i % 17,
+        1 + i % 5,
+        latency,
+        1,
+        None,
+        None,
+        t + latency,
+        started_at=t,
+        attempt_log="0.000:ok",
+    )
+    if i % 33 == 0:  # a 429, then the answer
+        row.attempts, row.attempt_log = 2, f"0.000:rate_limited:429 {latency / 2:.3f}:ok"
     if i % 100 == 0:
-        return RowRecord(i, f"R{i}", "error", None, None, None, None, None, None, latency, 3, "server",
-                         "HTTP 502: bad gateway", t + latency, started_at=t, attempt_log="0.000:server:502")
-    return RowRecord(i, f"R{i}", "ok", "positive", None, "stop", "gpt-5.4", 40 + i % 17, 1 + i % 5,
-                     round(latency, 4), 1 if i % 33 else 2, None, None, t + latency, started_at=t, attempt_log=log)
+        row.status, row.error_class, row.error, row.attempt_log = "error", "server", "HTTP 502", "0.000:server:502"
+        row.response_text = row.prompt_tokens = row.completion_tokens = None
+    return row
 
 
 def measure(job: Path) -> dict[str, float]:
-    done = subprocess.run([sys.executable, "-c", MEASURE, str(job)], capture_output=True, text=True, cwd=REPO,
-                          check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(job)], capture_output=True, text=True, cwd=REPO, check=True
+    )
     seconds, rss, size = done.stdout.split()
-    return {"seconds": round(float(seconds), 2), "peak_rss_mb": round(int(rss) / 2**20, 1),
-            "page_kb": round(int(size) / 1024, 1)}
+    return {
+        "seconds": round(float(seconds), 2),
+        "peak_rss_mb": round(int(rss) / 2**20, 1),
+        "page_kb": round(int(size) / 1024, 1),
+    }
 
 
 def main() -> None:

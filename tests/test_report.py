@@ -179,13 +179,16 @@ def test_posters_report_in_a_real_browser(posters: Path, tmp_path: Path) -> None
     assert figures["exit state"] == "finished"
 
     df = pl.read_parquet(out / "posters.parquet")
-    expected = {(row_id, Path(p).name) for row_id, paths in df.select("brief_id", "image_paths").iter_rows() for p in paths}
+    expected = {
+        (row_id, Path(p).name) for row_id, paths in df.select("brief_id", "image_paths").iter_rows() for p in paths
+    }
     shown = {(a["data-row"], a["data-image"]) for a, _ in dom.find("figure") if "generated" in a.get("class", "")}
     assert shown == expected and expected
     assert all(a["src"].startswith("data:image/") for a, _ in dom.find("img"))
 
     _assert_not_blank(shot)
-    if os.environ.get("BATCHRUN_UPDATE_SCREENSHOT"):  # the README's picture: BATCHRUN_UPDATE_SCREENSHOT=1 pytest -k posters
+    # The README's picture: BATCHRUN_UPDATE_SCREENSHOT=1 pytest tests/test_report.py -k posters
+    if os.environ.get("BATCHRUN_UPDATE_SCREENSHOT"):
         _save_small(shot, REPO / "docs" / "report.png")
 
 
@@ -254,13 +257,20 @@ class _HostileHandler(BaseHTTPRequestHandler):
                 self.server.refused_once.add("R3")
         if first:  # one push-back with a hint: a pause and a 429 on the timeline
             self._reply(429, {"error": {"message": "slow down", "code": "rate_limit_exceeded"}}, {"Retry-After": "1"})
-        elif "lid broke" in text:  # review R2
+        elif "lid broke" in text or "Leaks" in text:  # reviews R2 and R5
             self._reply(400, {"error": {"message": hostile, "code": "bad_thing"}})
         else:
             message = {"role": "assistant", "content": hostile}
             usage = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
-            self._reply(200, {"id": "x", "model": body["model"], "choices": [
-                {"index": 0, "message": message, "finish_reason": "stop"}], "usage": usage})
+            self._reply(
+                200,
+                {
+                    "id": "x",
+                    "model": body["model"],
+                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                    "usage": usage,
+                },
+            )
 
     def _reply(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()
@@ -292,6 +302,9 @@ def test_hostile_answers_are_text_and_the_key_is_masked(
     made = run_cli("report", str(job))
     assert made.returncode == 0, made.stderr
     html_text = Path(made.stdout.strip()).read_text()
+    summary = json.loads((tmp_path / "out" / "result.summary.json").read_text())
+    assert glance(Dom(html_text))["error"] == str(summary["error"]) == "2"
+    assert "bad_request 2" in html_text
     assert_page_is_sealed(html_text)
     assert TEST_KEY not in html_text and TEST_KEY.removeprefix("sk-") not in html_text
     assert "&lt;script&gt;fetch(" in html_text  # shown as text
@@ -369,3 +382,44 @@ def test_report_before_any_run_is_one_line(reviews: Path, tmp_path: Path) -> Non
     assert made.returncode == 2
     assert made.stderr.strip().startswith("batchrun: error:") and "run the job first" in made.stderr
     assert len(made.stderr.strip().splitlines()) == 1
+
+
+def test_a_killed_run_reports_what_it_finished(reviews: Path, tmp_path: Path) -> None:
+    import signal
+    import sys
+    import time
+
+    from conftest import cli_env, start_emulator, stop_emulator
+
+    emulator = start_emulator("--latency-ms", "700")
+    try:
+        job = write_job(tmp_path, emulator.url, run={"concurrency": 2, "max_attempts": 3, "timeout_s": 30})
+        process = subprocess.Popen(
+            [sys.executable, "-m", "batchrun", "run", str(job), "--quiet"], env=cli_env(), start_new_session=True
+        )
+        db = tmp_path / "out" / "result.parquet.batchrun" / "checkpoint.sqlite"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _finished_rows(db) < 2:
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        stop_emulator(emulator)
+    made = run_cli("report", str(job))
+    assert made.returncode == 0, made.stderr
+    dom = Dom(Path(made.stdout.strip()).read_text())
+    figures = glance(dom)
+    assert figures["exit state"] == "interrupted (the run was killed)"
+    assert 2 <= int(figures["ok"]) < 6
+    assert charts(dom)["timeline"] > 0 and charts(dom)["latency"] > 0
+
+
+def _finished_rows(db: Path) -> int:
+    try:
+        con = sqlite3.connect(db, timeout=1)
+        try:
+            return int(con.execute("SELECT COUNT(*) FROM rows").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
