@@ -185,6 +185,9 @@ def test_posters_report_in_a_real_browser(posters: Path, tmp_path: Path) -> None
     shown = {(a["data-row"], a["data-image"]) for a, _ in dom.find("figure") if "generated" in a.get("class", "")}
     assert shown == expected and expected
     assert all(a["src"].startswith("data:image/") for a, _ in dom.find("img"))
+    with_reference = {r for r, ref in df.select("brief_id", "reference_image").iter_rows() if ref}
+    pairs = {a["data-row"] for a, _ in dom.find("div") if a.get("class") == "pair"}
+    assert pairs == with_reference and pairs  # each reference image beside its answer
 
     _assert_not_blank(shot)
     # The README's picture: BATCHRUN_UPDATE_SCREENSHOT=1 pytest tests/test_report.py -k posters
