@@ -17,7 +17,6 @@ from typing import Any
 
 import anyio
 import jinja2
-import orjson
 import polars as pl
 
 from batchrun import images, output, spend
@@ -27,10 +26,9 @@ from batchrun.inputs import ROW_INDEX, InputTable
 from batchrun.redaction import register_secret
 from batchrun.render import Renderer
 from batchrun.resume import find_folder
-from batchrun.runner import LAST_RUN
 from batchrun.spec import Job
 from batchrun.structured import PARSE_NOTE, AnswerParser
-from batchrun.timeline import parse_attempt_log
+from batchrun.timeline import last_run, parse_attempt_log
 
 CHUNK_ROWS = 20_000
 TIME_BINS = 120
@@ -169,8 +167,7 @@ def _input(job: Job) -> tuple[InputTable | None, Renderer | None, int | None]:
 
 
 def _run_state(report: Report, checkpoint: Checkpoint) -> None:
-    last = orjson.loads(checkpoint.get_meta(LAST_RUN) or "{}")
-    report.last_run = last
+    last = report.last_run = last_run(checkpoint)
     report.in_flight_at_stop = checkpoint.count_interrupted()
     state = last.get("state")
     if state is None:

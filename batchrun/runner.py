@@ -33,11 +33,10 @@ from batchrun.resume import ResumeFlags, open_for_run
 from batchrun.sharing import SharedAnswers, request_key
 from batchrun.spec import Job
 from batchrun.structured import AnswerParser, ask_with_repairs, explain_native_rejection
-from batchrun.timeline import OK, AttemptLog, LimiterTimeline
+from batchrun.timeline import OK, AttemptLog, LimiterTimeline, note_run
 from batchrun.transport import Outcome, Transport, call_with_retries
 
 ABORT_AFTER = 3  # PROTOCOL.md §5.2 rules B and C
-LAST_RUN = "last_run"  # checkpoint meta: the last run's state, for `batchrun report`
 GRACE_S = 3.0  # after Ctrl-C, how long rows in flight may take to finish before they are cancelled
 
 
@@ -129,7 +128,7 @@ class Run:
         checkpoint, notes = open_for_run(self.job, self.table, self.renderer, flags, options.durable_checkpoint)
         self.timeline = LimiterTimeline(checkpoint)
         try:
-            _note_run(checkpoint, "running", time.time())
+            note_run(checkpoint, "running", time.time())
             for note in notes:
                 print(f"batchrun: {note}", file=sys.stderr)
             interrupted = checkpoint.count_interrupted()
@@ -160,7 +159,7 @@ class Run:
                     await transport.aclose()
                     await self.images.aclose()
                     progress.close()
-            _note_run(checkpoint, self._exit_state(), time.time(), time.monotonic() - started)
+            note_run(checkpoint, self._exit_state(), time.time(), time.monotonic() - started)
             if self.interrupts:
                 when = f"after {GRACE_S:g} s" if self.interrupts == 1 else "at the second Ctrl-C"
                 cancelled = len(checkpoint.awaiting_answer)
@@ -361,12 +360,11 @@ class Run:
                 before_first_send=begin if first else _nothing,
             )
             reply = outcome.reply
-            if reply is not None:
-                log.note(OK)
-                self._observe_limits()
             if reply is None:
                 self.budget.settle(held, prompt_estimate, None, None)
             else:
+                log.note(OK)
+                self._observe_limits()
                 self.budget.settle(
                     held, prompt_estimate, reply.prompt_tokens, reply.completion_tokens, len(reply.images)
                 )
@@ -479,15 +477,6 @@ def _record(item: WorkItem, outcome: Outcome) -> RowRecord:
         finished_at=time.time(),
         request_hash=item.request_hash,
     )
-
-
-def _note_run(checkpoint: Checkpoint, state: str, at: float, wall_s: float | None = None) -> None:
-    """The last run's state in the checkpoint: a run killed outright stays "running" there."""
-    last = orjson.loads(checkpoint.get_meta(LAST_RUN) or "{}")
-    if state == "running":
-        last = {"started_at": at}
-    last.update(state=state, updated_at=at, wall_s=wall_s)
-    checkpoint.set_meta(LAST_RUN, orjson.dumps(last).decode())
 
 
 async def _nothing() -> None:

@@ -4,6 +4,8 @@
   its outcome (`ok`, or the error class and HTTP status), kept in the row's checkpoint
   record. A row retried through a long outage is capped at `MAX_LOGGED` entries (the
   `attempts` column still counts them all).
+* `note_run`: the last run's state (running, finished, stopped by the server, stopped at the
+  budget, interrupted) in the checkpoint's meta; a run killed outright stays "running".
 * `LimiterTimeline`: the in-flight limit and the pauses of every start, one line per
   second of wall time that saw an attempt end, written with the checkpoint's commits.
   The space it takes grows with the run's duration, never with its rows or events.
@@ -18,14 +20,30 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
+import orjson
 
 from batchrun.checkpoint import Checkpoint
 from batchrun.limits import Limits
 
 MAX_LOGGED = 32
 OK = "ok"
+LAST_RUN = "last_run"  # checkpoint meta key
+
+
+def note_run(checkpoint: Checkpoint, state: str, at: float, wall_s: float | None = None) -> None:
+    last = orjson.loads(checkpoint.get_meta(LAST_RUN) or "{}")
+    if state == "running":
+        last = {"started_at": at}
+    last.update(state=state, updated_at=at, wall_s=wall_s)
+    checkpoint.set_meta(LAST_RUN, orjson.dumps(last).decode())
+
+
+def last_run(checkpoint: Checkpoint) -> dict[str, Any]:
+    """What `note_run` recorded last; empty for a checkpoint written before it existed."""
+    return dict(orjson.loads(checkpoint.get_meta(LAST_RUN) or "{}"))
 
 
 class AttemptLog:
