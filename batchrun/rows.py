@@ -10,8 +10,8 @@ actor passes stand-ins for the job-wide ones, and neither re-implements a step.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import Any, cast
 
 import anyio
@@ -32,6 +32,7 @@ from batchrun.sharing import request_key
 from batchrun.spec import Job
 from batchrun.stops import HeldRows
 from batchrun.structured import AnswerParser
+from batchrun.timeline import OK, AttemptLog
 from batchrun.transport import Outcome, Transport, call_with_retries
 
 
@@ -55,6 +56,7 @@ class RowParts:
     sharing: Sharing
     watch: StopWatch
     transport: Transport
+    observe_limits: Callable[[], None] = lambda: None  # after each attempt: the local limiter's timeline
 
 
 class RowPipeline:
@@ -198,6 +200,17 @@ class RowPipeline:
             failed = Outcome(None, CallError("input", str(e), retryable=False), 0, 0.0)
             return _record(item, failed), failed
 
+        log = AttemptLog()
+
+        async def begin() -> None:
+            log.start()
+            await parts.ledger.begin(item.idx)
+
+        def on_error(error: CallError) -> None:
+            parts.watch.on_error(error)
+            log.note(error.error_class, error.status)
+            parts.observe_limits()
+
         async def send(body: dict[str, Any], extra_tokens: int, first: bool) -> Outcome | None:
             prompt_estimate = item.prompt_estimate + extra_tokens
             held = self.budget.reserve(prompt_estimate, cap)
@@ -211,13 +224,15 @@ class RowPipeline:
                 self.decoder,
                 item.estimate + extra_tokens,
                 spec.run.max_attempts,
-                parts.watch.on_error,
-                before_first_send=partial(parts.ledger.begin, item.idx) if first else _nothing,
+                on_error,
+                before_first_send=begin if first else _nothing,
             )
             reply = outcome.reply
             if reply is None:
                 self.budget.settle(held, prompt_estimate, None, None)
             else:
+                log.note(OK)
+                parts.observe_limits()
                 self.budget.settle(
                     held, prompt_estimate, reply.prompt_tokens, reply.completion_tokens, len(reply.images)
                 )
@@ -239,6 +254,7 @@ class RowPipeline:
             outcome, repairs = await ask_with_repairs(outcome, self.parser, spec.output.repair_attempts, follow_up)
         record = _record(item, outcome)
         record.repairs = repairs
+        record.started_at, record.attempt_log = log.started_at, log.text()
         if outcome.reply is not None and outcome.reply.images:
             saved = await anyio.to_thread.run_sync(
                 images.save_images, outcome.reply.images, self.job.images_dir, item.row_id

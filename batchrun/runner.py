@@ -40,6 +40,7 @@ from batchrun.sharing import SharedAnswers
 from batchrun.spec import Job
 from batchrun.stops import AbortWatch
 from batchrun.structured import AnswerParser
+from batchrun.timeline import LimiterTimeline, note_run
 from batchrun.transport import Transport
 
 GRACE_S = 3.0  # after Ctrl-C, how long rows in flight may take to finish before they are cancelled
@@ -119,6 +120,7 @@ class Run:
         flags = ResumeFlags(options.restart, options.rerun_changed, options.retry_failed)
         checkpoint, notes = open_for_run(self.job, self.table, self.renderer, flags, options.durable_checkpoint)
         try:
+            note_run(checkpoint, "running", time.time())
             for note in notes:
                 print(f"batchrun: {note}", file=sys.stderr)
             interrupted = checkpoint.count_interrupted()
@@ -145,6 +147,7 @@ class Run:
                     sent = await self.engine.send_all(self, checkpoint, progress, base_url)
                 finally:
                     progress.close()
+            note_run(checkpoint, self._exit_state(sent), time.time(), time.monotonic() - started)
             if sent.interrupts:
                 when = f"after {GRACE_S:g} s" if sent.interrupts == 1 else "at the second Ctrl-C"
                 cancelled = len(checkpoint.awaiting_answer)
@@ -160,6 +163,16 @@ class Run:
             return summary
         finally:
             checkpoint.close()
+
+    def _exit_state(self, sent: Sent) -> str:
+        """How the run ended, in the words `batchrun report` shows."""
+        if sent.interrupts:
+            return "interrupted"
+        if sent.tripped is not None:
+            return "stopped by the server"
+        if self.budget.stopped:
+            return "stopped at the budget"
+        return "finished"
 
     def _summary(
         self,
@@ -207,15 +220,19 @@ class LocalEngine:
         limits = Limits(run.concurrency, spec.requests_per_minute, spec.tokens_per_minute, spec.outage_timeout_s)
         watch = AbortWatch[CallError]()
         transport = Transport(base_url, run.api_key, spec.timeout_s, run.concurrency)
-        pipeline = run.pipeline(RowParts(checkpoint, limits, SharedAnswers(), watch, transport))
+        timeline = LimiterTimeline(checkpoint)  # the Ray engine's limiter is the coordinator's: none there
+        parts = RowParts(checkpoint, limits, SharedAnswers(), watch, transport, partial(timeline.observe, limits))
+        pipeline = run.pipeline(parts)
         try:
-            await self._send_all(run, pipeline, checkpoint, progress)
+            await self._send_all(run, pipeline, checkpoint, progress, timeline)
         finally:
             await transport.aclose()
             await pipeline.aclose()
         return Sent(pipeline.requested, self._interrupts, watch.tripped)
 
-    async def _send_all(self, run: Run, pipeline: RowPipeline, checkpoint: Checkpoint, progress: Progress) -> None:
+    async def _send_all(
+        self, run: Run, pipeline: RowPipeline, checkpoint: Checkpoint, progress: Progress, timeline: LimiterTimeline
+    ) -> None:
         send, receive = anyio.create_memory_object_stream[WorkItem](run.concurrency * 2)
         async with anyio.create_task_group() as tg:
             tg.start_soon(checkpoint.flush_loop)
@@ -227,6 +244,7 @@ class LocalEngine:
                 receive.close()
             if pipeline.parts.watch.tripped is None:
                 pipeline.release_held(progress)
+            timeline.close()
             await checkpoint.flush()
             tg.cancel_scope.cancel()
 

@@ -19,9 +19,9 @@ LAYERS: list[list[str]] = [
     ["protocols"],
     ["images", "breaker", "limits", "spend", "sharing", "seams"],
     ["checks", "transport", "fingerprint", "output", "progress"],
-    ["resume", "repair", "rows"],
-    ["runner", "ray_coordinator"],
-    ["engine_ray"],
+    ["resume", "repair", "rows", "timeline"],
+    ["runner", "ray_coordinator", "report"],
+    ["engine_ray", "report_page"],
     ["commands", "api", "bench", "cli", "__main__", "__init__"],
 ]
 LAYER = {name: n for n, names in enumerate(LAYERS) for name in names}
