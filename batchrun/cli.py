@@ -245,7 +245,7 @@ def _validate(args: argparse.Namespace) -> int:
     from batchrun import output, protocols, spend
     from batchrun.images import loader_for, preview_body
     from batchrun.inputs import ROW_INDEX, InputTable
-    from batchrun.render import Renderer
+    from batchrun.render import Renderer, RowInputError
     from batchrun.spec import load_job
     from batchrun.structured import AnswerParser
 
@@ -260,12 +260,27 @@ def _validate(args: argparse.Namespace) -> int:
     protocol = protocols.PROTOCOLS[spec.provider.api]
     loader = loader_for(job, protocol.INLINE_IMAGE_URLS)
     print(f"job {spec.name}: {table.count()} rows from {spec.input.path}, columns: {', '.join(table.columns)}")
-    print(f"{spec.provider.api} {spec.model} -> POST {spec.provider.base_url}{protocol.path(spec.model, spec.stream)}")
+    if job.batch_input:
+        how = "recognised from its lines" if job.format_recognised else "input.format: openai-batch"
+        print(
+            f"input: an OpenAI Batch file ({how}): custom_id is the row id, each line's url picks "
+            f"its path, its body is sent as written{' with model and params laid over it' if spec.params or spec.model else ''}"
+        )
+    else:
+        print(f"{spec.provider.api} {spec.model} -> POST {spec.provider.base_url}{protocol.path(spec.model, spec.stream)}")
     shown = 0
     for batch in table.batches(limit=args.show):
         for row in batch.iter_rows(named=True):
             print(f"\nrow {row[table.id_name] if table.id_column else row[ROW_INDEX]}:")
-            print(preview_body(protocol, loader, renderer.render(row), spec))
+            try:
+                request = renderer.render(row)
+            except RowInputError as e:
+                print(f"(not sent: the row would be an input error: {e})")
+                continue
+            row_protocol = protocols.PROTOCOLS[request.api] if request.api else protocol
+            if request.api:
+                print(f"POST {spec.provider.base_url}{row_protocol.path(spec.model or '', spec.stream)}")
+            print(preview_body(row_protocol, loader, request, spec))
             shown += 1
     print()
     for line in spend.describe_estimate(spend.estimate_job(job, table, renderer), job):

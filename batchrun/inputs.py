@@ -19,6 +19,7 @@ from typing import Any
 
 import polars as pl
 
+from batchrun import openai_batch
 from batchrun.errors import JobError
 from batchrun.spec import Job
 
@@ -32,9 +33,13 @@ ID_PARTITION_ROWS = 500_000  # ids checked for uniqueness this many at a time
 class InputTable:
     """One input file (or a glob of Parquet files) and its id column."""
 
-    def __init__(self, path: str, id_column: str | None, job_file: Path, shown_path: str | None = None) -> None:
+    def __init__(
+        self, path: str, id_column: str | None, job_file: Path, shown_path: str | None = None, batch: bool = False
+    ) -> None:
         self.path = path
-        self.id_column = id_column
+        self.batch = batch  # an OpenAI Batch request file: rows are its lines, custom_id the id
+        self.id_column = "custom_id" if batch else id_column
+        id_column = self.id_column
         self._where = f"{job_file}: input.path {shown_path or path}"
         self._suffix = Path(path).suffix.lower()
         self._frame = self._scan()
@@ -56,7 +61,9 @@ class InputTable:
 
     @classmethod
     def for_job(cls, job: Job) -> InputTable:
-        return cls(job.input_path, job.spec.input.id_column, job.path, shown_path=job.spec.input.path)
+        return cls(
+            job.input_path, job.spec.input.id_column, job.path, shown_path=job.spec.input.path, batch=job.batch_input
+        )
 
     @property
     def columns(self) -> list[str]:
@@ -75,6 +82,8 @@ class InputTable:
                 raise JobError(f"{self._where}: no file matches this pattern")
         elif not Path(path).is_file():
             raise JobError(f"{self._where}: file not found")
+        if self.batch:
+            return pl.LazyFrame(schema=openai_batch.SCHEMA)  # the columns only: lines are read by openai_batch
         if suffix == ".csv":
             return pl.scan_csv(path, infer_schema_length=10_000)
         if suffix == ".parquet":
@@ -84,6 +93,8 @@ class InputTable:
         raise JobError(f"{self._where}: unsupported extension '{suffix}'; use .csv, .parquet or .jsonl")
 
     def count(self) -> int:
+        if self._rows is None and self.batch:
+            self._rows = openai_batch.count(self.path)
         if self._rows is None:
             self._rows = int(self._collect(self._frame.select(pl.len())).item())
         return self._rows
@@ -158,7 +169,10 @@ class InputTable:
     def _frames(self, columns: list[str] | None = None, start: int = 0) -> Iterator[pl.DataFrame]:
         """The input in bounded pieces from row `start`, in order, typed as the scan's schema."""
         try:
-            if self._suffix == ".parquet":  # polars reads a slice without decoding its whole row group
+            if self.batch:
+                lines = openai_batch.frames(self.path, self._where, start)
+                yield from (f if columns is None else f.select(columns) for f in lines)
+            elif self._suffix == ".parquet":  # polars reads a slice without decoding its whole row group
                 scan = self._frame if columns is None else self._frame.select(columns)
                 for offset in range(start, self.count(), PARQUET_READ_ROWS):
                     yield scan.slice(offset, PARQUET_READ_ROWS).collect()
