@@ -202,7 +202,9 @@ class Checkpoint:
 
     def answers_in_range(self, lo: int, hi: int) -> dict[int, tuple[int, str | None, bytes]]:
         """The kept answer bodies of rows in [lo, hi) (output.openai_batch)."""
-        rows = self._query("SELECT idx, status_code, request_id, body FROM answers WHERE idx >= ? AND idx < ?", (lo, hi))
+        rows = self._query(
+            "SELECT idx, status_code, request_id, body FROM answers WHERE idx >= ? AND idx < ?", (lo, hi)
+        )
         return {idx: (status, request_id, body) for idx, status, request_id, body in rows}
 
     def totals(self) -> dict[str, Any]:

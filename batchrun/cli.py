@@ -262,12 +262,15 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"job {spec.name}: {table.count()} rows from {spec.input.path}, columns: {', '.join(table.columns)}")
     if job.batch_input:
         how = "recognised from its lines" if job.format_recognised else "input.format: openai-batch"
+        laid = " with model and params laid over it" if spec.params or spec.model else ""
         print(
             f"input: an OpenAI Batch file ({how}): custom_id is the row id, each line's url picks "
-            f"its path, its body is sent as written{' with model and params laid over it' if spec.params or spec.model else ''}"
+            f"its path, its body is sent as written{laid}"
         )
     else:
-        print(f"{spec.provider.api} {spec.model} -> POST {spec.provider.base_url}{protocol.path(spec.model, spec.stream)}")
+        print(
+            f"{spec.provider.api} {spec.model} -> POST {spec.provider.base_url}{protocol.path(spec.model, spec.stream)}"
+        )
     shown = 0
     for batch in table.batches(limit=args.show):
         for row in batch.iter_rows(named=True):

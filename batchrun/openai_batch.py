@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from batchrun.errors import JobError
 URL_APIS = {"/v1/chat/completions": "openai-chat", "/v1/completions": "openai-completions"}
 SCHEMA = pl.Schema({"custom_id": pl.String(), "method": pl.String(), "url": pl.String(), "body": pl.String()})
 BLOCK_BYTES = 4 << 20
-WRITTEN_META = "openai_batch_written"  # checkpoint meta: [path, size, mtime_ns] of the file last written
+WRITTEN_META = "openai_batch_written"  # checkpoint meta: [[path, size, mtime_ns], …] of the files this job wrote
 
 
 def frames(path: str, where: str, start: int = 0) -> Iterator[pl.DataFrame]:
@@ -124,30 +124,34 @@ def output_line(
 
 
 def check_target(target: Path, written: str | None, others: dict[str, Path]) -> None:
-    """Refuse to write over a file this job did not write (`written`: what it last wrote, from the checkpoint)."""
+    """Refuse to write over a file this job did not write (`written`: the stamps kept in the checkpoint)."""
     for what, path in others.items():
         if path.resolve() == target.resolve():
             raise JobError(f"output.openai_batch: {target} is the job's {what}; choose another path")
     if not target.exists():
         return
-    if written is None or orjson.loads(written) != _stamp(target):
+    if written is None or _stamp(target) not in orjson.loads(written):
         raise JobError(
             f"output.openai_batch: {target} exists and was not written by this job; "
             "move it away or choose another path (batchrun never writes over a file it did not write)"
         )
 
 
-def write(target: Path, lines: Iterator[bytes]) -> str:
-    """Writes the file atomically; returns its stamp for the checkpoint."""
+def write(target: Path, lines: Iterator[bytes], record: Callable[[str], None]) -> None:
+    """Writes the file atomically. `record` keeps its stamp in the checkpoint before the rename (along
+    with the file it replaces, so a kill between the two leaves either one recognised) and after it."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.partial")
     with open(tmp, "wb") as f:
         for line in lines:
             f.write(line)
+    new = _stamp(tmp, target)  # a rename keeps the size and the time
+    old = [_stamp(target)] if target.exists() else []
+    record(orjson.dumps([*old, new]).decode())
     os.replace(tmp, target)
-    return orjson.dumps(_stamp(target)).decode()
+    record(orjson.dumps([new]).decode())
 
 
-def _stamp(path: Path) -> list[Any]:
+def _stamp(path: Path, named: Path | None = None) -> list[Any]:
     st = path.stat()
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+    return [str((named or path).resolve()), st.st_size, st.st_mtime_ns]

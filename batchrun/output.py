@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -150,8 +151,7 @@ def write_openai_batch(table: InputTable, checkpoint: Checkpoint, job: Job, limi
                 answer = answers.get(row["idx"])
                 yield openai_batch.output_line(row["row_id"], row["status"], row["error_class"], row["error"], answer)
 
-    stamp = openai_batch.write(job.openai_batch_path, lines())
-    checkpoint.set_meta(openai_batch.WRITTEN_META, stamp)
+    openai_batch.write(job.openai_batch_path, lines(), partial(checkpoint.set_meta, openai_batch.WRITTEN_META))
 
 
 def _add_totals(totals: dict[str, Any], results: pl.DataFrame) -> None:

@@ -26,6 +26,7 @@ _IMAGE_PARTS = ("image_url", "input_image")
 class RowInputError(ValueError):
     """This row's input cannot make a request (a malformed conversation): an `input` error row, nothing sent."""
 
+
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
 
 
@@ -169,4 +170,6 @@ def _part(part: Any, where: str) -> tuple[str, str]:
         url = image.get("url") if isinstance(image, dict) else image
         if isinstance(url, str) and url.strip():
             return ("image", url.strip())
-    raise RowInputError(f"{where}: not a text part ({{type: text, text}}) or an image part ({{type: image_url, image_url: {{url}}}})")
+    raise RowInputError(
+        f"{where}: not a text part ({{type: text, text}}) or an image part ({{type: image_url, image_url: {{url}}}})"
+    )

@@ -190,9 +190,13 @@ def _protocol_problems(spec: JobSpec) -> list[tuple[str, str]]:
     if api == "openai-completions" and spec.prompt.images:
         found.append(("prompt.images", "openai-completions takes no images; use openai-chat or gemini"))
     if api == "openai-completions" and spec.prompt.messages is not None:
-        found.append(("prompt.messages", "openai-completions takes one prompt, not a conversation; use openai-chat or gemini"))
+        found.append(
+            ("prompt.messages", "openai-completions takes one prompt, not a conversation; use openai-chat or gemini")
+        )
     if spec.output.openai_batch is not None and api == "gemini":
-        found.append(("output.openai_batch", "the Batch output holds OpenAI answers; use openai-chat or openai-completions"))
+        found.append(
+            ("output.openai_batch", "the Batch output holds OpenAI answers; use openai-chat or openai-completions")
+        )
     if spec.prompt.max_image_side is not None and not pillow_available():
         found.append(("prompt.max_image_side", PILLOW_MISSING))
     return found
@@ -324,7 +328,9 @@ def _input_problems(job: Job) -> list[tuple[str, str]]:
         what = "recognised as an OpenAI Batch file" if job.format_recognised else "input.format is openai-batch"
         for key in ("user", "system", "messages", "images"):
             if getattr(prompt, key):
-                return [(f"prompt.{key}", f"{what}: its lines are the requests, so templates are not used; remove prompt")]
+                return [
+                    (f"prompt.{key}", f"{what}: its lines are the requests, so templates are not used; remove prompt")
+                ]
         if spec.input.id_column not in (None, "custom_id"):
             return [("input.id_column", f"{what}: custom_id is the row id; remove input.id_column")]
         if spec.provider.api == "gemini":

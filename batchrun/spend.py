@@ -179,7 +179,8 @@ def describe_estimate(est: Estimate, job: Job) -> list[str]:
             "so no upper bound; set one to bound the cost"
         )
     else:
-        lines.append(f"  output tokens: at most {est.max_output:,} ({est.output_cap} a row, the cap in params)")
+        where = "the largest cap in the sampled bodies and params" if job.batch_input else "the cap in params"
+        lines.append(f"  output tokens: at most {est.max_output:,} ({est.output_cap} a row, {where})")
     if est.typical_output is not None:
         lines[-1] += f"; typically ~{est.typical_output * est.rows:,} ({est.typical_output} a row, from the schema)"
     if est.repairs:

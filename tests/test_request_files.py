@@ -201,9 +201,10 @@ def test_a_changed_body_is_a_changed_request(tmp_path: Path, emulator: Emulator)
     assert emulator.stats()["by_prompt"] == {f"{SYSTEM}\nReview: Review number 4: it broke, terrible.": 1}
     df = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert df["response_text"][4] == "negative"
-    assert read_output(tmp_path / "out" / "result.output.jsonl")[4]["response"]["body"]["choices"][0]["message"][
-        "content"
-    ] == "negative"
+    assert (
+        read_output(tmp_path / "out" / "result.output.jsonl")[4]["response"]["body"]["choices"][0]["message"]["content"]
+        == "negative"
+    )
 
 
 def test_output_openai_batch_never_replaces_a_file_batchrun_did_not_write(tmp_path: Path, emulator: Emulator) -> None:
@@ -300,7 +301,11 @@ def conversations(folder: Path) -> Path:
     def text(value: str) -> dict[str, Any]:
         return {"type": "text", "text": value, "image_url": None}
 
-    image = {"type": "image_url", "text": None, "image_url": {"url": "data:image/png;base64," + base64.b64encode(PIXEL).decode()}}
+    image = {
+        "type": "image_url",
+        "text": None,
+        "image_url": {"url": "data:image/png;base64," + base64.b64encode(PIXEL).decode()},
+    }
     rows = [
         (
             "T1",
@@ -384,7 +389,9 @@ def test_conversations_from_a_column_arrive_turn_by_turn(tmp_path: Path, emulato
     assert df["status"].to_list() == ["ok", "ok", "error", "error", "error"]
     errors = dict(zip(df["conv_id"], df["error"]))
     assert set(df["error_class"].drop_nulls()) == {"input"}
-    assert errors["BAD-EMPTY"].startswith("row BAD-EMPTY: prompt.messages (column 'messages'): the conversation is empty")
+    assert errors["BAD-EMPTY"].startswith(
+        "row BAD-EMPTY: prompt.messages (column 'messages'): the conversation is empty"
+    )
     assert "row BAD-ROLE: " in errors["BAD-ROLE"] and "message 1: unknown role 'tool'" in errors["BAD-ROLE"]
     assert "row BAD-NULL: " in errors["BAD-NULL"] and "not a list of messages" in errors["BAD-NULL"]
 

@@ -346,15 +346,11 @@ def turns_of(body: dict[str, Any]) -> list[list[str]]:
 def _message_text(content: Any) -> str:
     if not isinstance(content, list):
         return str(content)
-    return " ".join(
-        p["text"] if isinstance(p.get("text"), str) else "[image]" for p in content if isinstance(p, dict)
-    )
+    return " ".join(p["text"] if isinstance(p.get("text"), str) else "[image]" for p in content if isinstance(p, dict))
 
 
 def _gemini_text(parts: list[Any]) -> str:
-    return " ".join(
-        p["text"] if isinstance(p.get("text"), str) else "[image]" for p in parts if isinstance(p, dict)
-    )
+    return " ".join(p["text"] if isinstance(p.get("text"), str) else "[image]" for p in parts if isinstance(p, dict))
 
 
 def _include_usage(body: dict[str, Any]) -> bool:

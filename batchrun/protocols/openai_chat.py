@@ -46,7 +46,9 @@ def native_schema(spec: JobSpec) -> dict[str, Any]:
     """§2.4: `response_format` for output.schema; no `strict` (it demands a schema few users write)."""
     if not uses_native_schema(spec):
         return {}
-    return {"response_format": {"type": "json_schema", "json_schema": {"name": "output", "schema": spec.output.json_schema}}}
+    return {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "output", "schema": spec.output.json_schema}}
+    }
 
 
 def written_body(body: dict[str, Any], spec: JobSpec, added: dict[str, Any]) -> dict[str, Any]:
