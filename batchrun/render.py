@@ -120,8 +120,8 @@ class Renderer:
         system = self._system.render(row) if self._system else None
         if self._messages is not None:
             turns = conversation(row[self._messages], self._messages)
-            images = tuple(ref for turn in turns for kind, ref in turn.parts if kind == "image")
-            return Request(system=system, user="", images=images, messages=turns)
+            refs = tuple(ref for turn in turns for kind, ref in turn.parts if kind == "image")
+            return Request(system=system, user="", images=refs, messages=turns)
         images = (t.render(row).strip() for t in self._images)
         assert self._user is not None  # spec requires prompt.user or prompt.messages
         return Request(system=system, user=self._user.render(row), images=tuple(i for i in images if i))

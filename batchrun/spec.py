@@ -20,8 +20,11 @@ from batchrun.redaction import register_secret
 from batchrun.structured import output_problems
 
 EMULATOR = "emulator"
-OPENAI_BATCH = "openai-batch"
 DEFAULT_BASE_URL = "https://ai.szkmjb.com"
+
+
+InputFormat = Literal["table", "openai-batch"]
+OPENAI_BATCH: InputFormat = "openai-batch"
 
 
 class _Section(BaseModel):
@@ -33,7 +36,7 @@ class InputSpec(_Section):
     id_column: str | None = None
     # table: rows of columns rendered by the templates; openai-batch: an OpenAI Batch API request file.
     # Unset: a .jsonl whose first line has the Batch shape is read as one (see `Job.input_format`).
-    format: Literal["table", "openai-batch"] | None = None
+    format: InputFormat | None = None
 
 
 class ProviderSpec(_Section):
@@ -100,7 +103,8 @@ class Job:
         self.path = path
         self.folder = path.parent
         self.warnings: list[str] = []  # one line each, printed by the commands
-        self.input_format = spec.input.format or "table"  # load_job recognises a Batch file left unmarked
+        # load_job recognises a Batch file left unmarked
+        self.input_format: InputFormat = spec.input.format or "table"
         self.format_recognised = False  # True: input_format was recognised from the file's lines
 
     @property

@@ -258,5 +258,7 @@ class Stream:
         return self._whole("chat.completion", {"index": 0, "message": message, "finish_reason": self._finish})
 
     def _whole(self, kind: str, choice: dict[str, Any]) -> dict[str, Any]:
-        head = {k: self._answer[k] for k in ("id", "created", "model", "system_fingerprint") if k in self._answer}
+        head: dict[str, Any] = {
+            k: self._answer[k] for k in ("id", "created", "model", "system_fingerprint") if k in self._answer
+        }
         return {**head, "object": kind, "choices": [choice], "usage": self._answer.get("usage")}
