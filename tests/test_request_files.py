@@ -415,3 +415,32 @@ def test_messages_and_user_together_are_refused(tmp_path: Path, emulator: Emulat
     result = run_cli("run", str(path))
     assert result.returncode == 2 and "prompt.messages: column 'conversation' is not in the input" in result.stderr
     assert emulator.stats()["requests"] == 0
+
+
+def test_a_batch_file_keeps_the_estimate_the_budget_and_structured_parsing(tmp_path: Path, emulator: Emulator) -> None:
+    schema = {"type": "object", "properties": {"label": {"enum": ["positive", "negative", "neutral"]}}}
+    response_format = {"type": "json_schema", "json_schema": {"name": "label", "schema": schema}}
+    lines = [chat_line(f"s-{i}", f"Review number {i}: terrible.", response_format=response_format) for i in range(6)]
+    lines[1] = completions_line("s-1", "Review number 1: terrible.")
+    write_lines(tmp_path / "requests.jsonl", lines)
+    output = {"path": "out/result.parquet", "parse": "json", "schema": schema}
+    pricing = {"input_per_million": 1000, "output_per_million": 1000}
+    job = batch_job(tmp_path, emulator.url, output=output, pricing=pricing, run={"concurrency": 1, "max_cost": 0.16})
+
+    checked = run_cli("validate", str(job))
+    assert checked.returncode == 0, checked.stderr
+    # the largest output cap among the bodies (chat 20, completions 5): 6 rows × 20
+    assert "output tokens: at most 120 (20 a row, the largest cap in the sampled bodies and params)" in checked.stdout
+
+    stopped = run_cli("run", str(job), "--quiet")
+    assert stopped.returncode == 4, stopped.stderr  # each row's worst case counts its own body's cap
+    assert "budget reached" in stopped.stderr
+    sent = emulator.stats()["requests"]
+    assert 1 <= sent < len(lines)
+
+    finished = run_cli("run", str(job), "--quiet", "--max-cost", "10")
+    assert "output:" in finished.stdout, finished.stderr
+    df = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    chat_rows = df.filter(pl.col("url") == "/v1/chat/completions")
+    assert chat_rows["status"].to_list() == ["ok"] * 5 and chat_rows["label"].to_list() == ["negative"] * 5
+    assert emulator.stats()["requests"] == len(lines)  # nothing asked twice
