@@ -444,3 +444,47 @@ def test_a_batch_file_keeps_the_estimate_the_budget_and_structured_parsing(tmp_p
     chat_rows = df.filter(pl.col("url") == "/v1/chat/completions")
     assert chat_rows["status"].to_list() == ["ok"] * 5 and chat_rows["label"].to_list() == ["negative"] * 5
     assert emulator.stats()["requests"] == len(lines)  # nothing asked twice
+
+
+@pytest.mark.parametrize("api", ["openai-chat", "openai-completions"])
+def test_a_streamed_answer_is_written_as_the_whole_answer_it_stands_for(
+    tmp_path: Path, emulator: Emulator, api: str
+) -> None:
+    """A template job's Batch output: the streamed run's bodies equal the unstreamed run's (tool calls included)."""
+    (tmp_path / "reviews.csv").write_text("id,text\nR1,I love it.\nR2,It broke.\n", encoding="utf-8")
+    tool = {"type": "function", "function": {"name": "record", "parameters": {"type": "object", "properties": {}}}}
+    params: dict[str, Any] = {"max_tokens": 30}
+    if api == "openai-chat":
+        params = {"max_completion_tokens": 30, "tools": [tool], "tool_choice": "required"}
+    bodies = {}
+    for stream in (False, True):
+        folder = tmp_path / f"stream-{stream}"
+        folder.mkdir()
+        (folder / "reviews.csv").write_bytes((tmp_path / "reviews.csv").read_bytes())
+        job = {
+            "name": "templated",
+            "input": {"path": "reviews.csv", "id_column": "id"},
+            "provider": {"api": api, "base_url": emulator.url, "api_key_env": "TEST_RELAY_KEY"},
+            "model": "gpt-5.4",
+            "prompt": {"user": "Review: {{ text }}"},
+            "params": params,
+            "stream": stream,
+            "output": {"path": "out/result.parquet", "openai_batch": "out/answers.jsonl"},
+        }
+        (folder / "job.yaml").write_text(yaml.safe_dump(job), encoding="utf-8")
+        result = run_cli("run", str(folder / "job.yaml"), "--quiet")
+        assert result.returncode == 0, result.stderr
+        lines = read_output(folder / "out" / "answers.jsonl")
+        assert [line["custom_id"] for line in lines] == ["R1", "R2"]
+        bodies[stream] = [line["response"]["body"] for line in lines]
+    for whole, streamed in zip(bodies[False], bodies[True]):
+        assert streamed["object"] == whole["object"] and streamed["model"] == whole["model"]
+        assert streamed["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+        assert streamed["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
+        if api == "openai-chat":
+            got, want = streamed["choices"][0]["message"], whole["choices"][0]["message"]
+            assert got["content"] == want["content"]
+            assert [c["function"] for c in got["tool_calls"]] == [c["function"] for c in want["tool_calls"]]
+            assert all(c["id"] and c["type"] == "function" for c in got["tool_calls"])
+        else:
+            assert streamed["choices"][0]["text"] == whole["choices"][0]["text"]

@@ -247,7 +247,8 @@ class Stream:
 
     def whole(self) -> dict[str, Any]:
         """The `chat.completion` this stream stands for (choice 0, the only one read)."""
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(self._text) if self._text else None}
+        # No text (a role chunk's "" aside) is content null, as a whole answer with tool calls has it.
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self._text) or None}
         if self._refusal:
             message["refusal"] = "".join(self._refusal)
         if self._calls:
