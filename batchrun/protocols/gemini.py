@@ -71,11 +71,15 @@ def build(request: Request, spec: JobSpec) -> dict[str, Any]:
 def conversation_contents(request: Request) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """prompt.messages as `contents` (assistant turns are Gemini's `model` role) and the parts of system turns,
     which Gemini takes only in `systemInstruction`; image parts take the loaded images in turn."""
-    images = iter(request.image_inputs)
+    images = iter(request.image_inputs)  # fewer only in validate's preview, which downloads nothing
     contents: list[dict[str, Any]] = []
     system: list[dict[str, Any]] = []
     for turn in request.messages:
-        parts = [{"text": value} if kind == "text" else _inline(next(images)) for kind, value in turn.parts]
+        parts = [
+            {"text": value} if kind == "text" else _inline(image)
+            for kind, value in turn.parts
+            if kind == "text" or (image := next(images, None)) is not None
+        ]
         if turn.role == "system":
             system += parts
         else:
