@@ -3,7 +3,7 @@
 In: each line `{"custom_id", "method", "url", "body"}` is one row. Its `url` picks
 the protocol (`/v1/chat/completions` or `/v1/completions`); its `body` is sent as
 written, with the job's `model` and `params` laid over it. The lines are read in
-blocks, like any JSONL input, as rows of four string columns (`body` as JSON text).
+blocks by inputs.py, like any JSONL input, as rows of four string columns (`body` as JSON text).
 
 Out: `output.openai_batch` gets one line per row in input order: `id`, `custom_id`,
 `response` (`status_code`, `request_id`, `body`: the answer as received, a stream
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +27,17 @@ from batchrun.errors import JobError
 
 URL_APIS = {"/v1/chat/completions": "openai-chat", "/v1/completions": "openai-completions"}
 SCHEMA = pl.Schema({"custom_id": pl.String(), "method": pl.String(), "url": pl.String(), "body": pl.String()})
-BLOCK_BYTES = 4 << 20
 WRITTEN_META = "openai_batch_written"  # checkpoint meta: [[path, size, mtime_ns], …] of the files this job wrote
 
 
-def frames(path: str, where: str, start: int = 0) -> Iterator[pl.DataFrame]:
-    """The file's request lines from row `start` on, in blocks; a bad line is a JobError naming it."""
+def frames(blocks: Iterable[bytes], where: str, start: int = 0) -> Iterator[pl.DataFrame]:
+    """The request lines in these blocks of whole lines, as rows from row `start` on; a bad line is a
+    JobError naming it. Blank lines are no rows, but count as lines."""
     line_no = 0
     row = 0
-    for block in _line_blocks(path):
+    for block in blocks:
         rows: list[dict[str, str]] = []
-        for raw in block.split(b"\n"):
+        for raw in _lines_of(block):
             line_no += 1
             if not raw.strip():
                 continue
@@ -48,25 +48,16 @@ def frames(path: str, where: str, start: int = 0) -> Iterator[pl.DataFrame]:
             yield pl.DataFrame(rows, schema=SCHEMA)
 
 
-def count(path: str) -> int:
+def count(blocks: Iterable[bytes]) -> int:
     """Non-blank lines: the rows."""
-    return sum(1 for block in _line_blocks(path) for raw in block.split(b"\n") if raw.strip())
+    return sum(1 for block in blocks for raw in _lines_of(block) if raw.strip())
 
 
-def _line_blocks(path: str) -> Iterator[bytes]:
-    """Blocks of whole lines (without the last newline) of about BLOCK_BYTES each."""
-    with open(path, "rb") as f:
-        rest = b""
-        while block := f.read(BLOCK_BYTES):
-            data = rest + block
-            end = data.rfind(b"\n")
-            if end < 0:
-                rest = data
-                continue
-            rest = data[end + 1 :]
-            yield data[:end]
-        if rest:
-            yield rest
+def _lines_of(block: bytes) -> list[bytes]:
+    lines = block.split(b"\n")
+    if lines[-1] == b"":  # the block's last newline ends its last line
+        lines.pop()
+    return lines
 
 
 def parse_line(raw: bytes, where: str) -> dict[str, str]:
