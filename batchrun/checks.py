@@ -20,7 +20,7 @@ from batchrun.errors import JobError
 from batchrun.images import PILLOW_MISSING, pillow_available
 from batchrun.protocols.gemini import generation_config
 from batchrun.settings import RequestSettings
-from batchrun.spec import Job, JobSpec, read_job, read_job_dict
+from batchrun.spec import OPENAI_BATCH, Job, JobSpec, input_problems, read_job, read_job_dict, recognise_batch_file
 from batchrun.structured import output_problems
 
 
@@ -49,6 +49,10 @@ def checked(job: Job) -> Job:
     if owned:
         key = "params." + sorted(owned)[0]
         raise JobError(f"{job.where(key)}: {key}: batchrun sets this itself; remove it from params")
+    if spec.input.format is None and job.frame is None and recognise_batch_file(job.input_path):
+        job.input_format, job.format_recognised = OPENAI_BATCH, True
+    for key, problem in input_problems(job):
+        raise JobError(f"{job.where(key)}: {key}: {problem}")
     job.warnings = [f"{job.where(key)}: {key}: {problem}" for key, problem in _warnings(spec)]
     return job
 
@@ -69,6 +73,8 @@ def _storage_problems(spec: JobSpec) -> list[tuple[str, str]]:
             found.append((key, problem))
     if spec.output.images_dir is not None and storage.is_url(spec.output.images_dir):
         found.append(("output.images_dir", "object storage for images is not supported yet; use a local folder"))
+    if spec.output.openai_batch is not None and storage.is_url(spec.output.openai_batch):
+        found.append(("output.openai_batch", "object storage for it is not supported yet; use a local path"))
     return found
 
 
@@ -90,10 +96,18 @@ def _protocol_problems(spec: JobSpec) -> list[tuple[str, str]]:
     """What the chosen protocol cannot send (docs/protocol.md §1, §3, §4.1)."""
     api = spec.provider.api
     found: list[tuple[str, str]] = []
-    if api == "gemini" and _GEMINI_MODEL_FORBIDDEN.search(spec.model):
+    if api == "gemini" and spec.model is not None and _GEMINI_MODEL_FORBIDDEN.search(spec.model):
         found.append(("model", f"{spec.model!r}: a Gemini model is its bare id, without / ? # : or spaces"))
     if api == "openai-completions" and spec.prompt.images:
         found.append(("prompt.images", "openai-completions takes no images; use openai-chat or gemini"))
+    if api == "openai-completions" and spec.prompt.messages is not None:
+        found.append(
+            ("prompt.messages", "openai-completions takes one prompt, not a conversation; use openai-chat or gemini")
+        )
+    if spec.output.openai_batch is not None and api == "gemini":
+        found.append(
+            ("output.openai_batch", "the Batch output holds OpenAI answers; use openai-chat or openai-completions")
+        )
     if spec.prompt.max_image_side is not None and not pillow_available():
         found.append(("prompt.max_image_side", PILLOW_MISSING))
     return found

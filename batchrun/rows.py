@@ -23,8 +23,8 @@ from batchrun import fingerprint, images, spend
 from batchrun.checkpoint import RowRecord
 from batchrun.inputs import ROW_INDEX
 from batchrun.limits import estimate_tokens, output_cap, prompt_tokens_estimate
-from batchrun.protocols import CallError, Repairing, protocol_for
-from batchrun.render import Renderer, Request
+from batchrun.protocols import APIS, CallError, Repairing, Reply, WireProtocol, protocol_for
+from batchrun.render import Renderer, Request, RowInputError
 from batchrun.repair import ask_with_repairs, explain_native_rejection
 from batchrun.seams import Admission, Ledger, ProgressSink, Sharing, StopWatch
 from batchrun.settings import RequestSettings
@@ -34,6 +34,8 @@ from batchrun.stops import HeldRows
 from batchrun.structured import AnswerParser
 from batchrun.timeline import OK, AttemptLog
 from batchrun.transport import Outcome, Transport, call_with_retries
+
+KEPT_ANSWER_BYTES = 4 << 20  # output.openai_batch: a larger answer body is not kept (its line says so)
 
 
 @dataclass
@@ -45,6 +47,7 @@ class WorkItem:
     prompt_estimate: int  # input tokens, for the budget
     key: bytes  # identical requests share one answer
     request_hash: int  # the key with the job's request settings: what a rerun compares (fingerprint.py)
+    cap: int | None  # output tokens at most, from params (and an OpenAI Batch line's body)
 
 
 @dataclass
@@ -80,7 +83,11 @@ class RowPipeline:
         self.budget = budget
         self.request_settings = RequestSettings.of(spec)
         self.protocol = protocol_for(spec.provider.api)
-        self.decoder = self.protocol.decoder(self.request_settings)
+        # output.openai_batch needs every answer's body as received: only then are they kept.
+        keep = job.openai_batch_path is not None
+        self.decoders = {
+            api: replace(protocol_for(api).decoder(self.request_settings), keep_answer=keep) for api in APIS
+        }
         self.images = images.loader_for(job, self.protocol.INLINE_IMAGE_URLS)
         self.settings = fingerprint.settings_digest(self.request_settings)
         self.requested = 0
@@ -95,17 +102,20 @@ class RowPipeline:
         row_id = str(row[self.id_name])
         try:
             request = self.renderer.render(row)
-        except jinja2.TemplateError as e:
-            self.parts.ledger.finish(_input_error(idx, row_id, f"template: {e}"))
+        except (jinja2.TemplateError, RowInputError) as e:
+            what = f"template: {e}" if isinstance(e, jinja2.TemplateError) else f"row {row_id}: {e}"
+            self.parts.ledger.finish(_input_error(idx, row_id, what))
             progress.row_done("error", None)
             return None
         chars = request.text_chars
         image_tokens = images.IMAGE_TOKEN_ESTIMATE * len(request.images)
-        estimate = estimate_tokens(chars, self.job.spec.params) + image_tokens
+        spec_params = self.job.spec.params
+        params = {**request.body, **spec_params} if request.body is not None else spec_params
+        estimate = estimate_tokens(chars, params) + image_tokens
         prompt_estimate = prompt_tokens_estimate(chars) + image_tokens
         key = request_key(request)
         request_hash = fingerprint.row_hash(self.settings, key)
-        return WorkItem(idx, row_id, request, estimate, prompt_estimate, key, request_hash)
+        return WorkItem(idx, row_id, request, estimate, prompt_estimate, key, request_hash, output_cap(params))
 
     async def work(
         self, receive: MemoryObjectReceiveStream[WorkItem], progress: ProgressSink, scope: anyio.CancelScope
@@ -192,13 +202,17 @@ class RowPipeline:
         """The row's request, and its repairs; None if the budget does not allow it."""
         spec = self.job.spec
         parts = self.parts
-        path = self.protocol.path(spec.model, spec.stream)
-        cap = output_cap(spec.params)
+        protocol = self._protocol(item.request)
+        path = protocol.path(spec.model or "", spec.stream)
+        cap = item.cap
         try:
             request_body = await self._body(item.request)
         except images.ImageError as e:  # nothing is sent for this row
             failed = Outcome(None, CallError("input", str(e), retryable=False), 0, 0.0)
             return _record(item, failed), failed
+        decoder = self.decoders[item.request.api or spec.provider.api]
+        if item.request.body is not None:  # a Batch line streams if its body (or the job) says so
+            decoder = replace(decoder, stream=request_body.get("stream") is True)
 
         log = AttemptLog()
 
@@ -221,7 +235,7 @@ class RowPipeline:
                 parts.admission,
                 path,
                 body,
-                self.decoder,
+                decoder,
                 item.estimate + extra_tokens,
                 spec.run.max_attempts,
                 on_error,
@@ -239,8 +253,8 @@ class RowPipeline:
             return outcome
 
         async def follow_up(answer: str, message: str) -> Outcome | None:
-            protocol = cast(Repairing, self.protocol)  # repair_attempts is refused for the others (checks.py)
-            body = protocol.repair_body(request_body, answer, message)
+            repairing = cast(Repairing, protocol)  # repair_attempts is refused for the others (checks.py)
+            body = repairing.repair_body(request_body, answer, message)
             return await send(body, prompt_tokens_estimate(len(answer) + len(message)), first=False)
 
         outcome = await send(request_body, 0, first=True)
@@ -266,8 +280,12 @@ class RowPipeline:
         """Images are read only now, right before the row is sent (ImageError: nothing is sent)."""
         if request.images:
             request = replace(request, image_inputs=await self.images.load(request.images))
-        body: dict[str, Any] = self.protocol.build(request, self.request_settings)
+        body: dict[str, Any] = self._protocol(request).build(request, self.request_settings)
         return body
+
+    def _protocol(self, request: Request) -> WireProtocol:
+        """The job's protocol, or the one an OpenAI Batch line's url names."""
+        return protocol_for(request.api) if request.api else self.protocol
 
 
 def _record(item: WorkItem, outcome: Outcome) -> RowRecord:
@@ -289,7 +307,16 @@ def _record(item: WorkItem, outcome: Outcome) -> RowRecord:
         error=str(error) if error else None,
         finished_at=time.time(),
         request_hash=item.request_hash,
+        answer=_kept_answer(reply),
     )
+
+
+def _kept_answer(reply: Reply | None) -> tuple[int, str | None, bytes] | None:
+    """The answer body for output.openai_batch, when kept and not larger than the checkpoint keeps."""
+    if reply is None or reply.answer is None:
+        return None
+    body = orjson.dumps(reply.answer)
+    return (200, reply.request_id, body) if len(body) <= KEPT_ANSWER_BYTES else None
 
 
 async def _nothing() -> None:

@@ -120,6 +120,8 @@ class Run:
         flags = ResumeFlags(options.restart, options.rerun_changed, options.retry_failed)
         checkpoint, notes = open_for_run(self.job, self.table, self.renderer, flags, options.durable_checkpoint)
         try:
+            if self.job.openai_batch_path is not None:  # before anything is paid for, not after
+                output.check_openai_batch_target(self.job, checkpoint)
             note_run(checkpoint, "running", time.time())
             for note in notes:
                 print(f"batchrun: {note}", file=sys.stderr)
@@ -158,6 +160,8 @@ class Run:
                 raise BudgetReached(self.budget.stop_message(self.job, total - checkpoint.count_finished(0, total)))
             totals = checkpoint.totals()
             written = output.write_parquet(self.table, checkpoint, self.job, self.options.limit, self.parser)
+            if self.job.openai_batch_path is not None:
+                output.write_openai_batch(self.table, checkpoint, self.job, self.options.limit)
             summary = self._summary(totals, written, total, interrupted, sent.requested, time.monotonic() - started)
             output.write_summary(self.job.output_path, summary)
             return summary

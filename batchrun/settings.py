@@ -26,18 +26,17 @@ class ImageSettings:
 
 @dataclass(frozen=True)
 class RequestSettings:
-    model: str
+    model: str | None  # None: an OpenAI Batch file's lines name their own
     api: str
     params: dict[str, Any]  # as written in the job; never modified (frozen by convention: dicts cannot be)
     stream: bool
-    images: ImageSettings | None  # None: the prompt has no images, so no image setting shapes a body
+    images: ImageSettings | None  # None: the prompt can have no images, so no image setting shapes a body
     native_schema: dict[str, Any] | None  # output.schema when the API itself is asked for it, else None
 
     @classmethod
     def of(cls, spec: JobSpec) -> RequestSettings:
-        images = (
-            ImageSettings(spec.provider.image_part_style, spec.prompt.max_image_side) if spec.prompt.images else None
-        )
+        has_images = bool(spec.prompt.images) or spec.prompt.messages is not None  # a conversation may hold images
+        images = ImageSettings(spec.provider.image_part_style, spec.prompt.max_image_side) if has_images else None
         schema = spec.output.json_schema if uses_native_schema(spec) else None
         return cls(spec.model, spec.provider.api, spec.params, spec.stream, images, schema)
 

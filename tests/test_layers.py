@@ -12,7 +12,7 @@ ARCHITECTURE = REPO / "ARCHITECTURE.md"
 
 # ARCHITECTURE.md's layers, top (imported by all) to bottom (imports all).
 LAYERS: list[list[str]] = [
-    ["errors", "redaction", "stops", "eventloop", "storage", "emulator"],
+    ["errors", "redaction", "stops", "eventloop", "storage", "openai_batch", "emulator"],
     ["spec"],
     ["structured", "render", "inputs", "checkpoint"],
     ["settings"],
