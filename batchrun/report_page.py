@@ -94,7 +94,7 @@ def _glance(report: Report) -> str:
     pricing = spec.pricing
     done = report.ok + report.error
     items: list[tuple[str, str, str]] = [
-        ("model", spec.model or "each Batch line's own", spec.provider.api),
+        ("model", spec.model or "", spec.provider.api),  # a Batch file's lines may name their own
         ("rows", f"{report.rows if report.rows is not None else '?'}", f"{done} done"),
         ("ok", str(report.ok), "rows"),
         ("error", str(report.error), ", ".join(f"{c} {n}" for c, n in report.errors.most_common()) or "none"),
