@@ -384,8 +384,8 @@ def _gallery(report: Report, budget: list[int]) -> str:
                 f"<figcaption><b>{_e(s.row_id)}</b> {_e(s.prompt, 200)}</figcaption></figure>"
             )
     note = (
-        f"<p class=note>{left_out} images not shown: missing, unreadable, too large (to decode, or to embed without Pillow), or past the "
-        f"page's {IMAGES_BUDGET // 10**6} MB of images</p>"
+        f"<p class=note>{left_out} images not shown: missing, unreadable, too large to decode (or to embed "
+        f"without Pillow), or past the page's {IMAGES_BUDGET // 10**6} MB of images</p>"
         if left_out
         else ""
     )
