@@ -163,6 +163,50 @@ def test_input_and_output_on_s3(tmp_path: Path, s3: S3Server, emulator: Emulator
     assert emulator.stats()["requests"] == 0
 
 
+def test_credentials_in_storage_options_and_a_wrong_secret_masked(
+    tmp_path: Path, s3: S3Server, emulator: Emulator
+) -> None:
+    """input.storage_options / output.storage_options in the job, with no AWS_* variable set: a CSV input
+    (read by pyarrow, whose option names differ) and the output; a wrong secret there is masked from the message."""
+    bucket = s3.bucket()
+    source = upload(s3, bucket, "in/reviews.csv", reviews_frame())
+
+    def options(secret: str) -> dict[str, str]:
+        return {
+            "aws_endpoint_url": s3.url,
+            "aws_access_key_id": s3.key_id,
+            "aws_secret_access_key": secret,
+            "aws_region": "us-east-1",
+            "aws_allow_http": "true",
+        }
+
+    no_aws = {name: None for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")}
+    env = s3.env(tmp_path / "state", **no_aws)
+    output = {"path": f"s3://{bucket}/out/labels.parquet", "storage_options": options(s3.secret)}
+    job = write_job(
+        tmp_path,
+        emulator.url,
+        input={"path": source, "id_column": "review_id", "storage_options": options(s3.secret)},
+        output=output,
+    )
+    result = run_cli("run", str(job), "--quiet", env=env)
+    assert result.returncode == 0, result.stderr
+    assert s3.read_parquet(bucket, "out/labels.parquet")["review_id"].to_list() == [r[0] for r in REVIEWS]
+
+    wrong = "wrong-" + s3.secret[6:]
+    job = write_job(
+        tmp_path,
+        emulator.url,
+        input={"path": source, "id_column": "review_id", "storage_options": options(wrong)},
+        output=output,
+    )
+    emulator.reset()
+    result = run_cli("run", str(job), "--quiet", env=env)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "credentials" in result.stderr, result.stderr
+    assert wrong not in result.stderr and emulator.stats()["requests"] == 0
+
+
 def test_kill_9_mid_run_then_rerun(tmp_path: Path, s3: S3Server) -> None:
     """Every row once; nothing answered more than a second before the kill is asked again; no partial object."""
     rows = [[f"K{i:04d}", f"Review number {i}: it does what it says.", 1 + i % 5] for i in range(240)]
