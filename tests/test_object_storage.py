@@ -12,11 +12,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -287,6 +289,42 @@ def test_bad_credentials_and_missing_buckets_are_one_line_and_send_nothing(
     result = run_cli("run", str(job), "--quiet", env=s3.env(state))
     assert result.returncode == 2 and "an object is already there" in result.stderr, result.stderr
     assert s3.client().get_object(Bucket=bucket, Key="theirs.parquet")["Body"].read() == b"someone else's data"
+    assert emulator.stats()["requests"] == 0
+
+
+def test_a_store_in_trouble_is_not_taken_for_an_object_at_the_key(
+    tmp_path: Path, emulator: Emulator, reviews: Path
+) -> None:
+    """A store that answers 500 says so: it must not be reported as someone else's object at the output key."""
+
+    class Failing(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_PUT = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        job = write_job(tmp_path, emulator.url, output={"path": "s3://some-bucket/out/labels.parquet"})
+        env = {
+            "AWS_ACCESS_KEY_ID": "AKIATEST",
+            "AWS_SECRET_ACCESS_KEY": "test-secret",
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_address[1]}",
+            "BATCHRUN_STATE_DIR": str(tmp_path / "state"),
+        }
+        result = run_cli("run", str(job), "--quiet", env=env)
+    finally:
+        server.shutdown()
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "500" in lines[0] and "already there" not in lines[0], result.stderr
     assert emulator.stats()["requests"] == 0
 
 
