@@ -338,6 +338,17 @@ def test_a_store_in_trouble_is_not_taken_for_an_object_at_the_key(
     assert emulator.stats()["requests"] == 0
 
 
+def test_a_storage_option_of_the_wrong_type_is_named_not_shown(tmp_path: Path, emulator: Emulator) -> None:
+    """A secret YAML read as a number is refused by name; its value appears in no message."""
+    secret = "98765432101"
+    options = {"aws_access_key_id": "AKIATEST", "aws_secret_access_key": int(secret)}
+    job = write_job(tmp_path, emulator.url, output={"path": "s3://b/out.parquet", "storage_options": options})
+    result = run_cli("validate", str(job))
+    assert result.returncode == 2, result.stderr
+    assert "output.storage_options.aws_secret_access_key" in result.stderr, result.stderr
+    assert secret not in result.stderr + result.stdout
+
+
 @pytest.mark.ray
 def test_engine_ray_reads_its_ranges_from_s3_and_uploads_the_output(
     tmp_path: Path, s3: S3Server, emulator: Emulator
