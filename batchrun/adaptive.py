@@ -12,8 +12,9 @@ last second (the relay's real allowance), never below `MIN_CUT` nor above
 `BETA` times the rate actually sent; the rate then grows back on a cubic curve,
 as TCP CUBIC does and as AWS's adaptive retry mode does for throttling: fast at
 first, flat near the ceiling it was cut from (where most of the time is spent),
-then faster again in case the relay now allows more. Once it is far above the
-ceiling, pacing turns off again.
+then faster again in case the relay now allows more (after half a minute
+without a push-back it is far above anything sent: pacing no longer holds
+anything back).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ WINDOW = 32
 SHARE_SIGNAL = 20  # of WINDOW: a 30 % random rate reaches it about once in 40,000 windows
 RUN_SIGNAL = 6  # in a row, at least
 RUN_SIGNAL_PROBING = 3  # in a row, while paced above the last ceiling: that is where the limit was
-FALSE_ALARM = 1e-4  # random push-backs make a run that long this rarely (a 30 % rate: 8 in a row)
+FALSE_ALARM = 1e-5  # random push-backs make a run that long this rarely (a 30 % rate: 10 in a row)
 NOISE_ANSWERS = 200  # the push-back share is averaged over about this many answers
 MEASURE_S = 1.0  # rates sent and let through are measured over the last second
 BETA = 0.9  # a cut goes to this share of the ceiling
@@ -33,10 +34,10 @@ BELOW_REFUSED = 0.95  # the ceiling: this share of what got through (at 100 %, t
 MIN_CUT = 0.5  # nor below this share of the rate before (a window full of refusals lets nothing through)
 CEILING_S = 1.5  # back at the ceiling this long after a cut (the cubic's concave half)
 GROWTH = 0.002  # past the ceiling: +0.2 % after 1 s, +5 % after 3 s, +25 % after 5 s, double after 8 s
-UNPACED_ABOVE = 4.0  # times the ceiling: pacing off again
 MIN_RATE = 0.1  # requests per second
 BURST_S = 0.1  # unused pacing that may be spent at once
-SETTLE_S = 1.0  # after a slow-down, answers to requests sent this soon still judge the old rate
+SETTLE_STARTS = 8  # after a slow-down, answers to this many requests still judge the old rate,
+SETTLE_S = (0.25, 1.0)  # but no fewer than were sent in the first and no more than in the second of these
 
 
 class RecentCount:
@@ -72,6 +73,7 @@ class RateSignal:
         self.run = 0  # push-backs in a row
         self.noise = 0.0
         self._noise_before_run = 0.0
+        self._answers = 0
         self.since = -math.inf  # answers to requests sent before this say nothing new
 
     def answer(self, started_at: float, pushed_back: bool, now: float, probing: bool = False) -> bool:
@@ -85,7 +87,8 @@ class RateSignal:
         self.run = self.run + 1 if pushed_back else 0
         if self.run == 1:
             self._noise_before_run = self.noise
-        self.noise += (pushed_back - self.noise) / NOISE_ANSWERS
+        self._answers += 1
+        self.noise += (pushed_back - self.noise) / min(self._answers, NOISE_ANSWERS)  # a plain mean at first
         if self.run >= self._run_needed(probing) or self._pushed >= SHARE_SIGNAL:
             self.noise = self._noise_before_run if self.run else self.noise  # a pattern is not noise
             self.restart(now)
@@ -98,11 +101,11 @@ class RateSignal:
             return least
         return max(least, math.ceil(math.log(FALSE_ALARM) / math.log(min(self.noise, 0.9))))
 
-    def restart(self, now: float) -> None:
-        """A slow-down happened at `now`: judge again on answers to requests sent once it settled."""
+    def restart(self, now: float, rate: float = math.inf) -> None:
+        """A slow-down to `rate` happened at `now`: judge again on answers to requests sent once it settled."""
         self._recent.clear()
         self._pushed = self.run = 0
-        self.since = now + SETTLE_S
+        self.since = now + min(max(SETTLE_STARTS / rate, SETTLE_S[0]), SETTLE_S[1])
 
 
 class AdaptiveRate:
@@ -126,9 +129,6 @@ class AdaptiveRate:
             rate = self._ceiling * (1 + (1 - BETA) * (t / CEILING_S) ** 3)
         else:
             rate = self._ceiling * (1 + GROWTH * t**3)
-        if rate >= self._ceiling * UNPACED_ABOVE:
-            self._ceiling = None  # the relay kept up with far more than it once refused
-            return math.inf
         return max(rate, MIN_RATE)
 
     def probing(self, now: float) -> bool:
@@ -145,9 +145,8 @@ class AdaptiveRate:
 
     def cut(self, now: float, sent_per_s: float, ok_per_s: float) -> float:
         """Slow down to what the relay let through (random push-backs aside); returns the new rate."""
-        before = min(self.rate(now), sent_per_s) if sent_per_s > 0 else self.rate(now)
-        if before == math.inf:
-            before = max(ok_per_s, MIN_RATE)
+        # What was sent: the paced rate (the last second may hold a pause), else the measured one.
+        before = self.rate(now) if self.pacing else max(sent_per_s, ok_per_s, MIN_RATE)
         ceiling = max(min(ok_per_s * BELOW_REFUSED, before), before * MIN_CUT, MIN_RATE)
         rate = ceiling * BETA
         self._ceiling = ceiling

@@ -154,6 +154,7 @@ class Ticket:
     probe: bool
     in_flight: int = 1  # requests in flight when it started, itself included
     retry: bool = False
+    rate_probe: bool = False  # sent alone after a pause: its answer says whether the relay has room again
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ class LimiterChange:
     """A change of pace, for whoever wants to show or plot it."""
 
     at: float  # the event loop's clock
-    what: str  # "slower", "unpaced", "paused", "in_flight"
+    what: str  # "slower", "paused", "in_flight"
     reason: str
     rate: float  # requests per second now allowed (math.inf: not paced)
     in_flight_limit: int
@@ -250,6 +251,8 @@ class Limits:
         self._ok = RecentCount()
         self._ok_before = 0.0  # successes per second just before the latest run of push-backs began
         self._paused_until = -math.inf
+        self._cuts_in_a_row = 0  # slow-downs with no success in between
+        self._rate_probe = "off"  # after such a pause: "wanted", then "in_flight" until its answer
         self._successes = 0  # in a row, towards the next +1 of the in-flight limit
         self._refused_at: int | None = None  # the in-flight limit a concurrency 429 last set
         self._gate = anyio.Lock()  # one request at a time passes the rate checks, in order
@@ -289,6 +292,7 @@ class Limits:
             self.requests.wait_s(now, 1) if self.requests else 0.0,
             self.tokens.wait_s(now, tokens) if self.tokens else 0.0,
             self.breaker.wait_s(now),  # raises once the outage outlasts its timeout
+            math.inf if self._rate_probe == "in_flight" else 0.0,
         )
 
     def _start(self, now: float, tokens: int, retry: bool) -> Ticket:
@@ -298,13 +302,18 @@ class Limits:
         charge = self.tokens.charge(now, tokens) if self.tokens else None
         self.pace.started(now)
         self._sent.add(now)
-        return Ticket(now, charge, self.breaker.started(now), self.in_flight.used, retry)
+        rate_probe = self._rate_probe == "wanted"
+        if rate_probe:
+            self._rate_probe = "in_flight"
+        return Ticket(now, charge, self.breaker.started(now), self.in_flight.used, retry, rate_probe)
 
     def succeeded(self, ticket: Ticket, actual_tokens: int | None, quota: QuotaLeft | None = None) -> None:
         now = anyio.current_time()
         if self.tokens and ticket.tokens and actual_tokens is not None:
             self.tokens.correct(ticket.tokens, actual_tokens, now)
         self._ok.add(now)
+        self._cuts_in_a_row = 0
+        self._probe_answered(ticket)
         self._signal.answer(ticket.started_at, False, now)
         self._grow_in_flight()
         if quota is not None:
@@ -313,6 +322,7 @@ class Limits:
 
     def failed(self, ticket: Ticket, error: CallError) -> None:
         now = anyio.current_time()
+        self._probe_answered(ticket)
         if error.error_class in PUSHBACK_CLASSES and error.code in CONCURRENCY_CODES:
             self._refused_in_flight(ticket, now)
         elif error.error_class in PUSHBACK_CLASSES and error.retry_hint:
@@ -321,7 +331,9 @@ class Limits:
                 self._slow_down(now, "a 429 with a hint")
         elif pushed_back(error):
             # One of these alone is random saturation: only its row waits (transport.py). A pattern is a rate.
-            if self._signal.answer(ticket.started_at, True, now, self.pace.probing(ticket.started_at)):
+            if ticket.rate_probe:
+                self._slow_down(now, "the request sent alone after a pause was refused too")
+            elif self._signal.answer(ticket.started_at, True, now, self.pace.probing(ticket.started_at)):
                 self._slow_down(now, f"{RUN_SIGNAL} in a row or {SHARE_SIGNAL} of {WINDOW} answers pushed back")
             elif self._signal.run == 1:  # what got through until now: the relay's allowance, if a pattern starts
                 self._ok_before = self._ok.per_s(now)
@@ -334,10 +346,26 @@ class Limits:
         return self.breaker.looks_down and self.breaker.counts_as_down(error)
 
     def _slow_down(self, now: float, reason: str) -> None:
-        self._signal.restart(now)
+        """Pace slower; if the last slow-down let nothing through, also pause, longer each time.
+
+        A relay whose window counts refused requests and is longer than a second stays full
+        while anything is sent: only a pause lets it empty, and one request sent alone after
+        it tells whether it did, the others waiting for its answer.
+        """
+        if self._cuts_in_a_row:
+            self._pause(now + backoff_s(self._cuts_in_a_row - 1), "slowing down let nothing through")
+            self._rate_probe = "wanted"  # then one request alone finds out whether the window emptied
+        self._cuts_in_a_row += 1
         let_through = max(self._ok.per_s(now), self._ok_before) / (1 - min(self._signal.noise, 0.5))
+        self._ok_before = 0.0  # used once: a later slow-down measures afresh
         rate = self.pace.cut(now, self._sent.per_s(now), let_through)
+        self._signal.restart(now, rate)
         self._tell("slower", reason, now, rate)
+
+    def _probe_answered(self, ticket: Ticket) -> None:
+        if ticket.rate_probe:
+            self._rate_probe = "off"
+            self._wake()
 
     def _refused_in_flight(self, ticket: Ticket, now: float) -> None:
         """The relay's concurrency limit: below what was in flight when this one was sent."""

@@ -179,7 +179,7 @@ class Run:
         send, receive = anyio.create_memory_object_stream[WorkItem](self.concurrency * 2)
         async with anyio.create_task_group() as tg:
             tg.start_soon(checkpoint.flush_loop)
-            async with anyio.create_task_group() as work, receive:
+            async with receive, anyio.create_task_group() as work:  # stand-ins clone `receive` until the end
 
                 def start_worker() -> None:
                     work.start_soon(
