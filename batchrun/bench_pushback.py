@@ -9,13 +9,15 @@ it with a run of the same job in the same invocation (docs/backoff.md):
 * a rate limit of N requests a second (refused ones counted, as the relay
   does): requests answered ok per second over N, and the share answered 429;
 * the same limit halved, then restored mid-run (`POST /_emulator/limits`):
-  seconds until each second's ok answers stay within 80 % of the new N;
+  seconds until three seconds in a row average 80 % of the new N ok answers
+  with at most 10 % answered 429;
 * a concurrency limit: ok answers per second over what the limit allows.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import urllib.request
@@ -113,10 +115,9 @@ def _halved_and_restored(folder: Path, sizes: Sizes) -> list[Figure]:
             _post(url + "/_emulator/limits", {"rpm_limit": limit})
 
     wall_s, stats = _timed_run(folder, rows, args, during=change_limits)
-    per_second = {s[0]: s[1] - s[2] for s in stats["timeline"]}
     figures = []
     for at, limit, what in zip(changes, (n // 2, n), ("halved", "restored")):
-        settled = _settled_after(per_second, int(at), limit)
+        settled = _settled_after(stats["timeline"], int(at), limit)
         refused = sum(s[2] for s in stats["timeline"] if int(at) <= s[0] < int(at) + phase)
         sent = sum(s[1] for s in stats["timeline"] if int(at) <= s[0] < int(at) + phase)
         note = f"N {limit}/s; {refused} of {sent} requests answered 429 in the {phase:g} s after"
@@ -124,14 +125,15 @@ def _halved_and_restored(folder: Path, sizes: Sizes) -> list[Figure]:
     return figures
 
 
-def _settled_after(ok_per_second: dict[int, int], start: int, limit: int) -> float:
-    """Seconds from `start` until every later second (but the run's last) had >= SETTLED_SHARE * limit ok."""
-    seconds = sorted(t for t in ok_per_second if t >= start)[:-1]
-    settled = start
-    for t in seconds:
-        if ok_per_second[t] < SETTLED_SHARE * limit:
-            settled = t + 1
-    return float(settled - start)
+def _settled_after(timeline: list[list[int]], start: int, limit: int) -> float:
+    """Seconds from `start` until 3 seconds in a row average >= SETTLED_SHARE * limit ok, <= 10 % answered 429."""
+    seconds = {t: (sent, refused) for t, sent, refused in timeline}
+    for t in range(start, max(seconds, default=start) - 1):
+        sent = sum(seconds.get(t + i, (0, 0))[0] for i in range(3))
+        refused = sum(seconds.get(t + i, (0, 0))[1] for i in range(3))
+        if (sent - refused) / 3 >= SETTLED_SHARE * limit and refused <= 0.1 * sent:
+            return float(t - start)
+    return math.inf
 
 
 def _concurrency_limit(folder: Path, sizes: Sizes) -> list[Figure]:
