@@ -356,7 +356,7 @@ class Limits:
             self._pause(now + backoff_s(self._cuts_in_a_row - 1), "slowing down let nothing through")
             self._rate_probe = "wanted"  # then one request alone finds out whether the window emptied
         self._cuts_in_a_row += 1
-        let_through = max(self._ok.per_s(now), self._ok_before) / (1 - min(self._signal.noise, 0.5))
+        let_through = max(self._ok.per_s(now), self._ok_before)
         self._ok_before = 0.0  # used once: a later slow-down measures afresh
         rate = self.pace.cut(now, self._sent.per_s(now), let_through)
         self._signal.restart(now, rate)
