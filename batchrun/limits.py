@@ -40,7 +40,7 @@ from typing import Any
 
 import anyio
 
-from batchrun.adaptive import RUN_SIGNAL, SHARE_SIGNAL, WINDOW, AdaptiveRate, RateSignal, RecentCount
+from batchrun.adaptive import AdaptiveRate, RateSignal, RecentCount
 from batchrun.breaker import OutageBreaker
 from batchrun.protocols import CallError
 from batchrun.protocols.relay_errors import QuotaLeft
@@ -256,7 +256,7 @@ class Limits:
         self._successes = 0  # in a row, towards the next +1 of the in-flight limit
         self._refused_at: int | None = None  # the in-flight limit a concurrency 429 last set
         self._gate = anyio.Lock()  # one request at a time passes the rate checks, in order
-        self._changed = anyio.Event()  # set when the breaker's probe ends
+        self._changed = anyio.Event()  # set when a probe ends (the breaker's or the rate's)
 
     @property
     def limit(self) -> int:
@@ -334,7 +334,7 @@ class Limits:
             if ticket.rate_probe:
                 self._slow_down(now, "the request sent alone after a pause was refused too")
             elif self._signal.answer(ticket.started_at, True, now, self.pace.probing(ticket.started_at)):
-                self._slow_down(now, f"{RUN_SIGNAL} in a row or {SHARE_SIGNAL} of {WINDOW} answers pushed back")
+                self._slow_down(now, "push-backs came as a pattern, not at random")
             elif self._signal.run == 1:  # what got through until now: the relay's allowance, if a pattern starts
                 self._ok_before = self._ok.per_s(now)
         else:
@@ -397,9 +397,9 @@ class Limits:
             starts_left = group.remaining / cost - (self.in_flight.used - 1)  # the others in flight count too
             if starts_left < 1:
                 self._pause(now + group.reset_s, "x-ratelimit-remaining says the quota is used up")
-            elif group.remaining < QUOTA_LOW * group.limit and (rate := starts_left / group.reset_s) < self.pace.rate(
-                now
-            ):
+                continue
+            rate = starts_left / group.reset_s  # what is left, spread evenly until the reset
+            if group.remaining < QUOTA_LOW * group.limit and rate < self.pace.rate(now):
                 self.pace.cap(rate, now)
                 self._tell("slower", "x-ratelimit-remaining is low", now, rate)
 
