@@ -145,7 +145,9 @@ def write_input(path: Path, rows: int) -> Path:
     return path
 
 
-def write_job(folder: Path, input_path: Path, base_url: str, concurrency: int, stream: bool = False) -> Job:
+def write_job(
+    folder: Path, input_path: Path, base_url: str, concurrency: int, stream: bool = False, attempts: int = 3
+) -> Job:
     job = {
         "name": "bench",
         "input": {"path": str(input_path), "id_column": "review_id"},
@@ -158,7 +160,7 @@ def write_job(folder: Path, input_path: Path, base_url: str, concurrency: int, s
         "params": {"max_completion_tokens": 40},
         "stream": stream,
         "output": {"path": "out/bench.parquet"},
-        "run": {"concurrency": concurrency, "max_attempts": 3, "timeout_s": 120},
+        "run": {"concurrency": concurrency, "max_attempts": attempts, "timeout_s": 120},
     }
     path = folder / "bench.yaml"
     path.write_text(yaml.safe_dump(job, sort_keys=False), encoding="utf-8")
@@ -178,13 +180,14 @@ def request_bodies(job: Job) -> list[bytes]:
 
 
 @contextmanager
-def emulator_process(latency_ms: float = 0.0) -> Iterator[str]:
-    """The emulator in its own process, on a free port; yields its URL.
+def emulator_process(latency_ms: float = 0.0, extra: list[str] | None = None) -> Iterator[str]:
+    """The emulator in its own process, on a free port, with `extra` options; yields its URL.
 
     Streamed answers come in STREAM_PIECES content events (about 20 events with the
     role, finish, usage and [DONE]); no keepalive pings.
     """
     args = ["--port", "0", "--latency-ms", str(latency_ms), "--stream-pieces", str(STREAM_PIECES), "--ping-ms", "0"]
+    args += extra or []
     process = subprocess.Popen(
         [sys.executable, "-m", "batchrun", "emulator", *args],
         stdout=subprocess.PIPE,
@@ -399,7 +402,7 @@ def memory(sizes: list[int], base_url: str, workdir: Path) -> list[dict[str, Any
 
 def run_bench(quick: bool, memory_rows: list[int]) -> Report:
     sizes = QUICK if quick else FULL
-    report = Report(quick=quick, machine=_machine())
+    report = Report(quick=quick, machine=machine())
     with tempfile.TemporaryDirectory(prefix="batchrun-bench-") as tmp:
         workdir = Path(tmp)
         with emulator_process() as url:
@@ -456,7 +459,7 @@ def _latency_scenario(folder: Path, sizes: Sizes) -> Scenario:
     return scenario
 
 
-def _machine() -> dict[str, Any]:
+def machine() -> dict[str, Any]:
     import platform
 
     return {

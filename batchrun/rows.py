@@ -10,7 +10,7 @@ actor passes stand-ins for the job-wide ones, and neither re-implements a step.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -60,6 +60,7 @@ class RowParts:
     watch: StopWatch
     transport: Transport
     observe_limits: Callable[[], None] = lambda: None  # after each attempt: the local limiter's timeline
+    rest: Callable[[float], Awaitable[None]] = anyio.sleep  # before a retry (the local engine lends the row's worker)
 
 
 class RowPipeline:
@@ -118,11 +119,22 @@ class RowPipeline:
         return WorkItem(idx, row_id, request, estimate, prompt_estimate, key, request_hash, output_cap(params))
 
     async def work(
-        self, receive: MemoryObjectReceiveStream[WorkItem], progress: ProgressSink, scope: anyio.CancelScope
+        self,
+        receive: MemoryObjectReceiveStream[WorkItem],
+        progress: ProgressSink,
+        scope: anyio.CancelScope,
+        retire: Callable[[], bool] = lambda: False,
     ) -> None:
-        """One worker: sends the rows it receives, one at a time; cancels `scope` when the run must stop."""
+        """One worker: sends the rows it receives, one at a time; cancels `scope` when the run must stop.
+
+        `retire` is asked before each row: True ends this worker (the local engine's surplus stand-ins).
+        """
         async with receive:
-            async for item in receive:
+            while not retire():
+                try:
+                    item = await receive.receive()
+                except anyio.EndOfStream:
+                    return
                 if not await self.send(item, progress):
                     scope.cancel()
                     return
@@ -240,6 +252,7 @@ class RowPipeline:
                 spec.run.max_attempts,
                 on_error,
                 before_first_send=begin if first else _nothing,
+                rest=parts.rest,
             )
             reply = outcome.reply
             if reply is None:

@@ -24,7 +24,7 @@ from functools import partial
 from typing import Any, Protocol
 
 import anyio
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from batchrun import output, spend, storage
 from batchrun.checkpoint import DB_NAME, Checkpoint, checkpoint_folder
@@ -212,12 +212,20 @@ class Run:
 
 
 class LocalEngine:
-    """Sends the rows from this process: a producer, `concurrency` workers, and Ctrl-C handling."""
+    """Sends the rows from this process: a producer, `concurrency` workers, and Ctrl-C handling.
+
+    A row waiting for its retry holds no worker: a stand-in worker takes the next row meanwhile
+    (at most 2 × concurrency workers at once), and the surplus retires after its row.
+    """
 
     def __init__(self, presses: CtrlC | None = None) -> None:
         self._presses = presses  # None: this thread's SIGINT
         self._interrupts = 0
         self._producing = anyio.CancelScope()
+        self._concurrency = 0
+        self._workers = 0  # stand-ins included
+        self._resting = 0  # rows waiting for a retry (their workers' places taken by stand-ins)
+        self._stand_in: Callable[[], None] | None = None  # starts one more worker while the run's rows flow
 
     async def send_all(self, run: Run, checkpoint: Checkpoint, progress: Progress, base_url: str) -> Sent:
         spec = run.job.spec.run
@@ -225,7 +233,10 @@ class LocalEngine:
         watch = AbortWatch[CallError]()
         transport = Transport(base_url, run.api_key, spec.timeout_s, run.concurrency)
         timeline = LimiterTimeline(checkpoint)  # the Ray engine's limiter is the coordinator's: none there
-        parts = RowParts(checkpoint, limits, SharedAnswers(), watch, transport, partial(timeline.observe, limits))
+        self._concurrency = run.concurrency
+        parts = RowParts(
+            checkpoint, limits, SharedAnswers(), watch, transport, partial(timeline.observe, limits), self._rest
+        )
         pipeline = run.pipeline(parts)
         try:
             await self._send_all(run, pipeline, checkpoint, progress, timeline)
@@ -240,17 +251,53 @@ class LocalEngine:
         send, receive = anyio.create_memory_object_stream[WorkItem](run.concurrency * 2)
         async with anyio.create_task_group() as tg:
             tg.start_soon(checkpoint.flush_loop)
-            async with anyio.create_task_group() as work:
+            async with receive, anyio.create_task_group() as work:  # stand-ins clone `receive` until the end
+
+                def start_worker() -> None:
+                    work.start_soon(self._counted_work, pipeline, receive.clone(), progress, work.cancel_scope)
+
+                self._stand_in = start_worker
                 tg.start_soon(self._stop_on_ctrl_c, checkpoint, work.cancel_scope)
                 work.start_soon(self._produce_until_ctrl_c, run, pipeline, send, checkpoint, progress)
                 for _ in range(run.concurrency):
-                    work.start_soon(pipeline.work, receive.clone(), progress, work.cancel_scope)
-                receive.close()
+                    start_worker()
+            self._stand_in = None
             if pipeline.parts.watch.tripped is None:
                 pipeline.release_held(progress)
             timeline.close()
             await checkpoint.flush()
             tg.cancel_scope.cancel()
+
+    async def _counted_work(
+        self,
+        pipeline: RowPipeline,
+        receive: MemoryObjectReceiveStream[WorkItem],
+        progress: Progress,
+        scope: anyio.CancelScope,
+    ) -> None:
+        self._workers += 1
+        try:
+            await pipeline.work(receive, progress, scope, retire=self._surplus)
+        finally:
+            self._workers -= 1
+
+    def _surplus(self) -> bool:
+        """More workers busy than places: a stand-in whose row's retry came back retires."""
+        return self._workers - self._resting > self._concurrency
+
+    async def _rest(self, seconds: float) -> None:
+        """A row waits for its retry: a stand-in worker takes the next row meanwhile, so the places stay busy.
+
+        Rows resting hold no place, and at most as many stand-ins as places run at once.
+        """
+        self._resting += 1
+        try:
+            active = self._workers - self._resting
+            if self._stand_in is not None and active < self._concurrency and self._workers < 2 * self._concurrency:
+                self._stand_in()
+            await anyio.sleep(seconds)
+        finally:
+            self._resting -= 1
 
     async def _produce_until_ctrl_c(
         self,

@@ -17,12 +17,12 @@ LAYERS: list[list[str]] = [
     ["structured", "render", "inputs", "checkpoint"],
     ["settings"],
     ["protocols"],
-    ["images", "breaker", "limits", "spend", "sharing", "seams"],
+    ["images", "breaker", "adaptive", "limits", "spend", "sharing", "seams"],
     ["checks", "transport", "fingerprint", "output", "progress"],
     ["resume", "repair", "rows", "timeline"],
     ["runner", "ray_coordinator", "report"],
     ["engine_ray", "report_page"],
-    ["commands", "api", "bench", "cli", "__main__", "__init__"],
+    ["commands", "api", "bench", "bench_pushback", "cli", "__main__", "__init__"],
 ]
 LAYER = {name: n for n, names in enumerate(LAYERS) for name in names}
 
