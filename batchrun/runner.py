@@ -18,7 +18,6 @@ from functools import partial
 from typing import Any
 
 import anyio
-import jinja2
 import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -29,12 +28,13 @@ from batchrun.inputs import ROW_INDEX, InputTable
 from batchrun.limits import Limits, estimate_tokens, output_cap, prompt_tokens_estimate
 from batchrun.progress import Progress
 from batchrun.protocols import CallError
+from batchrun.redaction import redact
 from batchrun.render import Renderer, Request
 from batchrun.resume import ResumeFlags, open_for_run
 from batchrun.sharing import SharedAnswers, request_key
 from batchrun.spec import Job
 from batchrun.structured import AnswerParser, ask_with_repairs, explain_native_rejection
-from batchrun.transport import Outcome, Transport, call_with_retries
+from batchrun.transport import AnswerCaps, Outcome, Transport, call_with_retries
 
 ABORT_AFTER = 3  # PROTOCOL.md §5.2 rules B and C
 GRACE_S = 3.0  # after Ctrl-C, how long rows in flight may take to finish before they are cancelled
@@ -149,7 +149,8 @@ class Run:
             )
             with _base_url(self.job) as base_url:
                 self.base_url = base_url
-                transport = Transport(base_url, self.api_key, self.job.spec.run.timeout_s, self.concurrency)
+                run = self.job.spec.run
+                transport = Transport(base_url, self.api_key, run.timeout_s, self.concurrency, AnswerCaps.of(run))
                 try:
                     await self._run_all(checkpoint, transport, progress)
                 finally:
@@ -237,7 +238,7 @@ class Run:
         row_id = str(row[self.table.id_name])
         try:
             request = self.renderer.render(row)
-        except jinja2.TemplateError as e:
+        except Exception as e:  # a template or filter failing on this row's values (jinja2 does not wrap them all)
             checkpoint.finish(_input_error(idx, row_id, f"template: {e}"))
             progress.row_done("error", None)
             return None
@@ -288,30 +289,49 @@ class Run:
             async for item in receive:
                 if self.budget.stopped:
                     continue  # left pending: the budget allows no more requests
-                record = await self.sharing.find(item.key, item.idx, item.row_id)
-                if record is not None:
-                    checkpoint.finish(record)
-                    progress.row_done(self._status(record), record)
-                    continue
-                with self.sharing.leading(item.key) as publish:
-                    asked = await self._ask(item, checkpoint, transport)
-                    if asked is None:
-                        continue
-                    record, outcome = asked
-                    publish(record)
-                if outcome.error is not None and outcome.error.abort is not None:
-                    # Held back: if the run aborts, this row stays pending rather than failed.
-                    self._held.append(record)
-                    if self.watch.tripped is not None:
-                        self.settle_held(checkpoint, progress)
-                        scope.cancel()
+                try:
+                    if not await self._row(item, checkpoint, transport, progress, scope):
                         return
-                    continue
-                if outcome.reply is not None:
-                    self.watch.on_success()
-                    self._release_held(checkpoint, progress)
-                checkpoint.finish(record)
-                progress.row_done(self._status(record), record)
+                except Exception as e:  # the row is the unit of failure: this row's error, and the run goes on
+                    self._finish(checkpoint, progress, _internal_error(item, e))
+
+    async def _row(
+        self,
+        item: WorkItem,
+        checkpoint: Checkpoint,
+        transport: Transport,
+        progress: Progress,
+        scope: anyio.CancelScope,
+    ) -> bool:
+        """Everything one row's work does, up to its finished record; False when the run is stopping."""
+        record = await self.sharing.find(item.key, item.idx, item.row_id)
+        if record is not None:
+            self._finish(checkpoint, progress, record)
+            return True
+        with self.sharing.leading(item.key) as publish:
+            asked = await self._ask(item, checkpoint, transport)
+            if asked is None:
+                return True
+            record, outcome = asked
+            publish(record)
+        if outcome.error is not None and outcome.error.abort is not None:
+            # Held back: if the run aborts, this row stays pending rather than failed.
+            self._held.append(record)
+            if self.watch.tripped is not None:
+                self.settle_held(checkpoint, progress)
+                scope.cancel()
+                return False
+            return True
+        if outcome.reply is not None:
+            self.watch.on_success()
+            self._release_held(checkpoint, progress)
+        self._finish(checkpoint, progress, record)
+        return True
+
+    def _finish(self, checkpoint: Checkpoint, progress: Progress, record: RowRecord) -> None:
+        """Counted first, then stored: a failure while counting ends the row as `internal` instead, stored once."""
+        progress.row_done(self._status(record), record)
+        checkpoint.finish(record)
 
     async def _ask(
         self, item: WorkItem, checkpoint: Checkpoint, transport: Transport
@@ -391,10 +411,9 @@ class Run:
 
     def _release_held(self, checkpoint: Checkpoint, progress: Progress) -> None:
         """The run goes on after all: rows held back by a possible abort are errors after all."""
-        for held in self._held:
-            checkpoint.finish(held)
-            progress.row_done(self._status(held), held)
-        self._held.clear()
+        held, self._held = self._held, []
+        for record in held:
+            self._finish(checkpoint, progress, record)
 
     def _summary(
         self, totals: dict[str, Any], written: dict[str, Any], total: int, interrupted: int, wall_s: float
@@ -424,25 +443,35 @@ class Run:
 
 
 def _record(item: WorkItem, outcome: Outcome) -> RowRecord:
+    """The row as stored; the answer's texts masked like every message (the model may echo a key in the prompt)."""
     reply, error = outcome.reply, outcome.error
-    calls = orjson.dumps(reply.tool_calls).decode() if reply and reply.tool_calls else None
+    calls = redact(orjson.dumps(reply.tool_calls).decode()) if reply and reply.tool_calls else None
+    note = "; ".join(reply.notes) if reply and reply.notes else None  # an ok row's `error` says what was odd
     return RowRecord(
         idx=item.idx,
         row_id=item.row_id,
         status="ok" if reply is not None else "error",
-        response_text=reply.text if reply else None,
+        response_text=redact(reply.text) if reply and reply.text else None,
         tool_calls=calls,
         finish_reason=reply.finish_reason if reply else None,
-        model=reply.model if reply else None,
+        model=redact(reply.model) if reply and reply.model else None,
         prompt_tokens=reply.prompt_tokens if reply else None,
         completion_tokens=reply.completion_tokens if reply else None,
         latency_s=round(outcome.latency_s, 4),
         attempts=outcome.attempts,
         error_class=error.error_class if error else None,
-        error=str(error) if error else None,
+        error=str(error) if error else note,
         finished_at=time.time(),
         request_hash=item.request_hash,
     )
+
+
+def _internal_error(item: WorkItem, e: Exception) -> RowRecord:
+    """An exception nobody foresaw in this row's work, as the row's result (masked, like every message)."""
+    message = redact(f"internal: {type(e).__name__}: {e}")[:2000]
+    failed = RowRecord(item.idx, item.row_id, "error", *[None] * 7, 0, "internal", message, time.time())
+    failed.request_hash = item.request_hash
+    return failed
 
 
 async def _nothing() -> None:

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from batchrun.errors import JobError
-from batchrun.redaction import register_secret
+from batchrun.redaction import MIN_KEY_CHARS, register_secret, too_short
 from batchrun.structured import output_problems
 
 EMULATOR = "emulator"
@@ -43,6 +43,7 @@ class PromptSpec(_Section):
     user: str
     images: list[str] = Field(default_factory=list)
     max_image_side: int | None = Field(default=None, ge=16)
+    max_image_mb: float = Field(default=20, gt=0)  # one image file or download; larger is the row's `input` error
 
 
 class OutputSpec(_Section):
@@ -60,7 +61,9 @@ class RunSpec(_Section):
     requests_per_minute: float | None = Field(default=None, gt=0)
     tokens_per_minute: float | None = Field(default=None, gt=0)
     max_attempts: int = Field(default=5, ge=1, le=100)
-    timeout_s: float = Field(default=120, gt=0)
+    timeout_s: float = Field(default=120, gt=0)  # idle: the longest wait for the next bytes of an answer
+    answer_timeout_s: float = Field(default=600, gt=0)  # a whole streamed answer (a whole JSON one: timeout_s)
+    max_answer_mb: float = Field(default=16, gt=0)  # one answer's bytes; beyond, the row is `too_large`
     outage_timeout_s: float = Field(default=600, gt=0)  # how long to wait for a relay that seems down
     max_cost: float | None = Field(default=None, ge=0)
 
@@ -83,6 +86,9 @@ class JobSpec(_Section):
     output: OutputSpec
     run: RunSpec = Field(default_factory=RunSpec)
     pricing: PricingSpec | None = None
+
+
+MAX_BODY_BYTES = 256 << 20  # a request body beyond this is a job-file mistake (or a YAML alias bomb)
 
 
 class Job:
@@ -124,6 +130,11 @@ class Job:
         """The key from the environment; never stored anywhere by batchrun."""
         env = self.spec.provider.api_key_env
         key = os.environ.get(env, "").strip()  # a pasted key often brings a newline along
+        if too_short(key):
+            raise JobError(
+                f"{self.path}: provider.api_key_env: the key in {env} has fewer than {MIN_KEY_CHARS} characters, "
+                "too short to keep out of messages safely; set it to the key exactly as issued"
+            )
         register_secret(key)
         if not key and not self.uses_emulator:
             raise JobError(
