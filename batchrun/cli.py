@@ -265,7 +265,12 @@ def _validate(args: argparse.Namespace) -> int:
     for batch in table.batches(limit=args.show):
         for row in batch.iter_rows(named=True):
             print(f"\nrow {row[table.id_name] if table.id_column else row[ROW_INDEX]}:")
-            print(preview_body(protocol, loader, renderer.render(row), spec))
+            try:
+                request = renderer.render(row)
+            except Exception as e:  # as `run` would record it: this row's input error
+                print(redact(f"(not sent: the row would be an input error: template: {e})"))
+            else:
+                print(redact(preview_body(protocol, loader, request, spec)))
             shown += 1
     print()
     for line in spend.describe_estimate(spend.estimate_job(job, table, renderer), job):

@@ -7,11 +7,15 @@ from typing import Any
 
 import jinja2
 import jinja2.meta
+import jinja2.sandbox
 
 from batchrun.errors import JobError
 from batchrun.spec import Job
 
-_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
+# Sandboxed: a template (or a job file from someone else) cannot reach Python's internals, os.environ and the key.
+_ENV = jinja2.sandbox.SandboxedEnvironment(
+    undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False
+)
 
 
 @dataclass(frozen=True)
