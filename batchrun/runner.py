@@ -199,7 +199,8 @@ class Run:
 
         Either way the run then commits what finished (the checkpoint is consistent at every commit).
         """
-        with anyio.open_signal_receiver(signal.SIGINT) as signals:
+        # SIGTERM is what `timeout`, systemd, Kubernetes and batch schedulers send: the same as a first Ctrl-C.
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             await anext(signals)
             self.interrupts = 1
             self._producing.cancel()

@@ -88,7 +88,8 @@ class JobSpec(_Section):
     pricing: PricingSpec | None = None
 
 
-MAX_BODY_BYTES = 256 << 20  # a request body beyond this is a job-file mistake (or a YAML alias bomb)
+MAX_JOB_VALUES = 1_000_000  # values in the job file once YAML aliases are expanded; real jobs have hundreds
+MAX_JOB_CHARS = 64 << 20  # their text, likewise: beyond, every request body would be absurdly large
 
 
 class Job:
@@ -216,6 +217,11 @@ def load_job(path: str | os.PathLike[str]) -> Job:
         raise JobError(f"{path}:{_yaml_line(e)}: YAML syntax error: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise JobError(f"{path}: the job file must be a mapping of keys (name, input, model, prompt, output, ...)")
+    if _too_big(data):
+        raise JobError(
+            f"{path}: the job file expands to more than {MAX_JOB_VALUES:,} values or {MAX_JOB_CHARS >> 20} MB of text "
+            "(YAML aliases repeating aliases?); every request would be absurdly large; refused"
+        )
     lines = _line_index(root)
     try:
         spec = JobSpec.model_validate(data)
@@ -274,18 +280,47 @@ def _nearest_line(loc: list[str], lines: dict[str, int]) -> int:
     return 1
 
 
-def _line_index(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
-    """Dotted key -> 1-based line number, for mappings (lists are indexed by position)."""
+def _too_big(data: Any) -> bool:
+    """Whether the loaded job, with every alias expanded, passes MAX_JOB_VALUES or MAX_JOB_CHARS.
+
+    Counted without expanding anything and stopping at the limit, so an alias bomb costs the limit, not 2^N.
+    """
+    values = chars = 0
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        values += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        else:
+            chars += len(item) if isinstance(item, str) else 8
+        if values > MAX_JOB_VALUES or chars > MAX_JOB_CHARS:
+            return True
+    return False
+
+
+def _line_index(node: yaml.Node | None, prefix: str = "", seen: set[int] | None = None) -> dict[str, int]:
+    """Dotted key -> 1-based line number, for mappings (lists are indexed by position).
+
+    A node reached again through an alias is not walked again: an alias bomb would take 2^N steps.
+    """
+    seen = set() if seen is None else seen
     out: dict[str, int] = {}
+    if id(node) in seen:
+        return out
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = f"{prefix}{key_node.value}"
             out[key] = key_node.start_mark.line + 1
-            out.update(_line_index(value_node, key + "."))
+            out.update(_line_index(value_node, key + ".", seen))
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out[f"{prefix}{i}"] = item.start_mark.line + 1
-            out.update(_line_index(item, f"{prefix}{i}."))
+            out.update(_line_index(item, f"{prefix}{i}.", seen))
     return out
 
 
