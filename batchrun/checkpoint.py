@@ -104,10 +104,7 @@ class Checkpoint:
             self._open_or_create()
         except sqlite3.DatabaseError as e:
             self._db.close()
-            raise JobError(
-                f"{folder}: the checkpoint is damaged ({e}); run again with --restart to start over "
-                "(its stored answers are lost)"
-            ) from None
+            raise JobError(_open_failure(folder, e)) from None
         except JobError:
             self._db.close()
             raise
@@ -309,6 +306,22 @@ class Checkpoint:
         if self._lock_file is not None:
             os.close(self._lock_file)
             self._lock_file = None
+
+
+def _open_failure(folder: Path, e: sqlite3.DatabaseError) -> str:
+    """Three stops told apart: only a damaged checkpoint suggests --restart, which gives up its answers."""
+    name = getattr(e, "sqlite_errorname", "")
+    if name.startswith("SQLITE_FULL"):
+        return f"{folder}: the disk is full; free some space and run again (the checkpoint's answers are kept)"
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_IOERR")):
+        return (
+            f"{folder}: the checkpoint cannot be written ({e}): a read-only folder or file system? "
+            "Make it writable and run again (its answers are kept)"
+        )
+    return (
+        f"{folder}: the checkpoint is damaged ({e}); run again with --restart to start over "
+        "(its stored answers are lost)"
+    )
 
 
 def checkpoint_folder(output_path: Path) -> Path:

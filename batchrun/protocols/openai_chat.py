@@ -89,7 +89,7 @@ def parse(data: Any) -> Reply:
         raise CallError("malformed", "malformed response: the message is not an object", abort="C")
     calls = [
         {"name": str(fn.get("name", "")), "arguments": _arguments(fn.get("arguments"))}
-        for call in message["tool_calls"] or []
+        for call in message.get("tool_calls") or []
         if isinstance(call, dict) and isinstance(fn := call.get("function"), dict)
     ]
     return reply_from(message.get("content"), message.get("refusal"), calls, choice.get("finish_reason"), data)
