@@ -22,7 +22,7 @@ _SHAPE = re.compile(r"\[\[shape: ([a-z0-9_]+)\]\]")
 counts: Counter[str] = Counter()
 
 
-def answer(content: Any = "\"fine\"", usage: Any = None, **extra: Any) -> dict[str, Any]:
+def answer(content: Any = '"fine"', usage: Any = None, **extra: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": "x",
         "model": "gpt-5.4",
@@ -36,7 +36,7 @@ def answer(content: Any = "\"fine\"", usage: Any = None, **extra: Any) -> dict[s
 WHOLE: dict[str, Any] = {
     "usage_float": answer(usage={"prompt_tokens": 1.5, "completion_tokens": 2}),
     "usage_string": answer(usage={"prompt_tokens": "10", "completion_tokens": [2]}),
-    "usage_negative": answer(usage={"prompt_tokens": -10**6, "completion_tokens": 2}),
+    "usage_negative": answer(usage={"prompt_tokens": -(10**6), "completion_tokens": 2}),
     "usage_huge": answer(usage={"prompt_tokens": 2**63, "completion_tokens": True}),
     "usage_not_object": answer(usage="lots"),
     "choices_null": {"id": "x", "choices": None},
@@ -68,13 +68,15 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return web.Response(status=500, text="x" * 190 + f" token {KEY} rejected", content_type="text/plain")
     if shape == "markdown_image":
         png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 32).decode()
-        return web.Response(body=orjson.dumps(answer(f"![a](data:image/png;base64,{png})")), content_type="application/json")
+        return web.Response(
+            body=orjson.dumps(answer(f"![a](data:image/png;base64,{png})")), content_type="application/json"
+        )
     if shape == "huge_json":  # larger than the test's run.max_answer_mb
         return web.Response(body=orjson.dumps(answer("y" * (3 << 20))), content_type="application/json")
     if shape in ("endless_data", "endless_pings", "endless_line"):
         return await _endless(request, shape)
     if body.get("stream"):
-        return await _sse(request, [_chunk(b"\\\"fine\\\"")])
+        return await _sse(request, [_chunk(b'\\"fine\\"')])
     return web.Response(body=orjson.dumps(answer()), content_type="application/json")
 
 

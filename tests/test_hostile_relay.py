@@ -18,8 +18,7 @@ from typing import Any
 
 import polars as pl
 import pytest
-
-from conftest import REPO, TEST_KEY, assert_key_nowhere, cli_env, run_cli, write_csv, write_job
+from conftest import REPO, assert_key_nowhere, cli_env, run_cli, write_csv, write_job
 
 ROWS = 5
 ODD = 3  # the odd row comes after normal ones: a malformed answer before any success would stop the run (rule C)
@@ -73,12 +72,10 @@ def run_shape(tmp_path: Path, hostile: Hostile, shape: str, **overrides: Any) ->
     return out.row(ODD - 1, named=True), first
 
 
-@pytest.mark.parametrize(
-    "shape", ["usage_float", "usage_string", "usage_negative", "usage_huge", "usage_not_object"]
-)
+@pytest.mark.parametrize("shape", ["usage_float", "usage_string", "usage_negative", "usage_huge", "usage_not_object"])
 def test_odd_usage_is_null_with_a_note(tmp_path: Path, hostile: Hostile, shape: str) -> None:
     row, _ = run_shape(tmp_path, hostile, shape, pricing={"input_per_million": 1, "output_per_million": 1})
-    assert row["status"] == "ok" and row["response_text"] == "\"fine\""
+    assert row["status"] == "ok" and row["response_text"] == '"fine"'
     assert row["prompt_tokens"] is None or row["prompt_tokens"] >= 0
     assert row["cost"] is None or row["cost"] >= 0
     assert "usage" in row["error"] and "null" in row["error"]
@@ -139,3 +136,43 @@ def test_endless_and_huge_answers_end_as_error_rows(
     run = {"max_answer_mb": 1, "answer_timeout_s": 3}
     row, _ = run_shape(tmp_path, hostile, shape, stream=stream, run=run)
     assert row["status"] == "error" and row["error_class"] == error_class, row
+
+
+def _peak_rss_mb(process: subprocess.Popen[str]) -> float:
+    """Peak RSS of a running process, from the kernel (VmHWM), polled until it exits."""
+    import time
+
+    peak = 0.0
+    while process.poll() is None:
+        try:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+        except FileNotFoundError:
+            break
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                peak = max(peak, int(line.split()[1]) / 1024)
+        time.sleep(0.05)
+    return peak
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["endless_data", "endless_line"])
+def test_memory_stays_bounded_while_64_endless_answers_arrive(tmp_path: Path, hostile: Hostile, shape: str) -> None:
+    rows = [[f"R{i}", f"row {i} [[shape: {shape}]]"] for i in range(64)]
+    write_csv(tmp_path / "reviews.csv", ["review_id", "text"], rows)
+    run = {"concurrency": 64, "max_attempts": 1, "timeout_s": 10, "max_answer_mb": 4}
+    job = write_job(tmp_path, hostile.url, stream=True, run=run)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchrun", "run", str(job), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    peak = _peak_rss_mb(process)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0 and "Traceback" not in stderr, stderr
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert out["error_class"].to_list() == ["too_large"] * 64
+    print(f"peak RSS with 64 endless answers ({shape}): {peak:.0f} MB")
+    assert peak < 800, f"peak RSS {peak:.0f} MB"
