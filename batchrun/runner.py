@@ -157,6 +157,9 @@ class Run:
                     await transport.aclose()
                     await self.images.aclose()
                     progress.close()
+            if checkpoint.failure is not None:
+                resume = f"run `batchrun run {self.job.path}` again to resume"
+                raise RunAborted(f"run stopped: {checkpoint.failure}; {resume}")
             if self.interrupts:
                 when = f"after {GRACE_S:g} s" if self.interrupts == 1 else "at the second Ctrl-C"
                 cancelled = len(checkpoint.awaiting_answer)
@@ -179,6 +182,7 @@ class Run:
             tg.start_soon(checkpoint.flush_loop)
             async with anyio.create_task_group() as work:
                 tg.start_soon(self._stop_on_ctrl_c, checkpoint, work.cancel_scope)
+                tg.start_soon(self._stop_on_checkpoint_failure, checkpoint, work.cancel_scope)
                 work.start_soon(self._produce_until_ctrl_c, send, checkpoint, progress)
                 for _ in range(self.concurrency):
                     work.start_soon(self._work, receive.clone(), checkpoint, transport, progress, work.cancel_scope)
@@ -193,6 +197,12 @@ class Run:
     ) -> None:
         with self._producing:
             await self._produce(send, checkpoint, progress)
+
+    async def _stop_on_checkpoint_failure(self, checkpoint: Checkpoint, work: anyio.CancelScope) -> None:
+        """Disk full or read-only: nothing more can be stored, so nothing more is sent or waited for."""
+        await checkpoint.failed.wait()
+        self._producing.cancel()
+        work.cancel()
 
     async def _stop_on_ctrl_c(self, checkpoint: Checkpoint, work: anyio.CancelScope) -> None:
         """First Ctrl-C: send no new row; rows in flight get GRACE_S to finish. A second one cancels them now.
