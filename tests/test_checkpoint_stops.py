@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import Emulator, run_cli, write_csv, write_job
 
 ROWS = 6000

@@ -176,3 +176,17 @@ def test_memory_stays_bounded_while_64_endless_answers_arrive(tmp_path: Path, ho
     assert out["error_class"].to_list() == ["too_large"] * 64
     print(f"peak RSS with 64 endless answers ({shape}): {peak:.0f} MB")
     assert peak < 800, f"peak RSS {peak:.0f} MB"
+
+
+def test_the_emulator_plays_the_hostile_shapes_as_named_faults(tmp_path: Path, emulator: Any) -> None:
+    faults = {"usage-float": "ok", "choices-null": "malformed", "content-list": "malformed", "endless": "too_large"}
+    rows = [["R0", "a normal row"]] + [[name, f"[[emulator: {name}]]"] for name in faults]
+    write_csv(tmp_path / "reviews.csv", ["review_id", "text"], rows)
+    run = {"concurrency": 1, "max_attempts": 2, "timeout_s": 10, "max_answer_mb": 2}
+    job = write_job(tmp_path, emulator.url, run=run)
+    result = run_cli("run", str(job), "--quiet")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    got = {r["review_id"]: r["error_class"] or r["status"] for r in out.iter_rows(named=True)}
+    assert got == {"R0": "ok", **faults}
+    assert out.filter(pl.col("review_id") == "usage-float")["prompt_tokens"].to_list() == [None]
