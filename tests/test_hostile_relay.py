@@ -190,3 +190,23 @@ def test_the_emulator_plays_the_hostile_shapes_as_named_faults(tmp_path: Path, e
     got = {r["review_id"]: r["error_class"] or r["status"] for r in out.iter_rows(named=True)}
     assert got == {"R0": "ok", **faults}
     assert out.filter(pl.col("review_id") == "usage-float")["prompt_tokens"].to_list() == [None]
+
+
+def test_outage_timeout_keeps_its_word_in_a_storm_of_503s(tmp_path: Path) -> None:
+    """503s halve the concurrency and pause ever longer; the breaker took minutes to open and the run never stopped."""
+    import time
+
+    from conftest import REVIEWS, start_emulator, stop_emulator
+
+    write_csv(tmp_path / "reviews.csv", ["review_id", "text", "stars"], REVIEWS)
+    down = start_emulator("--fault", "503=1.0")
+    try:
+        run = {"concurrency": 8, "max_attempts": 5, "timeout_s": 30, "outage_timeout_s": 10}
+        job = write_job(tmp_path, down.url, run=run)
+        started = time.monotonic()
+        result = run_cli("run", str(job), "--quiet", timeout=120)
+        took = time.monotonic() - started
+    finally:
+        stop_emulator(down)
+    assert result.returncode == 3 and "every request failed for 10 s" in result.stderr, result.stderr
+    assert took < 20, f"stopped after {took:.0f} s"
