@@ -27,7 +27,7 @@ import orjson
 from batchrun.limits import Limits, backoff_s
 from batchrun.protocols import CallError, Decoder, Reply, StreamAnswer
 from batchrun.protocols.relay_errors import from_body, from_response
-from batchrun.protocols.sse import SSEParser
+from batchrun.protocols.sse import SSEParser, too_large
 from batchrun.redaction import excerpt
 from batchrun.spec import RunSpec
 
@@ -86,7 +86,7 @@ class Transport:
             if response.status >= 300:
                 raise from_response(response.status, await _read_at_most(response, ERROR_BODY_BYTES), response.headers)
             try:
-                return await read_answer(_capped(response.content.iter_any(), self.caps.max_answer_bytes), decoder)
+                return await read_answer(response.content.iter_any(), decoder, self.caps.max_answer_bytes)
             except CallError as e:
                 e.request_id = e.request_id or response.headers.get("x-oneapi-request-id")
                 raise
@@ -134,33 +134,27 @@ async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
     return bytes(body)
 
 
-async def _capped(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
-    """The answer's bytes, stopping with `too_large` once they pass `limit` (counted as received, pings too)."""
-    received = 0
-    async for chunk in chunks:
-        received += len(chunk)
-        if received > limit:
-            raise CallError(
-                "too_large",
-                f"too large: the answer passed {limit / 2**20:g} MB (run.max_answer_mb); stopped reading it",
-                retryable=False,
-            )
-        yield chunk
-
-
 _BLANK = b" \t\r\n\xef\xbb\xbf"  # whitespace and a UTF-8 BOM
 _SSE_STARTS = b"de:ir"  # data, event, a comment, id, retry
 
 
-async def read_answer(chunks: AsyncIterator[bytes], decoder: Decoder) -> Reply:
+async def read_answer(
+    chunks: AsyncIterator[bytes], decoder: Decoder, limit: int = AnswerCaps.max_answer_bytes
+) -> Reply:
     """The answer, framed by its first non-blank byte whatever the Content-Type (§4.3, §7 item 22):
-    `{` one whole JSON answer, `[` a JSON array of stream events, else server-sent events."""
+    `{` one whole JSON answer, `[` a JSON array of stream events, else server-sent events.
+
+    At most `limit` bytes are held: of a JSON body, of one stream line, and of a stream's answer put together
+    (a stream's keep-alives and event wrappers are not held, so they do not count; answer_timeout_s ends them).
+    """
     reader = chunks.__aiter__()
     head = b""
     async for chunk in reader:
         head += chunk
         if head.lstrip(_BLANK):
             break
+        if len(head) > limit:
+            raise too_large(limit, "the answer's leading blank space")
     first = head.lstrip(_BLANK)[:1]
     if not first:
         raise CallError("malformed", "malformed response: empty body", abort="C")
@@ -168,6 +162,8 @@ async def read_answer(chunks: AsyncIterator[bytes], decoder: Decoder) -> Reply:
         body = bytearray(head)
         async for chunk in reader:
             body += chunk
+            if len(body) > limit:
+                raise too_large(limit, "the answer")
         data = _json(bytes(body))
         if first == b"{":
             return decoder.parse(data)
@@ -181,12 +177,14 @@ async def read_answer(chunks: AsyncIterator[bytes], decoder: Decoder) -> Reply:
         stream.done()  # a closed array is a whole stream: its `]` is the terminator
         return stream.reply()
     stream = decoder.new_stream()
-    parser = SSEParser()
+    parser = SSEParser(max_line=limit)
     for data_text in parser.feed(head):
         _event(stream, data_text)
     async for chunk in reader:
         for data_text in parser.feed(chunk):
             _event(stream, data_text)
+        if stream.size > limit:
+            raise too_large(limit, "the streamed answer")
     for data_text in parser.close():
         _event(stream, data_text)
     return stream.reply()

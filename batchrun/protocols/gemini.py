@@ -133,6 +133,7 @@ class Answer:
         self._finish: str | None = None
         self._usage: Any = None  # checked in reply()
         self._model: str | None = None
+        self.size = 0
 
     def add(self, event: Any) -> None:
         if not isinstance(event, dict):
@@ -160,6 +161,7 @@ class Answer:
     def _add_part(self, part: dict[str, Any]) -> None:
         if isinstance(text := _get(part, "text"), str):
             self._text.append(text)
+            self.size += len(text)
         inline = _get(part, "inlineData")
         if isinstance(inline, dict) and str(_get(inline, "mimeType") or "").startswith("image/"):
             try:
@@ -167,6 +169,7 @@ class Answer:
             except (binascii.Error, ValueError):
                 raise CallError("malformed", "malformed response: an image's base64 is invalid", abort="C") from None
             self._images.append(ImageOut(_get(inline, "mimeType"), data))
+            self.size += len(data)
         call = _get(part, "functionCall")
         if isinstance(call, dict):
             args = call.get("args") or {}

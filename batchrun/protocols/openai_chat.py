@@ -163,6 +163,7 @@ class Stream:
         self._finish: str | None = None
         self._answer: dict[str, Any] = {}  # model and usage, as a whole answer would carry them
         self._done = False
+        self.size = 0
 
     def add(self, event: Any) -> None:
         if not isinstance(event, dict):
@@ -189,8 +190,10 @@ class Stream:
             raise CallError("malformed", "malformed response: the content is not a string", abort="C")
         if isinstance(delta.get("content"), str):
             self._text.append(delta["content"])
+            self.size += len(delta["content"])
         if isinstance(delta.get("refusal"), str):
             self._refusal.append(delta["refusal"])
+            self.size += len(delta["refusal"])
         # delta.reasoning_content (a Gemini model behind the chat path) is thinking, not the answer.
         for fragment in delta.get("tool_calls") or []:
             if isinstance(fragment, dict):
@@ -204,6 +207,7 @@ class Stream:
         call["name"] = call["name"] or str(function.get("name") or "")
         if isinstance(function.get("arguments"), str):
             call["arguments"] += function["arguments"]
+            self.size += len(function["arguments"])
 
     def done(self) -> None:
         self._done = True

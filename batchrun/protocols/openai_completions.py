@@ -44,3 +44,4 @@ class Stream(openai_chat.Stream):
             raise CallError("malformed", "malformed response: the text is not a string", abort="C")
         if isinstance(choice.get("text"), str):
             self._text.append(choice["text"])
+            self.size += len(choice["text"])

@@ -51,6 +51,8 @@ def text_field(value: Any, name: str) -> str | None:
 class StreamAnswer(Protocol):
     """One streamed answer, put together event by event (PROTOCOL.md §2.6, §4.3)."""
 
+    size: int  # characters of text and bytes of images kept so far: what run.max_answer_mb bounds
+
     def add(self, event: Any) -> None:
         """One parsed JSON event; raises CallError for in-band failures (a blocked prompt)."""
 
