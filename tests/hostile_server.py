@@ -73,6 +73,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
         )
     if shape == "huge_json":  # larger than the test's run.max_answer_mb
         return web.Response(body=orjson.dumps(answer("y" * (3 << 20))), content_type="application/json")
+    if shape == "chatty_stream":  # 2 MB on the wire, 30 KB of text: one character an event, between pings
+        return await _sse(request, [_chunk(b"z") + b"\n\n: PING" for _ in range(30_000)])
     if shape in ("endless_data", "endless_pings", "endless_line"):
         return await _endless(request, shape)
     if body.get("stream"):

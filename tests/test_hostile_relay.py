@@ -155,6 +155,11 @@ def _peak_rss_mb(process: subprocess.Popen[str]) -> float:
     return peak
 
 
+def test_a_long_stream_counts_what_is_kept_not_what_is_sent(tmp_path: Path, hostile: Hostile) -> None:
+    row, _ = run_shape(tmp_path, hostile, "chatty_stream", stream=True, run={"max_answer_mb": 1})
+    assert row["status"] == "ok" and row["response_text"] == "z" * 30_000
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", ["endless_data", "endless_line"])
 def test_memory_stays_bounded_while_64_endless_answers_arrive(tmp_path: Path, hostile: Hostile, shape: str) -> None:
