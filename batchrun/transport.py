@@ -70,8 +70,7 @@ class Transport:
         except aiohttp.ServerTimeoutError as e:  # connect or idle read (before TimeoutError: it is one)
             raise self._network_error("timeout", e) from None
         except asyncio.TimeoutError:  # the whole answer's timer; asyncio's is not the builtin on Python 3.10
-            limit, key = (self.caps.answer_timeout_s, "answer_") if decoder.stream else (self.timeout_s, "")
-            raise CallError("timeout", f"timeout: no complete answer within {limit:g} s (run.{key}timeout_s)") from None
+            raise self._deadline_error(decoder.stream) from None
         except aiohttp.ClientError as e:
             raise self._network_error("connection", e) from None
         except Exception as e:  # a shape no decoder foresaw: this row's error, not the run's (not retried)
@@ -90,6 +89,13 @@ class Transport:
             except CallError as e:
                 e.request_id = e.request_id or response.headers.get("x-oneapi-request-id")
                 raise
+
+    def _deadline_error(self, stream: bool) -> CallError:
+        if stream:
+            limit, knob = self.caps.answer_timeout_s, "run.answer_timeout_s"
+        else:
+            limit, knob = self.timeout_s, "run.timeout_s"
+        return CallError("timeout", f"timeout: no complete answer within {limit:g} s ({knob})")
 
     def _network_error(self, error_class: str, e: Exception) -> CallError:
         # aiohttp messages may echo URLs or headers: CallError masks the key in them.
