@@ -85,10 +85,13 @@ class Transport:
             if response.status >= 300:
                 raise from_response(response.status, await _read_at_most(response, ERROR_BODY_BYTES), response.headers)
             try:
-                return await read_answer(response.content.iter_any(), decoder, self.caps.max_answer_bytes)
+                reply = await read_answer(response.content.iter_any(), decoder, self.caps.max_answer_bytes)
             except CallError as e:
                 e.request_id = e.request_id or response.headers.get("x-oneapi-request-id")
                 raise
+            if decoder.keep_answer:
+                reply.request_id = response.headers.get("x-oneapi-request-id") or response.headers.get("x-request-id")
+            return reply
 
     def _deadline_error(self, stream: bool) -> CallError:
         if stream:
@@ -172,7 +175,10 @@ async def read_answer(
                 raise too_large(limit, "the answer")
         data = _json(bytes(body))
         if first == b"{":
-            return decoder.parse(data)
+            reply = decoder.parse(data)
+            if decoder.keep_answer:
+                reply.answer = data
+            return reply
         if not isinstance(data, list):
             raise CallError("malformed", "malformed response: neither an object nor a stream", abort="C")
         if (err := from_body(data)) is not None:  # a Google error wrapped in a one-element array
@@ -181,7 +187,7 @@ async def read_answer(
         for event in data:
             _add_event(stream, event)
         stream.done()  # a closed array is a whole stream: its `]` is the terminator
-        return stream.reply()
+        return _streamed_reply(stream, decoder)
     stream = decoder.new_stream()
     parser = SSEParser(max_line=limit)
     for data_text in parser.feed(head):
@@ -193,7 +199,14 @@ async def read_answer(
             raise too_large(limit, "the streamed answer")
     for data_text in parser.close():
         _event(stream, data_text)
-    return stream.reply()
+    return _streamed_reply(stream, decoder)
+
+
+def _streamed_reply(stream: StreamAnswer, decoder: Decoder) -> Reply:
+    reply = stream.reply()
+    if decoder.keep_answer:
+        reply.answer = stream.whole()
+    return reply
 
 
 def _json(body: bytes) -> Any:
