@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
-from batchrun.protocols.relay_errors import CallError
+from batchrun.protocols.relay_errors import CallError, QuotaLeft
 from batchrun.redaction import excerpt
 
 MAX_TOKEN_COUNT = 100_000_000  # far above any one answer's usage: larger is a relay's mistake, not a count
@@ -29,6 +29,7 @@ class Reply:
     tool_calls: list[dict[str, str]] = field(default_factory=list)  # each {name, arguments}
     images: list[ImageOut] = field(default_factory=list)  # in answer order; the last one is the final image
     notes: list[str] = field(default_factory=list)  # what was wrong with an answer kept anyway (odd usage)
+    quota: QuotaLeft | None = None  # x-ratelimit-* of the answer, for the limiter
     # Only when the decoder keeps answers (output.openai_batch): the body as received (a stream
     # reassembled into the whole answer it stands for) and the relay's request id.
     answer: Any = None
