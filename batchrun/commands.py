@@ -55,6 +55,8 @@ def _preview(protocol: ModuleType, loader: ImageLoader, renderer: Renderer, row:
         request = renderer.render(row)
     except RowInputError as e:
         return f"(not sent: the row would be an input error: {e})"
+    except Exception as e:  # as `run` records it: a template failing on this row (a sandbox refusal, a filter)
+        return f"(not sent: the row would be an input error: template: {e})"
     if request.api is None:
         return preview_body(protocol, loader, request, spec)
     line_protocol = protocols.PROTOCOLS[request.api]

@@ -12,6 +12,7 @@ from typing import Any
 
 import jinja2
 import jinja2.meta
+import jinja2.sandbox
 import orjson
 
 from batchrun.errors import JobError
@@ -27,7 +28,10 @@ class RowInputError(ValueError):
     """This row's input cannot make a request (a malformed conversation): an `input` error row, nothing sent."""
 
 
-_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
+# Sandboxed: a template (or a job file from someone else) cannot reach Python's internals, os.environ and the key.
+_ENV = jinja2.sandbox.SandboxedEnvironment(
+    undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False
+)
 
 
 @dataclass(frozen=True)
