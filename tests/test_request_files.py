@@ -488,3 +488,25 @@ def test_a_streamed_answer_is_written_as_the_whole_answer_it_stands_for(
             assert all(c["id"] and c["type"] == "function" for c in got["tool_calls"])
         else:
             assert streamed["choices"][0]["text"] == whole["choices"][0]["text"]
+
+
+def test_a_changed_image_part_style_is_a_changed_conversation_request(tmp_path: Path, emulator: Emulator) -> None:
+    """provider.image_part_style names every part of a conversation's content, so a rerun must see it changed."""
+    conversations(tmp_path)
+    job = {
+        "name": "conversations",
+        "input": {"path": "conversations.parquet", "id_column": "conv_id"},
+        "provider": {"base_url": emulator.url, "api_key_env": "TEST_RELAY_KEY"},
+        "model": "gpt-5.4",
+        "prompt": {"messages": "messages"},
+        "output": {"path": "out/result.parquet"},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job), encoding="utf-8")
+    assert "output:" in run_cli("run", str(path), "--quiet").stdout
+    job["provider"] = {**job["provider"], "image_part_style": "responses"}
+    path.write_text(yaml.safe_dump(job), encoding="utf-8")
+    refused = run_cli("run", str(path), "--quiet")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "provider.image_part_style: standard -> responses" in refused.stderr
+    assert "2 of 5 finished rows would now be sent differently" in refused.stderr
