@@ -30,6 +30,7 @@ from batchrun.inputs import ROW_INDEX, InputTable
 from batchrun.limits import Limits, estimate_tokens, output_cap, prompt_tokens_estimate
 from batchrun.progress import Progress
 from batchrun.protocols import CallError, Reply
+from batchrun.redaction import redact
 from batchrun.render import Renderer, Request, RowInputError
 from batchrun.resume import ResumeFlags, open_for_run
 from batchrun.sharing import SharedAnswers, request_key
@@ -531,11 +532,15 @@ def _record(item: WorkItem, outcome: Outcome) -> RowRecord:
 
 
 def _kept_answer(reply: Reply | None) -> tuple[int, str | None, bytes] | None:
-    """The answer body for output.openai_batch, when kept and not larger than the checkpoint keeps."""
+    """The answer body for output.openai_batch, when kept and not larger than the checkpoint keeps.
+
+    Unlike the answer's text, the body carries every field a relay sends, and the request id is
+    its header: a key echoed in either is masked before the checkpoint stores them."""
     if reply is None or reply.answer is None:
         return None
-    body = orjson.dumps(reply.answer)
-    return (200, reply.request_id, body) if len(body) <= KEPT_ANSWER_BYTES else None
+    body = redact(orjson.dumps(reply.answer).decode()).encode()
+    request_id = redact(reply.request_id) if reply.request_id is not None else None
+    return (200, request_id, body) if len(body) <= KEPT_ANSWER_BYTES else None
 
 
 async def _nothing() -> None:

@@ -12,15 +12,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
 import yaml
-from conftest import REPO, Emulator, cli_env, run_cli, start_emulator, stop_emulator
+from conftest import REPO, Emulator, assert_key_nowhere, cli_env, run_cli, start_emulator, stop_emulator
 
 SYSTEM = "You label product reviews. Answer positive, negative or neutral."
 
@@ -510,3 +512,46 @@ def test_a_changed_image_part_style_is_a_changed_conversation_request(tmp_path: 
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "provider.image_part_style: standard -> responses" in refused.stderr
     assert "2 of 5 finished rows would now be sent differently" in refused.stderr
+
+
+class _EchoingRelay(BaseHTTPRequestHandler):
+    """Answers every chat request 200, echoing the credentials it was sent outside the answer's text."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        credentials = self.headers["Authorization"]
+        answer = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": "gpt-5.4",
+            "system_fingerprint": credentials,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "positive"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+        }
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Oneapi-Request-Id", credentials.removeprefix("Bearer sk-"))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_key_echoed_in_an_answer_is_kept_nowhere(tmp_path: Path) -> None:
+    relay = ThreadingHTTPServer(("127.0.0.1", 0), _EchoingRelay)
+    threading.Thread(target=relay.serve_forever, daemon=True).start()
+    try:
+        write_lines(tmp_path / "requests.jsonl", [MIXED[0]])
+        job = batch_job(tmp_path, f"http://127.0.0.1:{relay.server_address[1]}")
+        result = run_cli("run", str(job), "--quiet")
+    finally:
+        relay.shutdown()
+        relay.server_close()
+    assert result.returncode == 0, result.stderr
+    (line,) = read_output(tmp_path / "out" / "result.output.jsonl")
+    assert line["response"]["body"]["system_fingerprint"] == "Bearer ***"
+    assert line["response"]["request_id"] == "***"
+    assert_key_nowhere(tmp_path, result)
