@@ -555,3 +555,13 @@ def test_a_key_echoed_in_an_answer_is_kept_nowhere(tmp_path: Path) -> None:
     assert line["response"]["body"]["system_fingerprint"] == "Bearer ***"
     assert line["response"]["request_id"] == "***"
     assert_key_nowhere(tmp_path, result)
+
+
+def test_restart_replaces_the_batch_output_the_job_wrote_before(tmp_path: Path, emulator: Emulator) -> None:
+    write_lines(tmp_path / "requests.jsonl", MIXED[:2])
+    job = batch_job(tmp_path, emulator.url)
+    assert run_cli("run", str(job), "--quiet").returncode == 0
+    restarted = run_cli("run", str(job), "--quiet", "--restart")  # the new checkpoint still knows the file
+    assert restarted.returncode == 0, restarted.stderr
+    assert emulator.stats()["requests"] == 4
+    assert [line["custom_id"] for line in read_output(tmp_path / "out" / "result.output.jsonl")] == ["a-1", "a-2"]
