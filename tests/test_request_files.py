@@ -481,6 +481,9 @@ def test_a_streamed_answer_is_written_as_the_whole_answer_it_stands_for(
         bodies[stream] = [line["response"]["body"] for line in lines]
     for whole, streamed in zip(bodies[False], bodies[True]):
         assert streamed["object"] == whole["object"] and streamed["model"] == whole["model"]
+        assert set(whole["choices"][0]) <= set(streamed["choices"][0])  # every field a reader may index
+        if api == "openai-chat":
+            assert set(whole["choices"][0]["message"]) <= set(streamed["choices"][0]["message"])
         assert streamed["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
         assert streamed["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
         if api == "openai-chat":
