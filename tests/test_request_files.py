@@ -398,16 +398,21 @@ def test_conversations_from_a_column_arrive_turn_by_turn(tmp_path: Path, emulato
     assert "row BAD-NULL: " in errors["BAD-NULL"] and "not a list of messages" in errors["BAD-NULL"]
 
 
-def test_messages_and_user_together_are_refused(tmp_path: Path, emulator: Emulator) -> None:
-    conversations(tmp_path)
-    job = {
-        "name": "both",
+def conversation_job(base_url: str, prompt: dict[str, Any]) -> dict[str, Any]:
+    """An openai-chat job over conversations(folder)."""
+    return {
+        "name": "conversations",
         "input": {"path": "conversations.parquet", "id_column": "conv_id"},
-        "provider": {"base_url": emulator.url, "api_key_env": "TEST_RELAY_KEY"},
+        "provider": {"base_url": base_url, "api_key_env": "TEST_RELAY_KEY"},
         "model": "gpt-5.4",
-        "prompt": {"user": "hi", "messages": "messages"},
+        "prompt": prompt,
         "output": {"path": "out/result.parquet"},
     }
+
+
+def test_messages_and_user_together_are_refused(tmp_path: Path, emulator: Emulator) -> None:
+    conversations(tmp_path)
+    job = conversation_job(emulator.url, {"user": "hi", "messages": "messages"})
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job), encoding="utf-8")
     result = run_cli("run", str(path))
@@ -498,14 +503,7 @@ def test_a_streamed_answer_is_written_as_the_whole_answer_it_stands_for(
 def test_a_changed_image_part_style_is_a_changed_conversation_request(tmp_path: Path, emulator: Emulator) -> None:
     """provider.image_part_style names every part of a conversation's content, so a rerun must see it changed."""
     conversations(tmp_path)
-    job = {
-        "name": "conversations",
-        "input": {"path": "conversations.parquet", "id_column": "conv_id"},
-        "provider": {"base_url": emulator.url, "api_key_env": "TEST_RELAY_KEY"},
-        "model": "gpt-5.4",
-        "prompt": {"messages": "messages"},
-        "output": {"path": "out/result.parquet"},
-    }
+    job = conversation_job(emulator.url, {"messages": "messages"})
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job), encoding="utf-8")
     assert "output:" in run_cli("run", str(path), "--quiet").stdout
