@@ -290,7 +290,7 @@ class Run:
             progress.row_done("error", None)
             return None
         chars = request.text_chars
-        image_tokens = images.IMAGE_TOKEN_ESTIMATE * len(request.images)
+        image_tokens = images.IMAGE_TOKEN_ESTIMATE * (len(request.images) + request.body_images)
         params = {**request.body, **spec.params} if request.body is not None else spec.params
         estimate = estimate_tokens(chars, params) + image_tokens
         prompt_estimate = prompt_tokens_estimate(chars) + image_tokens

@@ -566,3 +566,24 @@ def test_restart_replaces_the_batch_output_the_job_wrote_before(tmp_path: Path, 
     assert restarted.returncode == 0, restarted.stderr
     assert emulator.stats()["requests"] == 4
     assert [line["custom_id"] for line in read_output(tmp_path / "out" / "result.output.jsonl")] == ["a-1", "a-2"]
+
+
+def test_an_inline_image_in_a_body_is_estimated_as_an_image_not_as_its_base64(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    """A 400 KB image as a data URL would be ~100,000 tokens as text; it is held like any image (1,000)."""
+    photo = "data:image/jpeg;base64," + base64.b64encode(b"\xff\xd8" + os.urandom(300_000)).decode()
+    content = [{"type": "text", "text": "Label this product photo."}, {"type": "image_url", "image_url": {"url": photo}}]
+    lines = [chat_line(f"p-{i}", "", messages=[{"role": "user", "content": content}], seed=i) for i in range(3)]
+    write_lines(tmp_path / "requests.jsonl", lines)
+    pricing = {"input_per_million": 10, "output_per_million": 10}
+    job = batch_job(tmp_path, emulator.url, pricing=pricing, run={"concurrency": 1, "max_cost": 0.5})
+
+    checked = run_cli("validate", str(job))
+    assert checked.returncode == 0, checked.stderr
+    per_row = int(checked.stdout.split("input tokens:")[1].split("(")[1].split(" a row")[0])
+    assert per_row < 1_000, checked.stdout  # the text and JSON; the image is not text
+
+    result = run_cli("run", str(job), "--quiet")  # each row holds ~$0.01, not ~$1 (over max_cost: nothing sent)
+    assert result.returncode == 0, result.stderr
+    assert emulator.stats()["requests"] == 3
