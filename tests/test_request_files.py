@@ -184,6 +184,7 @@ def test_templates_with_a_batch_file_are_refused(tmp_path: Path, emulator: Emula
     result = run_cli("validate", str(job))
     assert result.returncode == 2
     assert "prompt.user: recognised as an OpenAI Batch file: its lines are the requests" in result.stderr
+    assert "or set input.format: table" in result.stderr  # the way to render templates over such a file
 
 
 def test_a_changed_body_is_a_changed_request(tmp_path: Path, emulator: Emulator) -> None:
