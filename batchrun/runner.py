@@ -311,7 +311,7 @@ class Run:
             progress.row_done("error", None)
             return None
         chars = request.text_chars
-        image_tokens = images.IMAGE_TOKEN_ESTIMATE * len(request.images)
+        image_tokens = images.IMAGE_TOKEN_ESTIMATE * (len(request.images) + request.body_images)
         params = {**request.body, **spec.params} if request.body is not None else spec.params
         estimate = estimate_tokens(chars, params) + image_tokens
         prompt_estimate = prompt_tokens_estimate(chars) + image_tokens
@@ -607,11 +607,15 @@ def _internal_error(item: WorkItem, e: Exception) -> RowRecord:
 
 
 def _kept_answer(reply: Reply | None) -> tuple[int, str | None, bytes] | None:
-    """The answer body for output.openai_batch, when kept and not larger than the checkpoint keeps (key masked)."""
+    """The answer body for output.openai_batch, when kept and not larger than the checkpoint keeps.
+
+    Unlike the answer's text, the body carries every field a relay sends, and the request id is
+    its header: a key echoed in either is masked before the checkpoint stores them."""
     if reply is None or reply.answer is None:
         return None
     body = redact(orjson.dumps(reply.answer).decode()).encode()
-    return (200, reply.request_id, body) if len(body) <= KEPT_ANSWER_BYTES else None
+    request_id = redact(reply.request_id) if reply.request_id is not None else None
+    return (200, request_id, body) if len(body) <= KEPT_ANSWER_BYTES else None
 
 
 async def _nothing() -> None:

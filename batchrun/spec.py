@@ -450,10 +450,15 @@ def _input_problems(job: Job) -> list[tuple[str, str]]:
         what = "recognised as an OpenAI Batch file" if job.format_recognised else "input.format is openai-batch"
         if job.frame is not None:
             return [("input.format", "an OpenAI Batch file is read from input.path, not from a frame given in Python")]
+        # A recognised file may be meant as plain rows: say how to read it so.
+        way_out = " (or set input.format: table to read its lines as rows)" if job.format_recognised else ""
         for key in ("user", "system", "messages", "images"):
             if getattr(prompt, key):
                 return [
-                    (f"prompt.{key}", f"{what}: its lines are the requests, so templates are not used; remove prompt")
+                    (
+                        f"prompt.{key}",
+                        f"{what}: its lines are the requests, so templates are not used; remove prompt{way_out}",
+                    )
                 ]
         if spec.input.id_column not in (None, "custom_id"):
             return [("input.id_column", f"{what}: custom_id is the row id; remove input.id_column")]

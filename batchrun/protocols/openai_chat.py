@@ -271,16 +271,20 @@ class Stream:
 
     def whole(self) -> dict[str, Any]:
         """The `chat.completion` this stream stands for (choice 0, the only one read)."""
-        # No text (a role chunk's "" aside) is content null, as a whole answer with tool calls has it.
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(self._text) or None}
-        if self._refusal:
-            message["refusal"] = "".join(self._refusal)
+        # No text (a role chunk's "" aside) is content null, as a whole answer with tool calls has it;
+        # refusal and logprobs are there even when null, as the API's schema requires them.
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": "".join(self._text) or None,
+            "refusal": "".join(self._refusal) or None,
+        }
         if self._calls:
             message["tool_calls"] = [
                 {"id": self._call_ids.get(i, ""), "type": "function", "function": dict(self._calls[i])}
                 for i in sorted(self._calls)
             ]
-        return self._whole("chat.completion", {"index": 0, "message": message, "finish_reason": self._finish})
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self._finish}
+        return self._whole("chat.completion", choice)
 
     def _whole(self, kind: str, choice: dict[str, Any]) -> dict[str, Any]:
         head: dict[str, Any] = {

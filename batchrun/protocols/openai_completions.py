@@ -50,4 +50,5 @@ class Stream(openai_chat.Stream):
 
     def whole(self) -> dict[str, Any]:
         """The `text_completion` this stream stands for."""
-        return self._whole("text_completion", {"index": 0, "text": "".join(self._text), "finish_reason": self._finish})
+        choice = {"index": 0, "text": "".join(self._text), "logprobs": None, "finish_reason": self._finish}
+        return self._whole("text_completion", choice)
