@@ -2,28 +2,33 @@
 
 The two files are compared by their code, never by their prose:
 
-* every command line, every `--option` and every job-file key found in README.md's
-  code (fenced blocks and `code spans`) must appear in README.zh-CN.md's code too;
-* every subcommand and every `batchrun run` option of the CLI's own parser must
-  appear in README.md's code (so a new option is documented, then copied over);
+* every section of README.md has its counterpart in README.zh-CN.md: a translated
+  heading with `<!-- en: <the English heading> -->` on the line before it;
+* every command line, every option of a batchrun command and every job-file key
+  found in README.md's code (fenced blocks and `code spans`) appears in
+  README.zh-CN.md's code too;
+* every subcommand and every `batchrun run` option of the CLI's own parser appears
+  in README.md's code (so a new option is documented, and then copied over);
 * every command block of either file runs, or is marked illustrative.
 
 A command block is a fenced block holding command lines: lines starting with
 `batchrun <subcommand>`, `pip`, `pytest` or `python`, or, in a block written as
-a terminal session, the lines starting with `$ ` (the other lines are output).
-Comments after `  #` are not part of a command, so they may be translated.
+a terminal session, the lines starting with `$ ` (the others are output). What
+follows `  # ` on a line is a comment, not part of the command: it may be translated.
 
 Marker convention: a command block that cannot run here (a server that runs until
-stopped, a Ray cluster, the four-minute bench) carries the HTML comment
+stopped, a Ray cluster, the four-minute bench, the real relay) carries the HTML
+comment
 
     <!-- illustrative -->
 
-on the line right before its opening fence (it renders as nothing). Its command
-lines are still parsed by batchrun's own argument parser, so a renamed or removed
-option fails the test either way. Unmarked blocks are run, in one process against
-a copy of jobs/ and sample_data/: `pip install ...` and `pytest` are skipped (the
-environment is installed, and the suite is what is running), and every `batchrun`
-command must exit 0.
+on the line right before its opening fence (it renders as nothing). Its batchrun
+lines are still checked by batchrun's own argument parser, so a renamed or removed
+option fails the test either way. Unmarked blocks are run, in this process, in
+order, against one copy of jobs/ and sample_data/: `pip install ...` and `pytest`
+are skipped (the environment is installed, and the suite is what is running), every
+`batchrun` command must exit 0 (the jobs use the built-in emulator), and every
+`python -c CODE` must run without an exception (it may read what earlier commands wrote).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from batchrun.cli import _parser, main
 EN = REPO / "README.md"
 ZH = REPO / "README.zh-CN.md"
 MARKER = "<!-- illustrative -->"
+COUNTERPART = re.compile(r"<!-- en: (.+?) -->")  # before a heading of README.zh-CN.md
 PROGRAMS = ("batchrun", "pip", "pytest", "python", "python3")
 JOB_SECTIONS = ("name", "input", "provider", "model", "prompt", "params", "stream", "output", "run", "pricing")
 FREE_FORM = ("params", "output.schema")  # values in the API's or JSON Schema's own words, not job-file keys
@@ -56,6 +62,14 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
 
 
 SUBCOMMANDS = set(_commands())
+OPTIONS = {option for command in _commands().values() for a in command._actions for option in a.option_strings}
+
+
+@dataclass(frozen=True)
+class Section:
+    line: int
+    title: str  # as written
+    english: str  # the README.md heading it stands for ("" for a section only this file has)
 
 
 @dataclass
@@ -63,123 +77,119 @@ class Block:
     line: int  # of the opening fence, 1-based
     info: str  # the fence's language
     lines: list[str]
-    section: str  # the heading it is under
     illustrative: bool
 
-    def commands(self) -> list[str]:
+    def commands(self) -> list[tuple[int, str]]:
+        """(line, command) of each command line, comments dropped and whitespace collapsed."""
         session = any(line.startswith("$ ") for line in self.lines)
         found = []
-        for line in self.lines:
+        for n, line in enumerate(self.lines, start=self.line + 1):
             if session and not line.startswith("$ "):
                 continue
             command = _strip_comment(line.removeprefix("$ "))
             if _is_command(command):
-                found.append(command)
+                found.append((n, command))
         return found
 
 
 @dataclass
 class Readme:
     path: Path
+    sections: list[Section] = field(default_factory=list)
     blocks: list[Block] = field(default_factory=list)
-    spans: list[tuple[str, int, str]] = field(default_factory=list)  # (code, line, section)
+    spans: list[tuple[int, str]] = field(default_factory=list)  # (line, code)
 
     @classmethod
     def read(cls, path: Path) -> Readme:
         readme = cls(path)
-        text_lines: list[str] = []  # the prose, fenced blocks blanked (line numbers kept)
-        section = "(top)"
+        prose: list[str] = []  # the text outside fenced blocks (blocks blanked, so line numbers hold)
         lines = path.read_text(encoding="utf-8").splitlines()
         i = 0
         while i < len(lines):
             line = lines[i]
+            before = lines[i - 1].strip() if i else ""
             opening = re.match(r" {0,3}(`{3,})([^`]*)$", line)
             if opening:
-                fence, body = opening.group(1), []
                 j = i + 1
-                while j < len(lines) and not re.match(rf" {{0,3}}{fence}`*\s*$", lines[j]):
-                    body.append(lines[j])
+                while j < len(lines) and not re.match(rf" {{0,3}}{opening.group(1)}`*\s*$", lines[j]):
                     j += 1
-                marked = i > 0 and lines[i - 1].strip() == MARKER
-                readme.blocks.append(Block(i + 1, opening.group(2).strip(), body, section, marked))
-                text_lines += [""] * (j + 1 - i)
+                readme.blocks.append(Block(i + 1, opening.group(2).strip(), lines[i + 1 : j], before == MARKER))
+                prose += [""] * (j + 1 - i)
                 i = j + 1
                 continue
-            heading = re.match(r"#{1,6}\s+(.*)", line)
+            heading = re.match(r"#{2,6}\s+(.*)", line)
             if heading:
-                section = heading.group(1).strip()
-            text_lines.append(line)
+                title = heading.group(1).strip()
+                counterpart = COUNTERPART.fullmatch(before)
+                english = title if path == EN else (counterpart.group(1) if counterpart else "")
+                readme.sections.append(Section(i + 1, title, english))
+            prose.append(line)
             i += 1
-        readme.spans = list(_spans(text_lines))
+        readme.spans = list(_spans(prose))
         return readme
 
-    def where(self, line: int, section: str) -> str:
+    def where(self, line: int) -> str:
+        section = next((s.title for s in reversed(self.sections) if s.line <= line), "(top)")
         return f"{self.path.name} line {line}, section '{section}'"
 
-    def command_lines(self) -> dict[str, str]:
-        """Each command line of a command block, normalised, and where it first appears."""
-        found: dict[str, str] = {}
+    def section_of(self, line: int) -> str:
+        return next((s.english for s in reversed(self.sections) if s.line <= line), "")
+
+    def command_lines(self) -> dict[str, int]:
+        """Each command line of the command blocks and the line it first appears on."""
+        found: dict[str, int] = {}
         for block in self.blocks:
-            for command in block.commands():
-                found.setdefault(command, self.where(block.line, block.section))
+            for line, command in block.commands():
+                found.setdefault(command, line)
         return found
 
-    def options(self) -> dict[str, str]:
-        found: dict[str, str] = {}
-        for code, where in self._code():
+    def options(self) -> dict[str, int]:
+        """The options of batchrun's commands shown in the code (an option the CLI lacks is prose, not checked)."""
+        found: dict[str, int] = {}
+        for line, code in self._code():
             for option in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", code):
-                found.setdefault(option, where)
+                if option in OPTIONS:
+                    found.setdefault(option, line)
         return found
 
-    def subcommands(self) -> dict[str, str]:
-        found: dict[str, str] = {}
-        for code, where in self._code():
+    def subcommands(self) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for line, code in self._code():
             for name in re.findall(r"\bbatchrun ([a-z]+)\b", code):
                 if name in SUBCOMMANDS:
-                    found.setdefault(name, where)
+                    found.setdefault(f"batchrun {name}", line)
         return found
 
-    def job_keys(self) -> dict[str, str]:
+    def job_keys(self) -> dict[str, int]:
         """Dotted job-file keys: from the YAML blocks (commented-out keys too) and from spans like `run.max_cost`."""
-        found: dict[str, str] = {}
+        found: dict[str, int] = {}
         for block in self.blocks:
             if block.info in ("yaml", "yml"):
-                for key in _yaml_keys(block.lines):
-                    found.setdefault(key, self.where(block.line, block.section))
+                for line, key in _yaml_keys(block.lines, block.line + 1):
+                    found.setdefault(key, line)
         sections = "|".join(JOB_SECTIONS)
-        for code, line, section in self.spans:
+        for line, code in self.spans:
             if re.fullmatch(rf"(?:{sections})(?:\.[a-z_]+)+", code):
-                found.setdefault(code, self.where(line, section))
+                found.setdefault(code, line)
         return found
 
-    def _code(self) -> Iterator[tuple[str, str]]:
+    def _code(self) -> Iterator[tuple[int, str]]:
         for block in self.blocks:
-            yield "\n".join(_strip_comment(line) for line in block.lines), self.where(block.line, block.section)
-        for code, line, section in self.spans:
-            yield code, self.where(line, section)
+            for n, line in enumerate(block.lines, start=block.line + 1):
+                yield n, _strip_comment(line)
+        yield from self.spans
 
 
-def _spans(text_lines: list[str]) -> Iterator[tuple[str, int, str]]:
-    """Code spans (CommonMark: a run of n backticks up to the next run of exactly n), with line and section."""
-    text = "\n".join(text_lines)
-    starts = [0]
-    sections: list[str] = []
-    section = "(top)"
-    for line in text_lines:
-        heading = re.match(r"#{1,6}\s+(.*)", line)
-        section = heading.group(1).strip() if heading else section
-        sections.append(section)
-        starts.append(starts[-1] + len(line) + 1)
+def _spans(prose: list[str]) -> Iterator[tuple[int, str]]:
+    """Code spans (CommonMark: a run of n backticks up to the next run of exactly n) and their lines."""
+    text = "\n".join(prose)
     pos = 0
     while (opening := re.compile(r"`+").search(text, pos)) is not None:
-        ticks = opening.group(0)
-        closing = re.compile(rf"(?<!`){ticks}(?!`)").search(text, opening.end())
+        closing = re.compile(rf"(?<!`){opening.group(0)}(?!`)").search(text, opening.end())
         if closing is None:
             pos = opening.end()
             continue
-        code = " ".join(text[opening.end() : closing.start()].split())
-        line = next(n for n, start in enumerate(starts) if start > opening.start())
-        yield code, line, sections[line - 1]
+        yield text.count("\n", 0, opening.start()) + 1, " ".join(text[opening.end() : closing.start()].split())
         pos = closing.end()
 
 
@@ -195,13 +205,19 @@ def _is_command(line: str) -> bool:
     return words[0] != "batchrun" or (len(words) > 1 and words[1] in SUBCOMMANDS)
 
 
-def _yaml_keys(lines: list[str]) -> Iterator[str]:
+def _yaml_keys(lines: list[str], first_line: int) -> Iterator[tuple[int, str]]:
     stack: list[tuple[int, str]] = []  # (indent, dotted key) of the keys enclosing this line
-    for line in lines:
+    text_above: int | None = None  # the indent of a key whose value is a block of text (`user: |`)
+    for n, line in enumerate(lines, start=first_line):
+        indent = len(line) - len(line.lstrip())
+        if text_above is not None and (indent > text_above or not line.strip()):
+            continue
+        text_above = None
         match = re.match(r"(\s*)(#\s*)?([A-Za-z_][A-Za-z0-9_]*):(?:\s|$)", line)
         if not match:
             continue
-        indent = len(match.group(1))
+        if re.match(r"[|>][-+]?\s*(#.*)?$", line[match.end() :].strip()):
+            text_above = indent
         while stack and stack[-1][0] >= indent:
             stack.pop()
         parent = stack[-1][1] if stack else ""
@@ -209,20 +225,12 @@ def _yaml_keys(lines: list[str]) -> Iterator[str]:
             continue
         key = f"{parent}.{match.group(3)}" if parent else match.group(3)
         stack.append((indent, key))
-        yield key
+        yield n, key
 
 
 @pytest.fixture(scope="module")
 def readmes() -> tuple[Readme, Readme]:
     return Readme.read(EN), Readme.read(ZH)
-
-
-def _missing(what: str, en: dict[str, str], zh_has: set[str], hint: str) -> list[str]:
-    return [
-        f"README.zh-CN.md lacks the {what} `{item}` (from {where}): {hint}"
-        for item, where in en.items()
-        if item not in zh_has
-    ]
 
 
 def test_the_two_files_link_each_other() -> None:
@@ -234,84 +242,102 @@ def test_the_two_files_link_each_other() -> None:
     )
 
 
+def test_every_section_has_its_chinese_counterpart(readmes: tuple[Readme, Readme]) -> None:
+    en, zh = readmes
+    have = {s.english for s in zh.sections}
+    problems = []
+    for before, section in zip([None, *en.sections], en.sections):
+        if section.english in have:
+            continue
+        after = next((s for s in zh.sections if before and s.english == before.english), None)
+        place = f"after the section at README.zh-CN.md line {after.line}" if after else "in the matching place"
+        problems.append(
+            f"README.zh-CN.md has no section for README.md's '{section.title}' (line {section.line}): add a "
+            f"translated heading {place}, with <!-- en: {section.title} --> on the line before it"
+        )
+    order = [s.english for s in zh.sections if s.english]
+    expected = [s.english for s in en.sections if s.english in order]
+    assert not problems, "\n".join(problems)
+    assert order == expected, (
+        "README.zh-CN.md's sections are not in README.md's order; expected (by their <!-- en: --> names):\n"
+        + "\n".join(expected)
+    )
+
+
 def test_the_chinese_readme_has_every_command_option_and_key(readmes: tuple[Readme, Readme]) -> None:
     en, zh = readmes
-    zh_code = {code for code, _ in zh._code()}
-    problems = _missing(
-        "command",
-        en.command_lines(),
-        set(zh.command_lines()),
-        "copy the line into the matching command block of README.zh-CN.md (comments may be translated)",
-    )
-    problems += _missing(
-        "option",
-        en.options(),
-        set(zh.options()),
-        "show it in README.zh-CN.md's matching section, in a command block or a `code span`",
-    )
-    problems += _missing(
-        "job-file key",
-        en.job_keys(),
-        set(zh.job_keys()),
-        "add it to the job file block of README.zh-CN.md (or name it as a `code span` like `run.max_cost`)",
-    )
-    problems += [
-        f"README.zh-CN.md lacks `batchrun {name}` (from {where}): document the command in README.zh-CN.md"
-        for name, where in en.subcommands().items()
-        if not any(f"batchrun {name}" in code for code in zh_code)
+    checks = [
+        ("command", en.command_lines(), zh.command_lines(), "copy the line into a command block there"),
+        ("option", en.options(), zh.options(), "show it there in a command line or a `code span`"),
+        ("job-file key", en.job_keys(), zh.job_keys(), "add it to the job file block, or name it as a `code span`"),
+        ("command", en.subcommands(), zh.subcommands(), "document the command there"),
+    ]
+    problems = [
+        f"README.zh-CN.md lacks the {what} `{item}` (README.md line {line}): {hint}, "
+        f"{_counterpart(zh, en.section_of(line))} (comments after `#` may be in Chinese)"
+        for what, wanted, present, hint in checks
+        for item, line in wanted.items()
+        if item not in present
     ]
     assert not problems, "\n".join(problems)
+
+
+def _counterpart(zh: Readme, english: str) -> str:
+    section = next((s for s in zh.sections if english and s.english == english), None)
+    if section is None:
+        return f"in its section for '{english or '(top)'}'"
+    counterpart = "" if section.title == english else f", the counterpart of '{english}'"
+    return f"in its section '{section.title}' (line {section.line}{counterpart})"
 
 
 def test_the_readme_documents_every_command_and_run_option(readmes: tuple[Readme, Readme]) -> None:
     en, _ = readmes
     run_options = {s for action in _commands()["run"]._actions for s in action.option_strings if s.startswith("--")}
-    run_options.discard("--help")
     problems = [
         f"README.md lacks `batchrun {name}`: document the command (with an example) in README.md, "
         "then in README.zh-CN.md"
-        for name in sorted(SUBCOMMANDS - set(en.subcommands()))
+        for name in sorted(SUBCOMMANDS)
+        if f"batchrun {name}" not in en.subcommands()
     ]
     problems += [
         f"README.md lacks the `batchrun run` option `{option}`: add an example line to the block under "
         "'### `batchrun run JOB.yaml`' in README.md, then the same line to README.zh-CN.md"
-        for option in sorted(run_options - set(en.options()))
+        for option in sorted(run_options - {"--help"} - set(en.options()))
     ]
     assert not problems, "\n".join(problems)
 
 
-def _command_blocks(readmes: tuple[Readme, Readme]) -> list[tuple[Readme, Block]]:
-    return [(readme, block) for readme in readmes for block in readme.blocks if block.commands()]
+def _command_blocks(readmes: tuple[Readme, Readme]) -> Iterator[tuple[Readme, Block]]:
+    return ((readme, block) for readme in readmes for block in readme.blocks if block.commands())
 
 
-def test_every_command_line_parses(readmes: tuple[Readme, Readme]) -> None:
+def _parts(command: str) -> Iterator[list[str]]:
+    """The words of each command of a line (commands joined by `&&`)."""
+    part: list[str] = []
+    for word in [*shlex.split(command), "&&"]:
+        if word != "&&":
+            part.append(word)
+        elif part:
+            yield part
+            part = []
+
+
+def test_every_batchrun_line_parses(readmes: tuple[Readme, Readme], capsys: pytest.CaptureFixture[str]) -> None:
     problems = []
     for readme, block in _command_blocks(readmes):
-        for command in block.commands():
-            words = shlex.split(command)
-            for part in _parts(words):
-                if part[0] != "batchrun" or "JOB" in " ".join(part):
+        for line, command in block.commands():
+            for part in _parts(command):
+                if part[0] != "batchrun":
                     continue
                 try:
                     _parser().parse_args(part[1:])
                 except SystemExit:
+                    why = capsys.readouterr().err.strip().splitlines()[-1:]
                     problems.append(
-                        f"{readme.where(block.line, block.section)}: `{' '.join(part)}` is refused by "
-                        "batchrun's argument parser: fix the command in both README files"
+                        f"{readme.where(line)}: batchrun refuses `{shlex.join(part)}` ({' '.join(why)}): "
+                        "fix the line in README.md and README.zh-CN.md alike"
                     )
     assert not problems, "\n".join(problems)
-
-
-def _parts(words: list[str]) -> Iterator[list[str]]:
-    """A command line split at `&&`."""
-    part: list[str] = []
-    for word in [*words, "&&"]:
-        if word == "&&":
-            if part:
-                yield part
-            part = []
-        else:
-            part.append(word)
 
 
 def test_every_command_block_runs_or_is_marked_illustrative(
@@ -325,39 +351,58 @@ def test_every_command_block_runs_or_is_marked_illustrative(
     for readme, block in _command_blocks(readmes):
         if block.illustrative:
             continue
-        where = readme.where(block.line, block.section)
         parts = [
-            part
-            for command in block.commands()
-            for part in _parts(shlex.split(command))
+            (line, part)
+            for line, command in block.commands()
+            for part in _parts(command)
             if part[0] not in ("pip", "pytest")  # the environment is installed; the suite is what is running
         ]
-        why_not = next(((part, why) for part in parts if (why := _why_not_runnable(part, tmp_path))), None)
-        if why_not:
+        unrunnable = [(line, part, why) for line, part in parts if (why := _why_not_runnable(part, tmp_path))]
+        if unrunnable:
+            line, part, why = unrunnable[0]
             problems.append(
-                f"{where}: the command block starting at this line cannot run in this test "
-                f"(`{' '.join(why_not[0])}`: {why_not[1]}): put {MARKER} on the line before its opening fence "
-                "(in README.md and README.zh-CN.md alike), or make its commands runnable"
+                f"{readme.where(line)}: `{shlex.join(part)}` cannot run in this test ({why}): put {MARKER} on the "
+                f"line before the block's opening fence (line {block.line}), in README.md and README.zh-CN.md "
+                "alike, or make the block runnable"
             )
             continue
-        for part in parts:
+        for line, part in parts:
             if " ".join(part) in ran:
                 continue  # the same command in the other file
             ran.add(" ".join(part))
-            code = main(part[1:])
-            err = capsys.readouterr().err
-            if code != 0:
-                problems.append(f"{where}: `{' '.join(part)}` exited {code}: {err.strip()[-500:]}")
+            problem = _run_here(part)
+            err = capsys.readouterr().err.strip()
+            if problem:
+                problems.append(
+                    f"{readme.where(line)}: `{shlex.join(part)}` {problem}" + (f"; stderr: {err[-500:]}" if err else "")
+                )
     assert not problems, "\n".join(problems)
 
 
 def _why_not_runnable(words: list[str], project: Path) -> str | None:
+    if words[0] in ("python", "python3"):
+        return None if len(words) == 3 and words[1] == "-c" else "of python, only `python -c CODE` is run"
     if words[0] != "batchrun":
-        return f"only batchrun, pip and pytest commands are run, not {words[0]}"
+        return f"only batchrun, python -c, pip and pytest commands are run, not {words[0]}"
     if words[1] not in ("run", "validate", "status"):
         return f"`batchrun {words[1]}` is not run here"
     if "--engine" in words:
         return "it needs Ray"
     if len(words) < 3 or not (project / words[2]).is_file():
-        return f"{words[2] if len(words) > 2 else 'the job'} is not a file of the repository"
+        return f"{words[2] if len(words) > 2 else 'the job'} is not a job file of the repository"
     return None
+
+
+def _run_here(words: list[str]) -> str | None:
+    """Runs a command in this process (the current folder is the project copy); what went wrong, if anything."""
+    if words[0] != "batchrun":  # python -c CODE
+        try:
+            exec(words[2], {"__name__": "__main__"})
+        except Exception as e:
+            return f"failed: {type(e).__name__}: {e}"
+        return None
+    try:
+        code = main(words[1:])
+    except SystemExit as e:  # argparse refused it
+        code = e.code
+    return None if code == 0 else f"exited {code}"
