@@ -27,7 +27,8 @@ lines are still checked by batchrun's own argument parser, so a renamed or remov
 option fails the test either way. Unmarked blocks are run, in this process, in
 order, against one copy of jobs/ and sample_data/: `pip install ...` and `pytest`
 are skipped (the environment is installed, and the suite is what is running), every
-`batchrun` command must exit 0 (the jobs use the built-in emulator), and every
+`batchrun` command must exit 0 (the jobs use the built-in emulator; `batchrun emulator`,
+`batchrun bench` and `--engine ray` are never run, so their blocks need the marker), and every
 `python -c CODE` must run without an exception (it may read what earlier commands wrote).
 """
 
@@ -52,6 +53,7 @@ MARKER = "<!-- illustrative -->"
 COUNTERPART = re.compile(r"<!-- en: (.+?) -->")  # before a heading of README.zh-CN.md
 PROGRAMS = ("batchrun", "pip", "pytest", "python", "python3")
 JOB_SECTIONS = ("name", "input", "provider", "model", "prompt", "params", "stream", "output", "run", "pricing")
+NOT_RUN = {"emulator": "a server that runs until stopped", "bench": "it takes seconds to minutes"}
 FREE_FORM = ("params", "output.schema")  # values in the API's or JSON Schema's own words, not job-file keys
 
 
@@ -384,13 +386,12 @@ def _why_not_runnable(words: list[str], project: Path) -> str | None:
         return None if len(words) == 3 and words[1] == "-c" else "of python, only `python -c CODE` is run"
     if words[0] != "batchrun":
         return f"only batchrun, python -c, pip and pytest commands are run, not {words[0]}"
-    if words[1] not in ("run", "validate", "status"):
-        return f"`batchrun {words[1]}` is not run here"
+    if words[1] in NOT_RUN:
+        return NOT_RUN[words[1]]
     if "--engine" in words:
-        return "it needs Ray"
-    if len(words) < 3 or not (project / words[2]).is_file():
-        return f"{words[2] if len(words) > 2 else 'the job'} is not a job file of the repository"
-    return None
+        return "it starts Ray"
+    missing = [w for w in words[2:] if w.endswith((".yaml", ".yml")) and not (project / w).is_file()]
+    return f"{missing[0]} is not a job file of the repository" if missing else None
 
 
 def _run_here(words: list[str]) -> str | None:
