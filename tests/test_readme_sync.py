@@ -402,6 +402,7 @@ def _run_here(words: list[str]) -> str | None:
         except Exception as e:
             return f"failed: {type(e).__name__}: {e}"
         return None
+    code: int | str | None
     try:
         code = main(words[1:])
     except SystemExit as e:  # argparse refused it
