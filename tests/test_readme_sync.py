@@ -7,8 +7,8 @@ The two files are compared by their code, never by their prose:
 * every command line, every option of a batchrun command and every job-file key
   found in README.md's code (fenced blocks and `code spans`) appears in
   README.zh-CN.md's code too;
-* every subcommand and every `batchrun run` option of the CLI's own parser appears
-  in README.md's code (so a new option is documented, and then copied over);
+* every subcommand and every option of the CLI's own parser appears in README.md's
+  code (so a new command or option is documented, and then copied over);
 * every command block of either file runs, or is marked illustrative.
 
 A command block is a fenced block holding command lines: lines starting with
@@ -292,20 +292,23 @@ def _counterpart(zh: Readme, english: str) -> str:
     return f"in its section '{section.title}' (line {section.line}{counterpart})"
 
 
-def test_the_readme_documents_every_command_and_run_option(readmes: tuple[Readme, Readme]) -> None:
+def test_the_readme_documents_every_command_and_option(readmes: tuple[Readme, Readme]) -> None:
     en, _ = readmes
-    run_options = {s for action in _commands()["run"]._actions for s in action.option_strings if s.startswith("--")}
     problems = [
         f"README.md lacks `batchrun {name}`: document the command (with an example) in README.md, "
         "then in README.zh-CN.md"
         for name in sorted(SUBCOMMANDS)
         if f"batchrun {name}" not in en.subcommands()
     ]
-    problems += [
-        f"README.md lacks the `batchrun run` option `{option}`: add an example line to the block under "
-        "'### `batchrun run JOB.yaml`' in README.md, then the same line to README.zh-CN.md"
-        for option in sorted(run_options - {"--help"} - set(en.options()))
-    ]
+    for name, parser in sorted(_commands().items()):
+        options = {s for action in parser._actions for s in action.option_strings if s.startswith("--")}
+        heading = next((s.title for s in en.sections if s.title.startswith(f"`batchrun {name}")), None)
+        block = f"the block under '### {heading}'" if heading else "its command block"
+        problems += [
+            f"README.md lacks the `batchrun {name}` option `{option}`: add an example line to {block} "
+            "in README.md, then the same line to README.zh-CN.md"
+            for option in sorted(options - {"--help"} - set(en.options()))
+        ]
     assert not problems, "\n".join(problems)
 
 
