@@ -25,8 +25,9 @@ comment
 on the line right before its opening fence (it renders as nothing). Its batchrun
 lines are still checked by batchrun's own argument parser, so a renamed or removed
 option fails the test either way. Unmarked blocks are run, in this process, in
-order, against one copy of jobs/ and sample_data/: `pip install ...` and `pytest`
-are skipped (the environment is installed, and the suite is what is running), every
+order, against one copy of jobs/ and sample_data/: `pip install ...`, `python -m venv`,
+`. .venv/bin/activate` and `pytest` are skipped (the environment is installed, and the
+suite is what is running), every
 `batchrun` command must exit 0 (the jobs use the built-in emulator; `batchrun emulator`,
 `batchrun bench` and `--engine ray` are never run, so their blocks need the marker), and every
 `python -c CODE` must run without an exception (it may read what earlier commands wrote).
@@ -204,7 +205,7 @@ def _is_command(line: str) -> bool:
     words = line.split()
     if not words or words[0] not in PROGRAMS:
         return False
-    return words[0] != "batchrun" or (len(words) > 1 and words[1] in SUBCOMMANDS)
+    return words[0] != "batchrun" or (len(words) > 1 and (words[1] in SUBCOMMANDS or words[1].startswith("-")))
 
 
 def _yaml_keys(lines: list[str], first_line: int) -> Iterator[tuple[int, str]]:
@@ -276,12 +277,12 @@ def test_the_chinese_readme_has_every_command_option_and_key(readmes: tuple[Read
     ]
     problems = [
         f"README.zh-CN.md lacks the {what} `{item}` (README.md line {line}): {hint}, "
-        f"{_counterpart(zh, en.section_of(line))} (comments after `#` may be in Chinese)"
+        f"{_counterpart(zh, en.section_of(line))}"
         for what, wanted, present, hint in checks
         for item, line in wanted.items()
         if item not in present
     ]
-    assert not problems, "\n".join(problems)
+    assert not problems, "\n".join([*problems, "(comments after `  # ` in code blocks may be in Chinese)"])
 
 
 def _counterpart(zh: Readme, english: str) -> str:
@@ -336,7 +337,9 @@ def test_every_batchrun_line_parses(readmes: tuple[Readme, Readme], capsys: pyte
                     continue
                 try:
                     _parser().parse_args(part[1:])
-                except SystemExit:
+                except SystemExit as e:
+                    if not e.code:
+                        continue  # --version, --help
                     why = capsys.readouterr().err.strip().splitlines()[-1:]
                     problems.append(
                         f"{readme.where(line)}: batchrun refuses `{shlex.join(part)}` ({' '.join(why)}): "
@@ -356,12 +359,7 @@ def test_every_command_block_runs_or_is_marked_illustrative(
     for readme, block in _command_blocks(readmes):
         if block.illustrative:
             continue
-        parts = [
-            (line, part)
-            for line, command in block.commands()
-            for part in _parts(command)
-            if part[0] not in ("pip", "pytest")  # the environment is installed; the suite is what is running
-        ]
+        parts = [(line, part) for line, command in block.commands() for part in _parts(command) if not _is_setup(part)]
         unrunnable = [(line, part, why) for line, part in parts if (why := _why_not_runnable(part, tmp_path))]
         if unrunnable:
             line, part, why = unrunnable[0]
@@ -379,9 +377,16 @@ def test_every_command_block_runs_or_is_marked_illustrative(
             err = capsys.readouterr().err.strip()
             if problem:
                 problems.append(
-                    f"{readme.where(line)}: `{shlex.join(part)}` {problem}" + (f"; stderr: {err[-500:]}" if err else "")
+                    f"{readme.where(line)}: `{shlex.join(part)}` {problem}"
+                    + (f"; stderr: {err[-500:]}" if err else "")
+                    + f". If it cannot run here, move it to a block with {MARKER} before it, in both files"
                 )
     assert not problems, "\n".join(problems)
+
+
+def _is_setup(words: list[str]) -> bool:
+    """pip, a venv and its activation (this environment is installed), and pytest (the suite is what is running)."""
+    return words[0] in ("pip", "pytest", ".", "source") or words[1:3] == ["-m", "venv"]
 
 
 def _why_not_runnable(words: list[str], project: Path) -> str | None:
