@@ -7,6 +7,10 @@ The two files are compared by their code, never by their prose:
 * every command line, every option of a batchrun command and every job-file key
   found in README.md's code (fenced blocks and `code spans`) appears in
   README.zh-CN.md's code too;
+* the other way round, a code span or batchrun command the Chinese file shows (outside
+  its own sections and its top, and not written in Chinese) is still in README.md or in
+  batchrun's code, and its job-file keys are README.md's: a passage README.md changed
+  or dropped does not live on in Chinese;
 * every subcommand and every option of the CLI's own parser appears in README.md's
   code (so a new command or option is documented, and then copied over);
 * every command block of either file runs, or is marked illustrative.
@@ -283,6 +287,36 @@ def test_the_chinese_readme_has_every_command_option_and_key(readmes: tuple[Read
         if item not in present
     ]
     assert not problems, "\n".join([*problems, "(comments after `  # ` in code blocks may be in Chinese)"])
+
+
+def test_the_chinese_readme_shows_nothing_the_readme_dropped(readmes: tuple[Readme, Readme]) -> None:
+    """What the Chinese file shows as code, outside its own sections, README.md or batchrun's code still says."""
+    en, zh = readmes
+    english = EN.read_text(encoding="utf-8")
+    en_code = {code for _, code in en.spans} | set(en.command_lines())
+    source = "".join(path.read_text(encoding="utf-8") for path in (REPO / "batchrun").rglob("*.py"))
+    shown = [
+        (line, code)
+        for line, code in zh.spans
+        if zh.section_of(line) and not re.search(r"[\u3000-\u9fff\uff00-\uffef]", code)  # not its own, not Chinese
+    ]
+    shown += [
+        (line, command)
+        for command, line in zh.command_lines().items()
+        if zh.section_of(line) and command.startswith("batchrun ")
+    ]
+    problems = [
+        f"{zh.where(line)} shows `{code}`, which README.md no longer has: update or remove that passage "
+        f"to match README.md's section '{zh.section_of(line)}'"
+        for line, code in shown
+        if code not in english and code not in source and code not in en_code
+    ]
+    problems += [
+        f"{zh.where(line)} has the job-file key `{key}`, which README.md no longer has: remove or rename it"
+        for key, line in zh.job_keys().items()
+        if key not in en.job_keys()
+    ]
+    assert not problems, "\n".join(problems)
 
 
 def _counterpart(zh: Readme, english: str) -> str:
