@@ -7,7 +7,6 @@ import os
 import shlex
 import sys
 import traceback
-from types import ModuleType
 from typing import Any
 
 from batchrun.errors import BudgetReached, JobError, RunAborted, RunInterrupted
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batchrun: {e}", file=sys.stderr)
         return EXIT_BUDGET
     except RunInterrupted as e:
-        print(f"\nbatchrun: {_interrupted_message(e)}; resume with: {_resume_command(args)}", file=sys.stderr)
+        print(f"\nbatchrun: {e}; resume with: {_resume_command(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         resume = f"; resume with: {_resume_command(args)}" if args.command == "run" else ""
@@ -48,16 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # a bug: show it, but never with the key in it
         print(redact(traceback.format_exc()), file=sys.stderr, end="")
         return EXIT_INTERNAL
-
-
-def _interrupted_message(e: RunInterrupted) -> str:
-    message = f"interrupted: {e.done} of {e.total} rows done, {e.total - e.done} pending"
-    if e.cancelled:
-        message += (
-            f"; {e.cancelled} requests in flight were cancelled {e.cancelled_when} "
-            "(they may have been paid; the next run counts them)"
-        )
-    return message
 
 
 def _resume_command(args: argparse.Namespace) -> str:
@@ -179,16 +168,12 @@ def _non_negative_float(text: str) -> float:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from batchrun import eventloop
-    from batchrun.runner import RunOptions, run_job
+    from batchrun import commands, eventloop
+    from batchrun.runner import RunOptions
     from batchrun.spec import load_job
 
     job = load_job(args.job)
     _print_warnings(job.warnings)
-    if args.max_cost is not None and job.spec.pricing is None:
-        raise JobError(f"{job.path}: --max-cost needs pricing in the job file to count the cost")
-    if args.engine == "local" and (args.ray_address is not None or args.ray_actors is not None):
-        raise JobError("--ray-address and --ray-actors need --engine ray")
     options = RunOptions(
         limit=args.limit,
         concurrency=args.concurrency,
@@ -198,26 +183,9 @@ def _run(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         max_cost=args.max_cost,
     )
-    if args.engine == "ray":
-        engine = _ray_engine()
-        summary = eventloop.run(
-            engine.run_job_on_ray, job, options, engine.RayOptions(args.ray_address, args.ray_actors)
-        )
-    else:
-        summary = eventloop.run(run_job, job, options)
+    summary = eventloop.run(commands.run, job, options, args.engine, args.ray_address, args.ray_actors)
     _print_summary(summary)
     return 0
-
-
-def _ray_engine() -> ModuleType:
-    """The Ray engine, which needs the optional `ray` extra; the core install never imports Ray."""
-    try:
-        from batchrun import engine_ray
-    except ModuleNotFoundError as e:
-        if (e.name or "").partition(".")[0] != "ray":
-            raise
-        raise JobError("--engine ray needs Ray, which is not installed: pip install 'batchrun[ray]'") from None
-    return engine_ray
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -242,35 +210,21 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from batchrun import output, protocols, spend
-    from batchrun.images import loader_for, preview_body
-    from batchrun.inputs import ROW_INDEX, InputTable
-    from batchrun.render import Renderer
+    from batchrun import commands
     from batchrun.spec import load_job
-    from batchrun.structured import AnswerParser
 
     job = load_job(args.job)
     _print_warnings(job.warnings)
-    spec = job.spec
-    table = InputTable.for_job(job)
-    table.check_ids()
-    renderer = Renderer(job, table.columns)
-    output.check_columns(job, AnswerParser.for_spec(spec), table.columns)
-    job.api_key()
-    protocol = protocols.PROTOCOLS[spec.provider.api]
-    loader = loader_for(job, protocol.INLINE_IMAGE_URLS)
-    print(f"job {spec.name}: {table.count()} rows from {spec.input.path}, columns: {', '.join(table.columns)}")
-    print(f"{spec.provider.api} {spec.model} -> POST {spec.provider.base_url}{protocol.path(spec.model, spec.stream)}")
-    shown = 0
-    for batch in table.batches(limit=args.show):
-        for row in batch.iter_rows(named=True):
-            print(f"\nrow {row[table.id_name] if table.id_column else row[ROW_INDEX]}:")
-            print(preview_body(protocol, loader, renderer.render(row), spec))
-            shown += 1
+    plan = commands.plan(job, args.show)
+    print(f"job {plan.job}: {plan.rows} rows from {plan.input}, columns: {', '.join(plan.columns)}")
+    print(plan.endpoint)
+    for row_id, body in plan.requests.items():
+        print(f"\nrow {row_id}:")
+        print(body)
     print()
-    for line in spend.describe_estimate(spend.estimate_job(job, table, renderer), job):
+    for line in plan.estimate_lines:
         print(line)
-    print(f"\nok: the job is valid ({shown} requests shown, none sent)")
+    print(f"\nok: the job is valid ({len(plan.requests)} requests shown, none sent)")
     return 0
 
 

@@ -2,7 +2,8 @@
 
 The input is read again alongside the checkpoint, one batch at a time, so the
 output of a 10-million-row job is written in the memory of one batch. The file
-is written under a temporary name and renamed into place when complete.
+is written under a temporary name and renamed into place when complete (for an
+object-storage output: uploaded, then the local file removed).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchrun import spend
+from batchrun import spend, storage
 from batchrun.checkpoint import ROW_COLUMNS, Checkpoint
 from batchrun.errors import JobError
 from batchrun.inputs import ROW_INDEX, InputTable
@@ -123,7 +124,11 @@ def write_parquet(
             writer.close()
     if writer is None:  # an empty input still gets a (column-less) file
         pl.DataFrame().write_parquet(tmp)
-    os.replace(tmp, path)
+    if job.output_url is None:
+        os.replace(tmp, path)
+    else:  # written whole here first: nothing is at the key until the output is complete
+        storage.upload(tmp, job.output_url, job.spec.output.storage_options)
+        tmp.unlink()
     return totals
 
 

@@ -107,7 +107,9 @@ def _prepare_folder(job: Job, restart: bool) -> tuple[Path, list[str]]:
         notes.append(f"the output path changed: moved the checkpoint from {found} to {folder}")
     try:
         pointer = _pointer(job)
-        if not pointer.exists() or pointer.read_text(encoding="utf-8").strip() != str(folder):
+        if not job.path.is_file():
+            pass  # a job given as a dict in Python: no job file to keep a pointer beside
+        elif not pointer.exists() or pointer.read_text(encoding="utf-8").strip() != str(folder):
             pointer.write_text(f"{folder}\n", encoding="utf-8")
     except OSError:
         pass  # a read-only job folder: only a changed output path will start over
@@ -137,13 +139,36 @@ def _discard(folder: Path) -> str:
 # --- batchrun status -------------------------------------------------------------------
 
 
+@dataclass
+class JobStatus:
+    """Where a job stands (`batchrun status`, `batchrun.status`): rows, tokens, cost and the checkpoint's place."""
+
+    job: str
+    rows: int
+    done: int
+    ok: int
+    failed: int
+    pending: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float | None  # None without pricing
+    checkpoint: Path  # where it is, or will be once the job starts
+    lines: list[str]  # what `batchrun status` prints
+
+
 def status_lines(job: Job) -> list[str]:
+    return job_status(job).lines
+
+
+def job_status(job: Job) -> JobStatus:
     table = InputTable.for_job(job)
     rows = table.count()
     folder = find_folder(job)
     name = job.spec.name
     if not (folder / DB_NAME).exists():
-        return [f"job {name}: not started; {rows} rows pending"]
+        lines = [f"job {name}: not started; {rows} rows pending", f"checkpoint: {folder} (made by the first run)"]
+        cost = 0.0 if job.spec.pricing is not None else None
+        return JobStatus(name, rows, 0, 0, 0, rows, 0, 0, cost, folder, lines)
     checkpoint = Checkpoint(folder)
     try:
         return _status(job, table, rows, checkpoint)
@@ -151,19 +176,21 @@ def status_lines(job: Job) -> list[str]:
         checkpoint.close()
 
 
-def _status(job: Job, table: InputTable, rows: int, checkpoint: Checkpoint) -> list[str]:
+def _status(job: Job, table: InputTable, rows: int, checkpoint: Checkpoint) -> JobStatus:
     totals = checkpoint.totals()
     done = checkpoint.count_finished(0, rows)
     parser = AnswerParser.for_spec(job.spec)
     invalid = sum(len(f) for f in output.failed_answers(checkpoint, parser, rows)) if parser else 0
+    ok, failed = totals["ok"] - invalid, totals["error"] + invalid
     classes = ", ".join(f"{cls} {n}" for cls, n in checkpoint.error_classes().items())
     lines = [
-        f"job {job.spec.name}: {done} of {rows} rows done: {totals['ok'] - invalid} ok, "
-        f"{totals['error'] + invalid} failed" + (f" ({classes})" if classes else "") + f"; {rows - done} pending"
+        f"job {job.spec.name}: {done} of {rows} rows done: {ok} ok, "
+        f"{failed} failed" + (f" ({classes})" if classes else "") + f"; {rows - done} pending"
     ]
     if invalid:
         lines.append(f"{invalid} of the failed rows are answers that did not parse or match output.schema")
     lines.append(f"tokens: {totals['prompt_tokens']} in / {totals['completion_tokens']} out")
+    spent = None
     if (pricing := job.spec.pricing) is not None:
         spent = spend.cost(pricing, totals["prompt_tokens"], totals["completion_tokens"], totals["images"])
         limit = job.spec.run.max_cost
@@ -182,7 +209,21 @@ def _status(job: Job, table: InputTable, rows: int, checkpoint: Checkpoint) -> l
         )
     lines.append(_match_line(job, table, checkpoint))
     lines.append(f"checkpoint: {checkpoint.folder}")
-    return lines
+    if job.output_url is not None:
+        lines.append(f"output: {job.output_url} (uploaded when a run completes)")
+    return JobStatus(
+        job.spec.name,
+        rows,
+        done,
+        ok,
+        failed,
+        rows - done,
+        totals["prompt_tokens"],
+        totals["completion_tokens"],
+        spent,
+        checkpoint.folder,
+        lines,
+    )
 
 
 def _match_line(job: Job, table: InputTable, checkpoint: Checkpoint) -> str:

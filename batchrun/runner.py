@@ -11,8 +11,8 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -22,8 +22,8 @@ import jinja2
 import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from batchrun import fingerprint, images, output, protocols, spend
-from batchrun.checkpoint import Checkpoint, RowRecord
+from batchrun import fingerprint, images, output, protocols, spend, storage
+from batchrun.checkpoint import DB_NAME, Checkpoint, RowRecord, checkpoint_folder
 from batchrun.errors import BudgetReached, RunAborted, RunInterrupted
 from batchrun.inputs import ROW_INDEX, InputTable
 from batchrun.limits import Limits, estimate_tokens, output_cap, prompt_tokens_estimate
@@ -50,6 +50,24 @@ class RunOptions:
     quiet: bool = False
     max_cost: float | None = None  # overrides run.max_cost
     durable_checkpoint: bool = True  # False only in `batchrun bench`, to measure the checkpoint's cost
+    presses: CtrlC | None = None  # Ctrl-C handed over by another thread; None: this thread's SIGINT
+
+
+class CtrlC:
+    """Ctrl-C presses handed to a run from another thread (a run in a worker thread gets no signal,
+    and a run inside someone else's event loop must not take its SIGINT handler)."""
+
+    def __init__(self) -> None:
+        self.pressed = 0
+        self._seen = 0
+
+    def press(self) -> None:
+        self.pressed += 1
+
+    async def wait(self) -> None:
+        while self._seen >= self.pressed:
+            await anyio.sleep(0.05)
+        self._seen += 1
 
 
 @dataclass
@@ -122,6 +140,9 @@ class Run:
     async def execute(self) -> dict[str, Any]:
         started = time.monotonic()
         self.table.check_ids()
+        if self.job.output_url is not None:
+            fresh = not (checkpoint_folder(self.job.output_path) / DB_NAME).exists()
+            storage.check_output(self.job.output_url, self.job.spec.output.storage_options, fresh)
         options = self.options
         flags = ResumeFlags(options.restart, options.rerun_changed, options.retry_failed)
         checkpoint, notes = open_for_run(self.job, self.table, self.renderer, flags, options.durable_checkpoint)
@@ -198,18 +219,27 @@ class Run:
 
         Either way the run then commits what finished (the checkpoint is consistent at every commit).
         """
-        with anyio.open_signal_receiver(signal.SIGINT) as signals:
-            await anext(signals)
+        async with self._ctrl_c() as pressed:
+            await pressed()
             self.interrupts = 1
             self._producing.cancel()
             checkpoint.refuse_new_rows()
             work.deadline = anyio.current_time() + GRACE_S
             while checkpoint.awaiting_answer:
                 with anyio.move_on_after(0.05):
-                    await anext(signals)
+                    await pressed()
                     self.interrupts = 2
                     break
             work.cancel()
+
+    @asynccontextmanager
+    async def _ctrl_c(self) -> AsyncIterator[Callable[[], Awaitable[object]]]:
+        """A function that returns at the next Ctrl-C."""
+        if self.options.presses is not None:
+            yield self.options.presses.wait
+            return
+        with anyio.open_signal_receiver(signal.SIGINT) as signals:
+            yield partial(anext, signals)
 
     async def _produce(
         self, send: MemoryObjectSendStream[WorkItem], checkpoint: Checkpoint, progress: Progress
@@ -402,7 +432,7 @@ class Run:
         pricing = self.job.spec.pricing
         summary: dict[str, Any] = {
             "job": self.job.spec.name,
-            "output": str(self.job.output_path),
+            "output": self.job.output_url or str(self.job.output_path),
             "rows": total,
             "ok": written["ok"],
             "error": written["error"],
