@@ -1,4 +1,4 @@
-"""Commands: run, validate, status, emulator, bench."""
+"""Commands: run, validate, status, report, emulator, bench."""
 
 from __future__ import annotations
 
@@ -109,6 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("job")
     status.set_defaults(func=_status)
 
+    report = sub.add_parser("report", help="one HTML page of the run: charts, sample rows, images")
+    report.add_argument("job")
+    report.add_argument("--open", action="store_true", help="open the page in the web browser")
+    report.set_defaults(func=_report)
+
     emulator = sub.add_parser("emulator", help="a local OpenAI + Gemini compatible server for trials and tests")
     emulator.add_argument("--host", default="127.0.0.1")
     emulator.add_argument("--port", type=int, default=8787, help="0 picks a free port (printed on start)")
@@ -185,6 +190,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     summary = eventloop.run(commands.run, job, options, args.engine, args.ray_address, args.ray_actors)
     _print_summary(summary)
+    print(f"report: {shlex.join(['batchrun', 'report', args.job])}")
     return 0
 
 
@@ -238,6 +244,19 @@ def _status(args: argparse.Namespace) -> int:
     from batchrun.spec import load_job
 
     print("\n".join(status_lines(load_job(args.job))))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    import webbrowser
+
+    from batchrun.report import write_report
+    from batchrun.spec import load_job
+
+    page = write_report(load_job(args.job))
+    print(page)
+    if args.open:
+        webbrowser.open(page.resolve().as_uri())
     return 0
 
 

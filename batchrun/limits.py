@@ -227,6 +227,11 @@ class Limits:
     def limit(self) -> int:
         return self.in_flight.total
 
+    @property
+    def paused_until(self) -> float:
+        """When the current pause of every start ends (anyio's clock; in the past when none)."""
+        return self._paused_until
+
     @asynccontextmanager
     async def slot(self, tokens: int) -> AsyncIterator[Ticket]:
         """Hold one in-flight place for a request estimated at `tokens`.

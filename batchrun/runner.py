@@ -34,6 +34,7 @@ from batchrun.resume import ResumeFlags, open_for_run
 from batchrun.sharing import SharedAnswers, request_key
 from batchrun.spec import Job
 from batchrun.structured import AnswerParser, ask_with_repairs, explain_native_rejection
+from batchrun.timeline import OK, AttemptLog, LimiterTimeline, note_run
 from batchrun.transport import Outcome, Transport, call_with_retries
 
 ABORT_AFTER = 3  # PROTOCOL.md §5.2 rules B and C
@@ -136,6 +137,7 @@ class Run:
         self.sharing = SharedAnswers()
         max_cost = options.max_cost if options.max_cost is not None else spec.run.max_cost
         self.budget = spend.Budget(max_cost, spec.pricing, spent=0.0)
+        self.timeline: LimiterTimeline | None = None  # a local run's; the Ray engine's limiter is the coordinator's
 
     async def execute(self) -> dict[str, Any]:
         started = time.monotonic()
@@ -146,7 +148,9 @@ class Run:
         options = self.options
         flags = ResumeFlags(options.restart, options.rerun_changed, options.retry_failed)
         checkpoint, notes = open_for_run(self.job, self.table, self.renderer, flags, options.durable_checkpoint)
+        self.timeline = LimiterTimeline(checkpoint)
         try:
+            note_run(checkpoint, "running", time.time())
             for note in notes:
                 print(f"batchrun: {note}", file=sys.stderr)
             interrupted = checkpoint.count_interrupted()
@@ -177,6 +181,7 @@ class Run:
                     await transport.aclose()
                     await self.images.aclose()
                     progress.close()
+            note_run(checkpoint, self._exit_state(), time.time(), time.monotonic() - started)
             if self.interrupts:
                 when = f"after {GRACE_S:g} s" if self.interrupts == 1 else "at the second Ctrl-C"
                 cancelled = len(checkpoint.awaiting_answer)
@@ -205,6 +210,8 @@ class Run:
                 receive.close()
             if self.watch.tripped is None:
                 self._release_held(checkpoint, progress)
+            if self.timeline is not None:
+                self.timeline.close()
             await checkpoint.flush()
             tg.cancel_scope.cancel()
 
@@ -356,6 +363,17 @@ class Run:
             failed = Outcome(None, CallError("input", str(e), retryable=False), 0, 0.0)
             return _record(item, failed), failed
 
+        log = AttemptLog()
+
+        async def begin() -> None:
+            log.start()
+            await checkpoint.begin(item.idx)
+
+        def on_error(error: CallError) -> None:
+            self.watch.on_error(error)
+            log.note(error.error_class, error.status)
+            self._observe_limits()
+
         async def send(body: dict[str, Any], extra_tokens: int, first: bool) -> Outcome | None:
             prompt_estimate = item.prompt_estimate + extra_tokens
             held = self.budget.reserve(prompt_estimate, cap)
@@ -369,13 +387,15 @@ class Run:
                 self.decoder,
                 item.estimate + extra_tokens,
                 spec.run.max_attempts,
-                self.watch.on_error,
-                before_first_send=partial(checkpoint.begin, item.idx) if first else _nothing,
+                on_error,
+                before_first_send=begin if first else _nothing,
             )
             reply = outcome.reply
             if reply is None:
                 self.budget.settle(held, prompt_estimate, None, None)
             else:
+                log.note(OK)
+                self._observe_limits()
                 self.budget.settle(
                     held, prompt_estimate, reply.prompt_tokens, reply.completion_tokens, len(reply.images)
                 )
@@ -396,12 +416,27 @@ class Run:
             outcome, repairs = await ask_with_repairs(outcome, self.parser, spec.output.repair_attempts, follow_up)
         record = _record(item, outcome)
         record.repairs = repairs
+        record.started_at, record.attempt_log = log.started_at, log.text()
         if outcome.reply is not None and outcome.reply.images:
             saved = await anyio.to_thread.run_sync(
                 images.save_images, outcome.reply.images, self.job.images_dir, item.row_id
             )
             record.image_paths = orjson.dumps(saved).decode()
         return record, outcome
+
+    def _observe_limits(self) -> None:
+        if self.timeline is not None:
+            self.timeline.observe(self.limits)
+
+    def _exit_state(self) -> str:
+        """How the run ended, in the words `batchrun report` shows."""
+        if self.interrupts:
+            return "interrupted"
+        if self.watch.tripped is not None:
+            return "stopped by the server"
+        if self.budget.stopped:
+            return "stopped at the budget"
+        return "finished"
 
     def _status(self, record: RowRecord) -> str:
         """The row's status as the output will have it: an answer that fails its check is an error."""
