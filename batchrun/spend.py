@@ -23,7 +23,7 @@ import polars as pl
 
 from batchrun.inputs import InputTable
 from batchrun.limits import DEFAULT_OUTPUT_ESTIMATE, output_cap, prompt_tokens_estimate
-from batchrun.render import Renderer
+from batchrun.render import Renderer, RowInputError
 from batchrun.spec import Job, PricingSpec
 from batchrun.structured import MAX_REASON_CHARS, answer_schema, repair_request
 
@@ -147,13 +147,18 @@ def estimate_job(job: Job, table: InputTable, renderer: Renderer) -> Estimate:
     rows = table.count()
     sample = table.sample(SAMPLE_ROWS, rows)
     tokens: list[int] = []
+    caps: list[int | None] = []  # an OpenAI Batch line's cap is its body's, unless params set one
     for row in sample.iter_rows(named=True):
         try:
-            tokens.append(prompt_tokens_estimate(renderer.render(row).text_chars))
-        except jinja2.TemplateError:
+            request = renderer.render(row)
+        except (jinja2.TemplateError, RowInputError):
             continue  # such rows fail without a request
+        tokens.append(prompt_tokens_estimate(request.text_chars))
+        caps.append(output_cap({**(request.body or {}), **spec.params}))
     per_row = sum(tokens) / len(tokens) if tokens else 0.0
     cap = output_cap(spec.params)
+    if job.batch_input and caps:
+        cap = None if None in caps else max(c for c in caps if c is not None)
     schema = answer_schema(spec)
     typical = None
     if spec.output.parse != "text" and schema is not None:
@@ -174,7 +179,8 @@ def describe_estimate(est: Estimate, job: Job) -> list[str]:
             "so no upper bound; set one to bound the cost"
         )
     else:
-        lines.append(f"  output tokens: at most {est.max_output:,} ({est.output_cap} a row, the cap in params)")
+        where = "the largest cap in the sampled bodies and params" if job.batch_input else "the cap in params"
+        lines.append(f"  output tokens: at most {est.max_output:,} ({est.output_cap} a row, {where})")
     if est.typical_output is not None:
         lines[-1] += f"; typically ~{est.typical_output * est.rows:,} ({est.typical_output} a row, from the schema)"
     if est.repairs:
