@@ -154,6 +154,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="ROWS",
         help="also compare peak memory of a ROWS-row job with a 10,000-row one (repeatable)",
     )
+    bench.add_argument(
+        "--push-back",
+        action="store_true",
+        help="instead: wall time and rate under random 429/503s, a rate limit and a concurrency limit (~3 min)",
+    )
     bench.set_defaults(func=_bench)
     return parser
 
@@ -263,7 +268,7 @@ def _report(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from batchrun.bench import main as bench_main
 
-    return bench_main(args.quick, args.json, args.memory)
+    return bench_main(args.quick, args.json, args.memory, args.push_back)
 
 
 def _emulator(args: argparse.Namespace) -> int:

@@ -34,8 +34,6 @@ async def run(
         if ray_address is not None or ray_actors is not None:
             raise JobError("--ray-address and --ray-actors need --engine ray")
         return await run_job(job, options)
-    if job.frame is not None:
-        raise JobError("--engine ray with an input given in Python is not supported yet; write it to Parquet first")
     ray_engine = _ray_engine()
     return await ray_engine.run_job_on_ray(job, options, ray_engine.RayOptions(ray_address, ray_actors))
 

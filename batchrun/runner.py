@@ -138,6 +138,9 @@ class Run:
         self.requested = 0
         self._held: list[RowRecord] = []
         self.interrupts = 0
+        self._workers = 0  # the local run's workers, stand-ins included
+        self._resting = 0  # rows waiting for a retry (their workers' places taken by stand-ins)
+        self._stand_in: Callable[[], None] | None = None  # starts one more worker while the run's rows flow
         self._producing = anyio.CancelScope()
         self.sharing = SharedAnswers()
         max_cost = options.max_cost if options.max_cost is not None else spec.run.max_cost
@@ -211,12 +214,19 @@ class Run:
         send, receive = anyio.create_memory_object_stream[WorkItem](self.concurrency * 2)
         async with anyio.create_task_group() as tg:
             tg.start_soon(checkpoint.flush_loop)
-            async with anyio.create_task_group() as work:
+            async with receive, anyio.create_task_group() as work:  # stand-ins clone `receive` until the end
+
+                def start_worker() -> None:
+                    work.start_soon(
+                        self._counted_work, receive.clone(), checkpoint, transport, progress, work.cancel_scope
+                    )
+
+                self._stand_in = start_worker
                 tg.start_soon(self._stop_on_ctrl_c, checkpoint, work.cancel_scope)
                 work.start_soon(self._produce_until_ctrl_c, send, checkpoint, progress)
                 for _ in range(self.concurrency):
-                    work.start_soon(self._work, receive.clone(), checkpoint, transport, progress, work.cancel_scope)
-                receive.close()
+                    start_worker()
+            self._stand_in = None
             if self.watch.tripped is None:
                 self._release_held(checkpoint, progress)
             if self.timeline is not None:
@@ -324,6 +334,27 @@ class Run:
             checkpoint.withdraw(held.idx)
         self._held.clear()
 
+    async def _counted_work(self, *args: Any) -> None:
+        self._workers += 1
+        try:
+            await self._work(*args)
+        finally:
+            self._workers -= 1
+
+    async def _rest(self, seconds: float) -> None:
+        """A row waits for its retry: a stand-in worker takes the next row meanwhile, so the places stay busy.
+
+        Rows resting hold no place, and at most as many stand-ins as places run at once.
+        """
+        self._resting += 1
+        try:
+            active = self._workers - self._resting
+            if self._stand_in is not None and active < self.concurrency and self._workers < 2 * self.concurrency:
+                self._stand_in()
+            await anyio.sleep(seconds)
+        finally:
+            self._resting -= 1
+
     async def _work(
         self,
         receive: MemoryObjectReceiveStream[WorkItem],
@@ -333,7 +364,11 @@ class Run:
         scope: anyio.CancelScope,
     ) -> None:
         async with receive:
-            async for item in receive:
+            while self._workers - self._resting <= self.concurrency:  # else a stand-in retires
+                try:
+                    item = await receive.receive()
+                except anyio.EndOfStream:
+                    break
                 if self.budget.stopped:
                     continue  # left pending: the budget allows no more requests
                 record = await self.sharing.find(item.key, item.idx, item.row_id)
@@ -404,6 +439,7 @@ class Run:
                 spec.run.max_attempts,
                 on_error,
                 before_first_send=begin if first else _nothing,
+                rest=self._rest,
             )
             reply = outcome.reply
             if reply is None:

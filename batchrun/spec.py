@@ -337,7 +337,12 @@ def _describe(path: str | os.PathLike[str], error: ValidationError, lines: dict[
     if err["type"] == "missing":
         return f"{where}: missing key '{key}'"
     got = err.get("input")
-    shown = f" (got {got!r})" if got is not None and not isinstance(got, (dict, list)) else ""
+    # storage_options may hold secrets: their values are never repeated back.
+    shown = (
+        f" (got {got!r})"
+        if got is not None and not isinstance(got, (dict, list)) and "storage_options" not in loc
+        else ""
+    )
     return f"{where}: {key}: {err['msg']}{shown}"
 
 

@@ -24,9 +24,9 @@ import aiohttp
 import anyio
 import orjson
 
-from batchrun.limits import Limits, backoff_s
+from batchrun.limits import Limits, backoff_s, pushed_back
 from batchrun.protocols import CallError, Decoder, Reply, StreamAnswer
-from batchrun.protocols.relay_errors import from_body, from_response
+from batchrun.protocols.relay_errors import from_body, from_response, quota_left
 from batchrun.protocols.sse import SSEParser
 
 
@@ -74,6 +74,8 @@ class Transport:
             except CallError as e:
                 e.request_id = e.request_id or response.headers.get("x-oneapi-request-id")
                 raise
+            if _QUOTA_HEADERS.intersection(response.headers):
+                reply.quota = quota_left(response.headers)
             if decoder.keep_answer:
                 reply.request_id = response.headers.get("x-oneapi-request-id") or response.headers.get("x-request-id")
             return reply
@@ -85,6 +87,10 @@ class Transport:
 
     async def aclose(self) -> None:
         await self._session.close()
+
+
+FLAT_PUSHBACK_RETRIES = 2
+_QUOTA_HEADERS = {"x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens"}
 
 
 def _env_proxy(base_url: str) -> str | None:
@@ -186,9 +192,16 @@ class Outcome:
 
 
 def backoff_delay(retries_made: int, error: CallError) -> float:
-    """PROTOCOL.md §6.1: a server hint wins; else exponential with equal jitter."""
+    """PROTOCOL.md §6.1: a server hint wins; else exponential with equal jitter.
+
+    A hint-less push-back (429, 503) is mostly random upstream saturation, and the limiter
+    paces everyone if it is a pattern: its first FLAT_PUSHBACK_RETRIES retries wait 0.25-0.5 s,
+    not more and more (an unlucky row's growing wait was the slow tail of a whole run).
+    """
     if error.retry_hint is not None:
         delay = error.retry_hint + random.uniform(0, 1)
+    elif pushed_back(error):
+        delay = backoff_s(retries_made - FLAT_PUSHBACK_RETRIES)
     else:
         delay = backoff_s(retries_made)
     return max(delay, error.min_delay)
@@ -210,18 +223,20 @@ async def call_with_retries(
     max_attempts: int,
     on_error: Callable[[CallError], None],
     before_first_send: Callable[[], Awaitable[None]],
+    rest: Callable[[float], Awaitable[None]] = anyio.sleep,
 ) -> Outcome:
     """Attempt until success, a final error, or `max_attempts`.
 
     `before_first_send` runs once a place is granted, right before the first request
-    (the checkpoint's intent record); `on_error` sees every failure (abort rules).
+    (the checkpoint's intent record); `on_error` sees every failure (abort rules);
+    `rest` waits out the back-off before a retry (the runner lends the row's worker meanwhile).
     """
     payload = orjson.dumps(body)
     attempts = excused = 0
     started = time.monotonic()
     while True:
         try:
-            async with limits.slot(estimate) as ticket:
+            async with limits.slot(estimate, retry=attempts > 0) as ticket:
                 attempts += 1
                 if attempts == 1:
                     await before_first_send()
@@ -231,7 +246,7 @@ async def call_with_retries(
                 except CallError as e:
                     error = e
                 else:
-                    limits.succeeded(ticket, _total_tokens(reply))
+                    limits.succeeded(ticket, _total_tokens(reply), reply.quota)
                     return Outcome(reply, None, attempts, time.monotonic() - started)
         except CallError as gave_up:  # the outage breaker: the relay stayed down too long
             on_error(gave_up)
@@ -241,7 +256,7 @@ async def call_with_retries(
         excused += limits.excuses(error)
         if not may_retry(error, attempts - excused, max_attempts):
             return Outcome(None, error, attempts, time.monotonic() - started)
-        await anyio.sleep(backoff_delay(attempts - 1 - excused, error))
+        await rest(backoff_delay(attempts - 1 - excused, error))
 
 
 def _total_tokens(reply: Reply) -> int | None:

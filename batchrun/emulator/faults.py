@@ -192,6 +192,14 @@ class RequestWindow:
         arrivals.append(now)  # a refused request counts as well
         return not full
 
+    def set_limit(self, limit: int, window_s: float | None = None) -> None:
+        """A new limit from now on; each key keeps its latest arrivals (up to the new limit)."""
+        if window_s is not None:
+            self.window_s = window_s
+        if limit != self.limit:
+            self.limit = limit
+            self._arrivals = {key: deque(times, maxlen=limit) for key, times in self._arrivals.items()}
+
     def clear(self) -> None:
         self._arrivals.clear()
 

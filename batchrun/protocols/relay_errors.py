@@ -248,6 +248,36 @@ def _ratelimit_reset(headers: Mapping[str, str]) -> float | None:
     return max(found) if found else None
 
 
+@dataclass(frozen=True)
+class QuotaGroup:
+    """One `x-ratelimit-*` group (requests or tokens) as a successful answer reported it."""
+
+    limit: float
+    remaining: float
+    reset_s: float
+
+
+@dataclass(frozen=True)
+class QuotaLeft:
+    requests: QuotaGroup | None
+    tokens: QuotaGroup | None
+
+
+def quota_left(headers: Mapping[str, str]) -> QuotaLeft | None:
+    """PROTOCOL.md §6.2 on any answer: what the window has left; None when no group is complete and known."""
+    groups = [_quota_group(headers, kind) for kind in ("requests", "tokens")]
+    return QuotaLeft(*groups) if any(groups) else None
+
+
+def _quota_group(headers: Mapping[str, str], kind: str) -> QuotaGroup | None:
+    limit = _float(headers.get(f"x-ratelimit-limit-{kind}"))
+    remaining = _float(headers.get(f"x-ratelimit-remaining-{kind}"))
+    reset = go_duration(headers.get(f"x-ratelimit-reset-{kind}", ""))
+    if limit is None or limit <= 0 or remaining is None or remaining < 0 or reset is None:
+        return None
+    return QuotaGroup(limit, remaining, min(reset, HINT_CAP_S))
+
+
 def _positive(value: str | None) -> bool:
     number = _float(value)
     return number is not None and number > 0

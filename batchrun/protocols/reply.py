@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+from batchrun.protocols.relay_errors import QuotaLeft
+
 
 class ImageOut(NamedTuple):
     """A generated image as returned: its MIME type and bytes."""
@@ -23,6 +25,7 @@ class Reply:
     completion_tokens: int | None = None
     tool_calls: list[dict[str, str]] = field(default_factory=list)  # each {name, arguments}
     images: list[ImageOut] = field(default_factory=list)  # in answer order; the last one is the final image
+    quota: QuotaLeft | None = None  # x-ratelimit-* of the answer, for the limiter
     # Only when the decoder keeps answers (output.openai_batch): the body as received (a stream
     # reassembled into the whole answer it stands for) and the relay's request id.
     answer: Any = None
