@@ -231,7 +231,7 @@ def _validate(args: argparse.Namespace) -> int:
     print(plan.endpoint)
     for row_id, body in plan.requests.items():
         print(f"\nrow {row_id}:")
-        print(body)
+        print(redact(body))
     print()
     for line in plan.estimate_lines:
         print(line)

@@ -64,6 +64,8 @@ def _preview(
         request = renderer.render(row)
     except RowInputError as e:
         return f"(not sent: the row would be an input error: {e})"
+    except Exception as e:  # as `run` records it: a template failing on this row (a sandbox refusal, a filter)
+        return f"(not sent: the row would be an input error: template: {e})"
     if request.api is None:
         return preview_body(protocol, loader, request, settings)
     line_protocol = protocol_for(request.api)

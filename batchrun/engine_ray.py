@@ -59,7 +59,7 @@ from batchrun.runner import GRACE_S, Run, RunOptions, Sent
 from batchrun.spec import Job
 from batchrun.spend import Budget
 from batchrun.structured import AnswerParser
-from batchrun.transport import Transport
+from batchrun.transport import AnswerCaps, Transport
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # rows are small; Ray spills to disk beyond it
 RANGE_ROWS = 50_000  # input rows per read task
@@ -216,7 +216,8 @@ class RowSender:
         self._link = CoordinatorLink(self._coordinator)
         self._watch = ClusterWatch(self._link)
         self._limits = ClusterLimits(self._link, self._watch)
-        transport = Transport(self._url, api_key, job.spec.run.timeout_s, self._concurrency)
+        caps = AnswerCaps.of(job.spec.run)
+        transport = Transport(self._url, api_key, job.spec.run.timeout_s, self._concurrency, caps)
         parts = RowParts(ClusterLedger(self._link), self._limits, ClusterSharing(self._link), self._watch, transport)
         parser = AnswerParser.for_spec(job.spec)
         no_budget = Budget(None, job.spec.pricing, spent=0.0)  # run_job_on_ray refuses run.max_cost

@@ -2,8 +2,8 @@
 
 * The job fingerprint, kept in the checkpoint's meta in readable form: the input's
   content digest, the template sources, and the request settings (model, protocol,
-  params, stream, image settings, and the output settings the protocol sends with
-  each request: a schema sent natively).
+  params, stream, image settings with prompt.images or prompt.messages, and the output
+  settings the protocol sends with each request: a schema sent natively).
 * The request hash of each finished row, kept in `rows`: the request settings plus
   the row's rendered system and user text and image values.
 

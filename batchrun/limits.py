@@ -296,7 +296,8 @@ class Limits:
             return self._start(now, tokens, retry)
         async with self._gate:
             while (wait := self._wait_s(now := anyio.current_time(), tokens)) > 0:
-                with anyio.move_on_after(wait):
+                # A long pause must not outlast the outage timeout: wake when it is due, and give up then.
+                with anyio.move_on_after(min(wait, self.breaker.give_up_in(now))):
                     await self._changed.wait()
             return self._start(now, tokens, retry)
 

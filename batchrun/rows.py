@@ -12,10 +12,10 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, cast
 
 import anyio
-import jinja2
 import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream
 
@@ -24,6 +24,7 @@ from batchrun.checkpoint import RowRecord
 from batchrun.inputs import ROW_INDEX
 from batchrun.limits import estimate_tokens, output_cap, prompt_tokens_estimate
 from batchrun.protocols import APIS, CallError, Repairing, Reply, WireProtocol, protocol_for
+from batchrun.redaction import redact
 from batchrun.render import Renderer, Request, RowInputError
 from batchrun.repair import ask_with_repairs, explain_native_rejection
 from batchrun.seams import Admission, Ledger, ProgressSink, Sharing, StopWatch
@@ -103,13 +104,13 @@ class RowPipeline:
         row_id = str(row[self.id_name])
         try:
             request = self.renderer.render(row)
-        except (jinja2.TemplateError, RowInputError) as e:
-            what = f"template: {e}" if isinstance(e, jinja2.TemplateError) else f"row {row_id}: {e}"
+        except Exception as e:  # a template or filter failing on this row's values (jinja2 does not wrap them all)
+            what = f"row {row_id}: {e}" if isinstance(e, RowInputError) else f"template: {e}"
             self.parts.ledger.finish(_input_error(idx, row_id, what))
             progress.row_done("error", None)
             return None
         chars = request.text_chars
-        image_tokens = images.IMAGE_TOKEN_ESTIMATE * len(request.images)
+        image_tokens = images.IMAGE_TOKEN_ESTIMATE * (len(request.images) + request.body_images)
         spec_params = self.job.spec.params
         params = {**request.body, **spec_params} if request.body is not None else spec_params
         estimate = estimate_tokens(chars, params) + image_tokens
@@ -156,14 +157,25 @@ class RowPipeline:
                         send.send_nowait(item)
 
     async def send(self, item: WorkItem, progress: ProgressSink) -> bool:
-        """The row sent (or answered by an identical one) and finished; False when the run must stop."""
-        parts = self.parts
+        """The row sent (or answered by an identical one) and finished; False when the run must stop.
+
+        The row is the unit of failure: an exception nobody foresaw in its work ends it as its own
+        `internal` error row, and the run goes on.
+        """
         if self.budget.stopped:
             return True  # left pending: the budget allows no more requests
+        try:
+            return await self._row(item, progress)
+        except Exception as e:
+            self._finish(progress, _internal_error(item, e))
+            return True
+
+    async def _row(self, item: WorkItem, progress: ProgressSink) -> bool:
+        """Everything one row's work does, up to its finished record; False when the run must stop."""
+        parts = self.parts
         record = await parts.sharing.find(item.key, item.idx, item.row_id)
         if record is not None:
-            parts.ledger.finish(record)
-            progress.row_done(self.status(record), record)
+            self._finish(progress, record)
             return True
         with parts.sharing.leading(item.key) as publish:
             asked = await self._ask(item)
@@ -181,9 +193,13 @@ class RowPipeline:
         if outcome.reply is not None:
             parts.watch.on_success()
             self.release_held(progress)
-        parts.ledger.finish(record)
-        progress.row_done(self.status(record), record)
+        self._finish(progress, record)
         return True
+
+    def _finish(self, progress: ProgressSink, record: RowRecord) -> None:
+        """Counted first, then stored: a failure while counting ends the row as `internal` instead, stored once."""
+        progress.row_done(self.status(record), record)
+        self.parts.ledger.finish(record)
 
     def settle_held(self, progress: ProgressSink) -> None:
         """Rows held back by a possible abort: pending if the run stopped, else errors after all."""
@@ -195,13 +211,7 @@ class RowPipeline:
 
     def release_held(self, progress: ProgressSink) -> None:
         """The run goes on after all: rows held back by a possible abort are errors after all."""
-        ledger = self.parts.ledger
-
-        def finish(held: RowRecord) -> None:
-            ledger.finish(held)
-            progress.row_done(self.status(held), held)
-
-        self._held.release(finish)
+        self._held.release(partial(self._finish, progress))
 
     def status(self, record: RowRecord) -> str:
         """The row's status as the output will have it: an answer that fails its check is an error."""
@@ -302,34 +312,50 @@ class RowPipeline:
 
 
 def _record(item: WorkItem, outcome: Outcome) -> RowRecord:
+    """The row as stored; the answer's texts masked like every message (the model may echo a key in the prompt)."""
     reply, error = outcome.reply, outcome.error
-    calls = orjson.dumps(reply.tool_calls).decode() if reply and reply.tool_calls else None
+    calls = redact(orjson.dumps(reply.tool_calls).decode()) if reply and reply.tool_calls else None
+    note = "; ".join(reply.notes) if reply and reply.notes else None  # an ok row's `error` says what was odd
     return RowRecord(
         idx=item.idx,
         row_id=item.row_id,
         status="ok" if reply is not None else "error",
-        response_text=reply.text if reply else None,
+        response_text=redact(reply.text) if reply and reply.text else None,
         tool_calls=calls,
         finish_reason=reply.finish_reason if reply else None,
-        model=reply.model if reply else None,
+        model=redact(reply.model) if reply and reply.model else None,
         prompt_tokens=reply.prompt_tokens if reply else None,
         completion_tokens=reply.completion_tokens if reply else None,
         latency_s=round(outcome.latency_s, 4),
         attempts=outcome.attempts,
         error_class=error.error_class if error else None,
-        error=str(error) if error else None,
+        error=str(error) if error else note,
         finished_at=time.time(),
         request_hash=item.request_hash,
         answer=_kept_answer(reply),
     )
 
 
+def _internal_error(item: WorkItem, e: Exception) -> RowRecord:
+    """An exception nobody foresaw in this row's work, as the row's result (masked, like every message)."""
+    message = redact(f"internal: {type(e).__name__}: {e}")[:2000]
+    failed = RowRecord(
+        item.idx, item.row_id, "error", None, None, None, None, None, None, None, 0, "internal", message, time.time()
+    )
+    failed.request_hash = item.request_hash
+    return failed
+
+
 def _kept_answer(reply: Reply | None) -> tuple[int, str | None, bytes] | None:
-    """The answer body for output.openai_batch, when kept and not larger than the checkpoint keeps."""
+    """The answer body for output.openai_batch, when kept and not larger than the checkpoint keeps.
+
+    Unlike the answer's text, the body carries every field a relay sends, and the request id is
+    its header: a key echoed in either is masked before the checkpoint stores them."""
     if reply is None or reply.answer is None:
         return None
-    body = orjson.dumps(reply.answer)
-    return (200, reply.request_id, body) if len(body) <= KEPT_ANSWER_BYTES else None
+    body = redact(orjson.dumps(reply.answer).decode()).encode()
+    request_id = redact(reply.request_id) if reply.request_id is not None else None
+    return (200, request_id, body) if len(body) <= KEPT_ANSWER_BYTES else None
 
 
 async def _nothing() -> None:

@@ -41,7 +41,7 @@ from batchrun.spec import Job
 from batchrun.stops import AbortWatch
 from batchrun.structured import AnswerParser
 from batchrun.timeline import LimiterTimeline, note_run
-from batchrun.transport import Transport
+from batchrun.transport import AnswerCaps, Transport
 
 GRACE_S = 3.0  # after Ctrl-C, how long rows in flight may take to finish before they are cancelled
 
@@ -149,6 +149,9 @@ class Run:
                     sent = await self.engine.send_all(self, checkpoint, progress, base_url)
                 finally:
                     progress.close()
+            if checkpoint.failure is not None:  # nothing more can be written, the run's note included
+                resume = f"run `batchrun run {self.job.path}` again to resume"
+                raise RunAborted(f"run stopped: {checkpoint.failure}; {resume}")
             note_run(checkpoint, self._exit_state(sent), time.time(), time.monotonic() - started)
             if sent.interrupts:
                 when = f"after {GRACE_S:g} s" if sent.interrupts == 1 else "at the second Ctrl-C"
@@ -231,7 +234,7 @@ class LocalEngine:
         spec = run.job.spec.run
         limits = Limits(run.concurrency, spec.requests_per_minute, spec.tokens_per_minute, spec.outage_timeout_s)
         watch = AbortWatch[CallError]()
-        transport = Transport(base_url, run.api_key, spec.timeout_s, run.concurrency)
+        transport = Transport(base_url, run.api_key, spec.timeout_s, run.concurrency, AnswerCaps.of(spec))
         timeline = LimiterTimeline(checkpoint)  # the Ray engine's limiter is the coordinator's: none there
         self._concurrency = run.concurrency
         parts = RowParts(
@@ -258,6 +261,7 @@ class LocalEngine:
 
                 self._stand_in = start_worker
                 tg.start_soon(self._stop_on_ctrl_c, checkpoint, work.cancel_scope)
+                tg.start_soon(self._stop_on_checkpoint_failure, checkpoint, work.cancel_scope)
                 work.start_soon(self._produce_until_ctrl_c, run, pipeline, send, checkpoint, progress)
                 for _ in range(run.concurrency):
                     start_worker()
@@ -310,6 +314,12 @@ class LocalEngine:
         with self._producing:
             await self._produce(run, pipeline, send, checkpoint, progress)
 
+    async def _stop_on_checkpoint_failure(self, checkpoint: Checkpoint, work: anyio.CancelScope) -> None:
+        """Disk full or read-only: nothing more can be stored, so nothing more is sent or waited for."""
+        await checkpoint.failed.wait()
+        self._producing.cancel()
+        work.cancel()
+
     async def _stop_on_ctrl_c(self, checkpoint: Checkpoint, work: anyio.CancelScope) -> None:
         """First Ctrl-C: send no new row; rows in flight get GRACE_S to finish. A second one cancels them now.
 
@@ -334,7 +344,8 @@ class LocalEngine:
         if self._presses is not None:
             yield self._presses.wait
             return
-        with anyio.open_signal_receiver(signal.SIGINT) as signals:
+        # SIGTERM is what `timeout`, systemd, Kubernetes and batch schedulers send: the same as a Ctrl-C.
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             yield partial(anext, signals)
 
     async def _produce(

@@ -27,23 +27,30 @@ import orjson
 from batchrun.limits import backoff_s, pushed_back
 from batchrun.protocols import CallError, Decoder, Reply, StreamAnswer
 from batchrun.protocols.relay_errors import from_body, from_response, quota_left
-from batchrun.protocols.sse import SSEParser
+from batchrun.protocols.sse import SSEParser, too_large
+from batchrun.redaction import excerpt
 from batchrun.seams import Admission
+from batchrun.spec import RunSpec
 from batchrun.stops import StopRule
 
 
 class Transport:
-    def __init__(self, base_url: str, api_key: str, timeout_s: float, concurrency: int) -> None:
+    def __init__(
+        self, base_url: str, api_key: str, timeout_s: float, concurrency: int, caps: AnswerCaps | None = None
+    ) -> None:
         self.api_key = api_key
         self.timeout_s = timeout_s
+        self.caps = caps or AnswerCaps()
         self._base_url = base_url.rstrip("/")
         headers = {"content-type": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
-        # docs/protocol.md §6.4. A stream has no total cap: sock_read applies to every read, its idle timeout.
-        # A whole answer must come within timeout_s (aiohttp's own timer: anyio.fail_after cost 4% of the CPU).
+        # docs/protocol.md §6.4. sock_read applies to every read: the idle timeout. A whole answer must come within
+        # timeout_s, a stream within answer_timeout_s (aiohttp's own timer: anyio.fail_after cost 4% of the CPU).
         connect = min(10.0, timeout_s)
-        self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=timeout_s)
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=self.caps.answer_timeout_s, sock_connect=connect, sock_read=timeout_s
+        )
         self._whole_timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect, sock_read=timeout_s)
         self._session = aiohttp.ClientSession(
             headers=headers,
@@ -53,15 +60,23 @@ class Transport:
         self._proxy = _env_proxy(self._base_url)
 
     async def attempt(self, path: str, body: bytes, decoder: Decoder) -> Reply:
-        """One POST and its answer; every failure becomes a CallError (key redacted)."""
+        """One POST and its answer; every failure becomes a CallError (key redacted).
+
+        This is the protocol boundary: whatever the relay sends, and whatever a decoder makes of it, ends here
+        as a Reply or a CallError; an exception nobody foresaw is an `internal` error of this row, not a crash.
+        """
         try:
             return await self._exchange(path, body, decoder)
+        except CallError:
+            raise
         except aiohttp.ServerTimeoutError as e:  # connect or idle read (before TimeoutError: it is one)
             raise self._network_error("timeout", e) from None
         except asyncio.TimeoutError:  # the whole answer's timer; asyncio's is not the builtin on Python 3.10
-            raise CallError("timeout", f"timeout: no complete answer within {self.timeout_s:g} s") from None
+            raise self._deadline_error(decoder.stream) from None
         except aiohttp.ClientError as e:
             raise self._network_error("connection", e) from None
+        except Exception as e:  # a shape no decoder foresaw: this row's error, not the run's (not retried)
+            raise CallError("internal", f"internal: {type(e).__name__}: {e}", retryable=False) from None
 
     async def _exchange(self, path: str, body: bytes, decoder: Decoder) -> Reply:
         url = self._base_url + path
@@ -70,9 +85,9 @@ class Transport:
             url, data=body, allow_redirects=False, proxy=self._proxy, timeout=timeout
         ) as response:
             if response.status >= 300:
-                raise from_response(response.status, await response.read(), response.headers)
+                raise from_response(response.status, await _read_at_most(response, ERROR_BODY_BYTES), response.headers)
             try:
-                reply = await read_answer(response.content.iter_any(), decoder)
+                reply = await read_answer(response.content.iter_any(), decoder, self.caps.max_answer_bytes)
             except CallError as e:
                 e.request_id = e.request_id or response.headers.get("x-oneapi-request-id")
                 raise
@@ -81,6 +96,13 @@ class Transport:
             if decoder.keep_answer:
                 reply.request_id = response.headers.get("x-oneapi-request-id") or response.headers.get("x-request-id")
             return reply
+
+    def _deadline_error(self, stream: bool) -> CallError:
+        if stream:
+            limit, knob = self.caps.answer_timeout_s, "run.answer_timeout_s"
+        else:
+            limit, knob = self.timeout_s, "run.timeout_s"
+        return CallError("timeout", f"timeout: no complete answer within {limit:g} s ({knob})")
 
     def _network_error(self, error_class: str, e: Exception) -> CallError:
         # aiohttp messages may echo URLs or headers: CallError masks the key in them.
@@ -103,19 +125,53 @@ def _env_proxy(base_url: str) -> str | None:
     return urllib.request.getproxies().get(parts.scheme)
 
 
+ERROR_BODY_BYTES = 1 << 20  # an error body is read this far: enough for any error message, and no more
+
+
+@dataclass(frozen=True)
+class AnswerCaps:
+    """How much of one answer is read, and for how long (run.max_answer_mb, run.answer_timeout_s)."""
+
+    max_answer_bytes: int = 16 << 20
+    answer_timeout_s: float = 600.0
+
+    @classmethod
+    def of(cls, run: RunSpec) -> AnswerCaps:
+        return cls(int(run.max_answer_mb * 2**20), run.answer_timeout_s)
+
+
+async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body's first `limit` bytes; the rest is never read (the connection is dropped with the response)."""
+    body = bytearray()
+    while len(body) < limit:
+        chunk = await response.content.read(limit - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
+
+
 _BLANK = b" \t\r\n\xef\xbb\xbf"  # whitespace and a UTF-8 BOM
 _SSE_STARTS = b"de:ir"  # data, event, a comment, id, retry
 
 
-async def read_answer(chunks: AsyncIterator[bytes], decoder: Decoder) -> Reply:
+async def read_answer(
+    chunks: AsyncIterator[bytes], decoder: Decoder, limit: int = AnswerCaps.max_answer_bytes
+) -> Reply:
     """The answer, framed by its first non-blank byte whatever the Content-Type (§4.3, §7 item 22):
-    `{` one whole JSON answer, `[` a JSON array of stream events, else server-sent events."""
+    `{` one whole JSON answer, `[` a JSON array of stream events, else server-sent events.
+
+    At most `limit` bytes are held: of a JSON body, of one stream line, and of a stream's answer put together
+    (a stream's keep-alives and event wrappers are not held, so they do not count; answer_timeout_s ends them).
+    """
     reader = chunks.__aiter__()
     head = b""
     async for chunk in reader:
         head += chunk
         if head.lstrip(_BLANK):
             break
+        if len(head) > limit:
+            raise too_large(limit, "the answer's leading blank space")
     first = head.lstrip(_BLANK)[:1]
     if not first:
         raise CallError("malformed", "malformed response: empty body", abort=StopRule.C)
@@ -123,6 +179,8 @@ async def read_answer(chunks: AsyncIterator[bytes], decoder: Decoder) -> Reply:
         body = bytearray(head)
         async for chunk in reader:
             body += chunk
+            if len(body) > limit:
+                raise too_large(limit, "the answer")
         data = _json(bytes(body))
         if first == b"{":
             reply = decoder.parse(data)
@@ -139,12 +197,14 @@ async def read_answer(chunks: AsyncIterator[bytes], decoder: Decoder) -> Reply:
         stream.done()  # a closed array is a whole stream: its `]` is the terminator
         return _streamed_reply(stream, decoder)
     stream = decoder.new_stream()
-    parser = SSEParser()
+    parser = SSEParser(max_line=limit)
     for data_text in parser.feed(head):
         _event(stream, data_text)
     async for chunk in reader:
         for data_text in parser.feed(chunk):
             _event(stream, data_text)
+        if stream.size > limit:
+            raise too_large(limit, "the streamed answer")
     for data_text in parser.close():
         _event(stream, data_text)
     return _streamed_reply(stream, decoder)
@@ -158,11 +218,15 @@ def _streamed_reply(stream: StreamAnswer, decoder: Decoder) -> Reply:
 
 
 def _json(body: bytes) -> Any:
+    """One rule for invalid UTF-8, as in a stream's lines (sse.py): each bad byte becomes U+FFFD."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
-        excerpt = " ".join(body[:400].decode("utf-8", "replace").split())[:200]
-        raise CallError("malformed", f"malformed response: not JSON: {excerpt}", abort=StopRule.C) from None
+        pass
+    try:
+        return orjson.loads(body.decode("utf-8", "replace"))
+    except orjson.JSONDecodeError:
+        raise CallError("malformed", f"malformed response: not JSON: {excerpt(body)}", abort=StopRule.C) from None
 
 
 def _event(stream: StreamAnswer, data: str) -> None:
@@ -172,7 +236,7 @@ def _event(stream: StreamAnswer, data: str) -> None:
     try:
         event = orjson.loads(data)
     except orjson.JSONDecodeError:
-        raise CallError("malformed", f"malformed stream event: not JSON: {data[:200]}", abort=StopRule.C) from None
+        raise CallError("malformed", f"malformed stream event: not JSON: {excerpt(data)}", abort=StopRule.C) from None
     _add_event(stream, event)
 
 

@@ -17,8 +17,10 @@ from typing import Any
 
 import orjson
 
-from batchrun.redaction import redact
+from batchrun.redaction import excerpt, redact
 from batchrun.stops import StopRule
+
+MAX_MESSAGE_CHARS = 2000  # a relay's error message is kept whole up to this
 
 
 @dataclass
@@ -37,8 +39,10 @@ class CallError(Exception):
     def __post_init__(self) -> None:
         if self.abort is not None:
             self.abort = StopRule(self.abort)  # "A" from a caller or a pickled copy is the rule
-        # Server text and exception text may echo the key: masked before anyone can store it.
+        # Server text and exception text may echo the key: masked before anyone can store it, then cut.
         self.message = redact(self.message)
+        if len(self.message) > MAX_MESSAGE_CHARS:
+            self.message = self.message[: MAX_MESSAGE_CHARS - 1] + "…"
 
     def __str__(self) -> str:
         text = self.message
@@ -64,8 +68,7 @@ def from_response(status: int, body: bytes, headers: Mapping[str, str]) -> CallE
     """A non-2xx answer (or a 2xx whose body is an error) as a CallError."""
     fields = _error_fields(body)
     if fields is None:
-        excerpt = " ".join(body[:400].decode("utf-8", "replace").split())[:200]
-        fields = _ErrorFields(f"HTTP {status}: {excerpt}".rstrip(": "))
+        fields = _ErrorFields(f"HTTP {status}: {excerpt(body)}".rstrip(": "))
     elif status < 400:  # a 200 carrying an error: its code says what the status would have been
         status = _int_or_none(fields.code) or _status_of_code(fields.code) or status
     request_id = headers.get("x-oneapi-request-id") or headers.get("x-request-id")
@@ -83,7 +86,7 @@ def from_response(status: int, body: bytes, headers: Mapping[str, str]) -> CallE
 def from_body(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> CallError | None:
     """A parsed 200 body or stream event that carries `error` is that error."""
     item = data[0] if isinstance(data, list) and data else data
-    if not isinstance(item, dict) or "error" not in item:
+    if not isinstance(item, dict) or item.get("error") is None:  # some relays send "error": null with an answer
         return None
     return from_response(status, orjson.dumps(item), headers or {})
 
