@@ -75,12 +75,14 @@ class InputTable:
                 raise JobError(f"{self._where}: no file matches this pattern")
         elif not Path(path).is_file():
             raise JobError(f"{self._where}: file not found")
+        # Ids are compared as written: a CSV's `007` and `7`, or `2.0` and `2`, are different ids.
+        as_text = {self.id_column: pl.String()} if self.id_column else None
         if suffix == ".csv":
-            return pl.scan_csv(path, infer_schema_length=10_000)
+            return pl.scan_csv(path, infer_schema_length=10_000, schema_overrides=as_text)
         if suffix == ".parquet":
             return pl.scan_parquet(path)
         if suffix in (".jsonl", ".ndjson"):
-            return pl.scan_ndjson(path, infer_schema_length=10_000)
+            return pl.scan_ndjson(path, infer_schema_length=10_000, schema_overrides=as_text)
         raise JobError(f"{self._where}: unsupported extension '{suffix}'; use .csv, .parquet or .jsonl")
 
     def count(self) -> int:

@@ -1,13 +1,17 @@
 """Picking a job up where it stopped: finding its checkpoint, checking the job still
 matches it, and telling the user where things stand (`batchrun status`).
 
-The checkpoint lives beside the output (`<output>.batchrun/`). A hidden pointer
-beside the job file remembers where, so changing `output.path` moves the
-checkpoint along instead of starting over.
+The checkpoint lives beside the output (`<output>.batchrun/`), derived from the
+output path alone, so a copied job folder or a second copy of a job never reaches
+another's answers, and nothing is written beside the job file. When `output.path`
+changes, the run is refused while a checkpoint of this job file exists at the old
+place (remembered in the user's state folder, not beside the job): the user moves
+it explicitly with `--adopt-checkpoint OLD`, or starts over with `--restart`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -30,6 +34,7 @@ class ResumeFlags:
     restart: bool = False
     rerun_changed: bool = False
     retry_failed: bool = False
+    adopt_checkpoint: Path | None = None  # --adopt-checkpoint: move this checkpoint beside the output first
 
 
 def open_for_run(
@@ -40,7 +45,7 @@ def open_for_run(
     Raises JobError, before any request, when the job changed in a way that changes requests
     and neither --restart nor --rerun-changed was given.
     """
-    folder, notes = _prepare_folder(job, flags.restart)
+    folder, notes = _prepare_folder(job, table, flags)
     checkpoint = Checkpoint(folder, durable)
     try:
         checkpoint.lock_for_run()
@@ -77,44 +82,77 @@ def _accepted(changes: list[str], changed: int, finished: int) -> str:
 # --- where the checkpoint is ---------------------------------------------------------
 
 
-def _pointer(job: Job) -> Path:
-    return job.path.with_name(f".{job.path.name}.checkpoint")
+def _state_dir() -> Path:
+    """The user's batchrun state folder: never beside the job files (BATCHRUN_STATE_DIR overrides it)."""
+    if override := os.environ.get("BATCHRUN_STATE_DIR"):
+        return Path(override)
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "batchrun"
 
 
-def find_folder(job: Job) -> Path:
-    """Beside the output; or where the pointer says, if the output path changed since."""
-    folder = checkpoint_folder(job.output_path)
-    if (folder / DB_NAME).exists():
-        return folder
+def _last_place_file(job: Job) -> Path:
+    """Where this job file's last checkpoint folder is noted, keyed by the job file's own path."""
+    return _state_dir() / "jobs" / hashlib.sha256(str(job.path).encode()).hexdigest()[:24]
+
+
+def earlier_folder(job: Job) -> Path | None:
+    """A checkpoint this job file used before `output.path` changed, if it is still there."""
     try:
-        previous = Path(_pointer(job).read_text(encoding="utf-8").strip())
+        noted = Path(_last_place_file(job).read_text(encoding="utf-8").strip())
     except OSError:
-        return folder
-    return previous if (previous / DB_NAME).exists() else folder
+        return None
+    here = checkpoint_folder(job.output_path)
+    return noted if noted != here and (noted / DB_NAME).exists() and not (here / DB_NAME).exists() else None
 
 
-def _prepare_folder(job: Job, restart: bool) -> tuple[Path, list[str]]:
+def _note_place(job: Job, folder: Path) -> None:
+    """Only ever read to say where an earlier checkpoint is; never used to move one."""
+    try:
+        place = _last_place_file(job)
+        place.parent.mkdir(parents=True, exist_ok=True)
+        place.write_text(f"{folder}\n", encoding="utf-8")
+    except OSError:
+        pass  # no writable home: only the hint about a changed output.path is lost
+
+
+def _prepare_folder(job: Job, table: InputTable, flags: ResumeFlags) -> tuple[Path, list[str]]:
     folder = checkpoint_folder(job.output_path)
-    found = find_folder(job)
     notes: list[str] = []
-    if restart:
-        notes += [_discard(f) for f in dict.fromkeys((found, folder)) if f.exists()]
-    elif found != folder:
-        if folder.exists():
-            shutil.rmtree(folder)  # a checkpoint folder without a database holds nothing
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(found), str(folder))
-        notes.append(f"the output path changed: moved the checkpoint from {found} to {folder}")
-    try:
-        pointer = _pointer(job)
-        if not pointer.exists() or pointer.read_text(encoding="utf-8").strip() != str(folder):
-            pointer.write_text(f"{folder}\n", encoding="utf-8")
-    except OSError:
-        pass  # a read-only job folder: only a changed output path will start over
+    if flags.restart and folder.exists():
+        notes.append(_discard(folder, job, table))
+    if flags.adopt_checkpoint is not None:
+        notes.append(_adopt(flags.adopt_checkpoint, folder, job))
+    elif not flags.restart and (earlier := earlier_folder(job)) is not None:
+        raise JobError(
+            f"{job.path}: output.path changed, and this job's checkpoint is still at {earlier}; "
+            f"run with --adopt-checkpoint {earlier} to move it here and keep its answers, "
+            "or with --restart to start a new one"
+        )
+    _note_place(job, folder)
     return folder, notes
 
 
-def _discard(folder: Path) -> str:
+def _adopt(source: Path, folder: Path, job: Job) -> str:
+    """--adopt-checkpoint: the user's explicit move of a checkpoint folder beside this output."""
+    source = source.resolve()
+    if source.name.endswith(".parquet") and not (source / DB_NAME).exists():
+        source = checkpoint_folder(source)  # the old output's path names its checkpoint too
+    if source == folder:
+        return f"--adopt-checkpoint: {folder} is already this output's checkpoint"
+    if not (source / DB_NAME).exists():
+        raise JobError(f"--adopt-checkpoint {source}: no batchrun checkpoint there ({DB_NAME} is missing)")
+    if (folder / DB_NAME).exists():
+        raise JobError(
+            f"--adopt-checkpoint: {folder} already holds a checkpoint; use --restart with it to discard that one first"
+        )
+    if folder.exists():
+        shutil.rmtree(folder)  # a checkpoint folder without a database holds nothing
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(source), str(folder))
+    return f"--adopt-checkpoint: moved the checkpoint from {source} to {folder}"
+
+
+def _discard(folder: Path, job: Job, table: InputTable) -> str:
     try:
         checkpoint = Checkpoint(folder)
     except JobError:
@@ -123,15 +161,23 @@ def _discard(folder: Path) -> str:
         try:
             if checkpoint.run_in_progress():
                 raise JobError(f"{folder}: another batchrun run is using this checkpoint; stop it before --restart")
-            totals = checkpoint.totals()
+            ok, failed = _ok_and_failed(job, checkpoint, table.count())
         finally:
             checkpoint.close()
-        what = f"a checkpoint with {totals['ok']} ok and {totals['error']} error rows"
+        what = f"a checkpoint with {ok} ok and {failed} failed rows"
     # One rename first, so a kill while deleting never leaves half a checkpoint in place.
     trash = folder.with_name(f"{folder.name}.discarded-{os.getpid()}")
     os.replace(folder, trash)
     shutil.rmtree(trash)
     return f"--restart: discarded {what} ({folder})"
+
+
+def _ok_and_failed(job: Job, checkpoint: Checkpoint, rows: int) -> tuple[int, int]:
+    """Rows ok and failed as the output counts them: a stored answer that fails output.schema is a failure."""
+    totals = checkpoint.totals()
+    parser = AnswerParser.for_spec(job.spec)
+    invalid = sum(len(f) for f in output.failed_answers(checkpoint, parser, rows)) if parser else 0
+    return totals["ok"] - invalid, totals["error"] + invalid
 
 
 # --- batchrun status -------------------------------------------------------------------
@@ -140,10 +186,16 @@ def _discard(folder: Path) -> str:
 def status_lines(job: Job) -> list[str]:
     table = InputTable.for_job(job)
     rows = table.count()
-    folder = find_folder(job)
+    folder = checkpoint_folder(job.output_path)
     name = job.spec.name
     if not (folder / DB_NAME).exists():
-        return [f"job {name}: not started; {rows} rows pending"]
+        lines = [f"job {name}: not started; {rows} rows pending", f"output: {job.output_path}"]
+        if (earlier := earlier_folder(job)) is not None:
+            lines.append(
+                f"output.path changed: this job's checkpoint is at {earlier}; "
+                f"`batchrun run {job.path} --adopt-checkpoint {earlier}` moves it here"
+            )
+        return lines
     checkpoint = Checkpoint(folder)
     try:
         return _status(job, table, rows, checkpoint)
@@ -154,12 +206,12 @@ def status_lines(job: Job) -> list[str]:
 def _status(job: Job, table: InputTable, rows: int, checkpoint: Checkpoint) -> list[str]:
     totals = checkpoint.totals()
     done = checkpoint.count_finished(0, rows)
-    parser = AnswerParser.for_spec(job.spec)
-    invalid = sum(len(f) for f in output.failed_answers(checkpoint, parser, rows)) if parser else 0
+    ok, failed = _ok_and_failed(job, checkpoint, rows)
+    invalid = failed - totals["error"]
     classes = ", ".join(f"{cls} {n}" for cls, n in checkpoint.error_classes().items())
     lines = [
-        f"job {job.spec.name}: {done} of {rows} rows done: {totals['ok'] - invalid} ok, "
-        f"{totals['error'] + invalid} failed" + (f" ({classes})" if classes else "") + f"; {rows - done} pending"
+        f"job {job.spec.name}: {done} of {rows} rows done: {ok} ok, "
+        f"{failed} failed" + (f" ({classes})" if classes else "") + f"; {rows - done} pending"
     ]
     if invalid:
         lines.append(f"{invalid} of the failed rows are answers that did not parse or match output.schema")
@@ -181,6 +233,7 @@ def _status(job: Job, table: InputTable, rows: int, checkpoint: Checkpoint) -> l
             "(sent, answer not recorded: the only ones that may be paid twice)"
         )
     lines.append(_match_line(job, table, checkpoint))
+    lines.append(f"output: {job.output_path}")
     lines.append(f"checkpoint: {checkpoint.folder}")
     return lines
 

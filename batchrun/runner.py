@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -49,6 +50,7 @@ class RunOptions:
     rerun_changed: bool = False
     quiet: bool = False
     max_cost: float | None = None  # overrides run.max_cost
+    adopt_checkpoint: Path | None = None  # --adopt-checkpoint: an earlier checkpoint of this job, moved here
     durable_checkpoint: bool = True  # False only in `batchrun bench`, to measure the checkpoint's cost
 
 
@@ -102,6 +104,7 @@ class Run:
         self.renderer = Renderer(job, self.table.columns)
         self.parser = AnswerParser.for_spec(spec)
         output.check_columns(job, self.parser, self.table.columns)
+        output.check_targets(job)
         self.protocol = protocols.PROTOCOLS[spec.provider.api]
         self.decoder = self.protocol.decoder(spec)
         self.images = images.loader_for(job, self.protocol.INLINE_IMAGE_URLS)
@@ -123,7 +126,7 @@ class Run:
         started = time.monotonic()
         self.table.check_ids()
         options = self.options
-        flags = ResumeFlags(options.restart, options.rerun_changed, options.retry_failed)
+        flags = ResumeFlags(options.restart, options.rerun_changed, options.retry_failed, options.adopt_checkpoint)
         checkpoint, notes = open_for_run(self.job, self.table, self.renderer, flags, options.durable_checkpoint)
         try:
             for note in notes:
@@ -459,7 +462,7 @@ def _abort_message(error: CallError, job: Job) -> str:
         "quota": "the account has no balance or quota left; top it up",
         "outage": f"the relay at {job.spec.provider.base_url} seems to be down",
     }.get(error.error_class, "the same error repeated before any row succeeded")
-    return f"run stopped: {what}: {error}. Finished rows are kept; run `batchrun run {job.path}` again to resume."
+    return f"run stopped: {what}: {error}. Finished rows are kept"
 
 
 @contextmanager

@@ -112,7 +112,7 @@ class Budget:
             f"run stopped: budget reached: spent {money(self.spent, self.pricing)} of max_cost "
             f"{money(self.limit, self.pricing)}, and the next request could cost up to "
             f"{money(self.refused, self.pricing)}. {pending} rows are pending; finished rows are kept. "
-            f"Raise run.max_cost (or pass --max-cost) and run `batchrun run {job.path}` again to go on."
+            "Raise run.max_cost (or pass a higher --max-cost) and run again to go on"
         )
 
 
