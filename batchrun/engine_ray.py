@@ -200,7 +200,9 @@ class RowSender:
         self._limits = run.limits = ClusterLimits(self._link, self._watch)
         run.sharing = ClusterSharing(self._link)
         self._ledger = ClusterLedger(self._link)
-        self._transport = Transport(self._url, run.api_key, self._job.spec.run.timeout_s, run.concurrency)
+        self._transport = Transport(
+            self._url, run.api_key, self._job.spec.run.timeout_s, run.concurrency, run.protocol.KEY_HEADER
+        )
         self._run = run
         return run
 

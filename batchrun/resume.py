@@ -96,13 +96,15 @@ def _last_place_file(job: Job) -> Path:
 
 
 def earlier_folder(job: Job) -> Path | None:
-    """A checkpoint this job file used before `output.path` changed, if it is still there."""
+    """A checkpoint this job file used over the same input before `output.path` changed, if it is still there."""
     try:
-        noted = Path(_last_place_file(job).read_text(encoding="utf-8").strip())
+        noted, _, input_path = _last_place_file(job).read_text(encoding="utf-8").partition("\n")
     except OSError:
         return None
-    here = checkpoint_folder(job.output_path)
-    return noted if noted != here and (noted / DB_NAME).exists() and not (here / DB_NAME).exists() else None
+    folder, here = Path(noted), checkpoint_folder(job.output_path)
+    if folder == here or input_path.strip() != job.input_path or (here / DB_NAME).exists():
+        return None  # a job file pointed at another input and output is a new job
+    return folder if (folder / DB_NAME).exists() else None
 
 
 def _note_place(job: Job, folder: Path) -> None:
@@ -110,7 +112,7 @@ def _note_place(job: Job, folder: Path) -> None:
     try:
         place = _last_place_file(job)
         place.parent.mkdir(parents=True, exist_ok=True)
-        place.write_text(f"{folder}\n", encoding="utf-8")
+        place.write_text(f"{folder}\n{job.input_path}\n", encoding="utf-8")
     except OSError:
         pass  # no writable home: only the hint about a changed output.path is lost
 
@@ -164,7 +166,7 @@ def _discard(folder: Path, job: Job, table: InputTable) -> str:
             ok, failed = _ok_and_failed(job, checkpoint, table.count())
         finally:
             checkpoint.close()
-        what = f"a checkpoint with {ok} ok and {failed} failed rows"
+        what = f"a checkpoint with {ok} ok and {failed} error rows"
     # One rename first, so a kill while deleting never leaves half a checkpoint in place.
     trash = folder.with_name(f"{folder.name}.discarded-{os.getpid()}")
     os.replace(folder, trash)

@@ -152,7 +152,9 @@ class Run:
             )
             with _base_url(self.job) as base_url:
                 self.base_url = base_url
-                transport = Transport(base_url, self.api_key, self.job.spec.run.timeout_s, self.concurrency)
+                transport = Transport(
+                    base_url, self.api_key, self.job.spec.run.timeout_s, self.concurrency, self.protocol.KEY_HEADER
+                )
                 try:
                     await self._run_all(checkpoint, transport, progress)
                 finally:

@@ -31,13 +31,19 @@ from batchrun.protocols.sse import SSEParser
 
 
 class Transport:
-    def __init__(self, base_url: str, api_key: str, timeout_s: float, concurrency: int) -> None:
+    def __init__(
+        self, base_url: str, api_key: str, timeout_s: float, concurrency: int, key_header: str | None = None
+    ) -> None:
+        """`key_header`: a header that carries the key too, for relays that read only their API's own
+        (the protocol's KEY_HEADER: Gemini's `x-goog-api-key`)."""
         self.api_key = api_key
         self.timeout_s = timeout_s
         self._base_url = base_url.rstrip("/")
         headers = {"content-type": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
+            if key_header:
+                headers[key_header] = api_key
         # PROTOCOL.md §6.4. A stream has no total cap: sock_read applies to every read, its idle timeout.
         # A whole answer must come within timeout_s (aiohttp's own timer: anyio.fail_after cost 4% of the CPU).
         connect = min(10.0, timeout_s)

@@ -15,6 +15,7 @@ from batchrun.render import Request
 from batchrun.spec import JobSpec
 
 INLINE_IMAGE_URLS = False  # no images on this API
+KEY_HEADER = None
 
 
 def path(model: str, stream: bool) -> str:
