@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"batchrun {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, help="batchrun COMMAND -h shows its options")
 
     run = sub.add_parser("run", help="run or resume a job; writes the output Parquet")
     run.add_argument("job", help="the job file (YAML)")

@@ -227,6 +227,10 @@ class Limits:
     def limit(self) -> int:
         return self.in_flight.total
 
+    def paused_for_s(self, now: float) -> float:
+        """How long every new start is still paused by a server's push-back (0: not paused)."""
+        return max(0.0, self._paused_until - now)
+
     @asynccontextmanager
     async def slot(self, tokens: int) -> AsyncIterator[Ticket]:
         """Hold one in-flight place for a request estimated at `tokens`.

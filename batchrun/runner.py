@@ -39,6 +39,8 @@ from batchrun.transport import Outcome, Transport, call_with_retries
 
 ABORT_AFTER = 3  # PROTOCOL.md §5.2 rules B and C
 GRACE_S = 3.0  # after Ctrl-C, how long rows in flight may take to finish before they are cancelled
+PAUSE_SAID_S = 5.0  # a server's pause longer than this is said, not just waited out
+WAITS_EVERY_S = 0.5  # how often the run looks at what it is waiting for
 
 
 @dataclass
@@ -116,6 +118,7 @@ class Run:
         self.settings = fingerprint.settings_digest(spec)
         self.requested = 0
         self._held: list[RowRecord] = []
+        self._unreachable: CallError | None = None  # the last connection failure since the last answer
         self.interrupts = 0
         self._producing = anyio.CancelScope()
         self.sharing = SharedAnswers()
@@ -181,6 +184,7 @@ class Run:
         send, receive = anyio.create_memory_object_stream[WorkItem](self.concurrency * 2)
         async with anyio.create_task_group() as tg:
             tg.start_soon(checkpoint.flush_loop)
+            tg.start_soon(self._report_waits, progress)
             async with anyio.create_task_group() as work:
                 tg.start_soon(self._stop_on_ctrl_c, checkpoint, work.cancel_scope)
                 work.start_soon(self._produce_until_ctrl_c, send, checkpoint, progress)
@@ -313,6 +317,7 @@ class Run:
                         return
                     continue
                 if outcome.reply is not None:
+                    self._unreachable = None
                     self.watch.on_success()
                     self._release_held(checkpoint, progress)
                 checkpoint.finish(record)
@@ -344,7 +349,7 @@ class Run:
                 self.decoder,
                 item.estimate + extra_tokens,
                 spec.run.max_attempts,
-                self.watch.on_error,
+                self._on_error,
                 before_first_send=partial(checkpoint.begin, item.idx) if first else _nothing,
             )
             reply = outcome.reply
@@ -377,6 +382,53 @@ class Run:
             )
             record.image_paths = orjson.dumps(saved).decode()
         return record, outcome
+
+    def _on_error(self, error: CallError) -> None:
+        self.watch.on_error(error)
+        if error.error_class == "connection":
+            self._unreachable = error
+
+    async def _report_waits(self, progress: Progress) -> None:
+        """Say what the run is waiting for, once when it starts (a line) and all along (the bar):
+        a relay that cannot be reached, the outage breaker holding rows, a long pause asked by the server."""
+        said: str | None = None
+        while True:
+            situation, line, short = self._waiting_for(anyio.current_time())
+            if situation != said:
+                if line is not None:
+                    progress.say(line)
+                elif said in ("unreachable", "down"):
+                    progress.say("the relay answers again; going on")
+                said = situation
+            progress.waiting(short)
+            await anyio.sleep(WAITS_EVERY_S)
+
+    def _waiting_for(self, now: float) -> tuple[str | None, str | None, str | None]:
+        """(situation, the line that says it, the bar's short form); all None when nothing holds the run."""
+        timeout = self.job.spec.run.outage_timeout_s
+        breaker = self.limits.breaker
+        if (left := breaker.gives_up_in_s(now)) is not None:
+            last = breaker.last_error.message if breaker.last_error is not None else "requests fail"
+            return (
+                "down",
+                f"the relay seems down ({last}): rows are held while one request at a time checks it; "
+                f"the run stops in {left:.0f} s (run.outage_timeout_s) unless it answers, rows pending",
+                f"relay down, stopping in {left:.0f} s",
+            )
+        if self._unreachable is not None:
+            return (
+                "unreachable",
+                f"{self._unreachable.message.removeprefix('connection: ')}; retrying for up to {timeout:g} s "
+                "(run.outage_timeout_s), then the run stops with rows pending",
+                "cannot connect",
+            )
+        if (paused := self.limits.paused_for_s(now)) > PAUSE_SAID_S:
+            return (
+                "paused",
+                f"the server pushed back: every new request waits {paused:.0f} s",
+                f"paused {paused:.0f} s",
+            )
+        return None, None, None
 
     def _status(self, record: RowRecord) -> str:
         """The row's status as the output will have it: an answer that fails its check is an error."""
