@@ -4,6 +4,7 @@ reached is said at once, result columns never take input columns' names, and rea
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -222,6 +223,17 @@ def test_gemini_json_schema_is_honoured_by_the_emulator(tmp_path: Path, reviews:
     result = run_cli("run", str(job), "--quiet")
     assert result.returncode == 0, result.stdout + result.stderr
     assert set(pl.read_parquet(tmp_path / "out" / "result.parquet")["label"]) <= {"positive", "negative", "neutral"}
+
+
+def test_validate_counts_image_input(tmp_path: Path) -> None:
+    for folder in ("jobs", "sample_data"):
+        shutil.copytree(Path(__file__).resolve().parent.parent / folder, tmp_path / folder)
+    job = tmp_path / "jobs" / "caption.yaml"
+    estimate = run_cli("validate", str(job)).stdout
+    estimated = int(estimate.split("input tokens:  ~", 1)[1].split(" ", 1)[0].replace(",", ""))
+    assert run_cli("run", str(job), "--quiet").returncode == 0
+    actual = json.loads((tmp_path / "out" / "caption.summary.json").read_text())["prompt_tokens"]
+    assert abs(estimated - actual) / actual < 0.15, (estimated, actual)
 
 
 # --- the small things -------------------------------------------------------------------

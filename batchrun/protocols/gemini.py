@@ -26,6 +26,7 @@ from batchrun.structured import gemini_response_schema, uses_native_schema
 
 INLINE_IMAGE_URLS = True  # a Gemini-bound channel may not fetch URLs: batchrun downloads them
 KEY_HEADER = "x-goog-api-key"  # Google's own key header: Gemini-native relays and proxies read it
+INPUT_IMAGE_TOKENS = 258  # an input image up to 384 px a side (larger ones: 258 a 768-px tile); for estimates
 TOP_LEVEL_PARAMS = ("safetySettings", "tools", "toolConfig", "cachedContent")
 _CONTENT_STOPS = {
     "SAFETY",
