@@ -66,8 +66,9 @@ CASES: dict[str, tuple[Callable[[Path, str], Path], list[str], dict[str, Any]]] 
         {},
     ),
     "result column in the input": (
-        lambda f, u: write_csv(f / "reviews.csv", ["review_id", "text", "status"], [["A", "x", "new"]])
-        and write_job(f, u),
+        lambda f, u: (
+            write_csv(f / "reviews.csv", ["review_id", "text", "status"], [["A", "x", "new"]]) and write_job(f, u)
+        ),
         ["input.path reviews.csv", "column 'status'", "rename", "input_status"],
         {},
     ),

@@ -109,7 +109,8 @@ def test_exit_codes_all_ok_some_failed_all_failed(tmp_path: Path, reviews: Path,
     assert f"2 rows failed; retry them with: batchrun run {some} --retry-failed --limit 5" in result.stdout
     assert pl.read_parquet(tmp_path / "out" / "result.parquet").height == 5  # the output is complete
 
-    every = write_job(tmp_path, emulator.url, prompt={"user": "{{ text }} [[emulator: sensitive_words_detected]]"}, run={"max_attempts": 1})
+    refused = "{{ text }} [[emulator: sensitive_words_detected]]"  # a 400: an error row, not retried
+    every = write_job(tmp_path, emulator.url, prompt={"user": refused}, run={"max_attempts": 1})
     failed = run_cli("run", str(every), "--quiet", "--restart")
     assert failed.returncode == 5 and "6 rows: 0 ok, 6 error" in failed.stdout, failed.stdout + failed.stderr
     assert "discarded a checkpoint with 3 ok and 2 error rows" in failed.stderr
@@ -117,8 +118,11 @@ def test_exit_codes_all_ok_some_failed_all_failed(tmp_path: Path, reviews: Path,
 
 def test_schema_failures_count_as_failed_rows_everywhere(tmp_path: Path, reviews: Path, emulator: Emulator) -> None:
     schema = {"type": "object", "properties": {"label": {"type": "integer"}}, "required": ["label"]}
-    job = write_job(tmp_path, emulator.url, output={"path": "out/result.parquet", "parse": "json", "schema": schema,
-                                                    "native_schema": False})
+    job = write_job(
+        tmp_path,
+        emulator.url,
+        output={"path": "out/result.parquet", "parse": "json", "schema": schema, "native_schema": False},
+    )
     result = run_cli("run", str(job), "--quiet")
     assert result.returncode == 5 and "6 rows: 0 ok, 6 error" in result.stdout, result.stdout + result.stderr
     assert "0 ok, 6 failed" in run_cli("status", str(job)).stdout
@@ -139,11 +143,14 @@ def test_a_refused_connection_is_said_within_seconds(tmp_path: Path, reviews: Pa
         text=True,
         env=cli_env(),
     )
+    guard = threading.Timer(20, process.kill)  # never silent for long: the line would come after 600 s
+    guard.start()
     try:
         assert process.stderr is not None
         line = process.stderr.readline()
         said_after = time.monotonic() - started
     finally:
+        guard.cancel()
         process.kill()
         process.wait()
     assert f"cannot connect to 127.0.0.1:{port}: connection refused" in line, line
@@ -209,8 +216,11 @@ def test_gemini_key_goes_in_googles_header_too(tmp_path: Path, reviews: Path, go
 
 
 def test_gemini_json_schema_is_honoured_by_the_emulator(tmp_path: Path, reviews: Path, emulator: Emulator) -> None:
-    schema = {"type": "object", "properties": {"label": {"enum": ["positive", "negative", "neutral"]}},
-              "required": ["label"]}
+    schema = {
+        "type": "object",
+        "properties": {"label": {"enum": ["positive", "negative", "neutral"]}},
+        "required": ["label"],
+    }
     job = write_job(
         tmp_path,
         emulator.url,

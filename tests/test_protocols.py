@@ -350,6 +350,12 @@ def test_base64_in_answers_in_both_alphabets() -> None:
     standard, url_safe = base64.b64encode(png).decode(), base64.urlsafe_b64encode(png).decode().rstrip("=")
     assert standard != url_safe
     for data in (standard, url_safe):
-        answer = {"candidates": [{"content": {"parts": [{"inlineData": {"mimeType": "image/png", "data": data}}]},
-                                  "finishReason": "STOP"}]}
+        answer = {
+            "candidates": [
+                {
+                    "content": {"parts": [{"inlineData": {"mimeType": "image/png", "data": data}}]},
+                    "finishReason": "STOP",
+                }
+            ]
+        }
         assert gemini.parse(answer, image_job=True).images[0].data == png

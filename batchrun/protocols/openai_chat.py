@@ -18,7 +18,7 @@ from batchrun.structured import uses_native_schema
 
 INLINE_IMAGE_URLS = False  # the upstream fetches http(s) URLs itself
 KEY_HEADER = None
-INPUT_IMAGE_TOKENS = 85 + 170  # an input image up to 512 px at detail high: base + one tile (larger: 170 a tile); for estimates
+INPUT_IMAGE_TOKENS = 85 + 170  # an image up to 512 px at detail high: base + one tile; for estimates
 _PART_NAMES = {"standard": ("text", "image_url"), "responses": ("input_text", "input_image")}
 # A Gemini image model behind the chat path returns its images as Markdown data URIs (§7 item 23).
 _MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(data:(image/[\w.+-]+);base64,([A-Za-z0-9+/=_\-\s]+)\)")
