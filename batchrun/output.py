@@ -74,8 +74,9 @@ def result_frame(
 
 
 def check_columns(job: Job, parser: AnswerParser | None, input_columns: list[str]) -> None:
-    """Result columns (and the schema's properties, which become columns) must not clash with input columns."""
-    results = {*RESULT_SCHEMA, "cost"} | ({PARSE_NOTE, *parser.columns} if parser is not None else set())
+    """Result columns must not clash with input columns, nor the schema's properties (which become columns)
+    with either: each clash is refused in one line, never resolved by polars' silent `_right` suffix."""
+    results = {*RESULT_SCHEMA, "cost"} | ({PARSE_NOTE} if parser is not None else set())
     clash = sorted(results & set(input_columns))
     if clash:
         raise JobError(
@@ -84,7 +85,7 @@ def check_columns(job: Job, parser: AnswerParser | None, input_columns: list[str
         )
     if parser is None:
         return
-    taken = {ROW_INDEX, *RESULT_SCHEMA, PARSE_NOTE, "cost", "image_paths"}
+    taken = {*input_columns, ROW_INDEX, *RESULT_SCHEMA, PARSE_NOTE, "cost", "image_paths"}
     clash = sorted(taken & set(parser.columns))
     if clash:
         raise JobError(

@@ -123,7 +123,7 @@ def _prepare_folder(job: Job, table: InputTable, flags: ResumeFlags) -> tuple[Pa
     if flags.restart and folder.exists():
         notes.append(_discard(folder, job, table))
     if flags.adopt_checkpoint is not None:
-        notes.append(_adopt(flags.adopt_checkpoint, folder, job))
+        notes.append(_adopt(flags.adopt_checkpoint, folder))
     elif not flags.restart and (earlier := earlier_folder(job)) is not None:
         raise JobError(
             f"{job.path}: output.path changed, and this job's checkpoint is still at {earlier}; "
@@ -134,7 +134,7 @@ def _prepare_folder(job: Job, table: InputTable, flags: ResumeFlags) -> tuple[Pa
     return folder, notes
 
 
-def _adopt(source: Path, folder: Path, job: Job) -> str:
+def _adopt(source: Path, folder: Path) -> str:
     """--adopt-checkpoint: the user's explicit move of a checkpoint folder beside this output."""
     source = source.resolve()
     if source.name.endswith(".parquet") and not (source / DB_NAME).exists():
@@ -147,6 +147,12 @@ def _adopt(source: Path, folder: Path, job: Job) -> str:
         raise JobError(
             f"--adopt-checkpoint: {folder} already holds a checkpoint; use --restart with it to discard that one first"
         )
+    adopted = Checkpoint(source)
+    try:
+        if adopted.run_in_progress():
+            raise JobError(f"--adopt-checkpoint {source}: another batchrun run is using it; wait for it to end")
+    finally:
+        adopted.close()
     if folder.exists():
         shutil.rmtree(folder)  # a checkpoint folder without a database holds nothing
     folder.parent.mkdir(parents=True, exist_ok=True)

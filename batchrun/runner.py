@@ -35,7 +35,7 @@ from batchrun.resume import ResumeFlags, open_for_run
 from batchrun.sharing import SharedAnswers, request_key
 from batchrun.spec import Job
 from batchrun.structured import AnswerParser, ask_with_repairs, explain_native_rejection
-from batchrun.transport import Outcome, Transport, call_with_retries
+from batchrun.transport import CANNOT_CONNECT, Outcome, Transport, call_with_retries
 
 ABORT_AFTER = 3  # PROTOCOL.md §5.2 rules B and C
 GRACE_S = 3.0  # after Ctrl-C, how long rows in flight may take to finish before they are cancelled
@@ -385,7 +385,7 @@ class Run:
 
     def _on_error(self, error: CallError) -> None:
         self.watch.on_error(error)
-        if error.error_class == "connection":
+        if error.message.startswith(CANNOT_CONNECT):
             self._unreachable = error
 
     async def _report_waits(self, progress: Progress) -> None:

@@ -65,7 +65,7 @@ class Transport:
         except aiohttp.ServerTimeoutError as e:  # connect or idle read (before TimeoutError: it is one)
             raise self._network_error("timeout", e) from None
         except aiohttp.ClientConnectorError as e:  # before ClientError: it is one
-            raise CallError("connection", f"connection: {cannot_connect(e)}") from None
+            raise CallError("connection", CANNOT_CONNECT + cannot_connect(e)) from None
         except asyncio.TimeoutError:  # the whole answer's timer; asyncio's is not the builtin on Python 3.10
             raise CallError("timeout", f"timeout: no complete answer within {self.timeout_s:g} s") from None
         except aiohttp.ClientError as e:
@@ -94,14 +94,17 @@ class Transport:
         await self._session.close()
 
 
+CANNOT_CONNECT = "connection: cannot connect to "  # the relay was not reached at all (runner says so at once)
+
+
 def cannot_connect(e: aiohttp.ClientConnectorError) -> str:
-    """`cannot connect to HOST:PORT: name not resolved` (DNS) or the system's reason (connection refused)."""
+    """`HOST:PORT: name not resolved` (DNS) or the system's reason (`connection refused`)."""
     where = f"{e.host}:{e.port}"
     if isinstance(e, aiohttp.ClientConnectorDNSError) or isinstance(e.os_error, socket.gaierror):
-        return f"cannot connect to {where}: name not resolved"
+        return f"{where}: name not resolved"
     errno = getattr(e.os_error, "errno", None)
     reason = os.strerror(errno) if errno else str(e.os_error)  # asyncio's own text repeats the address
-    return f"cannot connect to {where}: {reason.lower()}"
+    return f"{where}: {reason.lower()}"
 
 
 def _env_proxy(base_url: str) -> str | None:

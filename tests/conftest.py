@@ -100,6 +100,15 @@ def run_cli(
     )
 
 
+def assert_finished(result: subprocess.CompletedProcess[str], output: Path) -> None:
+    """A finished run's exit code matches its output: 0 when every row is ok, 5 when some ended in error."""
+    import polars as pl
+
+    assert result.returncode in (0, 5), result.stdout + result.stderr
+    failed = (pl.read_parquet(output)["status"] == "error").any()
+    assert result.returncode == (5 if failed else 0), result.stdout + result.stderr
+
+
 def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
     import csv
 
