@@ -25,7 +25,7 @@ from batchrun.spec import JobSpec
 from batchrun.structured import gemini_response_schema, uses_native_schema
 
 INLINE_IMAGE_URLS = True  # a Gemini-bound channel may not fetch URLs: batchrun downloads them
-KEY_HEADER = "x-goog-api-key"  # Google's own key header: Gemini-native relays and proxies read it
+KEY_HEADER = "x-goog-api-key"  # Google's own key header, read by Gemini-native proxies (docs/relays.md)
 INPUT_IMAGE_TOKENS = 258  # an input image up to 384 px a side (larger ones: 258 a 768-px tile); for estimates
 TOP_LEVEL_PARAMS = ("safetySettings", "tools", "toolConfig", "cachedContent")
 _CONTENT_STOPS = {
@@ -89,7 +89,7 @@ _GEMINI_VERSION = re.compile(r"gemini-(\d+)(?:\.(\d+))?")
 
 
 def takes_json_schema(model: str) -> bool:
-    """Gemini 2.5 and later take plain JSON Schema as `responseJsonSchema` (PROTOCOL.md §4.1, docs/gemini.md);
+    """Gemini 2.5 and later take plain JSON Schema as `responseJsonSchema` (docs/relays.md);
     older or unknown models get the OpenAPI-style `responseSchema` dialect, which every version reads."""
     found = _GEMINI_VERSION.search(model.lower())
     if found is None:
