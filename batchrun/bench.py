@@ -320,7 +320,7 @@ def prefill(job: Job, done: int) -> None:
     checkpoint = Checkpoint(checkpoint_folder(job.output_path))
     now = time.time()
     try:
-        Fingerprint.of(job, None).save(checkpoint)
+        Fingerprint.of(job, InputTable.for_job(job), None).save(checkpoint)
         for lo in range(0, done, 100_000):
             for idx in range(lo, min(done, lo + 100_000)):
                 checkpoint.finish(

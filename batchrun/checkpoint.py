@@ -60,6 +60,19 @@ CREATE TABLE IF NOT EXISTS rows (
 );
 CREATE TABLE IF NOT EXISTS inflight (idx INTEGER PRIMARY KEY, started_at REAL NOT NULL);
 """
+# What `batchrun report` draws, added to checkpoints of format 3 when they are opened, so an
+# older one still resumes (its rows simply lack them). Columns of `rows` after its last one,
+# in RowRecord's order; `limiter` holds one line per second of wall time that saw an attempt.
+_REPORT_COLUMNS = {"started_at": "REAL", "attempt_log": "TEXT"}
+_LIMITER_TABLE = """
+CREATE TABLE IF NOT EXISTS limiter (
+    second INTEGER PRIMARY KEY,
+    limit_min INTEGER NOT NULL,
+    limit_max INTEGER NOT NULL,
+    limit_last INTEGER NOT NULL,
+    paused_s REAL NOT NULL
+)
+"""
 
 
 @dataclass
@@ -84,9 +97,17 @@ class RowRecord:
     repairs: int = 0  # follow-up asks after answers that failed output.schema
     request_hash: int | None = None  # see fingerprint.row_hash; None when the row could not be rendered
     image_paths: str | None = None  # JSON list of the files the row's images were written to
+    started_at: float | None = None  # wall time of the first attempt; None when nothing was sent
+    attempt_log: str | None = None  # see timeline.AttemptLog: each attempt's time and outcome
 
 
 ROW_COLUMNS = list(RowRecord.__dataclass_fields__)
+# A second written twice (a run resumed within it) keeps the extremes and the later state.
+_MERGE_LIMITER = """
+INSERT INTO limiter VALUES (?, ?, ?, ?, ?) ON CONFLICT(second) DO UPDATE SET
+    limit_min = MIN(limit_min, excluded.limit_min), limit_max = MAX(limit_max, excluded.limit_max),
+    limit_last = excluded.limit_last, paused_s = MAX(paused_s, excluded.paused_s)
+"""
 
 
 class Checkpoint:
@@ -118,6 +139,7 @@ class Checkpoint:
         self._intents: list[tuple[int, float]] = []
         self._finished: list[RowRecord] = []
         self._withdrawn: list[int] = []
+        self._limiter: list[tuple[int, int, int, int, float]] = []
         self._intent_done = anyio.Event()
         self._wake = anyio.Event()
         self._last_flush = time.monotonic()
@@ -128,6 +150,7 @@ class Checkpoint:
             self._db.executescript(
                 f"BEGIN; {_SCHEMA} INSERT INTO meta VALUES ('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
             )
+            self._add_report_tables()
             return
         (page_size,) = self._db.execute("PRAGMA page_size").fetchone()
         if (self.folder / DB_NAME).stat().st_size % page_size:  # SQLite writes whole pages only
@@ -142,6 +165,18 @@ class Checkpoint:
                 f"{self.folder}: the checkpoint was written in format {version}, this batchrun reads format "
                 f"{SCHEMA_VERSION}; run again with --restart to start over, or use the batchrun that wrote it"
             )
+        self._add_report_tables()
+
+    def _add_report_tables(self) -> None:
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(rows)")}
+        missing = [(name, kind) for name, kind in _REPORT_COLUMNS.items() if name not in have]
+        if not missing and "limiter" in {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}:
+            return
+        self._db.execute("BEGIN")
+        for name, kind in missing:
+            self._db.execute(f"ALTER TABLE rows ADD COLUMN {name} {kind}")
+        self._db.execute(_LIMITER_TABLE)
+        self._db.execute("COMMIT")
 
     def lock_for_run(self) -> None:
         """Only one run at a time may use a checkpoint: two would pay for every row twice."""
@@ -217,6 +252,17 @@ class Checkpoint:
         rows = self._query("SELECT error_class, COUNT(*) FROM rows WHERE status = 'error' GROUP BY 1 ORDER BY 2 DESC")
         return {str(cls): int(n) for cls, n in rows}
 
+    def report_bounds(self) -> tuple[Any, ...]:
+        """Last row index, first start, last finish, most tokens in and out."""
+        return self._query(
+            "SELECT MAX(idx), MIN(COALESCE(started_at, finished_at)), MAX(finished_at),"
+            " MAX(prompt_tokens), MAX(completion_tokens) FROM rows"
+        )[0]
+
+    def limiter_seconds(self) -> list[tuple[int, int, float]]:
+        """(second, lowest in-flight limit, seconds paused) of each second recorded, in order."""
+        return self._query("SELECT second, limit_min, paused_s FROM limiter ORDER BY second")
+
     def hashes_in_range(self, lo: int, hi: int, ok_only: bool = False) -> dict[int, int | None]:
         """Request hash of each finished row in [lo, hi)."""
         sql = "SELECT idx, request_hash FROM rows WHERE idx >= ? AND idx < ?" + (
@@ -249,6 +295,10 @@ class Checkpoint:
         self._finished.append(record)
         if len(self._finished) >= 512:
             self._wake.set()
+
+    def record_limiter(self, seconds: list[tuple[int, int, int, int, float]]) -> None:
+        """(second, limit min, max, last, seconds paused) lines of timeline.LimiterTimeline, merged on write."""
+        self._limiter.extend(seconds)
 
     def withdraw(self, idx: int) -> None:
         """The request of `idx` was answered without cost (e.g. 401): it is pending, not in flight."""
@@ -286,12 +336,18 @@ class Checkpoint:
         """Synchronous final flush, for shutdown paths outside the event loop."""
         self._write(*self._take())
 
-    def _take(self) -> tuple[list[tuple[int, float]], list[RowRecord], list[int]]:
-        batch = (self._intents, self._finished, self._withdrawn)
-        self._intents, self._finished, self._withdrawn = [], [], []
+    def _take(self) -> tuple[list[tuple[int, float]], list[RowRecord], list[int], list[tuple[Any, ...]]]:
+        batch = (self._intents, self._finished, self._withdrawn, self._limiter)
+        self._intents, self._finished, self._withdrawn, self._limiter = [], [], [], []
         return batch
 
-    def _write(self, intents: list[tuple[int, float]], finished: list[RowRecord], withdrawn: list[int]) -> None:
+    def _write(
+        self,
+        intents: list[tuple[int, float]],
+        finished: list[RowRecord],
+        withdrawn: list[int],
+        limiter: list[tuple[Any, ...]] | None = None,
+    ) -> None:
         with self._lock:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR REPLACE INTO inflight VALUES (?, ?)", intents)
@@ -301,6 +357,7 @@ class Checkpoint:
             )
             gone = [(r.idx,) for r in finished] + [(i,) for i in withdrawn]
             self._db.executemany("DELETE FROM inflight WHERE idx = ?", gone)
+            self._db.executemany(_MERGE_LIMITER, limiter or [])
             self._db.execute("COMMIT")
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""Commands: run, validate, status, models, emulator, bench."""
+"""Commands: run, validate, status, report, models, emulator, bench."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import shlex
 import sys
 import traceback
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from batchrun import __version__
@@ -38,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batchrun: {e}: {_resume_command(args, with_max_cost=False)} --max-cost HIGHER", file=sys.stderr)
         return EXIT_BUDGET
     except RunInterrupted as e:
-        print(f"\nbatchrun: {_interrupted_message(e)}; resume with: {_resume_command(args)}", file=sys.stderr)
+        print(f"\nbatchrun: {e}; resume with: {_resume_command(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         resume = f"; resume with: {_resume_command(args)}" if args.command == "run" else ""
@@ -51,16 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # a bug: show it, but never with the key in it
         print(redact(traceback.format_exc()), file=sys.stderr, end="")
         return EXIT_INTERNAL
-
-
-def _interrupted_message(e: RunInterrupted) -> str:
-    message = f"interrupted: {e.done} of {e.total} rows done, {e.total - e.done} pending"
-    if e.cancelled:
-        message += (
-            f"; {e.cancelled} requests in flight were cancelled {e.cancelled_when} "
-            "(they may have been paid; the next run counts them)"
-        )
-    return message
 
 
 def _resume_command(args: argparse.Namespace, *extra: str, with_max_cost: bool = True) -> str:
@@ -143,6 +132,11 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("--api-key-env", help="the variable holding the key (default: KUAIMA_API_KEY, or the job's)")
     models.set_defaults(func=_models)
 
+    report = sub.add_parser("report", help="one HTML page of the run: charts, sample rows, images")
+    report.add_argument("job", help="the job file (YAML)")
+    report.add_argument("--open", action="store_true", help="open the page in the web browser")
+    report.set_defaults(func=_report)
+
     emulator = sub.add_parser("emulator", help="a local OpenAI + Gemini compatible server for trials and tests")
     emulator.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
     emulator.add_argument("--port", type=int, default=8787, help="0 picks a free port (printed on start)")
@@ -202,16 +196,12 @@ def _non_negative_float(text: str) -> float:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from batchrun import eventloop
-    from batchrun.runner import RunOptions, run_job
+    from batchrun import commands, eventloop
+    from batchrun.runner import RunOptions
     from batchrun.spec import load_job
 
     job = load_job(args.job)
     _print_warnings(job.warnings)
-    if args.max_cost is not None and job.spec.pricing is None:
-        raise JobError(f"{job.path}: --max-cost needs pricing in the job file to count the cost")
-    if args.engine == "local" and (args.ray_address is not None or args.ray_actors is not None):
-        raise JobError("--ray-address and --ray-actors need --engine ray")
     options = RunOptions(
         limit=args.limit,
         concurrency=args.concurrency,
@@ -222,29 +212,13 @@ def _run(args: argparse.Namespace) -> int:
         max_cost=args.max_cost,
         adopt_checkpoint=args.adopt_checkpoint,
     )
-    if args.engine == "ray":
-        engine = _ray_engine()
-        summary = eventloop.run(
-            engine.run_job_on_ray, job, options, engine.RayOptions(args.ray_address, args.ray_actors)
-        )
-    else:
-        summary = eventloop.run(run_job, job, options)
+    summary = eventloop.run(commands.run, job, options, args.engine, args.ray_address, args.ray_actors)
     _print_summary(summary)
+    print(f"report: {shlex.join(['batchrun', 'report', args.job])}")
     if summary["error"]:
         print(f"{summary['error']} rows failed; retry them with: {_resume_command(args, '--retry-failed')}")
         return EXIT_ROWS_FAILED
     return 0
-
-
-def _ray_engine() -> ModuleType:
-    """The Ray engine, which needs the optional `ray` extra; the core install never imports Ray."""
-    try:
-        from batchrun import engine_ray
-    except ModuleNotFoundError as e:
-        if (e.name or "").partition(".")[0] != "ray":
-            raise
-        raise JobError("--engine ray needs Ray, which is not installed: pip install 'batchrun[ray]'") from None
-    return engine_ray
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -269,37 +243,24 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from batchrun import output, protocols, spend
-    from batchrun.images import loader_for, preview_body
-    from batchrun.inputs import ROW_INDEX, InputTable
-    from batchrun.render import Renderer
+    from batchrun import commands
     from batchrun.spec import load_job
-    from batchrun.structured import AnswerParser
 
     job = load_job(args.job)
     _print_warnings(job.warnings)
-    spec = job.spec
-    table = InputTable.for_job(job)
-    table.check_ids()
-    renderer = Renderer(job, table.columns)
-    output.check_columns(job, AnswerParser.for_spec(spec), table.columns)
-    output.check_targets(job)
-    if not job.uses_emulator and not os.environ.get(spec.provider.api_key_env, "").strip():
-        print(f"batchrun: note: {spec.provider.api_key_env} is not set; `run` will need it", file=sys.stderr)
-    protocol = protocols.PROTOCOLS[spec.provider.api]
-    loader = loader_for(job, protocol.INLINE_IMAGE_URLS)
-    print(f"job {spec.name}: {table.count()} rows from {spec.input.path}, columns: {', '.join(table.columns)}")
-    print(f"{spec.provider.api} {spec.model} -> POST {spec.provider.base_url}{protocol.path(spec.model, spec.stream)}")
-    shown = 0
-    for batch in table.batches(limit=args.show):
-        for row in batch.iter_rows(named=True):
-            print(f"\nrow {row[table.id_name] if table.id_column else row[ROW_INDEX]}:")
-            print(preview_body(protocol, loader, renderer.render(row), spec))
-            shown += 1
+    plan = commands.plan(job, args.show)
+    print(f"job {plan.job}: {plan.rows} rows from {plan.input}, columns: {', '.join(plan.columns)}")
+    print(plan.endpoint)
+    for row_id, body in plan.requests.items():
+        print(f"\nrow {row_id}:")
+        print(body)
+    env = job.spec.provider.api_key_env
+    if not job.uses_emulator and not os.environ.get(env, "").strip():
+        print(f"batchrun: note: {env} is not set; `run` will need it", file=sys.stderr)
     print()
-    for line in spend.describe_estimate(spend.estimate_job(job, table, renderer), job):
+    for line in plan.estimate_lines:
         print(line)
-    print(f"\nok: the job is valid ({shown} requests shown, none sent)")
+    print(f"\nok: the job is valid ({len(plan.requests)} requests shown, none sent)")
     return 0
 
 
@@ -321,6 +282,19 @@ def _models(args: argparse.Namespace) -> int:
 
     for line in list_models(args.job, args.base_url, args.api_key_env):
         print(line)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    import webbrowser
+
+    from batchrun.report import write_report
+    from batchrun.spec import load_job
+
+    page = write_report(load_job(args.job))
+    print(page)
+    if args.open:
+        webbrowser.open(page.resolve().as_uri())
     return 0
 
 

@@ -13,7 +13,13 @@ class RunInterrupted(Exception):
     """Ctrl-C stopped the run; what finished is committed and the same command resumes."""
 
     def __init__(self, done: int, total: int, cancelled: int, cancelled_when: str) -> None:
-        super().__init__(f"{done} of {total} rows done")
+        message = f"interrupted: {done} of {total} rows done, {total - done} pending"
+        if cancelled:
+            message += (
+                f"; {cancelled} requests in flight were cancelled {cancelled_when} "
+                "(they may have been paid; the next run counts them)"
+            )
+        super().__init__(message)
         self.done = done
         self.total = total
         self.cancelled = cancelled  # requests cut off before their answer: they may have been paid

@@ -87,15 +87,19 @@ class Fingerprint:
     settings: dict[str, Any]
 
     @classmethod
-    def of(cls, job: Job, previous: Fingerprint | None) -> Fingerprint:
-        files = _input_files(job.input_path)
-        if previous is not None and previous.input_files == files:
-            digest = previous.input_digest
+    def of(cls, job: Job, table: InputTable, previous: Fingerprint | None) -> Fingerprint:
+        if table.given is not None or table.remote:  # no file here to stat: the rows are digested
+            files, digest = [], table.content_digest()
         else:
-            digest = _content_digest([f[0] for f in files])
+            files = _input_files(job.input_path)
+            if previous is not None and previous.input_files == files:
+                digest = previous.input_digest
+            else:
+                digest = _content_digest([f[0] for f in files])
         # Through JSON, as stored, so a value YAML typed (a date, say) compares equal to its stored form.
         settings = orjson.loads(orjson.dumps(request_settings(job.spec)))
-        return cls(digest, files, job.spec.input.path, templates(job.spec), settings)
+        shown = job.spec.input.path or "the frame given in Python"
+        return cls(digest, files, shown, templates(job.spec), settings)
 
     @classmethod
     def load(cls, checkpoint: Checkpoint) -> Fingerprint | None:
@@ -138,7 +142,7 @@ def compare(
     `ok_only` leaves failed rows out (--retry-failed sends them again anyway).
     """
     stored = Fingerprint.load(checkpoint)
-    current = Fingerprint.of(job, stored)
+    current = Fingerprint.of(job, table, stored)
     changes = current.changes_from(stored) if stored is not None else []
     changed = finished = 0
     if changes:

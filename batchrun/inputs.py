@@ -11,14 +11,17 @@ inferred (so every piece parses exactly as the scan would).
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import polars as pl
 
+from batchrun import storage
 from batchrun.errors import JobError
 from batchrun.spec import Job
 
@@ -26,37 +29,57 @@ ROW_INDEX = "row_index"  # 0-based position in the input; the id when no id_colu
 BATCH_ROWS = 2048
 BLOCK_BYTES = 4 << 20  # CSV / JSONL read size
 PARQUET_READ_ROWS = 16_384
+# polars fetches a whole row group's column chunks for any slice of it, so an object is read in
+# bigger slices, to fetch each row group fewer times (docs/object-storage.md has the measurements).
+REMOTE_PARQUET_READ_ROWS = 65_536
 ID_PARTITION_ROWS = 500_000  # ids checked for uniqueness this many at a time
 
 
 class InputTable:
-    """One input file (or a glob of Parquet files) and its id column."""
+    """One input (a file, a glob of Parquet files, an object-storage URL or a frame from Python) and its id column."""
 
-    def __init__(self, path: str, id_column: str | None, job_file: Path, shown_path: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        id_column: str | None,
+        job_file: Path,
+        shown_path: str | None = None,
+        frame: pl.DataFrame | None = None,
+        storage_options: dict[str, str] | None = None,
+    ) -> None:
         self.path = path
         self.id_column = id_column
-        self._where = f"{job_file}: input.path {shown_path or path}"
+        self.given = frame  # the input given in Python: it is read in slices like Parquet
+        self.storage_options = storage_options
+        self._where = f"{job_file}: input.path {shown_path or path}" if frame is None else f"{job_file}: input"
         self._suffix = Path(path).suffix.lower()
         self._frame = self._scan()
         self._rows: int | None = None
         try:
             self.schema = self._frame.collect_schema()
         except Exception as e:  # polars raises many kinds for unreadable files
-            raise JobError(f"{self._where}: cannot read the input: {_first_line(e)}") from None
+            problem = storage.explain(e) if self.remote else None
+            raise JobError(f"{self._where}: cannot read the input: {problem or _first_line(e)}") from None
         if id_column is None and ROW_INDEX in self.schema:
             raise JobError(
                 f"{job_file}: input.id_column: the input has a column named {ROW_INDEX}, "
                 "which batchrun uses as the default id; set input.id_column"
             )
         if id_column is not None and id_column not in self.schema:
+            source = "the frame" if frame is not None else path
             raise JobError(
-                f"{job_file}: input.id_column: column '{id_column}' is not in {path}; "
+                f"{job_file}: input.id_column: column '{id_column}' is not in {source}; "
                 f"its columns are: {', '.join(self.columns)}"
             )
 
     @classmethod
     def for_job(cls, job: Job) -> InputTable:
-        return cls(job.input_path, job.spec.input.id_column, job.path, shown_path=job.spec.input.path)
+        spec = job.spec.input
+        return cls(job.input_path, spec.id_column, job.path, spec.path, job.frame, spec.storage_options)
+
+    @property
+    def remote(self) -> bool:
+        return self.given is None and storage.is_url(self.path)
 
     @property
     def columns(self) -> list[str]:
@@ -68,7 +91,16 @@ class InputTable:
 
     def _scan(self) -> pl.LazyFrame:
         path, suffix = self.path, self._suffix
-        if _is_glob(path):
+        options = storage.storage_options(self.storage_options)
+        if self.given is not None:
+            return self.given.lazy()
+        if self.remote:
+            if suffix in (".csv", ".jsonl", ".ndjson") and storage.scheme(path) not in storage.STREAMED_SCHEMES:
+                raise JobError(
+                    f"{self._where}: CSV and JSONL on {storage.scheme(path)}:// are not supported yet; "
+                    "use Parquet there, or s3:// or https://"
+                )
+        elif _is_glob(path):
             if suffix != ".parquet":
                 raise JobError(f"{self._where}: a glob must name .parquet files")
             if not glob.glob(path):
@@ -78,16 +110,19 @@ class InputTable:
         # Ids are compared as written: a CSV's `007` and `7`, or `2.0` and `2`, are different ids.
         as_text = {self.id_column: pl.String()} if self.id_column else None
         if suffix == ".csv":
-            return pl.scan_csv(path, infer_schema_length=10_000, schema_overrides=as_text)
+            return pl.scan_csv(path, infer_schema_length=10_000, schema_overrides=as_text, storage_options=options)
         if suffix == ".parquet":
-            return pl.scan_parquet(path)
+            return pl.scan_parquet(path, storage_options=options)
         if suffix in (".jsonl", ".ndjson"):
-            return pl.scan_ndjson(path, infer_schema_length=10_000, schema_overrides=as_text)
+            return pl.scan_ndjson(path, infer_schema_length=10_000, schema_overrides=as_text, storage_options=options)
         raise JobError(f"{self._where}: unsupported extension '{suffix}'; use .csv, .parquet or .jsonl")
 
     def count(self) -> int:
         if self._rows is None:
-            self._rows = int(self._collect(self._frame.select(pl.len())).item())
+            if self.remote and not self.splittable:  # polars would fetch a CSV or JSONL object whole to count it
+                self._rows = sum(frame.height for frame in self._frames(self.columns[:1]))
+            else:
+                self._rows = int(self._collect(self._frame.select(pl.len())).item())
         return self._rows
 
     def check_ids(self) -> None:
@@ -142,8 +177,16 @@ class InputTable:
 
     @property
     def splittable(self) -> bool:
-        """Whether any range of rows reads directly (Parquet); CSV and JSONL are read from their start."""
-        return self._suffix == ".parquet"
+        """Whether any range of rows reads directly (Parquet, a frame); CSV and JSONL are read from their start."""
+        return self._suffix == ".parquet" or self.given is not None
+
+    def content_digest(self) -> str:
+        """A digest of the rows themselves, read in bounded pieces: for inputs that are not local files
+        (a frame, an object), so rerunning with the same rows finds its checkpoint and changed rows are seen."""
+        digest = hashlib.sha256(repr(list(self.schema.items())).encode())
+        for frame in self._frames():
+            digest.update(frame.hash_rows(seed=0).to_numpy().tobytes())
+        return digest.hexdigest()
 
     def batches(self, limit: int | None = None, batch_rows: int = BATCH_ROWS, start: int = 0) -> Iterator[pl.DataFrame]:
         """Input rows in order from row `start` (up to row `limit`), each batch with the row_index column first."""
@@ -160,23 +203,29 @@ class InputTable:
     def _frames(self, columns: list[str] | None = None, start: int = 0) -> Iterator[pl.DataFrame]:
         """The input in bounded pieces from row `start`, in order, typed as the scan's schema."""
         try:
-            if self._suffix == ".parquet":  # polars reads a slice without decoding its whole row group
+            if self.splittable:  # polars reads a Parquet slice without decoding its whole row group
                 scan = self._frame if columns is None else self._frame.select(columns)
-                for offset in range(start, self.count(), PARQUET_READ_ROWS):
-                    yield scan.slice(offset, PARQUET_READ_ROWS).collect()
+                step = REMOTE_PARQUET_READ_ROWS if self.remote else PARQUET_READ_ROWS
+                for offset in range(start, self.count(), step):
+                    yield scan.slice(offset, step).collect()
             elif self._suffix == ".csv":
-                blocks = _record_blocks(self.path, csv=True)
+                blocks = _record_blocks(self._open, csv=True)
                 csv = (
                     pl.read_csv(io.BytesIO(header + block), schema=self.schema, columns=columns)
                     for header, block in blocks
                 )
                 yield from _from_row(csv, start)
             else:
-                blocks = _record_blocks(self.path, csv=False)
+                blocks = _record_blocks(self._open, csv=False)
                 jsonl = (pl.read_ndjson(io.BytesIO(block), schema=self.schema) for _, block in blocks)
                 yield from _from_row((f if columns is None else f.select(columns) for f in jsonl), start)
         except (pl.exceptions.PolarsError, OSError, ValueError) as e:
-            raise JobError(f"{self._where}: cannot read the input: {_first_line(e)}") from None
+            problem = storage.explain(e) if self.remote else None
+            raise JobError(f"{self._where}: cannot read the input: {problem or _first_line(e)}") from None
+
+    def _open(self) -> AbstractContextManager[IO[bytes]]:
+        """The input's bytes, front to back (CSV and JSONL)."""
+        return storage.open_stream(self.path, self.storage_options) if self.remote else open(self.path, "rb")
 
     def _collect(self, frame: pl.LazyFrame) -> pl.DataFrame:
         try:
@@ -199,10 +248,10 @@ def _from_row(frames: Iterator[pl.DataFrame], start: int) -> Iterator[pl.DataFra
         start = 0
 
 
-def _record_blocks(path: str, csv: bool) -> Iterator[tuple[bytes, bytes]]:
+def _record_blocks(opener: Callable[[], AbstractContextManager[IO[bytes]]], csv: bool) -> Iterator[tuple[bytes, bytes]]:
     """(header line, block of whole records) of about BLOCK_BYTES each: CSV or JSONL."""
-    with open(path, "rb") as f:
-        header = f.readline() if csv else b""
+    with opener() as f:
+        header = _first_record_line(f) if csv else b""
         rest = b""
         while block := f.read(BLOCK_BYTES):
             data = rest + block
@@ -212,6 +261,14 @@ def _record_blocks(path: str, csv: bool) -> Iterator[tuple[bytes, bytes]]:
                 yield header, data[:end]
         if rest.strip():
             yield header, rest
+
+
+def _first_record_line(f: IO[bytes]) -> bytes:
+    """The first line, read without `readline`, which pyarrow's streams do not have."""
+    line = bytearray()
+    while (byte := f.read(1)) and byte != b"\n":
+        line += byte
+    return bytes(line + byte)
 
 
 def _last_record_end(data: bytes, csv: bool) -> int:

@@ -227,9 +227,10 @@ class Limits:
     def limit(self) -> int:
         return self.in_flight.total
 
-    def paused_for_s(self, now: float) -> float:
-        """How long every new start is still paused by a server's push-back (0: not paused)."""
-        return max(0.0, self._paused_until - now)
+    @property
+    def paused_until(self) -> float:
+        """When the current pause of every start ends (anyio's clock; in the past when none)."""
+        return self._paused_until
 
     @asynccontextmanager
     async def slot(self, tokens: int) -> AsyncIterator[Ticket]:

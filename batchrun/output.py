@@ -2,7 +2,8 @@
 
 The input is read again alongside the checkpoint, one batch at a time, so the
 output of a 10-million-row job is written in the memory of one batch. The file
-is written under a temporary name and renamed into place when complete.
+is written under a temporary name and renamed into place when complete (for an
+object-storage output: uploaded, then the local file removed).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchrun import __version__, spend
+from batchrun import __version__, spend, storage
 from batchrun.checkpoint import ROW_COLUMNS, Checkpoint
 from batchrun.errors import JobError
 from batchrun.inputs import ROW_INDEX, InputTable
@@ -97,14 +98,15 @@ def check_columns(job: Job, parser: AnswerParser | None, input_columns: list[str
 def check_targets(job: Job) -> None:
     """Never write over user data: refuse, before anything is sent, an output or images folder that is the
     input (or one of its glob's files), or an existing file at the output that batchrun did not write."""
-    shown_input = job.input_path
-    for key, target in (("output.path", job.output_path), ("output.images_dir", job.images_dir)):
+    shown_input = job.input_path if job.frame is None else "(a frame given in Python)"
+    targets = (("output.path", job.output_url or job.output_path), ("output.images_dir", job.images_dir))
+    for key, target in targets if job.frame is None else ():
         if _is_input(target, job.input_path):
             raise JobError(
                 f"{job.path}: {key} {target} is the input {shown_input}; batchrun would write over it. "
                 f"Set {key} to another path"
             )
-    out = job.output_path
+    out = job.output_path  # for an object-storage output, its local stand-in (storage.check_output checks the key)
     if out.is_dir():
         raise JobError(f"{job.path}: output.path {out} is a folder; name a .parquet file (input: {shown_input})")
     if out.exists() and not _written_by_batchrun(out):
@@ -120,7 +122,9 @@ def check_targets(job: Job) -> None:
         )
 
 
-def _is_input(target: Path, input_path: str) -> bool:
+def _is_input(target: Path | str, input_path: str) -> bool:
+    if isinstance(target, str) or storage.is_url(input_path):  # object storage: the same URL
+        return str(target) == input_path
     pattern = os.path.normpath(os.path.abspath(input_path))
     if any(ch in pattern for ch in "*?["):
         return fnmatch.fnmatchcase(str(target), pattern)
@@ -184,7 +188,11 @@ def write_parquet(
             writer.close()
     if writer is None:  # an empty input still gets a (column-less) file
         pq.write_table(pa.table({}).replace_schema_metadata(_own_metadata(job)), tmp)
-    os.replace(tmp, path)
+    if job.output_url is None:
+        os.replace(tmp, path)
+    else:  # written whole here first: nothing is at the key until the output is complete
+        storage.upload(tmp, job.output_url, job.spec.output.storage_options)
+        tmp.unlink()
     return totals
 
 

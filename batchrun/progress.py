@@ -6,7 +6,7 @@ import sys
 import time
 
 import orjson
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget in notebooks, text in a terminal
 
 from batchrun.checkpoint import RowRecord
 from batchrun.spec import PricingSpec

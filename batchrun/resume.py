@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from batchrun import output, spend
+from batchrun import output, spend, storage
 from batchrun.checkpoint import DB_NAME, Checkpoint, checkpoint_folder
 from batchrun.errors import JobError
 from batchrun.fingerprint import compare
@@ -82,21 +82,15 @@ def _accepted(changes: list[str], changed: int, finished: int) -> str:
 # --- where the checkpoint is ---------------------------------------------------------
 
 
-def _state_dir() -> Path:
-    """The user's batchrun state folder: never beside the job files (BATCHRUN_STATE_DIR overrides it)."""
-    if override := os.environ.get("BATCHRUN_STATE_DIR"):
-        return Path(override)
-    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(base) / "batchrun"
-
-
 def _last_place_file(job: Job) -> Path:
     """Where this job file's last checkpoint folder is noted, keyed by the job file's own path."""
-    return _state_dir() / "jobs" / hashlib.sha256(str(job.path).encode()).hexdigest()[:24]
+    return storage.state_root() / "jobs" / hashlib.sha256(str(job.path).encode()).hexdigest()[:24]
 
 
 def earlier_folder(job: Job) -> Path | None:
     """A checkpoint this job file used over the same input before `output.path` changed, if it is still there."""
+    if not job.path.is_file():
+        return None  # a job given as a dict in Python has no job file to remember
     try:
         noted, _, input_path = _last_place_file(job).read_text(encoding="utf-8").partition("\n")
     except OSError:
@@ -109,6 +103,8 @@ def earlier_folder(job: Job) -> Path | None:
 
 def _note_place(job: Job, folder: Path) -> None:
     """Only ever read to say where an earlier checkpoint is; never used to move one."""
+    if not job.path.is_file():
+        return
     try:
         place = _last_place_file(job)
         place.parent.mkdir(parents=True, exist_ok=True)
@@ -191,19 +187,42 @@ def _ok_and_failed(job: Job, checkpoint: Checkpoint, rows: int) -> tuple[int, in
 # --- batchrun status -------------------------------------------------------------------
 
 
+@dataclass
+class JobStatus:
+    """Where a job stands (`batchrun status`, `batchrun.status`): rows, tokens, cost and the checkpoint's place."""
+
+    job: str
+    rows: int
+    done: int
+    ok: int
+    failed: int
+    pending: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float | None  # None without pricing
+    checkpoint: Path  # where it is, or will be once the job starts
+    lines: list[str]  # what `batchrun status` prints
+
+
 def status_lines(job: Job) -> list[str]:
+    return job_status(job).lines
+
+
+def job_status(job: Job) -> JobStatus:
     table = InputTable.for_job(job)
     rows = table.count()
     folder = checkpoint_folder(job.output_path)
     name = job.spec.name
     if not (folder / DB_NAME).exists():
-        lines = [f"job {name}: not started; {rows} rows pending", f"output: {job.output_path}"]
+        lines = [f"job {name}: not started; {rows} rows pending", _output_line(job)]
+        lines.append(f"checkpoint: {folder} (made by the first run)")
         if (earlier := earlier_folder(job)) is not None:
             lines.append(
                 f"output.path changed: this job's checkpoint is at {earlier}; "
                 f"`batchrun run {job.path} --adopt-checkpoint {earlier}` moves it here"
             )
-        return lines
+        cost = 0.0 if job.spec.pricing is not None else None
+        return JobStatus(name, rows, 0, 0, 0, rows, 0, 0, cost, folder, lines)
     checkpoint = Checkpoint(folder)
     try:
         return _status(job, table, rows, checkpoint)
@@ -211,7 +230,7 @@ def status_lines(job: Job) -> list[str]:
         checkpoint.close()
 
 
-def _status(job: Job, table: InputTable, rows: int, checkpoint: Checkpoint) -> list[str]:
+def _status(job: Job, table: InputTable, rows: int, checkpoint: Checkpoint) -> JobStatus:
     totals = checkpoint.totals()
     done = checkpoint.count_finished(0, rows)
     ok, failed = _ok_and_failed(job, checkpoint, rows)
@@ -224,6 +243,7 @@ def _status(job: Job, table: InputTable, rows: int, checkpoint: Checkpoint) -> l
     if invalid:
         lines.append(f"{invalid} of the failed rows are answers that did not parse or match output.schema")
     lines.append(f"tokens: {totals['prompt_tokens']} in / {totals['completion_tokens']} out")
+    spent = None
     if (pricing := job.spec.pricing) is not None:
         spent = spend.cost(pricing, totals["prompt_tokens"], totals["completion_tokens"], totals["images"])
         limit = job.spec.run.max_cost
@@ -241,9 +261,27 @@ def _status(job: Job, table: InputTable, rows: int, checkpoint: Checkpoint) -> l
             "(sent, answer not recorded: the only ones that may be paid twice)"
         )
     lines.append(_match_line(job, table, checkpoint))
-    lines.append(f"output: {job.output_path}")
+    lines.append(_output_line(job))
     lines.append(f"checkpoint: {checkpoint.folder}")
-    return lines
+    return JobStatus(
+        job.spec.name,
+        rows,
+        done,
+        ok,
+        failed,
+        rows - done,
+        totals["prompt_tokens"],
+        totals["completion_tokens"],
+        spent,
+        checkpoint.folder,
+        lines,
+    )
+
+
+def _output_line(job: Job) -> str:
+    if job.output_url is not None:
+        return f"output: {job.output_url} (uploaded when a run completes)"
+    return f"output: {job.output_path}"
 
 
 def _match_line(job: Job, table: InputTable, checkpoint: Checkpoint) -> str:

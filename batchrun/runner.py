@@ -11,8 +11,8 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -23,8 +23,8 @@ import jinja2
 import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from batchrun import fingerprint, images, output, protocols, spend
-from batchrun.checkpoint import Checkpoint, RowRecord
+from batchrun import fingerprint, images, output, protocols, spend, storage
+from batchrun.checkpoint import DB_NAME, Checkpoint, RowRecord, checkpoint_folder
 from batchrun.errors import BudgetReached, RunAborted, RunInterrupted
 from batchrun.inputs import ROW_INDEX, InputTable
 from batchrun.limits import Limits, estimate_tokens, output_cap, prompt_tokens_estimate
@@ -35,6 +35,7 @@ from batchrun.resume import ResumeFlags, open_for_run
 from batchrun.sharing import SharedAnswers, request_key
 from batchrun.spec import Job
 from batchrun.structured import AnswerParser, ask_with_repairs, explain_native_rejection
+from batchrun.timeline import OK, AttemptLog, LimiterTimeline, note_run
 from batchrun.transport import CANNOT_CONNECT, Outcome, Transport, call_with_retries
 
 ABORT_AFTER = 3  # PROTOCOL.md §5.2 rules B and C
@@ -54,6 +55,24 @@ class RunOptions:
     max_cost: float | None = None  # overrides run.max_cost
     adopt_checkpoint: Path | None = None  # --adopt-checkpoint: an earlier checkpoint of this job, moved here
     durable_checkpoint: bool = True  # False only in `batchrun bench`, to measure the checkpoint's cost
+    presses: CtrlC | None = None  # Ctrl-C handed over by another thread; None: this thread's SIGINT
+
+
+class CtrlC:
+    """Ctrl-C presses handed to a run from another thread (a run in a worker thread gets no signal,
+    and a run inside someone else's event loop must not take its SIGINT handler)."""
+
+    def __init__(self) -> None:
+        self.pressed = 0
+        self._seen = 0
+
+    def press(self) -> None:
+        self.pressed += 1
+
+    async def wait(self) -> None:
+        while self._seen >= self.pressed:
+            await anyio.sleep(0.05)
+        self._seen += 1
 
 
 @dataclass
@@ -124,14 +143,20 @@ class Run:
         self.sharing = SharedAnswers()
         max_cost = options.max_cost if options.max_cost is not None else spec.run.max_cost
         self.budget = spend.Budget(max_cost, spec.pricing, spent=0.0)
+        self.timeline: LimiterTimeline | None = None  # a local run's; the Ray engine's limiter is the coordinator's
 
     async def execute(self) -> dict[str, Any]:
         started = time.monotonic()
         self.table.check_ids()
+        if self.job.output_url is not None:
+            fresh = not (checkpoint_folder(self.job.output_path) / DB_NAME).exists()
+            storage.check_output(self.job.output_url, self.job.spec.output.storage_options, fresh)
         options = self.options
         flags = ResumeFlags(options.restart, options.rerun_changed, options.retry_failed, options.adopt_checkpoint)
         checkpoint, notes = open_for_run(self.job, self.table, self.renderer, flags, options.durable_checkpoint)
+        self.timeline = LimiterTimeline(checkpoint)
         try:
+            note_run(checkpoint, "running", time.time())
             for note in notes:
                 print(f"batchrun: {note}", file=sys.stderr)
             interrupted = checkpoint.count_interrupted()
@@ -164,6 +189,7 @@ class Run:
                     await transport.aclose()
                     await self.images.aclose()
                     progress.close()
+            note_run(checkpoint, self._exit_state(), time.time(), time.monotonic() - started)
             if self.interrupts:
                 when = f"after {GRACE_S:g} s" if self.interrupts == 1 else "at the second Ctrl-C"
                 cancelled = len(checkpoint.awaiting_answer)
@@ -193,6 +219,8 @@ class Run:
                 receive.close()
             if self.watch.tripped is None:
                 self._release_held(checkpoint, progress)
+            if self.timeline is not None:
+                self.timeline.close()
             await checkpoint.flush()
             tg.cancel_scope.cancel()
 
@@ -207,18 +235,27 @@ class Run:
 
         Either way the run then commits what finished (the checkpoint is consistent at every commit).
         """
-        with anyio.open_signal_receiver(signal.SIGINT) as signals:
-            await anext(signals)
+        async with self._ctrl_c() as pressed:
+            await pressed()
             self.interrupts = 1
             self._producing.cancel()
             checkpoint.refuse_new_rows()
             work.deadline = anyio.current_time() + GRACE_S
             while checkpoint.awaiting_answer:
                 with anyio.move_on_after(0.05):
-                    await anext(signals)
+                    await pressed()
                     self.interrupts = 2
                     break
             work.cancel()
+
+    @asynccontextmanager
+    async def _ctrl_c(self) -> AsyncIterator[Callable[[], Awaitable[object]]]:
+        """A function that returns at the next Ctrl-C."""
+        if self.options.presses is not None:
+            yield self.options.presses.wait
+            return
+        with anyio.open_signal_receiver(signal.SIGINT) as signals:
+            yield partial(anext, signals)
 
     async def _produce(
         self, send: MemoryObjectSendStream[WorkItem], checkpoint: Checkpoint, progress: Progress
@@ -336,6 +373,17 @@ class Run:
             failed = Outcome(None, CallError("input", str(e), retryable=False), 0, 0.0)
             return _record(item, failed), failed
 
+        log = AttemptLog()
+
+        async def begin() -> None:
+            log.start()
+            await checkpoint.begin(item.idx)
+
+        def on_error(error: CallError) -> None:
+            self._on_error(error)
+            log.note(error.error_class, error.status)
+            self._observe_limits()
+
         async def send(body: dict[str, Any], extra_tokens: int, first: bool) -> Outcome | None:
             prompt_estimate = item.prompt_estimate + extra_tokens
             held = self.budget.reserve(prompt_estimate, cap)
@@ -349,13 +397,15 @@ class Run:
                 self.decoder,
                 item.estimate + extra_tokens,
                 spec.run.max_attempts,
-                self._on_error,
-                before_first_send=partial(checkpoint.begin, item.idx) if first else _nothing,
+                on_error,
+                before_first_send=begin if first else _nothing,
             )
             reply = outcome.reply
             if reply is None:
                 self.budget.settle(held, prompt_estimate, None, None)
             else:
+                log.note(OK)
+                self._observe_limits()
                 self.budget.settle(
                     held, prompt_estimate, reply.prompt_tokens, reply.completion_tokens, len(reply.images)
                 )
@@ -376,6 +426,7 @@ class Run:
             outcome, repairs = await ask_with_repairs(outcome, self.parser, spec.output.repair_attempts, follow_up)
         record = _record(item, outcome)
         record.repairs = repairs
+        record.started_at, record.attempt_log = log.started_at, log.text()
         if outcome.reply is not None and outcome.reply.images:
             saved = await anyio.to_thread.run_sync(
                 images.save_images, outcome.reply.images, self.job.images_dir, item.row_id
@@ -422,13 +473,27 @@ class Run:
                 "(run.outage_timeout_s), then the run stops with rows pending",
                 "cannot connect",
             )
-        if (paused := self.limits.paused_for_s(now)) > PAUSE_SAID_S:
+        if (paused := self.limits.paused_until - now) > PAUSE_SAID_S:
             return (
                 "paused",
                 f"the server pushed back: every new request waits {paused:.0f} s",
                 f"paused {paused:.0f} s",
             )
         return None, None, None
+
+    def _observe_limits(self) -> None:
+        if self.timeline is not None:
+            self.timeline.observe(self.limits)
+
+    def _exit_state(self) -> str:
+        """How the run ended, in the words `batchrun report` shows."""
+        if self.interrupts:
+            return "interrupted"
+        if self.watch.tripped is not None:
+            return "stopped by the server"
+        if self.budget.stopped:
+            return "stopped at the budget"
+        return "finished"
 
     def _status(self, record: RowRecord) -> str:
         """The row's status as the output will have it: an answer that fails its check is an error."""
@@ -459,7 +524,7 @@ class Run:
         pricing = self.job.spec.pricing
         summary: dict[str, Any] = {
             "job": self.job.spec.name,
-            "output": str(self.job.output_path),
+            "output": self.job.output_url or str(self.job.output_path),
             "rows": total,
             "ok": written["ok"],
             "error": written["error"],

@@ -58,6 +58,8 @@ class SharedAnswers:
             repairs=0,
             shared_from=source.row_id,
             finished_at=time.time(),
+            started_at=None,  # nothing was sent
+            attempt_log=None,
         )
 
     @contextmanager

@@ -12,9 +12,11 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
+import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from batchrun import storage
 from batchrun.errors import JobError
 from batchrun.redaction import register_secret
 from batchrun.structured import output_problems
@@ -28,8 +30,9 @@ class _Section(BaseModel):
 
 
 class InputSpec(_Section):
-    path: str
+    path: str | None = None  # None only for a job given a frame in Python (batchrun.run(job, input=frame))
     id_column: str | None = None
+    storage_options: dict[str, str] | None = None  # for an object-storage path: docs/object-storage.md
 
 
 def check_base_url(url: str) -> str:
@@ -76,6 +79,7 @@ class OutputSpec(_Section):
     repair_attempts: int = Field(default=0, ge=0)
     native_schema: bool = True
     sharded: bool = False
+    storage_options: dict[str, str] | None = None  # for an object-storage path: docs/object-storage.md
 
 
 class RunSpec(_Section):
@@ -109,12 +113,17 @@ class JobSpec(_Section):
 
 
 class Job:
-    """A validated job file with its paths resolved against the job's folder."""
+    """A validated job with its paths resolved against the job's folder.
 
-    def __init__(self, spec: JobSpec, path: Path) -> None:
+    `path` is the job file, or for a job given as a dict in Python a name in the current
+    folder that only messages show; `frame` is the input given in Python, if any.
+    """
+
+    def __init__(self, spec: JobSpec, path: Path, frame: pl.DataFrame | None = None) -> None:
         self.spec = spec
         self.path = path
         self.folder = path.parent
+        self.frame = frame
         self.warnings: list[str] = []  # one line each, printed by the commands
 
     def resolve(self, relative: str) -> Path:
@@ -122,12 +131,21 @@ class Job:
 
     @property
     def input_path(self) -> str:
-        # Kept as a string: it may be a glob of Parquet files.
-        return str(self.folder / os.path.expanduser(self.spec.input.path))
+        # Kept as a string: it may be a glob of Parquet files, or an object-storage URL.
+        path = self.spec.input.path or ""
+        return path if storage.is_url(path) else str(self.folder / os.path.expanduser(path))
+
+    @property
+    def output_url(self) -> str | None:
+        """output.path when it is an object-storage URL: the output is uploaded there once complete."""
+        return self.spec.output.path if storage.is_url(self.spec.output.path) else None
 
     @property
     def output_path(self) -> Path:
-        return self.resolve(self.spec.output.path)
+        """Where the output is written on this machine: the output itself, or for a URL its local
+        stand-in in batchrun's state folder, beside which the checkpoint and summary live."""
+        url = self.output_url
+        return storage.local_stand_in(url) if url else self.resolve(self.spec.output.path)
 
     @property
     def images_dir(self) -> Path:
@@ -137,6 +155,9 @@ class Job:
 
     @property
     def input_folder(self) -> Path:
+        """Where relative image paths in the input start: the input's folder, else the job's."""
+        if self.frame is not None or storage.is_url(self.input_path):
+            return self.folder.resolve()
         return Path(self.input_path).parent.resolve()
 
     @property
@@ -167,6 +188,16 @@ def _unsupported(spec: JobSpec) -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
     if spec.output.sharded:
         found.append(("output.sharded", "sharded output is not supported yet"))
+    return found
+
+
+def _storage_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    for key, path in (("input.path", spec.input.path), ("output.path", spec.output.path)):
+        if path is not None and (problem := storage.url_problem(path, output=key == "output.path")):
+            found.append((key, problem))
+    if spec.output.images_dir is not None and storage.is_url(spec.output.images_dir):
+        found.append(("output.images_dir", "object storage for images is not supported yet; use a local folder"))
     return found
 
 
@@ -214,6 +245,7 @@ def _warnings(spec: JobSpec) -> list[tuple[str, str]]:
 
 
 def load_job(path: str | os.PathLike[str]) -> Job:
+    """The job file at `path`, validated."""
     job_path = Path(path).resolve()
     try:
         text = job_path.read_text(encoding="utf-8")
@@ -228,40 +260,73 @@ def load_job(path: str | os.PathLike[str]) -> Job:
         raise JobError(f"{path}:{_yaml_line(e)}: YAML syntax error: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise JobError(f"{path}: the job file must be a mapping of keys (name, input, model, prompt, output, ...)")
-    lines = _line_index(root)
+    return _validated(data, job_path, path, _line_index(root))
+
+
+def job_from_dict(data: dict[str, Any], folder: Path, frame: pl.DataFrame | None = None) -> Job:
+    """A job given in Python as a dict of the job file's keys; relative paths start at `folder`.
+
+    `frame` is the input when it is given in Python rather than by input.path.
+    """
+    shown = "job dict"
+    if frame is not None:
+        data = {**data, "input": {k: v for k, v in (data.get("input") or {}).items() if k != "path"}}
+    return _validated(data, folder.resolve() / f"<{shown}>", shown, {}, frame)
+
+
+def _validated(
+    data: dict[str, Any],
+    job_path: Path,
+    path: str | os.PathLike[str],
+    lines: dict[str, int],
+    frame: pl.DataFrame | None = None,
+) -> Job:
+    """The job of these keys, or the first problem as a JobError naming `path` and the line."""
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as e:
         raise JobError(_describe(path, e, lines)) from None
+    for options in (spec.input.storage_options, spec.output.storage_options):
+        for name, value in (options or {}).items():
+            if any(word in name.lower() for word in ("secret", "token", "password", "account_key", "sas")):
+                register_secret(value)  # masked from every message, like the API key
+    if spec.input.path is None and frame is None:
+        raise JobError(f"{_at(path, lines, 'input')}: missing key 'input.path'")
     for key, problem in [
         *_unsupported(spec),
+        *_storage_problems(spec),
         *output_problems(spec),
         *_spend_problems(spec),
         *_protocol_problems(spec),
     ]:
-        raise JobError(f"{path}:{lines.get(key, 1)}: {key}: {problem}")
+        raise JobError(f"{_at(path, lines, key)}: {key}: {problem}")
     owned = OWNED_PARAMS.get(spec.provider.api, set()) & set(spec.params)
     if owned:
         key = "params." + sorted(owned)[0]
-        raise JobError(f"{path}:{lines.get(key, 1)}: {key}: batchrun sets this itself; remove it from params")
-    job = Job(spec, job_path)
-    job.warnings = [f"{path}:{lines.get(key, 1)}: {key}: {problem}" for key, problem in _warnings(spec)]
+        raise JobError(f"{_at(path, lines, key)}: {key}: batchrun sets this itself; remove it from params")
+    job = Job(spec, job_path, frame)
+    job.warnings = [f"{_at(path, lines, key)}: {key}: {problem}" for key, problem in _warnings(spec)]
     return job
+
+
+def _at(path: str | os.PathLike[str], lines: dict[str, int], key: str) -> str:
+    """`file:line` for a job file; a job given as a dict has no lines."""
+    return f"{path}:{lines.get(key, 1)}" if lines else str(path)
 
 
 def _describe(path: str | os.PathLike[str], error: ValidationError, lines: dict[str, int]) -> str:
     err = error.errors()[0]
     loc = [str(p) for p in err["loc"]]
     key = ".".join(loc)
-    line = _nearest_line(loc, lines)
+    where = f"{path}:{_nearest_line(loc, lines)}" if lines else str(path)
     if err["type"] == "extra_forbidden":
-        return f"{path}:{line}: unknown key '{key}'; check its spelling ({_known_keys(loc[:-1])})"
+        return f"{where}: unknown key '{key}'; check its spelling ({_known_keys(loc[:-1])})"
     if err["type"] == "missing":
-        return f"{path}:{line}: missing key '{key}'"
+        return f"{where}: missing key '{key}'"
     got = err.get("input")
     shown = f" (got {got!r})" if got is not None and not isinstance(got, (dict, list)) else ""
     message = err["msg"].removeprefix("Value error, ")  # our own validators' messages say it all
-    return f"{path}:{line}: {key}: {message}{shown if message == err['msg'] else ''}"
+    return f"{where}: {key}: {message}{shown if message == err['msg'] else ''}"
 
 
 def _known_keys(section: list[str]) -> str:
