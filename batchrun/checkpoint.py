@@ -24,7 +24,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,12 @@ CREATE TABLE IF NOT EXISTS rows (
 );
 CREATE TABLE IF NOT EXISTS inflight (idx INTEGER PRIMARY KEY, started_at REAL NOT NULL);
 """
+# Answer bodies as received, kept only for jobs with output.openai_batch; created on open, so
+# a checkpoint from before it existed gains it without a new format.
+_ANSWERS = (
+    "CREATE TABLE IF NOT EXISTS answers (idx INTEGER PRIMARY KEY, status_code INTEGER NOT NULL,"
+    " request_id TEXT, body BLOB NOT NULL)"
+)
 # What `batchrun report` draws, added to checkpoints of format 3 when they are opened, so an
 # older one still resumes (its rows simply lack them). Columns of `rows` after its last one,
 # in RowRecord's order; `limiter` holds one line per second of wall time that saw an attempt.
@@ -99,9 +105,11 @@ class RowRecord:
     image_paths: str | None = None  # JSON list of the files the row's images were written to
     started_at: float | None = None  # wall time of the first attempt; None when nothing was sent
     attempt_log: str | None = None  # see timeline.AttemptLog: each attempt's time and outcome
+    # (status_code, request_id, body as JSON bytes): kept in the `answers` table, not in `rows`
+    answer: tuple[int, str | None, bytes] | None = field(default=None, repr=False)
 
 
-ROW_COLUMNS = list(RowRecord.__dataclass_fields__)
+ROW_COLUMNS = [name for name in RowRecord.__dataclass_fields__ if name != "answer"]
 # A second written twice (a run resumed within it) keeps the extremes and the later state.
 _MERGE_LIMITER = """
 INSERT INTO limiter VALUES (?, ?, ?, ?, ?) ON CONFLICT(second) DO UPDATE SET
@@ -123,6 +131,7 @@ class Checkpoint:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process; WAL keeps it consistent
             self._open_or_create()
+            self._db.execute(_ANSWERS)
         except sqlite3.DatabaseError as e:
             self._db.close()
             raise JobError(
@@ -226,6 +235,13 @@ class Checkpoint:
         cols = ", ".join(ROW_COLUMNS)
         return self._query(f"SELECT {cols} FROM rows WHERE idx >= ? AND idx < ? ORDER BY idx", (lo, hi))
 
+    def answers_in_range(self, lo: int, hi: int) -> dict[int, tuple[int, str | None, bytes]]:
+        """The kept answer bodies of rows in [lo, hi) (output.openai_batch)."""
+        rows = self._query(
+            "SELECT idx, status_code, request_id, body FROM answers WHERE idx >= ? AND idx < ?", (lo, hi)
+        )
+        return {idx: (status, request_id, body) for idx, status, request_id, body in rows}
+
     def totals(self) -> dict[str, Any]:
         ok, errors, prompt, completion, last, images = self._query(
             "SELECT COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'error'), 0),"
@@ -315,6 +331,7 @@ class Checkpoint:
         with self._lock:
             self._db.execute("BEGIN")
             self._db.executemany("DELETE FROM rows WHERE idx = ?", [(i,) for i in indexes])
+            self._db.executemany("DELETE FROM answers WHERE idx = ?", [(i,) for i in indexes])
             self._db.execute("COMMIT")
 
     async def flush_loop(self) -> None:
@@ -353,9 +370,12 @@ class Checkpoint:
             self._db.executemany("INSERT OR REPLACE INTO inflight VALUES (?, ?)", intents)
             self._db.executemany(
                 f"INSERT OR REPLACE INTO rows VALUES ({', '.join('?' * len(ROW_COLUMNS))})",
-                [astuple(r) for r in finished],
+                [tuple(getattr(r, name) for name in ROW_COLUMNS) for r in finished],
             )
             gone = [(r.idx,) for r in finished] + [(i,) for i in withdrawn]
+            kept = [(r.idx, *r.answer) for r in finished if r.answer]
+            if kept:  # only jobs with output.openai_batch keep answers; the others pay nothing here
+                self._db.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?)", kept)
             self._db.executemany("DELETE FROM inflight WHERE idx = ?", gone)
             self._db.executemany(_MERGE_LIMITER, limiter or [])
             self._db.execute("COMMIT")

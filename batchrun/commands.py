@@ -13,11 +13,11 @@ from typing import Any
 
 from batchrun import output, protocols, spend
 from batchrun.errors import JobError
-from batchrun.images import loader_for, preview_body
+from batchrun.images import ImageLoader, loader_for, preview_body
 from batchrun.inputs import ROW_INDEX, InputTable
-from batchrun.render import Renderer
+from batchrun.render import Renderer, RowInputError
 from batchrun.runner import RunOptions, run_job
-from batchrun.spec import Job
+from batchrun.spec import Job, JobSpec
 from batchrun.structured import AnswerParser
 
 
@@ -52,6 +52,19 @@ def _ray_engine() -> ModuleType:
     return engine_ray
 
 
+def _preview(protocol: ModuleType, loader: ImageLoader, renderer: Renderer, row: dict[str, Any], spec: JobSpec) -> str:
+    """One row's request as it would be sent; an OpenAI Batch line's with the path its url names."""
+    try:
+        request = renderer.render(row)
+    except RowInputError as e:
+        return f"(not sent: the row would be an input error: {e})"
+    if request.api is None:
+        return preview_body(protocol, loader, request, spec)
+    line_protocol = protocols.PROTOCOLS[request.api]
+    path = line_protocol.path(spec.model or "", spec.stream)
+    return f"POST {spec.provider.base_url}{path}\n" + preview_body(line_protocol, loader, request, spec)
+
+
 @dataclass
 class Plan:
     """What `validate` found: the job's input, its endpoint, the first rendered requests, the cost estimate."""
@@ -82,15 +95,24 @@ def plan(job: Job, show: int = 2) -> Plan:
     for batch in table.batches(limit=show):
         for row in batch.iter_rows(named=True):
             row_id = row[table.id_name] if table.id_column else row[ROW_INDEX]
-            requests[str(row_id)] = preview_body(protocol, loader, renderer.render(row), spec)
+            requests[str(row_id)] = _preview(protocol, loader, renderer, row, spec)
     estimate = spend.estimate_job(job, table, renderer)
+    if job.batch_input:
+        how = "recognised from its lines" if job.format_recognised else "input.format: openai-batch"
+        laid = " with model and params laid over it" if spec.params or spec.model else ""
+        endpoint = (
+            f"input: an OpenAI Batch file ({how}): custom_id is the row id, each line's url picks "
+            f"its path, its body is sent as written{laid}"
+        )
+    else:
+        endpoint = f"{spec.provider.api} {spec.model} -> POST {spec.provider.base_url}"
+        endpoint += protocol.path(spec.model, spec.stream)
     return Plan(
         job=spec.name,
         rows=table.count(),
         input=spec.input.path or "the frame given in Python",
         columns=table.columns,
-        endpoint=f"{spec.provider.api} {spec.model} -> POST {spec.provider.base_url}"
-        f"{protocol.path(spec.model, spec.stream)}",
+        endpoint=endpoint,
         requests=requests,
         estimate=estimate,
         estimate_lines=spend.describe_estimate(estimate, job),

@@ -28,7 +28,7 @@ import orjson
 
 from batchrun.checkpoint import Checkpoint
 from batchrun.inputs import ROW_INDEX, InputTable
-from batchrun.render import Renderer
+from batchrun.render import Renderer, RowInputError
 from batchrun.sharing import request_key
 from batchrun.spec import Job, JobSpec
 from batchrun.structured import uses_native_schema
@@ -54,7 +54,10 @@ def request_settings(spec: JobSpec) -> dict[str, Any]:
 
 
 def templates(spec: JobSpec) -> dict[str, Any]:
-    return {"prompt.system": spec.prompt.system, "prompt.user": spec.prompt.user, "prompt.images": spec.prompt.images}
+    found = {"prompt.system": spec.prompt.system, "prompt.user": spec.prompt.user, "prompt.images": spec.prompt.images}
+    if spec.prompt.messages is not None:  # absent when unset: fingerprints from before it existed still match
+        found["prompt.messages"] = spec.prompt.messages
+    return found
 
 
 def settings_digest(spec: JobSpec) -> bytes:
@@ -74,7 +77,7 @@ def render_hash(renderer: Renderer, settings: bytes, row: dict[str, Any]) -> int
     """The row's request hash; None when its templates fail on it (it is stored as an input error)."""
     try:
         return row_hash(settings, request_key(renderer.render(row)))
-    except jinja2.TemplateError:
+    except (jinja2.TemplateError, RowInputError):
         return None
 
 

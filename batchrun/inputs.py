@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import polars as pl
 
-from batchrun import storage
+from batchrun import openai_batch, storage
 from batchrun.errors import JobError
 from batchrun.spec import Job
 
@@ -46,9 +46,12 @@ class InputTable:
         shown_path: str | None = None,
         frame: pl.DataFrame | None = None,
         storage_options: dict[str, str] | None = None,
+        batch: bool = False,
     ) -> None:
         self.path = path
-        self.id_column = id_column
+        self.batch = batch  # an OpenAI Batch request file: rows are its lines, custom_id the id
+        self.id_column = "custom_id" if batch else id_column
+        id_column = self.id_column
         self.given = frame  # the input given in Python: it is read in slices like Parquet
         self.storage_options = storage_options
         self._where = f"{job_file}: input.path {shown_path or path}" if frame is None else f"{job_file}: input"
@@ -75,7 +78,9 @@ class InputTable:
     @classmethod
     def for_job(cls, job: Job) -> InputTable:
         spec = job.spec.input
-        return cls(job.input_path, spec.id_column, job.path, spec.path, job.frame, spec.storage_options)
+        return cls(
+            job.input_path, spec.id_column, job.path, spec.path, job.frame, spec.storage_options, job.batch_input
+        )
 
     @property
     def remote(self) -> bool:
@@ -107,6 +112,8 @@ class InputTable:
                 raise JobError(f"{self._where}: no file matches this pattern")
         elif not Path(path).is_file():
             raise JobError(f"{self._where}: file not found")
+        if self.batch:
+            return pl.LazyFrame(schema=openai_batch.SCHEMA)  # the columns only: lines are read by openai_batch
         # Ids are compared as written: a CSV's `007` and `7`, or `2.0` and `2`, are different ids.
         as_text = {self.id_column: pl.String()} if self.id_column else None
         if suffix == ".csv":
@@ -118,6 +125,8 @@ class InputTable:
         raise JobError(f"{self._where}: unsupported extension '{suffix}'; use .csv, .parquet or .jsonl")
 
     def count(self) -> int:
+        if self._rows is None and self.batch:
+            self._rows = openai_batch.count(self._lines())
         if self._rows is None:
             if self.remote and not self.splittable:  # polars would fetch a CSV or JSONL object whole to count it
                 self._rows = sum(frame.height for frame in self._frames(self.columns[:1]))
@@ -203,7 +212,10 @@ class InputTable:
     def _frames(self, columns: list[str] | None = None, start: int = 0) -> Iterator[pl.DataFrame]:
         """The input in bounded pieces from row `start`, in order, typed as the scan's schema."""
         try:
-            if self.splittable:  # polars reads a Parquet slice without decoding its whole row group
+            if self.batch:
+                lines = openai_batch.frames(self._lines(), self._where, start)
+                yield from (f if columns is None else f.select(columns) for f in lines)
+            elif self.splittable:  # polars reads a Parquet slice without decoding its whole row group
                 scan = self._frame if columns is None else self._frame.select(columns)
                 step = REMOTE_PARQUET_READ_ROWS if self.remote else PARQUET_READ_ROWS
                 for offset in range(start, self.count(), step):
@@ -222,6 +234,10 @@ class InputTable:
         except (pl.exceptions.PolarsError, OSError, ValueError) as e:
             problem = storage.explain(e) if self.remote else None
             raise JobError(f"{self._where}: cannot read the input: {problem or _first_line(e)}") from None
+
+    def _lines(self) -> Iterator[bytes]:
+        """Blocks of whole JSONL lines (an OpenAI Batch file)."""
+        return (block for _, block in _record_blocks(self._open, csv=False))
 
     def _open(self) -> AbstractContextManager[IO[bytes]]:
         """The input's bytes, front to back (CSV and JSONL)."""

@@ -12,6 +12,7 @@ import fnmatch
 import json
 import os
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchrun import __version__, spend, storage
+from batchrun import __version__, openai_batch, spend, storage
 from batchrun.checkpoint import ROW_COLUMNS, Checkpoint
 from batchrun.errors import JobError
 from batchrun.inputs import ROW_INDEX, InputTable
@@ -198,6 +199,34 @@ def write_parquet(
 
 def _own_metadata(job: Job) -> dict[bytes, bytes]:
     return {OWN_OUTPUT_KEY: orjson.dumps({"version": __version__, "job": job.spec.name})}
+
+
+def check_openai_batch_target(job: Job, checkpoint: Checkpoint) -> None:
+    """output.openai_batch may only replace the file this job wrote there before."""
+    assert job.openai_batch_path is not None
+    others = {"output.path": job.output_path}
+    if job.frame is None and not storage.is_url(job.input_path):
+        others["input"] = Path(job.input_path)
+    openai_batch.check_target(job.openai_batch_path, checkpoint.get_meta(openai_batch.WRITTEN_META), others)
+
+
+def write_openai_batch(table: InputTable, checkpoint: Checkpoint, job: Job, limit: int | None) -> None:
+    """The Batch API's output file, one line per finished row, in input order, from the checkpoint."""
+    assert job.openai_batch_path is not None
+    check_openai_batch_target(job, checkpoint)
+
+    rows = table.count() if limit is None else min(limit, table.count())
+
+    def lines() -> Iterator[bytes]:
+        for lo in range(0, rows, ROW_GROUP_ROWS):  # the checkpoint alone, a bounded range at a time
+            hi = min(lo + ROW_GROUP_ROWS, rows)
+            answers = checkpoint.answers_in_range(lo, hi)
+            for record in checkpoint.rows_in_range(lo, hi):
+                row = dict(zip(ROW_COLUMNS, record))
+                answer = answers.get(row["idx"])
+                yield openai_batch.output_line(row["row_id"], row["status"], row["error_class"], row["error"], answer)
+
+    openai_batch.write(job.openai_batch_path, lines(), partial(checkpoint.set_meta, openai_batch.WRITTEN_META))
 
 
 def _add_totals(totals: dict[str, Any], results: pl.DataFrame) -> None:

@@ -1,4 +1,9 @@
-"""Rows to provider-neutral requests: Jinja2 templates over the row's columns."""
+"""Rows to provider-neutral requests.
+
+Three sources: Jinja2 templates over the row's columns (prompt.system, prompt.user,
+prompt.images); a column holding the whole conversation (prompt.messages); or an
+OpenAI Batch line, whose body is the request as written (input.format: openai-batch).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,20 @@ from typing import Any
 
 import jinja2
 import jinja2.meta
+import orjson
 
 from batchrun.errors import JobError
+from batchrun.openai_batch import URL_APIS
 from batchrun.spec import Job
+
+ROLES = ("system", "user", "assistant")
+_TEXT_PARTS = ("text", "input_text")
+_IMAGE_PARTS = ("image_url", "input_image")
+
+
+class RowInputError(ValueError):
+    """This row's input cannot make a request (a malformed conversation): an `input` error row, nothing sent."""
+
 
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
 
@@ -24,6 +40,15 @@ class ImageInput:
 
 
 @dataclass(frozen=True)
+class Turn:
+    """One message of a conversation: its role and its parts in order, each ("text", text) or ("image", ref)."""
+
+    role: str  # system | user | assistant
+    parts: tuple[tuple[str, str], ...]
+    plain: bool  # the content was one string: sent as one string where the protocol allows
+
+
+@dataclass(frozen=True)
 class Request:
     """What one row asks, before any protocol shapes it."""
 
@@ -31,10 +56,19 @@ class Request:
     user: str
     images: tuple[str, ...] = field(default_factory=tuple)  # as rendered: paths, URLs or data URLs
     image_inputs: tuple[ImageInput, ...] = field(default_factory=tuple)  # `images` loaded, right before sending
+    # prompt.messages: the whole conversation after `system` (`user` is then empty); its image
+    # parts are `images`, in order of appearance.
+    messages: tuple[Turn, ...] = ()
+    # An OpenAI Batch line: the body as written and the protocol its url names. The protocol
+    # sends it with the job's model and params laid over it; nothing else of the request is used.
+    body: dict[str, Any] | None = None
+    api: str | None = None
 
     @property
     def text_chars(self) -> int:
-        return len(self.user) + len(self.system or "")
+        chars = len(self.user) + len(self.system or "")
+        chars += sum(len(text) for turn in self.messages for kind, text in turn.parts if kind == "text")
+        return chars + (len(orjson.dumps(self.body)) if self.body is not None else 0)
 
 
 class Renderer:
@@ -42,7 +76,14 @@ class Renderer:
 
     def __init__(self, job: Job, columns: list[str]) -> None:
         prompt = job.spec.prompt
-        sources: dict[str, str] = {"prompt.user": prompt.user}
+        self._batch = job.batch_input
+        self._messages = prompt.messages
+        if prompt.messages is not None and prompt.messages not in columns:
+            raise JobError(
+                f"{job.path}: prompt.messages: column {prompt.messages!r} is not in the input; "
+                f"its columns are: {', '.join(columns)}"
+            )
+        sources: dict[str, str] = {"prompt.user": prompt.user} if prompt.user is not None else {}
         if prompt.system is not None:
             sources["prompt.system"] = prompt.system
         for i, image in enumerate(prompt.images):
@@ -67,15 +108,68 @@ class Renderer:
             # a plain dict is copied in C: render is about 3x faster (profiled on `batchrun bench`).
             template.globals = dict(template.globals)
             compiled[key] = template
-        self._user = compiled["prompt.user"]
+        self._user = compiled.get("prompt.user")
         self._system = compiled.get("prompt.system")
         self._images = [compiled[f"prompt.images.{i}"] for i in range(len(prompt.images))]
 
     def render(self, row: dict[str, Any]) -> Request:
-        """Raises jinja2 errors (e.g. a filter failing on this row's value); the runner records them as row errors."""
+        """Raises jinja2 errors (e.g. a filter failing on this row's value) and RowInputError (a malformed
+        conversation); the runner records them as row errors."""
+        if self._batch:
+            return Request(system=None, user="", body=orjson.loads(row["body"]), api=URL_APIS[row["url"]])
+        system = self._system.render(row) if self._system else None
+        if self._messages is not None:
+            turns = conversation(row[self._messages], self._messages)
+            refs = tuple(ref for turn in turns for kind, ref in turn.parts if kind == "image")
+            return Request(system=system, user="", images=refs, messages=turns)
         images = (t.render(row).strip() for t in self._images)
-        return Request(
-            system=self._system.render(row) if self._system else None,
-            user=self._user.render(row),
-            images=tuple(i for i in images if i),
-        )
+        assert self._user is not None  # spec requires prompt.user or prompt.messages
+        return Request(system=system, user=self._user.render(row), images=tuple(i for i in images if i))
+
+
+def conversation(value: Any, column: str) -> tuple[Turn, ...]:
+    """A column's value as a conversation: a list of {role, content} (a JSON string of one, from CSV, too).
+
+    Content is a string or a list of chat parts (`text`, `image_url`; the Responses names too). Keys
+    that are null are absent: a Parquet list of structs gives every message every field.
+    """
+    where = f"prompt.messages (column {column!r})"
+    if isinstance(value, str):
+        try:
+            value = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            raise RowInputError(f"{where}: not a list of messages but text") from None
+    if not isinstance(value, list):
+        raise RowInputError(f"{where}: not a list of messages (got {type(value).__name__})")
+    if not value:
+        raise RowInputError(f"{where}: the conversation is empty")
+    return tuple(_turn(message, f"{where}: message {n}") for n, message in enumerate(value, 1))
+
+
+def _turn(message: Any, where: str) -> Turn:
+    if not isinstance(message, dict):
+        raise RowInputError(f"{where}: not an object with role and content")
+    role = message.get("role")
+    if role not in ROLES:
+        raise RowInputError(f"{where}: unknown role {role!r} (known: {', '.join(ROLES)})")
+    content = message.get("content")
+    if isinstance(content, str):
+        return Turn(role, (("text", content),), plain=True)
+    if not isinstance(content, list) or not content:
+        raise RowInputError(f"{where}: content must be a string or a non-empty list of parts")
+    return Turn(role, tuple(_part(p, f"{where}, part {i}") for i, p in enumerate(content, 1)), plain=False)
+
+
+def _part(part: Any, where: str) -> tuple[str, str]:
+    part = {k: v for k, v in part.items() if v is not None} if isinstance(part, dict) else part
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind in _TEXT_PARTS and isinstance(part.get("text"), str):
+        return ("text", part["text"])
+    if kind in _IMAGE_PARTS:
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if isinstance(url, str) and url.strip():
+            return ("image", url.strip())
+    raise RowInputError(
+        f"{where}: not a text part ({{type: text, text}}) or an image part ({{type: image_url, image_url: {{url}}}})"
+    )

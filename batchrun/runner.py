@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import anyio
@@ -29,8 +30,8 @@ from batchrun.errors import BudgetReached, RunAborted, RunInterrupted
 from batchrun.inputs import ROW_INDEX, InputTable
 from batchrun.limits import Limits, estimate_tokens, output_cap, prompt_tokens_estimate
 from batchrun.progress import Progress
-from batchrun.protocols import CallError
-from batchrun.render import Renderer, Request
+from batchrun.protocols import CallError, Reply
+from batchrun.render import Renderer, Request, RowInputError
 from batchrun.resume import ResumeFlags, open_for_run
 from batchrun.sharing import SharedAnswers, request_key
 from batchrun.spec import Job
@@ -39,6 +40,7 @@ from batchrun.timeline import OK, AttemptLog, LimiterTimeline, note_run
 from batchrun.transport import CANNOT_CONNECT, Outcome, Transport, call_with_retries
 
 ABORT_AFTER = 3  # PROTOCOL.md §5.2 rules B and C
+KEPT_ANSWER_BYTES = 4 << 20  # output.openai_batch: a larger answer body is not kept (its line says so)
 GRACE_S = 3.0  # after Ctrl-C, how long rows in flight may take to finish before they are cancelled
 PAUSE_SAID_S = 5.0  # a server's pause longer than this is said, not just waited out
 WAITS_EVERY_S = 0.5  # how often the run looks at what it is waiting for
@@ -84,6 +86,7 @@ class WorkItem:
     prompt_estimate: int  # input tokens, for the budget
     key: bytes  # identical requests share one answer
     request_hash: int  # the key with the job's request settings: what a rerun compares (fingerprint.py)
+    cap: int | None  # output tokens at most, from params (and an OpenAI Batch line's body)
 
 
 class AbortWatch:
@@ -127,7 +130,9 @@ class Run:
         output.check_columns(job, self.parser, self.table.columns)
         output.check_targets(job)
         self.protocol = protocols.PROTOCOLS[spec.provider.api]
-        self.decoder = self.protocol.decoder(spec)
+        # output.openai_batch needs every answer's body as received: only then are they kept.
+        keep = job.openai_batch_path is not None
+        self.decoders = {api: replace(p.decoder(spec), keep_answer=keep) for api, p in protocols.PROTOCOLS.items()}
         self.images = images.loader_for(job, self.protocol.INLINE_IMAGE_URLS)
         self.api_key = job.api_key()
         self.base_url = spec.provider.base_url  # the emulator's own address once execute() starts it
@@ -156,6 +161,8 @@ class Run:
         checkpoint, notes = open_for_run(self.job, self.table, self.renderer, flags, options.durable_checkpoint)
         self.timeline = LimiterTimeline(checkpoint)
         try:
+            if self.job.openai_batch_path is not None:  # before anything is paid for, not after
+                output.check_openai_batch_target(self.job, checkpoint)
             note_run(checkpoint, "running", time.time())
             for note in notes:
                 print(f"batchrun: {note}", file=sys.stderr)
@@ -200,6 +207,8 @@ class Run:
                 raise BudgetReached(self.budget.stop_message(self.job, total - checkpoint.count_finished(0, total)))
             totals = checkpoint.totals()
             written = output.write_parquet(self.table, checkpoint, self.job, self.options.limit, self.parser)
+            if self.job.openai_batch_path is not None:
+                output.write_openai_batch(self.table, checkpoint, self.job, self.options.limit)
             summary = self._summary(totals, written, total, interrupted, time.monotonic() - started)
             output.write_summary(self.job.output_path, summary)
             return summary
@@ -283,17 +292,19 @@ class Run:
         row_id = str(row[self.table.id_name])
         try:
             request = self.renderer.render(row)
-        except jinja2.TemplateError as e:
-            checkpoint.finish(_input_error(idx, row_id, f"template: {e}"))
+        except (jinja2.TemplateError, RowInputError) as e:
+            what = f"template: {e}" if isinstance(e, jinja2.TemplateError) else f"row {row_id}: {e}"
+            checkpoint.finish(_input_error(idx, row_id, what))
             progress.row_done("error", None)
             return None
         chars = request.text_chars
         image_tokens = images.IMAGE_TOKEN_ESTIMATE * len(request.images)
-        estimate = estimate_tokens(chars, spec.params) + image_tokens
+        params = {**request.body, **spec.params} if request.body is not None else spec.params
+        estimate = estimate_tokens(chars, params) + image_tokens
         prompt_estimate = prompt_tokens_estimate(chars) + image_tokens
         key = request_key(request)
         request_hash = fingerprint.row_hash(self.settings, key)
-        return WorkItem(idx, row_id, request, estimate, prompt_estimate, key, request_hash)
+        return WorkItem(idx, row_id, request, estimate, prompt_estimate, key, request_hash, output_cap(params))
 
     async def work_rows(
         self, rows: list[dict[str, Any]], checkpoint: Checkpoint, transport: Transport, progress: Progress
@@ -365,13 +376,17 @@ class Run:
     ) -> tuple[RowRecord, Outcome] | None:
         """The row's request, and its repairs; None if the budget does not allow it."""
         spec = self.job.spec
-        path = self.protocol.path(spec.model, spec.stream)
-        cap = output_cap(spec.params)
+        protocol = self._protocol(item.request)
+        path = protocol.path(spec.model or "", spec.stream)
+        cap = item.cap
         try:
             request_body = await self._body(item.request)
         except images.ImageError as e:  # nothing is sent for this row
             failed = Outcome(None, CallError("input", str(e), retryable=False), 0, 0.0)
             return _record(item, failed), failed
+        decoder = self.decoders[item.request.api or spec.provider.api]
+        if item.request.body is not None:  # a Batch line streams if its body (or the job) says so
+            decoder = replace(decoder, stream=request_body.get("stream") is True)
 
         log = AttemptLog()
 
@@ -394,7 +409,7 @@ class Run:
                 self.limits,
                 path,
                 body,
-                self.decoder,
+                decoder,
                 item.estimate + extra_tokens,
                 spec.run.max_attempts,
                 on_error,
@@ -412,7 +427,7 @@ class Run:
             return outcome
 
         async def follow_up(answer: str, message: str) -> Outcome | None:
-            body = self.protocol.repair_body(request_body, answer, message)
+            body = protocol.repair_body(request_body, answer, message)
             return await send(body, prompt_tokens_estimate(len(answer) + len(message)), first=False)
 
         outcome = await send(request_body, 0, first=True)
@@ -509,7 +524,11 @@ class Run:
         """Images are read only now, right before the row is sent (ImageError: nothing is sent)."""
         if request.images:
             request = replace(request, image_inputs=await self.images.load(request.images))
-        return self.protocol.build(request, self.job.spec)
+        return self._protocol(request).build(request, self.job.spec)
+
+    def _protocol(self, request: Request) -> ModuleType:
+        """The job's protocol, or the one an OpenAI Batch line's url names."""
+        return protocols.PROTOCOLS[request.api] if request.api else self.protocol
 
     def _release_held(self, checkpoint: Checkpoint, progress: Progress) -> None:
         """The run goes on after all: rows held back by a possible abort are errors after all."""
@@ -564,7 +583,16 @@ def _record(item: WorkItem, outcome: Outcome) -> RowRecord:
         error=str(error) if error else None,
         finished_at=time.time(),
         request_hash=item.request_hash,
+        answer=_kept_answer(reply),
     )
+
+
+def _kept_answer(reply: Reply | None) -> tuple[int, str | None, bytes] | None:
+    """The answer body for output.openai_batch, when kept and not larger than the checkpoint keeps."""
+    if reply is None or reply.answer is None:
+        return None
+    body = orjson.dumps(reply.answer)
+    return (200, reply.request_id, body) if len(body) <= KEPT_ANSWER_BYTES else None
 
 
 async def _nothing() -> None:

@@ -27,7 +27,13 @@ RECENT_ANSWERS = 4096
 
 
 def request_key(request: Request) -> bytes:
-    text = orjson.dumps([request.system, request.user, list(request.images)])
+    """Identifies the request: rendered text and image values, the conversation, or a Batch line's url and body."""
+    what: list[object] = [request.system, request.user, list(request.images)]
+    if request.messages:
+        what.append([[turn.role, turn.parts, turn.plain] for turn in request.messages])
+    if request.body is not None:
+        what += [request.api, request.body]
+    text = orjson.dumps(what, option=orjson.OPT_SORT_KEYS)
     return hashlib.blake2b(text, digest_size=16).digest()
 
 

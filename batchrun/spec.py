@@ -12,6 +12,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -25,6 +26,10 @@ EMULATOR = "emulator"
 DEFAULT_BASE_URL = "https://ai.szkmjb.com"
 
 
+InputFormat = Literal["table", "openai-batch"]
+OPENAI_BATCH: InputFormat = "openai-batch"
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -32,6 +37,9 @@ class _Section(BaseModel):
 class InputSpec(_Section):
     path: str | None = None  # None only for a job given a frame in Python (batchrun.run(job, input=frame))
     id_column: str | None = None
+    # table: rows of columns rendered by the templates; openai-batch: an OpenAI Batch API request file.
+    # Unset: a .jsonl whose first line has the Batch shape is read as one (see `Job.input_format`).
+    format: InputFormat | None = None
     storage_options: dict[str, str] | None = None  # for an object-storage path: docs/object-storage.md
 
 
@@ -66,7 +74,8 @@ class ProviderSpec(_Section):
 
 class PromptSpec(_Section):
     system: str | None = None
-    user: str
+    user: str | None = None
+    messages: str | None = None  # a column holding the whole conversation (a list of {role, content})
     images: list[str] = Field(default_factory=list)
     max_image_side: int | None = Field(default=None, ge=16)
 
@@ -79,6 +88,7 @@ class OutputSpec(_Section):
     repair_attempts: int = Field(default=0, ge=0)
     native_schema: bool = True
     sharded: bool = False
+    openai_batch: str | None = None  # also write the answers as an OpenAI Batch API output file (JSONL)
     storage_options: dict[str, str] | None = None  # for an object-storage path: docs/object-storage.md
 
 
@@ -103,8 +113,8 @@ class JobSpec(_Section):
     name: str
     input: InputSpec
     provider: ProviderSpec = Field(default_factory=ProviderSpec)
-    model: str
-    prompt: PromptSpec
+    model: str | None = None  # required, except for an OpenAI Batch file (its bodies name their model)
+    prompt: PromptSpec = Field(default_factory=PromptSpec)
     params: dict[str, Any] = Field(default_factory=dict)
     stream: bool = False
     output: OutputSpec
@@ -125,6 +135,13 @@ class Job:
         self.folder = path.parent
         self.frame = frame
         self.warnings: list[str] = []  # one line each, printed by the commands
+        # load_job recognises a Batch file left unmarked
+        self.input_format: InputFormat = spec.input.format or "table"
+        self.format_recognised = False  # True: input_format was recognised from the file's lines
+
+    @property
+    def batch_input(self) -> bool:
+        return self.input_format == OPENAI_BATCH
 
     def resolve(self, relative: str) -> Path:
         return (self.folder / os.path.expanduser(relative)).resolve()
@@ -152,6 +169,11 @@ class Job:
         """output.images_dir, by default `<output name>_images/` beside the output."""
         d = self.spec.output.images_dir
         return self.resolve(d) if d else self.output_path.with_name(self.output_path.stem + "_images")
+
+    @property
+    def openai_batch_path(self) -> Path | None:
+        out = self.spec.output.openai_batch
+        return self.resolve(out) if out else None
 
     @property
     def input_folder(self) -> Path:
@@ -198,6 +220,8 @@ def _storage_problems(spec: JobSpec) -> list[tuple[str, str]]:
             found.append((key, problem))
     if spec.output.images_dir is not None and storage.is_url(spec.output.images_dir):
         found.append(("output.images_dir", "object storage for images is not supported yet; use a local folder"))
+    if spec.output.openai_batch is not None and storage.is_url(spec.output.openai_batch):
+        found.append(("output.openai_batch", "object storage for it is not supported yet; use a local path"))
     return found
 
 
@@ -221,10 +245,18 @@ def _protocol_problems(spec: JobSpec) -> list[tuple[str, str]]:
 
     api = spec.provider.api
     found: list[tuple[str, str]] = []
-    if api == "gemini" and _GEMINI_MODEL_FORBIDDEN.search(spec.model):
+    if api == "gemini" and spec.model is not None and _GEMINI_MODEL_FORBIDDEN.search(spec.model):
         found.append(("model", f"{spec.model!r}: a Gemini model is its bare id, without / ? # : or spaces"))
     if api == "openai-completions" and spec.prompt.images:
         found.append(("prompt.images", "openai-completions takes no images; use openai-chat or gemini"))
+    if api == "openai-completions" and spec.prompt.messages is not None:
+        found.append(
+            ("prompt.messages", "openai-completions takes one prompt, not a conversation; use openai-chat or gemini")
+        )
+    if spec.output.openai_batch is not None and api == "gemini":
+        found.append(
+            ("output.openai_batch", "the Batch output holds OpenAI answers; use openai-chat or openai-completions")
+        )
     if spec.prompt.max_image_side is not None and not pillow_available():
         found.append(("prompt.max_image_side", PILLOW_MISSING))
     return found
@@ -305,6 +337,10 @@ def _validated(
         key = "params." + sorted(owned)[0]
         raise JobError(f"{_at(path, lines, key)}: {key}: batchrun sets this itself; remove it from params")
     job = Job(spec, job_path, frame)
+    if spec.input.format is None and frame is None and recognise_batch_file(job.input_path):
+        job.input_format, job.format_recognised = OPENAI_BATCH, True
+    for key, problem in _input_problems(job):
+        raise JobError(f"{_at(path, lines, key)}: {key}: {problem}")
     job.warnings = [f"{_at(path, lines, key)}: {key}: {problem}" for key, problem in _warnings(spec)]
     return job
 
@@ -365,6 +401,49 @@ def _line_index(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
             out[f"{prefix}{i}"] = item.start_mark.line + 1
             out.update(_line_index(item, f"{prefix}{i}."))
     return out
+
+
+def recognise_batch_file(input_path: str) -> bool:
+    """A .jsonl whose first non-blank line is an object with `custom_id`, `url` and `body`: an OpenAI Batch file."""
+    if Path(input_path).suffix.lower() not in (".jsonl", ".ndjson"):
+        return False
+    try:
+        with open(input_path, "rb") as f:
+            first = next((line for line in f if line.strip()), b"")
+        data = orjson.loads(first)
+    except (OSError, orjson.JSONDecodeError):
+        return False  # the input reader names the problem
+    return isinstance(data, dict) and {"custom_id", "url", "body"} <= data.keys()
+
+
+def _input_problems(job: Job) -> list[tuple[str, str]]:
+    """What the job's prompt and input format need of each other."""
+    spec, prompt = job.spec, job.spec.prompt
+    if job.batch_input:
+        what = "recognised as an OpenAI Batch file" if job.format_recognised else "input.format is openai-batch"
+        if job.frame is not None:
+            return [("input.format", "an OpenAI Batch file is read from input.path, not from a frame given in Python")]
+        for key in ("user", "system", "messages", "images"):
+            if getattr(prompt, key):
+                return [
+                    (f"prompt.{key}", f"{what}: its lines are the requests, so templates are not used; remove prompt")
+                ]
+        if spec.input.id_column not in (None, "custom_id"):
+            return [("input.id_column", f"{what}: custom_id is the row id; remove input.id_column")]
+        if spec.provider.api == "gemini":
+            return [("provider.api", f"{what}: its lines go to the OpenAI paths their url names; remove provider.api")]
+        if spec.output.repair_attempts:
+            return [("output.repair_attempts", "repair is not supported yet for an OpenAI Batch file")]
+        return []
+    if spec.model is None:
+        return [("model", "missing: the model every request asks for")]
+    if prompt.user is None and prompt.messages is None:
+        return [("prompt.user", "missing: the user prompt template (or prompt.messages, a column of conversations)")]
+    if prompt.user is not None and prompt.messages is not None:
+        return [("prompt.messages", "set prompt.user or prompt.messages, not both")]
+    if prompt.messages is not None and prompt.images:
+        return [("prompt.images", "with prompt.messages, images go in the conversation's content parts")]
+    return []
 
 
 def _yaml_line(e: yaml.YAMLError) -> int:

@@ -24,7 +24,7 @@ import polars as pl
 from batchrun.inputs import InputTable
 from batchrun.limits import DEFAULT_OUTPUT_ESTIMATE, output_cap, prompt_tokens_estimate
 from batchrun.protocols import PROTOCOLS
-from batchrun.render import Renderer
+from batchrun.render import Renderer, RowInputError
 from batchrun.spec import Job, PricingSpec
 from batchrun.structured import MAX_REASON_CHARS, answer_schema, repair_request
 
@@ -148,22 +148,29 @@ def estimate_job(job: Job, table: InputTable, renderer: Renderer) -> Estimate:
     spec = job.spec
     rows = table.count()
     sample = table.sample(SAMPLE_ROWS, rows)
-    per_image = PROTOCOLS[spec.provider.api].INPUT_IMAGE_TOKENS if spec.prompt.images else 0
+    per_image = PROTOCOLS[spec.provider.api].INPUT_IMAGE_TOKENS  # rows without images count none
     tokens: list[int] = []
+    images = 0
+    caps: list[int | None] = []  # an OpenAI Batch line's cap is its body's, unless params set one
     for row in sample.iter_rows(named=True):
         try:
             request = renderer.render(row)
-        except jinja2.TemplateError:
+        except (jinja2.TemplateError, RowInputError):
             continue  # such rows fail without a request
         tokens.append(prompt_tokens_estimate(request.text_chars) + per_image * len(request.images))
+        images += len(request.images)
+        caps.append(output_cap({**(request.body or {}), **spec.params}))
     per_row = sum(tokens) / len(tokens) if tokens else 0.0
     cap = output_cap(spec.params)
+    if job.batch_input and caps:
+        cap = None if None in caps else max(c for c in caps if c is not None)
     schema = answer_schema(spec)
     typical = None
     if spec.output.parse != "text" and schema is not None:
         typical = prompt_tokens_estimate(len(json.dumps(typical_value(schema, schema), separators=(",", ":"))))
         typical = min(typical, cap) if cap is not None else typical
-    return Estimate(rows, len(tokens), round(per_row * rows), per_image, cap, typical, spec.output.repair_attempts)
+    repairs = spec.output.repair_attempts
+    return Estimate(rows, len(tokens), round(per_row * rows), per_image if images else 0, cap, typical, repairs)
 
 
 def describe_estimate(est: Estimate, job: Job) -> list[str]:
@@ -180,7 +187,8 @@ def describe_estimate(est: Estimate, job: Job) -> list[str]:
             "so no upper bound; set one to bound the cost"
         )
     else:
-        lines.append(f"  output tokens: at most {est.max_output:,} ({est.output_cap} a row, the cap in params)")
+        where = "the largest cap in the sampled bodies and params" if job.batch_input else "the cap in params"
+        lines.append(f"  output tokens: at most {est.max_output:,} ({est.output_cap} a row, {where})")
     if est.typical_output is not None:
         lines[-1] += f"; typically ~{est.typical_output * est.rows:,} ({est.typical_output} a row, from the schema)"
     if est.repairs:

@@ -80,10 +80,13 @@ class Transport:
             if response.status >= 300:
                 raise from_response(response.status, await response.read(), response.headers)
             try:
-                return await read_answer(response.content.iter_any(), decoder)
+                reply = await read_answer(response.content.iter_any(), decoder)
             except CallError as e:
                 e.request_id = e.request_id or response.headers.get("x-oneapi-request-id")
                 raise
+            if decoder.keep_answer:
+                reply.request_id = response.headers.get("x-oneapi-request-id") or response.headers.get("x-request-id")
+            return reply
 
     def _network_error(self, error_class: str, e: Exception) -> CallError:
         # aiohttp messages may echo URLs or headers: CallError masks the key in them.
@@ -137,7 +140,10 @@ async def read_answer(chunks: AsyncIterator[bytes], decoder: Decoder) -> Reply:
             body += chunk
         data = _json(bytes(body))
         if first == b"{":
-            return decoder.parse(data)
+            reply = decoder.parse(data)
+            if decoder.keep_answer:
+                reply.answer = data
+            return reply
         if not isinstance(data, list):
             raise CallError("malformed", "malformed response: neither an object nor a stream", abort="C")
         if (err := from_body(data)) is not None:  # a Google error wrapped in a one-element array
@@ -146,7 +152,7 @@ async def read_answer(chunks: AsyncIterator[bytes], decoder: Decoder) -> Reply:
         for event in data:
             _add_event(stream, event)
         stream.done()  # a closed array is a whole stream: its `]` is the terminator
-        return stream.reply()
+        return _streamed_reply(stream, decoder)
     stream = decoder.new_stream()
     parser = SSEParser()
     for data_text in parser.feed(head):
@@ -156,7 +162,14 @@ async def read_answer(chunks: AsyncIterator[bytes], decoder: Decoder) -> Reply:
             _event(stream, data_text)
     for data_text in parser.close():
         _event(stream, data_text)
-    return stream.reply()
+    return _streamed_reply(stream, decoder)
+
+
+def _streamed_reply(stream: StreamAnswer, decoder: Decoder) -> Reply:
+    reply = stream.reply()
+    if decoder.keep_answer:
+        reply.answer = stream.whole()
+    return reply
 
 
 def _json(body: bytes) -> Any:

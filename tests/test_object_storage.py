@@ -24,7 +24,17 @@ import boto3
 import polars as pl
 import pytest
 from botocore.exceptions import ClientError
-from conftest import REVIEWS, Emulator, cli_env, free_port, run_cli, start_emulator, stop_emulator, write_job
+from conftest import (
+    EXPECTED_LABELS,
+    REVIEWS,
+    Emulator,
+    cli_env,
+    free_port,
+    run_cli,
+    start_emulator,
+    stop_emulator,
+    write_job,
+)
 from test_resume import in_flight_reported
 
 ADMIN_POLICY = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
@@ -266,3 +276,35 @@ def test_engine_ray_reads_its_ranges_from_s3_and_uploads_the_output(
     assert df["review_id"].to_list() == [r[0] for r in rows]
     assert set(df["status"]) == {"ok"}
     assert sorted(emulator.stats()["by_prompt"].values()) == [1] * len(rows)  # every row asked once
+
+
+def test_an_openai_batch_file_on_s3(tmp_path: Path, s3: S3Server, emulator: Emulator) -> None:
+    """A Batch file is streamed from S3 like any JSONL (input.format says what it is: nothing is read to guess)."""
+    bucket = s3.bucket()
+    system = {"role": "system", "content": "You label product reviews. Answer positive, negative or neutral."}
+    lines = [
+        {
+            "custom_id": f"q-{rid}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "gpt-5.4", "messages": [system, {"role": "user", "content": f"Review: {text}"}]},
+        }
+        for rid, text, _ in REVIEWS
+    ]
+    body = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    s3.client().put_object(Bucket=bucket, Key="in/requests.jsonl", Body=body)
+    job = {
+        "name": "batch-on-s3",
+        "input": {"path": f"s3://{bucket}/in/requests.jsonl", "format": "openai-batch"},
+        "provider": {"base_url": emulator.url, "api_key_env": "TEST_RELAY_KEY"},
+        "output": {"path": "out/result.parquet", "openai_batch": "out/result.output.jsonl"},
+    }
+    (tmp_path / "job.yaml").write_text(json.dumps(job), encoding="utf-8")
+    result = run_cli("run", str(tmp_path / "job.yaml"), "--quiet", env=s3.env(tmp_path / "state"))
+    assert result.returncode == 0, result.stderr
+    df = pl.read_parquet(tmp_path / "out" / "result.parquet")
+    assert df["custom_id"].to_list() == [line["custom_id"] for line in lines]
+    assert df["response_text"].to_list() == [EXPECTED_LABELS[rid] for rid, _, _ in REVIEWS]
+    assert emulator.stats()["requests"] == len(REVIEWS)
+    output = (tmp_path / "out" / "result.output.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["custom_id"] for line in output] == df["custom_id"].to_list()

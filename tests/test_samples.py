@@ -89,3 +89,17 @@ def test_per_image_pricing_counts_in_summary_status_and_output_alike(project: Pa
     assert abs(summary["cost"] - df["cost"].sum()) < 1e-6
     status = run_cli("status", str(job))
     assert f"cost so far: {summary['cost']:.4f}" in status.stdout, status.stdout
+
+
+def test_batch_file(project: Path) -> None:
+    df = run_sample(project, "batch-file")
+    assert df.height == 8 and set(df["url"]) == {"/v1/chat/completions", "/v1/completions"}
+    lines = [orjson.loads(line) for line in (project / "out" / "batch-file.output.jsonl").read_bytes().splitlines()]
+    assert [line["custom_id"] for line in lines] == df["custom_id"].to_list()
+    assert all(line["response"]["status_code"] == 200 and line["error"] is None for line in lines)
+
+
+def test_conversations(project: Path) -> None:
+    df = run_sample(project, "conversations")
+    assert df["conversation_id"].to_list() == ["C1", "C2", "C3"]
+    assert df["messages"].list.len().to_list() == [3, 3, 1]  # the conversations, kept as input columns

@@ -64,6 +64,7 @@ class Stats:
         self.by_prompt: Counter[str] = Counter()
         self.by_route: Counter[str] = Counter()  # path, marked " (stream)" when a stream was asked for
         self.answered_at: dict[str, float] = {}  # prompt -> when its last 200 answer was sent (resume tests)
+        self.turns: dict[str, list[list[str]]] = {}  # prompt -> [role, text] per message of its last request
         self.in_flight = 0
         self.peak_in_flight = 0
         self.per_second: defaultdict[int, int] = defaultdict(int)
@@ -95,6 +96,7 @@ class Stats:
             "by_prompt": dict(self.by_prompt),
             "by_route": dict(self.by_route),
             "answered_at": self.answered_at,
+            "turns": self.turns,
             "peak_in_flight": self.peak_in_flight,
             "max_per_second": self.max_in_window(1),
             "max_per_minute": self.max_in_window(60),
@@ -222,6 +224,7 @@ class Emulator:
         if prompt is None:
             return json_response(400, relay_error(400, what, "invalid_request", request_id), request_id)
         self.stats.by_prompt[prompt] += 1
+        self.stats.turns[prompt] = turns_of(body)
         self.stats.by_route[request.path + (" (stream)" if body.get("stream") is True else "")] += 1
         request["prompt"] = prompt
         limited = self._over_limits(request, request_id)  # counted on arrival, answered after the latency
@@ -324,6 +327,30 @@ class Emulator:
             ),
             request_id,
         )
+
+
+def turns_of(body: dict[str, Any]) -> list[list[str]]:
+    """[role, text] per message as the request carried them, in order: chat `messages`, Gemini
+    `systemInstruction` (as "system") and `contents`, or a completions `prompt` (as "user").
+    Each image part adds "[image]" to its message's text, so tests see where images went."""
+    if isinstance(body.get("prompt"), str):
+        return [["user", body["prompt"]]]
+    if isinstance(body.get("messages"), list):
+        return [[str(m.get("role")), _message_text(m.get("content"))] for m in body["messages"] if isinstance(m, dict)]
+    system = body.get("systemInstruction") or body.get("system_instruction")
+    contents = [{"role": "system", **system}] if isinstance(system, dict) else []
+    contents += [c for c in body.get("contents") or [] if isinstance(c, dict)]
+    return [[str(c.get("role")), _gemini_text(c.get("parts") or [])] for c in contents]
+
+
+def _message_text(content: Any) -> str:
+    if not isinstance(content, list):
+        return str(content)
+    return " ".join(p["text"] if isinstance(p.get("text"), str) else "[image]" for p in content if isinstance(p, dict))
+
+
+def _gemini_text(parts: list[Any]) -> str:
+    return " ".join(p["text"] if isinstance(p.get("text"), str) else "[image]" for p in parts if isinstance(p, dict))
 
 
 def _include_usage(body: dict[str, Any]) -> bool:

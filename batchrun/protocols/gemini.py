@@ -20,7 +20,7 @@ import orjson
 from batchrun.protocols.relay_errors import CallError, from_body
 from batchrun.protocols.reply import Decoder, ImageOut, Reply, decode_base64
 from batchrun.protocols.sse import stream_cut
-from batchrun.render import Request
+from batchrun.render import ImageInput, Request
 from batchrun.spec import JobSpec
 from batchrun.structured import gemini_response_schema, uses_native_schema
 
@@ -53,19 +53,44 @@ def path(model: str, stream: bool) -> str:
 
 
 def build(request: Request, spec: JobSpec) -> dict[str, Any]:
-    # Reference images first, then the text; every image inline (batchrun downloads URLs itself).
-    parts: list[dict[str, Any]] = [
-        {"inlineData": {"mimeType": image.mime, "data": base64.b64encode(image.data).decode()}}
-        for image in request.image_inputs
-    ]
-    parts.append({"text": request.user})
-    body: dict[str, Any] = {"contents": [{"role": "user", "parts": parts}]}
-    if request.system is not None:
-        body["systemInstruction"] = {"parts": [{"text": request.system}]}
+    system = [{"text": request.system}] if request.system is not None else []
+    if request.messages:
+        contents, system_turns = conversation_contents(request)
+        system += system_turns
+    else:
+        # Reference images first, then the text; every image inline (batchrun downloads URLs itself).
+        parts = [_inline(image) for image in request.image_inputs] + [{"text": request.user}]
+        contents = [{"role": "user", "parts": parts}]
+    body: dict[str, Any] = {"contents": contents}
+    if system:
+        body["systemInstruction"] = {"parts": system}
     body.update({key: value for key, value in spec.params.items() if key in TOP_LEVEL_PARAMS})
     if config := generation_config(spec):
         body["generationConfig"] = config
     return body
+
+
+def conversation_contents(request: Request) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """prompt.messages as `contents` (assistant turns are Gemini's `model` role) and the parts of system turns,
+    which Gemini takes only in `systemInstruction`; image parts take the loaded images in turn."""
+    images = iter(request.image_inputs)  # fewer only in validate's preview, which downloads nothing
+    contents: list[dict[str, Any]] = []
+    system: list[dict[str, Any]] = []
+    for turn in request.messages:
+        parts = [
+            {"text": value} if kind == "text" else _inline(image)
+            for kind, value in turn.parts
+            if kind == "text" or (image := next(images, None)) is not None
+        ]
+        if turn.role == "system":
+            system += parts
+        else:
+            contents.append({"role": "model" if turn.role == "assistant" else "user", "parts": parts})
+    return contents, system
+
+
+def _inline(image: ImageInput) -> dict[str, Any]:
+    return {"inlineData": {"mimeType": image.mime, "data": base64.b64encode(image.data).decode()}}
 
 
 def generation_config(spec: JobSpec) -> dict[str, Any]:
@@ -102,7 +127,7 @@ def expects_images(spec: JobSpec) -> bool:
     modalities = generation_config(spec).get("responseModalities")
     if isinstance(modalities, list):
         return any(str(m).upper() == "IMAGE" for m in modalities)
-    return "image" in spec.model.lower()
+    return "image" in (spec.model or "").lower()
 
 
 def decoder(spec: JobSpec) -> Decoder:
@@ -187,6 +212,14 @@ class Answer:
 
     def done(self) -> None:
         """Gemini streams have no [DONE]; one that comes anyway proves nothing."""
+
+    def whole(self) -> dict[str, Any]:
+        """The GenerateContentResponse this stream stands for: its text, images and calls (thoughts left out)."""
+        parts: list[dict[str, Any]] = [{"text": "".join(self._text)}] if self._text else []
+        parts += [{"inlineData": {"mimeType": i.mime, "data": base64.b64encode(i.data).decode()}} for i in self._images]
+        parts += [{"functionCall": {"name": c["name"], "args": orjson.loads(c["arguments"])}} for c in self._calls]
+        candidate = {"content": {"role": "model", "parts": parts}, "finishReason": self._finish, "index": 0}
+        return {"candidates": [candidate], "usageMetadata": self._usage, "modelVersion": self._model}
 
     def reply(self) -> Reply:
         finish = self._finish

@@ -29,19 +29,63 @@ def path(model: str, stream: bool) -> str:
 
 
 def build(request: Request, spec: JobSpec) -> dict[str, Any]:
+    if request.body is not None:
+        return written_body(request.body, spec, native_schema(spec))
     messages: list[dict[str, Any]] = []
     if request.system is not None:
         messages.append({"role": "system", "content": request.system})
-    messages.append({"role": "user", "content": _user_content(request, spec.provider.image_part_style)})
-    body: dict[str, Any] = {"model": spec.model, "messages": messages}
-    if uses_native_schema(spec):
-        # §2.4: no `strict` (it demands a schema few users write); params.response_format replaces this.
-        body["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": "output", "schema": spec.output.json_schema},
-        }
+    style = spec.provider.image_part_style
+    if request.messages:
+        messages += conversation_messages(request, style)
+    else:
+        messages.append({"role": "user", "content": _user_content(request, style)})
+    body: dict[str, Any] = {"model": spec.model, "messages": messages, **native_schema(spec)}
     # params go in as written: nothing renamed, dropped or defaulted.
     return {**body, **spec.params, **stream_fields(spec)}
+
+
+def native_schema(spec: JobSpec) -> dict[str, Any]:
+    """§2.4: `response_format` for output.schema; no `strict` (it demands a schema few users write)."""
+    if not uses_native_schema(spec):
+        return {}
+    return {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "output", "schema": spec.output.json_schema}}
+    }
+
+
+def written_body(body: dict[str, Any], spec: JobSpec, added: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI Batch line's body as written, with the job's model and params laid over it.
+
+    `added` (a native schema) goes in only where the body has no such key. A streamed body
+    asks for the usage chunk, so its tokens and cost are counted like any row's.
+    """
+    sent = {**{k: v for k, v in added.items() if k not in body}, **body, **spec.params}
+    if spec.model is not None:
+        sent["model"] = spec.model
+    if spec.stream:
+        sent.update(stream_fields(spec))
+    elif sent.get("stream") is True and "stream_options" not in sent:
+        sent["stream_options"] = {"include_usage": True}
+    return sent
+
+
+def conversation_messages(request: Request, style: str) -> list[dict[str, Any]]:
+    """prompt.messages as chat messages, in order; image parts take the loaded images in turn."""
+    text_type, image_type = _PART_NAMES[style]
+    images = iter(request.image_inputs)
+    messages: list[dict[str, Any]] = []
+    for turn in request.messages:
+        if turn.plain:
+            messages.append({"role": turn.role, "content": turn.parts[0][1]})
+            continue
+        content = [
+            {"type": text_type, "text": value}
+            if kind == "text"
+            else {"type": image_type, "image_url": {"url": _url(next(images))}}
+            for kind, value in turn.parts
+        ]
+        messages.append({"role": turn.role, "content": content})
+    return messages
 
 
 def stream_fields(spec: JobSpec) -> dict[str, Any]:
@@ -151,14 +195,16 @@ class Stream:
         self._refusal: list[str] = []
         self._calls: dict[int, dict[str, str]] = {}
         self._finish: str | None = None
-        self._answer: dict[str, Any] = {}  # model and usage, as a whole answer would carry them
+        self._answer: dict[str, Any] = {}  # id, created, model and usage, as a whole answer would carry them
+        self._call_ids: dict[int, str] = {}
         self._done = False
 
     def add(self, event: Any) -> None:
         if not isinstance(event, dict):
             raise CallError("malformed", "malformed stream event: not an object", abort="C")
-        if event.get("model"):
-            self._answer["model"] = event["model"]
+        for key in ("id", "created", "model", "system_fingerprint"):
+            if event.get(key):
+                self._answer[key] = event[key]
         if isinstance(event.get("usage"), dict):
             self._answer["usage"] = event["usage"]
         # Usage chunks and keepalives have no choices; only choice 0 is read (n = 1).
@@ -180,7 +226,10 @@ class Stream:
                 self._merge_call(fragment)
 
     def _merge_call(self, fragment: dict[str, Any]) -> None:
-        call = self._calls.setdefault(fragment.get("index", 0), {"name": "", "arguments": ""})
+        index = fragment.get("index", 0)
+        call = self._calls.setdefault(index, {"name": "", "arguments": ""})
+        if isinstance(fragment.get("id"), str):
+            self._call_ids.setdefault(index, fragment["id"])
         function = fragment.get("function") or {}
         call["name"] = call["name"] or str(function.get("name") or "")
         if isinstance(function.get("arguments"), str):
@@ -197,3 +246,22 @@ class Stream:
             raise stream_cut("no [DONE]")
         calls = [self._calls[i] for i in sorted(self._calls)]
         return reply_from("".join(self._text), "".join(self._refusal), calls, self._finish, self._answer)
+
+    def whole(self) -> dict[str, Any]:
+        """The `chat.completion` this stream stands for (choice 0, the only one read)."""
+        # No text (a role chunk's "" aside) is content null, as a whole answer with tool calls has it.
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self._text) or None}
+        if self._refusal:
+            message["refusal"] = "".join(self._refusal)
+        if self._calls:
+            message["tool_calls"] = [
+                {"id": self._call_ids.get(i, ""), "type": "function", "function": dict(self._calls[i])}
+                for i in sorted(self._calls)
+            ]
+        return self._whole("chat.completion", {"index": 0, "message": message, "finish_reason": self._finish})
+
+    def _whole(self, kind: str, choice: dict[str, Any]) -> dict[str, Any]:
+        head: dict[str, Any] = {
+            k: self._answer[k] for k in ("id", "created", "model", "system_fingerprint") if k in self._answer
+        }
+        return {**head, "object": kind, "choices": [choice], "usage": self._answer.get("usage")}

@@ -24,6 +24,8 @@ def path(model: str, stream: bool) -> str:
 
 
 def build(request: Request, spec: JobSpec) -> dict[str, Any]:
+    if request.body is not None:
+        return openai_chat.written_body(request.body, spec, {})
     prompt = request.user if request.system is None else f"{request.system}\n\n{request.user}"
     return {"model": spec.model, "prompt": prompt, **spec.params, **openai_chat.stream_fields(spec)}
 
@@ -43,3 +45,7 @@ class Stream(openai_chat.Stream):
     def _add_choice(self, choice: dict[str, Any]) -> None:
         if isinstance(choice.get("text"), str):
             self._text.append(choice["text"])
+
+    def whole(self) -> dict[str, Any]:
+        """The `text_completion` this stream stands for."""
+        return self._whole("text_completion", {"index": 0, "text": "".join(self._text), "finish_reason": self._finish})

@@ -40,6 +40,10 @@ class Reply:
     completion_tokens: int | None = None
     tool_calls: list[dict[str, str]] = field(default_factory=list)  # each {name, arguments}
     images: list[ImageOut] = field(default_factory=list)  # in answer order; the last one is the final image
+    # Only when the decoder keeps answers (output.openai_batch): the body as received (a stream
+    # reassembled into the whole answer it stands for) and the relay's request id.
+    answer: Any = None
+    request_id: str | None = None
 
 
 class StreamAnswer(Protocol):
@@ -54,6 +58,9 @@ class StreamAnswer(Protocol):
     def reply(self) -> Reply:
         """At the end of the body: the answer, or CallError if the stream was cut short."""
 
+    def whole(self) -> dict[str, Any]:
+        """After `reply`: the whole answer the stream stands for, as the API would have sent it unstreamed."""
+
 
 @dataclass(frozen=True)
 class Decoder:
@@ -62,3 +69,4 @@ class Decoder:
     parse: Callable[[Any], Reply]
     new_stream: Callable[[], StreamAnswer]
     stream: bool  # the job asked for a stream: no whole-attempt timeout, only the idle one
+    keep_answer: bool = False  # put the answer body (and request id) on the Reply, for output.openai_batch
