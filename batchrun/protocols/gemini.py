@@ -113,10 +113,10 @@ def generation_config(spec: JobSpec) -> dict[str, Any]:
 _GEMINI_VERSION = re.compile(r"gemini-(\d+)(?:\.(\d+))?")
 
 
-def takes_json_schema(model: str) -> bool:
+def takes_json_schema(model: str | None) -> bool:
     """Gemini 2.5 and later take plain JSON Schema as `responseJsonSchema` (docs/relays.md);
     older or unknown models get the OpenAPI-style `responseSchema` dialect, which every version reads."""
-    found = _GEMINI_VERSION.search(model.lower())
+    found = _GEMINI_VERSION.search((model or "").lower())  # no model: a Batch file names one per line
     if found is None:
         return False
     return (int(found.group(1)), int(found.group(2) or 0)) >= (2, 5)
