@@ -143,7 +143,9 @@ def write_input(path: Path, rows: int) -> Path:
     return path
 
 
-def write_job(folder: Path, input_path: Path, base_url: str, concurrency: int, stream: bool = False) -> Job:
+def write_job(
+    folder: Path, input_path: Path, base_url: str, concurrency: int, stream: bool = False, attempts: int = 3
+) -> Job:
     job = {
         "name": "bench",
         "input": {"path": str(input_path), "id_column": "review_id"},
@@ -156,7 +158,7 @@ def write_job(folder: Path, input_path: Path, base_url: str, concurrency: int, s
         "params": {"max_completion_tokens": 40},
         "stream": stream,
         "output": {"path": "out/bench.parquet"},
-        "run": {"concurrency": concurrency, "max_attempts": 3, "timeout_s": 120},
+        "run": {"concurrency": concurrency, "max_attempts": attempts, "timeout_s": 120},
     }
     path = folder / "bench.yaml"
     path.write_text(yaml.safe_dump(job, sort_keys=False), encoding="utf-8")
@@ -176,13 +178,14 @@ def request_bodies(job: Job) -> list[bytes]:
 
 
 @contextmanager
-def emulator_process(latency_ms: float = 0.0) -> Iterator[str]:
-    """The emulator in its own process, on a free port; yields its URL.
+def emulator_process(latency_ms: float = 0.0, extra: list[str] | None = None) -> Iterator[str]:
+    """The emulator in its own process, on a free port, with `extra` options; yields its URL.
 
     Streamed answers come in STREAM_PIECES content events (about 20 events with the
     role, finish, usage and [DONE]); no keepalive pings.
     """
     args = ["--port", "0", "--latency-ms", str(latency_ms), "--stream-pieces", str(STREAM_PIECES), "--ping-ms", "0"]
+    args += extra or []
     process = subprocess.Popen(
         [sys.executable, "-m", "batchrun", "emulator", *args],
         stdout=subprocess.PIPE,
@@ -502,7 +505,17 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
-def main(quick: bool, json_path: str | None, memory_rows: list[int]) -> int:
+def main(quick: bool, json_path: str | None, memory_rows: list[int], push_back: bool = False) -> int:
+    if push_back:  # a different measure (wall time under faults, not CPU): its own table
+        from batchrun.bench_pushback import format_figures, run_push_back
+
+        with tempfile.TemporaryDirectory(prefix="batchrun-bench-") as tmp:
+            figures = run_push_back(quick, Path(tmp))
+        print(format_figures(figures))
+        if json_path:
+            data = {"quick": quick, "machine": _machine(), "push_back": [asdict(f) for f in figures]}
+            Path(json_path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        return 0
     report = run_bench(quick, memory_rows)
     print(format_report(report))
     if json_path:

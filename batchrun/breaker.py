@@ -4,7 +4,8 @@ If nearly every recent attempt failed in a way that says the relay itself is
 down (connection refused or reset, timeouts, a storm of 5xx), the breaker
 opens: no row is sent, except one probe at a time, 1, 2, 4 … 30 s apart. The
 first answer that shows the relay alive closes it. If it stays open longer than
-`run.outage_timeout_s`, every waiting start gets an abort-rule-A error, so the
+`run.outage_timeout_s` (counted from the first failure of the run of failures, so the
+time it took to open is not added), every waiting start gets an abort-rule-A error, so the
 run stops with its rows pending and can be resumed. Once a few attempts in a
 row have failed that way, failures stop using up rows' attempts (`looks_down`),
 so no row ends as an error just before the breaker opens.
@@ -31,6 +32,7 @@ class OutageBreaker:
         self._failures = 0
         self._in_a_row = 0
         self._opened_at: float | None = None
+        self._down_since = math.inf  # the first failure of the current run of failures
         self._probing = False
         self._probes = 0
         self._next_probe = -math.inf
@@ -56,13 +58,21 @@ class OutageBreaker:
     def counts_as_down(error: CallError) -> bool:
         return error.error_class in DOWN_CLASSES
 
+    def give_up_in(self, now: float) -> float:
+        """Seconds until the relay has looked down for `timeout_s` (math.inf while it does not look down).
+
+        Counted from the first failure of the run of failures, whether or not the breaker has opened yet:
+        a storm of 503s halves the concurrency and pauses for ever longer, so opening can take many minutes.
+        """
+        return max(0.0, self._down_since + self.timeout_s - now) if self.looks_down else math.inf
+
     def wait_s(self, now: float) -> float:
         """Seconds until a start may go (math.inf: until a probe ends). Raises once the outage lasted too long."""
-        if self._opened_at is None:
-            return 0.0
-        left = self._opened_at + self.timeout_s - now
+        left = self.give_up_in(now)
         if left <= 0:
             raise self._gave_up()
+        if self._opened_at is None:
+            return 0.0
         if self._probing:
             return left
         return min(max(self._next_probe - now, 0.0), left)
@@ -78,6 +88,8 @@ class OutageBreaker:
         """An attempt's outcome; True when starts held by the breaker may try again."""
         if failed:
             self._last_error = error
+        if failed and self._in_a_row == 0:
+            self._down_since = now
         self._in_a_row = self._in_a_row + 1 if failed else 0
         if self._opened_at is not None:
             if not failed:

@@ -23,7 +23,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,16 +135,15 @@ class Checkpoint:
             self._db.execute(_ANSWERS)
         except sqlite3.DatabaseError as e:
             self._db.close()
-            raise JobError(
-                f"{folder}: the checkpoint is damaged ({e}); run again with --restart to start over "
-                "(its stored answers are lost)"
-            ) from None
+            raise JobError(_open_failure(folder, e)) from None
         except JobError:
             self._db.close()
             raise
         self._lock = threading.Lock()  # one thread at a time on the connection
         self._lock_file: int | None = None
         self._refusing = False
+        self.failure: str | None = None  # why the checkpoint can no longer be written (disk full, read-only)
+        self.failed = anyio.Event()
         self.awaiting_answer: set[int] = set()  # begun in this run, not finished: at most `concurrency` rows
         self._intents: list[tuple[int, float]] = []
         self._finished: list[RowRecord] = []
@@ -220,7 +220,7 @@ class Checkpoint:
         return rows[0][0] if rows else None
 
     def set_meta(self, key: str, value: str) -> None:
-        with self._lock:
+        with self._lock, self._writable():
             self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def finished_in_range(self, lo: int, hi: int, ok_only: bool = False) -> set[int]:
@@ -300,6 +300,8 @@ class Checkpoint:
             done = self._intent_done
             self._wake.set()
             await done.wait()
+            if self.failure is not None:  # the intent was not recorded: the row must not be sent
+                await anyio.sleep_forever()
         self.awaiting_answer.add(idx)
 
     def refuse_new_rows(self) -> None:
@@ -323,12 +325,12 @@ class Checkpoint:
 
     def forget_errors(self) -> int:
         """--retry-failed: drop rows that ended in error so they are requested again."""
-        with self._lock:
+        with self._lock, self._writable():
             return self._db.execute("DELETE FROM rows WHERE status = 'error'").rowcount
 
     def forget(self, indexes: list[int]) -> None:
         """Drop these finished rows so they are requested again (--rerun-changed, answers that failed output.schema)."""
-        with self._lock:
+        with self._lock, self._writable():
             self._db.execute("BEGIN")
             self._db.executemany("DELETE FROM rows WHERE idx = ?", [(i,) for i in indexes])
             self._db.executemany("DELETE FROM answers WHERE idx = ?", [(i,) for i in indexes])
@@ -343,10 +345,16 @@ class Checkpoint:
             await self.flush()
 
     async def flush(self) -> None:
+        """Commit what is pending. If that fails (disk full, read-only), `failure` says why and nothing more is sent."""
         batch = self._take()
         waiters, self._intent_done = self._intent_done, anyio.Event()
-        if any(batch):
-            await anyio.to_thread.run_sync(self._write, *batch, abandon_on_cancel=False)
+        if any(batch) and self.failure is None:
+            try:
+                await anyio.to_thread.run_sync(self._write, *batch, abandon_on_cancel=False)
+            except JobError as e:
+                self.failure = str(e)
+                self._refusing = True
+                self.failed.set()
         waiters.set()
 
     def flush_now(self) -> None:
@@ -358,6 +366,16 @@ class Checkpoint:
         self._intents, self._finished, self._withdrawn, self._limiter = [], [], [], []
         return batch
 
+    @contextmanager
+    def _writable(self) -> Iterator[None]:
+        """A write that fails (disk full, read-only, damage found) as a one-line JobError; its transaction undone."""
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            if self._db.in_transaction:
+                self._db.rollback()
+            raise JobError(_open_failure(self.folder, e)) from None
+
     def _write(
         self,
         intents: list[tuple[int, float]],
@@ -365,7 +383,7 @@ class Checkpoint:
         withdrawn: list[int],
         limiter: list[tuple[Any, ...]] | None = None,
     ) -> None:
-        with self._lock:
+        with self._lock, self._writable():
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR REPLACE INTO inflight VALUES (?, ?)", intents)
             self._db.executemany(
@@ -386,6 +404,22 @@ class Checkpoint:
         if self._lock_file is not None:
             os.close(self._lock_file)
             self._lock_file = None
+
+
+def _open_failure(folder: Path, e: sqlite3.DatabaseError) -> str:
+    """Three stops told apart: only a damaged checkpoint suggests --restart, which gives up its answers."""
+    name = getattr(e, "sqlite_errorname", "")
+    if name.startswith("SQLITE_FULL") or "disk is full" in str(e):
+        return f"{folder}: the disk is full; free some space and run again (the answers stored so far are kept)"
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_IOERR")):
+        return (
+            f"{folder}: the checkpoint cannot be written ({e}): a read-only folder or file system? "
+            "Make it writable and run again (its answers are kept)"
+        )
+    return (
+        f"{folder}: the checkpoint is damaged ({e}); run again with --restart to start over "
+        "(its stored answers are lost)"
+    )
 
 
 def checkpoint_folder(output_path: Path) -> Path:

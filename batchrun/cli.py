@@ -177,6 +177,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="ROWS",
         help="also compare peak memory of a ROWS-row job with a 10,000-row one (repeatable)",
     )
+    bench.add_argument(
+        "--push-back",
+        action="store_true",
+        help="instead: wall time and rate under random 429/503s, a rate limit and a concurrency limit (~3 min)",
+    )
     bench.set_defaults(func=_bench)
     return parser
 
@@ -253,7 +258,7 @@ def _validate(args: argparse.Namespace) -> int:
     print(plan.endpoint)
     for row_id, body in plan.requests.items():
         print(f"\nrow {row_id}:")
-        print(body)
+        print(redact(body))
     env = job.spec.provider.api_key_env
     if not job.uses_emulator and not os.environ.get(env, "").strip():
         print(f"batchrun: note: {env} is not set; `run` will need it", file=sys.stderr)
@@ -301,7 +306,7 @@ def _report(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from batchrun.bench import main as bench_main
 
-    return bench_main(args.quick, args.json, args.memory)
+    return bench_main(args.quick, args.json, args.memory, args.push_back)
 
 
 def _emulator(args: argparse.Namespace) -> int:

@@ -35,8 +35,6 @@ async def run(
         if ray_address is not None or ray_actors is not None:
             raise JobError("--ray-address and --ray-actors need --engine ray")
         return await run_job(job, options)
-    if job.frame is not None:
-        raise JobError("--engine ray with an input given in Python is not supported yet; write it to Parquet first")
     ray_engine = _ray_engine()
     return await ray_engine.run_job_on_ray(job, options, ray_engine.RayOptions(ray_address, ray_actors))
 
@@ -58,6 +56,8 @@ def _preview(protocol: ModuleType, loader: ImageLoader, renderer: Renderer, row:
         request = renderer.render(row)
     except RowInputError as e:
         return f"(not sent: the row would be an input error: {e})"
+    except Exception as e:  # as `run` records it: a template failing on this row (a sandbox refusal, a filter)
+        return f"(not sent: the row would be an input error: template: {e})"
     if request.api is None:
         return preview_body(protocol, loader, request, spec)
     line_protocol = protocols.PROTOCOLS[request.api]

@@ -54,7 +54,7 @@ from batchrun.ray_coordinator import (
 )
 from batchrun.runner import GRACE_S, Run, RunOptions
 from batchrun.spec import Job
-from batchrun.transport import Transport
+from batchrun.transport import AnswerCaps, Transport
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # rows are small; Ray spills to disk beyond it
 RANGE_ROWS = 50_000  # input rows per read task
@@ -200,8 +200,9 @@ class RowSender:
         self._limits = run.limits = ClusterLimits(self._link, self._watch)
         run.sharing = ClusterSharing(self._link)
         self._ledger = ClusterLedger(self._link)
+        caps = AnswerCaps.of(self._job.spec.run)
         self._transport = Transport(
-            self._url, run.api_key, self._job.spec.run.timeout_s, run.concurrency, run.protocol.KEY_HEADER
+            self._url, run.api_key, self._job.spec.run.timeout_s, run.concurrency, caps, run.protocol.KEY_HEADER
         )
         self._run = run
         return run

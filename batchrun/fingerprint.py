@@ -2,8 +2,8 @@
 
 * The job fingerprint, kept in the checkpoint's meta in readable form: the input's
   content digest, the template sources, and the request settings (model, protocol,
-  params, stream, image settings, and the output settings the protocol sends with
-  each request: a schema sent natively).
+  params, stream, image settings with prompt.images or prompt.messages, and the output
+  settings the protocol sends with each request: a schema sent natively).
 * The request hash of each finished row, kept in `rows`: the request settings plus
   the row's rendered system and user text and image values.
 
@@ -45,7 +45,7 @@ def request_settings(spec: JobSpec) -> dict[str, Any]:
         "params": spec.params,
         "stream": spec.stream,
     }
-    if spec.prompt.images:
+    if spec.prompt.images or spec.prompt.messages is not None:  # a conversation's parts are named and loaded alike
         settings["provider.image_part_style"] = spec.provider.image_part_style
         settings["prompt.max_image_side"] = spec.prompt.max_image_side
     if uses_native_schema(spec):

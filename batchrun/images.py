@@ -19,6 +19,7 @@ import io
 import mimetypes
 import os
 import re
+import stat
 import urllib.parse
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +35,6 @@ from batchrun.render import ImageInput, Request
 from batchrun.spec import Job, JobSpec
 
 IMAGE_TOKEN_ESTIMATE = 1000  # a rough per-image allowance for the tokens-per-minute estimate
-MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
 PILLOW_MISSING = "image resizing needs Pillow: pip install 'batchrun[images]'"
 
 
@@ -102,12 +102,16 @@ class ImageLoader:
         max_side: int | None,
         inline_urls: bool,
         timeout_s: float,
+        max_bytes: int = 20 << 20,
+        download_deadline_s: float = 600.0,
     ) -> None:
         self.base_folder = base_folder.resolve()
         self.allowed_folders = [f.resolve() for f in allowed_folders]
         self.max_side = max_side
         self.inline_urls = inline_urls
         self.timeout_s = timeout_s
+        self.max_bytes = max_bytes  # prompt.max_image_mb, for a file and a download alike
+        self.download_deadline_s = download_deadline_s  # a whole download (timeout_s is between its reads)
         self._client: httpx.AsyncClient | None = None
 
     async def load(self, refs: tuple[str, ...]) -> tuple[ImageInput, ...]:
@@ -139,7 +143,7 @@ class ImageLoader:
             shown = " or ".join(str(f) for f in self.allowed_folders)
             raise ImageError(f"image {ref}: the path leads outside the job's folders ({shown}); refused")
         try:
-            data = path.read_bytes()
+            data = self._read_bounded(ref, path)
         except FileNotFoundError:
             raise ImageError(f"image {ref}: file not found ({path})") from None
         except OSError as e:
@@ -149,7 +153,29 @@ class ImageLoader:
             raise ImageError(f"image {ref}: not an image file")
         return mime, data
 
+    def _read_bounded(self, ref: str, path: Path) -> bytes:
+        """A regular file no larger than max_bytes, checked before reading (a FIFO or a device would never end)."""
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(f"image {ref}: not a regular file ({path}); refused")
+        if info.st_size > self.max_bytes:
+            raise self._too_large(ref)
+        with path.open("rb") as f:
+            data = f.read(self.max_bytes + 1)  # a file that grew since stat() is still cut off
+        if len(data) > self.max_bytes:
+            raise self._too_large(ref)
+        return data
+
+    def _too_large(self, ref: str) -> ImageError:
+        return ImageError(f"image {ref}: larger than {self.max_bytes / 2**20:g} MB (prompt.max_image_mb)")
+
     async def _download(self, url: str) -> tuple[str, bytes]:
+        with anyio.move_on_after(self.download_deadline_s):
+            return await self._fetch(url)
+        seconds = f"{self.download_deadline_s:g} s"
+        raise ImageError(f"image {url}: the download took longer than {seconds} (run.answer_timeout_s)")
+
+    async def _fetch(self, url: str) -> tuple[str, bytes]:
         if self._client is None:
             # A client of its own: the relay's key must never go to an image host.
             self._client = httpx.AsyncClient(timeout=self.timeout_s, follow_redirects=True)
@@ -160,8 +186,8 @@ class ImageLoader:
                 data = bytearray()
                 async for chunk in response.aiter_bytes():
                     data += chunk
-                    if len(data) > MAX_DOWNLOAD_BYTES:
-                        raise ImageError(f"image {url}: larger than {MAX_DOWNLOAD_BYTES // 2**20} MB")
+                    if len(data) > self.max_bytes:
+                        raise self._too_large(url)
                 header_mime = response.headers.get("content-type", "").split(";")[0].strip()
         except httpx.HTTPError as e:
             raise ImageError(f"image {url}: download failed: {e or type(e).__name__}") from None
@@ -233,6 +259,8 @@ def loader_for(job: Job, inline_urls: bool) -> ImageLoader:
         job.spec.prompt.max_image_side,
         inline_urls,
         job.spec.run.timeout_s,
+        int(job.spec.prompt.max_image_mb * 2**20),
+        job.spec.run.answer_timeout_s,
     )
 
 

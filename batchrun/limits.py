@@ -1,24 +1,26 @@
 """How fast requests may start: in-flight limit, requests and tokens per minute, pauses.
 
-* In flight: `InFlight` places whose number moves AIMD-style between 1 and
-  `run.concurrency` (PROTOCOL.md §6.3): halved on a rate-limit 429 or a 503 (at
-  most once a second), +1 after a limit's worth of successes in a row. A shrink
-  never interrupts requests already in flight; new ones wait until fewer than
-  the new limit are.
+* In flight: `InFlight` places, at most `run.concurrency`. A 429 that names the
+  relay's concurrency limit (`token_concurrency_limit_reached`) lowers the limit
+  to one below what was in flight when it was sent; successes add one back, slowly
+  near the limit that was refused. A shrink never interrupts requests in flight.
+  Retries may hold at most half of the places (a retry budget: they cannot crowd
+  out first attempts, nor snowball when many rows fail at once).
 * Per minute (`MinuteBudget`, one for requests, one for tokens): starts are
   paced `60 / limit` apart per unit, so a minute's worth is spread over the
   minute, and a log of the last 60 s of charges makes sure no 60-second window
   ever holds more than the limit.
 * Tokens are charged up front with `estimate_tokens` and corrected with the
   real usage when the answer arrives.
-* A server hint (Retry-After & co.) pauses every new start, not just one row's.
-  A hintless push-back pauses every start too, with the backoff of §6.1, which
-  grows while push-backs keep coming without a run of successes in between
-  (requests sent before the last pause do not count again), and it ends with
-  one request alone, the others waiting for its answer: the relay's own window
-  counts failed requests, so only a global pause helps, and only a probe tells
-  when the window has room again.
+* Push-back (docs/backoff.md): an isolated hint-less 429 or 503 is random upstream
+  saturation: only that row waits, on its own back-off. A pattern of them (adaptive.py's
+  `RateSignal`) or a 429 with a hint means a real rate limit: starts are paced by an
+  `AdaptiveRate`, cut to what the relay let through and grown back on a cubic curve.
+  A server hint (Retry-After & co.) also pauses every new start, not just one row's.
+  `x-ratelimit-remaining-*` on successful answers caps the rate before the first 429.
 * The outage breaker (breaker.py) holds every start while the relay is down.
+* `on_change` (if set) hears of every change of pace (`LimiterChange`): a report may
+  plot them over time.
 
 Why not aiolimiter: its leaky bucket lets a full `max_rate` through at once and
 then refills, so a 60-second window can hold nearly twice the limit; it has no
@@ -31,26 +33,28 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 
+from batchrun.adaptive import AdaptiveRate, RateSignal, RecentCount
 from batchrun.breaker import OutageBreaker
 from batchrun.protocols import CallError
+from batchrun.protocols.relay_errors import QuotaLeft
 
 WINDOW_S = 60.0
 OUTPUT_CAP_KEYS = ("max_completion_tokens", "max_tokens", "maxOutputTokens")
 DEFAULT_OUTPUT_ESTIMATE = 256
 CHARS_PER_TOKEN = 4
 BACKOFF_CAP_S = 60.0
-DECREASE_EVERY_S = 1.0
+QUOTA_LOW = 0.2  # x-ratelimit-remaining below this share of the limit: pace what is left over the reset
 # Token charges are estimates, corrected seconds later: up to 3 s of pacing given back by
 # corrections may be used at once, or the overestimate would slow the run (3 s of a
 # minute's budget is still no burst).
-TOKEN_CREDIT_S = 3.0  # the in-flight limit halves at most this often
+TOKEN_CREDIT_S = 3.0
 
 
 def estimate_tokens(prompt_chars: int, params: dict[str, Any]) -> int:
@@ -70,8 +74,11 @@ def output_cap(params: dict[str, Any]) -> int | None:
 
 
 def backoff_s(retries_made: int) -> float:
-    """PROTOCOL.md §6.1 with no server hint: 1, 2, 4 … 60 s, equal jitter (never 0, never above d)."""
-    d = min(BACKOFF_CAP_S, 2.0**retries_made)
+    """PROTOCOL.md §6.1 with no server hint: 1, 2, 4 … 60 s, equal jitter (never 0, never above d).
+
+    A negative count gives the shorter waits below 1 s (0.5 s for -1).
+    """
+    d = min(BACKOFF_CAP_S, 2.0 ** max(retries_made, -1))
     return d / 2 + random.uniform(0, d / 2)
 
 
@@ -145,14 +152,35 @@ class Ticket:
     started_at: float
     tokens: Charge | None
     probe: bool
-    rate_probe: bool = False
+    in_flight: int = 1  # requests in flight when it started, itself included
+    retry: bool = False
+    rate_probe: bool = False  # sent alone after a pause: its answer says whether the relay has room again
+
+
+@dataclass(frozen=True)
+class LimiterChange:
+    """A change of pace, for whoever wants to show or plot it."""
+
+    at: float  # the event loop's clock
+    what: str  # "slower", "paused", "in_flight"
+    reason: str
+    rate: float  # requests per second now allowed (math.inf: not paced)
+    in_flight_limit: int
+    paused_until: float | None = None
 
 
 PUSHBACK_CLASSES = {"rate_limited"}
+CONCURRENCY_CODES = {"token_concurrency_limit_reached"}
+SLOW_PAST_REFUSED = 40  # at or above a concurrency limit once refused, successes needed for +1: this many times it
+
+
+def pushed_back(error: CallError) -> bool:
+    """A 429 that is not about quota, or a 503: the relay asks us to come back later."""
+    return error.error_class in PUSHBACK_CLASSES or error.status == 503
 
 
 class InFlight:
-    """Places for requests in flight, resizable (the AIMD limit).
+    """Places for requests in flight, resizable.
 
     anyio's CapacityLimiter does this too, but yields to the event loop twice on every
     acquire and release: about 3 % of the pipeline's CPU per row on `batchrun bench`.
@@ -208,20 +236,27 @@ class Limits:
         requests_per_minute: float | None = None,
         tokens_per_minute: float | None = None,
         outage_timeout_s: float = math.inf,
+        on_change: Callable[[LimiterChange], None] | None = None,
     ) -> None:
         self.max_concurrency = concurrency
         self.in_flight = InFlight(concurrency)
+        self.retries = InFlight(max(1, concurrency // 2))  # the retry budget: half the places at most
         self.requests = MinuteBudget(requests_per_minute) if requests_per_minute else None
         self.tokens = MinuteBudget(tokens_per_minute, TOKEN_CREDIT_S) if tokens_per_minute else None
         self.breaker = OutageBreaker(outage_timeout_s)
+        self.pace = AdaptiveRate()
+        self.on_change = on_change
+        self._signal = RateSignal()
+        self._sent = RecentCount()
+        self._ok = RecentCount()
+        self._ok_before = 0.0  # successes per second just before the latest run of push-backs began
         self._paused_until = -math.inf
-        self._successes = 0  # in a row, towards the next +1
-        self._pushbacks = 0  # hintless decreases since the last run of successes: the global backoff's exponent
-        self._last_decrease = -math.inf
-        self._last_backoff = -math.inf
-        self._rate_probe = "off"  # after a hintless pause: "wanted", then "in_flight" until its answer
+        self._cuts_in_a_row = 0  # slow-downs with no success in between
+        self._rate_probe = "off"  # after such a pause: "wanted", then "in_flight" until its answer
+        self._successes = 0  # in a row, towards the next +1 of the in-flight limit
+        self._refused_at: int | None = None  # the in-flight limit a concurrency 429 last set
         self._gate = anyio.Lock()  # one request at a time passes the rate checks, in order
-        self._changed = anyio.Event()  # set when a probe ends (the breaker's or the rate limit's)
+        self._changed = anyio.Event()  # set when a probe ends (the breaker's or the rate's)
 
     @property
     def limit(self) -> int:
@@ -233,90 +268,156 @@ class Limits:
         return self._paused_until
 
     @asynccontextmanager
-    async def slot(self, tokens: int) -> AsyncIterator[Ticket]:
-        """Hold one in-flight place for a request estimated at `tokens`.
+    async def slot(self, tokens: int, retry: bool = False) -> AsyncIterator[Ticket]:
+        """Hold one in-flight place for a request estimated at `tokens` (a retry also holds a retry place).
 
         Raises the breaker's CallError (abort rule A) if the relay stayed down too long.
         """
-        async with self.in_flight:
-            yield await self._admit(tokens)
+        if retry:
+            async with self.retries, self.in_flight:
+                yield await self._admit(tokens, retry)
+        else:
+            async with self.in_flight:
+                yield await self._admit(tokens, retry)
 
-    async def _admit(self, tokens: int) -> Ticket:
+    async def _admit(self, tokens: int, retry: bool) -> Ticket:
         # With the gate free, a start that need not wait goes at once: taking the lock costs a yield.
         if not self._gate.locked() and self._wait_s(now := anyio.current_time(), tokens) <= 0:
-            return self._start(now, tokens)
+            return self._start(now, tokens, retry)
         async with self._gate:
             while (wait := self._wait_s(now := anyio.current_time(), tokens)) > 0:
-                with anyio.move_on_after(wait):
+                # A long pause must not outlast the outage timeout: wake when it is due, and give up then.
+                with anyio.move_on_after(min(wait, self.breaker.give_up_in(now))):
                     await self._changed.wait()
-            return self._start(now, tokens)
+            return self._start(now, tokens, retry)
 
     def _wait_s(self, now: float, tokens: int) -> float:
         return max(
             self._paused_until - now,
+            self.pace.wait_s(now),
             self.requests.wait_s(now, 1) if self.requests else 0.0,
             self.tokens.wait_s(now, tokens) if self.tokens else 0.0,
             self.breaker.wait_s(now),  # raises once the outage outlasts its timeout
             math.inf if self._rate_probe == "in_flight" else 0.0,
         )
 
-    def _start(self, now: float, tokens: int) -> Ticket:
+    def _start(self, now: float, tokens: int, retry: bool) -> Ticket:
         """Charge a start that passed `_wait_s` (no await in between: nothing can change meanwhile)."""
         if self.requests:
             self.requests.charge(now, 1)
         charge = self.tokens.charge(now, tokens) if self.tokens else None
+        self.pace.started(now)
+        self._sent.add(now)
         rate_probe = self._rate_probe == "wanted"
         if rate_probe:
             self._rate_probe = "in_flight"
-        return Ticket(now, charge, self.breaker.started(now), rate_probe)
+        return Ticket(now, charge, self.breaker.started(now), self.in_flight.used, retry, rate_probe)
 
-    def succeeded(self, ticket: Ticket, actual_tokens: int | None) -> None:
+    def succeeded(self, ticket: Ticket, actual_tokens: int | None, quota: QuotaLeft | None = None) -> None:
         now = anyio.current_time()
         if self.tokens and ticket.tokens and actual_tokens is not None:
             self.tokens.correct(ticket.tokens, actual_tokens, now)
-        self._successes += 1
-        if self._successes >= self.limit:
-            self._successes = 0
-            self._pushbacks = 0
-            if self.limit < self.max_concurrency:
-                self.in_flight.total = self.limit + 1
-        if ticket.rate_probe:
-            self._rate_probe = "off"
-            self._wake()
+        self._ok.add(now)
+        self._cuts_in_a_row = 0
+        self._probe_answered(ticket)
+        self._signal.answer(ticket.started_at, False, now)
+        self._grow_in_flight()
+        if quota is not None:
+            self._heed_quota(quota, ticket, now)
         self._breaker_outcome(ticket, now, failed=False)
 
     def failed(self, ticket: Ticket, error: CallError) -> None:
         now = anyio.current_time()
-        if ticket.rate_probe:
-            self._rate_probe = "off"
-            self._wake()
-        if error.error_class in PUSHBACK_CLASSES or error.status == 503:
-            self._push_back(ticket, now, error.retry_hint)
+        self._probe_answered(ticket)
+        if error.error_class in PUSHBACK_CLASSES and error.code in CONCURRENCY_CODES:
+            self._refused_in_flight(ticket, now)
+        elif error.error_class in PUSHBACK_CLASSES and error.retry_hint:
+            self._pause(now + error.retry_hint, f"the server asked for {error.retry_hint:g} s")
+            if ticket.started_at >= self._signal.since:
+                self._slow_down(now, "a 429 with a hint")
+        elif pushed_back(error):
+            # One of these alone is random saturation: only its row waits (transport.py). A pattern is a rate.
+            if ticket.rate_probe:
+                self._slow_down(now, "the request sent alone after a pause was refused too")
+            elif self._signal.answer(ticket.started_at, True, now, self.pace.probing(ticket.started_at)):
+                self._slow_down(now, "push-backs came as a pattern, not at random")
+            elif self._signal.run == 1:  # what got through until now: the relay's allowance, if a pattern starts
+                self._ok_before = self._ok.per_s(now)
+        else:
+            self._signal.answer(ticket.started_at, False, now)
         self._breaker_outcome(ticket, now, failed=self.breaker.counts_as_down(error), error=error)
 
     def excuses(self, error: CallError) -> bool:
         """A failure while the relay looks down does not use up the row's attempts: it waits for the relay."""
         return self.breaker.looks_down and self.breaker.counts_as_down(error)
 
-    def _push_back(self, ticket: Ticket, now: float, hint_s: float | None) -> None:
-        """Halve the in-flight limit (at most once a second) and pause every start."""
-        self._successes = 0
-        if now - self._last_decrease >= DECREASE_EVERY_S:
-            self._last_decrease = now
-            self.in_flight.total = max(1, self.limit // 2)
-        if hint_s:
-            self._pause(now + hint_s)
-        elif ticket.started_at >= self._last_backoff:  # not one of the wave that caused the last backoff
-            self._last_backoff = now
-            self._pause(now + backoff_s(self._pushbacks))
-            self._pushbacks += 1
-            if self._rate_probe == "off":
-                # We cannot know when the server's window has room again: one request finds out,
-                # the others wait for its answer instead of all being refused together.
-                self._rate_probe = "wanted"
+    def _slow_down(self, now: float, reason: str) -> None:
+        """Pace slower; if the last slow-down let nothing through, also pause, longer each time.
 
-    def _pause(self, until: float) -> None:
-        self._paused_until = max(self._paused_until, until)
+        A relay whose window counts refused requests and is longer than a second stays full
+        while anything is sent: only a pause lets it empty, and one request sent alone after
+        it tells whether it did, the others waiting for its answer.
+        """
+        if self._cuts_in_a_row:
+            self._pause(now + backoff_s(self._cuts_in_a_row - 1), "slowing down let nothing through")
+            self._rate_probe = "wanted"  # then one request alone finds out whether the window emptied
+        self._cuts_in_a_row += 1
+        let_through = max(self._ok.per_s(now), self._ok_before)
+        self._ok_before = 0.0  # used once: a later slow-down measures afresh
+        rate = self.pace.cut(now, self._sent.per_s(now), let_through)
+        self._signal.restart(now, rate)
+        self._tell("slower", reason, now, rate)
+
+    def _probe_answered(self, ticket: Ticket) -> None:
+        if ticket.rate_probe:
+            self._rate_probe = "off"
+            self._wake()
+
+    def _refused_in_flight(self, ticket: Ticket, now: float) -> None:
+        """The relay's concurrency limit: below what was in flight when this one was sent."""
+        self._successes = 0
+        limit = max(1, min(self.limit, ticket.in_flight - 1))
+        if limit < self.limit:
+            self.in_flight.total = limit
+            self.retries.total = max(1, limit // 2)
+            self._refused_at = limit
+            self._tell("in_flight", f"the relay refused {ticket.in_flight} in flight", now)
+
+    def _grow_in_flight(self) -> None:
+        """+1 after a limit's worth of successes in a row; many more at a limit once refused."""
+        if self.limit >= self.max_concurrency:
+            return
+        self._successes += 1
+        needed = self.limit * (SLOW_PAST_REFUSED if self._refused_at and self.limit >= self._refused_at else 1)
+        if self._successes >= needed:
+            self._successes = 0
+            self.in_flight.total = self.limit + 1
+            self.retries.total = max(1, self.limit // 2)
+
+    def _heed_quota(self, quota: QuotaLeft, ticket: Ticket, now: float) -> None:
+        """x-ratelimit-remaining-* on an answer: pause at the end of the quota, pace when little is left."""
+        token_cost = float(ticket.tokens.amount) if ticket.tokens else 1.0
+        for group, cost in ((quota.requests, 1.0), (quota.tokens, max(token_cost, 1.0))):
+            if group is None:
+                continue
+            starts_left = group.remaining / cost - (self.in_flight.used - 1)  # the others in flight count too
+            if starts_left < 1:
+                self._pause(now + group.reset_s, "x-ratelimit-remaining says the quota is used up")
+                continue
+            rate = starts_left / group.reset_s  # what is left, spread evenly until the reset
+            if group.remaining < QUOTA_LOW * group.limit and rate < self.pace.rate(now):
+                self.pace.cap(rate, now)
+                self._tell("slower", "x-ratelimit-remaining is low", now, rate)
+
+    def _pause(self, until: float, reason: str) -> None:
+        if until > self._paused_until:
+            self._paused_until = until
+            self._tell("paused", reason, anyio.current_time(), paused_until=until)
+
+    def _tell(self, what: str, reason: str, now: float, rate: float | None = None, **extra: Any) -> None:
+        if self.on_change is not None:
+            rate = self.pace.rate(now) if rate is None else rate
+            self.on_change(LimiterChange(now, what, reason, rate, self.limit, **extra))
 
     def _breaker_outcome(self, ticket: Ticket, now: float, failed: bool, error: CallError | None = None) -> None:
         if self.breaker.record(now, failed, ticket.probe, error):

@@ -43,6 +43,7 @@ from batchrun.breaker import OutageBreaker
 from batchrun.checkpoint import Checkpoint, RowRecord
 from batchrun.limits import Limits, Ticket
 from batchrun.protocols import CallError
+from batchrun.protocols.relay_errors import QuotaLeft
 from batchrun.runner import AbortWatch
 from batchrun.sharing import SharedAnswers
 from batchrun.spec import RunSpec
@@ -134,8 +135,8 @@ class Coordinator:
 
     # --- the limiter ----------------------------------------------------------------
 
-    async def acquire(self, tokens: int, worker: str) -> dict[str, Any]:
-        """A place for one attempt estimated at `tokens`.
+    async def acquire(self, tokens: int, worker: str, retry: bool = False) -> dict[str, Any]:
+        """A place for one attempt estimated at `tokens` (`retry`: within the retry budget too).
 
         {"permit": number, "looks_down": ...}; {"refused": error} when the limiter gives up
         (the relay stayed down too long); {"stopped": error} once the job stopped; {"again":
@@ -147,7 +148,7 @@ class Coordinator:
         number = next(self._ids)
         permit = self._permits[number] = _Permit()
         permit.owner = worker
-        permit.task = self._spawn(self._hold(permit, tokens))
+        permit.task = self._spawn(self._hold(permit, tokens, retry))
         await permit.decided.wait()
         if permit.ticket is not None and number in self._permits:
             return {"permit": number, "looks_down": self.limits.breaker.looks_down}
@@ -158,9 +159,9 @@ class Coordinator:
             return {"stopped": await self.tripped()}
         return {"again": True}
 
-    async def _hold(self, permit: _Permit, tokens: int) -> None:
+    async def _hold(self, permit: _Permit, tokens: int, retry: bool) -> None:
         try:
-            async with self.limits.slot(tokens) as ticket:
+            async with self.limits.slot(tokens, retry) as ticket:
                 permit.ticket = ticket
                 permit.decided.set()
                 await permit.released.wait()
@@ -168,11 +169,11 @@ class Coordinator:
             permit.refused = e
             permit.decided.set()
 
-    async def succeeded(self, number: int, actual_tokens: int | None) -> None:
+    async def succeeded(self, number: int, actual_tokens: int | None, quota: QuotaLeft | None = None) -> None:
         """The attempt was answered (`actual_tokens`: its usage). A permit taken back already is past learning from."""
         permit = self._drop(number)
         if permit is not None:
-            self.limits.succeeded(permit.ticket, actual_tokens)
+            self.limits.succeeded(permit.ticket, actual_tokens, quota)
 
     async def failed(self, number: int, fields: dict[str, Any]) -> None:
         permit = self._drop(number)
@@ -364,11 +365,11 @@ class ClusterLimits:
                 self._batches.discard(scope)
 
     @asynccontextmanager
-    async def slot(self, tokens: int) -> AsyncIterator[int]:
+    async def slot(self, tokens: int, retry: bool = False) -> AsyncIterator[int]:
         """A permit's number; its attempt ends with `succeeded` (inside) or `failed` (just after)."""
         answer = {"again": True}
         while "again" in answer:
-            answer = await self._link.ask("acquire", tokens, self._link.worker)
+            answer = await self._link.ask("acquire", tokens, self._link.worker, retry)
         if "refused" in answer:
             raise CallError(**answer["refused"])
         if "stopped" in answer:  # the job stopped: this row stays pending, nothing is sent
@@ -384,8 +385,8 @@ class ClusterLimits:
             self._link.tell("abandoned", answer["permit"])
             raise
 
-    def succeeded(self, permit: int, actual_tokens: int | None) -> None:
-        self._link.tell("succeeded", permit, actual_tokens)
+    def succeeded(self, permit: int, actual_tokens: int | None, quota: QuotaLeft | None = None) -> None:
+        self._link.tell("succeeded", permit, actual_tokens, quota)
 
     def failed(self, permit: int, error: CallError) -> None:
         self._link.tell("failed", permit, error_fields(error))

@@ -7,11 +7,13 @@ OpenAI Batch line, whose body is the request as written (input.format: openai-ba
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import jinja2
 import jinja2.meta
+import jinja2.sandbox
 import orjson
 
 from batchrun.errors import JobError
@@ -20,6 +22,7 @@ from batchrun.spec import Job
 
 ROLES = ("system", "user", "assistant")
 _TEXT_PARTS = ("text", "input_text")
+_INLINE_IMAGE = re.compile(rb'"data:image/[^",]*;base64,[^"]*"')  # a JSON string holding one data URL
 _IMAGE_PARTS = ("image_url", "input_image")
 
 
@@ -27,7 +30,10 @@ class RowInputError(ValueError):
     """This row's input cannot make a request (a malformed conversation): an `input` error row, nothing sent."""
 
 
-_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
+# Sandboxed: a template (or a job file from someone else) cannot reach Python's internals, os.environ and the key.
+_ENV = jinja2.sandbox.SandboxedEnvironment(
+    undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False
+)
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,14 @@ class Request:
     def text_chars(self) -> int:
         chars = len(self.user) + len(self.system or "")
         chars += sum(len(text) for turn in self.messages for kind, text in turn.parts if kind == "text")
-        return chars + (len(orjson.dumps(self.body)) if self.body is not None else 0)
+        if self.body is not None:  # its inline images are no text: they count in body_images
+            chars += len(_INLINE_IMAGE.sub(b'""', orjson.dumps(self.body)))
+        return chars
+
+    @property
+    def body_images(self) -> int:
+        """Inline (data URL) images in a Batch line's body, estimated like prompt.images."""
+        return len(_INLINE_IMAGE.findall(orjson.dumps(self.body))) if self.body is not None else 0
 
 
 class Renderer:

@@ -26,6 +26,8 @@ from batchrun.report import LATENCY_STEP, TIME_BINS, Histogram, Report, TimeBins
 
 THUMB_SIDE = 192
 THUMB_BYTES = 64_000  # without Pillow, images up to this size are embedded as they are
+# Larger images are left out: decoding one to shrink it would take hundreds of MB (a relay may send any image).
+THUMB_SOURCE_PIXELS = 40_000_000
 IMAGES_BUDGET = 4_000_000  # all thumbnails of a page together, in bytes of data URI
 CELL_CHARS = 400
 ANSWER_CHARS = 1_500
@@ -382,8 +384,8 @@ def _gallery(report: Report, budget: list[int]) -> str:
                 f"<figcaption><b>{_e(s.row_id)}</b> {_e(s.prompt, 200)}</figcaption></figure>"
             )
     note = (
-        f"<p class=note>{left_out} images not shown: missing, too large to embed without Pillow, or past the "
-        f"page's {IMAGES_BUDGET // 10**6} MB of images</p>"
+        f"<p class=note>{left_out} images not shown: missing, unreadable, too large to decode (or to embed "
+        f"without Pillow), or past the page's {IMAGES_BUDGET // 10**6} MB of images</p>"
         if left_out
         else ""
     )
@@ -433,9 +435,16 @@ def _data_uri(data: bytes, budget: list[int]) -> str | None:
 
 
 def _shrink(data: bytes) -> tuple[bytes, str]:
+    """A thumbnail of the image; OSError when Pillow cannot read it or it is too large to decode here."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:
+    try:
+        opened = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise OSError(str(e)) from None
+    with opened as image:
+        if image.width * image.height > THUMB_SOURCE_PIXELS:
+            raise OSError(f"{image.width}x{image.height} pixels: too large to shrink for the page")
         image.thumbnail((THUMB_SIDE, THUMB_SIDE))
         out = io.BytesIO()
         if image.mode in ("RGBA", "LA", "P"):

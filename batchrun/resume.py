@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from batchrun import output, spend, storage
+from batchrun import openai_batch, output, spend, storage
 from batchrun.checkpoint import DB_NAME, Checkpoint, checkpoint_folder
 from batchrun.errors import JobError
 from batchrun.fingerprint import compare
@@ -45,10 +45,13 @@ def open_for_run(
     Raises JobError, before any request, when the job changed in a way that changes requests
     and neither --restart nor --rerun-changed was given.
     """
+    written = _written_batch_output(job) if flags.restart else None
     folder, notes = _prepare_folder(job, table, flags)
     checkpoint = Checkpoint(folder, durable)
     try:
         checkpoint.lock_for_run()
+        if written is not None:  # the new checkpoint still knows the Batch output file the job wrote
+            checkpoint.set_meta(openai_batch.WRITTEN_META, written)
         comparison, current = compare(
             checkpoint, job, table, renderer, forget_changed=flags.rerun_changed, ok_only=flags.retry_failed
         )
@@ -61,6 +64,21 @@ def open_for_run(
         checkpoint.close()
         raise
     return checkpoint, notes
+
+
+def _written_batch_output(job: Job) -> str | None:
+    """The stamps of the output.openai_batch files the job wrote, from the checkpoint --restart discards."""
+    folder = checkpoint_folder(job.output_path)
+    if job.openai_batch_path is None or not (folder / DB_NAME).exists():
+        return None
+    try:
+        checkpoint = Checkpoint(folder)
+    except JobError:
+        return None  # unreadable: the file is then refused as any other
+    try:
+        return checkpoint.get_meta(openai_batch.WRITTEN_META)
+    finally:
+        checkpoint.close()
 
 
 def _refusal(job: Job, changes: list[str], changed: int, finished: int) -> str:

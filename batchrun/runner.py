@@ -20,7 +20,6 @@ from types import ModuleType
 from typing import Any
 
 import anyio
-import jinja2
 import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -31,13 +30,14 @@ from batchrun.inputs import ROW_INDEX, InputTable
 from batchrun.limits import Limits, estimate_tokens, output_cap, prompt_tokens_estimate
 from batchrun.progress import Progress
 from batchrun.protocols import CallError, Reply
+from batchrun.redaction import redact
 from batchrun.render import Renderer, Request, RowInputError
 from batchrun.resume import ResumeFlags, open_for_run
 from batchrun.sharing import SharedAnswers, request_key
 from batchrun.spec import Job
 from batchrun.structured import AnswerParser, ask_with_repairs, explain_native_rejection
 from batchrun.timeline import OK, AttemptLog, LimiterTimeline, note_run
-from batchrun.transport import CANNOT_CONNECT, Outcome, Transport, call_with_retries
+from batchrun.transport import CANNOT_CONNECT, AnswerCaps, Outcome, Transport, call_with_retries
 
 ABORT_AFTER = 3  # PROTOCOL.md §5.2 rules B and C
 KEPT_ANSWER_BYTES = 4 << 20  # output.openai_batch: a larger answer body is not kept (its line says so)
@@ -144,6 +144,9 @@ class Run:
         self._held: list[RowRecord] = []
         self._unreachable: CallError | None = None  # the last connection failure since the last answer
         self.interrupts = 0
+        self._workers = 0  # the local run's workers, stand-ins included
+        self._resting = 0  # rows waiting for a retry (their workers' places taken by stand-ins)
+        self._stand_in: Callable[[], None] | None = None  # starts one more worker while the run's rows flow
         self._producing = anyio.CancelScope()
         self.sharing = SharedAnswers()
         max_cost = options.max_cost if options.max_cost is not None else spec.run.max_cost
@@ -187,8 +190,10 @@ class Run:
             )
             with _base_url(self.job) as base_url:
                 self.base_url = base_url
+                run = self.job.spec.run
+                caps = AnswerCaps.of(run)
                 transport = Transport(
-                    base_url, self.api_key, self.job.spec.run.timeout_s, self.concurrency, self.protocol.KEY_HEADER
+                    base_url, self.api_key, run.timeout_s, self.concurrency, caps, self.protocol.KEY_HEADER
                 )
                 try:
                     await self._run_all(checkpoint, transport, progress)
@@ -196,6 +201,9 @@ class Run:
                     await transport.aclose()
                     await self.images.aclose()
                     progress.close()
+            if checkpoint.failure is not None:  # nothing more can be written, the run's note included
+                resume = f"run `batchrun run {self.job.path}` again to resume"
+                raise RunAborted(f"run stopped: {checkpoint.failure}; {resume}")
             note_run(checkpoint, self._exit_state(), time.time(), time.monotonic() - started)
             if self.interrupts:
                 when = f"after {GRACE_S:g} s" if self.interrupts == 1 else "at the second Ctrl-C"
@@ -220,12 +228,20 @@ class Run:
         async with anyio.create_task_group() as tg:
             tg.start_soon(checkpoint.flush_loop)
             tg.start_soon(self._report_waits, progress)
-            async with anyio.create_task_group() as work:
+            async with receive, anyio.create_task_group() as work:  # stand-ins clone `receive` until the end
+
+                def start_worker() -> None:
+                    work.start_soon(
+                        self._counted_work, receive.clone(), checkpoint, transport, progress, work.cancel_scope
+                    )
+
+                self._stand_in = start_worker
                 tg.start_soon(self._stop_on_ctrl_c, checkpoint, work.cancel_scope)
+                tg.start_soon(self._stop_on_checkpoint_failure, checkpoint, work.cancel_scope)
                 work.start_soon(self._produce_until_ctrl_c, send, checkpoint, progress)
                 for _ in range(self.concurrency):
-                    work.start_soon(self._work, receive.clone(), checkpoint, transport, progress, work.cancel_scope)
-                receive.close()
+                    start_worker()
+            self._stand_in = None
             if self.watch.tripped is None:
                 self._release_held(checkpoint, progress)
             if self.timeline is not None:
@@ -238,6 +254,12 @@ class Run:
     ) -> None:
         with self._producing:
             await self._produce(send, checkpoint, progress)
+
+    async def _stop_on_checkpoint_failure(self, checkpoint: Checkpoint, work: anyio.CancelScope) -> None:
+        """Disk full or read-only: nothing more can be stored, so nothing more is sent or waited for."""
+        await checkpoint.failed.wait()
+        self._producing.cancel()
+        work.cancel()
 
     async def _stop_on_ctrl_c(self, checkpoint: Checkpoint, work: anyio.CancelScope) -> None:
         """First Ctrl-C: send no new row; rows in flight get GRACE_S to finish. A second one cancels them now.
@@ -263,7 +285,8 @@ class Run:
         if self.options.presses is not None:
             yield self.options.presses.wait
             return
-        with anyio.open_signal_receiver(signal.SIGINT) as signals:
+        # SIGTERM is what `timeout`, systemd, Kubernetes and batch schedulers send: the same as a Ctrl-C.
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             yield partial(anext, signals)
 
     async def _produce(
@@ -292,13 +315,13 @@ class Run:
         row_id = str(row[self.table.id_name])
         try:
             request = self.renderer.render(row)
-        except (jinja2.TemplateError, RowInputError) as e:
-            what = f"template: {e}" if isinstance(e, jinja2.TemplateError) else f"row {row_id}: {e}"
+        except Exception as e:  # a template or filter failing on this row's values (jinja2 does not wrap them all)
+            what = f"row {row_id}: {e}" if isinstance(e, RowInputError) else f"template: {e}"
             checkpoint.finish(_input_error(idx, row_id, what))
             progress.row_done("error", None)
             return None
         chars = request.text_chars
-        image_tokens = images.IMAGE_TOKEN_ESTIMATE * len(request.images)
+        image_tokens = images.IMAGE_TOKEN_ESTIMATE * (len(request.images) + request.body_images)
         params = {**request.body, **spec.params} if request.body is not None else spec.params
         estimate = estimate_tokens(chars, params) + image_tokens
         prompt_estimate = prompt_tokens_estimate(chars) + image_tokens
@@ -333,6 +356,27 @@ class Run:
             checkpoint.withdraw(held.idx)
         self._held.clear()
 
+    async def _counted_work(self, *args: Any) -> None:
+        self._workers += 1
+        try:
+            await self._work(*args)
+        finally:
+            self._workers -= 1
+
+    async def _rest(self, seconds: float) -> None:
+        """A row waits for its retry: a stand-in worker takes the next row meanwhile, so the places stay busy.
+
+        Rows resting hold no place, and at most as many stand-ins as places run at once.
+        """
+        self._resting += 1
+        try:
+            active = self._workers - self._resting
+            if self._stand_in is not None and active < self.concurrency and self._workers < 2 * self.concurrency:
+                self._stand_in()
+            await anyio.sleep(seconds)
+        finally:
+            self._resting -= 1
+
     async def _work(
         self,
         receive: MemoryObjectReceiveStream[WorkItem],
@@ -342,34 +386,57 @@ class Run:
         scope: anyio.CancelScope,
     ) -> None:
         async with receive:
-            async for item in receive:
+            while self._workers - self._resting <= self.concurrency:  # else a stand-in retires
+                try:
+                    item = await receive.receive()
+                except anyio.EndOfStream:
+                    break
                 if self.budget.stopped:
                     continue  # left pending: the budget allows no more requests
-                record = await self.sharing.find(item.key, item.idx, item.row_id)
-                if record is not None:
-                    checkpoint.finish(record)
-                    progress.row_done(self._status(record), record)
-                    continue
-                with self.sharing.leading(item.key) as publish:
-                    asked = await self._ask(item, checkpoint, transport)
-                    if asked is None:
-                        continue
-                    record, outcome = asked
-                    publish(record)
-                if outcome.error is not None and outcome.error.abort is not None:
-                    # Held back: if the run aborts, this row stays pending rather than failed.
-                    self._held.append(record)
-                    if self.watch.tripped is not None:
-                        self.settle_held(checkpoint, progress)
-                        scope.cancel()
+                try:
+                    if not await self._row(item, checkpoint, transport, progress, scope):
                         return
-                    continue
-                if outcome.reply is not None:
-                    self._unreachable = None
-                    self.watch.on_success()
-                    self._release_held(checkpoint, progress)
-                checkpoint.finish(record)
-                progress.row_done(self._status(record), record)
+                except Exception as e:  # the row is the unit of failure: this row's error, and the run goes on
+                    self._finish(checkpoint, progress, _internal_error(item, e))
+
+    async def _row(
+        self,
+        item: WorkItem,
+        checkpoint: Checkpoint,
+        transport: Transport,
+        progress: Progress,
+        scope: anyio.CancelScope,
+    ) -> bool:
+        """Everything one row's work does, up to its finished record; False when the run is stopping."""
+        record = await self.sharing.find(item.key, item.idx, item.row_id)
+        if record is not None:
+            self._finish(checkpoint, progress, record)
+            return True
+        with self.sharing.leading(item.key) as publish:
+            asked = await self._ask(item, checkpoint, transport)
+            if asked is None:
+                return True
+            record, outcome = asked
+            publish(record)
+        if outcome.error is not None and outcome.error.abort is not None:
+            # Held back: if the run aborts, this row stays pending rather than failed.
+            self._held.append(record)
+            if self.watch.tripped is not None:
+                self.settle_held(checkpoint, progress)
+                scope.cancel()
+                return False
+            return True
+        if outcome.reply is not None:
+            self._unreachable = None
+            self.watch.on_success()
+            self._release_held(checkpoint, progress)
+        self._finish(checkpoint, progress, record)
+        return True
+
+    def _finish(self, checkpoint: Checkpoint, progress: Progress, record: RowRecord) -> None:
+        """Counted first, then stored: a failure while counting ends the row as `internal` instead, stored once."""
+        progress.row_done(self._status(record), record)
+        checkpoint.finish(record)
 
     async def _ask(
         self, item: WorkItem, checkpoint: Checkpoint, transport: Transport
@@ -414,6 +481,7 @@ class Run:
                 spec.run.max_attempts,
                 on_error,
                 before_first_send=begin if first else _nothing,
+                rest=self._rest,
             )
             reply = outcome.reply
             if reply is None:
@@ -532,10 +600,9 @@ class Run:
 
     def _release_held(self, checkpoint: Checkpoint, progress: Progress) -> None:
         """The run goes on after all: rows held back by a possible abort are errors after all."""
-        for held in self._held:
-            checkpoint.finish(held)
-            progress.row_done(self._status(held), held)
-        self._held.clear()
+        held, self._held = self._held, []
+        for record in held:
+            self._finish(checkpoint, progress, record)
 
     def _summary(
         self, totals: dict[str, Any], written: dict[str, Any], total: int, interrupted: int, wall_s: float
@@ -565,34 +632,48 @@ class Run:
 
 
 def _record(item: WorkItem, outcome: Outcome) -> RowRecord:
+    """The row as stored; the answer's texts masked like every message (the model may echo a key in the prompt)."""
     reply, error = outcome.reply, outcome.error
-    calls = orjson.dumps(reply.tool_calls).decode() if reply and reply.tool_calls else None
+    calls = redact(orjson.dumps(reply.tool_calls).decode()) if reply and reply.tool_calls else None
+    note = "; ".join(reply.notes) if reply and reply.notes else None  # an ok row's `error` says what was odd
     return RowRecord(
         idx=item.idx,
         row_id=item.row_id,
         status="ok" if reply is not None else "error",
-        response_text=reply.text if reply else None,
+        response_text=redact(reply.text) if reply and reply.text else None,
         tool_calls=calls,
         finish_reason=reply.finish_reason if reply else None,
-        model=reply.model if reply else None,
+        model=redact(reply.model) if reply and reply.model else None,
         prompt_tokens=reply.prompt_tokens if reply else None,
         completion_tokens=reply.completion_tokens if reply else None,
         latency_s=round(outcome.latency_s, 4),
         attempts=outcome.attempts,
         error_class=error.error_class if error else None,
-        error=str(error) if error else None,
+        error=str(error) if error else note,
         finished_at=time.time(),
         request_hash=item.request_hash,
         answer=_kept_answer(reply),
     )
 
 
+def _internal_error(item: WorkItem, e: Exception) -> RowRecord:
+    """An exception nobody foresaw in this row's work, as the row's result (masked, like every message)."""
+    message = redact(f"internal: {type(e).__name__}: {e}")[:2000]
+    failed = RowRecord(item.idx, item.row_id, "error", *[None] * 7, 0, "internal", message, time.time())
+    failed.request_hash = item.request_hash
+    return failed
+
+
 def _kept_answer(reply: Reply | None) -> tuple[int, str | None, bytes] | None:
-    """The answer body for output.openai_batch, when kept and not larger than the checkpoint keeps."""
+    """The answer body for output.openai_batch, when kept and not larger than the checkpoint keeps.
+
+    Unlike the answer's text, the body carries every field a relay sends, and the request id is
+    its header: a key echoed in either is masked before the checkpoint stores them."""
     if reply is None or reply.answer is None:
         return None
-    body = orjson.dumps(reply.answer)
-    return (200, reply.request_id, body) if len(body) <= KEPT_ANSWER_BYTES else None
+    body = redact(orjson.dumps(reply.answer).decode()).encode()
+    request_id = redact(reply.request_id) if reply.request_id is not None else None
+    return (200, request_id, body) if len(body) <= KEPT_ANSWER_BYTES else None
 
 
 async def _nothing() -> None:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from batchrun import storage
 from batchrun.errors import JobError
-from batchrun.redaction import register_secret
+from batchrun.redaction import MIN_KEY_CHARS, register_secret, too_short
 from batchrun.structured import output_problems
 
 EMULATOR = "emulator"
@@ -78,6 +78,7 @@ class PromptSpec(_Section):
     messages: str | None = None  # a column holding the whole conversation (a list of {role, content})
     images: list[str] = Field(default_factory=list)
     max_image_side: int | None = Field(default=None, ge=16)
+    max_image_mb: float = Field(default=20, gt=0)  # one image file or download; larger is the row's `input` error
 
 
 class OutputSpec(_Section):
@@ -97,7 +98,9 @@ class RunSpec(_Section):
     requests_per_minute: float | None = Field(default=None, gt=0)
     tokens_per_minute: float | None = Field(default=None, gt=0)
     max_attempts: int = Field(default=5, ge=1, le=100)
-    timeout_s: float = Field(default=120, gt=0)
+    timeout_s: float = Field(default=120, gt=0)  # idle: the longest wait for the next bytes of an answer
+    answer_timeout_s: float = Field(default=600, gt=0)  # a whole streamed answer (a whole JSON one: timeout_s)
+    max_answer_mb: float = Field(default=16, gt=0)  # one answer's bytes; beyond, the row is `too_large`
     outage_timeout_s: float = Field(default=600, gt=0)  # how long to wait for a relay that seems down
     max_cost: float | None = Field(default=None, ge=0)
 
@@ -120,6 +123,10 @@ class JobSpec(_Section):
     output: OutputSpec
     run: RunSpec = Field(default_factory=RunSpec)
     pricing: PricingSpec | None = None
+
+
+MAX_JOB_VALUES = 1_000_000  # values in the job file once YAML aliases are expanded; real jobs have hundreds
+MAX_JOB_CHARS = 64 << 20  # their text, likewise: beyond, every request body would be absurdly large
 
 
 class Job:
@@ -190,6 +197,11 @@ class Job:
         """The key from the environment; never stored anywhere by batchrun."""
         env = self.spec.provider.api_key_env
         key = os.environ.get(env, "").strip()  # a pasted key often brings a newline along
+        if too_short(key):
+            raise JobError(
+                f"{self.path}: provider.api_key_env: the key in {env} has fewer than {MIN_KEY_CHARS} characters, "
+                "too short to keep out of messages safely; set it to the key exactly as issued"
+            )
         register_secret(key)
         if not key and not self.uses_emulator:
             raise JobError(
@@ -314,6 +326,11 @@ def _validated(
     frame: pl.DataFrame | None = None,
 ) -> Job:
     """The job of these keys, or the first problem as a JobError naming `path` and the line."""
+    if _too_big(data):
+        raise JobError(
+            f"{path}: the job file expands to more than {MAX_JOB_VALUES:,} values or {MAX_JOB_CHARS >> 20} MB of text "
+            "(YAML aliases repeating aliases?); every request would be absurdly large; refused"
+        )
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as e:
@@ -360,7 +377,12 @@ def _describe(path: str | os.PathLike[str], error: ValidationError, lines: dict[
     if err["type"] == "missing":
         return f"{where}: missing key '{key}'"
     got = err.get("input")
-    shown = f" (got {got!r})" if got is not None and not isinstance(got, (dict, list)) else ""
+    # storage_options may hold secrets: their values are never repeated back.
+    shown = (
+        f" (got {got!r})"
+        if got is not None and not isinstance(got, (dict, list)) and "storage_options" not in loc
+        else ""
+    )
     message = err["msg"].removeprefix("Value error, ")  # our own validators' messages say it all
     return f"{where}: {key}: {message}{shown if message == err['msg'] else ''}"
 
@@ -388,18 +410,47 @@ def _nearest_line(loc: list[str], lines: dict[str, int]) -> int:
     return 1
 
 
-def _line_index(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
-    """Dotted key -> 1-based line number, for mappings (lists are indexed by position)."""
+def _too_big(data: Any) -> bool:
+    """Whether the loaded job, with every alias expanded, passes MAX_JOB_VALUES or MAX_JOB_CHARS.
+
+    Counted without expanding anything and stopping at the limit, so an alias bomb costs the limit, not 2^N.
+    """
+    values = chars = 0
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        values += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        else:
+            chars += len(item) if isinstance(item, str) else 8
+        if values > MAX_JOB_VALUES or chars > MAX_JOB_CHARS:
+            return True
+    return False
+
+
+def _line_index(node: yaml.Node | None, prefix: str = "", seen: set[int] | None = None) -> dict[str, int]:
+    """Dotted key -> 1-based line number, for mappings (lists are indexed by position).
+
+    A node reached again through an alias is not walked again: an alias bomb would take 2^N steps.
+    """
+    seen = set() if seen is None else seen
     out: dict[str, int] = {}
+    if id(node) in seen:
+        return out
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = f"{prefix}{key_node.value}"
             out[key] = key_node.start_mark.line + 1
-            out.update(_line_index(value_node, key + "."))
+            out.update(_line_index(value_node, key + ".", seen))
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out[f"{prefix}{i}"] = item.start_mark.line + 1
-            out.update(_line_index(item, f"{prefix}{i}."))
+            out.update(_line_index(item, f"{prefix}{i}.", seen))
     return out
 
 
@@ -423,10 +474,15 @@ def _input_problems(job: Job) -> list[tuple[str, str]]:
         what = "recognised as an OpenAI Batch file" if job.format_recognised else "input.format is openai-batch"
         if job.frame is not None:
             return [("input.format", "an OpenAI Batch file is read from input.path, not from a frame given in Python")]
+        # A recognised file may be meant as plain rows: say how to read it so.
+        way_out = " (or set input.format: table to read its lines as rows)" if job.format_recognised else ""
         for key in ("user", "system", "messages", "images"):
             if getattr(prompt, key):
                 return [
-                    (f"prompt.{key}", f"{what}: its lines are the requests, so templates are not used; remove prompt")
+                    (
+                        f"prompt.{key}",
+                        f"{what}: its lines are the requests, so templates are not used; remove prompt{way_out}",
+                    )
                 ]
         if spec.input.id_column not in (None, "custom_id"):
             return [("input.id_column", f"{what}: custom_id is the row id; remove input.id_column")]

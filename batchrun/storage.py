@@ -120,6 +120,8 @@ def check_output(url: str, options: dict[str, str] | None, fresh: bool) -> None:
             raise JobError(f"output.path {url}: {problem}") from None
         if isinstance(e, FileNotFoundError):
             return  # nothing at the key yet
+        if isinstance(e, OSError):  # the store did not answer as it should (polars' parse errors are not OSError)
+            raise JobError(f"output.path {url}: cannot check the output key: {first_line(e)}") from None
     if fresh:
         raise JobError(
             f"output.path {url}: an object is already there and no checkpoint of this job wrote it; "

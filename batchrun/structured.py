@@ -38,6 +38,7 @@ PARSE_NOTE = "parse_note"
 WHOLE_VALUE = "parsed"  # the column for a value that is not an object with properties
 JSON_TEXT = pl.String()  # values with no single column type are kept as JSON text
 MAX_REASON_CHARS = 300
+MAX_JSON_DEPTH = 100  # deeper answers are refused: the schema check and the columns recurse (Python's limit is 1000)
 _FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\r?\n?(.*?)```", re.DOTALL)
 _EXTRACT_TRIES = 20  # start positions tried when looking for JSON inside prose
 
@@ -157,6 +158,12 @@ class AnswerParser:
         return cls(spec.output.parse, answer_schema(spec))
 
     def judge(self, text: str | None, finish_reason: str | None, tool_calls: list[dict[str, Any]] | None) -> Verdict:
+        try:
+            return self._judge(text, finish_reason, tool_calls)
+        except RecursionError:  # the parser itself, on text nested thousands deep
+            return _invalid(f"the answer's JSON is nested deeper than {MAX_JSON_DEPTH} levels")
+
+    def _judge(self, text: str | None, finish_reason: str | None, tool_calls: list[dict[str, Any]] | None) -> Verdict:
         if finish_reason in CUT_OFF_REASONS:
             return Verdict(
                 error_class=TRUNCATED,
@@ -169,6 +176,8 @@ class AnswerParser:
                 value, note = json.loads(tool_calls[0]["arguments"]), None
             except ValueError as e:
                 return _invalid(f"the tool call's arguments are not JSON: {e}")
+            if _deeper_than(value, MAX_JSON_DEPTH):
+                return _invalid(f"the answer's JSON is nested deeper than {MAX_JSON_DEPTH} levels")
         else:
             if text is None or not text.strip():
                 return _invalid("the answer has no text to parse as JSON")
@@ -176,6 +185,8 @@ class AnswerParser:
                 value, note = extract_json(text)
             except ValueError as e:
                 return _invalid(f"the answer is not JSON: {e}")
+            if _deeper_than(value, MAX_JSON_DEPTH):  # before the schema check, which recurses
+                return _invalid(f"the answer's JSON is nested deeper than {MAX_JSON_DEPTH} levels")
         if self._validator is not None:
             error = best_match(self._validator.iter_errors(value))
             if error is not None:
@@ -223,6 +234,18 @@ class AnswerParser:
         order += [*self.columns, PARSE_NOTE]
         order += [c for c in frame.columns if c not in order]
         return frame.select(order)
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether a parsed JSON value nests deeper than `limit` (without recursion: the point is to avoid it)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def _invalid(reason: str) -> Verdict:

@@ -26,30 +26,41 @@ import aiohttp
 import anyio
 import orjson
 
-from batchrun.limits import Limits, backoff_s
+from batchrun.limits import Limits, backoff_s, pushed_back
 from batchrun.protocols import CallError, Decoder, Reply, StreamAnswer
-from batchrun.protocols.relay_errors import from_body, from_response
-from batchrun.protocols.sse import SSEParser
+from batchrun.protocols.relay_errors import from_body, from_response, quota_left
+from batchrun.protocols.sse import SSEParser, too_large
+from batchrun.redaction import excerpt
+from batchrun.spec import RunSpec
 
 
 class Transport:
     def __init__(
-        self, base_url: str, api_key: str, timeout_s: float, concurrency: int, key_header: str | None = None
+        self,
+        base_url: str,
+        api_key: str,
+        timeout_s: float,
+        concurrency: int,
+        caps: AnswerCaps | None = None,
+        key_header: str | None = None,
     ) -> None:
         """`key_header`: a header that carries the key too, for relays that read only their API's own
         (the protocol's KEY_HEADER: Gemini's `x-goog-api-key`)."""
         self.api_key = api_key
         self.timeout_s = timeout_s
+        self.caps = caps or AnswerCaps()
         self._base_url = base_url.rstrip("/")
         headers = {"content-type": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
             if key_header:
                 headers[key_header] = api_key
-        # PROTOCOL.md §6.4. A stream has no total cap: sock_read applies to every read, its idle timeout.
-        # A whole answer must come within timeout_s (aiohttp's own timer: anyio.fail_after cost 4% of the CPU).
+        # PROTOCOL.md §6.4. sock_read applies to every read: the idle timeout. A whole answer must come within
+        # timeout_s, a stream within answer_timeout_s (aiohttp's own timer: anyio.fail_after cost 4% of the CPU).
         connect = min(10.0, timeout_s)
-        self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=timeout_s)
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=self.caps.answer_timeout_s, sock_connect=connect, sock_read=timeout_s
+        )
         self._whole_timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect, sock_read=timeout_s)
         self._session = aiohttp.ClientSession(
             headers=headers,
@@ -59,17 +70,25 @@ class Transport:
         self._proxy = _env_proxy(self._base_url)
 
     async def attempt(self, path: str, body: bytes, decoder: Decoder) -> Reply:
-        """One POST and its answer; every failure becomes a CallError (key redacted)."""
+        """One POST and its answer; every failure becomes a CallError (key redacted).
+
+        This is the protocol boundary: whatever the relay sends, and whatever a decoder makes of it, ends here
+        as a Reply or a CallError; an exception nobody foresaw is an `internal` error of this row, not a crash.
+        """
         try:
             return await self._exchange(path, body, decoder)
+        except CallError:
+            raise
         except aiohttp.ServerTimeoutError as e:  # connect or idle read (before TimeoutError: it is one)
             raise self._network_error("timeout", e) from None
         except aiohttp.ClientConnectorError as e:  # before ClientError: it is one
             raise CallError("connection", CANNOT_CONNECT + cannot_connect(e)) from None
         except asyncio.TimeoutError:  # the whole answer's timer; asyncio's is not the builtin on Python 3.10
-            raise CallError("timeout", f"timeout: no complete answer within {self.timeout_s:g} s") from None
+            raise self._deadline_error(decoder.stream) from None
         except aiohttp.ClientError as e:
             raise self._network_error("connection", e) from None
+        except Exception as e:  # a shape no decoder foresaw: this row's error, not the run's (not retried)
+            raise CallError("internal", f"internal: {type(e).__name__}: {e}", retryable=False) from None
 
     async def _exchange(self, path: str, body: bytes, decoder: Decoder) -> Reply:
         url = self._base_url + path
@@ -78,15 +97,24 @@ class Transport:
             url, data=body, allow_redirects=False, proxy=self._proxy, timeout=timeout
         ) as response:
             if response.status >= 300:
-                raise from_response(response.status, await response.read(), response.headers)
+                raise from_response(response.status, await _read_at_most(response, ERROR_BODY_BYTES), response.headers)
             try:
-                reply = await read_answer(response.content.iter_any(), decoder)
+                reply = await read_answer(response.content.iter_any(), decoder, self.caps.max_answer_bytes)
             except CallError as e:
                 e.request_id = e.request_id or response.headers.get("x-oneapi-request-id")
                 raise
+            if _QUOTA_HEADERS.intersection(response.headers):
+                reply.quota = quota_left(response.headers)
             if decoder.keep_answer:
                 reply.request_id = response.headers.get("x-oneapi-request-id") or response.headers.get("x-request-id")
             return reply
+
+    def _deadline_error(self, stream: bool) -> CallError:
+        if stream:
+            limit, knob = self.caps.answer_timeout_s, "run.answer_timeout_s"
+        else:
+            limit, knob = self.timeout_s, "run.timeout_s"
+        return CallError("timeout", f"timeout: no complete answer within {limit:g} s ({knob})")
 
     def _network_error(self, error_class: str, e: Exception) -> CallError:
         # aiohttp messages may echo URLs or headers: CallError masks the key in them.
@@ -110,6 +138,10 @@ def cannot_connect(e: aiohttp.ClientConnectorError) -> str:
     return f"{where}: {reason.lower()}"
 
 
+FLAT_PUSHBACK_RETRIES = 2
+_QUOTA_HEADERS = {"x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens"}
+
+
 def _env_proxy(base_url: str) -> str | None:
     """HTTPS_PROXY / HTTP_PROXY / NO_PROXY, read once: aiohttp's `trust_env` reads them in a thread per request."""
     parts = urllib.parse.urlsplit(base_url)
@@ -118,19 +150,53 @@ def _env_proxy(base_url: str) -> str | None:
     return urllib.request.getproxies().get(parts.scheme)
 
 
+ERROR_BODY_BYTES = 1 << 20  # an error body is read this far: enough for any error message, and no more
+
+
+@dataclass(frozen=True)
+class AnswerCaps:
+    """How much of one answer is read, and for how long (run.max_answer_mb, run.answer_timeout_s)."""
+
+    max_answer_bytes: int = 16 << 20
+    answer_timeout_s: float = 600.0
+
+    @classmethod
+    def of(cls, run: RunSpec) -> AnswerCaps:
+        return cls(int(run.max_answer_mb * 2**20), run.answer_timeout_s)
+
+
+async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body's first `limit` bytes; the rest is never read (the connection is dropped with the response)."""
+    body = bytearray()
+    while len(body) < limit:
+        chunk = await response.content.read(limit - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
+
+
 _BLANK = b" \t\r\n\xef\xbb\xbf"  # whitespace and a UTF-8 BOM
 _SSE_STARTS = b"de:ir"  # data, event, a comment, id, retry
 
 
-async def read_answer(chunks: AsyncIterator[bytes], decoder: Decoder) -> Reply:
+async def read_answer(
+    chunks: AsyncIterator[bytes], decoder: Decoder, limit: int = AnswerCaps.max_answer_bytes
+) -> Reply:
     """The answer, framed by its first non-blank byte whatever the Content-Type (§4.3, §7 item 22):
-    `{` one whole JSON answer, `[` a JSON array of stream events, else server-sent events."""
+    `{` one whole JSON answer, `[` a JSON array of stream events, else server-sent events.
+
+    At most `limit` bytes are held: of a JSON body, of one stream line, and of a stream's answer put together
+    (a stream's keep-alives and event wrappers are not held, so they do not count; answer_timeout_s ends them).
+    """
     reader = chunks.__aiter__()
     head = b""
     async for chunk in reader:
         head += chunk
         if head.lstrip(_BLANK):
             break
+        if len(head) > limit:
+            raise too_large(limit, "the answer's leading blank space")
     first = head.lstrip(_BLANK)[:1]
     if not first:
         raise CallError("malformed", "malformed response: empty body", abort="C")
@@ -138,6 +204,8 @@ async def read_answer(chunks: AsyncIterator[bytes], decoder: Decoder) -> Reply:
         body = bytearray(head)
         async for chunk in reader:
             body += chunk
+            if len(body) > limit:
+                raise too_large(limit, "the answer")
         data = _json(bytes(body))
         if first == b"{":
             reply = decoder.parse(data)
@@ -154,12 +222,14 @@ async def read_answer(chunks: AsyncIterator[bytes], decoder: Decoder) -> Reply:
         stream.done()  # a closed array is a whole stream: its `]` is the terminator
         return _streamed_reply(stream, decoder)
     stream = decoder.new_stream()
-    parser = SSEParser()
+    parser = SSEParser(max_line=limit)
     for data_text in parser.feed(head):
         _event(stream, data_text)
     async for chunk in reader:
         for data_text in parser.feed(chunk):
             _event(stream, data_text)
+        if stream.size > limit:
+            raise too_large(limit, "the streamed answer")
     for data_text in parser.close():
         _event(stream, data_text)
     return _streamed_reply(stream, decoder)
@@ -173,11 +243,15 @@ def _streamed_reply(stream: StreamAnswer, decoder: Decoder) -> Reply:
 
 
 def _json(body: bytes) -> Any:
+    """One rule for invalid UTF-8, as in a stream's lines (sse.py): each bad byte becomes U+FFFD."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
-        excerpt = " ".join(body[:400].decode("utf-8", "replace").split())[:200]
-        raise CallError("malformed", f"malformed response: not JSON: {excerpt}", abort="C") from None
+        pass
+    try:
+        return orjson.loads(body.decode("utf-8", "replace"))
+    except orjson.JSONDecodeError:
+        raise CallError("malformed", f"malformed response: not JSON: {excerpt(body)}", abort="C") from None
 
 
 def _event(stream: StreamAnswer, data: str) -> None:
@@ -187,7 +261,7 @@ def _event(stream: StreamAnswer, data: str) -> None:
     try:
         event = orjson.loads(data)
     except orjson.JSONDecodeError:
-        raise CallError("malformed", f"malformed stream event: not JSON: {data[:200]}", abort="C") from None
+        raise CallError("malformed", f"malformed stream event: not JSON: {excerpt(data)}", abort="C") from None
     _add_event(stream, event)
 
 
@@ -209,9 +283,16 @@ class Outcome:
 
 
 def backoff_delay(retries_made: int, error: CallError) -> float:
-    """PROTOCOL.md §6.1: a server hint wins; else exponential with equal jitter."""
+    """PROTOCOL.md §6.1: a server hint wins; else exponential with equal jitter.
+
+    A hint-less push-back (429, 503) is mostly random upstream saturation, and the limiter
+    paces everyone if it is a pattern: its first FLAT_PUSHBACK_RETRIES retries wait 0.25-0.5 s,
+    not more and more (an unlucky row's growing wait was the slow tail of a whole run).
+    """
     if error.retry_hint is not None:
         delay = error.retry_hint + random.uniform(0, 1)
+    elif pushed_back(error):
+        delay = backoff_s(retries_made - FLAT_PUSHBACK_RETRIES)
     else:
         delay = backoff_s(retries_made)
     return max(delay, error.min_delay)
@@ -233,18 +314,20 @@ async def call_with_retries(
     max_attempts: int,
     on_error: Callable[[CallError], None],
     before_first_send: Callable[[], Awaitable[None]],
+    rest: Callable[[float], Awaitable[None]] = anyio.sleep,
 ) -> Outcome:
     """Attempt until success, a final error, or `max_attempts`.
 
     `before_first_send` runs once a place is granted, right before the first request
-    (the checkpoint's intent record); `on_error` sees every failure (abort rules).
+    (the checkpoint's intent record); `on_error` sees every failure (abort rules);
+    `rest` waits out the back-off before a retry (the runner lends the row's worker meanwhile).
     """
     payload = orjson.dumps(body)
     attempts = excused = 0
     started = time.monotonic()
     while True:
         try:
-            async with limits.slot(estimate) as ticket:
+            async with limits.slot(estimate, retry=attempts > 0) as ticket:
                 attempts += 1
                 if attempts == 1:
                     await before_first_send()
@@ -254,7 +337,7 @@ async def call_with_retries(
                 except CallError as e:
                     error = e
                 else:
-                    limits.succeeded(ticket, _total_tokens(reply))
+                    limits.succeeded(ticket, _total_tokens(reply), reply.quota)
                     return Outcome(reply, None, attempts, time.monotonic() - started)
         except CallError as gave_up:  # the outage breaker: the relay stayed down too long
             on_error(gave_up)
@@ -264,7 +347,7 @@ async def call_with_retries(
         excused += limits.excuses(error)
         if not may_retry(error, attempts - excused, max_attempts):
             return Outcome(None, error, attempts, time.monotonic() - started)
-        await anyio.sleep(backoff_delay(attempts - 1 - excused, error))
+        await rest(backoff_delay(attempts - 1 - excused, error))
 
 
 def _total_tokens(reply: Reply) -> int | None:

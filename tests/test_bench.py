@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import run_cli
 
 
@@ -24,3 +25,15 @@ def test_quick_bench_prints_the_table_and_writes_the_figures(tmp_path: Path) -> 
         assert s["ratio"] == round(s["pipeline"]["rps"] / s["reference"]["rps"], 3)
     assert {s["stack"] for s in data["stacks"]} >= {"httpx", "aiohttp"}
     assert data["emulator_rps_at_least"] > 0
+
+
+@pytest.mark.slow
+def test_push_back_bench_reports_every_scenario_against_its_target(tmp_path: Path) -> None:
+    figures = tmp_path / "push-back.json"
+    result = run_cli("bench", "--push-back", "--quick", "--json", str(figures), timeout=600)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(figures.read_text())
+    names = {f["scenario"] for f in data["push_back"]}
+    assert {"random 429 at 0.1", "random 503 at 0.05", "random 429 at 0.3", "rate limit halved"} <= names
+    assert all(f["target"] and isinstance(f["met"], bool) for f in data["push_back"])
+    assert "push-back" in result.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -213,3 +214,31 @@ def test_a_key_pasted_with_a_newline_works_and_a_broken_one_is_refused(tmp_path:
     assert "TEST_RELAY_KEY" in refused.stderr and "HTTP header" in refused.stderr
     assert broken not in refused.stderr and "Traceback" not in refused.stderr
     assert_key_nowhere(tmp_path, pasted, refused)
+
+
+def _post(url: str, body: bytes) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, method="POST", headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_the_emulator_limits_change_mid_run(started) -> None:
+    emulator = started()
+    chat = emulator.url + "/v1/chat/completions"
+    ask = b'{"model": "gpt-5.4", "messages": [{"role": "user", "content": "hi"}]}'
+    assert [_post(chat, ask)[0] for _ in range(3)] == [200, 200, 200]
+
+    status, body = _post(emulator.url + "/_emulator/limits", b'{"rpm_limit": 2, "rpm_window_s": 60}')
+    assert status == 200 and json.loads(body)["rpm_limit"] == 2
+    assert [_post(chat, ask)[0] for _ in range(3)] == [200, 200, 429]
+
+    assert _post(emulator.url + "/_emulator/limits", b'{"rpm_limit": null}')[0] == 200
+    assert _post(chat, ask)[0] == 200
+    assert _post(emulator.url + "/_emulator/limits", b'{"rpm_limit": -1}')[0] == 400
+    assert _post(emulator.url + "/_emulator/limits", b'{"latency": 1}')[0] == 400

@@ -6,21 +6,30 @@ tests record every start and check the promises on the record itself.
 
 from __future__ import annotations
 
+import contextvars
 import random
 from bisect import bisect_left
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import anyio
 import pytest
+import trio
 from trio.testing import MockClock
 
-from batchrun.limits import Limits, MinuteBudget, estimate_tokens
+from batchrun.emulator.faults import RequestWindow
+from batchrun.limits import LimiterChange, Limits, MinuteBudget, Ticket, estimate_tokens
 from batchrun.protocols import CallError
+from batchrun.protocols.relay_errors import QuotaGroup, QuotaLeft
+from batchrun.transport import backoff_delay
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
 def anyio_backend():
+    # trio runs ready tasks in a random order on purpose; seeded, every run of a test is the same run.
+    trio._core._run._r.seed(0)
     return "trio", {"clock": MockClock(autojump_threshold=0)}
 
 
@@ -129,65 +138,6 @@ def test_budget_pacing_gives_back_an_overestimate_but_saves_no_credit() -> None:
     assert budget.wait_s(0.05, 1) == 0
 
 
-async def test_in_flight_never_passes_concurrency_while_the_limit_shrinks_and_grows() -> None:
-    limits = Limits(concurrency=8)
-    now_in_flight = peak = 0
-    peak_after_shrink_to_one = 0
-    rng = random.Random(3)
-
-    async def row(i: int) -> None:
-        nonlocal now_in_flight, peak, peak_after_shrink_to_one
-        async with limits.slot(1) as ticket:
-            now_in_flight += 1
-            peak = max(peak, now_in_flight)
-            if limits.limit == 1 and 100 <= i < 110:
-                peak_after_shrink_to_one = max(peak_after_shrink_to_one, now_in_flight)
-            await anyio.sleep(rng.uniform(0.05, 0.3))
-            now_in_flight -= 1
-        if 60 <= i < 100:
-            limits.failed(ticket, CallError("server", "busy", status=503))
-        else:
-            limits.succeeded(ticket, None)
-
-    async with anyio.create_task_group() as tg:
-        for i in range(400):
-            tg.start_soon(row, i)
-            if i in (60, 100):
-                await anyio.sleep(5)  # let the wave before settle
-    assert peak == 8
-    assert peak_after_shrink_to_one <= 1  # 503s halved it to 1: one at a time
-    assert limits.limit == 8  # and successes brought it back, not above
-
-
-async def test_a_hint_pauses_every_start_and_hintless_push_back_pauses_too() -> None:
-    limits = Limits(concurrency=4)
-    async with limits.slot(1) as ticket:
-        pass
-    t0 = anyio.current_time()
-    limits.failed(ticket, CallError("rate_limited", "wait", status=429, retry_hint=7.0))
-    async with limits.slot(1) as ticket:
-        assert anyio.current_time() - t0 == pytest.approx(7.0)
-    assert limits.limit == 2
-    await anyio.sleep(2)
-    t1 = anyio.current_time()
-    limits.failed(ticket, CallError("rate_limited", "请求数限制", status=429))
-    async with limits.slot(1) as ticket:
-        assert 0.5 <= anyio.current_time() - t1 <= 1.0  # the §6.1 backoff for a first push-back
-    assert limits.limit == 1
-
-
-async def test_hintless_push_backs_without_successes_back_off_further() -> None:
-    limits = Limits(concurrency=4)
-    waits = []
-    for _ in range(5):
-        t = anyio.current_time()
-        async with limits.slot(1) as ticket:
-            waits.append(anyio.current_time() - t)
-        limits.failed(ticket, CallError("rate_limited", "请求数限制", status=429))
-    assert waits[0] == 0
-    assert 0.5 <= waits[1] <= 1 and 1 <= waits[2] <= 2 and 4 <= waits[4] <= 8  # exponential while nothing succeeds
-
-
 async def test_the_breaker_holds_starts_while_the_relay_is_down_then_lets_them_go() -> None:
     limits = Limits(concurrency=4, outage_timeout_s=300)
     down = CallError("connection", "connection: [Errno 111] Connection refused")
@@ -250,27 +200,6 @@ def test_estimate_is_characters_over_four_plus_the_output_cap() -> None:
     assert estimate_tokens(8, {}) == 2 + 256
 
 
-async def test_after_a_hintless_pause_one_request_probes_before_the_rest_go() -> None:
-    limits = Limits(concurrency=8)
-    async with limits.slot(1) as ticket:
-        pass
-    limits.failed(ticket, CallError("rate_limited", "请求数限制", status=429))
-    starts: list[tuple[float, bool]] = []
-
-    async def row() -> None:
-        async with limits.slot(1) as t:
-            starts.append((anyio.current_time(), t.rate_probe))
-            await anyio.sleep(0.5)
-        limits.succeeded(t, None)
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(4):
-            tg.start_soon(row)
-    (first, probe), *others = starts
-    assert probe and not any(p for _, p in others)
-    assert all(t >= first + 0.5 for t, _ in others)  # the others waited for the probe's answer
-
-
 async def test_failures_stop_using_up_attempts_once_the_relay_looks_down() -> None:
     limits = Limits(concurrency=2)
     down = CallError("connection", "connection: All connection attempts failed")
@@ -284,3 +213,229 @@ async def test_failures_stop_using_up_attempts_once_the_relay_looks_down() -> No
         pass
     limits.succeeded(ticket, None)
     assert not limits.excuses(down)
+
+
+# --- push-back: a relay on the virtual clock ---------------------------------------------------------
+
+LIMITED = CallError("rate_limited", "您的请求数限制已达到上限，请稍后再试", status=429)
+BUSY = CallError("server", "Service temporarily unavailable", status=503)
+Answer = Callable[[float, Ticket], "CallError | QuotaLeft | None"]
+# Which row and attempt is asking: trio runs ready tasks in a random order on purpose, so a relay
+# that drew its verdicts in arrival order would fail different rows each run (a flaky tail).
+ASKING: contextvars.ContextVar[tuple[int, int]] = contextvars.ContextVar("ASKING")
+
+
+@dataclass
+class RelayRun:
+    wall: float
+    attempts: list[tuple[float, bool]]  # (start, answered ok)
+    failed_rows: int
+    changes: list[LimiterChange]
+    peak_in_flight: int
+
+    @property
+    def refused_share(self) -> float:
+        return sum(not ok for _, ok in self.attempts) / len(self.attempts)
+
+    def ok_per_s(self, start: float, end: float) -> float:
+        return sum(ok and start <= t < end for t, ok in self.attempts) / (end - start)
+
+    def refused_between(self, start: float, end: float) -> int:
+        return sum(not ok and start <= t < end for t, ok in self.attempts)
+
+
+async def relay_run(rows: int, places: int, latency: float, answer: Answer, max_attempts: int = 10) -> RelayRun:
+    """Rows through the limiter and the per-row retry policy, as the runner sends them.
+
+    `answer(now, ticket)` decides each request when it arrives (an error, a success's quota, or None: ok);
+    the answer comes `latency` later. A row waiting for its retry holds no place and no worker.
+    """
+    changes: list[LimiterChange] = []
+    limits = Limits(places, on_change=changes.append)
+    workers = anyio.Semaphore(places)
+    attempts: list[tuple[float, bool]] = []
+    failed_rows = in_flight = peak = 0
+
+    async def row(index: int) -> None:
+        nonlocal failed_rows, in_flight, peak
+        await workers.acquire()
+        working = True
+        for attempt in range(max_attempts):
+            ASKING.set((index, attempt))
+            async with limits.slot(1, retry=attempt > 0) as ticket:
+                in_flight += 1
+                peak = max(peak, in_flight)
+                verdict = answer(anyio.current_time(), ticket)
+                await anyio.sleep(latency)
+                in_flight -= 1
+            attempts.append((ticket.started_at, not isinstance(verdict, CallError)))
+            if not isinstance(verdict, CallError):
+                limits.succeeded(ticket, None, verdict)
+                break
+            limits.failed(ticket, verdict)
+            if working:
+                workers.release()  # a stand-in takes the next row meanwhile
+                working = False
+            random.seed(f"{index}/{attempt}")  # the back-off's jitter, the same for this row in every run
+            await anyio.sleep(backoff_delay(attempt, verdict))
+        else:
+            failed_rows += 1
+        if working:
+            workers.release()
+
+    t0 = anyio.current_time()
+    async with anyio.create_task_group() as tg:
+        for index in range(rows):
+            tg.start_soon(row, index)
+    return RelayRun(anyio.current_time() - t0, attempts, failed_rows, changes, peak)
+
+
+def at_random(share: float, error: CallError = LIMITED, seed: int = 5) -> Answer:
+    """Refuses `share` of the attempts at random, the same attempts of the same rows in every run."""
+    return lambda now, ticket: error if random.Random(f"{seed}/{ASKING.get()}").random() < share else None
+
+
+def window_limit(per_s: Callable[[float], int]) -> Answer:
+    """The relay's own limit, as the emulator keeps it: `per_s(now)` requests in any second, refused ones counted."""
+    window = RequestWindow(per_s(0.0), 1.0)
+
+    def answer(now: float, ticket: Ticket) -> CallError | None:
+        window.set_limit(per_s(now))
+        return None if window.admit("key", now) else LIMITED
+
+    return answer
+
+
+@pytest.mark.parametrize(("share", "error", "most"), [(0.1, LIMITED, 1.3), (0.05, BUSY, 1.3), (0.3, LIMITED, 2.0)])
+async def test_random_push_back_only_delays_its_own_row(share: float, error: CallError, most: float) -> None:
+    clean = await relay_run(600, 32, 0.5, lambda now, ticket: None)
+    noisy = await relay_run(600, 32, 0.5, at_random(share, error))
+    assert noisy.failed_rows == 0
+    # Nobody paused, no place taken away; at most one false alarm (30 %: rare, not never) slowed the rate.
+    assert [c.what for c in noisy.changes] in ([], ["slower"])
+    assert noisy.peak_in_flight == 32
+    print(f"wall {noisy.wall / clean.wall:.3f}x the fault-free run")
+    assert noisy.wall <= most * clean.wall, (noisy.wall, clean.wall)
+
+
+async def test_an_isolated_429_or_503_pauses_nobody() -> None:
+    limits = Limits(concurrency=4)
+    for error in (LIMITED, BUSY):
+        async with limits.slot(1) as ticket:
+            pass
+        t0 = anyio.current_time()
+        limits.failed(ticket, error)
+        async with limits.slot(1) as other:
+            assert anyio.current_time() == t0  # the next row goes at once
+        limits.succeeded(other, None)
+        assert limits.limit == 4 and not limits.pace.pacing
+
+
+async def test_a_sustained_rate_limit_is_found_and_kept_close_to() -> None:
+    n = 40
+    run = await relay_run(n * 30, 32, 0.1, window_limit(lambda now: n))
+    assert run.failed_rows == 0
+    sustained = run.ok_per_s(5, run.wall - 2)  # past the first discovery
+    assert sustained >= 0.85 * n, sustained
+    assert run.refused_share <= 0.12, run.refused_share
+    assert any(c.what == "slower" for c in run.changes)
+
+
+async def test_a_rate_limit_halved_then_restored_is_followed_within_seconds() -> None:
+    n = 40
+    run = await relay_run(n * 45, 32, 0.1, window_limit(lambda now: n // 2 if 20 <= now < 40 else n))
+    assert run.failed_rows == 0
+    assert run.ok_per_s(12, 20) >= 0.8 * n
+    assert run.ok_per_s(24, 40) >= 0.8 * n / 2  # settled within 4 s of the halving
+    assert run.refused_between(24, 40) <= 0.12 * n / 2 * 16
+    assert run.ok_per_s(50, 58) >= 0.8 * n  # and back up within 10 s of the restore
+
+
+async def test_a_pattern_of_503s_slows_down_too() -> None:
+    overloaded = {"until": 3.0}
+
+    def answer(now: float, ticket: Ticket) -> CallError | None:
+        return BUSY if now < overloaded["until"] else None
+
+    run = await relay_run(300, 16, 0.1, answer)
+    assert run.failed_rows == 0
+    assert [c.what for c in run.changes][:1] == ["slower"]
+
+
+async def test_a_hinted_429_pauses_every_start_and_slows_the_rate() -> None:
+    limits = Limits(concurrency=4)
+    for _ in range(20):
+        async with limits.slot(1) as ticket:
+            pass
+        limits.succeeded(ticket, None)
+    t0 = anyio.current_time()
+    limits.failed(ticket, CallError("rate_limited", "wait", status=429, retry_hint=7.0))
+    async with limits.slot(1) as ticket:
+        assert anyio.current_time() - t0 == pytest.approx(7.0)
+    assert limits.pace.pacing
+    assert limits.limit == 4  # the rate is what slowed, not the places
+
+
+async def test_x_ratelimit_remaining_paces_before_the_first_429() -> None:
+    """A relay that counts 100 requests per 10-second window and says what is left on every answer."""
+    limit, window_s = 100, 10.0
+
+    def answer(now: float, ticket: Ticket) -> CallError | QuotaLeft | None:
+        window = int(now // window_s)
+        used[window] = used.get(window, 0) + 1
+        if used[window] > limit:
+            return LIMITED
+        reset = (window + 1) * window_s - now
+        return QuotaLeft(QuotaGroup(limit, limit - used[window], reset), None)
+
+    used: dict[int, int] = {}
+    run = await relay_run(350, 16, 0.05, answer)
+    assert run.failed_rows == 0
+    assert run.refused_share == 0, run.refused_share
+    assert any("x-ratelimit-remaining" in c.reason for c in run.changes)
+
+
+async def test_a_concurrency_limit_settles_at_what_the_relay_allows() -> None:
+    allowed = 8
+
+    def answer(now: float, ticket: Ticket) -> CallError | None:
+        if ticket.in_flight > allowed:
+            return CallError("rate_limited", "并发", status=429, code="token_concurrency_limit_reached")
+        return None
+
+    run = await relay_run(1_000, 32, 0.2, answer)
+    assert run.failed_rows == 0
+    assert run.peak_in_flight <= 32
+    assert run.refused_share <= 0.05, run.refused_share
+    assert run.ok_per_s(5, run.wall - 1) >= 0.9 * allowed / 0.2
+
+
+async def test_retries_hold_at_most_half_of_the_places() -> None:
+    limits = Limits(concurrency=8)
+    retries_in_flight = peak = 0
+
+    async def retry() -> None:
+        nonlocal retries_in_flight, peak
+        async with limits.slot(1, retry=True) as ticket:
+            retries_in_flight += 1
+            peak = max(peak, retries_in_flight)
+            await anyio.sleep(1)
+            retries_in_flight -= 1
+        limits.succeeded(ticket, None)
+
+    firsts: list[float] = []
+
+    async def first() -> None:
+        async with limits.slot(1) as ticket:
+            firsts.append(anyio.current_time())
+            await anyio.sleep(1)
+        limits.succeeded(ticket, None)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(retry)
+        await anyio.sleep(0.01)
+        for _ in range(4):
+            tg.start_soon(first)
+    assert peak == 4
+    assert max(firsts) < 1.1  # first attempts got the other half at once

@@ -12,11 +12,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +175,50 @@ def test_input_and_output_on_s3(tmp_path: Path, s3: S3Server, emulator: Emulator
     assert emulator.stats()["requests"] == 0
 
 
+def test_credentials_in_storage_options_and_a_wrong_secret_masked(
+    tmp_path: Path, s3: S3Server, emulator: Emulator
+) -> None:
+    """input.storage_options / output.storage_options in the job, with no AWS_* variable set: a CSV input
+    (read by pyarrow, whose option names differ) and the output; a wrong secret there is masked from the message."""
+    bucket = s3.bucket()
+    source = upload(s3, bucket, "in/reviews.csv", reviews_frame())
+
+    def options(secret: str) -> dict[str, str]:
+        return {
+            "aws_endpoint_url": s3.url,
+            "aws_access_key_id": s3.key_id,
+            "aws_secret_access_key": secret,
+            "aws_region": "us-east-1",
+            "aws_allow_http": "true",
+        }
+
+    no_aws = {name: None for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")}
+    env = s3.env(tmp_path / "state", **no_aws)
+    output = {"path": f"s3://{bucket}/out/labels.parquet", "storage_options": options(s3.secret)}
+    job = write_job(
+        tmp_path,
+        emulator.url,
+        input={"path": source, "id_column": "review_id", "storage_options": options(s3.secret)},
+        output=output,
+    )
+    result = run_cli("run", str(job), "--quiet", env=env)
+    assert result.returncode == 0, result.stderr
+    assert s3.read_parquet(bucket, "out/labels.parquet")["review_id"].to_list() == [r[0] for r in REVIEWS]
+
+    wrong = "wrong-" + s3.secret[6:]
+    job = write_job(
+        tmp_path,
+        emulator.url,
+        input={"path": source, "id_column": "review_id", "storage_options": options(wrong)},
+        output=output,
+    )
+    emulator.reset()
+    result = run_cli("run", str(job), "--quiet", env=env)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "credentials" in result.stderr, result.stderr
+    assert wrong not in result.stderr and emulator.stats()["requests"] == 0
+
+
 def test_kill_9_mid_run_then_rerun(tmp_path: Path, s3: S3Server) -> None:
     """Every row once; nothing answered more than a second before the kill is asked again; no partial object."""
     rows = [[f"K{i:04d}", f"Review number {i}: it does what it says.", 1 + i % 5] for i in range(240)]
@@ -254,6 +300,53 @@ def test_bad_credentials_and_missing_buckets_are_one_line_and_send_nothing(
     assert result.returncode == 2 and "an object is already there" in result.stderr, result.stderr
     assert s3.client().get_object(Bucket=bucket, Key="theirs.parquet")["Body"].read() == b"someone else's data"
     assert emulator.stats()["requests"] == 0
+
+
+def test_a_store_in_trouble_is_not_taken_for_an_object_at_the_key(
+    tmp_path: Path, emulator: Emulator, reviews: Path
+) -> None:
+    """A store that answers 500 says so: it must not be reported as someone else's object at the output key."""
+
+    class Failing(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_PUT = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        job = write_job(tmp_path, emulator.url, output={"path": "s3://some-bucket/out/labels.parquet"})
+        env = {
+            "AWS_ACCESS_KEY_ID": "AKIATEST",
+            "AWS_SECRET_ACCESS_KEY": "test-secret",
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_address[1]}",
+            "BATCHRUN_STATE_DIR": str(tmp_path / "state"),
+        }
+        result = run_cli("run", str(job), "--quiet", env=env)
+    finally:
+        server.shutdown()
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "500" in lines[0] and "already there" not in lines[0], result.stderr
+    assert emulator.stats()["requests"] == 0
+
+
+def test_a_storage_option_of_the_wrong_type_is_named_not_shown(tmp_path: Path, emulator: Emulator) -> None:
+    """A secret YAML read as a number is refused by name; its value appears in no message."""
+    secret = "98765432101"
+    options = {"aws_access_key_id": "AKIATEST", "aws_secret_access_key": int(secret)}
+    job = write_job(tmp_path, emulator.url, output={"path": "s3://b/out.parquet", "storage_options": options})
+    result = run_cli("validate", str(job))
+    assert result.returncode == 2, result.stderr
+    assert "output.storage_options.aws_secret_access_key" in result.stderr, result.stderr
+    assert secret not in result.stderr + result.stdout
 
 
 @pytest.mark.ray

@@ -174,3 +174,34 @@ def test_ctrl_c_in_a_running_loop_stops_the_run_and_the_next_call_resumes(notebo
         assert not set(first) & set(slow.stats()["by_prompt"])  # no row answered before the stop is sent again
     finally:
         stop_emulator(slow)
+
+
+def test_cancelling_arun_keeps_what_was_answered(notebook: Path) -> None:
+    """arun's promise: cancelling the task stops the run, and every answer received before it is kept."""
+    slow = start_emulator("--latency-ms", "150")
+    try:
+        ids = [f"C{i:03d}" for i in range(200)]
+        frame = pl.DataFrame({"review_id": ids, "text": [f"Review {i}: fine." for i in range(200)]})
+        job = job_dict(slow.url, run={"concurrency": 8})
+
+        async def cell() -> float:
+            task = asyncio.ensure_future(batchrun.arun(job, input=frame, quiet=True))
+            while slow.stats()["requests"] < 40:
+                await asyncio.sleep(0.01)
+            cancelled_at = time.time()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return cancelled_at
+
+        cancelled_at = asyncio.run(cell())
+        first = slow.stats()
+        slow.reset()
+        df = batchrun.run(job, input=frame, quiet=True)
+        assert df["review_id"].to_list() == ids and set(df["status"]) == {"ok"}
+        again = [p for p in slow.stats()["by_prompt"] if p in first["by_prompt"]]
+        for prompt in again:  # only rows still in flight at the cancel may be asked again
+            answered = first["answered_at"].get(prompt)
+            assert answered is None, f"answered {cancelled_at - answered:.2f} s before the cancel, asked again"
+    finally:
+        stop_emulator(slow)

@@ -10,7 +10,15 @@ import orjson
 import pytest
 
 from batchrun.protocols import openai_chat
-from batchrun.protocols.relay_errors import CallError, from_body, from_response, go_duration, retry_hint
+from batchrun.protocols.relay_errors import (
+    CallError,
+    QuotaGroup,
+    from_body,
+    from_response,
+    go_duration,
+    quota_left,
+    retry_hint,
+)
 from batchrun.redaction import register_secret
 
 
@@ -336,3 +344,21 @@ def test_a_daily_quota_named_only_in_the_quota_failure_details_stops_the_run() -
     )
     err = from_response(429, body, {})
     assert (err.error_class, err.abort, err.retryable) == ("quota", "A", False)
+
+
+def test_quota_left_reads_the_ratelimit_headers_of_any_answer() -> None:
+    headers = {
+        "x-ratelimit-limit-requests": "600",
+        "x-ratelimit-remaining-requests": "12",
+        "x-ratelimit-reset-requests": "1m30.5s",
+        "x-ratelimit-limit-tokens": "-1",  # unknown: ignored
+        "x-ratelimit-remaining-tokens": "0",
+        "x-ratelimit-reset-tokens": "6m0s",
+    }
+    quota = quota_left(headers)
+    assert quota is not None
+    assert quota.requests == QuotaGroup(600, 12, 90.5) and quota.tokens is None
+    assert quota_left({"x-ratelimit-remaining-requests": "3"}) is None  # no limit, no reset: nothing to pace by
+    long_reset = {**headers, "x-ratelimit-reset-requests": "1h"}
+    capped = quota_left(long_reset)
+    assert capped is not None and capped.requests is not None and capped.requests.reset_s == 120  # like any hint

@@ -195,6 +195,22 @@ def test_posters_report_in_a_real_browser(posters: Path, tmp_path: Path) -> None
         _save_small(shot, REPO / "docs" / "report.png")
 
 
+def test_a_huge_generated_image_is_left_out_not_a_crash(posters: Path, tmp_path: Path) -> None:
+    """A relay may send any image: one too large to decode (a decompression bomb) is left out of the page."""
+    from PIL import Image
+
+    ran = run_cli("run", str(posters), "--quiet")
+    assert ran.returncode == 0, ran.stderr
+    df = pl.read_parquet(tmp_path / "out" / "posters.parquet")
+    first = next(p for paths in df["image_paths"] for p in paths)
+    bomb = posters.parent / first
+    Image.new("1", (20_000, 20_000)).save(bomb, format="PNG")  # ~50 KB of file, 400 M pixels
+    made = run_cli("report", str(posters))
+    assert made.returncode == 0, made.stderr
+    page = Path(made.stdout.strip()).read_text()
+    assert "1 images not shown" in page
+
+
 def _assert_not_blank(png: Path) -> None:
     from PIL import Image
 

@@ -12,15 +12,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
 import yaml
-from conftest import REPO, Emulator, cli_env, run_cli, start_emulator, stop_emulator
+from conftest import REPO, Emulator, assert_key_nowhere, cli_env, run_cli, start_emulator, stop_emulator
 
 SYSTEM = "You label product reviews. Answer positive, negative or neutral."
 
@@ -182,6 +184,7 @@ def test_templates_with_a_batch_file_are_refused(tmp_path: Path, emulator: Emula
     result = run_cli("validate", str(job))
     assert result.returncode == 2
     assert "prompt.user: recognised as an OpenAI Batch file: its lines are the requests" in result.stderr
+    assert "or set input.format: table" in result.stderr  # the way to render templates over such a file
 
 
 def test_a_changed_body_is_a_changed_request(tmp_path: Path, emulator: Emulator) -> None:
@@ -396,16 +399,21 @@ def test_conversations_from_a_column_arrive_turn_by_turn(tmp_path: Path, emulato
     assert "row BAD-NULL: " in errors["BAD-NULL"] and "not a list of messages" in errors["BAD-NULL"]
 
 
-def test_messages_and_user_together_are_refused(tmp_path: Path, emulator: Emulator) -> None:
-    conversations(tmp_path)
-    job = {
-        "name": "both",
+def conversation_job(base_url: str, prompt: dict[str, Any]) -> dict[str, Any]:
+    """An openai-chat job over conversations(folder)."""
+    return {
+        "name": "conversations",
         "input": {"path": "conversations.parquet", "id_column": "conv_id"},
-        "provider": {"base_url": emulator.url, "api_key_env": "TEST_RELAY_KEY"},
+        "provider": {"base_url": base_url, "api_key_env": "TEST_RELAY_KEY"},
         "model": "gpt-5.4",
-        "prompt": {"user": "hi", "messages": "messages"},
+        "prompt": prompt,
         "output": {"path": "out/result.parquet"},
     }
+
+
+def test_messages_and_user_together_are_refused(tmp_path: Path, emulator: Emulator) -> None:
+    conversations(tmp_path)
+    job = conversation_job(emulator.url, {"user": "hi", "messages": "messages"})
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job), encoding="utf-8")
     result = run_cli("run", str(path))
@@ -479,6 +487,9 @@ def test_a_streamed_answer_is_written_as_the_whole_answer_it_stands_for(
         bodies[stream] = [line["response"]["body"] for line in lines]
     for whole, streamed in zip(bodies[False], bodies[True]):
         assert streamed["object"] == whole["object"] and streamed["model"] == whole["model"]
+        assert set(whole["choices"][0]) <= set(streamed["choices"][0])  # every field a reader may index
+        if api == "openai-chat":
+            assert set(whole["choices"][0]["message"]) <= set(streamed["choices"][0]["message"])
         assert streamed["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
         assert streamed["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
         if api == "openai-chat":
@@ -488,3 +499,92 @@ def test_a_streamed_answer_is_written_as_the_whole_answer_it_stands_for(
             assert all(c["id"] and c["type"] == "function" for c in got["tool_calls"])
         else:
             assert streamed["choices"][0]["text"] == whole["choices"][0]["text"]
+
+
+def test_a_changed_image_part_style_is_a_changed_conversation_request(tmp_path: Path, emulator: Emulator) -> None:
+    """provider.image_part_style names every part of a conversation's content, so a rerun must see it changed."""
+    conversations(tmp_path)
+    job = conversation_job(emulator.url, {"messages": "messages"})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job), encoding="utf-8")
+    assert "output:" in run_cli("run", str(path), "--quiet").stdout
+    job["provider"] = {**job["provider"], "image_part_style": "responses"}
+    path.write_text(yaml.safe_dump(job), encoding="utf-8")
+    refused = run_cli("run", str(path), "--quiet")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "provider.image_part_style: standard -> responses" in refused.stderr
+    assert "2 of 5 finished rows would now be sent differently" in refused.stderr
+
+
+class _EchoingRelay(BaseHTTPRequestHandler):
+    """Answers every chat request 200, echoing the credentials it was sent outside the answer's text."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        credentials = self.headers["Authorization"]
+        answer = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": "gpt-5.4",
+            "system_fingerprint": credentials,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "positive"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+        }
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Oneapi-Request-Id", credentials.removeprefix("Bearer sk-"))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_key_echoed_in_an_answer_is_kept_nowhere(tmp_path: Path) -> None:
+    relay = ThreadingHTTPServer(("127.0.0.1", 0), _EchoingRelay)
+    threading.Thread(target=relay.serve_forever, daemon=True).start()
+    try:
+        write_lines(tmp_path / "requests.jsonl", [MIXED[0]])
+        job = batch_job(tmp_path, f"http://127.0.0.1:{relay.server_address[1]}")
+        result = run_cli("run", str(job), "--quiet")
+    finally:
+        relay.shutdown()
+        relay.server_close()
+    assert result.returncode == 0, result.stderr
+    (line,) = read_output(tmp_path / "out" / "result.output.jsonl")
+    assert line["response"]["body"]["system_fingerprint"] == "Bearer ***"
+    assert line["response"]["request_id"] == "***"
+    assert_key_nowhere(tmp_path, result)
+
+
+def test_restart_replaces_the_batch_output_the_job_wrote_before(tmp_path: Path, emulator: Emulator) -> None:
+    write_lines(tmp_path / "requests.jsonl", MIXED[:2])
+    job = batch_job(tmp_path, emulator.url)
+    assert run_cli("run", str(job), "--quiet").returncode == 0
+    restarted = run_cli("run", str(job), "--quiet", "--restart")  # the new checkpoint still knows the file
+    assert restarted.returncode == 0, restarted.stderr
+    assert emulator.stats()["requests"] == 4
+    assert [line["custom_id"] for line in read_output(tmp_path / "out" / "result.output.jsonl")] == ["a-1", "a-2"]
+
+
+def test_an_inline_image_in_a_body_is_estimated_as_an_image_not_as_its_base64(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    """A 400 KB image as a data URL would be ~100,000 tokens as text; it is held like any image (1,000)."""
+    photo = "data:image/jpeg;base64," + base64.b64encode(b"\xff\xd8" + os.urandom(300_000)).decode()
+    content = [{"type": "text", "text": "Label this product photo."}, {"type": "image_url", "image_url": {"url": photo}}]
+    lines = [chat_line(f"p-{i}", "", messages=[{"role": "user", "content": content}], seed=i) for i in range(3)]
+    write_lines(tmp_path / "requests.jsonl", lines)
+    pricing = {"input_per_million": 10, "output_per_million": 10}
+    job = batch_job(tmp_path, emulator.url, pricing=pricing, run={"concurrency": 1, "max_cost": 0.5})
+
+    checked = run_cli("validate", str(job))
+    assert checked.returncode == 0, checked.stderr
+    per_row = int(checked.stdout.split("input tokens:")[1].split("(")[1].split(" a row")[0])
+    assert per_row < 1_000, checked.stdout  # the text and JSON; the image is not text
+
+    result = run_cli("run", str(job), "--quiet")  # each row holds ~$0.01, not ~$1 (over max_cost: nothing sent)
+    assert result.returncode == 0, result.stderr
+    assert emulator.stats()["requests"] == 3

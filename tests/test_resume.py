@@ -131,13 +131,16 @@ def test_kill_9_at_random_moments_then_rerun(tmp_path: Path, slow_emulator: Emul
     print(f"worst re-request count over {moments} kills: {worst}")
 
 
-def test_ctrl_c_finishes_rows_in_flight_and_says_how_to_resume(tmp_path: Path, slow_emulator: Emulator) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])  # SIGTERM: timeout, systemd, schedulers
+def test_ctrl_c_finishes_rows_in_flight_and_says_how_to_resume(
+    tmp_path: Path, slow_emulator: Emulator, stop: signal.Signals
+) -> None:
     ids = many_reviews(tmp_path)
     job = write_job(tmp_path, slow_emulator.url)
     slow_emulator.reset()
     process = start_run(job)
     wait_for_requests(slow_emulator, 40, process)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     out, err = process.communicate(timeout=30)
     assert process.returncode == 130, err
     assert "Traceback" not in err

@@ -105,9 +105,22 @@ _GOOGLE_ERRORS: dict[str, tuple[int, str, str, dict]] = {
     "google-503-list": (503, "UNAVAILABLE", "The model is overloaded. Please try again later.", {}),
 }
 
-ENACTED = {"reset", "reset-mid-body", "hang"}
+ENACTED = {"reset", "reset-mid-body", "hang", "endless"}
 # bad_json, fenced_json and prose_json: a 200 whose JSON is cut, fenced or in prose (emulator/chat.py).
 ANSWERED = {"502", "malformed", "error-200", "429-date", "echo-key", "bad_json", "fenced_json", "prose_json"}
+# A hostile relay's 200s (chat-shaped): what batchrun must take apart without a crash (docs/limits-and-caps.md).
+_HOSTILE: dict[str, dict] = {
+    "usage-float": {
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1.5, "completion_tokens": -3},
+    },
+    "choices-null": {"choices": None},
+    "content-list": {"choices": [{"index": 0, "message": {"content": ["not", "text"]}, "finish_reason": "stop"}]},
+    "deep-json": {
+        "choices": [{"index": 0, "message": {"content": "[" * 5000 + "]" * 5000}, "finish_reason": "stop"}],
+    },
+}
+ANSWERED |= set(_HOSTILE)
 # The answering code enacts the rest itself: stream cuts, stalls and framing variants (streams.py);
 # Gemini content outcomes (gemini.py).
 FAULTS = set(_ERRORS) | set(_GOOGLE_ERRORS) | ENACTED | ANSWERED | STREAM_FAULTS | FRAMINGS | GEMINI_FAULTS
@@ -132,6 +145,8 @@ def fault_response(fault: str, request_id: str, authorization: str = "") -> web.
         # A badly behaved upstream that repeats the credentials it was sent.
         body = relay_error(500, f"upstream rejected credentials {authorization!r}", "", request_id, "upstream_error")
         return json_response(500, body, request_id)
+    if fault in _HOSTILE:
+        return json_response(200, {"id": request_id, "model": "gpt-5.4", **_HOSTILE[fault]}, request_id)
     if fault == "502":
         return web.Response(
             status=502, body=HTML_502, content_type="text/html", headers={"X-Oneapi-Request-Id": request_id}
@@ -163,6 +178,14 @@ async def enact(fault: str, request: web.Request, answer: web.Response) -> web.S
     if fault == "hang":  # stall before the headers
         await asyncio.sleep(HANG_S)
         return answer
+    if fault == "endless":  # a stream of content that never ends, until the client hangs up
+        endless = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await endless.prepare(request)
+        event = {"choices": [{"index": 0, "delta": {"content": "z" * 4000}, "finish_reason": None}]}
+        line = b"data: " + orjson.dumps(event) + b"\n\n"
+        while request.transport is not None and not request.transport.is_closing():
+            await endless.write(line)
+        return endless
     # reset-mid-body: the headers and half the body, then the connection drops.
     body = answer.body if isinstance(answer.body, bytes) else b""
     cut = web.StreamResponse(status=answer.status, headers=answer.headers)
@@ -191,6 +214,14 @@ class RequestWindow:
         full = len(arrivals) == self.limit and now - arrivals[0] < self.window_s
         arrivals.append(now)  # a refused request counts as well
         return not full
+
+    def set_limit(self, limit: int, window_s: float | None = None) -> None:
+        """A new limit from now on; each key keeps its latest arrivals (up to the new limit)."""
+        if window_s is not None:
+            self.window_s = window_s
+        if limit != self.limit:
+            self.limit = limit
+            self._arrivals = {key: deque(times, maxlen=limit) for key, times in self._arrivals.items()}
 
     def clear(self) -> None:
         self._arrivals.clear()

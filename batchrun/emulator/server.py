@@ -1,7 +1,8 @@
 """The local relay: an aiohttp server that answers like https://ai.szkmjb.com.
 
 Run it with `batchrun emulator`, or let `provider.base_url: emulator` start it
-in a thread for one run. Tests read what it saw from `GET /_emulator/stats`.
+in a thread for one run. Tests read what it saw from `GET /_emulator/stats`;
+`POST /_emulator/limits` changes its own limits mid-run (the bench halves one).
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ class Emulator:
         app.router.add_get("/_emulator/images/{name}", self.image)
         app.router.add_get("/_emulator/timeline", self.get_timeline)
         app.router.add_post("/_emulator/reset", self.reset_stats)
+        app.router.add_post("/_emulator/limits", self.set_limits)
         app.router.add_route("*", "/{tail:.*}", self.not_found)
         return app
 
@@ -318,6 +320,25 @@ class Emulator:
             self._window.clear()
         return web.Response(body=b"{}", content_type="application/json")
 
+    async def set_limits(self, request: web.Request) -> web.Response:
+        """{"rpm_limit": N or null, "rpm_window_s": S, "max_concurrency": M or null}: any of them, from now on."""
+        try:
+            body = orjson.loads(await request.read())
+            changes = _limit_changes(body)
+        except (orjson.JSONDecodeError, ValueError) as e:
+            return web.Response(status=400, text=f"bad limits: {e}")
+        config = self.config
+        for name, value in changes.items():
+            setattr(config, name, value)
+        if config.rpm_limit is None:
+            self._window = None
+        elif self._window is None:
+            self._window = RequestWindow(config.rpm_limit, config.rpm_window_s)
+        else:
+            self._window.set_limit(config.rpm_limit, config.rpm_window_s)
+        current = {name: getattr(config, name) for name in _LIMITS}
+        return web.Response(body=orjson.dumps(current), content_type="application/json")
+
     async def not_found(self, request: web.Request) -> web.Response:
         request_id = self._request_id()
         return json_response(
@@ -327,6 +348,23 @@ class Emulator:
             ),
             request_id,
         )
+
+
+_LIMITS = {"rpm_limit": int, "rpm_window_s": float, "max_concurrency": int}
+
+
+def _limit_changes(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict) or not set(body) <= set(_LIMITS):
+        raise ValueError(f"an object with any of {', '.join(_LIMITS)}")
+    changes = {}
+    for name, value in body.items():
+        if value is None and name != "rpm_window_s":
+            changes[name] = None
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            changes[name] = _LIMITS[name](value)
+        else:
+            raise ValueError(f"{name} must be a positive number" + ("" if name == "rpm_window_s" else " or null"))
+    return changes
 
 
 def turns_of(body: dict[str, Any]) -> list[list[str]]:

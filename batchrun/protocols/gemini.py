@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from batchrun.protocols.relay_errors import CallError, from_body
-from batchrun.protocols.reply import Decoder, ImageOut, Reply, decode_base64
+from batchrun.protocols.reply import Decoder, ImageOut, Reply, decode_base64, text_field, token_count
 from batchrun.protocols.sse import stream_cut
 from batchrun.render import ImageInput, Request
 from batchrun.spec import JobSpec
@@ -156,9 +156,10 @@ def _get(obj: dict[str, Any], camel: str) -> Any:
     return obj.get(_snake(camel)) if value is None else value
 
 
-def _int(obj: dict[str, Any], camel: str) -> int:
-    value = _get(obj, camel)
-    return value if isinstance(value, int) else 0
+def _tokens(usage: dict[str, Any], camels: tuple[str, ...], notes: list[str]) -> int | None:
+    """The sum of these usageMetadata counts (absent ones are 0); None, with a note, if one is not a count."""
+    counts = [token_count(_get(usage, c), c, notes) if _get(usage, c) is not None else 0 for c in camels]
+    return None if None in counts else sum(counts)  # type: ignore[arg-type]
 
 
 class Answer:
@@ -172,8 +173,9 @@ class Answer:
         self._images: list[ImageOut] = []
         self._calls: list[dict[str, str]] = []
         self._finish: str | None = None
-        self._usage: dict[str, Any] | None = None
+        self._usage: Any = None  # checked in reply()
         self._model: str | None = None
+        self.size = 0
 
     def add(self, event: Any) -> None:
         if not isinstance(event, dict):
@@ -182,29 +184,34 @@ class Answer:
         if isinstance(feedback, dict) and (reason := _get(feedback, "blockReason")):
             # The same prompt would be blocked again: not retried.
             raise CallError("blocked", f"prompt blocked: {reason}", retryable=False)
-        if isinstance(usage := _get(event, "usageMetadata"), dict):
+        if (usage := _get(event, "usageMetadata")) is not None:
             self._usage = usage  # running totals: the last one counts
-        self._model = _get(event, "modelVersion") or self._model
+        self._model = text_field(_get(event, "modelVersion"), "modelVersion") or self._model
         candidates = _get(event, "candidates")
         if not isinstance(candidates, list) or not candidates or not isinstance(candidates[0], dict):
             return
         self.had_candidates = True
         content = _get(candidates[0], "content")
-        for part in (_get(content, "parts") if isinstance(content, dict) else None) or []:
+        parts = (_get(content, "parts") if isinstance(content, dict) else None) or []
+        if not isinstance(parts, list):
+            raise CallError("malformed", "malformed response: content.parts is not a list", abort="C")
+        for part in parts:
             if isinstance(part, dict) and not _get(part, "thought"):
                 self._add_part(part)
-        self._finish = _get(candidates[0], "finishReason") or self._finish
+        self._finish = text_field(_get(candidates[0], "finishReason"), "finishReason") or self._finish
 
     def _add_part(self, part: dict[str, Any]) -> None:
         if isinstance(text := _get(part, "text"), str):
             self._text.append(text)
+            self.size += len(text)
         inline = _get(part, "inlineData")
         if isinstance(inline, dict) and str(_get(inline, "mimeType") or "").startswith("image/"):
             try:
-                data = decode_base64(inline.get("data") or "")
-            except binascii.Error:
+                data = decode_base64(_string(inline.get("data")))
+            except (binascii.Error, ValueError):
                 raise CallError("malformed", "malformed response: an image's base64 is invalid", abort="C") from None
             self._images.append(ImageOut(_get(inline, "mimeType"), data))
+            self.size += len(data)
         call = _get(part, "functionCall")
         if isinstance(call, dict):
             args = call.get("args") or {}
@@ -234,15 +241,23 @@ class Answer:
             raise CallError("no_image", "no image returned", max_retries=1)
         if finish not in ("STOP", "MAX_TOKENS") and text is None and not self._images and not self._calls:
             raise CallError("malformed", f"malformed response: no output (finishReason {finish})", abort="C")
-        usage = self._usage
+        usage, notes = self._usage, []
+        if usage is not None and not isinstance(usage, dict):
+            notes.append("usageMetadata was not an object: token counts stored as null")
+            usage = None
         return Reply(
             text=text,
             finish_reason=finish,
             model=self._model,
-            prompt_tokens=_int(usage, "promptTokenCount") + _int(usage, "toolUsePromptTokenCount") if usage else None,
-            completion_tokens=_int(usage, "candidatesTokenCount") + _int(usage, "thoughtsTokenCount")
-            if usage
-            else None,
+            prompt_tokens=_tokens(usage, ("promptTokenCount", "toolUsePromptTokenCount"), notes) if usage else None,
+            completion_tokens=_tokens(usage, ("candidatesTokenCount", "thoughtsTokenCount"), notes) if usage else None,
             tool_calls=self._calls,
             images=self._images,
+            notes=notes,
         )
+
+
+def _string(value: Any) -> str:
+    if value is None or isinstance(value, str):
+        return value or ""
+    raise ValueError("not a string")

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from batchrun.protocols.relay_errors import CallError, from_body
-from batchrun.protocols.reply import Decoder, ImageOut, Reply, decode_base64
+from batchrun.protocols.reply import Decoder, ImageOut, Reply, decode_base64, text_field, token_count
 from batchrun.protocols.sse import stream_cut
 from batchrun.render import ImageInput, Request
 from batchrun.spec import JobSpec
@@ -123,7 +123,7 @@ def first_choice(data: Any) -> dict[str, Any]:
     if (err := from_body(data)) is not None:
         raise err
     choices = data.get("choices") if isinstance(data, dict) else None
-    if not choices or not isinstance(choices[0], dict):
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise CallError("malformed", "malformed response: no choices", abort="C")
     return choices[0]
 
@@ -131,19 +131,26 @@ def first_choice(data: Any) -> dict[str, Any]:
 def parse(data: Any) -> Reply:
     choice = first_choice(data)
     message = choice.get("message") or {}
+    if not isinstance(message, dict) or not isinstance(message.get("tool_calls") or [], list):
+        raise CallError("malformed", "malformed response: the message is not an object", abort="C")
     calls = [
         {"name": str(fn.get("name", "")), "arguments": _arguments(fn.get("arguments"))}
         for call in message.get("tool_calls") or []
-        if isinstance(fn := call.get("function"), dict)
+        if isinstance(call, dict) and isinstance(fn := call.get("function"), dict)
     ]
     return reply_from(message.get("content"), message.get("refusal"), calls, choice.get("finish_reason"), data)
 
 
-def reply_from(
-    content: Any, refusal: Any, calls: list[dict[str, str]], finish: str | None, answer: dict[str, Any]
-) -> Reply:
-    """The row's outcome (§2.5), the same for a whole answer and a stream (`answer` gives model and usage)."""
-    text = content if isinstance(content, str) and content else None
+def reply_from(content: Any, refusal: Any, calls: list[dict[str, str]], finish: Any, answer: dict[str, Any]) -> Reply:
+    """The row's outcome (§2.5), the same for a whole answer and a stream (`answer` gives model and usage).
+
+    Answers are checked here, not trusted: a content or finish reason of another type is malformed;
+    odd usage counts are kept as null with a note (reply.token_count).
+    """
+    if content is not None and not isinstance(content, str):
+        raise CallError("malformed", "malformed response: the content is not a string", abort="C")
+    finish = text_field(finish, "finish_reason")
+    text = content or None
     if refusal:
         raise CallError("refused", f"refused: {refusal}", retryable=False)
     if finish == "content_filter":
@@ -152,14 +159,19 @@ def reply_from(
         raise CallError("malformed", "malformed response: no content and no finish_reason", abort="C")
     text, images = _markdown_images(text)
     usage = answer.get("usage") or {}
+    notes: list[str] = []
+    if not isinstance(usage, dict):
+        notes.append("usage was not an object: token counts stored as null")
+        usage = {}
     return Reply(
         text=text,
         finish_reason=finish,
-        model=answer.get("model"),
-        prompt_tokens=usage.get("prompt_tokens"),
-        completion_tokens=usage.get("completion_tokens"),
+        model=text_field(answer.get("model"), "model"),
+        prompt_tokens=token_count(usage.get("prompt_tokens"), "prompt_tokens", notes),
+        completion_tokens=token_count(usage.get("completion_tokens"), "completion_tokens", notes),
         tool_calls=calls,
         images=images,
+        notes=notes,
     )
 
 
@@ -198,6 +210,7 @@ class Stream:
         self._answer: dict[str, Any] = {}  # id, created, model and usage, as a whole answer would carry them
         self._call_ids: dict[int, str] = {}
         self._done = False
+        self.size = 0
 
     def add(self, event: Any) -> None:
         if not isinstance(event, dict):
@@ -205,10 +218,13 @@ class Stream:
         for key in ("id", "created", "model", "system_fingerprint"):
             if event.get(key):
                 self._answer[key] = event[key]
-        if isinstance(event.get("usage"), dict):
-            self._answer["usage"] = event["usage"]
+        if event.get("usage") is not None:
+            self._answer["usage"] = event["usage"]  # checked with the rest in reply_from
+        choices = event.get("choices") or []
+        if not isinstance(choices, list):
+            raise CallError("malformed", "malformed stream event: choices is not a list", abort="C")
         # Usage chunks and keepalives have no choices; only choice 0 is read (n = 1).
-        for choice in event.get("choices") or []:
+        for choice in choices:
             if isinstance(choice, dict) and choice.get("index", 0) == 0:
                 self._add_choice(choice)
                 if choice.get("finish_reason"):
@@ -216,24 +232,32 @@ class Stream:
 
     def _add_choice(self, choice: dict[str, Any]) -> None:
         delta = choice.get("delta") or {}
+        if not isinstance(delta, dict) or not isinstance(delta.get("tool_calls") or [], list):
+            raise CallError("malformed", "malformed stream event: the delta is not an object", abort="C")
+        if delta.get("content") is not None and not isinstance(delta["content"], str):
+            raise CallError("malformed", "malformed response: the content is not a string", abort="C")
         if isinstance(delta.get("content"), str):
             self._text.append(delta["content"])
+            self.size += len(delta["content"])
         if isinstance(delta.get("refusal"), str):
             self._refusal.append(delta["refusal"])
+            self.size += len(delta["refusal"])
         # delta.reasoning_content (a Gemini model behind the chat path) is thinking, not the answer.
         for fragment in delta.get("tool_calls") or []:
             if isinstance(fragment, dict):
                 self._merge_call(fragment)
 
     def _merge_call(self, fragment: dict[str, Any]) -> None:
-        index = fragment.get("index", 0)
+        index, function = fragment.get("index", 0), fragment.get("function") or {}
+        if not isinstance(index, int) or not isinstance(function, dict):
+            raise CallError("malformed", "malformed stream event: a tool call fragment is malformed", abort="C")
         call = self._calls.setdefault(index, {"name": "", "arguments": ""})
         if isinstance(fragment.get("id"), str):
             self._call_ids.setdefault(index, fragment["id"])
-        function = fragment.get("function") or {}
         call["name"] = call["name"] or str(function.get("name") or "")
         if isinstance(function.get("arguments"), str):
             call["arguments"] += function["arguments"]
+            self.size += len(function["arguments"])
 
     def done(self) -> None:
         self._done = True
@@ -249,16 +273,20 @@ class Stream:
 
     def whole(self) -> dict[str, Any]:
         """The `chat.completion` this stream stands for (choice 0, the only one read)."""
-        # No text (a role chunk's "" aside) is content null, as a whole answer with tool calls has it.
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(self._text) or None}
-        if self._refusal:
-            message["refusal"] = "".join(self._refusal)
+        # No text (a role chunk's "" aside) is content null, as a whole answer with tool calls has it;
+        # refusal and logprobs are there even when null, as the API's schema requires them.
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": "".join(self._text) or None,
+            "refusal": "".join(self._refusal) or None,
+        }
         if self._calls:
             message["tool_calls"] = [
                 {"id": self._call_ids.get(i, ""), "type": "function", "function": dict(self._calls[i])}
                 for i in sorted(self._calls)
             ]
-        return self._whole("chat.completion", {"index": 0, "message": message, "finish_reason": self._finish})
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self._finish}
+        return self._whole("chat.completion", choice)
 
     def _whole(self, kind: str, choice: dict[str, Any]) -> dict[str, Any]:
         head: dict[str, Any] = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from batchrun.protocols import openai_chat
+from batchrun.protocols.relay_errors import CallError
 from batchrun.protocols.reply import Decoder, Reply
 from batchrun.render import Request
 from batchrun.spec import JobSpec
@@ -43,9 +44,13 @@ class Stream(openai_chat.Stream):
     """Like a chat stream, with each event's `choices[0].text` as the next fragment."""
 
     def _add_choice(self, choice: dict[str, Any]) -> None:
+        if choice.get("text") is not None and not isinstance(choice["text"], str):
+            raise CallError("malformed", "malformed response: the text is not a string", abort="C")
         if isinstance(choice.get("text"), str):
             self._text.append(choice["text"])
+            self.size += len(choice["text"])
 
     def whole(self) -> dict[str, Any]:
         """The `text_completion` this stream stands for."""
-        return self._whole("text_completion", {"index": 0, "text": "".join(self._text), "finish_reason": self._finish})
+        choice = {"index": 0, "text": "".join(self._text), "logprobs": None, "finish_reason": self._finish}
+        return self._whole("text_completion", choice)

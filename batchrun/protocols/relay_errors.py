@@ -17,7 +17,9 @@ from typing import Any
 
 import orjson
 
-from batchrun.redaction import redact
+from batchrun.redaction import excerpt, redact
+
+MAX_MESSAGE_CHARS = 2000  # a relay's error message is kept whole up to this
 
 
 @dataclass
@@ -36,8 +38,10 @@ class CallError(Exception):
     request_id: str | None = None
 
     def __post_init__(self) -> None:
-        # Server text and exception text may echo the key: masked before anyone can store it.
+        # Server text and exception text may echo the key: masked before anyone can store it, then cut.
         self.message = redact(self.message)
+        if len(self.message) > MAX_MESSAGE_CHARS:
+            self.message = self.message[: MAX_MESSAGE_CHARS - 1] + "…"
 
     def __str__(self) -> str:
         text = self.message
@@ -63,8 +67,7 @@ def from_response(status: int, body: bytes, headers: Mapping[str, str]) -> CallE
     """A non-2xx answer (or a 2xx whose body is an error) as a CallError."""
     fields = _error_fields(body)
     if fields is None:
-        excerpt = " ".join(body[:400].decode("utf-8", "replace").split())[:200]
-        fields = _ErrorFields(f"HTTP {status}: {excerpt}".rstrip(": "))
+        fields = _ErrorFields(f"HTTP {status}: {excerpt(body)}".rstrip(": "))
     elif status < 400:  # a 200 carrying an error: its code says what the status would have been
         status = _int_or_none(fields.code) or _status_of_code(fields.code) or status
     request_id = headers.get("x-oneapi-request-id") or headers.get("x-request-id")
@@ -82,7 +85,7 @@ def from_response(status: int, body: bytes, headers: Mapping[str, str]) -> CallE
 def from_body(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> CallError | None:
     """A parsed 200 body or stream event that carries `error` is that error."""
     item = data[0] if isinstance(data, list) and data else data
-    if not isinstance(item, dict) or "error" not in item:
+    if not isinstance(item, dict) or item.get("error") is None:  # some relays send "error": null with an answer
         return None
     return from_response(status, orjson.dumps(item), headers or {})
 
@@ -246,6 +249,36 @@ def _ratelimit_reset(headers: Mapping[str, str]) -> float | None:
     ]
     found = [r for r in resets if r is not None]
     return max(found) if found else None
+
+
+@dataclass(frozen=True)
+class QuotaGroup:
+    """One `x-ratelimit-*` group (requests or tokens) as a successful answer reported it."""
+
+    limit: float
+    remaining: float
+    reset_s: float
+
+
+@dataclass(frozen=True)
+class QuotaLeft:
+    requests: QuotaGroup | None
+    tokens: QuotaGroup | None
+
+
+def quota_left(headers: Mapping[str, str]) -> QuotaLeft | None:
+    """PROTOCOL.md §6.2 on any answer: what the window has left; None when no group is complete and known."""
+    groups = [_quota_group(headers, kind) for kind in ("requests", "tokens")]
+    return QuotaLeft(*groups) if any(groups) else None
+
+
+def _quota_group(headers: Mapping[str, str], kind: str) -> QuotaGroup | None:
+    limit = _float(headers.get(f"x-ratelimit-limit-{kind}"))
+    remaining = _float(headers.get(f"x-ratelimit-remaining-{kind}"))
+    reset = go_duration(headers.get(f"x-ratelimit-reset-{kind}", ""))
+    if limit is None or limit <= 0 or remaining is None or remaining < 0 or reset is None:
+        return None
+    return QuotaGroup(limit, remaining, min(reset, HINT_CAP_S))
 
 
 def _positive(value: str | None) -> bool:

@@ -8,6 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+from batchrun.protocols.relay_errors import CallError, QuotaLeft
+from batchrun.redaction import excerpt
+
+MAX_TOKEN_COUNT = 100_000_000  # far above any one answer's usage: larger is a relay's mistake, not a count
+
 
 def decode_base64(text: str) -> bytes:
     """Base64 in the standard or the URL-safe alphabet (Google's SDK sends URL-safe), padding optional.
@@ -40,14 +45,35 @@ class Reply:
     completion_tokens: int | None = None
     tool_calls: list[dict[str, str]] = field(default_factory=list)  # each {name, arguments}
     images: list[ImageOut] = field(default_factory=list)  # in answer order; the last one is the final image
+    notes: list[str] = field(default_factory=list)  # what was wrong with an answer kept anyway (odd usage)
+    quota: QuotaLeft | None = None  # x-ratelimit-* of the answer, for the limiter
     # Only when the decoder keeps answers (output.openai_batch): the body as received (a stream
     # reassembled into the whole answer it stands for) and the relay's request id.
     answer: Any = None
     request_id: str | None = None
 
 
+def token_count(value: Any, name: str, notes: list[str]) -> int | None:
+    """A usage count as given, if it is a count; else None and a note (never a crash, a negative cost or 2^70)."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKEN_COUNT:
+        return value
+    notes.append(f"usage {name} was {excerpt(repr(value), 60)}, not a token count: stored as null")
+    return None
+
+
+def text_field(value: Any, name: str) -> str | None:
+    """A string field of the answer (model, finish reason): another type is a malformed answer."""
+    if value is None or isinstance(value, str):
+        return value
+    raise CallError("malformed", f"malformed response: {name} is not a string", abort="C")
+
+
 class StreamAnswer(Protocol):
     """One streamed answer, put together event by event (PROTOCOL.md §2.6, §4.3)."""
+
+    size: int  # characters of text and bytes of images kept so far: what run.max_answer_mb bounds
 
     def add(self, event: Any) -> None:
         """One parsed JSON event; raises CallError for in-band failures (a blocked prompt)."""

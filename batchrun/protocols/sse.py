@@ -3,7 +3,8 @@
 Reads may end anywhere: inside a line, between the CR and LF of a CRLF, or in
 the middle of a UTF-8 character. Lines are cut on LF, CRLF or a lone CR and
 decoded only once complete, so none of that matters. Only `data` is kept;
-comments (`: PING`) and other fields are dropped. Lines have no length limit.
+comments (`: PING`) and other fields are dropped. A line longer than `max_line`
+bytes (one that never ends) stops the answer as `too_large`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ _BOM = "\ufeff"
 
 
 class SSEParser:
-    def __init__(self) -> None:
+    def __init__(self, max_line: int | None = None) -> None:
+        self._max_line = max_line
         self._buffer = bytearray()
         self._scanned = 0  # bytes of the buffer already known to hold no line end
         self._skip_lf = False  # the last line ended with CR: an LF right after it belongs to it
@@ -43,6 +45,8 @@ class SSEParser:
             start = m.end()
         del self._buffer[:start]
         self._scanned = len(self._buffer)
+        if self._max_line is not None and self._scanned > self._max_line:
+            raise too_large(self._max_line, "one line of the stream")
         return events
 
     def close(self) -> list[str]:
@@ -77,3 +81,12 @@ class SSEParser:
 def stream_cut(missing: str) -> CallError:
     """A stream that ended before it was complete: a failed attempt, retried whole (§6.4)."""
     return CallError("incomplete_stream", f"the server cut the stream before it finished ({missing})")
+
+
+def too_large(limit: int, what: str) -> CallError:
+    """The answer passed run.max_answer_mb: reading stops; not retried (the same request brings the same answer)."""
+    return CallError(
+        "too_large",
+        f"too large: {what} passed {limit / 2**20:g} MB (run.max_answer_mb); stopped reading it",
+        retryable=False,
+    )
