@@ -201,7 +201,9 @@ class RowSender:
         run.sharing = ClusterSharing(self._link)
         self._ledger = ClusterLedger(self._link)
         caps = AnswerCaps.of(self._job.spec.run)
-        self._transport = Transport(self._url, run.api_key, self._job.spec.run.timeout_s, run.concurrency, caps)
+        self._transport = Transport(
+            self._url, run.api_key, self._job.spec.run.timeout_s, run.concurrency, caps, run.protocol.KEY_HEADER
+        )
         self._run = run
         return run
 

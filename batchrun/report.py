@@ -20,12 +20,11 @@ import jinja2
 import polars as pl
 
 from batchrun import images, output, spend
-from batchrun.checkpoint import DB_NAME, ROW_COLUMNS, Checkpoint
+from batchrun.checkpoint import DB_NAME, ROW_COLUMNS, Checkpoint, checkpoint_folder
 from batchrun.errors import JobError
 from batchrun.inputs import ROW_INDEX, InputTable
 from batchrun.redaction import register_secret
 from batchrun.render import Renderer
-from batchrun.resume import find_folder
 from batchrun.spec import Job
 from batchrun.structured import PARSE_NOTE, AnswerParser
 from batchrun.timeline import last_run, parse_attempt_log
@@ -125,7 +124,7 @@ def write_report(job: Job) -> Path:
     """Builds the page from the job's checkpoint and writes it beside the output; returns its path."""
     from batchrun.report_page import render_page
 
-    folder = find_folder(job)
+    folder = checkpoint_folder(job.output_path)
     if not (folder / DB_NAME).exists():
         raise JobError(f"{job.path}: no checkpoint at {folder}: run the job first (batchrun run {job.path})")
     register_secret(os.environ.get(job.spec.provider.api_key_env, "").strip())  # masked wherever it appears

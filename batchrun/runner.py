@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -36,11 +37,13 @@ from batchrun.sharing import SharedAnswers, request_key
 from batchrun.spec import Job
 from batchrun.structured import AnswerParser, ask_with_repairs, explain_native_rejection
 from batchrun.timeline import OK, AttemptLog, LimiterTimeline, note_run
-from batchrun.transport import AnswerCaps, Outcome, Transport, call_with_retries
+from batchrun.transport import CANNOT_CONNECT, AnswerCaps, Outcome, Transport, call_with_retries
 
 ABORT_AFTER = 3  # PROTOCOL.md §5.2 rules B and C
 KEPT_ANSWER_BYTES = 4 << 20  # output.openai_batch: a larger answer body is not kept (its line says so)
 GRACE_S = 3.0  # after Ctrl-C, how long rows in flight may take to finish before they are cancelled
+PAUSE_SAID_S = 5.0  # a server's pause longer than this is said, not just waited out
+WAITS_EVERY_S = 0.5  # how often the run looks at what it is waiting for
 
 
 @dataclass
@@ -52,6 +55,7 @@ class RunOptions:
     rerun_changed: bool = False
     quiet: bool = False
     max_cost: float | None = None  # overrides run.max_cost
+    adopt_checkpoint: Path | None = None  # --adopt-checkpoint: an earlier checkpoint of this job, moved here
     durable_checkpoint: bool = True  # False only in `batchrun bench`, to measure the checkpoint's cost
     presses: CtrlC | None = None  # Ctrl-C handed over by another thread; None: this thread's SIGINT
 
@@ -124,6 +128,7 @@ class Run:
         self.renderer = Renderer(job, self.table.columns)
         self.parser = AnswerParser.for_spec(spec)
         output.check_columns(job, self.parser, self.table.columns)
+        output.check_targets(job)
         self.protocol = protocols.PROTOCOLS[spec.provider.api]
         # output.openai_batch needs every answer's body as received: only then are they kept.
         keep = job.openai_batch_path is not None
@@ -137,6 +142,7 @@ class Run:
         self.settings = fingerprint.settings_digest(spec)
         self.requested = 0
         self._held: list[RowRecord] = []
+        self._unreachable: CallError | None = None  # the last connection failure since the last answer
         self.interrupts = 0
         self._workers = 0  # the local run's workers, stand-ins included
         self._resting = 0  # rows waiting for a retry (their workers' places taken by stand-ins)
@@ -154,7 +160,7 @@ class Run:
             fresh = not (checkpoint_folder(self.job.output_path) / DB_NAME).exists()
             storage.check_output(self.job.output_url, self.job.spec.output.storage_options, fresh)
         options = self.options
-        flags = ResumeFlags(options.restart, options.rerun_changed, options.retry_failed)
+        flags = ResumeFlags(options.restart, options.rerun_changed, options.retry_failed, options.adopt_checkpoint)
         checkpoint, notes = open_for_run(self.job, self.table, self.renderer, flags, options.durable_checkpoint)
         self.timeline = LimiterTimeline(checkpoint)
         try:
@@ -185,7 +191,10 @@ class Run:
             with _base_url(self.job) as base_url:
                 self.base_url = base_url
                 run = self.job.spec.run
-                transport = Transport(base_url, self.api_key, run.timeout_s, self.concurrency, AnswerCaps.of(run))
+                caps = AnswerCaps.of(run)
+                transport = Transport(
+                    base_url, self.api_key, run.timeout_s, self.concurrency, caps, self.protocol.KEY_HEADER
+                )
                 try:
                     await self._run_all(checkpoint, transport, progress)
                 finally:
@@ -218,6 +227,7 @@ class Run:
         send, receive = anyio.create_memory_object_stream[WorkItem](self.concurrency * 2)
         async with anyio.create_task_group() as tg:
             tg.start_soon(checkpoint.flush_loop)
+            tg.start_soon(self._report_waits, progress)
             async with receive, anyio.create_task_group() as work:  # stand-ins clone `receive` until the end
 
                 def start_worker() -> None:
@@ -417,6 +427,7 @@ class Run:
                 return False
             return True
         if outcome.reply is not None:
+            self._unreachable = None
             self.watch.on_success()
             self._release_held(checkpoint, progress)
         self._finish(checkpoint, progress, record)
@@ -451,7 +462,7 @@ class Run:
             await checkpoint.begin(item.idx)
 
         def on_error(error: CallError) -> None:
-            self.watch.on_error(error)
+            self._on_error(error)
             log.note(error.error_class, error.status)
             self._observe_limits()
 
@@ -505,6 +516,53 @@ class Run:
             )
             record.image_paths = orjson.dumps(saved).decode()
         return record, outcome
+
+    def _on_error(self, error: CallError) -> None:
+        self.watch.on_error(error)
+        if error.message.startswith(CANNOT_CONNECT):
+            self._unreachable = error
+
+    async def _report_waits(self, progress: Progress) -> None:
+        """Say what the run is waiting for, once when it starts (a line) and all along (the bar):
+        a relay that cannot be reached, the outage breaker holding rows, a long pause asked by the server."""
+        said: str | None = None
+        while True:
+            situation, line, short = self._waiting_for(anyio.current_time())
+            if situation != said:
+                if line is not None:
+                    progress.say(line)
+                elif said in ("unreachable", "down"):
+                    progress.say("the relay answers again; going on")
+                said = situation
+            progress.waiting(short)
+            await anyio.sleep(WAITS_EVERY_S)
+
+    def _waiting_for(self, now: float) -> tuple[str | None, str | None, str | None]:
+        """(situation, the line that says it, the bar's short form); all None when nothing holds the run."""
+        timeout = self.job.spec.run.outage_timeout_s
+        breaker = self.limits.breaker
+        if (left := breaker.gives_up_in_s(now)) is not None:
+            last = breaker.last_error.message if breaker.last_error is not None else "requests fail"
+            return (
+                "down",
+                f"the relay seems down ({last}): rows are held while one request at a time checks it; "
+                f"the run stops in {left:.0f} s (run.outage_timeout_s) unless it answers, rows pending",
+                f"relay down, stopping in {left:.0f} s",
+            )
+        if self._unreachable is not None:
+            return (
+                "unreachable",
+                f"{self._unreachable.message.removeprefix('connection: ')}; retrying for up to {timeout:g} s "
+                "(run.outage_timeout_s), then the run stops with rows pending",
+                "cannot connect",
+            )
+        if (paused := self.limits.paused_until - now) > PAUSE_SAID_S:
+            return (
+                "paused",
+                f"the server pushed back: every new request waits {paused:.0f} s",
+                f"paused {paused:.0f} s",
+            )
+        return None, None, None
 
     def _observe_limits(self) -> None:
         if self.timeline is not None:
@@ -632,7 +690,7 @@ def _abort_message(error: CallError, job: Job) -> str:
         "quota": "the account has no balance or quota left; top it up",
         "outage": f"the relay at {job.spec.provider.base_url} seems to be down",
     }.get(error.error_class, "the same error repeated before any row succeeded")
-    return f"run stopped: {what}: {error}. Finished rows are kept; run `batchrun run {job.path}` again to resume."
+    return f"run stopped: {what}: {error}. Finished rows are kept"
 
 
 @contextmanager

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,11 +18,14 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_KEY = "sk-batchrun-test-key-5f0c2e9a71"  # distinctive, so a leak is easy to find
+# Where runs note their checkpoint's place (resume.py): the tests' own, not the user's home.
+STATE_DIR = tempfile.mkdtemp(prefix="batchrun-test-state-")
 
 
 def cli_env(extra: dict[str, str | None] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "KUAIMA_API_KEY"}
     env["TEST_RELAY_KEY"] = TEST_KEY
+    env["BATCHRUN_STATE_DIR"] = STATE_DIR
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     for key, value in (extra or {}).items():
         if value is None:
@@ -94,6 +98,15 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def assert_finished(result: subprocess.CompletedProcess[str], output: Path) -> None:
+    """A finished run's exit code matches its output: 0 when every row is ok, 5 when some ended in error."""
+    import polars as pl
+
+    assert result.returncode in (0, 5), result.stdout + result.stderr
+    failed = (pl.read_parquet(output)["status"] == "error").any()
+    assert result.returncode == (5 if failed else 0), result.stdout + result.stderr
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:

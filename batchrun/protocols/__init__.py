@@ -6,6 +6,8 @@ A protocol module provides:
   decoder(spec) -> Decoder            how to read a whole JSON answer (parse) and a stream (new_stream);
                                       both raise CallError for in-band failures
   INLINE_IMAGE_URLS                   True if image URLs must be downloaded and sent as bytes
+  INPUT_IMAGE_TOKENS                  what a small input image counts as input tokens (validate's estimate)
+  KEY_HEADER                          a header that carries the key besides `Authorization: Bearer`, or None
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ from batchrun.render import Request
 from batchrun.spec import JobSpec
 
 INLINE_IMAGE_URLS = False  # no images on this API
+KEY_HEADER = None
+INPUT_IMAGE_TOKENS = 0  # no images on this API
 
 
 def path(model: str, stream: bool) -> str:
