@@ -47,6 +47,14 @@ class OutageBreaker:
     def looks_down(self) -> bool:
         return self._opened_at is not None or self._in_a_row >= LOOKS_DOWN_AFTER
 
+    @property
+    def last_error(self) -> CallError | None:
+        return self._last_error
+
+    def gives_up_in_s(self, now: float) -> float | None:
+        """While open: seconds until the run stops for the outage (None: closed)."""
+        return None if self._opened_at is None else max(0.0, self._opened_at + self.timeout_s - now)
+
     @staticmethod
     def counts_as_down(error: CallError) -> bool:
         return error.error_class in DOWN_CLASSES

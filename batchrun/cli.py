@@ -1,4 +1,4 @@
-"""Commands: run, validate, status, report, emulator, bench."""
+"""Commands: run, validate, status, report, models, emulator, bench."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import os
 import shlex
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
+from batchrun import __version__
 from batchrun.errors import BudgetReached, JobError, RunAborted, RunInterrupted
 from batchrun.redaction import redact
 
@@ -16,6 +18,7 @@ EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_ABORTED = 3
 EXIT_BUDGET = 4
+EXIT_ROWS_FAILED = 5  # the run finished and the output is complete, but some rows ended in error
 EXIT_INTERRUPTED = 130
 
 
@@ -28,10 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batchrun: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RunAborted as e:
-        print(f"batchrun: {e}", file=sys.stderr)
+        print(f"batchrun: {e}; resume with: {_resume_command(args)}", file=sys.stderr)
         return EXIT_ABORTED
     except BudgetReached as e:
-        print(f"batchrun: {e}", file=sys.stderr)
+        print(f"batchrun: {e}: {_resume_command(args, with_max_cost=False)} --max-cost HIGHER", file=sys.stderr)
         return EXIT_BUDGET
     except RunInterrupted as e:
         print(f"\nbatchrun: {e}; resume with: {_resume_command(args)}", file=sys.stderr)
@@ -49,14 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
-def _resume_command(args: argparse.Namespace) -> str:
+def _resume_command(args: argparse.Namespace, *extra: str, with_max_cost: bool = True) -> str:
     """The command that resumes a run: the same job, row limit, concurrency and budget; never --restart."""
-    words = ["batchrun", "run", args.job]
+    words = ["batchrun", "run", args.job, *extra]
     if args.limit is not None:
         words += ["--limit", str(args.limit)]
     if args.concurrency is not None:
         words += ["--concurrency", str(args.concurrency)]
-    if args.max_cost is not None:
+    if args.max_cost is not None and with_max_cost:
         words += ["--max-cost", f"{args.max_cost:g}"]
     if args.engine != "local":
         words += ["--engine", args.engine]
@@ -68,8 +71,16 @@ def _resume_command(args: argparse.Namespace) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="batchrun", description="Run a table of rows through a model API.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="batchrun",
+        description="Run a table of rows through a model API.",
+        epilog=(
+            "exit codes: 0 every row ok; 1 internal error; 2 bad input; 3 stopped by the server; "
+            f"4 budget reached; {EXIT_ROWS_FAILED} finished with failed rows; 130 interrupted"
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"batchrun {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, help="batchrun COMMAND -h shows its options")
 
     run = sub.add_parser("run", help="run or resume a job; writes the output Parquet")
     run.add_argument("job", help="the job file (YAML)")
@@ -81,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
         "--rerun-changed",
         action="store_true",
         help="after the job file changed: keep answers whose request is unchanged, send only the changed rows",
+    )
+    run.add_argument(
+        "--adopt-checkpoint",
+        type=Path,
+        metavar="OLD",
+        help="move this earlier checkpoint of the job (e.g. from before output.path changed) beside the output",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument(
@@ -101,21 +118,27 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
 
     validate = sub.add_parser("validate", help="check the job and its input, show the first requests; no network")
-    validate.add_argument("job")
+    validate.add_argument("job", help="the job file (YAML)")
     validate.add_argument("--show", type=int, default=2, help="how many rendered requests to show (default 2)")
     validate.set_defaults(func=_validate)
 
     status = sub.add_parser("status", help="what is done, failed, pending; tokens; cost")
-    status.add_argument("job")
+    status.add_argument("job", help="the job file (YAML)")
     status.set_defaults(func=_status)
 
+    models = sub.add_parser("models", help="the relay's models (GET /v1/models)")
+    models.add_argument("job", nargs="?", help="take base_url and api_key_env from this job file")
+    models.add_argument("--base-url", help="the relay (default: the job's base_url, else https://ai.szkmjb.com)")
+    models.add_argument("--api-key-env", help="the variable holding the key (default: KUAIMA_API_KEY, or the job's)")
+    models.set_defaults(func=_models)
+
     report = sub.add_parser("report", help="one HTML page of the run: charts, sample rows, images")
-    report.add_argument("job")
+    report.add_argument("job", help="the job file (YAML)")
     report.add_argument("--open", action="store_true", help="open the page in the web browser")
     report.set_defaults(func=_report)
 
     emulator = sub.add_parser("emulator", help="a local OpenAI + Gemini compatible server for trials and tests")
-    emulator.add_argument("--host", default="127.0.0.1")
+    emulator.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
     emulator.add_argument("--port", type=int, default=8787, help="0 picks a free port (printed on start)")
     emulator.add_argument("--latency-ms", type=float, default=0.0, help="delay before each answer")
     emulator.add_argument("--jitter-ms", type=float, default=0.0, help="extra random delay, up to this much")
@@ -127,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=RATE",
         help="answer with fault NAME at this rate, e.g. 429=0.1 (repeatable)",
     )
-    emulator.add_argument("--seed", type=int, default=0)
+    emulator.add_argument("--seed", type=int, default=0, help="seed of the random faults (default 0)")
     emulator.add_argument("--ping-ms", type=float, default=10_000, help="`: PING` interval on OpenAI streams; 0: none")
     emulator.add_argument("--stall-ms", type=float, default=3_000, help="how long a `stall` directive pauses a stream")
     emulator.add_argument("--chunk-delay-ms", type=float, default=0.0, help="delay between stream events")
@@ -192,10 +215,14 @@ def _run(args: argparse.Namespace) -> int:
         rerun_changed=args.rerun_changed,
         quiet=args.quiet,
         max_cost=args.max_cost,
+        adopt_checkpoint=args.adopt_checkpoint,
     )
     summary = eventloop.run(commands.run, job, options, args.engine, args.ray_address, args.ray_actors)
     _print_summary(summary)
     print(f"report: {shlex.join(['batchrun', 'report', args.job])}")
+    if summary["error"]:
+        print(f"{summary['error']} rows failed; retry them with: {_resume_command(args, '--retry-failed')}")
+        return EXIT_ROWS_FAILED
     return 0
 
 
@@ -232,6 +259,9 @@ def _validate(args: argparse.Namespace) -> int:
     for row_id, body in plan.requests.items():
         print(f"\nrow {row_id}:")
         print(redact(body))
+    env = job.spec.provider.api_key_env
+    if not job.uses_emulator and not os.environ.get(env, "").strip():
+        print(f"batchrun: note: {env} is not set; `run` will need it", file=sys.stderr)
     print()
     for line in plan.estimate_lines:
         print(line)
@@ -249,6 +279,14 @@ def _status(args: argparse.Namespace) -> int:
     from batchrun.resume import status_lines
 
     print("\n".join(status_lines(load_job(args.job))))
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from batchrun.models import list_models
+
+    for line in list_models(args.job, args.base_url, args.api_key_env):
+        print(line)
     return 0
 
 

@@ -6,6 +6,7 @@ Each takes a loaded Job and returns what it found; printing is the caller's.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -94,7 +95,9 @@ def plan(job: Job, show: int = 2) -> Plan:
     table.check_ids()
     renderer = Renderer(job, table.columns)
     output.check_columns(job, AnswerParser.for_spec(spec), table.columns)
-    job.api_key()
+    output.check_targets(job)
+    if os.environ.get(spec.provider.api_key_env, "").strip():
+        job.api_key()  # a key that is set must be sendable; validate sends nothing, so it needs none
     protocol = protocol_for(spec.provider.api)
     loader = loader_for(job, protocol.INLINE_IMAGE_URLS)
     settings = RequestSettings.of(spec)

@@ -44,7 +44,7 @@ from batchrun.checkpoint import Checkpoint, RowRecord
 from batchrun.errors import JobError
 from batchrun.inputs import ROW_INDEX, InputTable
 from batchrun.progress import Progress
-from batchrun.protocols import CallError
+from batchrun.protocols import CallError, protocol_for
 from batchrun.ray_coordinator import (
     ClusterLedger,
     ClusterLimits,
@@ -217,7 +217,8 @@ class RowSender:
         self._watch = ClusterWatch(self._link)
         self._limits = ClusterLimits(self._link, self._watch)
         caps = AnswerCaps.of(job.spec.run)
-        transport = Transport(self._url, api_key, job.spec.run.timeout_s, self._concurrency, caps)
+        key_header = protocol_for(job.spec.provider.api).KEY_HEADER
+        transport = Transport(self._url, api_key, job.spec.run.timeout_s, self._concurrency, caps, key_header)
         parts = RowParts(ClusterLedger(self._link), self._limits, ClusterSharing(self._link), self._watch, transport)
         parser = AnswerParser.for_spec(job.spec)
         no_budget = Budget(None, job.spec.pricing, spent=0.0)  # run_job_on_ray refuses run.max_cost

@@ -114,12 +114,14 @@ class InputTable:
             raise JobError(f"{self._where}: file not found")
         if self.batch:
             return pl.LazyFrame(schema=openai_batch.SCHEMA)  # the columns only: lines are read by openai_batch
+        # Ids are compared as written: a CSV's `007` and `7`, or `2.0` and `2`, are different ids.
+        as_text = {self.id_column: pl.String()} if self.id_column else None
         if suffix == ".csv":
-            return pl.scan_csv(path, infer_schema_length=10_000, storage_options=options)
+            return pl.scan_csv(path, infer_schema_length=10_000, schema_overrides=as_text, storage_options=options)
         if suffix == ".parquet":
             return pl.scan_parquet(path, storage_options=options)
         if suffix in (".jsonl", ".ndjson"):
-            return pl.scan_ndjson(path, infer_schema_length=10_000, storage_options=options)
+            return pl.scan_ndjson(path, infer_schema_length=10_000, schema_overrides=as_text, storage_options=options)
         raise JobError(f"{self._where}: unsupported extension '{suffix}'; use .csv, .parquet or .jsonl")
 
     def count(self) -> int:

@@ -8,6 +8,7 @@ object-storage output: uploaded, then the local file removed).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from collections.abc import Iterator
@@ -20,13 +21,15 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchrun import openai_batch, spend, storage
+from batchrun import __version__, openai_batch, spend, storage
 from batchrun.checkpoint import ROW_COLUMNS, Checkpoint
 from batchrun.errors import JobError
 from batchrun.inputs import ROW_INDEX, InputTable
 from batchrun.spec import Job, PricingSpec
 from batchrun.structured import PARSE_NOTE, SCHEMA_INVALID, AnswerParser
 
+# The output's Parquet key-value metadata: how batchrun knows a file it may replace is its own.
+OWN_OUTPUT_KEY = b"batchrun"
 # Input batches are gathered into row groups of this many rows: the writer keeps every
 # row group's metadata until it closes, and one group per 2,048-row batch made 10 M rows ~5,000 groups.
 ROW_GROUP_ROWS = 16_384
@@ -73,7 +76,15 @@ def result_frame(
 
 
 def check_columns(job: Job, parser: AnswerParser | None, input_columns: list[str]) -> None:
-    """The schema's properties become columns: none may clash with an input or result column."""
+    """Result columns must not clash with input columns, nor the schema's properties (which become columns)
+    with either: each clash is refused in one line, never resolved by polars' silent `_right` suffix."""
+    results = {*RESULT_SCHEMA, "cost"} | ({PARSE_NOTE} if parser is not None else set())
+    clash = sorted(results & set(input_columns))
+    if clash:
+        raise JobError(
+            f"{job.path}: input.path {job.spec.input.path}: the input has a column {clash[0]!r}, which is also the "
+            f"name of a result column of the output; rename that column in the input (e.g. to 'input_{clash[0]}')"
+        )
     if parser is None:
         return
     taken = {*input_columns, ROW_INDEX, *RESULT_SCHEMA, PARSE_NOTE, "cost", "image_paths"}
@@ -83,6 +94,59 @@ def check_columns(job: Job, parser: AnswerParser | None, input_columns: list[str
             f"{job.path}: output.schema: the property {clash[0]!r} would become a column, but the output already "
             "has a column of that name; rename the property (in the tool's parameters with parse: tool)"
         )
+
+
+def check_targets(job: Job) -> None:
+    """Never write over user data: refuse, before anything is sent, an output or images folder that is the
+    input (or one of its glob's files), or an existing file at the output that batchrun did not write."""
+    shown_input = job.input_path if job.frame is None else "(a frame given in Python)"
+    targets = (("output.path", job.output_url or job.output_path), ("output.images_dir", job.images_dir))
+    for key, target in targets if job.frame is None else ():
+        if _is_input(target, job.input_path):
+            raise JobError(
+                f"{job.path}: {key} {target} is the input {shown_input}; batchrun would write over it. "
+                f"Set {key} to another path"
+            )
+    out = job.output_path  # for an object-storage output, its local stand-in (storage.check_output checks the key)
+    if out.is_dir():
+        raise JobError(f"{job.path}: output.path {out} is a folder; name a .parquet file (input: {shown_input})")
+    if out.exists() and not _written_by_batchrun(out):
+        raise JobError(
+            f"{job.path}: output.path {out} exists and is not an output batchrun wrote; batchrun will not replace "
+            f"it. Move it away or set output.path to another file (input: {shown_input})"
+        )
+    summary = summary_path(out)
+    if summary.exists() and not _is_summary(summary):
+        raise JobError(
+            f"{job.path}: output.path {out}: the summary would replace {summary}, which batchrun did not write; "
+            "move it away or choose another output.path"
+        )
+
+
+def _is_input(target: Path | str, input_path: str) -> bool:
+    if isinstance(target, str) or storage.is_url(input_path):  # object storage: the same URL
+        return str(target) == input_path
+    pattern = os.path.normpath(os.path.abspath(input_path))
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(str(target), pattern)
+    source = Path(pattern)
+    return target == source.resolve() or (target.exists() and source.exists() and os.path.samefile(target, source))
+
+
+def _written_by_batchrun(path: Path) -> bool:
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return False
+    return OWN_OUTPUT_KEY in metadata
+
+
+def _is_summary(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "requested_this_run" in data
 
 
 def write_parquet(
@@ -113,7 +177,7 @@ def write_parquet(
                 merged = merged.drop(ROW_INDEX)
             arrow = merged.to_arrow()
             if writer is None:
-                writer = pq.ParquetWriter(tmp, arrow.schema, compression="zstd")
+                writer = pq.ParquetWriter(tmp, arrow.schema.with_metadata(_own_metadata(job)), compression="zstd")
             group.append(arrow.cast(writer.schema))
             if sum(t.num_rows for t in group) >= ROW_GROUP_ROWS:
                 writer.write_table(pa.concat_tables(group))
@@ -124,13 +188,17 @@ def write_parquet(
         if writer is not None:
             writer.close()
     if writer is None:  # an empty input still gets a (column-less) file
-        pl.DataFrame().write_parquet(tmp)
+        pq.write_table(pa.table({}).replace_schema_metadata(_own_metadata(job)), tmp)
     if job.output_url is None:
         os.replace(tmp, path)
     else:  # written whole here first: nothing is at the key until the output is complete
         storage.upload(tmp, job.output_url, job.spec.output.storage_options)
         tmp.unlink()
     return totals
+
+
+def _own_metadata(job: Job) -> dict[bytes, bytes]:
+    return {OWN_OUTPUT_KEY: orjson.dumps({"version": __version__, "job": job.spec.name})}
 
 
 def check_openai_batch_target(job: Job, checkpoint: Checkpoint) -> None:

@@ -28,6 +28,7 @@ class Progress:
         self.cost = spent
         self._pending = 0
         self._last = 0.0
+        self._waiting: str | None = None  # what holds the run, shown in the bar
 
     def row_done(self, status: str, record: RowRecord | None) -> None:
         # Shared rows cost nothing: their images are the source row's.
@@ -51,8 +52,21 @@ class Progress:
         if now - self._last >= REFRESH_S:  # tqdm calls are not free at thousands of rows a second
             self._refresh(now)
 
+    def say(self, line: str) -> None:
+        """One line about the run (what it is waiting for), above the bar; printed with --quiet too."""
+        tqdm.write(f"batchrun: {line}", file=sys.stderr)
+
+    def waiting(self, what: str | None) -> None:
+        """What holds the run now (None: nothing), shown in the bar until it changes."""
+        if what != self._waiting:
+            self._waiting = what
+            self._refresh(time.monotonic())
+            self._bar.refresh()
+
     def _refresh(self, now: float) -> None:
         postfix: dict[str, object] = {"failed": self.failed, "tokens": self.tokens}
+        if self._waiting is not None:
+            postfix["waiting"] = self._waiting
         if self._pricing is not None:
             budget = f" of {self._max_cost:.4f}" if self._max_cost is not None else ""
             postfix["cost"] = f"{self.cost:.4f}{budget} {self._pricing.currency}"

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from batchrun import images, spend
-from batchrun.checkpoint import DB_NAME, Checkpoint
+from batchrun.checkpoint import DB_NAME, Checkpoint, checkpoint_folder
 from batchrun.errors import JobError
 from batchrun.redaction import redact, register_secret
 from batchrun.report import LATENCY_STEP, TIME_BINS, Histogram, Report, TimeBins, collect, percentile
-from batchrun.resume import find_folder
 from batchrun.spec import Job
 
 THUMB_SIDE = 192
@@ -465,7 +464,7 @@ def report_path(output_path: Path) -> Path:
 
 def write_report(job: Job) -> Path:
     """Builds the page from the job's checkpoint and writes it beside the output; returns its path."""
-    folder = find_folder(job)
+    folder = checkpoint_folder(job.output_path)
     if not (folder / DB_NAME).exists():
         raise JobError(f"{job.path}: no checkpoint at {folder}: run the job first (batchrun run {job.path})")
     register_secret(os.environ.get(job.spec.provider.api_key_env, "").strip())  # masked wherever it appears

@@ -1,13 +1,17 @@
 """Picking a job up where it stopped: finding its checkpoint, checking the job still
 matches it, and telling the user where things stand (`batchrun status`).
 
-The checkpoint lives beside the output (`<output>.batchrun/`). A hidden pointer
-beside the job file remembers where, so changing `output.path` moves the
-checkpoint along instead of starting over.
+The checkpoint lives beside the output (`<output>.batchrun/`), derived from the
+output path alone, so a copied job folder or a second copy of a job never reaches
+another's answers, and nothing is written beside the job file. When `output.path`
+changes, the run is refused while a checkpoint of this job file exists at the old
+place (remembered in the user's state folder, not beside the job): the user moves
+it explicitly with `--adopt-checkpoint OLD`, or starts over with `--restart`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from batchrun import openai_batch, output, spend
+from batchrun import openai_batch, output, spend, storage
 from batchrun.checkpoint import DB_NAME, Checkpoint, checkpoint_folder
 from batchrun.errors import JobError
 from batchrun.fingerprint import compare
@@ -30,6 +34,7 @@ class ResumeFlags:
     restart: bool = False
     rerun_changed: bool = False
     retry_failed: bool = False
+    adopt_checkpoint: Path | None = None  # --adopt-checkpoint: move this checkpoint beside the output first
 
 
 def open_for_run(
@@ -41,7 +46,7 @@ def open_for_run(
     and neither --restart nor --rerun-changed was given.
     """
     written = _written_batch_output(job) if flags.restart else None
-    folder, notes = _prepare_folder(job, flags.restart)
+    folder, notes = _prepare_folder(job, table, flags)
     checkpoint = Checkpoint(folder, durable)
     try:
         checkpoint.lock_for_run()
@@ -63,7 +68,7 @@ def open_for_run(
 
 def _written_batch_output(job: Job) -> str | None:
     """The stamps of the output.openai_batch files the job wrote, from the checkpoint --restart discards."""
-    folder = find_folder(job)
+    folder = checkpoint_folder(job.output_path)
     if job.openai_batch_path is None or not (folder / DB_NAME).exists():
         return None
     try:
@@ -95,46 +100,81 @@ def _accepted(changes: list[str], changed: int, finished: int) -> str:
 # --- where the checkpoint is ---------------------------------------------------------
 
 
-def _pointer(job: Job) -> Path:
-    return job.path.with_name(f".{job.path.name}.checkpoint")
+def _last_place_file(job: Job) -> Path:
+    """Where this job file's last checkpoint folder is noted, keyed by the job file's own path."""
+    return storage.state_root() / "jobs" / hashlib.sha256(str(job.path).encode()).hexdigest()[:24]
 
 
-def find_folder(job: Job) -> Path:
-    """Beside the output; or where the pointer says, if the output path changed since."""
-    folder = checkpoint_folder(job.output_path)
-    if (folder / DB_NAME).exists():
-        return folder
+def earlier_folder(job: Job) -> Path | None:
+    """A checkpoint this job file used over the same input before `output.path` changed, if it is still there."""
+    if not job.path.is_file():
+        return None  # a job given as a dict in Python has no job file to remember
     try:
-        previous = Path(_pointer(job).read_text(encoding="utf-8").strip())
+        noted, _, input_path = _last_place_file(job).read_text(encoding="utf-8").partition("\n")
     except OSError:
-        return folder
-    return previous if (previous / DB_NAME).exists() else folder
+        return None
+    folder, here = Path(noted), checkpoint_folder(job.output_path)
+    if folder == here or input_path.strip() != job.input_path or (here / DB_NAME).exists():
+        return None  # a job file pointed at another input and output is a new job
+    return folder if (folder / DB_NAME).exists() else None
 
 
-def _prepare_folder(job: Job, restart: bool) -> tuple[Path, list[str]]:
+def _note_place(job: Job, folder: Path) -> None:
+    """Only ever read to say where an earlier checkpoint is; never used to move one."""
+    if not job.path.is_file():
+        return
+    try:
+        place = _last_place_file(job)
+        place.parent.mkdir(parents=True, exist_ok=True)
+        place.write_text(f"{folder}\n{job.input_path}\n", encoding="utf-8")
+    except OSError:
+        pass  # no writable home: only the hint about a changed output.path is lost
+
+
+def _prepare_folder(job: Job, table: InputTable, flags: ResumeFlags) -> tuple[Path, list[str]]:
     folder = checkpoint_folder(job.output_path)
-    found = find_folder(job)
     notes: list[str] = []
-    if restart:
-        notes += [_discard(f) for f in dict.fromkeys((found, folder)) if f.exists()]
-    elif found != folder:
-        if folder.exists():
-            shutil.rmtree(folder)  # a checkpoint folder without a database holds nothing
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(found), str(folder))
-        notes.append(f"the output path changed: moved the checkpoint from {found} to {folder}")
-    try:
-        pointer = _pointer(job)
-        if not job.path.is_file():
-            pass  # a job given as a dict in Python: no job file to keep a pointer beside
-        elif not pointer.exists() or pointer.read_text(encoding="utf-8").strip() != str(folder):
-            pointer.write_text(f"{folder}\n", encoding="utf-8")
-    except OSError:
-        pass  # a read-only job folder: only a changed output path will start over
+    if flags.restart and folder.exists():
+        notes.append(_discard(folder, job, table))
+    if flags.adopt_checkpoint is not None:
+        notes.append(_adopt(flags.adopt_checkpoint, folder))
+    elif not flags.restart and (earlier := earlier_folder(job)) is not None:
+        raise JobError(
+            f"{job.path}: output.path changed, and this job's checkpoint is still at {earlier}; "
+            f"run with --adopt-checkpoint {earlier} to move it here and keep its answers, "
+            "or with --restart to start a new one"
+        )
+    _note_place(job, folder)
     return folder, notes
 
 
-def _discard(folder: Path) -> str:
+def _adopt(source: Path, folder: Path) -> str:
+    """--adopt-checkpoint: the user's explicit move of a checkpoint folder beside this output."""
+    source = source.resolve()
+    if source.name.endswith(".parquet") and not (source / DB_NAME).exists():
+        source = checkpoint_folder(source)  # the old output's path names its checkpoint too
+    if source == folder:
+        return f"--adopt-checkpoint: {folder} is already this output's checkpoint"
+    if not (source / DB_NAME).exists():
+        raise JobError(f"--adopt-checkpoint {source}: no batchrun checkpoint there ({DB_NAME} is missing)")
+    if (folder / DB_NAME).exists():
+        raise JobError(
+            f"--adopt-checkpoint: {folder} already holds a checkpoint; use --restart with it to discard that one first"
+        )
+    adopted = Checkpoint(source)
+    try:
+        if adopted.run_in_progress():
+            raise JobError(f"--adopt-checkpoint {source}: another batchrun run is using it; wait for it to end")
+    finally:
+        adopted.close()
+    if folder.exists():
+        shutil.rmtree(folder)  # a checkpoint folder without a database holds nothing
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(source), str(folder))
+    return f"--adopt-checkpoint: moved the checkpoint from {source} to {folder}"
+
+
+def _discard(folder: Path, job: Job, table: InputTable) -> str:
     try:
         checkpoint = Checkpoint(folder)
     except JobError:
@@ -143,15 +183,23 @@ def _discard(folder: Path) -> str:
         try:
             if checkpoint.run_in_progress():
                 raise JobError(f"{folder}: another batchrun run is using this checkpoint; stop it before --restart")
-            totals = checkpoint.totals()
+            ok, failed = _ok_and_failed(job, checkpoint, table.count())
         finally:
             checkpoint.close()
-        what = f"a checkpoint with {totals['ok']} ok and {totals['error']} error rows"
+        what = f"a checkpoint with {ok} ok and {failed} error rows"
     # One rename first, so a kill while deleting never leaves half a checkpoint in place.
     trash = folder.with_name(f"{folder.name}.discarded-{os.getpid()}")
     os.replace(folder, trash)
     shutil.rmtree(trash)
     return f"--restart: discarded {what} ({folder})"
+
+
+def _ok_and_failed(job: Job, checkpoint: Checkpoint, rows: int) -> tuple[int, int]:
+    """Rows ok and failed as the output counts them: a stored answer that fails output.schema is a failure."""
+    totals = checkpoint.totals()
+    parser = AnswerParser.for_spec(job.spec)
+    invalid = sum(len(f) for f in output.failed_answers(checkpoint, parser, rows)) if parser else 0
+    return totals["ok"] - invalid, totals["error"] + invalid
 
 
 # --- batchrun status -------------------------------------------------------------------
@@ -181,10 +229,16 @@ def status_lines(job: Job) -> list[str]:
 def job_status(job: Job) -> JobStatus:
     table = InputTable.for_job(job)
     rows = table.count()
-    folder = find_folder(job)
+    folder = checkpoint_folder(job.output_path)
     name = job.spec.name
     if not (folder / DB_NAME).exists():
-        lines = [f"job {name}: not started; {rows} rows pending", f"checkpoint: {folder} (made by the first run)"]
+        lines = [f"job {name}: not started; {rows} rows pending", _output_line(job)]
+        lines.append(f"checkpoint: {folder} (made by the first run)")
+        if (earlier := earlier_folder(job)) is not None:
+            lines.append(
+                f"output.path changed: this job's checkpoint is at {earlier}; "
+                f"`batchrun run {job.path} --adopt-checkpoint {earlier}` moves it here"
+            )
         cost = 0.0 if job.spec.pricing is not None else None
         return JobStatus(name, rows, 0, 0, 0, rows, 0, 0, cost, folder, lines)
     checkpoint = Checkpoint(folder)
@@ -197,9 +251,8 @@ def job_status(job: Job) -> JobStatus:
 def _status(job: Job, table: InputTable, rows: int, checkpoint: Checkpoint) -> JobStatus:
     totals = checkpoint.totals()
     done = checkpoint.count_finished(0, rows)
-    parser = AnswerParser.for_spec(job.spec)
-    invalid = sum(len(f) for f in output.failed_answers(checkpoint, parser, rows)) if parser else 0
-    ok, failed = totals["ok"] - invalid, totals["error"] + invalid
+    ok, failed = _ok_and_failed(job, checkpoint, rows)
+    invalid = failed - totals["error"]
     classes = ", ".join(f"{cls} {n}" for cls, n in checkpoint.error_classes().items())
     lines = [
         f"job {job.spec.name}: {done} of {rows} rows done: {ok} ok, "
@@ -226,9 +279,8 @@ def _status(job: Job, table: InputTable, rows: int, checkpoint: Checkpoint) -> J
             "(sent, answer not recorded: the only ones that may be paid twice)"
         )
     lines.append(_match_line(job, table, checkpoint))
+    lines.append(_output_line(job))
     lines.append(f"checkpoint: {checkpoint.folder}")
-    if job.output_url is not None:
-        lines.append(f"output: {job.output_url} (uploaded when a run completes)")
     return JobStatus(
         job.spec.name,
         rows,
@@ -242,6 +294,12 @@ def _status(job: Job, table: InputTable, rows: int, checkpoint: Checkpoint) -> J
         checkpoint.folder,
         lines,
     )
+
+
+def _output_line(job: Job) -> str:
+    if job.output_url is not None:
+        return f"output: {job.output_url} (uploaded when a run completes)"
+    return f"output: {job.output_path}"
 
 
 def _match_line(job: Job, table: InputTable, checkpoint: Checkpoint) -> str:

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
@@ -32,7 +33,7 @@ from batchrun.errors import BudgetReached, RunAborted, RunInterrupted
 from batchrun.inputs import ROW_INDEX, InputTable
 from batchrun.limits import Limits
 from batchrun.progress import Progress
-from batchrun.protocols import CallError
+from batchrun.protocols import CallError, protocol_for
 from batchrun.render import Renderer
 from batchrun.resume import ResumeFlags, open_for_run
 from batchrun.rows import RowParts, RowPipeline, WorkItem
@@ -41,9 +42,11 @@ from batchrun.spec import Job
 from batchrun.stops import AbortWatch
 from batchrun.structured import AnswerParser
 from batchrun.timeline import LimiterTimeline, note_run
-from batchrun.transport import AnswerCaps, Transport
+from batchrun.transport import CANNOT_CONNECT, AnswerCaps, Transport
 
 GRACE_S = 3.0  # after Ctrl-C, how long rows in flight may take to finish before they are cancelled
+PAUSE_SAID_S = 5.0  # a server's pause longer than this is said, not just waited out
+WAITS_EVERY_S = 0.5  # how often the run looks at what it is waiting for
 
 
 @dataclass
@@ -55,6 +58,7 @@ class RunOptions:
     rerun_changed: bool = False
     quiet: bool = False
     max_cost: float | None = None  # overrides run.max_cost
+    adopt_checkpoint: Path | None = None  # --adopt-checkpoint: an earlier checkpoint of this job, moved here
     durable_checkpoint: bool = True  # False only in `batchrun bench`, to measure the checkpoint's cost
     presses: CtrlC | None = None  # Ctrl-C handed over by another thread; None: this thread's SIGINT
 
@@ -102,6 +106,8 @@ class Run:
         self.renderer = Renderer(job, self.table.columns)
         self.parser = AnswerParser.for_spec(spec)
         output.check_columns(job, self.parser, self.table.columns)
+        output.check_targets(job)
+        self.protocol = protocol_for(spec.provider.api)
         self.api_key = job.api_key()
         max_cost = options.max_cost if options.max_cost is not None else spec.run.max_cost
         self.budget = spend.Budget(max_cost, spec.pricing, spent=0.0)
@@ -117,7 +123,7 @@ class Run:
             fresh = not (checkpoint_folder(self.job.output_path) / DB_NAME).exists()
             storage.check_output(self.job.output_url, self.job.spec.output.storage_options, fresh)
         options = self.options
-        flags = ResumeFlags(options.restart, options.rerun_changed, options.retry_failed)
+        flags = ResumeFlags(options.restart, options.rerun_changed, options.retry_failed, options.adopt_checkpoint)
         checkpoint, notes = open_for_run(self.job, self.table, self.renderer, flags, options.durable_checkpoint)
         try:
             if self.job.openai_batch_path is not None:  # before anything is paid for, not after
@@ -229,14 +235,19 @@ class LocalEngine:
         self._workers = 0  # stand-ins included
         self._resting = 0  # rows waiting for a retry (their workers' places taken by stand-ins)
         self._stand_in: Callable[[], None] | None = None  # starts one more worker while the run's rows flow
+        self._limits: Limits | None = None  # the run's, once sending starts; read to say what the run waits for
+        self._watch = _Watch()
+        self._outage_timeout_s = 0.0
 
     async def send_all(self, run: Run, checkpoint: Checkpoint, progress: Progress, base_url: str) -> Sent:
         spec = run.job.spec.run
         limits = Limits(run.concurrency, spec.requests_per_minute, spec.tokens_per_minute, spec.outage_timeout_s)
-        watch = AbortWatch[CallError]()
-        transport = Transport(base_url, run.api_key, spec.timeout_s, run.concurrency, AnswerCaps.of(spec))
+        watch = _Watch()
+        caps = AnswerCaps.of(spec)
+        transport = Transport(base_url, run.api_key, spec.timeout_s, run.concurrency, caps, run.protocol.KEY_HEADER)
         timeline = LimiterTimeline(checkpoint)  # the Ray engine's limiter is the coordinator's: none there
         self._concurrency = run.concurrency
+        self._limits, self._watch, self._outage_timeout_s = limits, watch, spec.outage_timeout_s
         parts = RowParts(
             checkpoint, limits, SharedAnswers(), watch, transport, partial(timeline.observe, limits), self._rest
         )
@@ -254,6 +265,7 @@ class LocalEngine:
         send, receive = anyio.create_memory_object_stream[WorkItem](run.concurrency * 2)
         async with anyio.create_task_group() as tg:
             tg.start_soon(checkpoint.flush_loop)
+            tg.start_soon(self._report_waits, progress)
             async with receive, anyio.create_task_group() as work:  # stand-ins clone `receive` until the end
 
                 def start_worker() -> None:
@@ -302,6 +314,49 @@ class LocalEngine:
             await anyio.sleep(seconds)
         finally:
             self._resting -= 1
+
+    async def _report_waits(self, progress: Progress) -> None:
+        """Say what the run is waiting for, once when it starts (a line) and all along (the bar):
+        a relay that cannot be reached, the outage breaker holding rows, a long pause asked by the server."""
+        said: str | None = None
+        while True:
+            situation, line, short = self._waiting_for(anyio.current_time())
+            if situation != said:
+                if line is not None:
+                    progress.say(line)
+                elif said in ("unreachable", "down"):
+                    progress.say("the relay answers again; going on")
+                said = situation
+            progress.waiting(short)
+            await anyio.sleep(WAITS_EVERY_S)
+
+    def _waiting_for(self, now: float) -> tuple[str | None, str | None, str | None]:
+        """(situation, the line that says it, the bar's short form); all None when nothing holds the run."""
+        if self._limits is None:
+            return None, None, None
+        breaker = self._limits.breaker
+        if (left := breaker.gives_up_in_s(now)) is not None:
+            last = breaker.last_error.message if breaker.last_error is not None else "requests fail"
+            return (
+                "down",
+                f"the relay seems down ({last}): rows are held while one request at a time checks it; "
+                f"the run stops in {left:.0f} s (run.outage_timeout_s) unless it answers, rows pending",
+                f"relay down, stopping in {left:.0f} s",
+            )
+        if self._watch.unreachable is not None:
+            return (
+                "unreachable",
+                f"{self._watch.unreachable.message.removeprefix('connection: ')}; retrying for up to "
+                f"{self._outage_timeout_s:g} s (run.outage_timeout_s), then the run stops with rows pending",
+                "cannot connect",
+            )
+        if (paused := self._limits.paused_until - now) > PAUSE_SAID_S:
+            return (
+                "paused",
+                f"the server pushed back: every new request waits {paused:.0f} s",
+                f"paused {paused:.0f} s",
+            )
+        return None, None, None
 
     async def _produce_until_ctrl_c(
         self,
@@ -373,13 +428,30 @@ class LocalEngine:
                 await anyio.sleep(0)  # let workers run between batches
 
 
+class _Watch(AbortWatch[CallError]):
+    """The stop rules, and the last failure to connect since the last answer (said while the run waits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unreachable: CallError | None = None
+
+    def on_success(self) -> None:
+        super().on_success()
+        self.unreachable = None
+
+    def on_error(self, error: CallError) -> None:
+        super().on_error(error)
+        if error.message.startswith(CANNOT_CONNECT):
+            self.unreachable = error
+
+
 def _abort_message(error: CallError, job: Job) -> str:
     what = {
         "auth": f"the API key was refused; check {job.spec.provider.api_key_env}",
         "quota": "the account has no balance or quota left; top it up",
         "outage": f"the relay at {job.spec.provider.base_url} seems to be down",
     }.get(error.error_class, "the same error repeated before any row succeeded")
-    return f"run stopped: {what}: {error}. Finished rows are kept; run `batchrun run {job.path}` again to resume."
+    return f"run stopped: {what}: {error}. Finished rows are kept"
 
 
 @contextmanager

@@ -9,13 +9,14 @@ which runs them on the job read here.
 from __future__ import annotations
 
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
 import orjson
 import polars as pl
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from batchrun import storage
 from batchrun.errors import JobError
@@ -42,11 +43,33 @@ class InputSpec(_Section):
     storage_options: dict[str, str] | None = None  # for an object-storage path: docs/object-storage.md
 
 
+def check_base_url(url: str) -> str:
+    """The relay's root: scheme, host and an optional path prefix. batchrun adds `/v1/...` and `/v1beta/...`
+    itself, so a copied SDK base URL ending in `/v1` (or `/v1beta`) is trimmed; a query string is refused."""
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{url!r} is not an http(s) URL; use e.g. {DEFAULT_BASE_URL} (or emulator)")
+    if parts.query or parts.fragment:
+        raise ValueError(
+            f"{url!r} has a query string or fragment; give only the scheme, host and path prefix "
+            "(batchrun builds each request's path and query itself)"
+        )
+    path = parts.path.rstrip("/")
+    for version in ("/v1", "/v1beta"):
+        path = path.removesuffix(version) if path.endswith(version) else path
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
 class ProviderSpec(_Section):
     api: Literal["openai-chat", "openai-completions", "gemini"] = "openai-chat"
     base_url: str = DEFAULT_BASE_URL
     api_key_env: str = "KUAIMA_API_KEY"
     image_part_style: Literal["standard", "responses"] = "standard"
+
+    @field_validator("base_url")
+    @classmethod
+    def _relay_root(cls, url: str) -> str:
+        return url if url == EMULATOR else check_base_url(url)
 
 
 class PromptSpec(_Section):
@@ -283,7 +306,8 @@ def _describe(path: str | os.PathLike[str], error: ValidationError, lines: dict[
         if got is not None and not isinstance(got, (dict, list)) and "storage_options" not in loc
         else ""
     )
-    return f"{where}: {key}: {err['msg']}{shown}"
+    message = err["msg"].removeprefix("Value error, ")  # our own validators' messages say it all
+    return f"{where}: {key}: {message}{shown if message == err['msg'] else ''}"
 
 
 def _known_keys(section: list[str]) -> str:

@@ -23,6 +23,7 @@ import polars as pl
 
 from batchrun.inputs import InputTable
 from batchrun.limits import DEFAULT_OUTPUT_ESTIMATE, output_cap, prompt_tokens_estimate
+from batchrun.protocols import protocol_for
 from batchrun.render import Renderer, RowInputError
 from batchrun.spec import Job, PricingSpec
 from batchrun.structured import MAX_REASON_CHARS, answer_schema, repair_request
@@ -112,7 +113,7 @@ class Budget:
             f"run stopped: budget reached: spent {money(self.spent, self.pricing)} of max_cost "
             f"{money(self.limit, self.pricing)}, and the next request could cost up to "
             f"{money(self.refused, self.pricing)}. {pending} rows are pending; finished rows are kept. "
-            f"Raise run.max_cost (or pass --max-cost) and run `batchrun run {job.path}` again to go on."
+            "Raise run.max_cost (or pass a higher --max-cost) and run again to go on"
         )
 
 
@@ -124,6 +125,7 @@ class Estimate:
     rows: int
     sampled: int
     input_tokens: int  # the whole job, first asks only
+    image_tokens: int  # one input image, as the protocol's models count a small one (0: no images)
     output_cap: int | None  # a row
     typical_output: int | None  # a row, from the schema
     repairs: int  # output.repair_attempts
@@ -146,14 +148,17 @@ def estimate_job(job: Job, table: InputTable, renderer: Renderer) -> Estimate:
     spec = job.spec
     rows = table.count()
     sample = table.sample(SAMPLE_ROWS, rows)
+    per_image = protocol_for(spec.provider.api).INPUT_IMAGE_TOKENS  # rows without images count none
     tokens: list[int] = []
+    images = 0
     caps: list[int | None] = []  # an OpenAI Batch line's cap is its body's, unless params set one
     for row in sample.iter_rows(named=True):
         try:
             request = renderer.render(row)
         except (jinja2.TemplateError, RowInputError):
             continue  # such rows fail without a request
-        tokens.append(prompt_tokens_estimate(request.text_chars))
+        tokens.append(prompt_tokens_estimate(request.text_chars) + per_image * len(request.images))
+        images += len(request.images)
         caps.append(output_cap({**(request.body or {}), **spec.params}))
     per_row = sum(tokens) / len(tokens) if tokens else 0.0
     cap = output_cap(spec.params)
@@ -164,7 +169,8 @@ def estimate_job(job: Job, table: InputTable, renderer: Renderer) -> Estimate:
     if spec.output.parse != "text" and schema is not None:
         typical = prompt_tokens_estimate(len(json.dumps(typical_value(schema, schema), separators=(",", ":"))))
         typical = min(typical, cap) if cap is not None else typical
-    return Estimate(rows, len(tokens), round(per_row * rows), cap, typical, spec.output.repair_attempts)
+    repairs = spec.output.repair_attempts
+    return Estimate(rows, len(tokens), round(per_row * rows), per_image if images else 0, cap, typical, repairs)
 
 
 def describe_estimate(est: Estimate, job: Job) -> list[str]:
@@ -173,6 +179,8 @@ def describe_estimate(est: Estimate, job: Job) -> list[str]:
         f"estimate for {est.rows} rows (prompts of {est.sampled} sampled rows, about 4 characters a token):",
         f"  input tokens:  ~{est.input_tokens:,} ({est.input_tokens / max(est.rows, 1):.0f} a row)",
     ]
+    if est.image_tokens:
+        lines[-1] += f", images counted at {est.image_tokens} tokens each (a small image; larger ones count more)"
     if est.output_cap is None:
         lines.append(
             "  output tokens: no cap in params (max_completion_tokens / max_tokens / maxOutputTokens), "

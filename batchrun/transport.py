@@ -12,7 +12,9 @@ told apart by its first byte) and turns every failure into a `CallError`;
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import socket
 import time
 import urllib.parse
 import urllib.request
@@ -36,8 +38,16 @@ from batchrun.stops import StopRule
 
 class Transport:
     def __init__(
-        self, base_url: str, api_key: str, timeout_s: float, concurrency: int, caps: AnswerCaps | None = None
+        self,
+        base_url: str,
+        api_key: str,
+        timeout_s: float,
+        concurrency: int,
+        caps: AnswerCaps | None = None,
+        key_header: str | None = None,
     ) -> None:
+        """`key_header`: a header that carries the key too, for relays that read only their API's own
+        (the protocol's KEY_HEADER: Gemini's `x-goog-api-key`)."""
         self.api_key = api_key
         self.timeout_s = timeout_s
         self.caps = caps or AnswerCaps()
@@ -45,6 +55,8 @@ class Transport:
         headers = {"content-type": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
+            if key_header:
+                headers[key_header] = api_key
         # docs/protocol.md §6.4. sock_read applies to every read: the idle timeout. A whole answer must come within
         # timeout_s, a stream within answer_timeout_s (aiohttp's own timer: anyio.fail_after cost 4% of the CPU).
         connect = min(10.0, timeout_s)
@@ -71,6 +83,8 @@ class Transport:
             raise
         except aiohttp.ServerTimeoutError as e:  # connect or idle read (before TimeoutError: it is one)
             raise self._network_error("timeout", e) from None
+        except aiohttp.ClientConnectorError as e:  # before ClientError: it is one
+            raise CallError("connection", CANNOT_CONNECT + cannot_connect(e)) from None
         except asyncio.TimeoutError:  # the whole answer's timer; asyncio's is not the builtin on Python 3.10
             raise self._deadline_error(decoder.stream) from None
         except aiohttp.ClientError as e:
@@ -111,6 +125,19 @@ class Transport:
 
     async def aclose(self) -> None:
         await self._session.close()
+
+
+CANNOT_CONNECT = "connection: cannot connect to "  # the relay was not reached at all (runner says so at once)
+
+
+def cannot_connect(e: aiohttp.ClientConnectorError) -> str:
+    """`HOST:PORT: name not resolved` (DNS) or the system's reason (`connection refused`)."""
+    where = f"{e.host}:{e.port}"
+    if isinstance(e, aiohttp.ClientConnectorDNSError) or isinstance(e.os_error, socket.gaierror):
+        return f"{where}: name not resolved"
+    errno = getattr(e.os_error, "errno", None)
+    reason = os.strerror(errno) if errno else str(e.os_error)  # asyncio's own text repeats the address
+    return f"{where}: {reason.lower()}"
 
 
 FLAT_PUSHBACK_RETRIES = 2

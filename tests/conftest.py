@@ -15,6 +15,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,11 +27,14 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_KEY = "sk-batchrun-test-key-5f0c2e9a71"  # distinctive, so a leak is easy to find
+# Where runs note their checkpoint's place (resume.py): the tests' own, not the user's home.
+STATE_DIR = tempfile.mkdtemp(prefix="batchrun-test-state-")
 
 
 def cli_env(extra: dict[str, str | None] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "KUAIMA_API_KEY"}
     env["TEST_RELAY_KEY"] = TEST_KEY
+    env["BATCHRUN_STATE_DIR"] = STATE_DIR
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     for key, value in (extra or {}).items():
         if value is None:
@@ -128,6 +132,15 @@ def run_cli(
     )
 
 
+def assert_finished(result: subprocess.CompletedProcess[str], output: Path) -> None:
+    """A finished run's exit code matches its output: 0 when every row is ok, 5 when some ended in error."""
+    import polars as pl
+
+    assert result.returncode in (0, 5), result.stdout + result.stderr
+    failed = (pl.read_parquet(output)["status"] == "error").any()
+    assert result.returncode == (5 if failed else 0), result.stdout + result.stderr
+
+
 def run_here(
     *args: str, cwd: Path | None = None, env: dict[str, str | None] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
@@ -161,17 +174,18 @@ def run_here(
 def run_job(folder: Path, rows: list[list[Any]], url: str, *args: str, **job: Any) -> tuple[dict[str, Any], Any]:
     """A labelling job over `rows` (review_id, text[, stars]) run in this process: (summary, output frame).
 
-    `job` replaces top-level sections of `write_job`'s job; a failed run fails the test with its stderr.
+    `job` replaces top-level sections of `write_job`'s job; the exit code must match the output
+    (`assert_finished`: 0 when every row is ok, 5 when some ended in error).
     """
     import polars as pl
 
     write_csv(folder / "reviews.csv", ["review_id", "text", "stars"][: len(rows[0])], rows)
     path = write_job(folder, url, **job)
     result = run_here("run", str(path), "--quiet", *args)
-    assert result.returncode == 0, result.stderr
     from batchrun.output import summary_path
 
     output = folder / yaml.safe_load(path.read_text())["output"]["path"]
+    assert_finished(result, output)
     return json.loads(summary_path(output).read_text()), pl.read_parquet(output)
 
 

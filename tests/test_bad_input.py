@@ -60,6 +60,18 @@ CASES: dict[str, tuple[Callable[[Path, str], Path], list[str], dict[str, Any]]] 
         ["params.messages", "batchrun sets this"],
         {},
     ),
+    "output is the input": (
+        lambda f, u: write_job(f, u, output={"path": "reviews.csv"}),
+        ["output.path", "reviews.csv is the input", "another path"],
+        {},
+    ),
+    "result column in the input": (
+        lambda f, u: (
+            write_csv(f / "reviews.csv", ["review_id", "text", "status"], [["A", "x", "new"]]) and write_job(f, u)
+        ),
+        ["input.path reviews.csv", "column 'status'", "rename", "input_status"],
+        {},
+    ),
     "not supported yet": (
         lambda f, u: write_job(f, u, output={"path": "o.parquet", "sharded": True}),
         ["output.sharded", "not supported yet"],
@@ -68,8 +80,12 @@ CASES: dict[str, tuple[Callable[[Path, str], Path], list[str], dict[str, Any]]] 
 }
 
 
-@pytest.mark.parametrize("command", ["run", "validate"])
-@pytest.mark.parametrize("case", sorted(CASES))
+RUN_ONLY = {"missing key variable"}  # validate sends nothing, so it needs no key
+
+
+@pytest.mark.parametrize(
+    "case,command", [(c, m) for c in sorted(CASES) for m in ("run", "validate") if m == "run" or c not in RUN_ONLY]
+)
 def test_bad_input_is_one_line_and_sends_nothing(
     case: str, command: str, tmp_path: Path, reviews: Path, emulator: Emulator
 ) -> None:

@@ -124,6 +124,7 @@ def test_a_row_that_keeps_failing_is_kept_as_an_error(tmp_path: Path, emulator: 
         ["E2", "I love it."],
         ["E3", "Bad words [[emulator: sensitive_words_detected]]"],
     ]
+    # run_job checks the exit code against the output: 5, finished and complete with some rows failed
     _, df = run_job(tmp_path, rows, emulator.url, run={"concurrency": 4, "max_attempts": 2, "timeout_s": 30})
     df = df.sort("review_id")
     assert df["status"].to_list() == ["error", "ok", "error"]

@@ -10,7 +10,7 @@ from typing import Any
 
 import polars as pl
 import pytest
-from conftest import REPO, Emulator, run_cli, run_here, write_csv, write_job
+from conftest import REPO, Emulator, assert_finished, run_cli, run_here, write_csv, write_job
 from PIL import Image
 
 from batchrun.emulator import answers, pictures
@@ -38,7 +38,7 @@ def rows_csv(folder: Path, rows: list[list[str]]) -> None:
 
 def run_ok(job: Path, *args: str) -> pl.DataFrame:
     result = run_here("run", str(job), "--quiet", *args)
-    assert result.returncode == 0, result.stderr
+    assert_finished(result, job.parent / "out" / "result.parquet")
     return pl.read_parquet(job.parent / "out" / "result.parquet")
 
 
@@ -226,7 +226,7 @@ BAD_JOBS: dict[str, tuple[dict[str, Any], str]] = {
     "gemini model with a colon": ({"model": "gemini-2.5-flash:generateContent"}, "bare id"),
     "gemini owned key": ({"params": {"contents": []}}, "params.contents: batchrun sets this itself"),
     "completions with images": (
-        {"provider": {"api": "openai-completions", "base_url": "x"}, "model": "gpt-3.5-turbo-instruct"},
+        {"provider": {"api": "openai-completions", "base_url": "http://x"}, "model": "gpt-3.5-turbo-instruct"},
         "prompt.images: openai-completions takes no images",
     ),
 }

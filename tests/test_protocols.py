@@ -331,7 +331,7 @@ def test_framing_failures() -> None:
 
 def test_gemini_structured_output_in_gemini_dialect_unless_params_set_it() -> None:
     schema = {"type": "object", "properties": {"label": {"enum": ["positive", "negative"]}}, "required": ["label"]}
-    json_job = {"model": "gemini-2.5-flash", "output": {"path": "o.parquet", "parse": "json", "schema": schema}}
+    json_job = {"model": "gemini-2.0-flash", "output": {"path": "o.parquet", "parse": "json", "schema": schema}}
     config = gemini.build(Request(None, "u"), spec(**json_job))["generationConfig"]
     assert config == {
         "responseMimeType": "application/json",
@@ -343,3 +343,23 @@ def test_gemini_structured_output_in_gemini_dialect_unless_params_set_it() -> No
     }
     own = gemini.build(Request(None, "u"), spec(**json_job, params={"responseMimeType": "text/x.enum"}))
     assert own["generationConfig"] == {"responseMimeType": "text/x.enum"}
+    # Gemini 2.5 and later take the schema as plain JSON Schema.
+    for model in ("gemini-2.5-flash", "gemini-3-pro-preview"):
+        newer = gemini.build(Request(None, "u"), spec(**{**json_job, "model": model}))["generationConfig"]
+        assert newer == {"responseMimeType": "application/json", "responseJsonSchema": schema}
+
+
+def test_base64_in_answers_in_both_alphabets() -> None:
+    png = bytes(range(250, 256)) + b"\xfb\xff\xfe"  # bytes whose base64 differs between the alphabets
+    standard, url_safe = base64.b64encode(png).decode(), base64.urlsafe_b64encode(png).decode().rstrip("=")
+    assert standard != url_safe
+    for data in (standard, url_safe):
+        answer = {
+            "candidates": [
+                {
+                    "content": {"parts": [{"inlineData": {"mimeType": "image/png", "data": data}}]},
+                    "finishReason": "STOP",
+                }
+            ]
+        }
+        assert gemini.parse(answer, image_job=True).images[0].data == png

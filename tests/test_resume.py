@@ -274,9 +274,13 @@ def test_changes_that_do_not_change_requests_apply_with_zero_requests(
         pricing={"input_per_million": 1, "output_per_million": 2},
     )
     (tmp_path / "reviews.csv").touch()  # same content, new mtime
-    again = run_here("run", str(job), "--quiet")
+    old = tmp_path / "out" / "result.parquet.batchrun"
+    refused = run_here("run", str(job), "--quiet")  # the checkpoint is never moved behind the user's back
+    assert refused.returncode == 2 and f"--adopt-checkpoint {old}" in refused.stderr, refused.stderr
+    assert f"--adopt-checkpoint {old}" in run_here("status", str(job)).stdout
+    again = run_here("run", str(job), "--quiet", "--adopt-checkpoint", str(old))
     assert again.returncode == 0, again.stderr
-    assert "moved the checkpoint" in again.stderr
+    assert "moved the checkpoint" in again.stderr and not old.exists()
     assert emulator.stats()["requests"] == 0
     moved = pl.read_parquet(tmp_path / "elsewhere" / "labels.parquet")
     assert moved.height == 6 and set(moved["status"]) == {"ok"} and moved["cost"].null_count() == 0
@@ -305,7 +309,7 @@ def test_retry_failed_sends_only_the_failed_rows(tmp_path: Path, emulator: Emula
     broken = "Review: {{ text }}{% if flaky %} [[emulator: 500]]{% endif %}"
     job = write_job(tmp_path, emulator.url, prompt={"user": broken}, run={"max_attempts": 1, "timeout_s": 30})
     first = run_here("run", str(job), "--quiet")
-    assert first.returncode == 0 and "9 rows: 6 ok, 3 error" in first.stdout
+    assert first.returncode == 5 and "9 rows: 6 ok, 3 error" in first.stdout
     status = run_here("status", str(job)).stdout
     assert "9 of 9 rows done: 6 ok, 3 failed (server 3); 0 pending" in status
     assert re.search(r"tokens: \d+ in / \d+ out\nlast row finished: .* \(\d+ s ago\)\n", status), status

@@ -62,10 +62,12 @@ def test_a_budget_stops_the_run_midway_and_raising_it_finishes(tmp_path: Path, e
         pricing=PRICING,
         run={"concurrency": 2, "max_attempts": 2, "timeout_s": 30, "max_cost": 0.5},
     )
-    stopped = run_cli("run", str(job), "--quiet")
+    stopped = run_cli("run", str(job), "--quiet", "--limit", "39")
     assert stopped.returncode == 4, stopped.stderr
     assert "budget reached: spent" in stopped.stderr and "of max_cost 0.5000 USD" in stopped.stderr
-    assert "rows are pending" in stopped.stderr and "--max-cost" in stopped.stderr
+    assert "rows are pending" in stopped.stderr
+    # The hint repeats the options the run was given: following it never sends rows past --limit.
+    assert f"batchrun run {job} --limit 39 --max-cost HIGHER" in stopped.stderr
     assert not (tmp_path / "out" / "result.parquet").exists()
     first = emulator.stats()["requests"]
     assert 0 < first < 40

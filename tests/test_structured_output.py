@@ -9,7 +9,7 @@ from typing import Any
 import jsonschema
 import polars as pl
 import pytest
-from conftest import EXPECTED_LABELS, Emulator, run_cli, run_here, write_csv, write_job
+from conftest import EXPECTED_LABELS, Emulator, assert_finished, run_cli, run_here, write_csv, write_job
 from test_structured import EVERY_TYPE
 
 LABEL_SCHEMA = {
@@ -26,7 +26,7 @@ def _json_job(folder: Path, url: str, schema: dict[str, Any] = LABEL_SCHEMA, cap
 
 def _run(job: Path, *args: str) -> pl.DataFrame:
     result = run_here("run", str(job), "--quiet", *args)
-    assert result.returncode == 0, result.stderr
+    assert_finished(result, job.parent / "out" / "result.parquet")
     return pl.read_parquet(job.parent / "out" / "result.parquet")
 
 
@@ -86,7 +86,7 @@ def test_bad_fenced_and_prose_answers(tmp_path: Path, emulator: Emulator) -> Non
     write_csv(tmp_path / "reviews.csv", ["review_id", "text"], rows)
     job = _json_job(tmp_path, emulator.url)
     result = run_here("run", str(job), "--quiet")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 5, result.stderr  # one row failed the schema
     assert "1 answers did not parse or match output.schema" in result.stdout
     df = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert df["status"].to_list() == ["error", "ok", "ok", "ok"]

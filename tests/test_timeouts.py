@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
-from conftest import run_here, start_emulator, stop_emulator, write_csv, write_job
+from conftest import assert_finished, run_here, start_emulator, stop_emulator, write_csv, write_job
 
 
 def _run(tmp_path: Path, emulator_args: list[str], text: str, stream: bool) -> pl.DataFrame:
@@ -15,9 +15,9 @@ def _run(tmp_path: Path, emulator_args: list[str], text: str, stream: bool) -> p
     try:
         job = write_job(tmp_path, emulator.url, stream=stream, run={"max_attempts": 1, "timeout_s": 0.5})
         result = run_here("run", str(job), "--quiet")
-        assert result.returncode == 0, result.stderr
     finally:
         stop_emulator(emulator)
+    assert_finished(result, tmp_path / "out" / "result.parquet")
     return pl.read_parquet(tmp_path / "out" / "result.parquet")
 
 

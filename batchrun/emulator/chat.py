@@ -94,7 +94,8 @@ def chat_completion(body: dict[str, Any], prompt: str, request_id: str, fault: s
             text += f"\n\n![image](data:image/png;base64,{data})"
             completion += 1290
         message["content"] = text
-    prompt_tokens = answers.count_tokens(_text(body["messages"])) + 8 + 85 * len(images)  # every turn is billed
+    # Every turn is billed; an image as OpenAI counts a small one at detail high (base 85 + one 512-px tile).
+    prompt_tokens = answers.count_tokens(_text(body["messages"])) + 8 + (85 + 170) * len(images)
     return {
         "id": f"chatcmpl-{request_id}",
         "object": "chat.completion",

@@ -128,9 +128,11 @@ def _parts(
     call = _forced_call(body, seed, prompt)
     if call is not None:
         return [*parts, {"functionCall": call}], "STOP", answers.count_tokens(str(call["args"]))
-    schema = config.get("responseSchema")
+    schema = config.get("responseJsonSchema")  # plain JSON Schema (Gemini 2.5 and later)
+    if not isinstance(schema, dict) and isinstance(config.get("responseSchema"), dict):
+        schema = _lower_types(config["responseSchema"])  # the OpenAPI-style dialect
     if isinstance(schema, dict):
-        text = orjson.dumps(answers.value_for(_lower_types(schema), seed, prompt)).decode()
+        text = orjson.dumps(answers.value_for(schema, seed, prompt)).decode()
     elif "image" in model:
         based_on = f", after {len(images_in)} reference image(s)" if images_in else ""
         text = f"Here is the image{based_on}: {answers.text_answer(prompt)}"

@@ -7,6 +7,8 @@ A protocol module provides:
   decoder(settings) -> Decoder             how to read a whole JSON answer (parse) and a stream (new_stream);
                                            both raise CallError for in-band failures
   INLINE_IMAGE_URLS                        True if image URLs must be downloaded and sent as bytes
+  INPUT_IMAGE_TOKENS                       what a small input image counts as input tokens (validate's estimate)
+  KEY_HEADER                               a header that carries the key besides `Authorization: Bearer`, or None
 
 The registry imports a protocol module only when asked for it, so importing this
 package (for CallError, Reply, ...) loads no protocol and nothing above it.
@@ -29,6 +31,8 @@ class WireProtocol(Protocol):
     """What every protocol module provides (see above); `repair_body` only where repair is supported."""
 
     INLINE_IMAGE_URLS: bool
+    INPUT_IMAGE_TOKENS: int
+    KEY_HEADER: str | None
 
     def path(self, model: str, stream: bool) -> str: ...
     def build(self, request: Request, settings: RequestSettings) -> dict[str, Any]: ...

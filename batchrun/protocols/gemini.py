@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from batchrun.protocols.relay_errors import CallError, from_body
-from batchrun.protocols.reply import Decoder, ImageOut, Reply, text_field, token_count
+from batchrun.protocols.reply import Decoder, ImageOut, Reply, decode_base64, text_field, token_count
 from batchrun.protocols.sse import stream_cut
 from batchrun.render import ImageInput, Request
 from batchrun.settings import RequestSettings
@@ -26,6 +26,8 @@ from batchrun.stops import StopRule
 from batchrun.structured import gemini_response_schema
 
 INLINE_IMAGE_URLS = True  # a Gemini-bound channel may not fetch URLs: batchrun downloads them
+KEY_HEADER: str | None = "x-goog-api-key"  # Google's own key header, read by Gemini-native proxies (docs/relays.md)
+INPUT_IMAGE_TOKENS = 258  # an input image up to 384 px a side (larger ones: 258 a 768-px tile); for estimates
 TOP_LEVEL_PARAMS = ("safetySettings", "tools", "toolConfig", "cachedContent")
 _CONTENT_STOPS = {
     "SAFETY",
@@ -101,10 +103,26 @@ def generation_config(settings: RequestSettings) -> dict[str, Any]:
     config.update(
         {key: value for key, value in params.items() if key not in TOP_LEVEL_PARAMS and key != "generationConfig"}
     )
-    if settings.native_schema is not None and not {"responseSchema", "responseMimeType"} & set(config):
+    native = {"responseSchema", "responseJsonSchema", "responseMimeType"}
+    if settings.native_schema is not None and not native & set(config):
         config["responseMimeType"] = "application/json"
-        config["responseSchema"] = gemini_response_schema(settings.native_schema)
+        if takes_json_schema(settings.model):
+            config["responseJsonSchema"] = settings.native_schema
+        else:
+            config["responseSchema"] = gemini_response_schema(settings.native_schema)
     return config
+
+
+_GEMINI_VERSION = re.compile(r"gemini-(\d+)(?:\.(\d+))?")
+
+
+def takes_json_schema(model: str | None) -> bool:
+    """Gemini 2.5 and later take plain JSON Schema as `responseJsonSchema` (docs/relays.md);
+    older or unknown models get the OpenAPI-style `responseSchema` dialect, which every version reads."""
+    found = _GEMINI_VERSION.search((model or "").lower())  # no model: a Batch file names one per line
+    if found is None:
+        return False
+    return (int(found.group(1)), int(found.group(2) or 0)) >= (2, 5)
 
 
 def expects_images(settings: RequestSettings) -> bool:
@@ -194,7 +212,7 @@ class Answer:
         inline = _get(part, "inlineData")
         if isinstance(inline, dict) and str(_get(inline, "mimeType") or "").startswith("image/"):
             try:
-                data = base64.b64decode(_string(inline.get("data")), validate=True)
+                data = decode_base64(_string(inline.get("data")))
             except (binascii.Error, ValueError):
                 raise CallError(
                     "malformed", "malformed response: an image's base64 is invalid", abort=StopRule.C

@@ -10,16 +10,18 @@ from typing import Any
 import orjson
 
 from batchrun.protocols.relay_errors import CallError, from_body
-from batchrun.protocols.reply import Decoder, ImageOut, Reply, text_field, token_count
+from batchrun.protocols.reply import Decoder, ImageOut, Reply, decode_base64, text_field, token_count
 from batchrun.protocols.sse import stream_cut
 from batchrun.render import ImageInput, Request
 from batchrun.settings import RequestSettings
 from batchrun.stops import StopRule
 
 INLINE_IMAGE_URLS = False  # the upstream fetches http(s) URLs itself
+KEY_HEADER: str | None = None
+INPUT_IMAGE_TOKENS = 85 + 170  # an image up to 512 px at detail high: base + one tile; for estimates
 _PART_NAMES = {"standard": ("text", "image_url"), "responses": ("input_text", "input_image")}
 # A Gemini image model behind the chat path returns its images as Markdown data URIs (§7 item 23).
-_MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(data:(image/[\w.+-]+);base64,([A-Za-z0-9+/=\s]+)\)")
+_MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(data:(image/[\w.+-]+);base64,([A-Za-z0-9+/=_\-\s]+)\)")
 
 
 def path(model: str, stream: bool) -> str:
@@ -181,7 +183,7 @@ def _markdown_images(text: str | None) -> tuple[str | None, list[ImageOut]]:
 
     def take(m: re.Match[str]) -> str:
         try:
-            data = base64.b64decode("".join(m.group(2).split()), validate=True)
+            data = decode_base64(m.group(2))
         except binascii.Error:
             return m.group(0)  # not an image after all: leave the text as it came
         images.append(ImageOut(m.group(1), data))

@@ -17,6 +17,8 @@ from batchrun.settings import RequestSettings
 from batchrun.stops import StopRule
 
 INLINE_IMAGE_URLS = False  # no images on this API
+KEY_HEADER: str | None = None
+INPUT_IMAGE_TOKENS = 0  # no images on this API
 
 
 def path(model: str, stream: bool) -> str:

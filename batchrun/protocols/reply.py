@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -11,6 +13,21 @@ from batchrun.redaction import excerpt
 from batchrun.stops import StopRule
 
 MAX_TOKEN_COUNT = 100_000_000  # far above any one answer's usage: larger is a relay's mistake, not a count
+
+
+def decode_base64(text: str) -> bytes:
+    """Base64 in the standard or the URL-safe alphabet (Google's SDK sends URL-safe), padding optional.
+
+    Raises binascii.Error when it is neither."""
+    text = "".join(text.split())
+    if "-" in text or "_" in text:
+        if "+" in text or "/" in text:
+            raise binascii.Error("mixed base64 alphabets")
+        text = text.translate(_URL_SAFE)
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+_URL_SAFE = str.maketrans("-_", "+/")
 
 
 class ImageOut(NamedTuple):
