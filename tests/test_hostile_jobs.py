@@ -8,7 +8,7 @@ from pathlib import Path
 
 import polars as pl
 import yaml
-from conftest import TEST_KEY, Emulator, run_cli, write_csv, write_job
+from conftest import TEST_KEY, Emulator, assert_finished, run_cli, write_csv, write_job
 
 
 def test_a_yaml_alias_bomb_is_refused_in_bounded_time(tmp_path: Path, reviews: Path) -> None:
@@ -33,7 +33,7 @@ def test_templates_cannot_reach_the_environment(tmp_path: Path, reviews: Path) -
     assert "Traceback" not in shown.stderr and TEST_KEY not in shown.stdout + shown.stderr
     assert "unsafe" in shown.stdout
     ran = run_cli("run", str(job), "--quiet")
-    assert ran.returncode == 0, ran.stderr
+    assert_finished(ran, tmp_path / "out" / "result.parquet")
     out = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert out["error_class"].to_list() == ["input"] * 6
 
@@ -51,6 +51,6 @@ def test_a_fifo_as_an_image_is_an_input_error_not_a_hang(tmp_path: Path, emulato
     prompt = {"user": "{{ text }}", "images": ["{{ img }}"]}
     job = write_job(tmp_path, emulator.url, prompt=prompt)
     result = run_cli("run", str(job), "--quiet", timeout=60)
-    assert result.returncode == 0, result.stderr
+    assert_finished(result, tmp_path / "out" / "result.parquet")
     row = pl.read_parquet(tmp_path / "out" / "result.parquet").row(0, named=True)
     assert row["error_class"] == "input" and "not a regular file" in row["error"]
