@@ -43,9 +43,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from batchrun.checkpoint import Checkpoint, RowRecord
 from batchrun.errors import JobError
 from batchrun.inputs import ROW_INDEX, InputTable
-from batchrun.progress import Progress
+from batchrun.progress import Progress, paid_images
 from batchrun.protocols import CallError, protocol_for
 from batchrun.ray_coordinator import (
+    ClusterBudget,
     ClusterLedger,
     ClusterLimits,
     ClusterSharing,
@@ -65,7 +66,9 @@ LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # rows are small; Ray spills to disk bey
 RANGE_ROWS = 50_000  # input rows per read task
 ACTOR_CPUS = 0.5  # a sending actor mostly waits on the network; the rest of the CPUs read the input
 STATE_EVERY_S = 0.5  # how often the driver asks whether the job was stopped
-REPORT = pa.schema([("status", pa.string()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64())])
+REPORT = pa.schema(
+    [("status", pa.string()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()), ("images", pa.int64())]
+)
 
 
 @dataclass
@@ -75,11 +78,6 @@ class RayOptions:
 
 
 async def run_job_on_ray(job: Job, options: RunOptions, ray_options: RayOptions) -> dict[str, Any]:
-    if options.max_cost is not None or job.spec.run.max_cost is not None:
-        raise JobError(
-            f"{job.path}: run.max_cost: a budget is not supported yet with --engine ray; "
-            "run without it, or without --engine ray"
-        )
     return await Run(job, options, RayEngine(ray_options)).execute()
 
 
@@ -97,7 +95,7 @@ class RayEngine:
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
             actor = cast(Any, Coordinator)  # ray.remote made the class an actor class; mypy cannot see it
             coordinator = actor.options(name=name, scheduling_strategy=here).remote(
-                str(checkpoint.folder), run.concurrency, run.job.spec.run
+                str(checkpoint.folder), run.concurrency, run.job.spec.run, run.budget
             )
             ray.get(coordinator.start.remote())
             with _ctrl_c_interrupts():
@@ -110,6 +108,7 @@ class RayEngine:
         if final["problem"] is not None:
             raise JobError(final["problem"])
         checkpoint.awaiting_answer = set(final["awaiting_answer"])
+        run.budget.spent, run.budget.refused = final["budget"]  # the Run says why it stopped, as locally
         tripped = CallError(**final["tripped"]) if final["tripped"] is not None else None
         return Sent(final["requested"], self._interrupts, tripped)
 
@@ -134,6 +133,7 @@ class RayEngine:
             "concurrency": run.concurrency,
             "coordinator": name,
             "url": base_url,
+            "budgeted": run.budget.limit is not None,
         }
         reports = dataset.map_batches(
             RowSender,
@@ -145,8 +145,8 @@ class RayEngine:
         )
         checked = time.monotonic()
         for report in reports.iter_batches(batch_format="pyarrow", batch_size=None):
-            for status, prompt, completion in zip(*(report[column].to_pylist() for column in REPORT.names)):
-                progress.count(status, prompt, completion)
+            for status, prompt, completion, images in zip(*(report[column].to_pylist() for column in REPORT.names)):
+                progress.count(status, prompt, completion, images)
             if time.monotonic() - checked >= STATE_EVERY_S:
                 checked = time.monotonic()
                 if ray.get(coordinator.stopped.remote()):
@@ -199,9 +199,10 @@ class RowSender:
     """One actor of the pool: sends the rows of the batches it is given through the job's row pipeline."""
 
     def __init__(
-        self, job: Job, columns: list[str], id_name: str, concurrency: int, coordinator: str, url: str
+        self, job: Job, columns: list[str], id_name: str, concurrency: int, coordinator: str, url: str, budgeted: bool
     ) -> None:
         self._job = job
+        self._budgeted = budgeted
         self._columns = columns
         self._id_name = id_name
         self._concurrency = concurrency
@@ -221,8 +222,9 @@ class RowSender:
         transport = Transport(self._url, api_key, job.spec.run.timeout_s, self._concurrency, caps, key_header)
         parts = RowParts(ClusterLedger(self._link), self._limits, ClusterSharing(self._link), self._watch, transport)
         parser = AnswerParser.for_spec(job.spec)
-        no_budget = Budget(None, job.spec.pricing, spent=0.0)  # run_job_on_ray refuses run.max_cost
-        self._pipeline = RowPipeline(job, Renderer(job, self._columns), parser, self._id_name, parts, no_budget)
+        # Without a budget, nothing to ask the coordinator: a budget without a limit holds nothing.
+        budget = ClusterBudget(self._link) if self._budgeted else Budget(None, job.spec.pricing, spent=0.0)
+        self._pipeline = RowPipeline(job, Renderer(job, self._columns), parser, self._id_name, parts, budget)
         return self._pipeline
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
@@ -244,16 +246,16 @@ class RowSender:
 
 
 class _Report:
-    """The progress bar's share of a batch: each finished row's status and tokens, sent back to the driver."""
+    """The progress bar's share of a batch: each finished row's status, tokens and paid images, sent to the driver."""
 
     def __init__(self) -> None:
-        self._rows: list[tuple[str, int | None, int | None]] = []
+        self._rows: list[tuple[str, int | None, int | None, int]] = []
 
     def row_done(self, status: str, record: RowRecord | None) -> None:
         if record is None:
-            self._rows.append((status, None, None))
+            self._rows.append((status, None, None, 0))
         else:
-            self._rows.append((status, record.prompt_tokens, record.completion_tokens))
+            self._rows.append((status, record.prompt_tokens, record.completion_tokens, paid_images(record)))
 
     def table(self) -> pa.Table:
         return pa.Table.from_pylist([dict(zip(REPORT.names, row)) for row in self._rows], schema=REPORT)

@@ -15,6 +15,13 @@ from batchrun.spend import cost
 REFRESH_S = 0.5
 
 
+def paid_images(record: RowRecord) -> int:
+    """The images a row's answer was paid for (`pricing.per_image`): a shared row's are the source row's."""
+    if not record.image_paths or record.shared_from is not None:
+        return 0
+    return len(orjson.loads(record.image_paths))
+
+
 class Progress:
     def __init__(
         self, total: int, quiet: bool, pricing: PricingSpec | None, max_cost: float | None = None, spent: float = 0.0
@@ -31,13 +38,10 @@ class Progress:
         self._waiting: str | None = None  # what holds the run, shown in the bar
 
     def row_done(self, status: str, record: RowRecord | None) -> None:
-        # Shared rows cost nothing: their images are the source row's.
         if record is None:
             self.count(status, None, None)
             return
-        paid = record.image_paths is not None and record.shared_from is None
-        images = len(orjson.loads(record.image_paths)) if paid and record.image_paths else 0
-        self.count(status, record.prompt_tokens, record.completion_tokens, images)
+        self.count(status, record.prompt_tokens, record.completion_tokens, paid_images(record))
 
     def count(self, status: str, prompt_tokens: int | None, completion_tokens: int | None, images: int = 0) -> None:
         """One finished row, by its status and tokens (what the Ray engine's actors report)."""

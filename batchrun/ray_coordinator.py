@@ -15,14 +15,19 @@ the driver's node, built from the local engine's own parts:
   file, so it needs no storage shared between nodes.
 * the abort watch (a wrong key stops the job after a few 401s, not a few per worker)
   and the shared answers of identical requests.
+* the budget (`spend.Budget`, `run.max_cost`): a worker asks it to hold each request's
+  worst case before sending and tells it the real usage after, so the job's spent +
+  held never passes the budget, by the same rule as a local run. Once it refuses a
+  request, no row not yet sent is given to a worker; rows in flight finish. Asked
+  only when the job has a budget: without one a worker's budget answers locally.
 
 A worker that dies (Ray then restarts it and retries its batch) cannot give back its
 permits or its lead on an identical request: each worker says it is alive at least every
 `HEARTBEAT_S`, and what a worker silent for `LEASE_S` held is taken back.
 
 On a worker, the row pipeline (rows.py) talks to it through `ClusterLedger`,
-`ClusterLimits`, `ClusterSharing` and `ClusterWatch`, which implement the row path's
-declared collaborators (seams.py: Ledger, Admission, Sharing, StopWatch), over one
+`ClusterLimits`, `ClusterSharing`, `ClusterWatch` and `ClusterBudget`, which implement the
+row path's declared collaborators (seams.py: Ledger, Admission, Sharing, StopWatch, Spending), over one
 `CoordinatorLink`.
 """
 
@@ -47,6 +52,7 @@ from batchrun.protocols import CallError
 from batchrun.protocols.relay_errors import QuotaLeft
 from batchrun.sharing import SharedAnswers
 from batchrun.spec import RunSpec
+from batchrun.spend import Budget
 from batchrun.stops import AbortWatch
 
 # Rows of every worker may wait on the coordinator at once (for a permit, an intent's
@@ -79,8 +85,9 @@ class _Permit:
 class Coordinator:
     """The job's state that must hold for every worker at once (see above); one per run, on the driver's node."""
 
-    def __init__(self, folder: str, concurrency: int, run: RunSpec) -> None:
+    def __init__(self, folder: str, concurrency: int, run: RunSpec, budget: Budget) -> None:
         self._setup = (Path(folder), concurrency, run)
+        self.budget = budget  # the driver's, with what earlier runs spent
         self._ids = itertools.count()
         self._permits: dict[int, _Permit] = {}
         self._leading: dict[bytes, tuple[Any, Callable[[RowRecord], None], str]] = {}
@@ -194,8 +201,8 @@ class Coordinator:
     # --- the checkpoint ---------------------------------------------------------------
 
     async def unfinished(self, indexes: list[int]) -> list[int]:
-        """Which of these rows still need a request (none once the run stopped)."""
-        if not indexes or await self.stopped():
+        """Which of these rows still need a request (none once the run stopped or the budget ran out)."""
+        if not indexes or await self.stopped() or self.budget.stopped:
             return []
         await self.checkpoint.flush()  # rows finished moments ago count as finished
         done = self.checkpoint.finished_in_range(min(indexes), max(indexes) + 1)
@@ -245,6 +252,16 @@ class Coordinator:
             publish(record)
         leading.__exit__(None, None, None)
 
+    # --- the budget -------------------------------------------------------------------
+
+    async def reserve(self, prompt_estimate: int, cap: int | None) -> float | None:
+        return await self.budget.reserve(prompt_estimate, cap)
+
+    async def settle(
+        self, held: float, prompt_estimate: int, prompt_tokens: int | None, completion_tokens: int | None, images: int
+    ) -> None:
+        self.budget.settle(held, prompt_estimate, prompt_tokens, completion_tokens, images)
+
     # --- the driver ------------------------------------------------------------------
 
     async def stopped(self) -> bool:
@@ -275,6 +292,7 @@ class Coordinator:
             "awaiting_answer": sorted(self.checkpoint.awaiting_answer),
             "tripped": await self.tripped(),
             "problem": self.problem,
+            "budget": (self.budget.spent, self.budget.refused),
         }
 
 
@@ -410,6 +428,30 @@ class ClusterLedger:
 
     def withdraw(self, idx: int) -> None:
         self._link.tell("withdraw", idx)
+
+
+class ClusterBudget:
+    """The budget (seams.Spending), held by the coordinator; `stopped` once it refused one of this worker's requests."""
+
+    def __init__(self, link: CoordinatorLink) -> None:
+        self._link = link
+        self.stopped = False
+
+    async def reserve(self, prompt_estimate: int, cap: int | None) -> float | None:
+        held: float | None = await self._link.ask("reserve", prompt_estimate, cap)
+        self.stopped = self.stopped or held is None
+        return held
+
+    def settle(
+        self,
+        held: float,
+        prompt_estimate: int,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        images: int = 0,
+    ) -> None:
+        # Told, not asked: until the coordinator hears it, the worst case stays held (never less safe).
+        self._link.tell("settle", held, prompt_estimate, prompt_tokens, completion_tokens, images)
 
 
 class ClusterSharing:

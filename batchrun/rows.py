@@ -19,7 +19,7 @@ import anyio
 import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from batchrun import fingerprint, images, spend
+from batchrun import fingerprint, images
 from batchrun.checkpoint import RowRecord
 from batchrun.inputs import ROW_INDEX
 from batchrun.limits import estimate_tokens, output_cap, prompt_tokens_estimate
@@ -27,7 +27,7 @@ from batchrun.protocols import APIS, CallError, Repairing, Reply, WireProtocol, 
 from batchrun.redaction import redact
 from batchrun.render import Renderer, Request, RowInputError
 from batchrun.repair import ask_with_repairs, explain_native_rejection
-from batchrun.seams import Admission, Ledger, ProgressSink, Sharing, StopWatch
+from batchrun.seams import Admission, Ledger, ProgressSink, Sharing, Spending, StopWatch
 from batchrun.settings import RequestSettings
 from batchrun.sharing import request_key
 from batchrun.spec import Job
@@ -74,7 +74,7 @@ class RowPipeline:
         parser: AnswerParser | None,
         id_name: str,
         parts: RowParts,
-        budget: spend.Budget,
+        budget: Spending,
     ) -> None:
         spec = job.spec
         self.job = job
@@ -249,7 +249,7 @@ class RowPipeline:
 
         async def send(body: dict[str, Any], extra_tokens: int, first: bool) -> Outcome | None:
             prompt_estimate = item.prompt_estimate + extra_tokens
-            held = self.budget.reserve(prompt_estimate, cap)
+            held = await self.budget.reserve(prompt_estimate, cap)
             if held is None:
                 return None
             outcome = await call_with_retries(

@@ -1,7 +1,7 @@
 """The row path's collaborators, declared: what sending a row needs from the run around it.
 
 The local engine passes its own parts (checkpoint.Checkpoint, limits.Limits,
-sharing.SharedAnswers, stops.AbortWatch, progress.Progress); the Ray engine's
+sharing.SharedAnswers, stops.AbortWatch, spend.Budget, progress.Progress); the Ray engine's
 workers pass stand-ins that talk to one coordinator for the whole job
 (ray_coordinator.py). The row path depends only on these protocols, so either
 engine can compose it and mypy checks that both fit.
@@ -33,6 +33,22 @@ class Admission(Protocol):
     def succeeded(self, ticket: Any, actual_tokens: int | None, quota: QuotaLeft | None = None) -> None: ...
     def failed(self, ticket: Any, error: CallError) -> None: ...
     def excuses(self, error: CallError) -> bool: ...
+
+
+class Spending(Protocol):
+    """The budget (`run.max_cost`): each request's worst case held before it is sent, settled after."""
+
+    @property
+    def stopped(self) -> bool: ...
+    async def reserve(self, prompt_estimate: int, cap: int | None) -> float | None: ...
+    def settle(
+        self,
+        held: float,
+        prompt_estimate: int,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        images: int = 0,
+    ) -> None: ...
 
 
 class Sharing(Protocol):

@@ -75,8 +75,10 @@ class Budget:
     def stopped(self) -> bool:
         return self.refused is not None
 
-    def reserve(self, prompt_estimate: int, cap: int | None) -> float | None:
-        """The amount held for one request, or None if it could pass the budget (and then no more are sent)."""
+    async def reserve(self, prompt_estimate: int, cap: int | None) -> float | None:
+        """The amount held for one request, or None if it could pass the budget (and then no more are sent).
+
+        Async for the row path's seam (seams.Spending): a Ray worker's stand-in asks the coordinator."""
         if self.limit is None or self.pricing is None:
             return 0.0
         if self.stopped:
