@@ -8,6 +8,7 @@ starts its own local Ray, as `--engine ray` does when no address is given.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from test_resume import (  # noqa: F401  (slow_emulator is a fixture)
     slow_emulator,
     wait_for_requests,
 )
+from test_spend import PRICING
 
 # A cluster started by ray.init takes token authentication; its clients say so.
 RAY_CLIENT = {"RAY_AUTH_MODE": "token", "RAY_ADDRESS": None}
@@ -200,6 +202,37 @@ def test_kill_the_driver_then_rerun_each_row_once(
     again = assert_resumed_without_paying_twice(tmp_path, ids, first, second, killed_at, rerun.stdout)
     reported = in_flight_reported(rerun.stdout)
     print(f"killed after {first['requests']} requests; {len(again)} asked again, {reported} reported in flight")
+
+
+# --- the budget, held for the whole job ------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_a_budget_stops_the_ray_run_and_raising_it_finishes(
+    tmp_path: Path, emulator: Emulator, ray_address: str
+) -> None:
+    ids = many_reviews(tmp_path, 60)
+    run = {"concurrency": 4, "max_attempts": 2, "timeout_s": 30, "max_cost": 1.0}
+    job = write_job(tmp_path, emulator.url, pricing=PRICING, run=run)
+    stopped = ray_run(job, ray_address, "--ray-actors", "2")
+    assert stopped.returncode == 4, stopped.stderr
+    assert "budget reached: spent" in stopped.stderr and "of max_cost 1.0000 USD" in stopped.stderr
+    assert "rows are pending" in stopped.stderr
+    assert not (tmp_path / "out" / "result.parquet").exists()
+    first = emulator.stats()["requests"]
+    assert 0 < first < 60
+
+    status = run_cli("status", str(job))
+    spent = float(re.search(r"cost so far: (\d+\.\d+) USD", status.stdout).group(1))  # type: ignore[union-attr]
+    assert spent <= 1.0, "the budget was crossed"
+    assert f"{first} of 60 rows done: {first} ok, 0 failed; {60 - first} pending" in status.stdout
+
+    again = ray_run(job, ray_address, "--ray-actors", "2", "--max-cost", "100")
+    assert again.returncode == 0, again.stderr
+    assert_every_row_once_in_order(tmp_path, ids)
+    assert emulator.stats()["requests"] == 60  # every row asked exactly once over both runs
+    assert set(emulator.stats()["by_prompt"].values()) == {1}
+    print(f"budget 1.0 USD: {first} of 60 rows sent, {spent:.4f} USD spent; the rerun sent the other {60 - first}")
 
 
 # --- the optional extra ------------------------------------------------------------------
