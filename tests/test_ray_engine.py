@@ -7,8 +7,10 @@ starts its own local Ray, as `--engine ray` does when no address is given.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -233,6 +235,21 @@ def test_a_budget_stops_the_ray_run_and_raising_it_finishes(
     assert emulator.stats()["requests"] == 60  # every row asked exactly once over both runs
     assert set(emulator.stats()["by_prompt"].values()) == {1}
     print(f"budget 1.0 USD: {first} of 60 rows sent, {spent:.4f} USD spent; the rerun sent the other {60 - first}")
+
+
+@pytest.mark.ray
+def test_the_ray_progress_bar_counts_per_image_cost(tmp_path: Path, ray_address: str) -> None:
+    """jobs/posters.yaml priced per image: the bar's final cost is the summary's, images included."""
+    for folder in ("jobs", "sample_data"):
+        shutil.copytree(REPO / folder, tmp_path / folder)
+    job = tmp_path / "jobs" / "posters.yaml"
+    job.write_text(job.read_text() + "pricing: {input_per_million: 1, output_per_million: 2, per_image: 0.25}\n")
+    done = run_cli("run", str(job), "--engine", "ray", "--ray-address", ray_address, env=RAY_CLIENT, timeout=180)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "out" / "posters.summary.json").read_text())
+    assert summary["cost"] >= 6 * 0.25  # six posters
+    bar = re.findall(r"cost=(\d+\.\d+) USD", done.stderr)
+    assert bar and float(bar[-1]) == pytest.approx(summary["cost"], abs=1e-4), done.stderr[-500:]
 
 
 # --- the optional extra ------------------------------------------------------------------
