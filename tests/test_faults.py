@@ -143,7 +143,11 @@ def test_back_off_brings_the_429_rate_down_under_a_server_limit(tmp_path: Path, 
         f"after: {sum(s[1] for s in rest)} requests, {sum(s[2] for s in rest)} 429s; "
         f"whole run: {refused / requests:.0%} 429s, {n / span:.1f} ok/s over {span} s (server allows 20/s)"
     )
-    assert refused / requests < 0.25
+    # Once the first burst has shown the limit, the pace fits the window. The burst itself (the window
+    # filled before a pattern of 429s is seen) costs more since random 429s no longer halve everyone
+    # (docs/backoff.md, "Limits of this design"): 19-20 % of the whole run on an idle machine, up to ~30 % under load.
+    assert sum(s[2] for s in rest) / sum(s[1] for s in rest) < 0.25
+    assert refused / requests < 0.4
     assert_key_nowhere(tmp_path, result)
 
 
