@@ -37,6 +37,7 @@ from batchrun.timeline import OK, AttemptLog
 from batchrun.transport import Outcome, Transport, call_with_retries
 
 KEPT_ANSWER_BYTES = 4 << 20  # output.openai_batch: a larger answer body is not kept (its line says so)
+MODEL_NAMES = 64  # masked model names remembered; a relay naming more is masked answer by answer
 
 
 @dataclass
@@ -94,6 +95,10 @@ class RowPipeline:
         self.settings = fingerprint.settings_digest(self.request_settings)
         self.requested = 0
         self._held: HeldRows[RowRecord] = HeldRows()
+        # What is the same for every row but an OpenAI Batch line (its body has its own): worked out once.
+        self._cap = output_cap(spec.params)
+        self._path = self.protocol.path(spec.model or "", spec.stream)
+        self._models: dict[str, str] = {}  # model names as answered, masked (answers name the same few)
 
     async def aclose(self) -> None:
         await self.images.aclose()
@@ -109,15 +114,13 @@ class RowPipeline:
             self.parts.ledger.finish(_input_error(idx, row_id, what))
             progress.row_done("error", None)
             return None
-        chars = request.text_chars
         image_tokens = images.IMAGE_TOKEN_ESTIMATE * (len(request.images) + request.body_images)
-        spec_params = self.job.spec.params
-        params = {**request.body, **spec_params} if request.body is not None else spec_params
-        estimate = estimate_tokens(chars, params) + image_tokens
-        prompt_estimate = prompt_tokens_estimate(chars) + image_tokens
+        prompt_estimate = prompt_tokens_estimate(request.text_chars) + image_tokens
+        cap = self._cap if request.body is None else output_cap({**request.body, **self.job.spec.params})
         key = request_key(request)
         request_hash = fingerprint.row_hash(self.settings, key)
-        return WorkItem(idx, row_id, request, estimate, prompt_estimate, key, request_hash, output_cap(params))
+        estimate = estimate_tokens(prompt_estimate, cap)
+        return WorkItem(idx, row_id, request, estimate, prompt_estimate, key, request_hash, cap)
 
     async def work(
         self,
@@ -132,9 +135,8 @@ class RowPipeline:
         """
         async with receive:
             while not retire():
-                try:
-                    item = await receive.receive()
-                except anyio.EndOfStream:
+                item = await _next_item(receive)
+                if item is None:
                     return
                 if not await self.send(item, progress):
                     scope.cancel()
@@ -192,7 +194,8 @@ class RowPipeline:
             return True
         if outcome.reply is not None:
             parts.watch.on_success()
-            self.release_held(progress)
+            if self._held:  # rows held back by a possible abort: errors after all
+                self.release_held(progress)
         self._finish(progress, record)
         return True
 
@@ -225,13 +228,13 @@ class RowPipeline:
         spec = self.job.spec
         parts = self.parts
         protocol = self._protocol(item.request)
-        path = protocol.path(spec.model or "", spec.stream)
+        path = protocol.path(spec.model or "", spec.stream) if item.request.api else self._path
         cap = item.cap
         try:
             request_body = await self._body(item.request)
         except images.ImageError as e:  # nothing is sent for this row
             failed = Outcome(None, CallError("input", str(e), retryable=False), 0, 0.0)
-            return _record(item, failed), failed
+            return _record(item, failed, self._models), failed
         decoder = self.decoders[item.request.api or spec.provider.api]
         if item.request.body is not None:  # a Batch line streams if its body (or the job) says so
             decoder = replace(decoder, stream=request_body.get("stream") is True)
@@ -289,7 +292,7 @@ class RowPipeline:
         repairs = 0
         if self.parser is not None and spec.output.repair_attempts:
             outcome, repairs = await ask_with_repairs(outcome, self.parser, spec.output.repair_attempts, follow_up)
-        record = _record(item, outcome)
+        record = _record(item, outcome, self._models)
         record.repairs = repairs
         record.started_at, record.attempt_log = log.started_at, log.text()
         if outcome.reply is not None and outcome.reply.images:
@@ -311,11 +314,17 @@ class RowPipeline:
         return protocol_for(request.api) if request.api else self.protocol
 
 
-def _record(item: WorkItem, outcome: Outcome) -> RowRecord:
-    """The row as stored; the answer's texts masked like every message (the model may echo a key in the prompt)."""
+def _record(item: WorkItem, outcome: Outcome, models: dict[str, str]) -> RowRecord:
+    """The row as stored; the answer's texts masked like every message (the model may echo a key in the prompt).
+
+    `models`: model names already masked, by name as answered.
+    """
     reply, error = outcome.reply, outcome.error
     calls = redact(orjson.dumps(reply.tool_calls).decode()) if reply and reply.tool_calls else None
     note = "; ".join(reply.notes) if reply and reply.notes else None  # an ok row's `error` says what was odd
+    model = reply.model if reply else None
+    if model and (masked := models.get(model)) is None and len(models) < MODEL_NAMES:
+        masked = models[model] = redact(model)
     return RowRecord(
         idx=item.idx,
         row_id=item.row_id,
@@ -323,7 +332,7 @@ def _record(item: WorkItem, outcome: Outcome) -> RowRecord:
         response_text=redact(reply.text) if reply and reply.text else None,
         tool_calls=calls,
         finish_reason=reply.finish_reason if reply else None,
-        model=redact(reply.model) if reply and reply.model else None,
+        model=(masked or redact(model)) if model else None,
         prompt_tokens=reply.prompt_tokens if reply else None,
         completion_tokens=reply.completion_tokens if reply else None,
         latency_s=round(outcome.latency_s, 4),
@@ -360,6 +369,21 @@ def _kept_answer(reply: Reply | None) -> tuple[int, str | None, bytes] | None:
 
 async def _nothing() -> None:
     return None
+
+
+async def _next_item(receive: MemoryObjectReceiveStream[WorkItem]) -> WorkItem | None:
+    """The next row, None at the end. A row ready is taken without a pass through the event loop
+    (anyio's `receive` always makes one): the row's own work gives the loop its turn soon enough."""
+    try:
+        return receive.receive_nowait()
+    except anyio.WouldBlock:
+        pass
+    except anyio.EndOfStream:
+        return None
+    try:
+        return await receive.receive()
+    except anyio.EndOfStream:
+        return None
 
 
 def _input_error(idx: int, row_id: str, message: str) -> RowRecord:

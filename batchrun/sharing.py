@@ -13,8 +13,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import replace
 
 import anyio
@@ -41,12 +40,16 @@ class SharedAnswers:
     def __init__(self, capacity: int = RECENT_ANSWERS) -> None:
         self._capacity = capacity
         self._answers: OrderedDict[bytes, RowRecord] = OrderedDict()
-        self._in_flight: dict[bytes, anyio.Event] = {}
+        # Keys whose request is in flight; the event is made only once a row waits for it (most never do).
+        self._in_flight: dict[bytes, anyio.Event | None] = {}
         self.shared = 0  # rows answered by another row's request, this run
 
     async def find(self, key: bytes, idx: int, row_id: str) -> RowRecord | None:
         """This row's record from an identical request's answer, waiting while one is in flight."""
-        while (event := self._in_flight.get(key)) is not None:
+        while key in self._in_flight:
+            event = self._in_flight[key]
+            if event is None:
+                event = self._in_flight[key] = anyio.Event()
             await event.wait()
         source = self._answers.get(key)
         if source is None:
@@ -68,20 +71,32 @@ class SharedAnswers:
             attempt_log=None,
         )
 
-    @contextmanager
-    def leading(self, key: bytes) -> Iterator[Callable[[RowRecord], None]]:
-        """Marks `key` in flight (call `find` first, with no await in between); yields `publish(record)`."""
-        event = anyio.Event()
-        self._in_flight[key] = event
+    def leading(self, key: bytes) -> Leading:
+        """Marks `key` in flight (call `find` first, with no await in between); entered, gives `publish(record)`."""
+        return Leading(self, key)
 
-        def publish(record: RowRecord) -> None:
-            if record.status == "ok":
-                self._answers[key] = record
-                if len(self._answers) > self._capacity:
-                    self._answers.popitem(last=False)
 
-        try:
-            yield publish
-        finally:
-            del self._in_flight[key]
+class Leading:
+    """A row leads its key: identical rows wait for its answer. A class rather than a generator: one per row."""
+
+    __slots__ = ("_shared", "_key")
+
+    def __init__(self, shared: SharedAnswers, key: bytes) -> None:
+        self._shared = shared
+        self._key = key
+
+    def __enter__(self) -> Callable[[RowRecord], None]:
+        self._shared._in_flight[self._key] = None
+        return self.publish
+
+    def publish(self, record: RowRecord) -> None:
+        if record.status == "ok":
+            answers = self._shared._answers
+            answers[self._key] = record
+            if len(answers) > self._shared._capacity:
+                answers.popitem(last=False)
+
+    def __exit__(self, *exc_info: object) -> None:
+        event = self._shared._in_flight.pop(self._key)
+        if event is not None:
             event.set()

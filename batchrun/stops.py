@@ -87,6 +87,9 @@ class HeldRows(Generic[R]):
     def __init__(self) -> None:
         self._rows: list[R] = []
 
+    def __len__(self) -> int:
+        return len(self._rows)
+
     def hold(self, row: R) -> None:
         self._rows.append(row)
 

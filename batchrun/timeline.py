@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 import orjson
 
 from batchrun.checkpoint import Checkpoint
@@ -86,21 +85,25 @@ class LimiterTimeline:
     checkpoint: Checkpoint
     _seconds: dict[int, _Second] = field(default_factory=dict)
     _paused_through: float = -math.inf  # wall time up to which pauses are counted already
+    _second: int = 0  # the wall-clock second of the latest observation
 
     def observe(self, limits: Limits) -> None:
         """Note the limiter's state now; seconds before the current one go to the checkpoint."""
         now = time.time()
         second = int(now)
         limit = limits.limit
+        if second != self._second:  # a new second: the ones before it are complete
+            self._second = second
+            self._emit(lambda s: s < second)
         line = self._seconds.get(second)
         if line is None:
             self._seconds[second] = _Second(limit, limit, limit)
-        else:
+        elif limit != line.limit_last:
             line.limit_min, line.limit_max = min(line.limit_min, limit), max(line.limit_max, limit)
             line.limit_last = limit
-        paused_until = now + (limits.paused_until - anyio.current_time())
-        self._add_pause(max(now, self._paused_through), paused_until, limit)
-        self._emit(lambda s: s < second)
+        left = limits.paused_until - limits.now()
+        if left > 0:
+            self._add_pause(max(now, self._paused_through), now + left, limit)
 
     def close(self) -> None:
         """The run ends: every second noted so far goes to the checkpoint."""

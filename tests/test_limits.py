@@ -18,7 +18,15 @@ import trio
 from trio.testing import MockClock
 
 from batchrun.emulator.faults import RequestWindow
-from batchrun.limits import LimiterChange, Limits, MinuteBudget, Ticket, estimate_tokens
+from batchrun.limits import (
+    LimiterChange,
+    Limits,
+    MinuteBudget,
+    Ticket,
+    estimate_tokens,
+    output_cap,
+    prompt_tokens_estimate,
+)
 from batchrun.protocols import CallError
 from batchrun.protocols.relay_errors import QuotaGroup, QuotaLeft
 from batchrun.transport import backoff_delay
@@ -194,10 +202,13 @@ async def test_scattered_failures_do_not_open_the_breaker() -> None:
 
 
 def test_estimate_is_characters_over_four_plus_the_output_cap() -> None:
-    assert estimate_tokens(400, {"max_completion_tokens": 50}) == 150
-    assert estimate_tokens(401, {"max_tokens": 10}) == 111
-    assert estimate_tokens(8, {"generationConfig": {"maxOutputTokens": 30}}) == 32
-    assert estimate_tokens(8, {}) == 2 + 256
+    def estimate(chars: int, params: dict) -> int:
+        return estimate_tokens(prompt_tokens_estimate(chars), output_cap(params))
+
+    assert estimate(400, {"max_completion_tokens": 50}) == 150
+    assert estimate(401, {"max_tokens": 10}) == 111
+    assert estimate(8, {"generationConfig": {"maxOutputTokens": 30}}) == 32
+    assert estimate(8, {}) == 2 + 256
 
 
 async def test_failures_stop_using_up_attempts_once_the_relay_looks_down() -> None:
