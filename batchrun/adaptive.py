@@ -47,8 +47,10 @@ class RecentCount:
         self._times: deque[float] = deque()
 
     def add(self, now: float) -> None:
-        self._times.append(now)
-        self._expire(now)
+        times = self._times
+        times.append(now)
+        while times[0] <= now - MEASURE_S:  # ends at `now` at the latest (one comparison, once a request)
+            times.popleft()
 
     def per_s(self, now: float) -> float:
         self._expire(now)
@@ -89,7 +91,7 @@ class RateSignal:
             self._noise_before_run = self.noise
         self._answers += 1
         self.noise += (pushed_back - self.noise) / min(self._answers, NOISE_ANSWERS)  # a plain mean at first
-        if self.run >= self._run_needed(probing) or self._pushed >= SHARE_SIGNAL:
+        if self._pushed >= SHARE_SIGNAL or (pushed_back and self.run >= self._run_needed(probing)):
             self.noise = self._noise_before_run if self.run else self.noise  # a pattern is not noise
             self.restart(now)
             return True
