@@ -12,18 +12,31 @@ from conftest import run_cli
 @pytest.mark.slow
 def test_quick_bench_prints_the_table_and_writes_the_figures(tmp_path: Path) -> None:
     figures = tmp_path / "bench.json"
-    result = run_cli("bench", "--quick", "--json", str(figures), timeout=180)
+    result = run_cli("bench", "--quick", "--json", str(figures), timeout=300)
     assert result.returncode == 0, result.stderr
 
-    for line in ("zero latency", "200 ms latency", "checkpoint on vs off", "streaming (21 events)", "httpx", "aiohttp"):
+    names = ("zero latency, 64", "zero latency, 256", "200 ms x 1000", "streaming", "checkpoint on vs off")
+    for line in (*names, "httpx", "aiohttp"):
         assert line in result.stdout
     data = json.loads(figures.read_text())
     assert data["quick"] is True and data["machine"]["cpus"] >= 1
     by_name = {s["name"]: s for s in data["scenarios"]}
-    for name in ("zero latency", "200 ms latency", "checkpoint on vs off", "streaming (21 events)"):
+    for name in names:
         s = by_name[name]
         assert s["reference"]["rps"] > 0 and s["pipeline"]["rps"] > 0 and s["pipeline"]["cpu_us"] > 0
         assert s["ratio"] == round(s["pipeline"]["rps"] / s["reference"]["rps"], 3)
+        assert s["cpu_times"] == round(s["pipeline"]["cpu_us"] / s["reference"]["cpu_us"], 3)
+        assert isinstance(s["met"], bool)
+        assert ("MISSED" if not s["met"] else "met") in next(ln for ln in result.stdout.splitlines() if name in ln)
+    # issue 15's targets: requests/s against the bare loop, and CPU a request at most 1.5 times its own
+    assert {name: by_name[name]["target"] for name in names} == {
+        "zero latency, 64": 0.8,
+        "zero latency, 256": 0.8,
+        "200 ms x 1000": 0.85,
+        "streaming": 0.8,
+        "checkpoint on vs off": 0.95,
+    }
+    assert by_name["zero latency, 64"]["cpu_target"] == by_name["zero latency, 256"]["cpu_target"] == 1.5
     assert {s["stack"] for s in data["stacks"]} >= {"httpx", "aiohttp"}
     assert data["emulator_rps_at_least"] > 0
 
