@@ -311,8 +311,15 @@ class Checkpoint:
             committed = asyncio.get_running_loop().create_future()
             self._intent_waiters.append(committed)
             self._wake.set()
-            await committed
+            try:
+                await committed
+            except BaseException:  # cancelled before its request went out: not in flight after all
+                self.withdraw(idx)
+                raise
             if self.failure is not None:  # the intent was not recorded: the row must not be sent
+                await anyio.sleep_forever()
+            if self._refusing:  # Ctrl-C came while the intent was being committed: the row is not sent
+                self.withdraw(idx)
                 await anyio.sleep_forever()
         self.awaiting_answer.add(idx)
 
