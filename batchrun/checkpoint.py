@@ -365,10 +365,13 @@ class Checkpoint:
         if self.durable and self._wal_checkpointer is None:
             self._db.execute("PRAGMA wal_autocheckpoint=0")
             self._wal_checkpointer = _WalCheckpointer(self.folder / DB_NAME)
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                with anyio.move_on_after(FLUSH_S):
-                    await self._wake.wait()
+                wake = self._wake
+                timer = loop.call_later(FLUSH_S, wake.set)  # a timer, not a cancel scope: a few µs a commit less
+                await wake.wait()
+                timer.cancel()
                 self._wake = anyio.Event()
                 await anyio.sleep(GATHER_S)  # intents asked for meanwhile join the same commit
                 await self.flush()
