@@ -528,7 +528,7 @@ def machine() -> dict[str, Any]:
 def format_report(report: Report) -> str:
     m = report.machine
     lines = [
-        f"batchrun bench{' --quick' if report.quick else ''}: {m['cpus']} CPUs, Python {m['python']}, "
+        f"batchrun bench{', quick sizes' if report.quick else ''}: {m['cpus']} CPUs, Python {m['python']}, "
         f"{m['platform']}, uvloop {'on' if m['uvloop'] else 'off'}",
         "",
         f"{'':<33}{'requests/s':-^32}  {'CPU µs a request':-^32}",
