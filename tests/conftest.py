@@ -269,9 +269,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def timeline(emulator: Emulator) -> list[list[int]]:
-    """[second, requests, 429s] for each second the emulator saw requests."""
-    with urllib.request.urlopen(emulator.url + "/_emulator/timeline", timeout=10) as r:
-        return json.loads(r.read())
