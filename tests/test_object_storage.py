@@ -202,7 +202,7 @@ def test_credentials_in_storage_options_and_a_wrong_secret_masked(
         input={"path": source, "id_column": "review_id", "storage_options": options(s3.secret)},
         output=output,
     )
-    result = run_here("run", str(job), "--quiet", env=env)
+    result = run_cli("run", str(job), "--quiet", env=env)
     assert result.returncode == 0, result.stderr
     assert s3.read_parquet(bucket, "out/labels.parquet")["review_id"].to_list() == [r[0] for r in REVIEWS]
 
@@ -214,7 +214,7 @@ def test_credentials_in_storage_options_and_a_wrong_secret_masked(
         output=output,
     )
     emulator.reset()
-    result = run_here("run", str(job), "--quiet", env=env)
+    result = run_cli("run", str(job), "--quiet", env=env)
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "credentials" in result.stderr, result.stderr
     assert wrong not in result.stderr and emulator.stats()["requests"] == 0
@@ -276,6 +276,8 @@ def test_kill_9_mid_run_then_rerun(tmp_path: Path, s3: S3Server) -> None:
 def test_bad_credentials_and_missing_buckets_are_one_line_and_send_nothing(
     tmp_path: Path, s3: S3Server, emulator: Emulator, reviews: Path
 ) -> None:
+    # Real processes: credentials come from each process's environment. In one process, a run with a wrong
+    # secret was seen to succeed after earlier runs there had used good ones.
     bucket = s3.bucket()
     source = upload(s3, bucket, "in/reviews.parquet", reviews_frame())
     state = tmp_path / "state"
@@ -290,7 +292,7 @@ def test_bad_credentials_and_missing_buckets_are_one_line_and_send_nothing(
         job = write_job(
             tmp_path, emulator.url, input={"path": source_path, "id_column": "review_id"}, output={"path": output_path}
         )
-        result = run_here("run", str(job), "--quiet", env=s3.env(state, **changes))
+        result = run_cli("run", str(job), "--quiet", env=s3.env(state, **changes))
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], result.stderr
@@ -298,7 +300,7 @@ def test_bad_credentials_and_missing_buckets_are_one_line_and_send_nothing(
     # An object batchrun did not write is never written over.
     s3.client().put_object(Bucket=bucket, Key="theirs.parquet", Body=b"someone else's data")
     job = write_job(tmp_path, emulator.url, output={"path": f"s3://{bucket}/theirs.parquet"})
-    result = run_here("run", str(job), "--quiet", env=s3.env(state))
+    result = run_cli("run", str(job), "--quiet", env=s3.env(state))
     assert result.returncode == 2 and "an object is already there" in result.stderr, result.stderr
     assert s3.client().get_object(Bucket=bucket, Key="theirs.parquet")["Body"].read() == b"someone else's data"
     assert emulator.stats()["requests"] == 0
