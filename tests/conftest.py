@@ -1,6 +1,6 @@
 """Shared fixtures: the emulator as a real server process; the CLI as a real process, or in this one.
 
-Two tiers: `pytest -m "not slow and not ray"` is the fast one, run before each commit;
+Two tiers: `pytest -n 2 -m "not slow and not ray"` is the fast one, run before each commit;
 `pytest` (CI) runs everything. Tests that only need a run use `run_here` / `run_job`
 (the CLI's own `main` in this process: no Python start-up per run); tests about exit
 codes on signals, kill -9 and what a real process prints keep `run_cli`.
