@@ -332,8 +332,12 @@ def test_a_store_in_trouble_is_not_taken_for_an_object_at_the_key(
             "AWS_REGION": "us-east-1",
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_address[1]}",
             "BATCHRUN_STATE_DIR": str(tmp_path / "state"),
+            # object_store's retries of a 500, without their ~10 s of back-off; polars reads these once
+            # per process, so this run is a process of its own
+            "POLARS_CLOUD_RETRY_INIT_BACKOFF_MS": "1",
+            "POLARS_CLOUD_RETRY_MAX_BACKOFF_MS": "10",
         }
-        result = run_here("run", str(job), "--quiet", env=env)
+        result = run_cli("run", str(job), "--quiet", env=env)
     finally:
         server.shutdown()
     assert result.returncode == 2, result.stderr
