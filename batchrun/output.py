@@ -35,7 +35,7 @@ OWN_OUTPUT_KEY = b"batchrun"
 ROW_GROUP_ROWS = 16_384
 # A column's dictionary stops growing at this size and the rest of its row group is written plain. Ids,
 # texts and answers are mostly unique, so their dictionaries were dead weight: pyarrow's default (1 MiB,
-# with its hash table) made the writer 13 MB instead of 5 on 10 k-row groups, and the file larger.
+# with its hash table) made the writer 13 MB instead of 5, and the file larger (docs/memory.md).
 DICTIONARY_PAGE_BYTES = 1 << 16
 TOOL_CALL = pl.Struct({"name": pl.String, "arguments": pl.String})
 RESULT_SCHEMA: dict[str, pl.DataType] = {
