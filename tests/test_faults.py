@@ -185,7 +185,8 @@ def test_the_key_is_masked_where_the_server_echoes_it(tmp_path: Path, emulator: 
 def test_a_key_pasted_with_a_newline_works_and_a_broken_one_is_refused(tmp_path: Path, emulator: Emulator) -> None:
     write_reviews(tmp_path, 3)
     job = write_job(tmp_path, emulator.url)
-    pasted = run_cli("run", str(job), "--quiet", env={"TEST_RELAY_KEY": TEST_KEY + "\n"})
+    # The success path in-process; the refusal, which must not show the key, is a real process.
+    pasted = run_here("run", str(job), "--quiet", env={"TEST_RELAY_KEY": TEST_KEY + "\n"})
     assert pasted.returncode == 0, pasted.stderr
     broken = TEST_KEY[:10] + "\x7f" + TEST_KEY[10:]
     refused = run_cli("run", str(job), "--quiet", "--restart", env={"TEST_RELAY_KEY": broken})
