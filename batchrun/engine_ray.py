@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 import uuid
 import warnings
@@ -46,6 +47,7 @@ from batchrun.inputs import ROW_INDEX, InputTable
 from batchrun.progress import Progress, paid_images
 from batchrun.protocols import CallError, protocol_for
 from batchrun.ray_coordinator import (
+    DRIVER_PING_S,
     ClusterBudget,
     ClusterLedger,
     ClusterLimits,
@@ -55,7 +57,7 @@ from batchrun.ray_coordinator import (
     CoordinatorLink,
 )
 from batchrun.render import Renderer
-from batchrun.rows import RowParts, RowPipeline
+from batchrun.rows import RowParts, RowPipeline, WorkItem
 from batchrun.runner import GRACE_S, Run, RunOptions, Sent
 from batchrun.spec import Job
 from batchrun.spend import Budget
@@ -87,6 +89,7 @@ class RayEngine:
     def __init__(self, ray_options: RayOptions) -> None:
         self.ray_options = ray_options
         self._interrupts = 0
+        self.coordinator_cpu_s: float | None = None  # after a run: the coordinator's CPU time (`batchrun bench`)
 
     async def send_all(self, run: Run, checkpoint: Checkpoint, progress: Progress, base_url: str) -> Sent:
         # Ray's calls block; nothing else runs on this event loop in a Ray run.
@@ -98,13 +101,14 @@ class RayEngine:
                 str(checkpoint.folder), run.concurrency, run.job.spec.run, run.budget
             )
             ray.get(coordinator.start.remote())
-            with _ctrl_c_interrupts():
+            with _ctrl_c_interrupts(), _signs_of_life(coordinator):
                 try:
                     self._send_all(run, coordinator, name, progress, base_url)
                 except KeyboardInterrupt:
                     self._stop_on_ctrl_c(coordinator)
                 finally:
                     final = ray.get(coordinator.close.remote())
+        self.coordinator_cpu_s = final["cpu_s"]
         if final["problem"] is not None:
             raise JobError(final["problem"])
         checkpoint.awaiting_answer = set(final["awaiting_answer"])
@@ -217,10 +221,12 @@ class RowSender:
         self._link = CoordinatorLink(self._coordinator)
         self._watch = ClusterWatch(self._link)
         self._limits = ClusterLimits(self._link, self._watch)
+        self._ledger = ClusterLedger(self._link)
+        self._sharing = ClusterSharing(self._link)
         caps = AnswerCaps.of(job.spec.run)
         key_header = protocol_for(job.spec.provider.api).KEY_HEADER
         transport = Transport(self._url, api_key, job.spec.run.timeout_s, self._concurrency, caps, key_header)
-        parts = RowParts(ClusterLedger(self._link), self._limits, ClusterSharing(self._link), self._watch, transport)
+        parts = RowParts(self._ledger, self._limits, self._sharing, self._watch, transport)
         parser = AnswerParser.for_spec(job.spec)
         # Without a budget, nothing to ask the coordinator: a budget without a limit holds nothing.
         budget = ClusterBudget(self._link) if self._budgeted else Budget(None, job.spec.pricing, spent=0.0)
@@ -237,9 +243,16 @@ class RowSender:
         rows = list(cast(pl.DataFrame, pl.from_arrow(batch)).iter_rows(named=True))
         todo = set(await self._coordinator.unfinished.remote([row[ROW_INDEX] for row in rows]))
         report = _Report()
+        items: list[WorkItem] = []
+        for row in rows:
+            if row[ROW_INDEX] in todo and (item := pipeline.item(row, report)) is not None:
+                items.append(item)
+        leads = await self._sharing.claim([(item.idx, item.row_id, item.key) for item in items])
+        self._ledger.expect(leads)
         with self._limits.stoppable():
-            await pipeline.work_rows([row for row in rows if row[ROW_INDEX] in todo], self._concurrency, report)
-        await self._watch.refresh()
+            await pipeline.work_items(items, self._concurrency, report)
+        self._ledger.give_back(leads)
+        await self._link.settle()  # this worker's errors are with the coordinator: the job's state includes them
         pipeline.settle_held(report)
         await self._link.settle()  # the batch's rows are with the coordinator before the driver hears of them
         return report.table()
@@ -269,6 +282,24 @@ def _ctrl_c_interrupts() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def _signs_of_life(coordinator: Any) -> Iterator[None]:
+    """The driver says it is alive every DRIVER_PING_S, from a thread of its own: workers send only while it does."""
+    done = threading.Event()
+
+    def ping() -> None:
+        while not done.wait(DRIVER_PING_S):
+            coordinator.driver_alive.remote()
+
+    pinger = threading.Thread(target=ping, name="batchrun-driver-alive", daemon=True)
+    pinger.start()
+    try:
+        yield
+    finally:
+        done.set()
+        pinger.join()
 
 
 def _most_actors(actors: int | None = None) -> int:

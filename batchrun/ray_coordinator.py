@@ -1,29 +1,38 @@
 """The Ray engine's cluster-wide state: one actor for the whole job, and its stand-ins on the workers.
 
 What must hold for the whole job, not per worker, lives in one `Coordinator` actor on
-the driver's node, built from the local engine's own parts:
+the driver's node, built from the local engine's own parts. Workers talk to it per
+slice of rows, not per row (a Ray call costs the coordinator 0.1–0.3 ms of CPU, which,
+made per row, capped the job at ~600 rows/s however many nodes it had):
 
-* the limiter (`limits.Limits`): every attempt on any worker waits for a permit from it,
-  so concurrency, requests and tokens per minute, push-back and server pauses are the
-  job's. One limiter rather than an exact split of the limits across actors: a split
-  would leave the share of an actor that ran out of work unused, breaks when the pool
-  autoscales, and cannot pause or halve the whole job when the relay pushes back. A
-  permit costs a Ray call (well under a millisecond), far below a request's latency.
+* the limiter (`limits.Limits`): a worker leases permits (in-flight places) for several
+  attempts at once. While nothing paces starts (no requests or tokens per minute, no
+  pause, no push-back pattern, the relay not looking down), a permit is only a place,
+  and the worker keeps it from one attempt to the next; otherwise each attempt takes a
+  fresh one, paced by the job's limiter. Outcomes reach the limiter in groups, so
+  push-back, concurrency 429s and the breaker act on the whole job. Each worker keeps at
+  most its share of the places (the job's limit split by how many rows each has to
+  send) and gives back the rest, so a worker out of work leaves nothing unused.
 * the checkpoint (`checkpoint.Checkpoint`, the same SQLite file a local run writes):
-  intents are committed before each request, finished rows at least every 0.2 s, so
-  a killed driver or worker loses at most the rows in flight. Workers never open the
-  file, so it needs no storage shared between nodes.
-* the abort watch (a wrong key stops the job after a few 401s, not a few per worker)
-  and the shared answers of identical requests.
+  a worker commits the intents of a slice of rows in one call, before the first of them
+  is sent ("intent before spend"), and reports finished rows in groups, committed at
+  least every 0.2 s. Rows of a slice that were not sent are withdrawn. Workers never
+  open the file, so it needs no storage shared between nodes.
+* the abort watch (a wrong key stops the job after a few 401s, not a few per worker).
+* shared answers: a worker claims its batch's request keys in one call; a key another
+  worker leads (or answered) is waited for, and only those rows make a call of their own.
 * the budget (`spend.Budget`, `run.max_cost`): a worker asks it to hold each request's
   worst case before sending and tells it the real usage after, so the job's spent +
   held never passes the budget, by the same rule as a local run. Once it refuses a
   request, no row not yet sent is given to a worker; rows in flight finish. Asked
   only when the job has a budget: without one a worker's budget answers locally.
 
-A worker that dies (Ray then restarts it and retries its batch) cannot give back its
-permits or its lead on an identical request: each worker says it is alive at least every
-`HEARTBEAT_S`, and what a worker silent for `LEASE_S` held is taken back.
+Leases end: every worker syncs with the coordinator every `SYNC_S`, and may send only
+while its lease runs, which lasts `DRIVER_GRACE_S` past the driver's last sign of life.
+A killed driver's workers therefore stop sending within about a second, even if Ray
+takes longer to end them. A worker that dies (Ray then restarts it and retries its
+batch) cannot give back its permits or its claims: what a worker silent for `LEASE_S`
+held is taken back.
 
 On a worker, the row pipeline (rows.py) talks to it through `ClusterLedger`,
 `ClusterLimits`, `ClusterSharing`, `ClusterWatch` and `ClusterBudget`, which implement the
@@ -34,11 +43,14 @@ row path's declared collaborators (seams.py: Ledger, Admission, Sharing, StopWat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import math
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +71,17 @@ from batchrun.stops import AbortWatch
 # commit, an identical request's answer); Ray queues calls beyond this, and a queued
 # release behind waiting acquires would stall the job.
 MAX_WAITING_CALLS = 1_000_000
-TELL_EVERY_S = 0.02  # how long a worker keeps the calls nobody waits for before sending them together
-HEARTBEAT_S = 1.0
-LEASE_S = 15.0
+SYNC_S = 0.05  # how often a worker sends what nobody waits for, and renews its lease
+DRIVER_GRACE_S = 1.0  # workers may start requests this long after the driver's last sign of life
+DRIVER_PING_S = 0.2
+LEASE_S = 15.0  # a worker silent this long is taken for dead: its permits and claims are taken back
+INTENT_SLICE = 32  # intents committed in one call: the row about to be sent and the next ones of its batch
+
+# What `Coordinator.claim` says about a row: it leads its request key (sends it), it
+# follows another row's request (asks `find_shared` before sending), or a RowRecord:
+# an identical request's answer, nothing to send.
+LEAD = True
+FOLLOW = False
 
 
 def error_fields(error: CallError) -> dict[str, Any]:
@@ -70,15 +90,29 @@ def error_fields(error: CallError) -> dict[str, Any]:
 
 
 class _Permit:
-    """One attempt's place in the limiter, held by a task of the coordinator until the attempt ends."""
+    """One in-flight place, held by a task of the coordinator until the worker gives it back."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str) -> None:
         self.decided = anyio.Event()
         self.released = anyio.Event()
         self.ticket: Ticket | None = None  # what Limits.slot yielded; None until granted
         self.refused: CallError | None = None  # the limiter gave up instead (the relay stayed down)
         self.task: asyncio.Task[None] | None = None
-        self.owner = ""
+        self.owner = owner
+
+
+@dataclass
+class SyncState:
+    """What a worker learns at each sync: its lease, its share of the places, and whether to stop."""
+
+    lease_s: float  # it may start requests for this long (0: the driver is gone)
+    places: int  # permits it may hold
+    free: bool  # a permit is only a place: keep it from one attempt to the next
+    looks_down: bool
+    tripped: dict[str, Any] | None
+    stopped: bool  # the job stopped: nothing more is sent
+    refusing: bool  # Ctrl-C: no row that has not begun may be sent
+    budget_stopped: bool
 
 
 @ray.remote(num_cpus=0, max_concurrency=MAX_WAITING_CALLS)
@@ -90,10 +124,15 @@ class Coordinator:
         self.budget = budget  # the driver's, with what earlier runs spent
         self._ids = itertools.count()
         self._permits: dict[int, _Permit] = {}
-        self._leading: dict[bytes, tuple[Any, Callable[[RowRecord], None], str]] = {}
+        self._held: dict[str, int] = {}  # worker -> permits it holds
+        self._demand: dict[str, int] = {}  # worker -> permits it could use now (held + rows waiting)
+        self._leading: dict[bytes, str] = {}  # request key -> the worker whose row is asking it
+        self._ends: dict[bytes, asyncio.Event] = {}  # keys rows of other workers wait for
         self._seen: dict[str, float] = {}  # worker -> when it last spoke
         self._tasks: set[asyncio.Task[None]] = set()
+        self._refusing = False
         self.requested = 0
+        self.finished = 0
         self.problem: str | None = None  # a worker could not start: the job stops and the driver says why
 
     async def start(self) -> None:
@@ -103,6 +142,8 @@ class Coordinator:
         self.limits = Limits(concurrency, run.requests_per_minute, run.tokens_per_minute, run.outage_timeout_s)
         self.watch: AbortWatch[CallError] = AbortWatch()
         self.sharing = SharedAnswers()
+        self._driver_seen = time.monotonic()
+        self._cpu_at_start = time.process_time()
         self._spawn(self.checkpoint.flush_loop())
         self._spawn(self._take_back_from_silent_workers())
 
@@ -112,54 +153,95 @@ class Coordinator:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def told(self, worker: str, calls: list[tuple[str, tuple[Any, ...]]]) -> None:
-        """A worker's batch of calls that nobody waits for (see CoordinatorLink); empty, it says the worker lives."""
+    async def driver_alive(self) -> None:
+        self._driver_seen = time.monotonic()
+
+    async def sync(self, worker: str, demand: int, calls: list[tuple[str, tuple[Any, ...]]]) -> SyncState:
+        """A worker's calls that nobody waits for (see CoordinatorLink), and what it must know now."""
         self._seen[worker] = anyio.current_time()
+        self._demand[worker] = demand
         for method, args in calls:
             await getattr(self, method)(*args)
+        return SyncState(
+            lease_s=max(0.0, DRIVER_GRACE_S - (time.monotonic() - self._driver_seen)),
+            places=self._share(worker),
+            free=self._free(),
+            looks_down=self.limits.breaker.looks_down,
+            tripped=await self.tripped(),
+            stopped=await self.stopped(),
+            refusing=self._refusing,
+            budget_stopped=self.budget.stopped,
+        )
 
     async def _take_back_from_silent_workers(self) -> None:
         while True:
-            await anyio.sleep(HEARTBEAT_S)
+            await anyio.sleep(1.0)
             cutoff = anyio.current_time() - LEASE_S
             for worker in [w for w, seen in self._seen.items() if seen < cutoff]:
                 del self._seen[worker]
+                self._demand.pop(worker, None)
                 for number, permit in list(self._permits.items()):
                     if permit.owner == worker:
                         self._drop(number)
-                for key, (_, _, owner) in list(self._leading.items()):
-                    if owner == worker:
-                        await self.end_leading(key, None)
-
-    def _drop(self, number: int) -> _Permit | None:
-        """A permit leaves: granted, its place is freed; waiting, it is given up."""
-        permit = self._permits.pop(number, None)
-        if permit is not None:
-            permit.released.set()
-            if permit.ticket is None and permit.task is not None:
-                permit.task.cancel()
-                permit.decided.set()
-        return permit
+                for key in [key for key, owner in self._leading.items() if owner == worker]:
+                    await self.end_leading(key, None, worker)
 
     # --- the limiter ----------------------------------------------------------------
 
-    async def acquire(self, tokens: int, worker: str, retry: bool = False) -> dict[str, Any]:
-        """A place for one attempt estimated at `tokens` (`retry`: within the retry budget too).
+    def _free(self) -> bool:
+        """Nothing paces starts now: a permit is only an in-flight place, and may serve attempt after attempt."""
+        limits = self.limits
+        return (
+            limits.requests is None
+            and limits.tokens is None
+            and not limits.pace.pacing
+            and limits.paused_until <= anyio.current_time()
+            and not limits.breaker.looks_down
+        )
 
-        {"permit": number, "looks_down": ...}; {"refused": error} when the limiter gives up
-        (the relay stayed down too long); {"stopped": error} once the job stopped; {"again":
-        True} when the worker was taken for dead while it waited.
+    def _share(self, worker: str) -> int:
+        """The places this worker may hold: the job's limit, split by what each worker could use."""
+        total = self.limits.limit
+        wanted = sum(self._demand.values())
+        if wanted <= total:
+            return total
+        return max(1, math.floor(total * self._demand.get(worker, 0) / wanted))
+
+    async def lease(self, worker: str, tokens: int, retry: bool, want: int) -> dict[str, Any]:
+        """Permits for up to `want` attempts estimated at `tokens` each: waits for one, adds those free now.
+
+        {"permits": [numbers], "free": ..., "looks_down": ...}; {"refused": error} when the
+        limiter gives up (the relay stayed down too long); {"stopped": error} once the job
+        stopped; {"again": True} when the worker was taken for dead while it waited.
         """
         self._seen[worker] = anyio.current_time()
         if await self.stopped():
             return {"stopped": await self.tripped()}
+        first = await self._grant(worker, tokens, retry)
+        if isinstance(first, dict):
+            return first
+        numbers = [first]
+        in_flight = self.limits.in_flight
+        while (
+            len(numbers) < want
+            and not retry
+            and self._free()
+            and in_flight.used < in_flight.total
+            and self._held.get(worker, 0) < self._share(worker)
+        ):
+            more = await self._grant(worker, tokens, retry)  # free and with room: granted without waiting
+            if isinstance(more, dict):
+                break
+            numbers.append(more)
+        return {"permits": numbers, "free": self._free(), "looks_down": self.limits.breaker.looks_down}
+
+    async def _grant(self, worker: str, tokens: int, retry: bool) -> int | dict[str, Any]:
         number = next(self._ids)
-        permit = self._permits[number] = _Permit()
-        permit.owner = worker
+        permit = self._permits[number] = _Permit(worker)
         permit.task = self._spawn(self._hold(permit, tokens, retry))
         await permit.decided.wait()
         if permit.ticket is not None and number in self._permits:
-            return {"permit": number, "looks_down": self.limits.breaker.looks_down}
+            return number
         self._drop(number)
         if permit.refused is not None:
             return {"refused": error_fields(permit.refused)}
@@ -171,26 +253,59 @@ class Coordinator:
         try:
             async with self.limits.slot(tokens, retry) as ticket:
                 permit.ticket = ticket
+                self._held[permit.owner] = self._held.get(permit.owner, 0) + 1
                 permit.decided.set()
                 await permit.released.wait()
         except CallError as e:
             permit.refused = e
             permit.decided.set()
 
-    async def succeeded(self, number: int, actual_tokens: int | None, quota: QuotaLeft | None = None) -> None:
-        """The attempt was answered (`actual_tokens`: its usage). A permit taken back already is past learning from."""
-        permit = self._drop(number)
-        if permit is not None and permit.ticket is not None:
-            self.limits.succeeded(permit.ticket, actual_tokens, quota)
+    def _ticket(self, permit: _Permit, elapsed_s: float) -> Ticket | None:
+        """The permit's ticket, dated to its latest attempt (a kept permit serves many)."""
+        if permit.ticket is None:
+            return None
+        started = anyio.current_time() - elapsed_s
+        if started <= permit.ticket.started_at:
+            return permit.ticket
+        return replace(permit.ticket, started_at=started, in_flight=self.limits.in_flight.used)
 
-    async def failed(self, number: int, fields: dict[str, Any]) -> None:
-        permit = self._drop(number)
-        if permit is not None and permit.ticket is not None:
-            self.limits.failed(permit.ticket, CallError(**fields))
+    async def succeeded(
+        self, number: int, elapsed_s: float, actual_tokens: int | None, quota: QuotaLeft | None, keep: bool
+    ) -> None:
+        """An attempt was answered (`actual_tokens`: its usage); `keep`: the worker keeps the permit for its next."""
+        permit = self._permits.get(number)
+        if permit is None:  # taken back already: past learning from
+            return
+        ticket = self._ticket(permit, elapsed_s)
+        if not keep:
+            self._drop(number)
+        if ticket is not None:
+            self.limits.succeeded(ticket, actual_tokens, quota)
 
-    async def abandoned(self, number: int) -> None:
-        """The attempt was cancelled: its place is free, and nothing is learnt from it."""
+    async def failed(self, number: int, elapsed_s: float, fields: dict[str, Any]) -> None:
+        permit = self._permits.get(number)
+        if permit is None:
+            return
+        ticket = self._ticket(permit, elapsed_s)
         self._drop(number)
+        if ticket is not None:
+            self.limits.failed(ticket, CallError(**fields))
+
+    async def give_back(self, number: int) -> None:
+        """A permit the worker no longer needs (or an attempt that was cancelled): nothing is learnt from it."""
+        self._drop(number)
+
+    def _drop(self, number: int) -> _Permit | None:
+        """A permit leaves: granted, its place is freed; waiting, it is given up."""
+        permit = self._permits.pop(number, None)
+        if permit is not None:
+            permit.released.set()
+            if permit.ticket is None and permit.task is not None:
+                permit.task.cancel()
+                permit.decided.set()
+            elif permit.ticket is not None:
+                self._held[permit.owner] -= 1
+        return permit
 
     def _stop(self) -> None:
         """The run aborts: waiting permits are refused, so no new request goes out anywhere."""
@@ -208,11 +323,18 @@ class Coordinator:
         done = self.checkpoint.finished_in_range(min(indexes), max(indexes) + 1)
         return [i for i in indexes if i not in done]
 
-    async def begin(self, idx: int) -> None:
-        await self.checkpoint.begin(idx)
-        self.requested += 1
+    async def begin(self, indexes: list[int]) -> bool:
+        """Durably record that these rows may be requested (one transaction); False: none may be any more."""
+        if self._refusing or await self.stopped():
+            return False
+        await asyncio.gather(*(self.checkpoint.begin(idx) for idx in indexes))
+        return self.checkpoint.failure is None
+
+    async def sent(self, requests: int) -> None:
+        self.requested += requests
 
     async def finish(self, record: RowRecord) -> None:
+        self.finished += 1
         self.checkpoint.finish(record)
 
     async def withdraw(self, idx: int) -> None:
@@ -234,23 +356,40 @@ class Coordinator:
 
     # --- shared answers --------------------------------------------------------------
 
-    async def find_shared(self, key: bytes, idx: int, row_id: str, worker: str) -> RowRecord | None:
-        """An identical request's answer for this row; None: this row asks, and leads its key until `end_leading`."""
+    async def claim(self, worker: str, rows: list[tuple[int, str, bytes]]) -> list[bool | RowRecord]:
+        """For each (row index, row id, request key) of a worker's batch: LEAD, FOLLOW or the shared answer."""
         self._seen[worker] = anyio.current_time()
+        verdicts: list[bool | RowRecord] = []
+        for idx, row_id, key in rows:
+            if key in self._leading:
+                verdicts.append(FOLLOW)
+                continue
+            record = await self.sharing.find(key, idx, row_id)  # never waits: nothing is in flight in it
+            if record is None:
+                self._leading[key] = worker
+            verdicts.append(LEAD if record is None else record)
+        return verdicts
+
+    async def find_shared(self, key: bytes, idx: int, row_id: str, worker: str) -> RowRecord | None:
+        """An identical request's answer for this row, once its leader ends; None: this row leads the key now."""
+        self._seen[worker] = anyio.current_time()
+        while key in self._leading:
+            await self._ends.setdefault(key, asyncio.Event()).wait()
         record = await self.sharing.find(key, idx, row_id)
-        if record is None and worker in self._seen:  # no await since find: nobody else took the lead
-            leading = self.sharing.leading(key)
-            self._leading[key] = (leading, leading.__enter__(), worker)
+        if record is None:
+            self._leading[key] = worker
         return record
 
-    async def end_leading(self, key: bytes, record: RowRecord | None) -> None:
-        found = self._leading.pop(key, None)
-        if found is None:  # taken back from a worker taken for dead
+    async def end_leading(self, key: bytes, record: RowRecord | None, worker: str) -> None:
+        if self._leading.get(key) != worker:  # taken back from a worker taken for dead
             return
-        leading, publish, _ = found
-        if record is not None:
-            publish(record)
-        leading.__exit__(None, None, None)
+        del self._leading[key]
+        if record is not None and record.status == "ok":
+            with self.sharing.leading(key) as publish:
+                publish(record)
+        ended = self._ends.pop(key, None)
+        if ended is not None:
+            ended.set()
 
     # --- the budget -------------------------------------------------------------------
 
@@ -274,6 +413,7 @@ class Coordinator:
 
     async def refuse_new_rows(self) -> None:
         """Ctrl-C: no row that has not begun may be sent; rows in flight may finish."""
+        self._refusing = True
         self.checkpoint.refuse_new_rows()
 
     async def awaiting_answer(self) -> int:
@@ -293,6 +433,8 @@ class Coordinator:
             "tripped": await self.tripped(),
             "problem": self.problem,
             "budget": (self.budget.spent, self.budget.refused),
+            "cpu_s": time.process_time() - self._cpu_at_start,  # this actor's process, all its threads
+            "finished": self.finished,
         }
 
 
@@ -300,49 +442,69 @@ class Coordinator:
 
 
 class CoordinatorLink:
-    """A worker's line to the coordinator.
+    """A worker's line to the coordinator, and its lease.
 
-    Calls nobody waits for are told in batches (one Ray call per `TELL_EVERY_S`, or with
-    the next question), which keeps the coordinator's work per row small. Ray does not
-    run an async actor's calls in the order they were sent, so a batch ends with `settle`:
-    its finished rows are with the coordinator before the driver hears of them, and news
-    of an abort is read only after this worker's own errors arrived.
+    Calls nobody waits for are sent in groups, one `sync` every `SYNC_S`, whose answer
+    renews the lease and says whether the job stopped. Ray does not run an async actor's
+    calls in the order they were sent, so syncs go one at a time, and a batch ends with
+    `settle`: its finished rows are with the coordinator before the driver hears of them.
     """
 
     def __init__(self, coordinator: Any) -> None:
-        """On the worker's event loop: the link says the worker is alive for as long as the loop runs."""
+        """On the worker's event loop: the link syncs (and the worker is alive) for as long as the loop runs."""
         self._coordinator = coordinator
         self.worker = uuid.uuid4().hex  # this worker, as the coordinator knows it (a restarted one is another)
         self._outbox: list[tuple[str, tuple[Any, ...]]] = []
-        self._told: list[Any] = []  # Ray's references to the batches of told calls, until settled
-        self._teller = asyncio.ensure_future(self._tell_every(TELL_EVERY_S))
+        self._lease_until = -math.inf  # monotonic time
+        self._renewed = asyncio.Event()
+        self._wake = asyncio.Event()  # sync now, not at the next tick
+        self._synced = asyncio.Event()
+        self._started = self._done = 0  # syncs sent, and answered
+        self.state: SyncState | None = None
+        self.demand: Callable[[], int] = lambda: 0
+        self.on_sync: list[Callable[[SyncState], None]] = []
+        self._syncer = asyncio.ensure_future(self._sync_every(SYNC_S))
 
     def tell(self, method: str, *args: Any) -> None:
         self._outbox.append((method, args))
 
     async def ask(self, method: str, *args: Any) -> Any:
-        self._send_outbox()
         return await getattr(self._coordinator, method).remote(*args)
 
+    async def leased(self) -> None:
+        """Returns while this worker may start requests: never once the driver is gone."""
+        while time.monotonic() >= self._lease_until:
+            self._renewed.clear()
+            await self._renewed.wait()
+
     async def settle(self) -> None:
-        self._send_outbox()
-        told, self._told = self._told, []
-        await asyncio.gather(*told)
+        """Everything told so far is with the coordinator, and this worker knows the job's state after it."""
+        carrying = self._started + 1  # the next sync takes the outbox as it is now
+        self._wake.set()
+        while self._done < carrying:
+            self._synced.clear()
+            await self._synced.wait()
 
-    def _send_outbox(self) -> None:
-        if self._outbox:
-            self._told.append(self._coordinator.told.remote(self.worker, self._outbox))
-            self._outbox = []
-
-    async def _tell_every(self, seconds: float) -> None:
-        quiet = 0.0
+    async def _sync_every(self, seconds: float) -> None:
         while True:
-            await asyncio.sleep(seconds)
-            quiet = 0.0 if self._outbox else quiet + seconds
-            if quiet >= HEARTBEAT_S:
-                self._coordinator.told.remote(self.worker, [])
-                quiet = 0.0
-            self._send_outbox()
+            calls, self._outbox = self._outbox, []
+            self._started += 1
+            asked_at = time.monotonic()
+            try:
+                state: SyncState = await self._coordinator.sync.remote(self.worker, self.demand(), calls)
+            except ray.exceptions.RayError:  # the coordinator is gone (the driver was killed): no more leases
+                await asyncio.sleep(seconds)
+                continue
+            self.state = state
+            self._lease_until = asked_at + state.lease_s
+            for listener in self.on_sync:
+                listener(state)
+            self._done += 1
+            self._renewed.set()
+            self._synced.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), seconds)
+            self._wake.clear()
 
 
 class ClusterWatch:
@@ -351,6 +513,7 @@ class ClusterWatch:
     def __init__(self, link: CoordinatorLink) -> None:
         self._link = link
         self.tripped: CallError | None = None
+        link.on_sync.append(self._synced)
 
     def on_error(self, error: CallError) -> None:
         self._link.tell("on_error", error_fields(error))
@@ -358,20 +521,43 @@ class ClusterWatch:
     def on_success(self) -> None:
         self._link.tell("on_success")
 
-    async def refresh(self) -> None:
-        await self._link.settle()
-        fields = await self._link.ask("tripped")
-        self.tripped = CallError(**fields) if fields else None
+    def _synced(self, state: SyncState) -> None:
+        self.tripped = CallError(**state.tripped) if state.tripped else None
+
+
+class _Use:
+    """One attempt's permit, as the worker holds it."""
+
+    __slots__ = ("number", "started", "answered")
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.started = time.monotonic()
+        self.answered = False
 
 
 class ClusterLimits:
-    """The limiter (seams.Admission), answered by the coordinator's; a refused permit stops this worker's batches."""
+    """The limiter (seams.Admission), answered by the coordinator's through leased permits.
+
+    While the coordinator says starts are free, a permit answered successfully serves this
+    worker's next attempt without a call; a failed attempt's permit always goes back, so the
+    limiter learns from it and may pace what follows. A lease that lapsed (the driver is gone)
+    holds every attempt; news that the job stopped cancels this worker's batches.
+    """
 
     def __init__(self, link: CoordinatorLink, watch: ClusterWatch) -> None:
         self._link = link
         self._watch = watch
         self._batches: set[anyio.CancelScope] = set()
-        self._looks_down = False  # the relay, as of the latest permit
+        self._idle: list[int] = []  # permits held and not in use
+        self._held = 0  # permits held, in use or not
+        self._waiting: list[asyncio.Future[int]] = []
+        self._leasing = False
+        self._places = 1
+        self._free = False
+        self._looks_down = False  # the relay, as of the latest lease or sync
+        link.demand = lambda: self._held + len(self._waiting)
+        link.on_sync.append(self._synced)
 
     @contextmanager
     def stoppable(self) -> Iterator[None]:
@@ -384,58 +570,188 @@ class ClusterLimits:
                 self._batches.discard(scope)
 
     @asynccontextmanager
-    async def slot(self, tokens: int, retry: bool = False) -> AsyncIterator[int]:
-        """A permit's number; its attempt ends with `succeeded` (inside) or `failed` (just after)."""
+    async def slot(self, tokens: int, retry: bool = False) -> AsyncIterator[_Use]:
+        """A permit for one attempt; the attempt ends with `succeeded` (inside) or `failed` (just after)."""
+        await self._link.leased()
+        use = _Use(await (self._fresh(tokens, retry) if retry or not self._free else self._kept(tokens)))
+        try:
+            yield use
+        except BaseException:  # cancelled mid-attempt: no outcome follows
+            self._release(use.number)
+            raise
+
+    async def _kept(self, tokens: int) -> int:
+        """An idle permit of this worker's, or one leased with those the other waiting rows need."""
+        if self._idle:
+            return self._idle.pop()
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        if not self._leasing:
+            self._leasing = True
+            asyncio.ensure_future(self._lease(tokens))
+        try:
+            return await waiter
+        except BaseException:
+            if waiter in self._waiting:
+                self._waiting.remove(waiter)
+            elif not waiter.cancelled():  # handed a permit while being cancelled: keep it for another row
+                self._hand_over(waiter.result())
+            raise
+
+    async def _lease(self, tokens: int) -> None:
+        try:
+            while self._waiting:
+                for number in await self._ask(tokens, False, len(self._waiting)):
+                    self._held += 1
+                    self._hand_over(number)
+        finally:
+            self._leasing = False
+
+    async def _fresh(self, tokens: int, retry: bool) -> int:
+        (number,) = await self._ask(tokens, retry, 1)
+        self._held += 1
+        return number
+
+    async def _ask(self, tokens: int, retry: bool, want: int) -> list[int]:
         answer: dict[str, Any] = {"again": True}
         while "again" in answer:
-            answer = await self._link.ask("acquire", tokens, self._link.worker, retry)
+            answer = await self._link.ask("lease", self._link.worker, tokens, retry, want)
         if "refused" in answer:
             raise CallError(**answer["refused"])
         if "stopped" in answer:  # the job stopped: this row stays pending, nothing is sent
-            if answer["stopped"]:
-                self._watch.tripped = CallError(**answer["stopped"])
-            for scope in self._batches:
-                scope.cancel()
+            self._stop(answer["stopped"])
             await anyio.sleep_forever()
-        self._looks_down = answer["looks_down"]
-        try:
-            yield answer["permit"]
-        except BaseException:  # cancelled mid-attempt: no outcome follows
-            self._link.tell("abandoned", answer["permit"])
-            raise
+        self._free, self._looks_down = answer["free"], answer["looks_down"]
+        permits: list[int] = answer["permits"]
+        return permits
 
-    def succeeded(self, permit: int, actual_tokens: int | None, quota: QuotaLeft | None = None) -> None:
-        self._link.tell("succeeded", permit, actual_tokens, quota)
+    def _hand_over(self, number: int) -> None:
+        """A permit to the row that waited longest, or kept idle; given back if this worker holds too many."""
+        while self._waiting:
+            waiter = self._waiting.pop(0)
+            if not waiter.done():
+                waiter.set_result(number)
+                return
+        if self._free and self._held <= self._places:
+            self._idle.append(number)
+        else:
+            self._release(number)
 
-    def failed(self, permit: int, error: CallError) -> None:
-        self._link.tell("failed", permit, error_fields(error))
+    def _release(self, number: int) -> None:
+        self._held -= 1
+        self._link.tell("give_back", number)
+
+    def succeeded(self, use: _Use, actual_tokens: int | None, quota: QuotaLeft | None = None) -> None:
+        use.answered = True
+        keep = self._free and self._held <= self._places
+        self._link.tell("succeeded", use.number, time.monotonic() - use.started, actual_tokens, quota, keep)
+        if keep:
+            self._hand_over(use.number)
+        else:
+            self._held -= 1
+
+    def failed(self, use: _Use, error: CallError) -> None:
+        self._held -= 1
+        self._link.tell("failed", use.number, time.monotonic() - use.started, error_fields(error))
 
     def excuses(self, error: CallError) -> bool:
         return self._looks_down and OutageBreaker.counts_as_down(error)
 
+    def _synced(self, state: SyncState) -> None:
+        self._places, self._free, self._looks_down = state.places, state.free, state.looks_down
+        if state.stopped:
+            self._stop(state.tripped)
+        # Idle permits go back when no row waits for one, when starts are paced, or beyond this worker's share.
+        while self._idle and (not self._waiting or not self._free or self._held > self._places):
+            self._release(self._idle.pop())
+
+    def _stop(self, tripped: dict[str, Any] | None) -> None:
+        if tripped:
+            self._watch.tripped = CallError(**tripped)
+        for scope in self._batches:
+            scope.cancel()
+
 
 class ClusterLedger:
-    """The checkpoint as the row pipeline uses it (seams.Ledger): intents, finished rows, withdrawn rows."""
+    """The checkpoint as the row pipeline uses it (seams.Ledger), with intents committed a slice at a time.
+
+    A row about to be sent commits its own intent with those of the next rows of its batch
+    (`expect`) in one call; those rows then begin without a call. Rows of a slice that end
+    without being sent (answered by an identical request, left pending) are withdrawn.
+    """
 
     def __init__(self, link: CoordinatorLink) -> None:
         self._link = link
+        self._upcoming: dict[int, None] = {}  # rows this worker will send, in order, intents not yet asked
+        self._committing: dict[int, asyncio.Future[bool]] = {}
+        self._committed: set[int] = set()  # intents committed, rows not begun
+        self._refusing = False
+        link.on_sync.append(self._synced)
+
+    def expect(self, indexes: list[int]) -> None:
+        self._upcoming.update(dict.fromkeys(indexes))
 
     async def begin(self, idx: int) -> None:
-        await self._link.ask("begin", idx)
+        """Returns once the row's intent is committed; after Ctrl-C, or once the job stopped, waits to be cancelled."""
+        if idx not in self._committed:
+            committing = self._committing.get(idx) or self._commit(idx)
+            if not await asyncio.shield(committing):
+                await anyio.sleep_forever()
+        if self._refusing:
+            await anyio.sleep_forever()
+        self._committed.discard(idx)
+        self._link.tell("sent", 1)
+
+    def _commit(self, idx: int) -> asyncio.Future[bool]:
+        self._upcoming.pop(idx, None)
+        indexes = [idx, *itertools.islice(self._upcoming, INTENT_SLICE - 1)]
+        for i in indexes[1:]:
+            del self._upcoming[i]
+        committed = asyncio.ensure_future(self._link.ask("begin", indexes))
+        for i in indexes:
+            self._committing[i] = committed
+        committed.add_done_callback(lambda done: self._committed_now(indexes, done))
+        return committed
+
+    def _committed_now(self, indexes: list[int], done: asyncio.Future[bool]) -> None:
+        for i in indexes:
+            del self._committing[i]
+        if not done.cancelled() and done.exception() is None and done.result():
+            self._committed.update(indexes)
 
     def finish(self, record: RowRecord) -> None:
+        self._forget(record.idx)
         self._link.tell("finish", record)
 
     def withdraw(self, idx: int) -> None:
+        self._committed.discard(idx)
         self._link.tell("withdraw", idx)
+
+    def give_back(self, indexes: list[int]) -> None:
+        """A batch ended: its rows that were expected but not sent are no longer in flight."""
+        for idx in indexes:
+            self._upcoming.pop(idx, None)
+            if idx in self._committed:
+                self.withdraw(idx)
+
+    def _forget(self, idx: int) -> None:
+        self._upcoming.pop(idx, None)
+        self._committed.discard(idx)
+
+    def _synced(self, state: SyncState) -> None:
+        if state.refusing and not self._refusing:
+            self._refusing = True  # rows committed but not begun are not sent: no longer in flight
+            for idx in list(self._committed):
+                self.withdraw(idx)
 
 
 class ClusterBudget:
-    """The budget (seams.Spending), held by the coordinator; `stopped` once it refused one of this worker's requests."""
+    """The budget (seams.Spending), held by the coordinator; `stopped` once it refused a request of the job."""
 
     def __init__(self, link: CoordinatorLink) -> None:
         self._link = link
         self.stopped = False
+        link.on_sync.append(self._synced)
 
     async def reserve(self, prompt_estimate: int, cap: int | None) -> float | None:
         held: float | None = await self._link.ask("reserve", prompt_estimate, cap)
@@ -453,20 +769,52 @@ class ClusterBudget:
         # Told, not asked: until the coordinator hears it, the worst case stays held (never less safe).
         self._link.tell("settle", held, prompt_estimate, prompt_tokens, completion_tokens, images)
 
+    def _synced(self, state: SyncState) -> None:
+        self.stopped = self.stopped or state.budget_stopped
+
 
 class ClusterSharing:
-    """Identical requests answered once across the whole job, not once per worker."""
+    """Identical requests answered once across the whole job: claimed per batch, asked about only on collisions."""
 
     def __init__(self, link: CoordinatorLink) -> None:
         self._link = link
+        self._local = SharedAnswers()  # this worker's rows of one key wait here for the one asking it
+        self._verdicts: dict[int, bool | RowRecord] = {}  # row index -> what `Coordinator.claim` said
+
+    async def claim(self, rows: list[tuple[int, str, bytes]]) -> list[int]:
+        """Claims the keys of these rows (index, id, key) for this worker; returns the rows it may have to send."""
+        verdicts = await self._link.ask("claim", self._link.worker, rows)
+        self._verdicts.update((idx, verdict) for (idx, _, _), verdict in zip(rows, verdicts))
+        return [idx for (idx, _, _), verdict in zip(rows, verdicts) if verdict is LEAD]
 
     async def find(self, key: bytes, idx: int, row_id: str) -> RowRecord | None:
-        return await self._link.ask("find_shared", key, idx, row_id, self._link.worker)
+        verdict = self._verdicts.pop(idx, FOLLOW)
+        if isinstance(verdict, RowRecord):
+            return verdict
+        record = await self._local.find(key, idx, row_id)
+        if record is not None:
+            if verdict is LEAD:  # answered here after all: the claim ends with the answer
+                self._link.tell("end_leading", key, record, self._link.worker)
+            return record
+        if verdict is FOLLOW:
+            record = await self._link.ask("find_shared", key, idx, row_id, self._link.worker)
+            if record is not None:
+                return record
+            # This row leads the key now; one of this worker's rows may have taken it meanwhile: wait for it.
+            record = await self._local.find(key, idx, row_id)
+            if record is not None:
+                self._link.tell("end_leading", key, record, self._link.worker)
+                return record
+        return None  # no await since the local find: nobody here took the lead
 
     @contextmanager
     def leading(self, key: bytes) -> Iterator[Callable[[RowRecord], None]]:
         answers: list[RowRecord] = []
-        try:
-            yield answers.append
-        finally:
-            self._link.tell("end_leading", key, answers[0] if answers else None)
+        with self._local.leading(key) as publish:
+            try:
+                yield answers.append
+            finally:
+                record = answers[0] if answers else None
+                if record is not None:
+                    publish(record)
+                self._link.tell("end_leading", key, record, self._link.worker)
