@@ -119,7 +119,8 @@ class RayEngine:
     def _send_all(self, run: Run, coordinator: Any, name: str, progress: Progress, base_url: str) -> None:
         limit = run.options.limit
         rows = run.table.count() if limit is None else min(limit, run.table.count())
-        batch_rows = max(16, min(run.concurrency, 512))  # one batch can keep the whole limit busy
+        # A batch can keep the whole limit busy, and costs the coordinator two calls: a few per 1,000 rows.
+        batch_rows = max(16, min(8 * run.concurrency, 512))
         actors = self.ray_options.actors
         pool = (
             ray.data.ActorPoolStrategy(size=actors) if actors else ray.data.ActorPoolStrategy(max_size=_most_actors())
@@ -221,7 +222,7 @@ class RowSender:
         self._link = CoordinatorLink(self._coordinator)
         self._watch = ClusterWatch(self._link)
         self._limits = ClusterLimits(self._link, self._watch)
-        self._ledger = ClusterLedger(self._link)
+        self._ledger = ClusterLedger(self._link, self._concurrency)
         self._sharing = ClusterSharing(self._link)
         caps = AnswerCaps.of(job.spec.run)
         key_header = protocol_for(job.spec.provider.api).KEY_HEADER

@@ -44,13 +44,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import math
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +65,7 @@ from batchrun.checkpoint import Checkpoint, RowRecord
 from batchrun.limits import Limits, Ticket
 from batchrun.protocols import CallError
 from batchrun.protocols.relay_errors import QuotaLeft
-from batchrun.sharing import SharedAnswers
+from batchrun.sharing import RECENT_ANSWERS, SharedAnswers
 from batchrun.spec import RunSpec
 from batchrun.spend import Budget
 from batchrun.stops import AbortWatch
@@ -71,17 +74,20 @@ from batchrun.stops import AbortWatch
 # commit, an identical request's answer); Ray queues calls beyond this, and a queued
 # release behind waiting acquires would stall the job.
 MAX_WAITING_CALLS = 1_000_000
-SYNC_S = 0.05  # how often a worker sends what nobody waits for, and renews its lease
-DRIVER_GRACE_S = 1.0  # workers may start requests this long after the driver's last sign of life
-DRIVER_PING_S = 0.2
+SYNC_S = 0.1  # how often a worker sends what nobody waits for, and renews its lease
+DRIVER_GRACE_S = 1.5  # workers may start requests this long after the driver's last sign of life
+DRIVER_PING_S = 0.5
 LEASE_S = 15.0  # a worker silent this long is taken for dead: its permits and claims are taken back
-INTENT_SLICE = 32  # intents committed in one call: the row about to be sent and the next ones of its batch
+INTENT_SLICE = (8, 64)  # intents committed at once: half the job's concurrency, within these bounds
 
 # What `Coordinator.claim` says about a row: it leads its request key (sends it), it
 # follows another row's request (asks `find_shared` before sending), or a RowRecord:
 # an identical request's answer, nothing to send.
 LEAD = True
 FOLLOW = False
+# Calls a worker tells (no answer), many per row. Ray wraps every method of an actor class
+# (for tracing, a few µs a call), so `sync` calls the plain functions underneath.
+TOLD = ("succeeded", "failed", "give_back", "finish", "withdraw", "on_error", "on_success", "end_leading", "settle")
 
 
 def error_fields(error: CallError) -> dict[str, Any]:
@@ -113,6 +119,7 @@ class SyncState:
     stopped: bool  # the job stopped: nothing more is sent
     refusing: bool  # Ctrl-C: no row that has not begun may be sent
     budget_stopped: bool
+    committed: bool  # the intents this sync carried are committed (False: those rows may not be sent)
 
 
 @ray.remote(num_cpus=0, max_concurrency=MAX_WAITING_CALLS)
@@ -127,6 +134,8 @@ class Coordinator:
         self._held: dict[str, int] = {}  # worker -> permits it holds
         self._demand: dict[str, int] = {}  # worker -> permits it could use now (held + rows waiting)
         self._leading: dict[bytes, str] = {}  # request key -> the worker whose row is asking it
+        # Answers of ended leads, newest last; given to `sharing` only when an identical request comes.
+        self._answered: OrderedDict[bytes, RowRecord] = OrderedDict()
         self._ends: dict[bytes, asyncio.Event] = {}  # keys rows of other workers wait for
         self._seen: dict[str, float] = {}  # worker -> when it last spoke
         self._tasks: set[asyncio.Task[None]] = set()
@@ -143,7 +152,8 @@ class Coordinator:
         self.watch: AbortWatch[CallError] = AbortWatch()
         self.sharing = SharedAnswers()
         self._driver_seen = time.monotonic()
-        self._cpu_at_start = time.process_time()
+        self._cpu_from: float | None = None  # when the first rows came: Ray's start-up is no row's cost
+        self._told = {name: inspect.unwrap(getattr(type(self), name)) for name in TOLD}
         self._spawn(self.checkpoint.flush_loop())
         self._spawn(self._take_back_from_silent_workers())
 
@@ -156,12 +166,21 @@ class Coordinator:
     async def driver_alive(self) -> None:
         self._driver_seen = time.monotonic()
 
-    async def sync(self, worker: str, demand: int, calls: list[tuple[str, tuple[Any, ...]]]) -> SyncState:
-        """A worker's calls that nobody waits for (see CoordinatorLink), and what it must know now."""
+    async def sync(
+        self, worker: str, demand: int, sent: int, calls: list[tuple[str, tuple[Any, ...]]], intents: list[int]
+    ) -> SyncState:
+        """A worker's calls that nobody waits for (see CoordinatorLink), and what it must know now.
+
+        `demand`: the permits it could use now; `sent`: the requests it started since its last sync;
+        `intents`: rows it may send next, committed before the answer.
+        """
         self._seen[worker] = anyio.current_time()
         self._demand[worker] = demand
+        self.requested += sent
+        told = self._told
         for method, args in calls:
-            await getattr(self, method)(*args)
+            told[method](self, *args)
+        committed = await self._begin(intents) if intents else True
         return SyncState(
             lease_s=max(0.0, DRIVER_GRACE_S - (time.monotonic() - self._driver_seen)),
             places=self._share(worker),
@@ -171,6 +190,7 @@ class Coordinator:
             stopped=await self.stopped(),
             refusing=self._refusing,
             budget_stopped=self.budget.stopped,
+            committed=committed,
         )
 
     async def _take_back_from_silent_workers(self) -> None:
@@ -184,7 +204,7 @@ class Coordinator:
                     if permit.owner == worker:
                         self._drop(number)
                 for key in [key for key, owner in self._leading.items() if owner == worker]:
-                    await self.end_leading(key, None, worker)
+                    self.end_leading(key, None, worker)
 
     # --- the limiter ----------------------------------------------------------------
 
@@ -262,14 +282,14 @@ class Coordinator:
 
     def _ticket(self, permit: _Permit, elapsed_s: float) -> Ticket | None:
         """The permit's ticket, dated to its latest attempt (a kept permit serves many)."""
-        if permit.ticket is None:
-            return None
-        started = anyio.current_time() - elapsed_s
-        if started <= permit.ticket.started_at:
-            return permit.ticket
-        return replace(permit.ticket, started_at=started, in_flight=self.limits.in_flight.used)
+        ticket = permit.ticket
+        if ticket is not None:
+            started = asyncio.get_running_loop().time() - elapsed_s  # anyio's clock, without its look-up
+            if started > ticket.started_at:
+                ticket.started_at, ticket.in_flight = started, self.limits.in_flight.used
+        return ticket
 
-    async def succeeded(
+    def succeeded(
         self, number: int, elapsed_s: float, actual_tokens: int | None, quota: QuotaLeft | None, keep: bool
     ) -> None:
         """An attempt was answered (`actual_tokens`: its usage); `keep`: the worker keeps the permit for its next."""
@@ -282,7 +302,7 @@ class Coordinator:
         if ticket is not None:
             self.limits.succeeded(ticket, actual_tokens, quota)
 
-    async def failed(self, number: int, elapsed_s: float, fields: dict[str, Any]) -> None:
+    def failed(self, number: int, elapsed_s: float, fields: dict[str, Any]) -> None:
         permit = self._permits.get(number)
         if permit is None:
             return
@@ -291,7 +311,7 @@ class Coordinator:
         if ticket is not None:
             self.limits.failed(ticket, CallError(**fields))
 
-    async def give_back(self, number: int) -> None:
+    def give_back(self, number: int) -> None:
         """A permit the worker no longer needs (or an attempt that was cancelled): nothing is learnt from it."""
         self._drop(number)
 
@@ -323,32 +343,29 @@ class Coordinator:
         done = self.checkpoint.finished_in_range(min(indexes), max(indexes) + 1)
         return [i for i in indexes if i not in done]
 
-    async def begin(self, indexes: list[int]) -> bool:
+    async def _begin(self, indexes: list[int]) -> bool:
         """Durably record that these rows may be requested (one transaction); False: none may be any more."""
         if self._refusing or await self.stopped():
             return False
         await asyncio.gather(*(self.checkpoint.begin(idx) for idx in indexes))
         return self.checkpoint.failure is None
 
-    async def sent(self, requests: int) -> None:
-        self.requested += requests
-
-    async def finish(self, record: RowRecord) -> None:
+    def finish(self, record: RowRecord) -> None:
         self.finished += 1
         self.checkpoint.finish(record)
 
-    async def withdraw(self, idx: int) -> None:
+    def withdraw(self, idx: int) -> None:
         self.checkpoint.withdraw(idx)
 
     # --- the abort watch -------------------------------------------------------------
 
-    async def on_error(self, fields: dict[str, Any]) -> None:
+    def on_error(self, fields: dict[str, Any]) -> None:
         was_tripped = self.watch.tripped is not None
         self.watch.on_error(CallError(**fields))
         if self.watch.tripped is not None and not was_tripped:
             self._stop()
 
-    async def on_success(self) -> None:
+    def on_success(self) -> None:
         self.watch.on_success()
 
     async def tripped(self) -> dict[str, Any] | None:
@@ -359,12 +376,14 @@ class Coordinator:
     async def claim(self, worker: str, rows: list[tuple[int, str, bytes]]) -> list[bool | RowRecord]:
         """For each (row index, row id, request key) of a worker's batch: LEAD, FOLLOW or the shared answer."""
         self._seen[worker] = anyio.current_time()
+        if self._cpu_from is None:
+            self._cpu_from = time.process_time()
         verdicts: list[bool | RowRecord] = []
         for idx, row_id, key in rows:
             if key in self._leading:
                 verdicts.append(FOLLOW)
                 continue
-            record = await self.sharing.find(key, idx, row_id)  # never waits: nothing is in flight in it
+            record = await self._shared(key, idx, row_id)
             if record is None:
                 self._leading[key] = worker
             verdicts.append(LEAD if record is None else record)
@@ -375,18 +394,27 @@ class Coordinator:
         self._seen[worker] = anyio.current_time()
         while key in self._leading:
             await self._ends.setdefault(key, asyncio.Event()).wait()
-        record = await self.sharing.find(key, idx, row_id)
+        record = await self._shared(key, idx, row_id)
         if record is None:
             self._leading[key] = worker
         return record
 
-    async def end_leading(self, key: bytes, record: RowRecord | None, worker: str) -> None:
+    async def _shared(self, key: bytes, idx: int, row_id: str) -> RowRecord | None:
+        """An ended lead's answer as this row's record (never waits: nothing is in flight in `sharing`)."""
+        record = self._answered.pop(key, None)
+        if record is not None:
+            with self.sharing.leading(key) as publish:
+                publish(record)
+        return await self.sharing.find(key, idx, row_id)
+
+    def end_leading(self, key: bytes, record: RowRecord | None, worker: str) -> None:
         if self._leading.get(key) != worker:  # taken back from a worker taken for dead
             return
         del self._leading[key]
         if record is not None and record.status == "ok":
-            with self.sharing.leading(key) as publish:
-                publish(record)
+            self._answered[key] = record
+            if len(self._answered) > RECENT_ANSWERS:
+                self._answered.popitem(last=False)
         ended = self._ends.pop(key, None)
         if ended is not None:
             ended.set()
@@ -396,7 +424,7 @@ class Coordinator:
     async def reserve(self, prompt_estimate: int, cap: int | None) -> float | None:
         return await self.budget.reserve(prompt_estimate, cap)
 
-    async def settle(
+    def settle(
         self, held: float, prompt_estimate: int, prompt_tokens: int | None, completion_tokens: int | None, images: int
     ) -> None:
         self.budget.settle(held, prompt_estimate, prompt_tokens, completion_tokens, images)
@@ -433,7 +461,7 @@ class Coordinator:
             "tripped": await self.tripped(),
             "problem": self.problem,
             "budget": (self.budget.spent, self.budget.refused),
-            "cpu_s": time.process_time() - self._cpu_at_start,  # this actor's process, all its threads
+            "cpu_s": time.process_time() - (self._cpu_from or time.process_time()),  # all the process's threads
             "finished": self.finished,
         }
 
@@ -460,6 +488,9 @@ class CoordinatorLink:
         self._wake = asyncio.Event()  # sync now, not at the next tick
         self._synced = asyncio.Event()
         self._started = self._done = 0  # syncs sent, and answered
+        self._sent = 0  # requests started since the last sync
+        self._intents: list[int] = []  # rows whose intents the next sync carries
+        self._committing: asyncio.Future[bool] | None = None  # that sync's answer about them
         self.state: SyncState | None = None
         self.demand: Callable[[], int] = lambda: 0
         self.on_sync: list[Callable[[SyncState], None]] = []
@@ -467,6 +498,18 @@ class CoordinatorLink:
 
     def tell(self, method: str, *args: Any) -> None:
         self._outbox.append((method, args))
+
+    def count_sent(self) -> None:
+        self._sent += 1
+
+    def commit(self, indexes: list[int], now: bool) -> asyncio.Future[bool]:
+        """These rows' intents go with the next sync (`now`: at once); True: committed, False: not to be sent."""
+        self._intents += indexes
+        if self._committing is None:
+            self._committing = asyncio.get_running_loop().create_future()
+        if now:
+            self._wake.set()
+        return self._committing
 
     async def ask(self, method: str, *args: Any) -> Any:
         return await getattr(self._coordinator, method).remote(*args)
@@ -488,13 +531,20 @@ class CoordinatorLink:
     async def _sync_every(self, seconds: float) -> None:
         while True:
             calls, self._outbox = self._outbox, []
+            sent, self._sent = self._sent, 0
+            intents, self._intents = self._intents, []
+            committing, self._committing = self._committing, None
             self._started += 1
             asked_at = time.monotonic()
             try:
-                state: SyncState = await self._coordinator.sync.remote(self.worker, self.demand(), calls)
+                state: SyncState = await self._coordinator.sync.remote(self.worker, self.demand(), sent, calls, intents)
             except ray.exceptions.RayError:  # the coordinator is gone (the driver was killed): no more leases
+                if committing is not None:
+                    committing.set_result(False)
                 await asyncio.sleep(seconds)
                 continue
+            if committing is not None:
+                committing.set_result(state.committed)
             self.state = state
             self._lease_until = asked_at + state.lease_s
             for listener in self.on_sync:
@@ -513,16 +563,21 @@ class ClusterWatch:
     def __init__(self, link: CoordinatorLink) -> None:
         self._link = link
         self.tripped: CallError | None = None
+        self._success_told = False  # since this worker's latest error, in this sync: more would say nothing new
         link.on_sync.append(self._synced)
 
     def on_error(self, error: CallError) -> None:
         self._link.tell("on_error", error_fields(error))
+        self._success_told = False
 
     def on_success(self) -> None:
-        self._link.tell("on_success")
+        if not self._success_told:
+            self._link.tell("on_success")
+            self._success_told = True
 
     def _synced(self, state: SyncState) -> None:
         self.tripped = CallError(**state.tripped) if state.tripped else None
+        self._success_told = False
 
 
 class _Use:
@@ -673,15 +728,18 @@ class ClusterLimits:
 
 
 class ClusterLedger:
-    """The checkpoint as the row pipeline uses it (seams.Ledger), with intents committed a slice at a time.
+    """The checkpoint as the row pipeline uses it (seams.Ledger), with intents committed a slice ahead.
 
-    A row about to be sent commits its own intent with those of the next rows of its batch
-    (`expect`) in one call; those rows then begin without a call. Rows of a slice that end
-    without being sent (answered by an identical request, left pending) are withdrawn.
+    The intents of this worker's next rows (`expect`, in the order they will be sent) are
+    committed a slice at a time, carried by a sync, before any of them is sent; a row about
+    to be sent whose intent is not committed yet waits for its slice. Rows of a slice that
+    end without being sent (answered by an identical request, left pending) are withdrawn.
     """
 
-    def __init__(self, link: CoordinatorLink) -> None:
+    def __init__(self, link: CoordinatorLink, concurrency: int) -> None:
         self._link = link
+        low, high = INTENT_SLICE
+        self._slice = max(low, min(high, concurrency // 2))
         self._upcoming: dict[int, None] = {}  # rows this worker will send, in order, intents not yet asked
         self._committing: dict[int, asyncio.Future[bool]] = {}
         self._committed: set[int] = set()  # intents committed, rows not begun
@@ -690,37 +748,50 @@ class ClusterLedger:
 
     def expect(self, indexes: list[int]) -> None:
         self._upcoming.update(dict.fromkeys(indexes))
+        self._ahead()
 
     async def begin(self, idx: int) -> None:
         """Returns once the row's intent is committed; after Ctrl-C, or once the job stopped, waits to be cancelled."""
         if idx not in self._committed:
-            committing = self._committing.get(idx) or self._commit(idx)
+            committing = self._committing.get(idx)
+            if committing is None:
+                committing = self._commit([idx], now=True)
+            else:
+                self._link.commit([], now=True)  # it rides on the next sync: that sync is needed now
             if not await asyncio.shield(committing):
                 await anyio.sleep_forever()
         if self._refusing:
             await anyio.sleep_forever()
         self._committed.discard(idx)
-        self._link.tell("sent", 1)
+        self._link.count_sent()
+        self._ahead()
 
-    def _commit(self, idx: int) -> asyncio.Future[bool]:
-        self._upcoming.pop(idx, None)
-        indexes = [idx, *itertools.islice(self._upcoming, INTENT_SLICE - 1)]
-        for i in indexes[1:]:
-            del self._upcoming[i]
-        committed = asyncio.ensure_future(self._link.ask("begin", indexes))
-        for i in indexes:
-            self._committing[i] = committed
-        committed.add_done_callback(lambda done: self._committed_now(indexes, done))
-        return committed
+    def _ahead(self) -> None:
+        """The next slice rides on the next sync while this one is used, so a row about to be sent seldom waits."""
+        if self._upcoming and len(self._committed) + len(self._committing) < self._slice:
+            self._commit([], now=not self._committed)
+
+    def _commit(self, first: list[int], now: bool) -> asyncio.Future[bool]:
+        for idx in first:
+            self._upcoming.pop(idx, None)
+        indexes = first + list(itertools.islice(self._upcoming, self._slice - len(first)))
+        for idx in indexes[len(first) :]:
+            del self._upcoming[idx]
+        committing = self._link.commit(indexes, now)
+        for idx in indexes:
+            self._committing[idx] = committing
+        committing.add_done_callback(partial(self._committed_now, indexes))
+        return committing
 
     def _committed_now(self, indexes: list[int], done: asyncio.Future[bool]) -> None:
-        for i in indexes:
-            del self._committing[i]
-        if not done.cancelled() and done.exception() is None and done.result():
+        for idx in indexes:
+            self._committing.pop(idx, None)
+        if done.result():
             self._committed.update(indexes)
 
     def finish(self, record: RowRecord) -> None:
-        self._forget(record.idx)
+        self._upcoming.pop(record.idx, None)
+        self._committed.discard(record.idx)
         self._link.tell("finish", record)
 
     def withdraw(self, idx: int) -> None:
@@ -733,10 +804,6 @@ class ClusterLedger:
             self._upcoming.pop(idx, None)
             if idx in self._committed:
                 self.withdraw(idx)
-
-    def _forget(self, idx: int) -> None:
-        self._upcoming.pop(idx, None)
-        self._committed.discard(idx)
 
     def _synced(self, state: SyncState) -> None:
         if state.refusing and not self._refusing:
