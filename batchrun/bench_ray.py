@@ -39,6 +39,8 @@ LATENCY_MS = 20.0
 CONCURRENCY = 64
 NODES = 2
 SCALING_ACTORS = (1, 2, 4)
+SCALING_LATENCY_MS = 100.0
+SCALING_CONCURRENCY = 256  # 2,560 rows/s at most: more than one actor's CPU sends
 STEADY = (0.05, 0.95)  # the share of rows finished between which the steady rate is measured
 
 
@@ -149,14 +151,21 @@ def emulator_stats(url: str, reset: bool = False) -> dict[str, Any]:
 
 def scaling(folder: Path, sizes: Sizes, report: Report) -> None:
     """Rows/s with 1, 2 and 4 actors on a simulated cluster, and the job's in-flight limit held at the emulator."""
-    with emulator_process() as url, simulated_cluster(NODES) as address:
-        job = write_job(folder, write_input(folder / "input.parquet", sizes.scaling_rows), url, CONCURRENCY)
-        for actors in SCALING_ACTORS:
-            emulator_stats(url, reset=True)
-            engine = RayEngine(RayOptions(address=address, actors=actors))
-            run = one_run(job, engine, sizes.scaling_rows, f"ray, {actors} actor{'s' if actors > 1 else ''}")
-            run.peak_in_flight = emulator_stats(url)["peak_in_flight"]
-            report.scaling.append(run)
+    with emulator_process(SCALING_LATENCY_MS) as url:
+        # Written first: it sets the bench's key, which the nodes' workers inherit when they start.
+        rows = write_input(folder / "input.parquet", sizes.scaling_rows)
+        job = write_job(folder, rows, url, SCALING_CONCURRENCY)
+        with simulated_cluster(NODES) as address:
+            _scale(job, url, address, sizes, report)
+
+
+def _scale(job: Job, url: str, address: str, sizes: Sizes, report: Report) -> None:
+    for actors in SCALING_ACTORS:
+        emulator_stats(url, reset=True)
+        engine = RayEngine(RayOptions(address=address, actors=actors))
+        run = one_run(job, engine, sizes.scaling_rows, f"ray, {actors} actor{'s' if actors > 1 else ''}")
+        run.peak_in_flight = emulator_stats(url)["peak_in_flight"]
+        report.scaling.append(run)
 
 
 def run_bench(quick: bool) -> Report:
