@@ -20,6 +20,7 @@ blocks, and it keeps neither the answers nor the intents that say which rows may
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -201,7 +202,12 @@ def _read_rows(job: Job, lo: int, hi: int, block_rows: int) -> Iterator[pa.Table
 
 
 class RowSender:
-    """One actor of the pool: sends the rows of the batches it is given through the job's row pipeline."""
+    """One actor of the pool: sends the rows of the batches it is given through the job's row pipeline.
+
+    Ray Data gives an actor several batches at once; their rows join one queue, served in
+    order by `concurrency` workers, so rows are sent in the order their intents were
+    committed (ClusterLedger commits them a slice ahead, in that order).
+    """
 
     def __init__(
         self, job: Job, columns: list[str], id_name: str, concurrency: int, coordinator: str, url: str, budgeted: bool
@@ -231,8 +237,11 @@ class RowSender:
         parser = AnswerParser.for_spec(job.spec)
         # Without a budget, nothing to ask the coordinator: a budget without a limit holds nothing.
         budget = ClusterBudget(self._link) if self._budgeted else Budget(None, job.spec.pricing, spent=0.0)
-        self._pipeline = RowPipeline(job, Renderer(job, self._columns), parser, self._id_name, parts, budget)
-        return self._pipeline
+        pipeline = RowPipeline(job, Renderer(job, self._columns), parser, self._id_name, parts, budget)
+        self._queue: asyncio.Queue[tuple[WorkItem, _Batch]] = asyncio.Queue()
+        self._workers = [asyncio.ensure_future(self._work(pipeline)) for _ in range(self._concurrency)]
+        self._pipeline = pipeline
+        return pipeline
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         try:
@@ -243,20 +252,52 @@ class RowSender:
             return _Report().table()
         rows = list(cast(pl.DataFrame, pl.from_arrow(batch)).iter_rows(named=True))
         todo = set(await self._coordinator.unfinished.remote([row[ROW_INDEX] for row in rows]))
-        report = _Report()
+        work = _Batch()
         items: list[WorkItem] = []
         for row in rows:
-            if row[ROW_INDEX] in todo and (item := pipeline.item(row, report)) is not None:
+            if row[ROW_INDEX] in todo and (item := pipeline.item(row, work.report)) is not None:
                 items.append(item)
         leads = await self._sharing.claim([(item.idx, item.row_id, item.key) for item in items])
         self._ledger.expect(leads)
         with self._limits.stoppable():
-            await pipeline.work_items(items, self._concurrency, report)
+            for item in items:
+                work.add(self._queue, item)
+            await work.done.wait()
         self._ledger.give_back(leads)
         await self._link.settle()  # this worker's errors are with the coordinator: the job's state includes them
-        pipeline.settle_held(report)
+        pipeline.settle_held(work.report)
         await self._link.settle()  # the batch's rows are with the coordinator before the driver hears of them
-        return report.table()
+        return work.report.table()
+
+    async def _work(self, pipeline: RowPipeline) -> None:
+        """One of the actor's workers: rows of any batch, in the order they came."""
+        while True:
+            item, work = await self._queue.get()
+            try:
+                if not await pipeline.send(item, work.report):
+                    self._limits.stop_batches()  # the job stops: the rows not sent stay pending
+            finally:
+                work.left()
+
+
+class _Batch:
+    """One batch's rows in the actor's queue: `done` once none is left, and its share of the progress bar."""
+
+    def __init__(self) -> None:
+        self.report = _Report()
+        self.done = asyncio.Event()
+        self.done.set()
+        self._left = 0
+
+    def add(self, queue: asyncio.Queue[tuple[WorkItem, _Batch]], item: WorkItem) -> None:
+        self._left += 1
+        self.done.clear()
+        queue.put_nowait((item, self))
+
+    def left(self) -> None:
+        self._left -= 1
+        if not self._left:
+            self.done.set()
 
 
 class _Report:

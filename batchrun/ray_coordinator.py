@@ -180,7 +180,11 @@ class Coordinator:
         told = self._told
         for method, args in calls:
             told[method](self, *args)
-        committed = await self._begin(intents) if intents else True
+        committed = True
+        if intents:
+            committed = await self._begin(intents)  # one commit: these intents and the rows finished so far
+        elif any(method == "finish" for method, _ in calls):
+            await self.checkpoint.flush()  # answers are committed within a sync of arriving, as locally
         return SyncState(
             lease_s=max(0.0, DRIVER_GRACE_S - (time.monotonic() - self._driver_seen)),
             places=self._share(worker),
@@ -613,6 +617,10 @@ class ClusterLimits:
         self._looks_down = False  # the relay, as of the latest lease or sync
         link.demand = lambda: self._held + len(self._waiting)
         link.on_sync.append(self._synced)
+
+    def stop_batches(self) -> None:
+        """The job stops (a row found out first): every batch's rows not sent stay pending."""
+        self._stop(None)
 
     @contextmanager
     def stoppable(self) -> Iterator[None]:

@@ -140,20 +140,6 @@ class RowPipeline:
                     scope.cancel()
                     return
 
-    async def work_items(self, items: list[WorkItem], concurrency: int, progress: ProgressSink) -> None:
-        """These rendered rows, each sent and finished like any row of a local run (the Ray engine's batches).
-
-        Rows held back by a possible abort stay held: `settle_held` decides about them.
-        """
-        send, receive = anyio.create_memory_object_stream[WorkItem](len(items))
-        async with anyio.create_task_group() as work:
-            for _ in range(min(len(items), concurrency)):
-                work.start_soon(self.work, receive.clone(), progress, work.cancel_scope)
-            receive.close()
-            with send:
-                for item in items:
-                    send.send_nowait(item)
-
     async def send(self, item: WorkItem, progress: ProgressSink) -> bool:
         """The row sent (or answered by an identical one) and finished; False when the run must stop.
 

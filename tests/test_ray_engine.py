@@ -1,8 +1,9 @@
 """`--engine ray` on a local Ray, against the emulator, checked at the server.
 
-Ray starts once for the module: a small local cluster that the runs join with
---ray-address, as they would join a real one. The comparison with the local engine
-starts its own local Ray, as `--engine ray` does when no address is given.
+Ray starts once for the module: a simulated cluster of two nodes on this machine
+(`ray.cluster_utils.Cluster`) that the runs join with --ray-address, as they would join
+a real one; Ray Data spreads the sending actors over the nodes. The comparison with the
+local engine starts its own local Ray, as `--engine ray` does when no address is given.
 """
 
 from __future__ import annotations
@@ -33,21 +34,36 @@ from test_resume import (  # noqa: F401  (slow_emulator is a fixture)
 )
 from test_spend import PRICING
 
+from batchrun.ray_coordinator import DRIVER_GRACE_S
+
 # A cluster started by ray.init takes token authentication; its clients say so.
 RAY_CLIENT = {"RAY_AUTH_MODE": "token", "RAY_ADDRESS": None}
+# Two nodes: the head (2 CPUs: an actor and a read task) and a worker node (1 CPU: an actor).
 HOLD_RAY = """
-import logging, os, time, ray
+import os, time
 os.environ["RAY_worker_niceness"] = "0"  # as batchrun's own local Ray
-ray.init(address="local", num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False,
-         logging_level=logging.ERROR)
-print(ray.get_runtime_context().gcs_address, flush=True)
+from ray.cluster_utils import Cluster
+node = {"object_store_memory": 100 * 2**20}
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False, **node})
+cluster.add_node(num_cpus=1, **node)
+cluster.wait_for_nodes()
+print(cluster.address, flush=True)
 time.sleep(3600)
+"""
+# How many nodes the sending actors of the cluster's latest job ran on (from Ray's actor table).
+SENDER_NODES = """
+import logging, sys, ray
+from ray._private.state import actors
+ray.init(address=sys.argv[1], logging_level=logging.ERROR)
+senders = [a for a in actors().values() if "RowSender" in a["ActorClassName"]]
+latest = max(a["JobID"] for a in senders)
+print(len({a["Address"]["NodeID"] for a in senders if a["JobID"] == latest}))
 """
 
 
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
-    """A local Ray cluster (2 CPUs) for the module's runs; stopped with its process group."""
+    """A simulated two-node Ray cluster for the module's runs; stopped with its process group."""
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_RAY],
         env=cli_env(RAY_CLIENT),
@@ -63,7 +79,19 @@ def ray_address() -> Iterator[str]:
         raise RuntimeError("the local Ray cluster did not start")
     yield address
     os.killpg(holder.pid, signal.SIGTERM)
-    holder.wait(timeout=30)
+    try:
+        holder.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+
+
+def sender_nodes(address: str) -> int:
+    found = subprocess.run(
+        [sys.executable, "-c", SENDER_NODES, address], env=cli_env(RAY_CLIENT), capture_output=True, text=True
+    )
+    assert found.returncode == 0, found.stderr[-2000:]
+    return int(found.stdout.split()[-1])
 
 
 def ray_run(job: Path, address: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -140,7 +168,7 @@ def test_ray_output_equals_the_local_engines(tmp_path: Path, emulator: Emulator)
 
 
 @pytest.mark.ray
-def test_limits_hold_for_the_whole_job_not_per_actor(
+def test_limits_hold_for_the_whole_job_across_two_nodes(
     tmp_path: Path,
     slow_emulator: Emulator,  # noqa: F811
     ray_address: str,
@@ -156,6 +184,7 @@ def test_limits_hold_for_the_whole_job_not_per_actor(
     stats = slow_emulator.stats()
     assert stats["requests"] == 120
     assert stats["peak_in_flight"] <= 3, stats  # two actors, three requests in flight between them
+    assert sender_nodes(ray_address) == 2  # one actor on each node
 
     # 600 a minute is 10 a second for the job; paced per actor (Ray's own HTTP processor) it would be 20.
     write_job(tmp_path, slow_emulator.url, input=parquet, run={"concurrency": 16, "requests_per_minute": 600})
@@ -212,6 +241,10 @@ def test_kill_the_driver_then_rerun_each_row_once(
     process.wait()
     first = settled_stats(slow_emulator)
     slow_emulator.reset()
+    # The actors' lease ends DRIVER_GRACE_S after the driver's last sign of life: nothing is sent after it.
+    last_answer = max(first["answered_at"].values()) - killed_at
+    print(f"the last request of the killed run was answered {last_answer:.2f} s after the kill")
+    assert last_answer < DRIVER_GRACE_S + 1.0
 
     status = run_cli("status", str(job))
     assert "rows were in flight when the last run stopped" in status.stdout, status.stdout
