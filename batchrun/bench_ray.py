@@ -8,20 +8,27 @@ this process, alternately, so a busy machine slows both alike:
   rows' drain left out, the same way for both engines); also the whole run's rows/s;
 * the coordinator's CPU per row: its actor process's CPU time (all its threads, Ray's
   own included) over the rows of the run;
+* the coordinator alone: fed by simulated workers as fast as one process can, with the
+  calls a real worker makes for its rows but no relay, its CPU per row at a high rate
+  (what bounds how many rows/s one coordinator can feed);
 * scaling: a simulated cluster of `NODES` nodes on this machine
-  (`ray.cluster_utils.Cluster`), rows/s with 1, 2 and 4 sending actors at zero latency,
-  where one actor's own CPU is the bottleneck, and the emulator's peak in-flight count,
-  which must stay within the job's concurrency however many actors send.
+  (`ray.cluster_utils.Cluster`), rows/s with 1, 2 and 4 sending actors at a latency and
+  concurrency one actor cannot keep busy alone (its CPU is the bottleneck), and the
+  emulator's peak in-flight count, which must stay within the job's concurrency however
+  many actors send.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import shutil
 import sqlite3
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -30,10 +37,12 @@ from typing import Any
 
 from batchrun import eventloop
 from batchrun.bench import emulator_process, machine, write_input, write_job
-from batchrun.checkpoint import DB_NAME, checkpoint_folder
+from batchrun.checkpoint import DB_NAME, RowRecord, checkpoint_folder
 from batchrun.engine_ray import RayEngine, RayOptions
+from batchrun.ray_coordinator import Coordinator
 from batchrun.runner import Engine, Run, RunOptions
-from batchrun.spec import Job
+from batchrun.spec import Job, RunSpec
+from batchrun.spend import Budget
 
 LATENCY_MS = 20.0
 CONCURRENCY = 64
@@ -42,17 +51,21 @@ SCALING_ACTORS = (1, 2, 4)
 SCALING_LATENCY_MS = 100.0
 SCALING_CONCURRENCY = 256  # 2,560 rows/s at most: more than one actor's CPU sends
 STEADY = (0.05, 0.95)  # the share of rows finished between which the steady rate is measured
+FEEDERS = 4  # simulated workers feeding the coordinator alone
+FEED_BATCH = 512  # rows a simulated worker claims at once (as RowSender's batches)
+FEED_SLICE = 32  # rows whose intents and outcomes one sync carries (a real worker's carries more at a high rate)
 
 
 @dataclass
 class Sizes:
     rows: int
     scaling_rows: int
+    feed_rows: int
     repeat: int
 
 
-FULL = Sizes(rows=20_000, scaling_rows=10_000, repeat=2)
-QUICK = Sizes(rows=2_000, scaling_rows=1_500, repeat=1)
+FULL = Sizes(rows=20_000, scaling_rows=10_000, feed_rows=40_000, repeat=2)
+QUICK = Sizes(rows=2_000, scaling_rows=1_500, feed_rows=4_000, repeat=1)
 
 
 @dataclass
@@ -74,6 +87,8 @@ class Report:
     runs: list[EngineRun] = field(default_factory=list)
     ratio: float | None = None  # Ray / local, best of each, after start-up
     coordinator_us_per_row: float | None = None
+    fed_us_per_row: float | None = None  # the coordinator alone, fed as fast as it goes
+    fed_rows_per_s: float | None = None
     scaling: list[EngineRun] = field(default_factory=list)
     scaling_nodes: int = NODES
 
@@ -120,6 +135,59 @@ def compare(folder: Path, sizes: Sizes, report: Report) -> None:
     report.rows = sizes.rows
     report.ratio = round(max(r.rows_per_s for r in ray_runs) / local, 3)
     report.coordinator_us_per_row = min(r.coordinator_us_per_row or 0.0 for r in ray_runs)
+
+
+def coordinator_alone(folder: Path, sizes: Sizes, report: Report) -> None:
+    """The coordinator fed by FEEDERS simulated workers as fast as this process goes: its CPU per row."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    try:
+        actor: Any = Coordinator  # ray.remote made the class an actor class; mypy cannot see it
+        coordinator = actor.remote(str(folder), CONCURRENCY, RunSpec(), Budget(None, None, 0.0))
+        ray.get(coordinator.start.remote())
+        started = time.perf_counter()
+        asyncio.run(_feed(coordinator, sizes.feed_rows))
+        wall = time.perf_counter() - started
+        final = ray.get(coordinator.close.remote())
+    finally:
+        ray.shutdown()
+    report.fed_us_per_row = round(final["cpu_s"] / sizes.feed_rows * 1e6, 1)
+    report.fed_rows_per_s = round(sizes.feed_rows / wall)
+
+
+async def _feed(coordinator: Any, rows: int) -> None:
+    share = rows // FEEDERS
+    await asyncio.gather(*(_feeder(coordinator, n * share, share) for n in range(FEEDERS)))
+
+
+async def _feeder(coordinator: Any, first: int, rows: int) -> None:
+    """What a RowSender tells the coordinator about its rows, when every request is answered at once."""
+    worker = uuid.uuid4().hex
+    permits = (await coordinator.lease.remote(worker, 100, False, CONCURRENCY // FEEDERS))["permits"]
+    for lo in range(first, first + rows, FEED_BATCH):
+        batch = range(lo, min(lo + FEED_BATCH, first + rows))
+        await coordinator.unfinished.remote(list(batch))
+        await coordinator.claim.remote(worker, [(i, f"r{i:09d}", i.to_bytes(16, "big")) for i in batch])
+        for start in range(0, len(batch), FEED_SLICE):
+            rows_now = batch[start : start + FEED_SLICE]
+            calls: list[tuple[str, tuple[Any, ...]]] = [("on_success", ())]
+            for i in rows_now:
+                record = _answered(i)
+                calls += [
+                    ("succeeded", (permits[i % len(permits)], 0.02, 50, None, True)),
+                    ("end_leading", (i.to_bytes(16, "big"), record, worker)),
+                    ("finish", (record,)),
+                ]
+            await coordinator.sync.remote(worker, len(permits), len(rows_now), calls, list(rows_now))
+
+
+def _answered(idx: int) -> RowRecord:
+    now = time.time()
+    return RowRecord(
+        idx, f"r{idx:09d}", "ok", "A sturdy kettle, works well.", None, "stop", "gpt-5.4", 31, 9, 0.02, 1,
+        None, None, now, request_hash=idx * 7919, started_at=now - 0.02, attempt_log="0.000 ok",
+    )  # fmt: skip
 
 
 @contextmanager
@@ -174,7 +242,9 @@ def run_bench(quick: bool) -> Report:
     with tempfile.TemporaryDirectory(prefix="batchrun-bench-ray-") as tmp:
         (Path(tmp) / "compare").mkdir()
         (Path(tmp) / "scaling").mkdir()
+        (Path(tmp) / "alone").mkdir()
         compare(Path(tmp) / "compare", sizes, report)
+        coordinator_alone(Path(tmp) / "alone", sizes, report)
         scaling(Path(tmp) / "scaling", sizes, report)
     return report
 
@@ -195,9 +265,11 @@ def format_report(report: Report) -> str:
     lines += [
         f"ray / local, rows/s after start-up: {report.ratio:.2f} (target >= 0.90)",
         f"coordinator CPU per row: {report.coordinator_us_per_row:.0f} µs (target <= 50)",
+        f"the coordinator alone, fed by {FEEDERS} simulated workers: {report.fed_us_per_row:.0f} µs a row "
+        f"at {report.fed_rows_per_s:,.0f} rows/s",
         "",
-        f"scaling: {report.scaling_nodes} simulated nodes on this machine, zero latency, "
-        f"concurrency {report.concurrency} for the whole job:",
+        f"scaling: {report.scaling_nodes} simulated nodes on this machine, {SCALING_LATENCY_MS:.0f} ms latency, "
+        f"concurrency {SCALING_CONCURRENCY} for the whole job (peak in flight: at the emulator):",
         f"{'actors':<22}{'rows/s after start-up':>22}{'whole run':>11}{'coordinator µs/row':>20}{'peak in flight':>16}",
     ]
     for r in report.scaling:
