@@ -53,7 +53,7 @@ SCALING_CONCURRENCY = 256  # 2,560 rows/s at most: more than one actor's CPU sen
 STEADY = (0.05, 0.95)  # the share of rows finished between which the steady rate is measured
 FEEDERS = 4  # simulated workers feeding the coordinator alone
 FEED_BATCH = 512  # rows a simulated worker claims at once (as RowSender's batches)
-FEED_SLICE = 32  # rows whose intents and outcomes one sync carries (a real worker's carries more at a high rate)
+FEED_SLICE = 64  # rows whose intents and outcomes one sync carries: a slice at concurrency 128 and more
 
 
 @dataclass

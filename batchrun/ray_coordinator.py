@@ -351,7 +351,7 @@ class Coordinator:
         """Durably record that these rows may be requested (one transaction); False: none may be any more."""
         if self._refusing or await self.stopped():
             return False
-        await asyncio.gather(*(self.checkpoint.begin(idx) for idx in indexes))
+        await self.checkpoint.begin_many(indexes)
         return self.checkpoint.failure is None
 
     def finish(self, record: RowRecord) -> None:
