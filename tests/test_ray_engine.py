@@ -366,3 +366,21 @@ def test_engine_ray_without_the_extra_says_what_to_install(tmp_path: Path, revie
     )
     assert local.returncode == 0, local.stderr
     assert emulator.stats()["requests"] == 6
+
+
+def test_bench_engine_ray_says_what_it_cannot_do(tmp_path: Path) -> None:
+    """`bench --engine ray` measures Ray alone: with another bench's option, or without Ray, one line and exit 2."""
+    mixed = run_cli("bench", "--engine", "ray", "--push-back")
+    assert mixed.returncode == 2
+    assert "bench --engine ray measures the Ray engine alone" in mixed.stderr, mixed.stderr
+    without_ray = subprocess.run(
+        [sys.executable, "-c", BLOCK_RAY, "bench", "--engine", "ray", "--quick"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert without_ray.returncode == 2
+    assert without_ray.stderr == (
+        "batchrun: error: --engine ray needs Ray, which is not installed: pip install 'batchrun[ray]'\n"
+    )
