@@ -2,7 +2,7 @@
 
 What must hold for the whole job, not per worker, lives in one `Coordinator` actor on
 the driver's node, built from the local engine's own parts. Workers talk to it per
-slice of rows, not per row (a Ray call costs the coordinator 0.1–0.3 ms of CPU, which,
+slice of rows, not per row (a Ray call costs the coordinator 0.5–1 ms of CPU, which,
 made per row, capped the job at ~600 rows/s however many nodes it had):
 
 * the limiter (`limits.Limits`): a worker leases permits (in-flight places) for several
@@ -14,10 +14,11 @@ made per row, capped the job at ~600 rows/s however many nodes it had):
   most its share of the places (the job's limit split by how many rows each has to
   send) and gives back the rest, so a worker out of work leaves nothing unused.
 * the checkpoint (`checkpoint.Checkpoint`, the same SQLite file a local run writes):
-  a worker commits the intents of a slice of rows in one call, before the first of them
-  is sent ("intent before spend"), and reports finished rows in groups, committed at
-  least every 0.2 s. Rows of a slice that were not sent are withdrawn. Workers never
-  open the file, so it needs no storage shared between nodes.
+  a worker commits the intents of a slice of rows in one transaction, before the first
+  of them is sent ("intent before spend"), and reports finished rows in groups, each
+  committed when it arrives (within about `SYNC_S` of the answer). Rows of a slice that
+  were not sent are withdrawn. Workers never open the file, so it needs no storage
+  shared between nodes.
 * the abort watch (a wrong key stops the job after a few 401s, not a few per worker).
 * shared answers: a worker claims its batch's request keys in one call; a key another
   worker leads (or answered) is waited for, and only those rows make a call of their own.
@@ -29,8 +30,8 @@ made per row, capped the job at ~600 rows/s however many nodes it had):
 
 Leases end: every worker syncs with the coordinator every `SYNC_S`, and may send only
 while its lease runs, which lasts `DRIVER_GRACE_S` past the driver's last sign of life.
-A killed driver's workers therefore stop sending within about a second, even if Ray
-takes longer to end them. A worker that dies (Ray then restarts it and retries its
+A killed (or frozen) driver's workers therefore stop sending within `DRIVER_GRACE_S`,
+even if Ray takes longer to end them. A worker that dies (Ray then restarts it and retries its
 batch) cannot give back its permits or its claims: what a worker silent for `LEASE_S`
 held is taken back.
 
@@ -74,11 +75,14 @@ from batchrun.stops import AbortWatch
 # commit, an identical request's answer); Ray queues calls beyond this, and a queued
 # release behind waiting acquires would stall the job.
 MAX_WAITING_CALLS = 1_000_000
-SYNC_S = 0.1  # how often a worker sends what nobody waits for, and renews its lease
+SYNC_S = 0.2  # how often a worker sends what nobody waits for, and renews its lease
 DRIVER_GRACE_S = 1.5  # workers may start requests this long after the driver's last sign of life
 DRIVER_PING_S = 0.5
 LEASE_S = 15.0  # a worker silent this long is taken for dead: its permits and claims are taken back
-INTENT_SLICE = (8, 64)  # intents committed at once: half the job's concurrency, within these bounds
+# Intents committed at once: the job's concurrency, within these bounds, or what the worker sent
+# in its latest sync period if more (so a sync carries its next period's intents).
+INTENT_SLICE = (8, 64)
+MOST_INTENTS = 512
 
 # What `Coordinator.claim` says about a row: it leads its request key (sends it), it
 # follows another row's request (asks `find_shared` before sending), or a RowRecord:
@@ -742,12 +746,16 @@ class ClusterLedger:
     committed a slice at a time, carried by a sync, before any of them is sent; a row about
     to be sent whose intent is not committed yet waits for its slice. Rows of a slice that
     end without being sent (answered by an identical request, left pending) are withdrawn.
+    A kill may leave a slice's intents of rows never sent: the rerun counts them among the
+    rows that may have been paid twice, with the rows that were in flight.
     """
 
     def __init__(self, link: CoordinatorLink, concurrency: int) -> None:
         self._link = link
         low, high = INTENT_SLICE
-        self._slice = max(low, min(high, concurrency // 2))
+        self._least = max(low, min(high, concurrency))
+        self._slice = self._least
+        self._begun = 0  # rows begun since the latest sync
         self._upcoming: dict[int, None] = {}  # rows this worker will send, in order, intents not yet asked
         self._committing: dict[int, asyncio.Future[bool]] = {}
         self._committed: set[int] = set()  # intents committed, rows not begun
@@ -771,6 +779,7 @@ class ClusterLedger:
         if self._refusing:
             await anyio.sleep_forever()
         self._committed.discard(idx)
+        self._begun += 1
         self._link.count_sent()
         self._ahead()
 
@@ -814,6 +823,8 @@ class ClusterLedger:
                 self.withdraw(idx)
 
     def _synced(self, state: SyncState) -> None:
+        self._slice = max(self._least, min(MOST_INTENTS, self._begun))
+        self._begun = 0
         if state.refusing and not self._refusing:
             self._refusing = True  # rows committed but not begun are not sent: no longer in flight
             for idx in list(self._committed):
