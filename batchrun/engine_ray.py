@@ -239,6 +239,7 @@ class RowSender:
         budget = ClusterBudget(self._link) if self._budgeted else Budget(None, job.spec.pricing, spent=0.0)
         pipeline = RowPipeline(job, Renderer(job, self._columns), parser, self._id_name, parts, budget)
         self._queue: asyncio.Queue[tuple[WorkItem, _Batch]] = asyncio.Queue()
+        # Kept: the event loop holds its tasks only weakly.
         self._workers = [asyncio.ensure_future(self._work(pipeline)) for _ in range(self._concurrency)]
         self._pipeline = pipeline
         return pipeline

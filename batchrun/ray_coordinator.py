@@ -644,7 +644,8 @@ class ClusterLimits:
         try:
             yield use
         except BaseException:  # cancelled mid-attempt: no outcome follows
-            self._release(use.number)
+            if not use.answered:  # an answered one's permit went on already
+                self._release(use.number)
             raise
 
     async def _kept(self, tokens: int) -> int:
