@@ -21,9 +21,15 @@ EXIT_ABORTED = 3
 EXIT_BUDGET = 4
 EXIT_ROWS_FAILED = 5  # the run finished and the output is complete, but some rows ended in error
 EXIT_INTERRUPTED = 130
+# polars' allocator (jemalloc) keeps freed pages for 0.5 s, and 1 s more as pages the kernel still counts:
+# a big job churns through far more memory in that time than a small one, so its peak RSS grew with its
+# rows. Handing freed pages back at once keeps it flat (docs/memory.md). polars reads this on import.
+POLARS_ALLOCATOR_ENV = "_RJEM_MALLOC_CONF"
+POLARS_ALLOCATOR_CONF = "dirty_decay_ms:0,muzzy_decay_ms:0"
 
 
 def main(argv: list[str] | None = None) -> int:
+    _hand_back_freed_memory()
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -51,6 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # a bug: show it, but never with the key in it
         print(redact(traceback.format_exc()), file=sys.stderr, end="")
         return EXIT_INTERNAL
+
+
+def _hand_back_freed_memory() -> None:
+    """polars' allocator, set before polars is imported (it is too late after: batchrun called from Python).
+
+    Ours goes last, as later settings win: an inherited value holds polars' defaults when the parent
+    process imported polars (as `batchrun bench` does), and those must not undo ours.
+    """
+    if "polars" in sys.modules:
+        return
+    conf = os.environ.get(POLARS_ALLOCATOR_ENV, "")
+    if not conf.endswith(POLARS_ALLOCATOR_CONF):
+        os.environ[POLARS_ALLOCATOR_ENV] = f"{conf},{POLARS_ALLOCATOR_CONF}" if conf else POLARS_ALLOCATOR_CONF
 
 
 def _resume_command(args: argparse.Namespace, *extra: str, with_max_cost: bool = True) -> str:

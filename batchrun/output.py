@@ -33,6 +33,10 @@ OWN_OUTPUT_KEY = b"batchrun"
 # Input batches are gathered into row groups of this many rows: the writer keeps every
 # row group's metadata until it closes, and one group per 2,048-row batch made 10 M rows ~5,000 groups.
 ROW_GROUP_ROWS = 16_384
+# A column's dictionary stops growing at this size and the rest of its row group is written plain. Ids,
+# texts and answers are mostly unique, so their dictionaries were dead weight: pyarrow's default (1 MiB,
+# with its hash table) made the writer 13 MB instead of 5, and the file larger (docs/memory.md).
+DICTIONARY_PAGE_BYTES = 1 << 16
 TOOL_CALL = pl.Struct({"name": pl.String, "arguments": pl.String})
 RESULT_SCHEMA: dict[str, pl.DataType] = {
     "response_text": pl.String(),
@@ -177,7 +181,12 @@ def write_parquet(
                 merged = merged.drop(ROW_INDEX)
             arrow = merged.to_arrow()
             if writer is None:
-                writer = pq.ParquetWriter(tmp, arrow.schema.with_metadata(_own_metadata(job)), compression="zstd")
+                writer = pq.ParquetWriter(
+                    tmp,
+                    arrow.schema.with_metadata(_own_metadata(job)),
+                    compression="zstd",
+                    dictionary_pagesize_limit=DICTIONARY_PAGE_BYTES,
+                )
             group.append(arrow.cast(writer.schema))
             if sum(t.num_rows for t in group) >= ROW_GROUP_ROWS:
                 writer.write_table(pa.concat_tables(group))

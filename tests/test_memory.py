@@ -18,10 +18,12 @@ from batchrun.inputs import ROW_INDEX, InputTable
 
 
 @pytest.mark.slow
-def test_peak_memory_of_500k_rows_is_within_1_5x_of_10k_rows(tmp_path: Path, emulator: Emulator) -> None:
+def test_peak_memory_of_500k_rows_is_within_1_1x_of_10k_rows(tmp_path: Path, emulator: Emulator) -> None:
+    """This process has imported polars, so the CLI inherits polars' allocator defaults, as under `batchrun bench`
+    (with them, freed pages kept for 1.5 s made it 1.12x here, and 1.27x at 10 M rows: docs/memory.md)."""
     small = bench.resume_peak_rss_mb(tmp_path / "small", 10_000, 500, emulator.url)
     large = bench.resume_peak_rss_mb(tmp_path / "large", 500_000, 500, emulator.url)
-    assert large <= 1.5 * small, f"10k rows: {small:.0f} MB, 500k rows: {large:.0f} MB"
+    assert large <= 1.1 * small, f"10k rows: {small:.0f} MB, 500k rows: {large:.0f} MB"
     assert emulator.stats()["requests"] == 1000  # the finished rows were not requested again
 
 
