@@ -1,6 +1,6 @@
 """Shared fixtures: the emulator as a real server process; the CLI as a real process, or in this one.
 
-Two tiers: `pytest -m "not slow and not ray"` is the fast one, run before each commit;
+Two tiers: `pytest -n 2 -m "not slow and not ray"` is the fast one, run before each commit;
 `pytest` (CI) runs everything. Tests that only need a run use `run_here` / `run_job`
 (the CLI's own `main` in this process: no Python start-up per run); tests about exit
 codes on signals, kill -9 and what a real process prints keep `run_cli`.
@@ -269,9 +269,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def timeline(emulator: Emulator) -> list[list[int]]:
-    """[second, requests, 429s] for each second the emulator saw requests."""
-    with urllib.request.urlopen(emulator.url + "/_emulator/timeline", timeout=10) as r:
-        return json.loads(r.read())

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Emulator, run_cli, write_csv, write_job
+from conftest import Emulator, run_here, write_csv, write_job
 
 ROWS = 6000
 
@@ -43,7 +43,7 @@ def test_disk_full_stops_with_one_line_and_keeps_stored_answers(
     rows = [[f"R{i}", f"review number {i} " + "x" * 60] for i in range(ROWS)]
     write_csv(tmp_path / "reviews.csv", ["review_id", "text"], rows)
     job = write_job(small_disk, emulator.url, input={"path": str(tmp_path / "reviews.csv"), "id_column": "review_id"})
-    full = run_cli("run", str(job), "--quiet", timeout=300)
+    full = run_here("run", str(job), "--quiet", timeout=300)
     assert full.returncode == 3, full.stderr
     assert "Traceback" not in full.stderr and "disk is full" in full.stderr and "--restart" not in full.stderr
     stored = _stored(small_disk)
@@ -51,7 +51,7 @@ def test_disk_full_stops_with_one_line_and_keeps_stored_answers(
     sent_first = emulator.stats()["requests"]
 
     _remount(small_disk, "size=64m")  # space freed
-    done = run_cli("run", str(job), "--quiet", timeout=300)
+    done = run_here("run", str(job), "--quiet", timeout=300)
     assert done.returncode == 0, done.stderr
     assert _stored(small_disk) == ROWS
     assert emulator.stats()["requests"] - sent_first == ROWS - stored  # what was stored is not asked again
@@ -60,10 +60,10 @@ def test_disk_full_stops_with_one_line_and_keeps_stored_answers(
 def test_read_only_checkpoint_is_not_called_damaged(tmp_path: Path, small_disk: Path, emulator: Emulator) -> None:
     write_csv(tmp_path / "reviews.csv", ["review_id", "text"], [["R1", "a"], ["R2", "b"]])
     job = write_job(small_disk, emulator.url, input={"path": str(tmp_path / "reviews.csv"), "id_column": "review_id"})
-    first = run_cli("run", str(job), "--quiet", "--limit", "1")
+    first = run_here("run", str(job), "--quiet", "--limit", "1")
     assert first.returncode == 0, first.stderr
     _remount(small_disk, "ro")
-    result = run_cli("run", str(job), "--quiet")
+    result = run_here("run", str(job), "--quiet")
     assert result.returncode in (2, 3) and "Traceback" not in result.stderr, result.stderr
     assert "damaged" not in result.stderr and "--restart" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -6,14 +6,14 @@ import json
 from pathlib import Path
 
 import polars as pl
-from conftest import EXPECTED_LABELS, REVIEWS, Emulator, run_cli, run_here, run_job, write_job
+from conftest import EXPECTED_LABELS, REVIEWS, Emulator, run_here, run_job, write_job
 
 
 def test_run_writes_every_contract_column_in_input_order(tmp_path: Path, reviews: Path, emulator: Emulator) -> None:
     job = write_job(
         tmp_path, emulator.url, pricing={"input_per_million": 2.5, "output_per_million": 10, "currency": "USD"}
     )
-    result = run_cli("run", str(job), "--quiet")
+    result = run_here("run", str(job), "--quiet")
     assert result.returncode == 0, result.stderr
     assert "6 rows: 6 ok, 0 error" in result.stdout
 

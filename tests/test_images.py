@@ -237,7 +237,7 @@ def test_what_a_protocol_cannot_send_is_refused_in_one_line(case: str, tmp_path:
     overrides, expected = BAD_JOBS[case]
     rows_csv(tmp_path, [["B1", "a.png"]])
     job = image_job(tmp_path, emulator.url, **{"api": "gemini", "model": "gemini-2.5-flash", **overrides})
-    result = run_cli("validate", str(job))
+    result = run_here("validate", str(job))
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "job.yaml:" in result.stderr and expected in result.stderr
 

@@ -33,6 +33,7 @@ from conftest import (
     cli_env,
     free_port,
     run_cli,
+    run_here,
     start_emulator,
     stop_emulator,
     write_job,
@@ -152,7 +153,7 @@ def test_input_and_output_on_s3(tmp_path: Path, s3: S3Server, emulator: Emulator
         output={"path": f"s3://{bucket}/out/labels.parquet"},
     )
     state = tmp_path / "state"
-    result = run_cli("run", str(job), "--quiet", env=s3.env(state))
+    result = run_here("run", str(job), "--quiet", env=s3.env(state))
     assert result.returncode == 0, result.stderr
     assert f"output: s3://{bucket}/out/labels.parquet" in result.stdout
     df = s3.read_parquet(bucket, "out/labels.parquet")
@@ -163,14 +164,14 @@ def test_input_and_output_on_s3(tmp_path: Path, s3: S3Server, emulator: Emulator
     # The checkpoint is on local disk, at a place derived from the output URL, and status says where.
     checkpoint = state / "objects" / "s3" / bucket / "out" / "labels.parquet.batchrun"
     assert (checkpoint / "checkpoint.sqlite").is_file()
-    status = run_cli("status", str(job), env=s3.env(state))
+    status = run_here("status", str(job), env=s3.env(state))
     assert f"checkpoint: {checkpoint}" in status.stdout, status.stdout
     assert "6 of 6 rows done: 6 ok" in status.stdout
     beside = {p.name for p in tmp_path.iterdir()} - {".job.yaml.checkpoint"}  # the old pointer: see resume.py
     assert beside == {"job.yaml", "state"}  # no output, summary or checkpoint beside the job file
 
     emulator.reset()  # a rerun resumes from the local checkpoint: nothing is sent again
-    again = run_cli("run", str(job), "--quiet", env=s3.env(state))
+    again = run_here("run", str(job), "--quiet", env=s3.env(state))
     assert again.returncode == 0, again.stderr
     assert emulator.stats()["requests"] == 0
 
@@ -275,6 +276,8 @@ def test_kill_9_mid_run_then_rerun(tmp_path: Path, s3: S3Server) -> None:
 def test_bad_credentials_and_missing_buckets_are_one_line_and_send_nothing(
     tmp_path: Path, s3: S3Server, emulator: Emulator, reviews: Path
 ) -> None:
+    # Real processes: credentials come from each process's environment. In one process, a run with a wrong
+    # secret was seen to succeed after earlier runs there had used good ones.
     bucket = s3.bucket()
     source = upload(s3, bucket, "in/reviews.parquet", reviews_frame())
     state = tmp_path / "state"
@@ -329,6 +332,10 @@ def test_a_store_in_trouble_is_not_taken_for_an_object_at_the_key(
             "AWS_REGION": "us-east-1",
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_address[1]}",
             "BATCHRUN_STATE_DIR": str(tmp_path / "state"),
+            # object_store's retries of a 500, without their ~10 s of back-off; polars reads these once
+            # per process, so this run is a process of its own
+            "POLARS_CLOUD_RETRY_INIT_BACKOFF_MS": "1",
+            "POLARS_CLOUD_RETRY_MAX_BACKOFF_MS": "10",
         }
         result = run_cli("run", str(job), "--quiet", env=env)
     finally:
@@ -344,7 +351,7 @@ def test_a_storage_option_of_the_wrong_type_is_named_not_shown(tmp_path: Path, e
     secret = "98765432101"
     options = {"aws_access_key_id": "AKIATEST", "aws_secret_access_key": int(secret)}
     job = write_job(tmp_path, emulator.url, output={"path": "s3://b/out.parquet", "storage_options": options})
-    result = run_cli("validate", str(job))
+    result = run_here("validate", str(job))
     assert result.returncode == 2, result.stderr
     assert "output.storage_options.aws_secret_access_key" in result.stderr, result.stderr
     assert secret not in result.stderr + result.stdout
@@ -394,7 +401,7 @@ def test_an_openai_batch_file_on_s3(tmp_path: Path, s3: S3Server, emulator: Emul
         "output": {"path": "out/result.parquet", "openai_batch": "out/result.output.jsonl"},
     }
     (tmp_path / "job.yaml").write_text(json.dumps(job), encoding="utf-8")
-    result = run_cli("run", str(tmp_path / "job.yaml"), "--quiet", env=s3.env(tmp_path / "state"))
+    result = run_here("run", str(tmp_path / "job.yaml"), "--quiet", env=s3.env(tmp_path / "state"))
     assert result.returncode == 0, result.stderr
     df = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert df["custom_id"].to_list() == [line["custom_id"] for line in lines]

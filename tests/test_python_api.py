@@ -170,7 +170,7 @@ def test_ctrl_c_in_a_running_loop_stops_the_run_and_the_next_call_resumes(notebo
         assert 0 < stopped.value.done < 60
         first = slow.stats()["by_prompt"]
         slow.reset()
-        df = batchrun.run(job, input=frame, quiet=True)
+        df = batchrun.run(job, input=frame, quiet=True, concurrency=32)  # the rest, sooner
         assert df["review_id"].to_list() == ids and set(df["status"]) == {"ok"}
         assert not set(first) & set(slow.stats()["by_prompt"])  # no row answered before the stop is sent again
     finally:
@@ -198,7 +198,7 @@ def test_cancelling_arun_keeps_what_was_answered(notebook: Path) -> None:
         cancelled_at = asyncio.run(cell())
         first = slow.stats()
         slow.reset()
-        df = batchrun.run(job, input=frame, quiet=True)
+        df = batchrun.run(job, input=frame, quiet=True, concurrency=32)  # the rest, sooner
         assert df["review_id"].to_list() == ids and set(df["status"]) == {"ok"}
         again = [p for p in slow.stats()["by_prompt"] if p in first["by_prompt"]]
         for prompt in again:  # only rows still in flight at the cancel may be asked again

@@ -22,7 +22,7 @@ from typing import Any
 import polars as pl
 import pytest
 import yaml
-from conftest import REPO, TEST_KEY, assert_finished, run_cli, write_job
+from conftest import REPO, TEST_KEY, assert_finished, run_here, write_job
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs it: .ci/run)")
@@ -151,10 +151,10 @@ def posters(tmp_path: Path) -> Path:
 
 @needs_chromium
 def test_posters_report_in_a_real_browser(posters: Path, tmp_path: Path) -> None:
-    ran = run_cli("run", str(posters), "--quiet")
+    ran = run_here("run", str(posters), "--quiet")
     assert ran.returncode == 0, ran.stderr
     assert f"report: batchrun report {posters}" in ran.stdout
-    made = run_cli("report", str(posters))
+    made = run_here("report", str(posters))
     assert made.returncode == 0, made.stderr
     page = Path(made.stdout.strip())
     out = tmp_path / "out"
@@ -199,13 +199,13 @@ def test_a_huge_generated_image_is_left_out_not_a_crash(posters: Path, tmp_path:
     """A relay may send any image: one too large to decode (a decompression bomb) is left out of the page."""
     from PIL import Image
 
-    ran = run_cli("run", str(posters), "--quiet")
+    ran = run_here("run", str(posters), "--quiet")
     assert ran.returncode == 0, ran.stderr
     df = pl.read_parquet(tmp_path / "out" / "posters.parquet")
     first = next(p for paths in df["image_paths"] for p in paths)
     bomb = posters.parent / first
     Image.new("1", (20_000, 20_000)).save(bomb, format="PNG")  # ~50 KB of file, 400 M pixels
-    made = run_cli("report", str(posters))
+    made = run_here("report", str(posters))
     assert made.returncode == 0, made.stderr
     page = Path(made.stdout.strip()).read_text()
     assert "1 images not shown" in page
@@ -316,9 +316,9 @@ def test_hostile_answers_are_text_and_the_key_is_masked(
     reviews: Path, tmp_path: Path, hostile_relay: HostileRelay
 ) -> None:
     job = write_job(tmp_path, hostile_relay.url, run={"concurrency": 2, "max_attempts": 3, "timeout_s": 30})
-    ran = run_cli("run", str(job), "--quiet")
+    ran = run_here("run", str(job), "--quiet")
     assert ran.returncode == 5, ran.stderr  # finished, with two error rows
-    made = run_cli("report", str(job))
+    made = run_here("report", str(job))
     assert made.returncode == 0, made.stderr
     html_text = Path(made.stdout.strip()).read_text()
     summary = json.loads((tmp_path / "out" / "result.summary.json").read_text())
@@ -342,8 +342,8 @@ def test_the_browser_fetches_nothing_a_hostile_answer_names(
     reviews: Path, tmp_path: Path, hostile_relay: HostileRelay
 ) -> None:
     job = write_job(tmp_path, hostile_relay.url)
-    assert_finished(run_cli("run", str(job), "--quiet"), tmp_path / "out" / "result.parquet")
-    page = Path(run_cli("report", str(job)).stdout.strip())
+    assert_finished(run_here("run", str(job), "--quiet"), tmp_path / "out" / "result.parquet")
+    page = Path(run_here("report", str(job)).stdout.strip())
     before = list(hostile_relay.paths)
     dom = Dom(browse(page, tmp_path / "profile"))
     assert hostile_relay.paths == before  # not one request reached the server the answers name
@@ -355,16 +355,16 @@ def test_the_browser_fetches_nothing_a_hostile_answer_names(
 
 def test_an_older_checkpoint_resumes_and_reports(reviews: Path, tmp_path: Path, emulator: Any) -> None:
     job = write_job(tmp_path, emulator.url)
-    assert run_cli("run", str(job), "--quiet", "--limit", "3").returncode == 0
+    assert run_here("run", str(job), "--quiet", "--limit", "3").returncode == 0
     db = tmp_path / "out" / "result.parquet.batchrun" / "checkpoint.sqlite"
     _make_older(db)
-    made = run_cli("report", str(job))
+    made = run_here("report", str(job))
     assert made.returncode == 0, made.stderr
     dom = Dom(Path(made.stdout.strip()).read_text())
     figures = glance(dom)
     assert figures["ok"] == "3" and figures["exit state"].startswith("unknown")
     assert charts(dom)["timeline"] > 0
-    resumed = run_cli("run", str(job), "--quiet")
+    resumed = run_here("run", str(job), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert emulator.stats()["requests"] == 6  # 3, then the 3 left: the older checkpoint's rows were kept
     assert pl.read_parquet(tmp_path / "out" / "result.parquet")["status"].to_list() == ["ok"] * 6
@@ -387,17 +387,17 @@ def test_a_run_stopped_by_the_server_says_so(reviews: Path, tmp_path: Path) -> N
     emulator = start_emulator("--api-key-env", "OTHER_KEY", env={"OTHER_KEY": "sk-not-the-test-key"})
     try:
         job = write_job(tmp_path, emulator.url)
-        assert run_cli("run", str(job), "--quiet").returncode != 0
+        assert run_here("run", str(job), "--quiet").returncode != 0
     finally:
         stop_emulator(emulator)
-    made = run_cli("report", str(job))
+    made = run_here("report", str(job))
     assert made.returncode == 0, made.stderr
     assert glance(Dom(Path(made.stdout.strip()).read_text()))["exit state"] == "stopped by the server"
 
 
 def test_report_before_any_run_is_one_line(reviews: Path, tmp_path: Path) -> None:
     job = write_job(tmp_path, "http://127.0.0.1:9")
-    made = run_cli("report", str(job))
+    made = run_here("report", str(job))
     assert made.returncode == 2
     assert made.stderr.strip().startswith("batchrun: error:") and "run the job first" in made.stderr
     assert len(made.stderr.strip().splitlines()) == 1
@@ -424,7 +424,7 @@ def test_a_killed_run_reports_what_it_finished(reviews: Path, tmp_path: Path) ->
         process.wait()
     finally:
         stop_emulator(emulator)
-    made = run_cli("report", str(job))
+    made = run_here("report", str(job))
     assert made.returncode == 0, made.stderr
     dom = Dom(Path(made.stdout.strip()).read_text())
     figures = glance(dom)

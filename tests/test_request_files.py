@@ -22,7 +22,7 @@ from typing import Any
 import polars as pl
 import pytest
 import yaml
-from conftest import REPO, Emulator, assert_key_nowhere, cli_env, run_cli, start_emulator, stop_emulator
+from conftest import REPO, Emulator, assert_key_nowhere, cli_env, run_cli, run_here, start_emulator, stop_emulator
 
 SYSTEM = "You label product reviews. Answer positive, negative or neutral."
 
@@ -101,12 +101,12 @@ def test_mixed_batch_file_runs_as_is_and_writes_the_batch_output(tmp_path: Path,
     write_lines(tmp_path / "requests.jsonl", MIXED)
     job = batch_job(tmp_path, emulator.url, model="gpt-override", params={"temperature": 0})
 
-    checked = run_cli("validate", str(job))
+    checked = run_here("validate", str(job))
     assert checked.returncode == 0, checked.stderr
     assert "an OpenAI Batch file (recognised from its lines)" in checked.stdout
     assert emulator.stats()["requests"] == 0
 
-    result = run_cli("run", str(job), "--quiet")
+    result = run_here("run", str(job), "--quiet")
     assert "output:" in result.stdout, result.stderr  # finished (a-6 as an error row)
     stats = emulator.stats()
     assert stats["by_route"] == {
@@ -148,7 +148,7 @@ def test_mixed_batch_file_runs_as_is_and_writes_the_batch_output(tmp_path: Path,
     assert streamed["choices"][0]["finish_reason"] == "stop" and streamed["usage"]["completion_tokens"] > 0
     assert len({line["id"] for line in lines}) == len(lines)
 
-    again = run_cli("run", str(job), "--quiet")  # its own file: replaced, and nothing asked again
+    again = run_here("run", str(job), "--quiet")  # its own file: replaced, and nothing asked again
     assert "output:" in again.stdout, again.stderr
     assert emulator.stats()["requests"] == stats["requests"]
     assert read_output(tmp_path / "out" / "result.output.jsonl") == lines
@@ -159,7 +159,7 @@ def test_a_line_with_another_url_is_one_error_naming_the_line(tmp_path: Path, em
     write_lines(tmp_path / "requests.jsonl", [MIXED[0], MIXED[1], embeddings, MIXED[3]])
     job = batch_job(tmp_path, emulator.url)
     for command in ("validate", "run"):
-        result = run_cli(command, str(job))
+        result = run_here(command, str(job))
         assert result.returncode == 2, result.stdout + result.stderr
         (line,) = result.stderr.strip().splitlines()
         assert "requests.jsonl: line 3: url '/v1/embeddings' is not supported" in line
@@ -171,7 +171,7 @@ def test_repeated_custom_ids_are_refused_before_anything_is_sent(tmp_path: Path,
     write_lines(tmp_path / "requests.jsonl", [MIXED[0], MIXED[1], {**MIXED[2], "custom_id": "a-1"}])
     job = batch_job(tmp_path, emulator.url, input={"path": "requests.jsonl", "format": "openai-batch"})
     for command in ("validate", "run"):
-        result = run_cli(command, str(job))
+        result = run_here(command, str(job))
         assert result.returncode == 2
         (line,) = result.stderr.strip().splitlines()
         assert "id column 'custom_id' is not unique (repeated: a-1)" in line
@@ -181,7 +181,7 @@ def test_repeated_custom_ids_are_refused_before_anything_is_sent(tmp_path: Path,
 def test_templates_with_a_batch_file_are_refused(tmp_path: Path, emulator: Emulator) -> None:
     write_lines(tmp_path / "requests.jsonl", MIXED[:2])
     job = batch_job(tmp_path, emulator.url, prompt={"user": "{{ body }}"})
-    result = run_cli("validate", str(job))
+    result = run_here("validate", str(job))
     assert result.returncode == 2
     assert "prompt.user: recognised as an OpenAI Batch file: its lines are the requests" in result.stderr
     assert "or set input.format: table" in result.stderr  # the way to render templates over such a file
@@ -191,15 +191,15 @@ def test_a_changed_body_is_a_changed_request(tmp_path: Path, emulator: Emulator)
     lines = [chat_line(f"c-{i}", f"Review number {i}: it does what it says.") for i in range(6)]
     write_lines(tmp_path / "requests.jsonl", lines)
     job = batch_job(tmp_path, emulator.url)
-    assert run_cli("run", str(job), "--quiet").returncode == 0
+    assert run_here("run", str(job), "--quiet").returncode == 0
     emulator.reset()
 
     lines[4] = chat_line("c-4", "Review number 4: it broke, terrible.")
     write_lines(tmp_path / "requests.jsonl", lines)
-    refused = run_cli("run", str(job), "--quiet")
+    refused = run_here("run", str(job), "--quiet")
     assert refused.returncode == 2
     assert "the input's content changed" in refused.stderr and "1 of 6 finished rows" in refused.stderr
-    rerun = run_cli("run", str(job), "--quiet", "--rerun-changed")
+    rerun = run_here("run", str(job), "--quiet", "--rerun-changed")
     assert rerun.returncode == 0, rerun.stderr
     assert emulator.stats()["by_prompt"] == {f"{SYSTEM}\nReview: Review number 4: it broke, terrible.": 1}
     df = pl.read_parquet(tmp_path / "out" / "result.parquet")
@@ -216,7 +216,7 @@ def test_output_openai_batch_never_replaces_a_file_batchrun_did_not_write(tmp_pa
     theirs = tmp_path / "out" / "result.output.jsonl"
     theirs.write_text("the user's own file\n", encoding="utf-8")
     job = batch_job(tmp_path, emulator.url)
-    result = run_cli("run", str(job), "--quiet")
+    result = run_here("run", str(job), "--quiet")
     assert result.returncode == 2
     assert "exists and was not written by this job" in result.stderr
     assert theirs.read_text(encoding="utf-8") == "the user's own file\n"
@@ -225,7 +225,7 @@ def test_output_openai_batch_never_replaces_a_file_batchrun_did_not_write(tmp_pa
     same_as_input = batch_job(
         tmp_path, emulator.url, output={"path": "out/result.parquet", "openai_batch": "requests.jsonl"}
     )
-    result = run_cli("run", str(same_as_input), "--quiet")
+    result = run_here("run", str(same_as_input), "--quiet")
     assert result.returncode == 2 and "is the job's input" in result.stderr
 
 
@@ -272,7 +272,7 @@ def test_kill_9_with_a_batch_file_then_rerun_sends_only_what_was_not_answered(
     assert first["requests"] < rows  # killed mid-run
     slow_emulator.reset()
 
-    rerun = run_cli("run", str(job), "--quiet")
+    rerun = run_here("run", str(job), "--quiet")
     assert rerun.returncode == 0, rerun.stderr
     second = slow_emulator.stats()
     assert set(second["by_prompt"].values()) == {1}  # the rerun asks each row at most once
@@ -361,10 +361,10 @@ def test_conversations_from_a_column_arrive_turn_by_turn(tmp_path: Path, emulato
     }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job), encoding="utf-8")
-    checked = run_cli("validate", str(path))
+    checked = run_here("validate", str(path))
     assert checked.returncode == 0, checked.stderr
 
-    result = run_cli("run", str(path), "--quiet")
+    result = run_here("run", str(path), "--quiet")
     assert "output:" in result.stdout, result.stderr  # finished, with the malformed rows as errors
     assistant = "model" if api == "gemini" else "assistant"
     turns = sorted(emulator.stats()["turns"].values())
@@ -416,11 +416,11 @@ def test_messages_and_user_together_are_refused(tmp_path: Path, emulator: Emulat
     job = conversation_job(emulator.url, {"user": "hi", "messages": "messages"})
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job), encoding="utf-8")
-    result = run_cli("run", str(path))
+    result = run_here("run", str(path))
     assert result.returncode == 2 and "prompt.messages: set prompt.user or prompt.messages, not both" in result.stderr
     job["prompt"] = {"messages": "conversation"}
     path.write_text(yaml.safe_dump(job), encoding="utf-8")
-    result = run_cli("run", str(path))
+    result = run_here("run", str(path))
     assert result.returncode == 2 and "prompt.messages: column 'conversation' is not in the input" in result.stderr
     assert emulator.stats()["requests"] == 0
 
@@ -435,18 +435,18 @@ def test_a_batch_file_keeps_the_estimate_the_budget_and_structured_parsing(tmp_p
     pricing = {"input_per_million": 1000, "output_per_million": 1000}
     job = batch_job(tmp_path, emulator.url, output=output, pricing=pricing, run={"concurrency": 1, "max_cost": 0.16})
 
-    checked = run_cli("validate", str(job))
+    checked = run_here("validate", str(job))
     assert checked.returncode == 0, checked.stderr
     # the largest output cap among the bodies (chat 20, completions 5): 6 rows × 20
     assert "output tokens: at most 120 (20 a row, the largest cap in the sampled bodies and params)" in checked.stdout
 
-    stopped = run_cli("run", str(job), "--quiet")
+    stopped = run_here("run", str(job), "--quiet")
     assert stopped.returncode == 4, stopped.stderr  # each row's worst case counts its own body's cap
     assert "budget reached" in stopped.stderr
     sent = emulator.stats()["requests"]
     assert 1 <= sent < len(lines)
 
-    finished = run_cli("run", str(job), "--quiet", "--max-cost", "10")
+    finished = run_here("run", str(job), "--quiet", "--max-cost", "10")
     assert "output:" in finished.stdout, finished.stderr
     df = pl.read_parquet(tmp_path / "out" / "result.parquet")
     chat_rows = df.filter(pl.col("url") == "/v1/chat/completions")
@@ -480,7 +480,7 @@ def test_a_streamed_answer_is_written_as_the_whole_answer_it_stands_for(
             "output": {"path": "out/result.parquet", "openai_batch": "out/answers.jsonl"},
         }
         (folder / "job.yaml").write_text(yaml.safe_dump(job), encoding="utf-8")
-        result = run_cli("run", str(folder / "job.yaml"), "--quiet")
+        result = run_here("run", str(folder / "job.yaml"), "--quiet")
         assert result.returncode == 0, result.stderr
         lines = read_output(folder / "out" / "answers.jsonl")
         assert [line["custom_id"] for line in lines] == ["R1", "R2"]
@@ -507,10 +507,10 @@ def test_a_changed_image_part_style_is_a_changed_conversation_request(tmp_path: 
     job = conversation_job(emulator.url, {"messages": "messages"})
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job), encoding="utf-8")
-    assert "output:" in run_cli("run", str(path), "--quiet").stdout
+    assert "output:" in run_here("run", str(path), "--quiet").stdout
     job["provider"] = {**job["provider"], "image_part_style": "responses"}
     path.write_text(yaml.safe_dump(job), encoding="utf-8")
-    refused = run_cli("run", str(path), "--quiet")
+    refused = run_here("run", str(path), "--quiet")
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "provider.image_part_style: standard -> responses" in refused.stderr
     assert "2 of 5 finished rows would now be sent differently" in refused.stderr
@@ -562,8 +562,8 @@ def test_a_key_echoed_in_an_answer_is_kept_nowhere(tmp_path: Path) -> None:
 def test_restart_replaces_the_batch_output_the_job_wrote_before(tmp_path: Path, emulator: Emulator) -> None:
     write_lines(tmp_path / "requests.jsonl", MIXED[:2])
     job = batch_job(tmp_path, emulator.url)
-    assert run_cli("run", str(job), "--quiet").returncode == 0
-    restarted = run_cli("run", str(job), "--quiet", "--restart")  # the new checkpoint still knows the file
+    assert run_here("run", str(job), "--quiet").returncode == 0
+    restarted = run_here("run", str(job), "--quiet", "--restart")  # the new checkpoint still knows the file
     assert restarted.returncode == 0, restarted.stderr
     assert emulator.stats()["requests"] == 4
     assert [line["custom_id"] for line in read_output(tmp_path / "out" / "result.output.jsonl")] == ["a-1", "a-2"]
@@ -583,11 +583,11 @@ def test_an_inline_image_in_a_body_is_estimated_as_an_image_not_as_its_base64(
     pricing = {"input_per_million": 10, "output_per_million": 10}
     job = batch_job(tmp_path, emulator.url, pricing=pricing, run={"concurrency": 1, "max_cost": 0.5})
 
-    checked = run_cli("validate", str(job))
+    checked = run_here("validate", str(job))
     assert checked.returncode == 0, checked.stderr
     per_row = int(checked.stdout.split("input tokens:")[1].split("(")[1].split(" a row")[0])
     assert per_row < 1_000, checked.stdout  # the text and JSON; the image is not text
 
-    result = run_cli("run", str(job), "--quiet")  # each row holds ~$0.01, not ~$1 (over max_cost: nothing sent)
+    result = run_here("run", str(job), "--quiet")  # each row holds ~$0.01, not ~$1 (over max_cost: nothing sent)
     assert result.returncode == 0, result.stderr
     assert emulator.stats()["requests"] == 3

@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 import polars as pl
 import pytest
-from conftest import REPO, run_cli, run_here
+from conftest import REPO, run_here
 from PIL import Image
 
 from batchrun.emulator.pictures import describe, main_colour
@@ -87,7 +87,7 @@ def test_per_image_pricing_counts_in_summary_status_and_output_alike(project: Pa
     assert images == 6
     assert abs(df["cost"].sum() - (tokens + 0.25 * images)) < 1e-9
     assert abs(summary["cost"] - df["cost"].sum()) < 1e-6
-    status = run_cli("status", str(job))
+    status = run_here("status", str(job))
     assert f"cost so far: {summary['cost']:.4f}" in status.stdout, status.stdout
 
 

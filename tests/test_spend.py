@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from conftest import REPO, Emulator, run_cli, run_here, write_csv, write_job
+from conftest import REPO, Emulator, run_here, write_csv, write_job
 
 PRICING = {"input_per_million": 1000, "output_per_million": 2000, "currency": "USD"}
 
@@ -62,7 +62,7 @@ def test_a_budget_stops_the_run_midway_and_raising_it_finishes(tmp_path: Path, e
         pricing=PRICING,
         run={"concurrency": 2, "max_attempts": 2, "timeout_s": 30, "max_cost": 0.5},
     )
-    stopped = run_cli("run", str(job), "--quiet", "--limit", "39")
+    stopped = run_here("run", str(job), "--quiet", "--limit", "39")
     assert stopped.returncode == 4, stopped.stderr
     assert "budget reached: spent" in stopped.stderr and "of max_cost 0.5000 USD" in stopped.stderr
     assert "rows are pending" in stopped.stderr
@@ -72,12 +72,12 @@ def test_a_budget_stops_the_run_midway_and_raising_it_finishes(tmp_path: Path, e
     first = emulator.stats()["requests"]
     assert 0 < first < 40
 
-    status = run_cli("status", str(job))
+    status = run_here("status", str(job))
     spent = float(re.search(r"cost so far: (\d+\.\d+) USD", status.stdout).group(1))  # type: ignore[union-attr]
     assert spent <= 0.5, "the budget was crossed"
     assert f"{first} of 40 rows done: {first} ok, 0 failed; {40 - first} pending" in status.stdout
 
-    again = run_cli("run", str(job), "--quiet", "--max-cost", "100")
+    again = run_here("run", str(job), "--quiet", "--max-cost", "100")
     assert again.returncode == 0, again.stderr
     df = pl.read_parquet(tmp_path / "out" / "result.parquet")
     assert df.height == 40 and set(df["status"]) == {"ok"}
@@ -87,7 +87,7 @@ def test_a_budget_stops_the_run_midway_and_raising_it_finishes(tmp_path: Path, e
 
 def test_a_spent_budget_sends_nothing(tmp_path: Path, reviews: Path, emulator: Emulator) -> None:
     job = write_job(tmp_path, emulator.url, pricing=PRICING)
-    result = run_cli("run", str(job), "--quiet", "--max-cost", "0")
+    result = run_here("run", str(job), "--quiet", "--max-cost", "0")
     assert result.returncode == 4 and "6 rows are pending" in result.stderr
     assert emulator.stats()["requests"] == 0
 
@@ -96,11 +96,11 @@ def test_a_spent_budget_sends_nothing(tmp_path: Path, reviews: Path, emulator: E
 def test_a_budget_needs_pricing(tmp_path: Path, reviews: Path, emulator: Emulator, how: str) -> None:
     if how == "job":
         job = write_job(tmp_path, emulator.url, run={"max_cost": 1})
-        result = run_cli("run", str(job))
+        result = run_here("run", str(job))
         assert "run.max_cost: a budget needs pricing" in result.stderr
     else:
         job = write_job(tmp_path, emulator.url)
-        result = run_cli("run", str(job), "--max-cost", "1")
+        result = run_here("run", str(job), "--max-cost", "1")
         assert "--max-cost needs pricing" in result.stderr
     assert result.returncode == 2 and emulator.stats()["requests"] == 0
 

@@ -9,7 +9,7 @@ from typing import Any
 import jsonschema
 import polars as pl
 import pytest
-from conftest import EXPECTED_LABELS, Emulator, assert_finished, run_cli, run_here, write_csv, write_job
+from conftest import EXPECTED_LABELS, Emulator, assert_finished, run_here, write_csv, write_job
 from test_structured import EVERY_TYPE
 
 LABEL_SCHEMA = {
@@ -146,7 +146,7 @@ def test_a_model_that_rejects_the_native_schema_points_to_the_switch(
         output={"path": "out/result.parquet", "parse": "json", "schema": LABEL_SCHEMA},
     )
     # A 400 naming a parameter stops the run after three alike (docs/protocol.md §5.2 rule C).
-    result = run_cli("run", str(job), "--quiet")
+    result = run_here("run", str(job), "--quiet")
     assert result.returncode == 3
     assert "'json_schema' is not supported with this model" in result.stderr
     assert "set output.native_schema: false" in result.stderr
@@ -179,7 +179,7 @@ def test_a_changed_native_schema_changes_the_requests(tmp_path: Path, reviews: P
     _run(_json_job(tmp_path, emulator.url))
     emulator.reset()
     narrower = {**LABEL_SCHEMA, "properties": {"label": {"enum": ["positive", "negative"]}}}
-    refused = run_cli("run", str(_json_job(tmp_path, emulator.url, narrower)), "--quiet")
+    refused = run_here("run", str(_json_job(tmp_path, emulator.url, narrower)), "--quiet")
     assert refused.returncode == 2
     assert "output.schema: " in refused.stderr and "6 of 6 finished rows" in refused.stderr
     assert emulator.stats()["requests"] == 0
@@ -280,5 +280,5 @@ def test_structured_settings_are_checked_before_anything_is_sent(
         return
     assert result.returncode == 2 and expected in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and "job.yaml" in result.stderr
-    assert run_cli("run", str(job)).returncode == 2
+    assert run_here("run", str(job)).returncode == 2
     assert emulator.stats()["requests"] == 0
