@@ -12,6 +12,7 @@ Ray Data partitions, schedules and retries; batchrun supplies the work:
   collaborators. An actor gets the input's columns from the driver: it never scans the input.
 * The driver is a `Run` like a local one (`Run.execute` opens, checks and finally writes
   the output) with `RayEngine` as its engine, and shows one progress bar fed by the actors' reports.
+  While it runs it says so to the coordinator (`_signs_of_life`): actors send only while it does.
 
 Ray Data's own checkpointing (CheckpointConfig with an id column) is not used: it records
 a block's ids once the whole block is written, so a kill loses every row of unfinished
