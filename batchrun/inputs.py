@@ -96,7 +96,7 @@ class InputTable:
 
     def _scan(self) -> pl.LazyFrame:
         path, suffix = self.path, self._suffix
-        options = storage.storage_options(self.storage_options)
+        options = storage.storage_options(path, self.storage_options)
         if self.given is not None:
             return self.given.lazy()
         if self.remote:

@@ -66,9 +66,26 @@ def local_stand_in(url: str) -> Path:
     return state_root().joinpath("objects", scheme(url), *parts)
 
 
-def storage_options(options: dict[str, str] | None) -> dict[str, str] | None:
-    """The job's storage_options for polars (None: polars reads the environment)."""
-    return dict(options) if options else None
+# polars keeps the object store it built for a URL and its options for the life of the process, with
+# the credentials it found in the environment then: a later run in the same process (the Python API)
+# with other AWS_* values went on using the first ones. Named in the options, they are part of that key.
+_AWS_CREDENTIALS_ENV = {
+    "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+    "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "aws_session_token": "AWS_SESSION_TOKEN",
+}
+
+
+def storage_options(url: str, options: dict[str, str] | None) -> dict[str, str] | None:
+    """The job's storage_options for polars, with S3 credentials from the environment as they are now
+    when the job names none (None: polars reads the environment)."""
+    given = dict(options or {})
+    if scheme(url) == "s3":
+        named = {k.lower() for k in given}
+        for key, variable in _AWS_CREDENTIALS_ENV.items():
+            if key not in named and os.environ.get(variable):
+                given[key] = os.environ[variable]
+    return given or None
 
 
 @contextmanager
@@ -114,12 +131,14 @@ def check_output(url: str, options: dict[str, str] | None, fresh: bool) -> None:
     without a checkpoint, `fresh`) no object is at the key, as batchrun never writes over one it did not write.
     Nothing is written."""
     try:
-        pl.scan_parquet(url, storage_options=storage_options(options)).collect_schema()
+        pl.scan_parquet(url, storage_options=storage_options(url, options)).collect_schema()
     except Exception as e:  # polars raises many kinds for cloud errors
         if (problem := explain(e)) is not None:
             raise JobError(f"output.path {url}: {problem}") from None
         if isinstance(e, FileNotFoundError):
             return  # nothing at the key yet
+        if isinstance(e, ValueError):  # polars refused an option; its message holds the value, maybe a secret
+            raise JobError(f"output.storage_options: {_refused_option(e)}; see docs/object-storage.md") from None
         if isinstance(e, OSError):  # the store did not answer as it should (polars' parse errors are not OSError)
             raise JobError(f"output.path {url}: cannot check the output key: {first_line(e)}") from None
     if fresh:
@@ -129,11 +148,16 @@ def check_output(url: str, options: dict[str, str] | None, fresh: bool) -> None:
         )
 
 
+def _refused_option(e: ValueError) -> str:
+    named = re.search(r"for '([A-Za-z0-9_]+)'", str(e))
+    return f"polars refused the value of {named.group(1)!r}" if named else "polars refused an option"
+
+
 def upload(local: Path, url: str, options: dict[str, str] | None) -> None:
     """The finished local output to its URL. object_store puts it in one request or a multipart
     upload completed at the end, so nothing is at the key until the whole object is."""
     try:
-        pl.scan_parquet(local).sink_parquet(url, storage_options=storage_options(options))
+        pl.scan_parquet(local).sink_parquet(url, storage_options=storage_options(url, options))
     except Exception as e:
         raise JobError(f"output.path {url}: could not upload the output: {explain(e) or first_line(e)}") from None
 
