@@ -325,6 +325,20 @@ class Checkpoint:
                 await anyio.sleep_forever()
         self.awaiting_answer.add(idx)
 
+    async def begin_many(self, indexes: list[int]) -> None:
+        """`begin` for several rows in one commit (a Ray worker's next slice of rows)."""
+        if self._refusing:
+            await anyio.sleep_forever()
+        if self.durable:
+            now = time.time()
+            self._intents += [(idx, now) for idx in indexes]
+            done = self._intent_done
+            self._wake.set()
+            await done.wait()
+            if self.failure is not None:
+                await anyio.sleep_forever()
+        self.awaiting_answer.update(indexes)
+
     def refuse_new_rows(self) -> None:
         """Ctrl-C: no row that has not begun may be sent any more."""
         self._refusing = True

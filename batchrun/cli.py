@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 import sys
@@ -201,6 +202,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead: wall time and rate under random 429/503s, a rate limit and a concurrency limit (~3 min)",
     )
+    bench.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="ray: instead, the Ray engine's rows/s against the local one's, and its scaling over simulated nodes",
+    )
     bench.set_defaults(func=_bench)
     return parser
 
@@ -323,6 +330,14 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        if args.push_back or args.memory:
+            raise JobError("bench --engine ray measures the Ray engine alone; run --push-back and --memory without it")
+        if importlib.util.find_spec("ray") is None:
+            raise JobError("--engine ray needs Ray, which is not installed: pip install 'batchrun[ray]'")
+        from batchrun.bench_ray import main as ray_bench_main
+
+        return ray_bench_main(args.quick, args.json)
     if args.push_back:
         from batchrun.bench_pushback import main as push_back_main
 

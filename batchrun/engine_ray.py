@@ -12,6 +12,7 @@ Ray Data partitions, schedules and retries; batchrun supplies the work:
   collaborators. An actor gets the input's columns from the driver: it never scans the input.
 * The driver is a `Run` like a local one (`Run.execute` opens, checks and finally writes
   the output) with `RayEngine` as its engine, and shows one progress bar fed by the actors' reports.
+  While it runs it says so to the coordinator (`_signs_of_life`): actors send only while it does.
 
 Ray Data's own checkpointing (CheckpointConfig with an id column) is not used: it records
 a block's ids once the whole block is written, so a kill loses every row of unfinished
@@ -20,9 +21,11 @@ blocks, and it keeps neither the answers nor the intents that say which rows may
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
+import threading
 import time
 import uuid
 import warnings
@@ -46,6 +49,7 @@ from batchrun.inputs import ROW_INDEX, InputTable
 from batchrun.progress import Progress, paid_images
 from batchrun.protocols import CallError, protocol_for
 from batchrun.ray_coordinator import (
+    DRIVER_PING_S,
     ClusterBudget,
     ClusterLedger,
     ClusterLimits,
@@ -55,7 +59,7 @@ from batchrun.ray_coordinator import (
     CoordinatorLink,
 )
 from batchrun.render import Renderer
-from batchrun.rows import RowParts, RowPipeline
+from batchrun.rows import RowParts, RowPipeline, WorkItem
 from batchrun.runner import GRACE_S, Run, RunOptions, Sent
 from batchrun.spec import Job
 from batchrun.spend import Budget
@@ -87,6 +91,7 @@ class RayEngine:
     def __init__(self, ray_options: RayOptions) -> None:
         self.ray_options = ray_options
         self._interrupts = 0
+        self.coordinator_cpu_s: float | None = None  # after a run: the coordinator's CPU time (`batchrun bench`)
 
     async def send_all(self, run: Run, checkpoint: Checkpoint, progress: Progress, base_url: str) -> Sent:
         # Ray's calls block; nothing else runs on this event loop in a Ray run.
@@ -98,13 +103,14 @@ class RayEngine:
                 str(checkpoint.folder), run.concurrency, run.job.spec.run, run.budget
             )
             ray.get(coordinator.start.remote())
-            with _ctrl_c_interrupts():
+            with _ctrl_c_interrupts(), _signs_of_life(coordinator):
                 try:
                     self._send_all(run, coordinator, name, progress, base_url)
                 except KeyboardInterrupt:
                     self._stop_on_ctrl_c(coordinator)
                 finally:
                     final = ray.get(coordinator.close.remote())
+        self.coordinator_cpu_s = final["cpu_s"]
         if final["problem"] is not None:
             raise JobError(final["problem"])
         checkpoint.awaiting_answer = set(final["awaiting_answer"])
@@ -115,7 +121,8 @@ class RayEngine:
     def _send_all(self, run: Run, coordinator: Any, name: str, progress: Progress, base_url: str) -> None:
         limit = run.options.limit
         rows = run.table.count() if limit is None else min(limit, run.table.count())
-        batch_rows = max(16, min(run.concurrency, 512))  # one batch can keep the whole limit busy
+        # A batch can keep the whole limit busy, and costs the coordinator two calls: a few per 1,000 rows.
+        batch_rows = max(16, min(8 * run.concurrency, 512))
         actors = self.ray_options.actors
         pool = (
             ray.data.ActorPoolStrategy(size=actors) if actors else ray.data.ActorPoolStrategy(max_size=_most_actors())
@@ -196,7 +203,12 @@ def _read_rows(job: Job, lo: int, hi: int, block_rows: int) -> Iterator[pa.Table
 
 
 class RowSender:
-    """One actor of the pool: sends the rows of the batches it is given through the job's row pipeline."""
+    """One actor of the pool: sends the rows of the batches it is given through the job's row pipeline.
+
+    Ray Data gives an actor several batches at once; their rows join one queue, served in
+    order by `concurrency` workers, so rows are sent in the order their intents were
+    committed (ClusterLedger commits them a slice ahead, in that order).
+    """
 
     def __init__(
         self, job: Job, columns: list[str], id_name: str, concurrency: int, coordinator: str, url: str, budgeted: bool
@@ -217,15 +229,21 @@ class RowSender:
         self._link = CoordinatorLink(self._coordinator)
         self._watch = ClusterWatch(self._link)
         self._limits = ClusterLimits(self._link, self._watch)
+        self._ledger = ClusterLedger(self._link, self._concurrency)
+        self._sharing = ClusterSharing(self._link)
         caps = AnswerCaps.of(job.spec.run)
         key_header = protocol_for(job.spec.provider.api).KEY_HEADER
         transport = Transport(self._url, api_key, job.spec.run.timeout_s, self._concurrency, caps, key_header)
-        parts = RowParts(ClusterLedger(self._link), self._limits, ClusterSharing(self._link), self._watch, transport)
+        parts = RowParts(self._ledger, self._limits, self._sharing, self._watch, transport)
         parser = AnswerParser.for_spec(job.spec)
         # Without a budget, nothing to ask the coordinator: a budget without a limit holds nothing.
         budget = ClusterBudget(self._link) if self._budgeted else Budget(None, job.spec.pricing, spent=0.0)
-        self._pipeline = RowPipeline(job, Renderer(job, self._columns), parser, self._id_name, parts, budget)
-        return self._pipeline
+        pipeline = RowPipeline(job, Renderer(job, self._columns), parser, self._id_name, parts, budget)
+        self._queue: asyncio.Queue[tuple[WorkItem, _Batch]] = asyncio.Queue()
+        # Kept: the event loop holds its tasks only weakly.
+        self._workers = [asyncio.ensure_future(self._work(pipeline)) for _ in range(self._concurrency)]
+        self._pipeline = pipeline
+        return pipeline
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         try:
@@ -236,13 +254,52 @@ class RowSender:
             return _Report().table()
         rows = list(cast(pl.DataFrame, pl.from_arrow(batch)).iter_rows(named=True))
         todo = set(await self._coordinator.unfinished.remote([row[ROW_INDEX] for row in rows]))
-        report = _Report()
+        work = _Batch()
+        items: list[WorkItem] = []
+        for row in rows:
+            if row[ROW_INDEX] in todo and (item := pipeline.item(row, work.report)) is not None:
+                items.append(item)
+        leads = await self._sharing.claim([(item.idx, item.row_id, item.key) for item in items])
+        self._ledger.expect(leads)
         with self._limits.stoppable():
-            await pipeline.work_rows([row for row in rows if row[ROW_INDEX] in todo], self._concurrency, report)
-        await self._watch.refresh()
-        pipeline.settle_held(report)
+            for item in items:
+                work.add(self._queue, item)
+            await work.done.wait()
+        self._ledger.give_back(leads)
+        await self._link.settle()  # this worker's errors are with the coordinator: the job's state includes them
+        pipeline.settle_held(work.report)
         await self._link.settle()  # the batch's rows are with the coordinator before the driver hears of them
-        return report.table()
+        return work.report.table()
+
+    async def _work(self, pipeline: RowPipeline) -> None:
+        """One of the actor's workers: rows of any batch, in the order they came."""
+        while True:
+            item, work = await self._queue.get()
+            try:
+                if not await pipeline.send(item, work.report):
+                    self._limits.stop_batches()  # the job stops: the rows not sent stay pending
+            finally:
+                work.left()
+
+
+class _Batch:
+    """One batch's rows in the actor's queue: `done` once none is left, and its share of the progress bar."""
+
+    def __init__(self) -> None:
+        self.report = _Report()
+        self.done = asyncio.Event()
+        self.done.set()
+        self._left = 0
+
+    def add(self, queue: asyncio.Queue[tuple[WorkItem, _Batch]], item: WorkItem) -> None:
+        self._left += 1
+        self.done.clear()
+        queue.put_nowait((item, self))
+
+    def left(self) -> None:
+        self._left -= 1
+        if not self._left:
+            self.done.set()
 
 
 class _Report:
@@ -269,6 +326,24 @@ def _ctrl_c_interrupts() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def _signs_of_life(coordinator: Any) -> Iterator[None]:
+    """The driver says it is alive every DRIVER_PING_S, from a thread of its own: workers send only while it does."""
+    done = threading.Event()
+
+    def ping() -> None:
+        while not done.wait(DRIVER_PING_S):
+            coordinator.driver_alive.remote()
+
+    pinger = threading.Thread(target=ping, name="batchrun-driver-alive", daemon=True)
+    pinger.start()
+    try:
+        yield
+    finally:
+        done.set()
+        pinger.join()
 
 
 def _most_actors(actors: int | None = None) -> int:

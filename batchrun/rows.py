@@ -142,22 +142,6 @@ class RowPipeline:
                     scope.cancel()
                     return
 
-    async def work_rows(self, rows: list[dict[str, Any]], concurrency: int, progress: ProgressSink) -> None:
-        """These input rows, each rendered, sent and finished like any row of a local run (the Ray engine's batches).
-
-        Rows held back by a possible abort stay held: `settle_held` decides about them.
-        """
-        send, receive = anyio.create_memory_object_stream[WorkItem](len(rows))
-        async with anyio.create_task_group() as work:
-            for _ in range(min(len(rows), concurrency)):
-                work.start_soon(self.work, receive.clone(), progress, work.cancel_scope)
-            receive.close()
-            with send:
-                for row in rows:
-                    item = self.item(row, progress)
-                    if item is not None:
-                        send.send_nowait(item)
-
     async def send(self, item: WorkItem, progress: ProgressSink) -> bool:
         """The row sent (or answered by an identical one) and finished; False when the run must stop.
 

@@ -22,7 +22,7 @@ LAYERS: list[list[str]] = [
     ["resume", "repair", "rows", "timeline"],
     ["runner", "ray_coordinator", "report"],
     ["engine_ray", "report_page"],
-    ["commands", "api", "models", "bench", "bench_pushback", "cli", "__main__", "__init__"],
+    ["commands", "api", "models", "bench", "bench_pushback", "bench_ray", "cli", "__main__", "__init__"],
 ]
 LAYER = {name: n for n, names in enumerate(LAYERS) for name in names}
 

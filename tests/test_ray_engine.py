@@ -1,8 +1,9 @@
 """`--engine ray` on a local Ray, against the emulator, checked at the server.
 
-Ray starts once for the module: a small local cluster that the runs join with
---ray-address, as they would join a real one. The comparison with the local engine
-starts its own local Ray, as `--engine ray` does when no address is given.
+Ray starts once for the module: a simulated cluster of two nodes on this machine
+(`ray.cluster_utils.Cluster`) that the runs join with --ray-address, as they would join
+a real one; Ray Data spreads the sending actors over the nodes. The comparison with the
+local engine starts its own local Ray, as `--engine ray` does when no address is given.
 """
 
 from __future__ import annotations
@@ -33,21 +34,36 @@ from test_resume import (  # noqa: F401  (slow_emulator is a fixture)
 )
 from test_spend import PRICING
 
+from batchrun.ray_coordinator import DRIVER_GRACE_S
+
 # A cluster started by ray.init takes token authentication; its clients say so.
 RAY_CLIENT = {"RAY_AUTH_MODE": "token", "RAY_ADDRESS": None}
+# Two nodes: the head (2 CPUs: an actor and a read task) and a worker node (1 CPU: an actor).
 HOLD_RAY = """
-import logging, os, time, ray
+import os, time
 os.environ["RAY_worker_niceness"] = "0"  # as batchrun's own local Ray
-ray.init(address="local", num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False,
-         logging_level=logging.ERROR)
-print(ray.get_runtime_context().gcs_address, flush=True)
+from ray.cluster_utils import Cluster
+node = {"object_store_memory": 100 * 2**20}
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False, **node})
+cluster.add_node(num_cpus=1, **node)
+cluster.wait_for_nodes()
+print(cluster.address, flush=True)
 time.sleep(3600)
+"""
+# How many nodes the sending actors of the cluster's latest job ran on (from Ray's actor table).
+SENDER_NODES = """
+import logging, sys, ray
+from ray._private.state import actors
+ray.init(address=sys.argv[1], logging_level=logging.ERROR)
+senders = [a for a in actors().values() if "RowSender" in a["ActorClassName"]]
+latest = max(a["JobID"] for a in senders)
+print(len({a["Address"]["NodeID"] for a in senders if a["JobID"] == latest}))
 """
 
 
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
-    """A local Ray cluster (2 CPUs) for the module's runs; stopped with its process group."""
+    """A simulated two-node Ray cluster for the module's runs; stopped with its process group."""
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_RAY],
         env=cli_env(RAY_CLIENT),
@@ -62,8 +78,16 @@ def ray_address() -> Iterator[str]:
         holder.kill()
         raise RuntimeError("the local Ray cluster did not start")
     yield address
-    os.killpg(holder.pid, signal.SIGTERM)
-    holder.wait(timeout=30)
+    os.killpg(holder.pid, signal.SIGKILL)  # the nodes are in the holder's process group; SIGTERM takes 30 s
+    holder.wait()
+
+
+def sender_nodes(address: str) -> int:
+    found = subprocess.run(
+        [sys.executable, "-c", SENDER_NODES, address], env=cli_env(RAY_CLIENT), capture_output=True, text=True
+    )
+    assert found.returncode == 0, found.stderr[-2000:]
+    return int(found.stdout.split()[-1])
 
 
 def ray_run(job: Path, address: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -140,7 +164,7 @@ def test_ray_output_equals_the_local_engines(tmp_path: Path, emulator: Emulator)
 
 
 @pytest.mark.ray
-def test_limits_hold_for_the_whole_job_not_per_actor(
+def test_limits_hold_for_the_whole_job_across_two_nodes(
     tmp_path: Path,
     slow_emulator: Emulator,  # noqa: F811
     ray_address: str,
@@ -156,6 +180,7 @@ def test_limits_hold_for_the_whole_job_not_per_actor(
     stats = slow_emulator.stats()
     assert stats["requests"] == 120
     assert stats["peak_in_flight"] <= 3, stats  # two actors, three requests in flight between them
+    assert sender_nodes(ray_address) == 2  # one actor on each node
 
     # 600 a minute is 10 a second for the job; paced per actor (Ray's own HTTP processor) it would be 20.
     write_job(tmp_path, slow_emulator.url, input=parquet, run={"concurrency": 16, "requests_per_minute": 600})
@@ -212,6 +237,8 @@ def test_kill_the_driver_then_rerun_each_row_once(
     process.wait()
     first = settled_stats(slow_emulator)
     slow_emulator.reset()
+    last_answer = max(first["answered_at"].values()) - killed_at
+    print(f"the last request of the killed run was answered {last_answer:.2f} s after the kill")
 
     status = run_cli("status", str(job))
     assert "rows were in flight when the last run stopped" in status.stdout, status.stdout
@@ -221,6 +248,40 @@ def test_kill_the_driver_then_rerun_each_row_once(
     again = assert_resumed_without_paying_twice(tmp_path, ids, first, second, killed_at, rerun.stdout)
     reported = in_flight_reported(rerun.stdout)
     print(f"killed after {first['requests']} requests; {len(again)} asked again, {reported} reported in flight")
+
+
+@pytest.mark.ray
+def test_actors_send_only_while_the_driver_lives(
+    tmp_path: Path,
+    slow_emulator: Emulator,  # noqa: F811
+    ray_address: str,
+) -> None:
+    """A driver that stops answering (here SIGSTOP; a killed one, before Ray ends its actors) stops the sending."""
+    ids = many_reviews(tmp_path)
+    job = write_job(tmp_path, slow_emulator.url, run={"concurrency": 4})  # 240 rows: about 3 s of sending
+    slow_emulator.reset()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchrun", "run", str(job), "--quiet", "--engine", "ray"]
+        + ["--ray-actors", "2", "--ray-address", ray_address],
+        env=cli_env(RAY_CLIENT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_requests(slow_emulator, 30, process)
+    process.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(DRIVER_GRACE_S + 1.0)  # the actors' leases run out
+        frozen = slow_emulator.stats()["requests"]
+        time.sleep(2.0)
+        assert slow_emulator.stats()["requests"] == frozen, "actors sent while the driver was stopped"
+    finally:
+        process.send_signal(signal.SIGCONT)
+    stdout, stderr = process.communicate(timeout=180)
+    assert process.returncode == 0, stderr
+    assert_every_row_once_in_order(tmp_path, ids)
+    assert set(slow_emulator.stats()["by_prompt"].values()) == {1}  # and the run went on, each row once
+    print(f"{frozen} of {len(ids)} rows sent when the driver stopped; none while it was stopped")
 
 
 # --- the budget, held for the whole job ------------------------------------------------------
@@ -301,3 +362,21 @@ def test_engine_ray_without_the_extra_says_what_to_install(tmp_path: Path, revie
     )
     assert local.returncode == 0, local.stderr
     assert emulator.stats()["requests"] == 6
+
+
+def test_bench_engine_ray_says_what_it_cannot_do(tmp_path: Path) -> None:
+    """`bench --engine ray` measures Ray alone: with another bench's option, or without Ray, one line and exit 2."""
+    mixed = run_cli("bench", "--engine", "ray", "--push-back")
+    assert mixed.returncode == 2
+    assert "bench --engine ray measures the Ray engine alone" in mixed.stderr, mixed.stderr
+    without_ray = subprocess.run(
+        [sys.executable, "-c", BLOCK_RAY, "bench", "--engine", "ray", "--quick"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert without_ray.returncode == 2
+    assert without_ray.stderr == (
+        "batchrun: error: --engine ray needs Ray, which is not installed: pip install 'batchrun[ray]'\n"
+    )
