@@ -306,24 +306,7 @@ class Checkpoint:
 
         After `refuse_new_rows` it records nothing and waits to be cancelled: the row stays pending.
         """
-        if self._refusing:
-            await anyio.sleep_forever()
-        if self.durable:
-            self._intents.append((idx, time.time()))
-            committed = asyncio.get_running_loop().create_future()
-            self._intent_waiters.append(committed)
-            self._wake.set()
-            try:
-                await committed
-            except BaseException:  # cancelled before its request went out: not in flight after all
-                self.withdraw(idx)
-                raise
-            if self.failure is not None:  # the intent was not recorded: the row must not be sent
-                await anyio.sleep_forever()
-            if self._refusing:  # Ctrl-C came while the intent was being committed: the row is not sent
-                self.withdraw(idx)
-                await anyio.sleep_forever()
-        self.awaiting_answer.add(idx)
+        await self.begin_many([idx])
 
     async def begin_many(self, indexes: list[int]) -> None:
         """`begin` for several rows in one commit (a Ray worker's next slice of rows)."""
@@ -332,12 +315,24 @@ class Checkpoint:
         if self.durable:
             now = time.time()
             self._intents += [(idx, now) for idx in indexes]
-            done = self._intent_done
+            committed = asyncio.get_running_loop().create_future()
+            self._intent_waiters.append(committed)
             self._wake.set()
-            await done.wait()
-            if self.failure is not None:
+            try:
+                await committed
+            except BaseException:  # cancelled before their requests went out: not in flight after all
+                self._withdraw_all(indexes)
+                raise
+            if self.failure is not None:  # the intents were not recorded: the rows must not be sent
+                await anyio.sleep_forever()
+            if self._refusing:  # Ctrl-C came while the intents were being committed: the rows are not sent
+                self._withdraw_all(indexes)
                 await anyio.sleep_forever()
         self.awaiting_answer.update(indexes)
+
+    def _withdraw_all(self, indexes: list[int]) -> None:
+        for idx in indexes:
+            self.withdraw(idx)
 
     def refuse_new_rows(self) -> None:
         """Ctrl-C: no row that has not begun may be sent any more."""
