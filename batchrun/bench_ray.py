@@ -39,7 +39,7 @@ from batchrun import eventloop
 from batchrun.bench import emulator_process, machine, write_input, write_job
 from batchrun.checkpoint import DB_NAME, RowRecord, checkpoint_folder
 from batchrun.engine_ray import RayEngine, RayOptions
-from batchrun.ray_coordinator import Coordinator
+from batchrun.ray_coordinator import Coordinator, row_values
 from batchrun.runner import Engine, Run, RunOptions
 from batchrun.spec import Job, RunSpec
 from batchrun.spend import Budget
@@ -176,8 +176,8 @@ async def _feeder(coordinator: Any, first: int, rows: int) -> None:
                 record = _answered(i)
                 calls += [
                     ("succeeded", (permits[i % len(permits)], 0.02, 50, None, True)),
-                    ("end_leading", (i.to_bytes(16, "big"), record, worker)),
-                    ("finish", (record,)),
+                    ("end_leading", (i.to_bytes(16, "big"), row_values(record), worker)),
+                    ("finish", (row_values(record),)),
                 ]
             await coordinator.sync.remote(worker, len(permits), len(rows_now), calls, list(rows_now))
 
