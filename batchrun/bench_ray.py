@@ -173,11 +173,11 @@ async def _feeder(coordinator: Any, first: int, rows: int) -> None:
             rows_now = batch[start : start + FEED_SLICE]
             calls: list[tuple[str, tuple[Any, ...]]] = [("on_success", ())]
             for i in rows_now:
-                record = _answered(i)
+                values = row_values(_answered(i))  # one tuple for both calls, as CoordinatorLink.values gives
                 calls += [
                     ("succeeded", (permits[i % len(permits)], 0.02, 50, None, True)),
-                    ("end_leading", (i.to_bytes(16, "big"), row_values(record), worker)),
-                    ("finish", (row_values(record),)),
+                    ("end_leading", (i.to_bytes(16, "big"), values, worker)),
+                    ("finish", (values,)),
                 ]
             await coordinator.sync.remote(worker, len(permits), len(rows_now), calls, list(rows_now))
 

@@ -503,6 +503,7 @@ class CoordinatorLink:
         self._synced = asyncio.Event()
         self._started = self._done = 0  # syncs sent, and answered
         self._sent = 0  # requests started since the last sync
+        self._last_row: tuple[RowRecord | None, RowValues] = (None, ())  # see `values`
         self._intents: list[int] = []  # rows whose intents the next sync carries
         self._committing: asyncio.Future[bool] | None = None  # that sync's answer about them
         self.state: SyncState | None = None
@@ -512,6 +513,15 @@ class CoordinatorLink:
 
     def tell(self, method: str, *args: Any) -> None:
         self._outbox.append((method, args))
+
+    def values(self, record: RowRecord) -> RowValues:
+        """A finished row's values: the same tuple for the same record, so that a sync carrying it
+        twice (the end of its lead and its finish) pickles it once."""
+        last, values = self._last_row
+        if record is not last:
+            values = row_values(record)
+            self._last_row = (record, values)
+        return values
 
     def count_sent(self) -> None:
         self._sent += 1
@@ -816,7 +826,7 @@ class ClusterLedger:
     def finish(self, record: RowRecord) -> None:
         self._upcoming.pop(record.idx, None)
         self._committed.discard(record.idx)
-        self._link.tell("finish", row_values(record))
+        self._link.tell("finish", self._link.values(record))
 
     def withdraw(self, idx: int) -> None:
         self._committed.discard(idx)
@@ -914,5 +924,5 @@ class ClusterSharing:
 
     def _end_leading(self, key: bytes, record: RowRecord | None) -> None:
         """Only a successful answer is shared across the job; it goes as values, like a finished row."""
-        answer = row_values(record) if record is not None and record.status == "ok" else None
+        answer = self._link.values(record) if record is not None and record.status == "ok" else None
         self._link.tell("end_leading", key, answer, self._link.worker)
