@@ -355,8 +355,7 @@ class Coordinator:
         """Durably record that these rows may be requested (one transaction); False: none may be any more."""
         if self._refusing or await self.stopped():
             return False
-        await self.checkpoint.begin_many(indexes)
-        return self.checkpoint.failure is None
+        return await self.checkpoint.commit_intents(indexes)
 
     def finish(self, record: RowRecord) -> None:
         self.finished += 1
