@@ -1,34 +1,26 @@
 """The Ray coordinator when its checkpoint can no longer be written: a worker's sync is answered
 (its intents "not committed", so those rows are not sent) rather than never. The coordinator runs
 in this process on a real small file system (tmpfs) that fills up; it needs root, like
-test_checkpoint_stops.py, and the ray extra."""
+test_checkpoint_stops.py, and the ray extra. A whole Ray run on a full disk stops as a local one does."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import Emulator, write_csv, write_job
 
 pytest.importorskip("ray")
+
+from test_checkpoint_stops import ROWS, _remount, _stored, small_disk  # noqa: E402, F401  (small_disk: a fixture)
+from test_ray_engine import ray_address, ray_run  # noqa: E402, F401  (ray_address is a fixture)
 
 from batchrun.ray_coordinator import Coordinator  # noqa: E402
 from batchrun.spec import RunSpec  # noqa: E402
 from batchrun.spend import Budget  # noqa: E402
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def _fill(disk: Path) -> None:
@@ -42,10 +34,11 @@ def _fill(disk: Path) -> None:
         os.close(fd)
 
 
-def test_a_sync_whose_intents_cannot_be_committed_is_answered(small_disk: Path) -> None:
+def test_a_sync_whose_intents_cannot_be_committed_is_answered(small_disk: Path) -> None:  # noqa: F811
     async def scenario() -> None:
         # The actor's own class, without Ray around it: the same code its calls run.
-        coordinator = Coordinator.__ray_metadata__.modified_class(
+        actor: Any = Coordinator  # ray.remote made the class an actor class; mypy cannot see it
+        coordinator = actor.__ray_metadata__.modified_class(
             str(small_disk / "out.batchrun"), 4, RunSpec(), Budget(None, None, 0.0)
         )
         await coordinator.start()
@@ -60,3 +53,26 @@ def test_a_sync_whose_intents_cannot_be_committed_is_answered(small_disk: Path) 
         await coordinator.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.ray
+def test_a_ray_run_on_a_full_disk_stops_with_one_line(
+    tmp_path: Path,
+    small_disk: Path,  # noqa: F811
+    emulator: Emulator,
+    ray_address: str,  # noqa: F811
+) -> None:
+    """As a local run (test_checkpoint_stops.py): the run stops, says so in one line, keeps what it stored."""
+    rows = [[f"R{i}", f"review number {i} " + "x" * 60] for i in range(ROWS)]
+    write_csv(tmp_path / "reviews.csv", ["review_id", "text"], rows)
+    job = write_job(small_disk, emulator.url, input={"path": str(tmp_path / "reviews.csv"), "id_column": "review_id"})
+    full = ray_run(job, ray_address, "--ray-actors", "2")
+    assert full.returncode == 3, full.stderr[-3000:]
+    assert "disk is full" in full.stderr and "--restart" not in full.stderr
+    stored = _stored(small_disk)
+    assert 0 < stored < ROWS
+
+    _remount(small_disk, "size=64m")  # space freed
+    done = ray_run(job, ray_address, "--ray-actors", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _stored(small_disk) == ROWS
