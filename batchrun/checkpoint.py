@@ -309,9 +309,15 @@ class Checkpoint:
         await self.begin_many([idx])
 
     async def begin_many(self, indexes: list[int]) -> None:
-        """`begin` for several rows in one commit (a Ray worker's next slice of rows)."""
-        if self._refusing:
+        """`begin` for several rows in one commit."""
+        if not await self.commit_intents(indexes):
             await anyio.sleep_forever()
+
+    async def commit_intents(self, indexes: list[int]) -> bool:
+        """`begin_many` that returns False, rather than waiting to be cancelled, when these rows may not be
+        sent (Ctrl-C, or a commit that failed): the Ray coordinator answers a worker's sync with it."""
+        if self._refusing:
+            return False
         if self.durable:
             now = time.time()
             self._intents += [(idx, now) for idx in indexes]
@@ -324,11 +330,12 @@ class Checkpoint:
                 self._withdraw_all(indexes)
                 raise
             if self.failure is not None:  # the intents were not recorded: the rows must not be sent
-                await anyio.sleep_forever()
+                return False
             if self._refusing:  # Ctrl-C came while the intents were being committed: the rows are not sent
                 self._withdraw_all(indexes)
-                await anyio.sleep_forever()
+                return False
         self.awaiting_answer.update(indexes)
+        return True
 
     def _withdraw_all(self, indexes: list[int]) -> None:
         for idx in indexes:

@@ -114,6 +114,7 @@ class RayEngine:
         if final["problem"] is not None:
             raise JobError(final["problem"])
         checkpoint.awaiting_answer = set(final["awaiting_answer"])
+        checkpoint.failure = final["failure"]  # the coordinator's commits failed: the Run stops as a local one
         run.budget.spent, run.budget.refused = final["budget"]  # the Run says why it stopped, as locally
         tripped = CallError(**final["tripped"]) if final["tripped"] is not None else None
         return Sent(final["requested"], self._interrupts, tripped)

@@ -360,8 +360,7 @@ class Coordinator:
         """Durably record that these rows may be requested (one transaction); False: none may be any more."""
         if self._refusing or await self.stopped():
             return False
-        await self.checkpoint.begin_many(indexes)
-        return self.checkpoint.failure is None
+        return await self.checkpoint.commit_intents(indexes)
 
     def finish(self, values: RowValues) -> None:
         self.finished += 1
@@ -446,7 +445,8 @@ class Coordinator:
     # --- the driver ------------------------------------------------------------------
 
     async def stopped(self) -> bool:
-        return self.watch.tripped is not None or self.problem is not None
+        """Tripped, a worker that cannot start, or a checkpoint that can no longer be written (disk full, read-only)."""
+        return self.watch.tripped is not None or self.problem is not None or self.checkpoint.failure is not None
 
     async def cannot_start(self, problem: str) -> None:
         """A worker cannot do the job (e.g. the key's variable is not set on its node): nothing more is sent."""
@@ -474,6 +474,7 @@ class Coordinator:
             "awaiting_answer": sorted(self.checkpoint.awaiting_answer),
             "tripped": await self.tripped(),
             "problem": self.problem,
+            "failure": self.checkpoint.failure,
             "budget": (self.budget.spent, self.budget.refused),
             "cpu_s": time.process_time() - (self._cpu_from or time.process_time()),  # all the process's threads
             "finished": self.finished,
