@@ -96,6 +96,19 @@ def ray_run(job: Path, address: str, *args: str) -> subprocess.CompletedProcess[
     )
 
 
+def start_ray_driver(job: Path, address: str, own_group: bool = False) -> subprocess.Popen[str]:
+    """`batchrun run --engine ray` with two actors, as a process of its own (in a new process group: `own_group`)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "batchrun", "run", str(job), "--quiet", "--engine", "ray"]
+        + ["--ray-actors", "2", "--ray-address", address],
+        env=cli_env(RAY_CLIENT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=own_group,
+    )
+
+
 # --- the same output --------------------------------------------------------------------
 
 
@@ -222,15 +235,7 @@ def test_kill_the_driver_then_rerun_each_row_once(
     ids = many_reviews(tmp_path)
     job = write_job(tmp_path, slow_emulator.url)
     slow_emulator.reset()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "batchrun", "run", str(job), "--quiet", "--engine", "ray"]
-        + ["--ray-actors", "2", "--ray-address", ray_address],
-        env=cli_env(RAY_CLIENT),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    process = start_ray_driver(job, ray_address, own_group=True)
     wait_for_requests(slow_emulator, 60, process)
     killed_at = time.time()
     os.killpg(process.pid, signal.SIGKILL)  # the driver and everything in its process group
@@ -260,14 +265,7 @@ def test_actors_send_only_while_the_driver_lives(
     ids = many_reviews(tmp_path)
     job = write_job(tmp_path, slow_emulator.url, run={"concurrency": 4})  # 240 rows: about 3 s of sending
     slow_emulator.reset()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "batchrun", "run", str(job), "--quiet", "--engine", "ray"]
-        + ["--ray-actors", "2", "--ray-address", ray_address],
-        env=cli_env(RAY_CLIENT),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_ray_driver(job, ray_address)
     wait_for_requests(slow_emulator, 30, process)
     process.send_signal(signal.SIGSTOP)
     try:
