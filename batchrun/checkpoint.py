@@ -306,16 +306,13 @@ class Checkpoint:
 
         After `refuse_new_rows` it records nothing and waits to be cancelled: the row stays pending.
         """
-        await self.begin_many([idx])
-
-    async def begin_many(self, indexes: list[int]) -> None:
-        """`begin` for several rows in one commit."""
-        if not await self.commit_intents(indexes):
+        if not await self.commit_intents([idx]):
             await anyio.sleep_forever()
 
     async def commit_intents(self, indexes: list[int]) -> bool:
-        """`begin_many` that returns False, rather than waiting to be cancelled, when these rows may not be
-        sent (Ctrl-C, or a commit that failed): the Ray coordinator answers a worker's sync with it."""
+        """`begin` for several rows in one commit, returning False rather than waiting to be cancelled when
+        they may not be sent (Ctrl-C, or a commit that failed): the Ray coordinator answers a worker's sync
+        with it."""
         if self._refusing:
             return False
         if self.durable:
