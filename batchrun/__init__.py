@@ -14,19 +14,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from batchrun.errors import BudgetReached, JobError, RunAborted, RunInterrupted
+from batchrun.base.errors import BudgetReached, JobError, RunAborted, RunInterrupted
+from batchrun.base.version import __version__ as __version__
 
 if TYPE_CHECKING:
-    from batchrun.api import arun, run, status, validate
+    from batchrun.app.api import arun, run, status, validate
 
-__version__ = "0.1.0"
 __all__ = ["run", "arun", "validate", "status", "JobError", "RunAborted", "BudgetReached", "RunInterrupted"]
 
 
 def __getattr__(name: str) -> Any:
     """The API's functions are imported on first use: the CLI and the emulator start without the engine."""
     if name in ("run", "arun", "validate", "status"):
-        from batchrun import api
+        from batchrun.app import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'batchrun' has no attribute {name!r}")

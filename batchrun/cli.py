@@ -11,9 +11,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from batchrun import __version__
-from batchrun.errors import BudgetReached, JobError, RunAborted, RunInterrupted
-from batchrun.redaction import redact
+from batchrun.base.errors import BudgetReached, JobError, RunAborted, RunInterrupted
+from batchrun.base.redaction import redact
+from batchrun.base.version import __version__
 
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
@@ -227,9 +227,10 @@ def _non_negative_float(text: str) -> float:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from batchrun import commands, eventloop
-    from batchrun.checks import load_job
-    from batchrun.runner import RunOptions
+    from batchrun.app import commands
+    from batchrun.app.checks import load_job
+    from batchrun.base import eventloop
+    from batchrun.engines.runner import RunOptions
 
     job = load_job(args.job)
     _print_warnings(job.warnings)
@@ -274,8 +275,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from batchrun import commands
-    from batchrun.checks import load_job
+    from batchrun.app import commands
+    from batchrun.app.checks import load_job
 
     job = load_job(args.job)
     _print_warnings(job.warnings)
@@ -301,15 +302,15 @@ def _print_warnings(warnings: list[str]) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from batchrun.checks import load_job
-    from batchrun.resume import status_lines
+    from batchrun.app.checks import load_job
+    from batchrun.engines.resume import status_lines
 
     print("\n".join(status_lines(load_job(args.job))))
     return 0
 
 
 def _models(args: argparse.Namespace) -> int:
-    from batchrun.models import list_models
+    from batchrun.app.models import list_models
 
     for line in list_models(args.job, args.base_url, args.api_key_env):
         print(line)
@@ -319,8 +320,8 @@ def _models(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     import webbrowser
 
-    from batchrun.checks import load_job
-    from batchrun.report_page import write_report
+    from batchrun.app.checks import load_job
+    from batchrun.results.report_page import write_report
 
     page = write_report(load_job(args.job))
     print(page)
@@ -335,14 +336,14 @@ def _bench(args: argparse.Namespace) -> int:
             raise JobError("bench --engine ray measures the Ray engine alone; run --push-back and --memory without it")
         if importlib.util.find_spec("ray") is None:
             raise JobError("--engine ray needs Ray, which is not installed: pip install 'batchrun[ray]'")
-        from batchrun.bench_ray import main as ray_bench_main
+        from batchrun.bench.ray_scaling import main as ray_bench_main
 
         return ray_bench_main(args.quick, args.json)
     if args.push_back:
-        from batchrun.bench_pushback import main as push_back_main
+        from batchrun.bench.pushback import main as push_back_main
 
         return push_back_main(args.quick, args.json)
-    from batchrun.bench import main as bench_main
+    from batchrun.bench.throughput import main as bench_main
 
     return bench_main(args.quick, args.json, args.memory)
 

@@ -19,7 +19,7 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from batchrun.checkpoint import Checkpoint, RowRecord  # noqa: E402
+from batchrun.ledger.checkpoint import Checkpoint, RowRecord  # noqa: E402
 
 
 def record(idx: int) -> RowRecord:

@@ -24,14 +24,14 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from batchrun.checkpoint import Checkpoint, RowRecord, checkpoint_folder  # noqa: E402
+from batchrun.ledger.checkpoint import Checkpoint, RowRecord, checkpoint_folder  # noqa: E402
 
 HOURS = 10.0
 WRITE_ROWS = 50_000
 MEASURE = """
 import resource, sys, time
-from batchrun.report_page import write_report
-from batchrun.checks import load_job
+from batchrun.results.report_page import write_report
+from batchrun.app.checks import load_job
 started = time.perf_counter()
 page = write_report(load_job(sys.argv[1]))
 print(time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, page.stat().st_size)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 def read_all(path: str) -> None:
     """In the measured process: read the input as a run does, then print the peak RSS."""
-    from batchrun.inputs import InputTable
+    from batchrun.job.inputs import InputTable
 
     started = time.perf_counter()
     table = InputTable(path, "review_id", Path("job.yaml"))

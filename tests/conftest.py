@@ -27,7 +27,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_KEY = "sk-batchrun-test-key-5f0c2e9a71"  # distinctive, so a leak is easy to find
-# Where runs note their checkpoint's place (resume.py): the tests' own, not the user's home.
+# Where runs note their checkpoint's place (engines/resume.py): the tests' own, not the user's home.
 STATE_DIR = tempfile.mkdtemp(prefix="batchrun-test-state-")
 
 
@@ -182,7 +182,7 @@ def run_job(folder: Path, rows: list[list[Any]], url: str, *args: str, **job: An
     write_csv(folder / "reviews.csv", ["review_id", "text", "stars"][: len(rows[0])], rows)
     path = write_job(folder, url, **job)
     result = run_here("run", str(path), "--quiet", *args)
-    from batchrun.output import summary_path
+    from batchrun.results.output import summary_path
 
     output = folder / yaml.safe_load(path.read_text())["output"]["path"]
     assert_finished(result, output)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import anyio
 
-from batchrun.limits import InFlight
+from batchrun.flow.limits import InFlight
 
 
 def test_never_more_holders_than_places_while_the_limit_moves() -> None:

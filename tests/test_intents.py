@@ -7,7 +7,7 @@ from pathlib import Path
 
 import anyio
 
-from batchrun.checkpoint import Checkpoint
+from batchrun.ledger.checkpoint import Checkpoint
 
 
 def run_rows(tmp_path: Path, stop: str) -> tuple[list[int], int]:

@@ -1,4 +1,4 @@
-"""The package's imports flow one way (ARCHITECTURE.md): no cycles, nothing imported from a lower layer."""
+"""The package's imports flow one way and each module sits in its package (ARCHITECTURE.md is the one source)."""
 
 from __future__ import annotations
 
@@ -10,21 +10,23 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "batchrun"
 ARCHITECTURE = REPO / "ARCHITECTURE.md"
 
-# ARCHITECTURE.md's layers, top (imported by all) to bottom (imports all).
-LAYERS: list[list[str]] = [
-    ["errors", "redaction", "stops", "eventloop", "storage", "openai_batch", "emulator"],
-    ["spec"],
-    ["structured", "render", "inputs", "checkpoint"],
-    ["settings"],
-    ["protocols"],
-    ["images", "breaker", "adaptive", "limits", "spend", "sharing", "seams"],
-    ["checks", "transport", "fingerprint", "output", "progress"],
-    ["resume", "repair", "rows", "timeline"],
-    ["runner", "ray_coordinator", "report"],
-    ["engine_ray", "report_page"],
-    ["commands", "api", "models", "bench", "bench_pushback", "bench_ray", "cli", "__main__", "__init__"],
-]
-LAYER = {name: n for n, names in enumerate(LAYERS) for name in names}
+
+def floors_from_architecture() -> tuple[dict[str, int], dict[str, str]]:
+    """ARCHITECTURE.md is the one source: each "### N. `pkg/`" heading is a package on floor N, and the files
+    named in backticks under it are where they belong. The last heading holds the top-level modules."""
+    floor_of: dict[str, int] = {}
+    placed: dict[str, str] = {}
+    text = ARCHITECTURE.read_text(encoding="utf-8").split("## Packages, in floors", 1)[1]
+    for section in re.split(r"^### ", text, flags=re.M)[1:]:
+        heading, _, body = section.partition("\n")
+        number, package = re.match(r"(\d+)\. (?:`(\w+)/`)?", heading).groups()  # type: ignore[union-attr]
+        floor_of[package or ""] = int(number)
+        for shown in re.findall(r"`([\w/]+\.py)`", body):
+            placed[shown] = package or ""
+    return floor_of, placed
+
+
+FLOOR_OF_PACKAGE, PLACED = floors_from_architecture()
 
 
 def module_name(path: Path) -> str:
@@ -36,7 +38,8 @@ MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
 def imports_of(path: Path) -> set[str]:
-    """The batchrun modules a file imports, anywhere in it (functions and TYPE_CHECKING blocks too)."""
+    """The batchrun modules a file imports, anywhere in it (functions and TYPE_CHECKING blocks too).
+    `from batchrun import x` imports `batchrun` itself (the bottom floor) unless x is a module."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
@@ -51,23 +54,35 @@ def imports_of(path: Path) -> set[str]:
 GRAPH = {name: imports_of(path) - {name} for name, path in MODULES.items()}
 
 
-def layer_of(module: str) -> int:
-    """A module's layer, by its first name below `batchrun` (protocols.gemini is in `protocols`)."""
+def package_of(module: str) -> str:
+    """The package a module lives in ("" for the top-level modules: cli, __main__, batchrun itself)."""
     parts = module.split(".")
-    key = parts[1] if len(parts) > 1 else "__init__"
-    if module == "batchrun.__main__":
-        key = "__main__"
-    assert key in LAYER, f"{module} is in no layer: add it to ARCHITECTURE.md and LAYERS"
-    return LAYER[key]
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and (PACKAGE / parts[1]).is_dir()) else ""
 
 
-def test_every_module_has_a_layer_and_a_line_in_architecture() -> None:
-    documented = ARCHITECTURE.read_text(encoding="utf-8")
+def layer_of(module: str) -> int:
+    package = package_of(module)
+    assert package in FLOOR_OF_PACKAGE, f"{module}: package {package!r} has no floor in ARCHITECTURE.md"
+    return FLOOR_OF_PACKAGE[package]
+
+
+def test_every_module_is_listed_under_its_own_package() -> None:
+    wrong = []
     for module, path in MODULES.items():
-        layer_of(module)
-        if module.split(".")[:2] != ["batchrun", "emulator"]:
-            shown = str(path.relative_to(PACKAGE))
-            assert re.search(rf"`{re.escape(shown)}`", documented), f"ARCHITECTURE.md does not list {shown}"
+        shown = str(path.relative_to(PACKAGE))
+        if path.name == "__init__.py" and path.parent != PACKAGE and shown not in PLACED:
+            continue  # a package's docstring file; its package's heading places it
+        if PLACED.get(shown) != package_of(module):
+            where = f"under `{PLACED[shown]}/`" if shown in PLACED else "nowhere"
+            wrong.append(f"{shown} is in {package_of(module) or 'the top level'}/ but ARCHITECTURE.md lists it {where}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_package_says_what_it_owns_and_may_import() -> None:
+    for package in FLOOR_OF_PACKAGE:
+        if package:
+            doc = ast.get_docstring(ast.parse((PACKAGE / package / "__init__.py").read_text(encoding="utf-8")))
+            assert doc, f"batchrun/{package}/__init__.py has no docstring saying what the package owns"
 
 
 def test_imports_go_against_no_layer() -> None:
@@ -103,7 +118,11 @@ def test_the_checker_sees_a_cycle_and_an_upward_import() -> None:
     """The checks above can fail: a made-up graph with both faults is caught."""
     global GRAPH
     saved = GRAPH
-    GRAPH = {**saved, "batchrun.errors": {"batchrun.cli"}, "batchrun.cli": saved["batchrun.cli"] | {"batchrun.errors"}}
+    GRAPH = {
+        **saved,
+        "batchrun.base.errors": {"batchrun.cli"},
+        "batchrun.cli": saved["batchrun.cli"] | {"batchrun.base.errors"},
+    }
     try:
         for check in (test_imports_go_against_no_layer, test_no_import_cycle):
             try:

@@ -20,7 +20,7 @@ from trio.testing import MockClock
 
 from batchrun.emulator.faults import RequestWindow, rate_limited
 from batchrun.emulator.server import Stats
-from batchrun.limits import (
+from batchrun.flow.limits import (
     LimiterChange,
     Limits,
     MinuteBudget,
@@ -29,9 +29,9 @@ from batchrun.limits import (
     output_cap,
     prompt_tokens_estimate,
 )
+from batchrun.pipeline.transport import Outcome, backoff_delay, call_with_retries
 from batchrun.protocols import CallError, Reply
 from batchrun.protocols.relay_errors import QuotaGroup, QuotaLeft, from_response
-from batchrun.transport import Outcome, backoff_delay, call_with_retries
 
 pytestmark = pytest.mark.anyio
 

@@ -13,8 +13,9 @@ import polars as pl
 import pytest
 from conftest import Emulator
 
-from batchrun import bench, inputs
-from batchrun.inputs import ROW_INDEX, InputTable
+from batchrun.bench import throughput as bench
+from batchrun.job import inputs
+from batchrun.job.inputs import ROW_INDEX, InputTable
 
 
 @pytest.mark.slow

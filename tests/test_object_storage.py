@@ -167,7 +167,7 @@ def test_input_and_output_on_s3(tmp_path: Path, s3: S3Server, emulator: Emulator
     status = run_here("status", str(job), env=s3.env(state))
     assert f"checkpoint: {checkpoint}" in status.stdout, status.stdout
     assert "6 of 6 rows done: 6 ok" in status.stdout
-    beside = {p.name for p in tmp_path.iterdir()} - {".job.yaml.checkpoint"}  # the old pointer: see resume.py
+    beside = {p.name for p in tmp_path.iterdir()} - {".job.yaml.checkpoint"}  # the old pointer: see engines/resume.py
     assert beside == {"job.yaml", "state"}  # no output, summary or checkpoint beside the job file
 
     emulator.reset()  # a rerun resumes from the local checkpoint: nothing is sent again

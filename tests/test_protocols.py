@@ -10,12 +10,12 @@ import anyio
 import orjson
 import pytest
 
+from batchrun.job.render import ImageInput, Request
+from batchrun.job.settings import RequestSettings
+from batchrun.job.spec import JobSpec
+from batchrun.pipeline.transport import read_answer
 from batchrun.protocols import CallError, gemini, openai_chat, openai_completions
 from batchrun.protocols.reply import Decoder, ImageOut, Reply
-from batchrun.render import ImageInput, Request
-from batchrun.settings import RequestSettings
-from batchrun.spec import JobSpec
-from batchrun.transport import read_answer
 
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR42mP4z8AAAAMBAQAY3Y2wAAAAAElFTkSuQmCC")
 PNG_B64 = base64.b64encode(PNG).decode()

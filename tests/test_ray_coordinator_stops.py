@@ -18,9 +18,9 @@ pytest.importorskip("ray")
 from test_checkpoint_stops import ROWS, _remount, _stored, small_disk  # noqa: E402, F401  (small_disk: a fixture)
 from test_ray_engine import ray_address, ray_run  # noqa: E402, F401  (ray_address is a fixture)
 
-from batchrun.ray_coordinator import Coordinator  # noqa: E402
-from batchrun.spec import RunSpec  # noqa: E402
-from batchrun.spend import Budget  # noqa: E402
+from batchrun.engines.ray_coordinator import Coordinator  # noqa: E402
+from batchrun.flow.spend import Budget  # noqa: E402
+from batchrun.job.spec import RunSpec  # noqa: E402
 
 
 def _fill(disk: Path) -> None:

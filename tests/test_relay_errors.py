@@ -9,6 +9,7 @@ import httpx
 import orjson
 import pytest
 
+from batchrun.base.redaction import register_secret
 from batchrun.protocols import openai_chat
 from batchrun.protocols.relay_errors import (
     CallError,
@@ -19,7 +20,6 @@ from batchrun.protocols.relay_errors import (
     quota_left,
     retry_hint,
 )
-from batchrun.redaction import register_secret
 
 
 def answer(status: int, body: object, **headers: str) -> CallError:

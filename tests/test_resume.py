@@ -351,7 +351,7 @@ def test_truncated_checkpoint_is_refused_with_one_line(tmp_path: Path, reviews: 
 TORN_WAL_WRITER = """
 import os, sys, time
 from pathlib import Path
-from batchrun.checkpoint import Checkpoint, RowRecord
+from batchrun.ledger.checkpoint import Checkpoint, RowRecord
 cp = Checkpoint(Path(sys.argv[1]))
 row = lambda i: RowRecord(i, f"R{i}", "ok", "positive", None, "stop", "m", 3, 1, 0.1, 1, None, None, time.time())
 cp._write([], [row(i) for i in range(10)], [])
@@ -361,7 +361,7 @@ os._exit(0)  # killed: the WAL is never checkpointed into the database file
 
 
 def test_torn_wal_tail_is_recovered_to_the_last_whole_commit(tmp_path: Path) -> None:
-    from batchrun.checkpoint import Checkpoint
+    from batchrun.ledger.checkpoint import Checkpoint
 
     folder = tmp_path / "cp"
     subprocess.run([sys.executable, "-c", TORN_WAL_WRITER, str(folder)], env=cli_env(), check=True)
@@ -376,8 +376,8 @@ def test_torn_wal_tail_is_recovered_to_the_last_whole_commit(tmp_path: Path) -> 
 
 
 def test_request_settings_hold_only_what_shapes_the_request_body() -> None:
-    from batchrun.fingerprint import request_settings
-    from batchrun.spec import JobSpec
+    from batchrun.job.spec import JobSpec
+    from batchrun.pipeline.fingerprint import request_settings
 
     def settings(**changes: object) -> dict[str, object]:
         job: dict[str, object] = {
@@ -405,8 +405,8 @@ def test_every_request_setting_changes_the_fingerprint() -> None:
     """RequestSettings is hashed whole: a changed field, nested ones included, is a different request."""
     import dataclasses
 
-    from batchrun.fingerprint import settings_digest
-    from batchrun.settings import ImageSettings, RequestSettings
+    from batchrun.job.settings import ImageSettings, RequestSettings
+    from batchrun.pipeline.fingerprint import settings_digest
 
     base = RequestSettings(
         model="m",

@@ -7,9 +7,9 @@ from typing import Any
 import polars as pl
 import pytest
 
-from batchrun import spend
-from batchrun.spec import PricingSpec
-from batchrun.structured import (
+from batchrun.flow import spend
+from batchrun.job.spec import PricingSpec
+from batchrun.job.structured import (
     SCHEMA_INVALID,
     AnswerParser,
     Verdict,

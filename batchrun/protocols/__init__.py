@@ -23,8 +23,8 @@ from batchrun.protocols.relay_errors import CallError
 from batchrun.protocols.reply import Decoder, Reply, StreamAnswer
 
 if TYPE_CHECKING:
-    from batchrun.render import Request
-    from batchrun.settings import RequestSettings
+    from batchrun.job.render import Request
+    from batchrun.job.settings import RequestSettings
 
 
 class WireProtocol(Protocol):
@@ -40,7 +40,7 @@ class WireProtocol(Protocol):
 
 
 class Repairing(WireProtocol, Protocol):
-    """A protocol that can continue a request with a follow-up (checks.py allows repair only for these)."""
+    """A protocol that can continue a request with a follow-up (app/checks.py allows repair only for these)."""
 
     def repair_body(self, body: dict[str, Any], answer: str, message: str) -> dict[str, Any]: ...
 
@@ -54,7 +54,7 @@ APIS = tuple(_MODULES)
 
 
 def protocol_for(api: str) -> WireProtocol:
-    """The protocol module of `provider.api` (validated by spec.py, so always known)."""
+    """The protocol module of `provider.api` (validated by job/spec.py, so always known)."""
     return cast(WireProtocol, importlib.import_module(_MODULES[api]))
 
 

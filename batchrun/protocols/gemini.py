@@ -17,13 +17,13 @@ from typing import Any
 
 import orjson
 
+from batchrun.base.stops import StopRule
+from batchrun.job.render import ImageInput, Request
+from batchrun.job.settings import RequestSettings
+from batchrun.job.structured import gemini_response_schema
 from batchrun.protocols.relay_errors import CallError, from_body
 from batchrun.protocols.reply import Decoder, ImageOut, Reply, decode_base64, text_field, token_count
 from batchrun.protocols.sse import stream_cut
-from batchrun.render import ImageInput, Request
-from batchrun.settings import RequestSettings
-from batchrun.stops import StopRule
-from batchrun.structured import gemini_response_schema
 
 INLINE_IMAGE_URLS = True  # a Gemini-bound channel may not fetch URLs: batchrun downloads them
 KEY_HEADER: str | None = "x-goog-api-key"  # Google's own key header, read by Gemini-native proxies (docs/relays.md)

@@ -9,12 +9,12 @@ from typing import Any
 
 import orjson
 
+from batchrun.base.stops import StopRule
+from batchrun.job.render import ImageInput, Request
+from batchrun.job.settings import RequestSettings
 from batchrun.protocols.relay_errors import CallError, from_body
 from batchrun.protocols.reply import Decoder, ImageOut, Reply, decode_base64, text_field, token_count
 from batchrun.protocols.sse import stream_cut
-from batchrun.render import ImageInput, Request
-from batchrun.settings import RequestSettings
-from batchrun.stops import StopRule
 
 INLINE_IMAGE_URLS = False  # the upstream fetches http(s) URLs itself
 KEY_HEADER: str | None = None

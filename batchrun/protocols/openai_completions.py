@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from batchrun.base.stops import StopRule
+from batchrun.job.render import Request
+from batchrun.job.settings import RequestSettings
 from batchrun.protocols import openai_chat
 from batchrun.protocols.relay_errors import CallError
 from batchrun.protocols.reply import Decoder, Reply
-from batchrun.render import Request
-from batchrun.settings import RequestSettings
-from batchrun.stops import StopRule
 
 INLINE_IMAGE_URLS = False  # no images on this API
 KEY_HEADER: str | None = None

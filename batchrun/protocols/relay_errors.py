@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
-from batchrun.redaction import excerpt, redact
-from batchrun.stops import StopRule
+from batchrun.base.redaction import excerpt, redact
+from batchrun.base.stops import StopRule
 
 MAX_MESSAGE_CHARS = 2000  # a relay's error message is kept whole up to this
 
@@ -31,7 +31,7 @@ class CallError(Exception):
     code: str = ""
     retryable: bool = True
     max_retries: int | None = None  # a tighter cap than run.max_attempts, for content outcomes
-    abort: StopRule | None = None  # the stop rule this failure counts towards (stops.py)
+    abort: StopRule | None = None  # the stop rule this failure counts towards (base/stops.py)
     retry_hint: float | None = None  # seconds the server asked us to wait
     min_delay: float = 0.0
     request_id: str | None = None

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+from batchrun.base.redaction import excerpt
+from batchrun.base.stops import StopRule
 from batchrun.protocols.relay_errors import CallError, QuotaLeft
-from batchrun.redaction import excerpt
-from batchrun.stops import StopRule
 
 MAX_TOKEN_COUNT = 100_000_000  # far above any one answer's usage: larger is a relay's mistake, not a count
 

@@ -1,0 +1,173 @@
+"""batchrun from Python: the CLI's run, validate and status, on job files or dicts and on frames.
+
+The same engine as the CLI (app/commands.py): the same checkpoint, resume promise and messages.
+A frame given as `input` is fingerprinted by its rows, so rerunning a notebook cell
+resumes, and a changed frame is refused like a changed job file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import warnings
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar, Union
+
+import polars as pl
+import pyarrow as pa
+
+from batchrun.app import commands
+from batchrun.app.checks import job_from_dict, load_job
+from batchrun.base import eventloop
+from batchrun.base.errors import JobError
+from batchrun.engines.resume import JobStatus, job_status
+from batchrun.engines.runner import CtrlC, RunOptions
+from batchrun.job.spec import Job
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+JobLike = str | os.PathLike[str] | Mapping[str, Any]
+FrameLike = Union[pl.DataFrame, "pd.DataFrame", pa.Table]  # noqa: UP007 (pandas is optional: a forward reference)
+T = TypeVar("T")
+
+
+def run(
+    job: JobLike,
+    input: FrameLike | None = None,
+    *,
+    limit: int | None = None,
+    concurrency: int | None = None,
+    restart: bool = False,
+    retry_failed: bool = False,
+    rerun_changed: bool = False,
+    max_cost: float | None = None,
+    quiet: bool = False,
+) -> pl.DataFrame:
+    """Runs or resumes the job and returns its output, as `batchrun run` writes it.
+
+    Works where an event loop is already running (Jupyter): the run then has a loop of its own
+    in a worker thread, and Ctrl-C (interrupt the kernel) stops it as it stops the CLI.
+    Raises JobError, RunAborted (stopped by the server), BudgetReached or RunInterrupted.
+    """
+    loaded = _load(job, input)
+    options = _options(limit, concurrency, restart, retry_failed, rerun_changed, max_cost, quiet)
+    if _loop_running() or threading.current_thread() is not threading.main_thread():
+        options.presses = CtrlC()  # no SIGINT handler of ours: it is not our loop or thread
+        _in_worker_thread(partial(eventloop.run, commands.run, loaded, options), options.presses)
+    else:
+        eventloop.run(commands.run, loaded, options)
+    return _read_output(loaded)
+
+
+async def arun(
+    job: JobLike,
+    input: FrameLike | None = None,
+    *,
+    limit: int | None = None,
+    concurrency: int | None = None,
+    restart: bool = False,
+    retry_failed: bool = False,
+    rerun_changed: bool = False,
+    max_cost: float | None = None,
+    quiet: bool = False,
+) -> pl.DataFrame:
+    """`run`, awaited on the caller's event loop. Cancelling the task stops the run; what finished is kept."""
+    loaded = _load(job, input)
+    options = _options(limit, concurrency, restart, retry_failed, rerun_changed, max_cost, quiet)
+    options.presses = CtrlC()  # the loop's SIGINT handling stays its owner's
+    await commands.run(loaded, options)
+    return _read_output(loaded)
+
+
+def validate(job: JobLike, input: FrameLike | None = None, *, show: int = 2) -> commands.Plan:
+    """Checks the job and its input; returns the first `show` rendered requests and the cost estimate. Sends nothing."""
+    loaded = _load(job, input)
+    if _loop_running():  # rendering loads images on an event loop of its own
+        return _in_worker_thread(partial(commands.plan, loaded, show))
+    return commands.plan(loaded, show)
+
+
+def status(job: JobLike, input: FrameLike | None = None) -> JobStatus:
+    """Where the job stands: rows done, failed and pending, tokens, cost, and where its checkpoint is."""
+    return job_status(_load(job, input))
+
+
+def _load(job: JobLike, input: FrameLike | None) -> Job:
+    frame = _as_polars(input)
+    if isinstance(job, Mapping):
+        loaded = job_from_dict(dict(job), Path.cwd(), frame)
+    else:
+        loaded = load_job(job)
+        if frame is not None:  # the frame stands in for input.path
+            loaded.spec.input = loaded.spec.input.model_copy(update={"path": None})
+            loaded.frame = frame
+    for warning in loaded.warnings:
+        warnings.warn(warning, stacklevel=3)
+    return loaded
+
+
+def _as_polars(input: FrameLike | None) -> pl.DataFrame | None:
+    if input is None or isinstance(input, pl.DataFrame):
+        return input
+    if isinstance(input, pa.Table):
+        return pl.DataFrame(pl.from_arrow(input))
+    if type(input).__module__.partition(".")[0] == "pandas":  # pandas is optional: never imported here
+        return pl.from_pandas(input)
+    raise JobError(f"input: expected a polars or pandas DataFrame or a pyarrow Table, got {type(input).__name__}")
+
+
+def _options(
+    limit: int | None,
+    concurrency: int | None,
+    restart: bool,
+    retry_failed: bool,
+    rerun_changed: bool,
+    max_cost: float | None,
+    quiet: bool,
+) -> RunOptions:
+    for name, value in (("limit", limit), ("concurrency", concurrency)):
+        if value is not None and value < 1:
+            raise JobError(f"{name}: must be at least 1 (got {value})")
+    if max_cost is not None and max_cost < 0:
+        raise JobError(f"max_cost: must be 0 or more (got {max_cost})")
+    return RunOptions(limit, concurrency, restart, retry_failed, rerun_changed, quiet, max_cost)
+
+
+def _read_output(job: Job) -> pl.DataFrame:
+    if job.output_url is not None:
+        return pl.read_parquet(job.output_url, storage_options=job.spec.output.storage_options)
+    return pl.read_parquet(job.output_path)
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _in_worker_thread(work: Callable[[], T], presses: CtrlC | None = None) -> T:
+    """`work` in a worker thread, waited for here.
+
+    Ctrl-C while waiting is handed to the run (`presses`), which stops as the CLI does and raises RunInterrupted.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="batchrun") as pool:
+        future = pool.submit(work)
+        while True:
+            try:
+                # Short waits: SIGINT may land on another thread, and Python runs its handler
+                # (KeyboardInterrupt) only when this thread wakes.
+                return future.result(timeout=0.1)
+            except FutureTimeout:
+                continue
+            except KeyboardInterrupt:
+                if presses is None:
+                    raise
+                presses.press()

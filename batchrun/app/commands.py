@@ -1,0 +1,130 @@
+"""What `run` and `validate` do, for the command line (cli.py) and Python (app/api.py) alike
+(`status` is resume.job_status).
+
+Each takes a loaded Job and returns what it found; printing is the caller's.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from batchrun.base.errors import JobError
+from batchrun.engines.runner import RunOptions, run_job
+from batchrun.flow import spend
+from batchrun.job.inputs import ROW_INDEX, InputTable
+from batchrun.job.render import Renderer, RowInputError
+from batchrun.job.settings import RequestSettings
+from batchrun.job.spec import Job, JobSpec
+from batchrun.job.structured import AnswerParser
+from batchrun.pipeline.images import ImageLoader, loader_for, preview_body
+from batchrun.protocols import WireProtocol, protocol_for
+from batchrun.results import output
+
+
+async def run(
+    job: Job,
+    options: RunOptions,
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_actors: int | None = None,
+) -> dict[str, Any]:
+    """Runs or resumes the job; returns its summary. Raises JobError, RunAborted, BudgetReached, RunInterrupted."""
+    if options.max_cost is not None and job.spec.pricing is None:
+        raise JobError(f"{job.path}: --max-cost needs pricing in the job file to count the cost")
+    if engine == "local":
+        if ray_address is not None or ray_actors is not None:
+            raise JobError("--ray-address and --ray-actors need --engine ray")
+        return await run_job(job, options)
+    ray_engine = _ray_engine()
+    return await ray_engine.run_job_on_ray(job, options, ray_engine.RayOptions(ray_address, ray_actors))
+
+
+def _ray_engine() -> ModuleType:
+    """The Ray engine, which needs the optional `ray` extra; the core install never imports Ray."""
+    try:
+        from batchrun.engines import ray_engine
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] != "ray":
+            raise
+        raise JobError("--engine ray needs Ray, which is not installed: pip install 'batchrun[ray]'") from None
+    return ray_engine
+
+
+def _preview(
+    protocol: WireProtocol,
+    loader: ImageLoader,
+    renderer: Renderer,
+    row: dict[str, Any],
+    settings: RequestSettings,
+    spec: JobSpec,
+) -> str:
+    """One row's request as it would be sent; an OpenAI Batch line's with the path its url names."""
+    try:
+        request = renderer.render(row)
+    except RowInputError as e:
+        return f"(not sent: the row would be an input error: {e})"
+    except Exception as e:  # as `run` records it: a template failing on this row (a sandbox refusal, a filter)
+        return f"(not sent: the row would be an input error: template: {e})"
+    if request.api is None:
+        return preview_body(protocol, loader, request, settings)
+    line_protocol = protocol_for(request.api)
+    path = line_protocol.path(spec.model or "", spec.stream)
+    return f"POST {spec.provider.base_url}{path}\n" + preview_body(line_protocol, loader, request, settings)
+
+
+@dataclass
+class Plan:
+    """What `validate` found: the job's input, its endpoint, the first rendered requests, the cost estimate."""
+
+    job: str
+    rows: int
+    input: str
+    columns: list[str]
+    endpoint: str  # "openai-chat gpt-5.4 -> POST https://..."
+    requests: dict[str, str]  # row id -> the request body as it would be sent (payloads shortened)
+    estimate: spend.Estimate
+    estimate_lines: list[str]  # the estimate as `validate` prints it
+
+
+def plan(job: Job, show: int = 2) -> Plan:
+    """Checks the job and its input and renders the first `show` requests; nothing is sent."""
+    spec = job.spec
+    table = InputTable.for_job(job)
+    table.check_ids()
+    renderer = Renderer(job, table.columns)
+    output.check_columns(job, AnswerParser.for_spec(spec), table.columns)
+    output.check_targets(job)
+    if os.environ.get(spec.provider.api_key_env, "").strip():
+        job.api_key()  # a key that is set must be sendable; validate sends nothing, so it needs none
+    protocol = protocol_for(spec.provider.api)
+    loader = loader_for(job, protocol.INLINE_IMAGE_URLS)
+    settings = RequestSettings.of(spec)
+    requests: dict[str, str] = {}
+    for batch in table.batches(limit=show):
+        for row in batch.iter_rows(named=True):
+            row_id = row[table.id_name] if table.id_column else row[ROW_INDEX]
+            requests[str(row_id)] = _preview(protocol, loader, renderer, row, settings, spec)
+    estimate = spend.estimate_job(job, table, renderer)
+    if job.batch_input:
+        how = "recognised from its lines" if job.format_recognised else "input.format: openai-batch"
+        laid = " with model and params laid over it" if spec.params or spec.model else ""
+        endpoint = (
+            f"input: an OpenAI Batch file ({how}): custom_id is the row id, each line's url picks "
+            f"its path, its body is sent as written{laid}"
+        )
+    else:
+        endpoint = f"{spec.provider.api} {spec.model} -> POST {spec.provider.base_url}"
+        endpoint += protocol.path(spec.model or "", spec.stream)
+    return Plan(
+        job=spec.name,
+        rows=table.count(),
+        input=spec.input.path or "the frame given in Python",
+        columns=table.columns,
+        endpoint=endpoint,
+        requests=requests,
+        estimate=estimate,
+        estimate_lines=spend.describe_estimate(estimate, job),
+    )

@@ -1,0 +1,203 @@
+"""`batchrun bench --push-back`: how close to the relay's allowance batchrun stays when it pushes back.
+
+Each scenario runs the same generated job (bench/throughput.py's workload) against an
+emulator process started with the scenario's faults or limits, and compares
+it with a run of the same job in the same invocation (docs/backoff.md):
+
+* random push-back: wall time with 10 % / 30 % hint-less 429s or 5 % 503s,
+  over the wall time of the same job with none; every row must end ok;
+* a rate limit of N requests a second (refused ones counted, as the relay
+  does): requests answered ok per second over N, and the share answered 429;
+* the same limit halved, then restored mid-run (`POST /_emulator/limits`):
+  seconds until three seconds in a row average 80 % of the new N ok answers
+  with at most 10 % answered 429;
+* a concurrency limit: ok answers per second over what the limit allows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from batchrun.base import eventloop
+from batchrun.bench.throughput import emulator_process, machine, write_input, write_job
+from batchrun.engines.runner import RunOptions, run_job
+
+MAX_ATTEMPTS = 10  # a row refused at random 30 % of the time fails 5 attempts in a row once in 400 rows
+SETTLED_SHARE = 0.8  # a second's ok answers within this share of N: settled
+CONCURRENCY = 32
+
+
+@dataclass
+class Sizes:
+    random_rows: int
+    random_latency_ms: float
+    limit_per_s: int
+    limit_s: float  # how long the rate-limit run lasts, about
+    phase_s: float  # each phase of the halving run
+    concurrency_limit: int
+
+
+FULL = Sizes(random_rows=600, random_latency_ms=500, limit_per_s=40, limit_s=25, phase_s=15, concurrency_limit=8)
+QUICK = Sizes(random_rows=300, random_latency_ms=500, limit_per_s=20, limit_s=12, phase_s=8, concurrency_limit=4)
+
+
+@dataclass
+class Figure:
+    scenario: str
+    measured: str  # what `value` is
+    value: float
+    target: str
+    met: bool
+    note: str = ""
+
+
+def run_push_back(quick: bool, workdir: Path) -> list[Figure]:
+    sizes = QUICK if quick else FULL
+    figures = _random_push_back(workdir / "random", sizes)
+    figures += _rate_limit(workdir / "rate", sizes)
+    figures += _halved_and_restored(workdir / "halved", sizes)
+    figures += _concurrency_limit(workdir / "concurrency", sizes)
+    return figures
+
+
+def _random_push_back(folder: Path, sizes: Sizes) -> list[Figure]:
+    latency = ["--latency-ms", str(sizes.random_latency_ms)]
+    clean_s, _ = _timed_run(folder / "clean", sizes.random_rows, latency)
+    figures = []
+    for fault, most in (("429=0.1", 1.3), ("503=0.05", 1.3), ("429=0.3", 2.0)):
+        wall_s, stats = _timed_run(folder / fault.replace("=", "-"), sizes.random_rows, [*latency, "--fault", fault])
+        ratio = wall_s / clean_s
+        figures.append(
+            Figure(
+                f"random {fault.replace('=', ' at ')}",
+                "wall / fault-free",
+                round(ratio, 2),
+                f"<= {most}",
+                ratio <= most,
+                f"{wall_s:.1f} s vs {clean_s:.1f} s; {stats['requests']} requests for {sizes.random_rows} rows",
+            )
+        )
+    return figures
+
+
+def _rate_limit(folder: Path, sizes: Sizes) -> list[Figure]:
+    n = sizes.limit_per_s
+    rows = round(n * sizes.limit_s)
+    args = ["--latency-ms", "100", "--rpm-limit", str(n), "--rpm-window-s", "1"]
+    wall_s, stats = _timed_run(folder, rows, args)
+    seconds = stats["timeline"][2:-1]  # past the first discovery, without the last partial second
+    ok = sum(s[1] - s[2] for s in seconds) / max(len(seconds), 1)
+    refused = sum(s[2] for s in stats["timeline"]) / stats["requests"]
+    note = f"{rows} rows in {wall_s:.1f} s; {ok:.1f} ok/s from the third second on"
+    return [
+        Figure(f"rate limit {n}/s", "ok per s / N", round(ok / n, 2), ">= 0.85", ok / n >= 0.85, note),
+        Figure(f"rate limit {n}/s", "429 share", round(refused, 3), "<= 0.10", refused <= 0.10),
+    ]
+
+
+def _halved_and_restored(folder: Path, sizes: Sizes) -> list[Figure]:
+    n, phase = sizes.limit_per_s, sizes.phase_s
+    rows = round(n * phase + n / 2 * phase + n * phase * 0.8)
+    args = ["--latency-ms", "100", "--rpm-limit", str(n), "--rpm-window-s", "1"]
+    changes: list[float] = []
+
+    def change_limits(url: str) -> None:
+        for limit in (n // 2, n):
+            time.sleep(phase)
+            changes.append(time.time())
+            _post(url + "/_emulator/limits", {"rpm_limit": limit})
+
+    wall_s, stats = _timed_run(folder, rows, args, during=change_limits)
+    figures = []
+    for at, limit, what in zip(changes, (n // 2, n), ("halved", "restored")):
+        settled = _settled_after(stats["timeline"], int(at), limit)
+        refused = sum(s[2] for s in stats["timeline"] if int(at) <= s[0] < int(at) + phase)
+        sent = sum(s[1] for s in stats["timeline"] if int(at) <= s[0] < int(at) + phase)
+        note = f"N {limit}/s; {refused} of {sent} requests answered 429 in the {phase:g} s after"
+        figures.append(Figure(f"rate limit {what}", "s to settle", settled, "<= 5", settled <= 5, note))
+    return figures
+
+
+def _settled_after(timeline: list[list[int]], start: int, limit: int) -> float:
+    """Seconds from `start` until 3 seconds in a row average >= SETTLED_SHARE * limit ok, <= 10 % answered 429."""
+    seconds = {t: (sent, refused) for t, sent, refused in timeline}
+    for t in range(start, max(seconds, default=start) - 1):
+        sent = sum(seconds.get(t + i, (0, 0))[0] for i in range(3))
+        refused = sum(seconds.get(t + i, (0, 0))[1] for i in range(3))
+        if (sent - refused) / 3 >= SETTLED_SHARE * limit and refused <= 0.1 * sent:
+            return float(t - start)
+    return math.inf
+
+
+def _concurrency_limit(folder: Path, sizes: Sizes) -> list[Figure]:
+    allowed, latency_s = sizes.concurrency_limit, 0.2
+    rows = round(allowed / latency_s * sizes.limit_s)
+    args = ["--latency-ms", str(latency_s * 1000), "--max-concurrency", str(allowed)]
+    wall_s, stats = _timed_run(folder, rows, args)
+    ideal = allowed / latency_s
+    share = rows / wall_s / ideal
+    refused = stats["by_status"].get("429", 0) / stats["requests"]
+    note = f"{rows} rows in {wall_s:.1f} s; the limit allows {ideal:.0f}/s"
+    return [
+        Figure(f"{allowed} in flight at most", "ok per s / allowed", round(share, 2), ">= 0.85", share >= 0.85, note),
+        Figure(f"{allowed} in flight at most", "429 share", round(refused, 3), "<= 0.05", refused <= 0.05),
+    ]
+
+
+def _timed_run(folder: Path, rows: int, emulator_args: list[str], during: Any = None) -> tuple[float, dict[str, Any]]:
+    """One run of the bench job against an emulator with these options: wall seconds and what the emulator saw."""
+    folder.mkdir(parents=True)
+    with emulator_process(extra=emulator_args) as url:
+        job = write_job(folder, write_input(folder / "input.parquet", rows), url, CONCURRENCY, attempts=MAX_ATTEMPTS)
+        if during is not None:
+            threading.Thread(target=during, args=(url,), daemon=True).start()
+        started = time.perf_counter()
+        summary = eventloop.run(run_job, job, RunOptions(quiet=True))
+        wall_s = time.perf_counter() - started
+        if summary["ok"] != rows:
+            raise RuntimeError(f"bench --push-back: only {summary['ok']} of {rows} rows ended ok")
+        stats = _get(url + "/_emulator/stats")
+        stats["timeline"] = _get(url + "/_emulator/timeline")
+    return wall_s, stats
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _post(url: str, body: dict[str, Any]) -> Any:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def format_figures(figures: list[Figure]) -> str:
+    lines = [
+        "push-back (each against the same job in this run; docs/backoff.md):",
+        f"{'scenario':<24}{'measured':<20}{'value':>8}{'target':>10}  {'met':<4} note",
+    ]
+    for f in figures:
+        lines.append(
+            f"{f.scenario:<24}{f.measured:<20}{f.value:>8g}{f.target:>10}  {'yes' if f.met else 'NO':<4} {f.note}"
+        )
+    return "\n".join(lines)
+
+
+def main(quick: bool, json_path: str | None) -> int:
+    """`batchrun bench --push-back`: a different measure (wall time under faults, not CPU), its own table."""
+    with tempfile.TemporaryDirectory(prefix="batchrun-bench-") as tmp:
+        figures = run_push_back(quick, Path(tmp))
+    print(format_figures(figures))
+    if json_path:
+        data = {"quick": quick, "machine": machine(), "push_back": [asdict(f) for f in figures]}
+        Path(json_path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return 0

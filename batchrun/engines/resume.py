@@ -1,0 +1,326 @@
+"""Picking a job up where it stopped: finding its checkpoint, checking the job still
+matches it, and telling the user where things stand (`batchrun status`).
+
+The checkpoint lives beside the output (`<output>.batchrun/`), derived from the
+output path alone, so a copied job folder or a second copy of a job never reaches
+another's answers, and nothing is written beside the job file. When `output.path`
+changes, the run is refused while a checkpoint of this job file exists at the old
+place (remembered in the user's state folder, not beside the job): the user moves
+it explicitly with `--adopt-checkpoint OLD`, or starts over with `--restart`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from batchrun.base import storage
+from batchrun.base.errors import JobError
+from batchrun.flow import spend
+from batchrun.job import openai_batch
+from batchrun.job.inputs import InputTable
+from batchrun.job.render import Renderer
+from batchrun.job.spec import Job
+from batchrun.job.structured import AnswerParser
+from batchrun.ledger.checkpoint import DB_NAME, Checkpoint, checkpoint_folder
+from batchrun.pipeline.fingerprint import compare
+from batchrun.results import output
+
+
+@dataclass
+class ResumeFlags:
+    restart: bool = False
+    rerun_changed: bool = False
+    retry_failed: bool = False
+    adopt_checkpoint: Path | None = None  # --adopt-checkpoint: move this checkpoint beside the output first
+
+
+def open_for_run(
+    job: Job, table: InputTable, renderer: Renderer, flags: ResumeFlags, durable: bool = True
+) -> tuple[Checkpoint, list[str]]:
+    """The job's checkpoint, locked for this run and matching the job file; notes say what was done to it.
+
+    Raises JobError, before any request, when the job changed in a way that changes requests
+    and neither --restart nor --rerun-changed was given.
+    """
+    written = _written_batch_output(job) if flags.restart else None
+    folder, notes = _prepare_folder(job, table, flags)
+    checkpoint = Checkpoint(folder, durable)
+    try:
+        checkpoint.lock_for_run()
+        if written is not None:  # the new checkpoint still knows the Batch output file the job wrote
+            checkpoint.set_meta(openai_batch.WRITTEN_META, written)
+        comparison, current = compare(
+            checkpoint, job, table, renderer, forget_changed=flags.rerun_changed, ok_only=flags.retry_failed
+        )
+        if comparison.changed_rows and not flags.rerun_changed:
+            raise JobError(_refusal(job, comparison.changes, comparison.changed_rows, comparison.finished_rows))
+        current.save(checkpoint)
+        if comparison.changes:
+            notes.append(_accepted(comparison.changes, comparison.changed_rows, comparison.finished_rows))
+    except BaseException:
+        checkpoint.close()
+        raise
+    return checkpoint, notes
+
+
+def _written_batch_output(job: Job) -> str | None:
+    """The stamps of the output.openai_batch files the job wrote, from the checkpoint --restart discards."""
+    folder = checkpoint_folder(job.output_path)
+    if job.openai_batch_path is None or not (folder / DB_NAME).exists():
+        return None
+    try:
+        checkpoint = Checkpoint(folder)
+    except JobError:
+        return None  # unreadable: the file is then refused as any other
+    try:
+        return checkpoint.get_meta(openai_batch.WRITTEN_META)
+    finally:
+        checkpoint.close()
+
+
+def _refusal(job: Job, changes: list[str], changed: int, finished: int) -> str:
+    keep = f" and keep the other {finished - changed} answers" if changed < finished else ""
+    return (
+        f"{job.path}: the job changed since its checkpoint ({'; '.join(changes)}): {changed} of {finished} "
+        f"finished rows would now be sent differently. Run again with --rerun-changed to send those {changed} "
+        f"rows again{keep}, or with --restart to start over"
+    )
+
+
+def _accepted(changes: list[str], changed: int, finished: int) -> str:
+    what = "; ".join(changes)
+    if changed:
+        return f"--rerun-changed ({what}): {changed} rows will be sent again, {finished - changed} answers kept"
+    return f"the job changed ({what}), but not the request of any answer kept; the answers are kept"
+
+
+# --- where the checkpoint is ---------------------------------------------------------
+
+
+def _last_place_file(job: Job) -> Path:
+    """Where this job file's last checkpoint folder is noted, keyed by the job file's own path."""
+    return storage.state_root() / "jobs" / hashlib.sha256(str(job.path).encode()).hexdigest()[:24]
+
+
+def earlier_folder(job: Job) -> Path | None:
+    """A checkpoint this job file used over the same input before `output.path` changed, if it is still there."""
+    if not job.path.is_file():
+        return None  # a job given as a dict in Python has no job file to remember
+    try:
+        noted, _, input_path = _last_place_file(job).read_text(encoding="utf-8").partition("\n")
+    except OSError:
+        return None
+    folder, here = Path(noted), checkpoint_folder(job.output_path)
+    if folder == here or input_path.strip() != job.input_path or (here / DB_NAME).exists():
+        return None  # a job file pointed at another input and output is a new job
+    return folder if (folder / DB_NAME).exists() else None
+
+
+def _note_place(job: Job, folder: Path) -> None:
+    """Only ever read to say where an earlier checkpoint is; never used to move one."""
+    if not job.path.is_file():
+        return
+    try:
+        place = _last_place_file(job)
+        place.parent.mkdir(parents=True, exist_ok=True)
+        place.write_text(f"{folder}\n{job.input_path}\n", encoding="utf-8")
+    except OSError:
+        pass  # no writable home: only the hint about a changed output.path is lost
+
+
+def _prepare_folder(job: Job, table: InputTable, flags: ResumeFlags) -> tuple[Path, list[str]]:
+    folder = checkpoint_folder(job.output_path)
+    notes: list[str] = []
+    if flags.restart and folder.exists():
+        notes.append(_discard(folder, job, table))
+    if flags.adopt_checkpoint is not None:
+        notes.append(_adopt(flags.adopt_checkpoint, folder))
+    elif not flags.restart and (earlier := earlier_folder(job)) is not None:
+        raise JobError(
+            f"{job.path}: output.path changed, and this job's checkpoint is still at {earlier}; "
+            f"run with --adopt-checkpoint {earlier} to move it here and keep its answers, "
+            "or with --restart to start a new one"
+        )
+    _note_place(job, folder)
+    return folder, notes
+
+
+def _adopt(source: Path, folder: Path) -> str:
+    """--adopt-checkpoint: the user's explicit move of a checkpoint folder beside this output."""
+    source = source.resolve()
+    if source.name.endswith(".parquet") and not (source / DB_NAME).exists():
+        source = checkpoint_folder(source)  # the old output's path names its checkpoint too
+    if source == folder:
+        return f"--adopt-checkpoint: {folder} is already this output's checkpoint"
+    if not (source / DB_NAME).exists():
+        raise JobError(f"--adopt-checkpoint {source}: no batchrun checkpoint there ({DB_NAME} is missing)")
+    if (folder / DB_NAME).exists():
+        raise JobError(
+            f"--adopt-checkpoint: {folder} already holds a checkpoint; use --restart with it to discard that one first"
+        )
+    adopted = Checkpoint(source)
+    try:
+        if adopted.run_in_progress():
+            raise JobError(f"--adopt-checkpoint {source}: another batchrun run is using it; wait for it to end")
+    finally:
+        adopted.close()
+    if folder.exists():
+        shutil.rmtree(folder)  # a checkpoint folder without a database holds nothing
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(source), str(folder))
+    return f"--adopt-checkpoint: moved the checkpoint from {source} to {folder}"
+
+
+def _discard(folder: Path, job: Job, table: InputTable) -> str:
+    try:
+        checkpoint = Checkpoint(folder)
+    except JobError:
+        what = "a checkpoint it could not read"
+    else:
+        try:
+            if checkpoint.run_in_progress():
+                raise JobError(f"{folder}: another batchrun run is using this checkpoint; stop it before --restart")
+            ok, failed = _ok_and_failed(job, checkpoint, table.count())
+        finally:
+            checkpoint.close()
+        what = f"a checkpoint with {ok} ok and {failed} error rows"
+    # One rename first, so a kill while deleting never leaves half a checkpoint in place.
+    trash = folder.with_name(f"{folder.name}.discarded-{os.getpid()}")
+    os.replace(folder, trash)
+    shutil.rmtree(trash)
+    return f"--restart: discarded {what} ({folder})"
+
+
+def _ok_and_failed(job: Job, checkpoint: Checkpoint, rows: int) -> tuple[int, int]:
+    """Rows ok and failed as the output counts them: a stored answer that fails output.schema is a failure."""
+    totals = checkpoint.totals()
+    parser = AnswerParser.for_spec(job.spec)
+    invalid = sum(len(f) for f in output.failed_answers(checkpoint, parser, rows)) if parser else 0
+    return totals["ok"] - invalid, totals["error"] + invalid
+
+
+# --- batchrun status -------------------------------------------------------------------
+
+
+@dataclass
+class JobStatus:
+    """Where a job stands (`batchrun status`, `batchrun.status`): rows, tokens, cost and the checkpoint's place."""
+
+    job: str
+    rows: int
+    done: int
+    ok: int
+    failed: int
+    pending: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float | None  # None without pricing
+    checkpoint: Path  # where it is, or will be once the job starts
+    lines: list[str]  # what `batchrun status` prints
+
+
+def status_lines(job: Job) -> list[str]:
+    return job_status(job).lines
+
+
+def job_status(job: Job) -> JobStatus:
+    table = InputTable.for_job(job)
+    rows = table.count()
+    folder = checkpoint_folder(job.output_path)
+    name = job.spec.name
+    if not (folder / DB_NAME).exists():
+        lines = [f"job {name}: not started; {rows} rows pending", _output_line(job)]
+        lines.append(f"checkpoint: {folder} (made by the first run)")
+        if (earlier := earlier_folder(job)) is not None:
+            lines.append(
+                f"output.path changed: this job's checkpoint is at {earlier}; "
+                f"`batchrun run {job.path} --adopt-checkpoint {earlier}` moves it here"
+            )
+        cost = 0.0 if job.spec.pricing is not None else None
+        return JobStatus(name, rows, 0, 0, 0, rows, 0, 0, cost, folder, lines)
+    checkpoint = Checkpoint(folder)
+    try:
+        return _status(job, table, rows, checkpoint)
+    finally:
+        checkpoint.close()
+
+
+def _status(job: Job, table: InputTable, rows: int, checkpoint: Checkpoint) -> JobStatus:
+    totals = checkpoint.totals()
+    done = checkpoint.count_finished(0, rows)
+    ok, failed = _ok_and_failed(job, checkpoint, rows)
+    invalid = failed - totals["error"]
+    classes = ", ".join(f"{cls} {n}" for cls, n in checkpoint.error_classes().items())
+    lines = [
+        f"job {job.spec.name}: {done} of {rows} rows done: {ok} ok, "
+        f"{failed} failed" + (f" ({classes})" if classes else "") + f"; {rows - done} pending"
+    ]
+    if invalid:
+        lines.append(f"{invalid} of the failed rows are answers that did not parse or match output.schema")
+    lines.append(f"tokens: {totals['prompt_tokens']} in / {totals['completion_tokens']} out")
+    spent = None
+    if (pricing := job.spec.pricing) is not None:
+        spent = spend.cost(pricing, totals["prompt_tokens"], totals["completion_tokens"], totals["images"])
+        limit = job.spec.run.max_cost
+        budget = f" of run.max_cost {spend.money(limit, pricing)}" if limit is not None else ""
+        lines.append(f"cost so far: {spend.money(spent, pricing)}{budget}")
+    if totals["last_finished_at"] is not None:
+        when = datetime.fromtimestamp(totals["last_finished_at"]).strftime("%Y-%m-%d %H:%M:%S")
+        lines.append(f"last row finished: {when} ({_ago(time.time() - totals['last_finished_at'])})")
+    in_flight = checkpoint.count_interrupted()
+    if checkpoint.run_in_progress():
+        lines.append(f"a run is going on now: {in_flight} rows in flight")
+    elif in_flight:
+        lines.append(
+            f"{in_flight} rows were in flight when the last run stopped "
+            "(sent, answer not recorded: the only ones that may be paid twice)"
+        )
+    lines.append(_match_line(job, table, checkpoint))
+    lines.append(_output_line(job))
+    lines.append(f"checkpoint: {checkpoint.folder}")
+    return JobStatus(
+        job.spec.name,
+        rows,
+        done,
+        ok,
+        failed,
+        rows - done,
+        totals["prompt_tokens"],
+        totals["completion_tokens"],
+        spent,
+        checkpoint.folder,
+        lines,
+    )
+
+
+def _output_line(job: Job) -> str:
+    if job.output_url is not None:
+        return f"output: {job.output_url} (uploaded when a run completes)"
+    return f"output: {job.output_path}"
+
+
+def _match_line(job: Job, table: InputTable, checkpoint: Checkpoint) -> str:
+    comparison, _ = compare(checkpoint, job, table, Renderer(job, table.columns))
+    if not comparison.changes:
+        return "job file: matches the checkpoint"
+    what = "; ".join(comparison.changes)
+    if not comparison.changed_rows:
+        return f"job file: changed ({what}), but no finished row's request did; the next run keeps every answer"
+    return (
+        f"job file: changed ({what}): {comparison.changed_rows} of {comparison.finished_rows} finished rows "
+        "would be sent differently; the next run needs --rerun-changed or --restart"
+    )
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"

@@ -1,0 +1,279 @@
+"""Checkpointed results to Parquet, streamed batch by batch in input order.
+
+The input is read again alongside the checkpoint, one batch at a time, so the
+output of a 10-million-row job is written in the memory of one batch. The file
+is written under a temporary name and renamed into place when complete (for an
+object-storage output: uploaded, then the local file removed).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import orjson
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchrun.base import storage
+from batchrun.base.errors import JobError
+from batchrun.base.version import __version__
+from batchrun.flow import spend
+from batchrun.job import openai_batch
+from batchrun.job.inputs import ROW_INDEX, InputTable
+from batchrun.job.spec import Job, PricingSpec
+from batchrun.job.structured import PARSE_NOTE, SCHEMA_INVALID, AnswerParser
+from batchrun.ledger.checkpoint import ROW_COLUMNS, Checkpoint
+
+# The output's Parquet key-value metadata: how batchrun knows a file it may replace is its own.
+OWN_OUTPUT_KEY = b"batchrun"
+# Input batches are gathered into row groups of this many rows: the writer keeps every
+# row group's metadata until it closes, and one group per 2,048-row batch made 10 M rows ~5,000 groups.
+ROW_GROUP_ROWS = 16_384
+# A column's dictionary stops growing at this size and the rest of its row group is written plain. Ids,
+# texts and answers are mostly unique, so their dictionaries were dead weight: pyarrow's default (1 MiB,
+# with its hash table) made the writer 13 MB instead of 5, and the file larger (docs/memory.md).
+DICTIONARY_PAGE_BYTES = 1 << 16
+TOOL_CALL = pl.Struct({"name": pl.String, "arguments": pl.String})
+RESULT_SCHEMA: dict[str, pl.DataType] = {
+    "response_text": pl.String(),
+    "tool_calls": pl.List(TOOL_CALL),
+    "image_paths": pl.List(pl.String()),
+    "finish_reason": pl.String(),
+    "model": pl.String(),
+    "prompt_tokens": pl.Int64(),
+    "completion_tokens": pl.Int64(),
+    "latency_s": pl.Float64(),
+    "attempts": pl.Int64(),
+    "repairs": pl.Int64(),
+    "shared_from": pl.String(),
+    "status": pl.String(),
+    "error_class": pl.String(),
+    "error": pl.String(),
+}
+
+
+def result_frame(
+    rows: list[tuple[Any, ...]], parser: AnswerParser | None, pricing: PricingSpec | None, repairs: bool = False
+) -> pl.DataFrame:
+    """Checkpoint rows to the output's result columns (plus row_index to join on).
+
+    The answers are parsed here, so a changed schema only needs the output rewritten;
+    `repairs` is a column only when the job asks for repairs.
+    """
+    cols = {name: [r[i] for r in rows] for i, name in enumerate(ROW_COLUMNS)}
+    for name in ("tool_calls", "image_paths"):
+        cols[name] = [orjson.loads(t) if t else None for t in cols[name]]
+    names = [n for n in RESULT_SCHEMA if repairs or n != "repairs"]
+    frame = pl.DataFrame(
+        {ROW_INDEX: cols["idx"], **{name: cols[name] for name in names}},
+        schema={ROW_INDEX: pl.UInt32(), **{name: RESULT_SCHEMA[name] for name in names}},
+    )
+    if parser is not None:
+        frame = parser.apply(frame)
+    if pricing is not None:
+        frame = frame.with_columns(spend.cost_expr(pricing, frame.columns))
+    return frame
+
+
+def check_columns(job: Job, parser: AnswerParser | None, input_columns: list[str]) -> None:
+    """Result columns must not clash with input columns, nor the schema's properties (which become columns)
+    with either: each clash is refused in one line, never resolved by polars' silent `_right` suffix."""
+    results = {*RESULT_SCHEMA, "cost"} | ({PARSE_NOTE} if parser is not None else set())
+    clash = sorted(results & set(input_columns))
+    if clash:
+        raise JobError(
+            f"{job.path}: input.path {job.spec.input.path}: the input has a column {clash[0]!r}, which is also the "
+            f"name of a result column of the output; rename that column in the input (e.g. to 'input_{clash[0]}')"
+        )
+    if parser is None:
+        return
+    taken = {*input_columns, ROW_INDEX, *RESULT_SCHEMA, PARSE_NOTE, "cost", "image_paths"}
+    clash = sorted(taken & set(parser.columns))
+    if clash:
+        raise JobError(
+            f"{job.path}: output.schema: the property {clash[0]!r} would become a column, but the output already "
+            "has a column of that name; rename the property (in the tool's parameters with parse: tool)"
+        )
+
+
+def check_targets(job: Job) -> None:
+    """Never write over user data: refuse, before anything is sent, an output or images folder that is the
+    input (or one of its glob's files), or an existing file at the output that batchrun did not write."""
+    shown_input = job.input_path if job.frame is None else "(a frame given in Python)"
+    targets = (("output.path", job.output_url or job.output_path), ("output.images_dir", job.images_dir))
+    for key, target in targets if job.frame is None else ():
+        if _is_input(target, job.input_path):
+            raise JobError(
+                f"{job.path}: {key} {target} is the input {shown_input}; batchrun would write over it. "
+                f"Set {key} to another path"
+            )
+    out = job.output_path  # for an object-storage output, its local stand-in (storage.check_output checks the key)
+    if out.is_dir():
+        raise JobError(f"{job.path}: output.path {out} is a folder; name a .parquet file (input: {shown_input})")
+    if out.exists() and not _written_by_batchrun(out):
+        raise JobError(
+            f"{job.path}: output.path {out} exists and is not an output batchrun wrote; batchrun will not replace "
+            f"it. Move it away or set output.path to another file (input: {shown_input})"
+        )
+    summary = summary_path(out)
+    if summary.exists() and not _is_summary(summary):
+        raise JobError(
+            f"{job.path}: output.path {out}: the summary would replace {summary}, which batchrun did not write; "
+            "move it away or choose another output.path"
+        )
+
+
+def _is_input(target: Path | str, input_path: str) -> bool:
+    if isinstance(target, str) or storage.is_url(input_path):  # object storage: the same URL
+        return str(target) == input_path
+    pattern = os.path.normpath(os.path.abspath(input_path))
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(str(target), pattern)
+    source = Path(pattern)
+    return target == source.resolve() or (target.exists() and source.exists() and os.path.samefile(target, source))
+
+
+def _written_by_batchrun(path: Path) -> bool:
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return False
+    return OWN_OUTPUT_KEY in metadata
+
+
+def _is_summary(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "requested_this_run" in data
+
+
+def write_parquet(
+    table: InputTable,
+    checkpoint: Checkpoint,
+    job: Job,
+    limit: int | None,
+    parser: AnswerParser | None,
+) -> dict[str, Any]:
+    """Writes the output; returns its totals (rows ok / error, schema failures, shared, cost)."""
+    path, pricing = job.output_path, job.spec.pricing
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    writer: pq.ParquetWriter | None = None
+    group: list[pa.Table] = []
+    totals: dict[str, Any] = {"ok": 0, "error": 0, SCHEMA_INVALID: 0, "shared": 0}
+    if pricing is not None:
+        totals["cost"] = 0.0
+    try:
+        for batch in table.batches(limit):
+            lo, hi = batch[ROW_INDEX][0], batch[ROW_INDEX][-1] + 1
+            results = result_frame(
+                checkpoint.rows_in_range(lo, hi), parser, pricing, job.spec.output.repair_attempts > 0
+            )
+            _add_totals(totals, results)
+            merged = batch.join(results, on=ROW_INDEX, how="left", maintain_order="left")
+            if table.id_column is not None:
+                merged = merged.drop(ROW_INDEX)
+            arrow = merged.to_arrow()
+            if writer is None:
+                writer = pq.ParquetWriter(
+                    tmp,
+                    arrow.schema.with_metadata(_own_metadata(job)),
+                    compression="zstd",
+                    dictionary_pagesize_limit=DICTIONARY_PAGE_BYTES,
+                )
+            group.append(arrow.cast(writer.schema))
+            if sum(t.num_rows for t in group) >= ROW_GROUP_ROWS:
+                writer.write_table(pa.concat_tables(group))
+                group.clear()
+        if writer is not None and group:
+            writer.write_table(pa.concat_tables(group))
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:  # an empty input still gets a (column-less) file
+        pq.write_table(pa.table({}).replace_schema_metadata(_own_metadata(job)), tmp)
+    if job.output_url is None:
+        os.replace(tmp, path)
+    else:  # written whole here first: nothing is at the key until the output is complete
+        storage.upload(tmp, job.output_url, job.spec.output.storage_options)
+        tmp.unlink()
+    return totals
+
+
+def _own_metadata(job: Job) -> dict[bytes, bytes]:
+    return {OWN_OUTPUT_KEY: orjson.dumps({"version": __version__, "job": job.spec.name})}
+
+
+def check_openai_batch_target(job: Job, checkpoint: Checkpoint) -> None:
+    """output.openai_batch may only replace the file this job wrote there before."""
+    assert job.openai_batch_path is not None
+    others = {"output.path": job.output_path}
+    if job.frame is None and not storage.is_url(job.input_path):
+        others["input"] = Path(job.input_path)
+    openai_batch.check_target(job.openai_batch_path, checkpoint.get_meta(openai_batch.WRITTEN_META), others)
+
+
+def write_openai_batch(table: InputTable, checkpoint: Checkpoint, job: Job, limit: int | None) -> None:
+    """The Batch API's output file, one line per finished row, in input order, from the checkpoint."""
+    assert job.openai_batch_path is not None
+    check_openai_batch_target(job, checkpoint)
+
+    rows = table.count() if limit is None else min(limit, table.count())
+
+    def lines() -> Iterator[bytes]:
+        for lo in range(0, rows, ROW_GROUP_ROWS):  # the checkpoint alone, a bounded range at a time
+            hi = min(lo + ROW_GROUP_ROWS, rows)
+            answers = checkpoint.answers_in_range(lo, hi)
+            for record in checkpoint.rows_in_range(lo, hi):
+                row = dict(zip(ROW_COLUMNS, record))
+                answer = answers.get(row["idx"])
+                yield openai_batch.output_line(row["row_id"], row["status"], row["error_class"], row["error"], answer)
+
+    openai_batch.write(job.openai_batch_path, lines(), partial(checkpoint.set_meta, openai_batch.WRITTEN_META))
+
+
+def _add_totals(totals: dict[str, Any], results: pl.DataFrame) -> None:
+    row = results.select(
+        (pl.col("status") == "ok").sum().alias("ok"),
+        (pl.col("status") == "error").sum().alias("error"),
+        (pl.col("error_class") == SCHEMA_INVALID).sum().alias(SCHEMA_INVALID),
+        pl.col("shared_from").is_not_null().sum().alias("shared"),
+        *([pl.col("cost").sum()] if "cost" in totals else []),
+    ).row(0, named=True)
+    for key, value in row.items():
+        totals[key] += value
+
+
+def failed_answers(checkpoint: Checkpoint, parser: AnswerParser, rows: int, chunk: int = 10_000) -> Iterator[list[int]]:
+    """Indexes of stored answers that fail the parse/schema check, a chunk of the checkpoint at a time."""
+    for lo in range(0, rows, chunk):
+        failed = []
+        for record in checkpoint.rows_in_range(lo, lo + chunk):
+            row = dict(zip(ROW_COLUMNS, record))
+            if (
+                row["status"] == "ok"
+                and not parser.judge_stored(row["response_text"], row["finish_reason"], row["tool_calls"]).ok
+            ):
+                failed.append(row["idx"])
+        yield failed
+
+
+def summary_path(output_path: Path) -> Path:
+    return output_path.with_name(output_path.stem + ".summary.json")
+
+
+def write_summary(output_path: Path, summary: dict[str, Any]) -> Path:
+    target = summary_path(output_path)
+    tmp = target.with_name(f".{target.name}.partial")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, target)
+    return target
