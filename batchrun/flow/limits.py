@@ -43,6 +43,7 @@ import anyio
 
 from batchrun.flow.adaptive import AdaptiveRate, RateSignal, RecentCount
 from batchrun.flow.breaker import OutageBreaker
+from batchrun.flow.pace import KeyPace
 from batchrun.protocols import CallError
 from batchrun.protocols.relay_errors import QuotaLeft
 
@@ -279,6 +280,11 @@ class Limits:
     def paused_until(self) -> float:
         """When the current pause of every start ends (anyio's clock; in the past when none)."""
         return self._paused_until
+
+    def paces(self, key: str) -> list[KeyPace]:
+        """Each key's pace and learned window, for the bar, the summary and the report (`key`: its variable)."""
+        rate = self.pace.rate(self.now()) if self.pace.pacing else None
+        return [KeyPace(key=key, rate_per_s=rate, window=None)]
 
     def slot(self, tokens: int, retry: bool = False) -> Slot:
         """Hold one in-flight place for a request estimated at `tokens` (a retry also holds a retry place).
