@@ -541,7 +541,8 @@ async def test_requests_per_minute_spreads_starts_evenly_against_a_window_of_one
     # The same rows without the limit go out as a burst the emulator refuses: the check above can fail.
     burst = WindowRelay(RequestWindow(1, 0.4), latency=0.0)
     outcomes = await run_rows(burst, 8, rows=4, max_attempts=1, rpm=None)
-    assert burst.stats.by_status[429] == 3 and sum(o.error is not None for o in outcomes) == 3
+    # (push-back uses up no attempt: the refused rows went again, later, and got through)
+    assert burst.stats.by_status[429] >= 3 and all(o.error is None for o in outcomes)
 
 
 async def test_back_off_brings_the_429_rate_down_under_a_server_limit() -> None:

@@ -31,7 +31,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from batchrun.base import storage
 from batchrun.base.errors import BudgetReached, RunAborted, RunInterrupted
-from batchrun.base.stops import AbortWatch
+from batchrun.base.stops import AbortWatch, StopRule
 from batchrun.engines.resume import ResumeFlags, open_for_run
 from batchrun.flow import spend
 from batchrun.flow.limits import Limits
@@ -467,6 +467,8 @@ def _abort_message(error: CallError, job: Job) -> str:
         "quota": "the account has no balance or quota left; top it up",
         "outage": f"the relay at {job.spec.provider.base_url} seems to be down",
     }.get(error.error_class, "the same error repeated before any row succeeded")
+    if error.abort == StopRule.D:
+        what = "the relay refused every request alike, and nothing succeeded since; fix what it says, then run again"
     return f"run stopped: {what}: {error}. Finished rows are kept"
 
 

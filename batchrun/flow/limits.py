@@ -18,6 +18,14 @@
   `AdaptiveRate`, cut to what the relay let through and grown back on a cubic curve.
   A server hint (Retry-After & co.) also pauses every new start, not just one row's.
   `x-ratelimit-remaining-*` on successful answers caps the rate before the first 429.
+* A stated window (docs/backoff.md): a 429 that says the key's limit ("1分钟内最多请求300次",
+  "Limit: 300 / min", x-ratelimit-limit-requests) sets a `MinuteBudget` over that window whose log
+  holds every start of the last window, refused ones too (the relay counts them): starts then wait
+  exactly until the relay's window has room, never pacing slower than the limit. A window kept from an
+  earlier run (flow/keys.py) is set before the first request.
+* Push-back (a 429 or a 503) never uses up a row's attempts while the run gets answers: it is the
+  relay's pace, not the row's fault. Push-back and nothing else for `outage_timeout_s` stops the run
+  (rule A, like an outage).
 * The outage breaker (flow/breaker.py) holds every start while the relay is down.
 * `on_change` (if set) hears of every change of pace (`LimiterChange`): a report may
   plot them over time.
@@ -41,9 +49,10 @@ from typing import Any
 
 import anyio
 
+from batchrun.base.stops import StopRule
 from batchrun.flow.adaptive import AdaptiveRate, RateSignal, RecentCount
 from batchrun.flow.breaker import OutageBreaker
-from batchrun.flow.pace import KeyPace
+from batchrun.flow.pace import KeyPace, LearnedWindow
 from batchrun.protocols import CallError
 from batchrun.protocols.relay_errors import QuotaLeft
 
@@ -57,6 +66,10 @@ QUOTA_LOW = 0.2  # x-ratelimit-remaining below this share of the limit: pace wha
 # corrections may be used at once, or the overestimate would slow the run (3 s of a
 # minute's budget is still no burst).
 TOKEN_CREDIT_S = 3.0
+# A stated window is kept with this much room at its edge: the relay counts arrivals, we count starts, and a
+# request may arrive a little sooner after its start than the one it replaces in the window.
+EDGE_SHARE, EDGE_S = 0.02, 0.05
+STARTS_KEPT_S = 60.0  # starts remembered, for a window learned mid-run (longer windows start from this much)
 
 
 def estimate_tokens(prompt_estimate: int, cap: int | None) -> int:
@@ -103,10 +116,12 @@ class MinuteBudget:
     bound; a single charge larger than the whole budget still goes, alone in its window.
     """
 
-    def __init__(self, per_minute: float, credit_s: float = 0.0) -> None:
+    def __init__(self, per_minute: float, credit_s: float = 0.0, window_s: float = WINDOW_S) -> None:
+        """`per_minute` units per `window_s` seconds (a minute unless said otherwise)."""
         self.per_minute = per_minute
+        self.window_s = window_s
         self._credit_s = credit_s
-        self._s_per_unit = WINDOW_S / per_minute
+        self._s_per_unit = window_s / per_minute
         self._next_start = -math.inf
         self._log: deque[Charge] = deque()
         self._in_window = 0.0
@@ -124,8 +139,8 @@ class MinuteBudget:
         for c in self._log:
             left -= c.amount
             if left <= room:
-                return max(pace, c.at + WINDOW_S - now)
-        return max(pace, self._log[-1].at + WINDOW_S - now)
+                return max(pace, c.at + self.window_s - now)
+        return max(pace, self._log[-1].at + self.window_s - now)
 
     def charge(self, now: float, amount: float) -> Charge:
         c = Charge(now, amount)
@@ -142,7 +157,7 @@ class MinuteBudget:
         c.amount = actual
 
     def _expire(self, now: float) -> None:
-        self._cutoff = now - WINDOW_S
+        self._cutoff = now - self.window_s
         while self._log and self._log[0].at <= self._cutoff:
             self._in_window -= self._log.popleft().amount
 
@@ -250,7 +265,10 @@ class Limits:
         tokens_per_minute: float | None = None,
         outage_timeout_s: float = math.inf,
         on_change: Callable[[LimiterChange], None] | None = None,
+        key: str = "",
     ) -> None:
+        """`key`: the name of the variable holding this limiter's key (for what people are shown)."""
+        self.key = key
         self.max_concurrency = concurrency
         self.in_flight = InFlight(concurrency)
         self.retries = InFlight(max(1, concurrency // 2))  # the retry budget: half the places at most
@@ -271,6 +289,13 @@ class Limits:
         self._gate = anyio.Lock()  # one request at a time passes the rate checks, in order
         self._changed = anyio.Event()  # set when a probe ends (the breaker's or the rate's)
         self._clock: Callable[[], float] | None = None  # see `now`
+        self.window: MinuteBudget | None = None  # the key's own window, once stated or remembered
+        self.learned: LearnedWindow | None = None
+        self._learned_at = -math.inf
+        self._starts: deque[float] = deque()  # the last STARTS_KEPT_S of starts: a window learned mid-run has them
+        self._last_answer: float | None = None  # the last success (or the first start): push-back alone since
+        self._pushed_back_since_answer: CallError | None = None
+        self.retired: str | None = None  # why this key left the run (flow/keys.py), else None
 
     @property
     def limit(self) -> int:
@@ -281,10 +306,29 @@ class Limits:
         """When the current pause of every start ends (anyio's clock; in the past when none)."""
         return self._paused_until
 
-    def paces(self, key: str) -> list[KeyPace]:
-        """Each key's pace and learned window, for the bar, the summary and the report (`key`: its variable)."""
+    def paces(self, key: str | None = None) -> list[KeyPace]:
+        """Each key's pace and learned window, for the bar, the summary and the report.
+
+        `key`: the name to show for this limiter's key (its variable), if it was built without one."""
         rate = self.pace.rate(self.now()) if self.pace.pacing else None
-        return [KeyPace(key=key, rate_per_s=rate, window=None)]
+        if self.window is not None:  # the window's own rate, or slower if push-back came anyway
+            rate = min(rate or math.inf, self.window.per_minute / self.window.window_s)
+        return [KeyPace(key=key or self.key, rate_per_s=rate, window=self.learned, retired=self.retired)]
+
+    def learn(self, window: LearnedWindow, now: float | None = None) -> None:
+        """The key's limit: from now on, no window of `window_s` holds more starts than `requests`.
+
+        Starts of the last window already made count, refused ones too: the relay counted them."""
+        now = self.now() if now is None else now
+        # Credit of a whole window: starts go as soon as the window has room, a burst where the relay's window
+        # emptied (not spread: a window that is half empty at the end of a run is time lost).
+        span = window.window_s * (1 + EDGE_SHARE) + EDGE_S
+        budget = MinuteBudget(window.requests, credit_s=span, window_s=span)
+        for at in self._starts:
+            if at > now - budget.window_s:
+                budget.charge(at, 1)
+        self.window, self.learned, self._learned_at = budget, window, now
+        self._tell("slower", f"the relay's limit: {window.requests} requests per {window.window_s:g} s", now)
 
     def slot(self, tokens: int, retry: bool = False) -> Slot:
         """Hold one in-flight place for a request estimated at `tokens` (a retry also holds a retry place).
@@ -314,10 +358,16 @@ class Limits:
                     await self._changed.wait()
             return self._start(now, tokens, retry)
 
+    def wait_s(self, tokens: int) -> float:
+        """Seconds until a start of `tokens` could go, places aside (flow/keys.py picks the key that can soonest)."""
+        return self._wait_s(self.now(), tokens)
+
     def _wait_s(self, now: float, tokens: int) -> float:
         return max(
             self._paused_until - now,
             self.pace.wait_s(now),
+            self.window.wait_s(now, 1) if self.window else 0.0,
+            self._pushed_back_too_long(now),
             self.requests.wait_s(now, 1) if self.requests else 0.0,
             self.tokens.wait_s(now, tokens) if self.tokens else 0.0,
             self.breaker.wait_s(now),  # raises once the outage outlasts its timeout
@@ -328,6 +378,9 @@ class Limits:
         """Charge a start that passed `_wait_s` (no await in between: nothing can change meanwhile)."""
         if self.requests:
             self.requests.charge(now, 1)
+        if self.window:
+            self.window.charge(now, 1)
+        self._keep_start(now)
         charge = self.tokens.charge(now, tokens) if self.tokens else None
         self.pace.started(now)
         self._sent.add(now)
@@ -341,6 +394,7 @@ class Limits:
         if self.tokens and ticket.tokens and actual_tokens is not None:
             self.tokens.correct(ticket.tokens, actual_tokens, now)
         self._ok.add(now)
+        self._last_answer, self._pushed_back_since_answer = now, None
         self._cuts_in_a_row = 0
         self._probe_answered(ticket)
         self._signal.answer(ticket.started_at, False, now)
@@ -352,7 +406,13 @@ class Limits:
     def failed(self, ticket: Ticket, error: CallError) -> None:
         now = self.now()
         self._probe_answered(ticket)
-        if error.error_class in PUSHBACK_CLASSES and error.code in CONCURRENCY_CODES:
+        if pushed_back(error):
+            self._pushed_back_since_answer = error
+        if error.limit_requests and error.limit_window_s:
+            self._stated(error.limit_requests, error.limit_window_s, now)
+        if pushed_back(error) and ticket.started_at < self._learned_at:
+            pass  # sent before the window was known: the window's log already holds it back
+        elif error.error_class in PUSHBACK_CLASSES and error.code in CONCURRENCY_CODES:
             self._refused_in_flight(ticket, now)
         elif error.error_class in PUSHBACK_CLASSES and error.retry_hint:
             self._pause(now + error.retry_hint, f"the server asked for {error.retry_hint:g} s")
@@ -371,8 +431,36 @@ class Limits:
         self._breaker_outcome(ticket, now, failed=self.breaker.counts_as_down(error), error=error)
 
     def excuses(self, error: CallError) -> bool:
-        """A failure while the relay looks down does not use up the row's attempts: it waits for the relay."""
+        """Failures that do not use up the row's attempts: push-back (the relay's pace, not the row's fault),
+        a key retired with others left, and anything while the relay looks down (it waits for the relay)."""
+        if pushed_back(error) or error.switch_key:
+            return True
         return self.breaker.looks_down and self.breaker.counts_as_down(error)
+
+    def _stated(self, requests: int, window_s: float, now: float) -> None:
+        known = self.learned
+        if known is None or (known.requests, known.window_s) != (requests, window_s):
+            self.learn(LearnedWindow(requests, window_s, "said"), now)
+
+    def _keep_start(self, now: float) -> None:
+        starts = self._starts
+        starts.append(now)
+        while starts[0] <= now - STARTS_KEPT_S:
+            starts.popleft()
+        if self._last_answer is None:
+            self._last_answer = now
+
+    def _pushed_back_too_long(self, now: float) -> float:
+        """0, or raises: push-back and no answer for outage_timeout_s ends the run like an outage (rule A)."""
+        last, error = self._last_answer, self._pushed_back_since_answer
+        if error is None or last is None or now - last < self.breaker.timeout_s:
+            return 0.0
+        raise CallError(
+            "outage",
+            f"only push-back, no answer, for {self.breaker.timeout_s:g} s (run.outage_timeout_s); last: {error}",
+            retryable=False,
+            abort=StopRule.A,
+        )
 
     def _slow_down(self, now: float, reason: str) -> None:
         """Pace slower; if the last slow-down let nothing through, also pause, longer each time.
