@@ -34,6 +34,9 @@ from batchrun.base.errors import BudgetReached, RunAborted, RunInterrupted
 from batchrun.base.stops import AbortWatch, StopRule
 from batchrun.engines.resume import ResumeFlags, open_for_run
 from batchrun.flow import spend
+from batchrun.flow.keys import limits_for
+from batchrun.flow.learned import META_KEY as LEARNED_META
+from batchrun.flow.learned import KeptLimits
 from batchrun.flow.limits import Limits
 from batchrun.flow.sharing import SharedAnswers
 from batchrun.job.inputs import ROW_INDEX, InputTable
@@ -116,7 +119,8 @@ class Run:
         output.check_columns(job, self.parser, self.table.columns)
         output.check_targets(job)
         self.protocol = protocol_for(spec.provider.api)
-        self.api_key = job.api_key()
+        self.keys = job.api_keys()  # each key's variable and the key
+        self.api_key = self.keys[0][1]
         max_cost = options.max_cost if options.max_cost is not None else spec.run.max_cost
         self.budget = spend.Budget(max_cost, spec.pricing, spent=0.0)
 
@@ -253,10 +257,13 @@ class LocalEngine:
 
     async def send_all(self, run: Run, checkpoint: Checkpoint, progress: Progress, base_url: str) -> Sent:
         spec = run.job.spec.run
-        limits = Limits(run.concurrency, spec.requests_per_minute, spec.tokens_per_minute, spec.outage_timeout_s)
+        limits = limits_for([name for name, _ in run.keys], run.concurrency, spec, progress.say)
+        kept = KeptLimits(base_url, run.job.spec.model or "", run.keys)
+        kept.seed(limits)  # windows learned by earlier runs, from the first request
         watch = _Watch()
         caps = AnswerCaps.of(spec)
-        transport = Transport(base_url, run.api_key, spec.timeout_s, run.concurrency, caps, run.protocol.KEY_HEADER)
+        keys = [key for _, key in run.keys]
+        transport = Transport(base_url, keys, spec.timeout_s, run.concurrency, caps, run.protocol.KEY_HEADER)
         timeline = LimiterTimeline(checkpoint)  # the Ray engine's limiter is the coordinator's: none there
         self._concurrency = run.concurrency
         self._limits, self._watch, self._outage_timeout_s = limits, watch, spec.outage_timeout_s
@@ -267,6 +274,7 @@ class LocalEngine:
         try:
             await self._send_all(run, pipeline, checkpoint, progress, timeline)
         finally:
+            checkpoint.set_meta(LEARNED_META, kept.keep(limits))
             await transport.aclose()
             await pipeline.aclose()
         return Sent(pipeline.requested, self._interrupts, watch.tripped)

@@ -172,6 +172,7 @@ class Ticket:
     in_flight: int = 1  # requests in flight when it started, itself included
     retry: bool = False
     rate_probe: bool = False  # sent alone after a pause: its answer says whether the relay has room again
+    key: int = 0  # which key it is sent with (flow/keys.py), by its place in provider.api_key_env
 
 
 @dataclass(frozen=True)
@@ -296,6 +297,8 @@ class Limits:
         self._last_answer: float | None = None  # the last success (or the first start): push-back alone since
         self._pushed_back_since_answer: CallError | None = None
         self.retired: str | None = None  # why this key left the run (flow/keys.py), else None
+        self.index = 0  # the key's place in provider.api_key_env
+        self.peers: list[Limits] = []  # the other keys' limiters: a probe's end wakes their waiters too
 
     @property
     def limit(self) -> int:
@@ -387,7 +390,7 @@ class Limits:
         rate_probe = self._rate_probe is RateProbe.WANTED
         if rate_probe:
             self._rate_probe = RateProbe.IN_FLIGHT
-        return Ticket(now, charge, self.breaker.started(now), self.in_flight.used, retry, rate_probe)
+        return Ticket(now, charge, self.breaker.started(now), self.in_flight.used, retry, rate_probe, self.index)
 
     def succeeded(self, ticket: Ticket, actual_tokens: int | None, quota: QuotaLeft | None = None) -> None:
         now = self.now()
@@ -535,8 +538,9 @@ class Limits:
             self._wake()
 
     def _wake(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        for limits in (self, *self.peers):
+            limits._changed.set()
+            limits._changed = anyio.Event()
 
 
 class Slot:

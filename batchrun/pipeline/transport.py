@@ -18,7 +18,7 @@ import socket
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,23 +40,25 @@ class Transport:
     def __init__(
         self,
         base_url: str,
-        api_key: str,
+        api_key: str | Sequence[str],
         timeout_s: float,
         concurrency: int,
         caps: AnswerCaps | None = None,
         key_header: str | None = None,
     ) -> None:
-        """`key_header`: a header that carries the key too, for relays that read only their API's own
+        """`api_key`: the key, or several (flow/keys.py: each attempt says which by its place).
+        `key_header`: a header that carries the key too, for relays that read only their API's own
         (the protocol's KEY_HEADER: Gemini's `x-goog-api-key`)."""
-        self.api_key = api_key
+        keys = [api_key] if isinstance(api_key, str) else list(api_key)
+        self.api_key = keys[0]
         self.timeout_s = timeout_s
         self.caps = caps or AnswerCaps()
         self._base_url = base_url.rstrip("/")
         headers = {"content-type": "application/json"}
-        if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
-            if key_header:
-                headers[key_header] = api_key
+        # One key rides on the session's headers; several go per request (`attempt`'s `key`).
+        self._key_headers = [_key_headers(key, key_header) for key in keys] if len(keys) > 1 else None
+        if len(keys) == 1:
+            headers |= _key_headers(keys[0], key_header)
         # docs/protocol.md §6.4. sock_read applies to every read: the idle timeout. A whole answer must come within
         # timeout_s, a stream within answer_timeout_s (aiohttp's own timer: anyio.fail_after cost 4% of the CPU).
         connect = min(10.0, timeout_s)
@@ -71,14 +73,14 @@ class Transport:
         )
         self._proxy = _env_proxy(self._base_url)
 
-    async def attempt(self, path: str, body: bytes, decoder: Decoder) -> Reply:
-        """One POST and its answer; every failure becomes a CallError (key redacted).
+    async def attempt(self, path: str, body: bytes, decoder: Decoder, key: int = 0) -> Reply:
+        """One POST and its answer, with the `key`-th key; every failure becomes a CallError (key redacted).
 
         This is the protocol boundary: whatever the relay sends, and whatever a decoder makes of it, ends here
         as a Reply or a CallError; an exception nobody foresaw is an `internal` error of this row, not a crash.
         """
         try:
-            return await self._exchange(path, body, decoder)
+            return await self._exchange(path, body, decoder, key)
         except CallError:
             raise
         except aiohttp.ServerTimeoutError as e:  # connect or idle read (before TimeoutError: it is one)
@@ -92,11 +94,12 @@ class Transport:
         except Exception as e:  # a shape no decoder foresaw: this row's error, not the run's (not retried)
             raise CallError("internal", f"internal: {type(e).__name__}: {e}", retryable=False) from None
 
-    async def _exchange(self, path: str, body: bytes, decoder: Decoder) -> Reply:
+    async def _exchange(self, path: str, body: bytes, decoder: Decoder, key: int) -> Reply:
         url = self._base_url + path
         timeout = self._stream_timeout if decoder.stream else self._whole_timeout
+        headers = self._key_headers[key] if self._key_headers else None
         async with self._session.post(
-            url, data=body, allow_redirects=False, proxy=self._proxy, timeout=timeout
+            url, data=body, headers=headers, allow_redirects=False, proxy=self._proxy, timeout=timeout
         ) as response:
             if response.status >= 300:
                 raise from_response(response.status, await _read_at_most(response, ERROR_BODY_BYTES), response.headers)
@@ -125,6 +128,12 @@ class Transport:
 
     async def aclose(self) -> None:
         await self._session.close()
+
+
+def _key_headers(key: str, key_header: str | None) -> dict[str, str]:
+    if not key:
+        return {}
+    return {"authorization": f"Bearer {key}", **({key_header: key} if key_header else {})}
 
 
 CANNOT_CONNECT = "connection: cannot connect to "  # the relay was not reached at all (runner says so at once)
@@ -335,7 +344,13 @@ async def call_with_retries(
                     await before_first_send()
                 started = time.monotonic()
                 try:
-                    reply = await transport.attempt(path, payload, decoder)
+                    # With several keys the ticket says which (flow/keys.py); one key rides on the session.
+                    key = getattr(ticket, "key", 0)
+                    reply = await (
+                        transport.attempt(path, payload, decoder, key)
+                        if key
+                        else transport.attempt(path, payload, decoder)
+                    )
                 except CallError as e:
                     error = e
                 else:
