@@ -116,12 +116,15 @@ class MinuteBudget:
     bound; a single charge larger than the whole budget still goes, alone in its window.
     """
 
-    def __init__(self, per_minute: float, credit_s: float = 0.0, window_s: float = WINDOW_S) -> None:
-        """`per_minute` units per `window_s` seconds (a minute unless said otherwise)."""
+    def __init__(
+        self, per_minute: float, credit_s: float = 0.0, window_s: float = WINDOW_S, paced: bool = True
+    ) -> None:
+        """`per_minute` units per `window_s` seconds (a minute unless said otherwise); not `paced`: the window
+        log alone, starts going as soon as the window has room."""
         self.per_minute = per_minute
         self.window_s = window_s
         self._credit_s = credit_s
-        self._s_per_unit = window_s / per_minute
+        self._s_per_unit = window_s / per_minute if paced else 0.0
         self._next_start = -math.inf
         self._log: deque[Charge] = deque()
         self._in_window = 0.0
@@ -323,10 +326,10 @@ class Limits:
 
         Starts of the last window already made count, refused ones too: the relay counted them."""
         now = self.now() if now is None else now
-        # Credit of a whole window: starts go as soon as the window has room, a burst where the relay's window
-        # emptied (not spread: a window that is half empty at the end of a run is time lost).
+        # Not paced: starts go as soon as the window has room, a burst where the relay's window emptied
+        # (spread instead, a window half empty at the end of a run is time lost).
         span = window.window_s * (1 + EDGE_SHARE) + EDGE_S
-        budget = MinuteBudget(window.requests, credit_s=span, window_s=span)
+        budget = MinuteBudget(window.requests, window_s=span, paced=False)
         for at in self._starts:
             if at > now - budget.window_s:
                 budget.charge(at, 1)
@@ -413,7 +416,7 @@ class Limits:
             self._pushed_back_since_answer = error
         if error.limit_requests and error.limit_window_s:
             self._stated(error.limit_requests, error.limit_window_s, now)
-        if pushed_back(error) and ticket.started_at < self._learned_at:
+        if pushed_back(error) and ticket.started_at <= self._learned_at:  # (the same tick: before it too)
             pass  # sent before the window was known: the window's log already holds it back
         elif error.error_class in PUSHBACK_CLASSES and error.code in CONCURRENCY_CODES:
             self._refused_in_flight(ticket, now)
