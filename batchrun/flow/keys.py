@@ -104,7 +104,9 @@ class KeyPool(Limits):
 
 
 def _soon(lane: Limits, tokens: int) -> tuple[bool, float, int]:
-    return lane.in_flight.used >= lane.limit, lane.wait_s(tokens), lane.in_flight.used
+    """Whether its places are all taken, how long until its limits let a start go, how many are there or queued."""
+    load = lane.in_flight.used + lane.in_flight.waiting
+    return load >= lane.limit, lane.wait_s(tokens), load
 
 
 class PoolSlot:
@@ -119,8 +121,14 @@ class PoolSlot:
         self._slot: Slot | None = None
 
     async def __aenter__(self) -> Ticket:
-        self._slot = self._pool.soonest(self._tokens).slot(self._tokens, self._retry)
-        return await self._slot.__aenter__()
+        while True:
+            lane = self._pool.soonest(self._tokens)
+            slot = lane.slot(self._tokens, self._retry)
+            ticket = await slot.__aenter__()
+            if lane.retired is None:
+                self._slot = slot
+                return ticket
+            await slot.__aexit__(None, None, None)  # retired while this row waited for it: another key takes it
 
     async def __aexit__(self, *exc_info: Any) -> None:
         if self._slot is not None:

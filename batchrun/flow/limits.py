@@ -230,6 +230,10 @@ class InFlight:
         self._total = value
         self._hand_over()
 
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
     async def acquire(self) -> None:
         if self.used < self._total and not self._waiters:
             self.used += 1
