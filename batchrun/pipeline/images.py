@@ -7,7 +7,10 @@ takes them, and are downloaded (without the API key) where it does not.
 `prompt.max_image_side` downscales with Pillow (the `images` extra).
 
 Out: every image of a reply is written atomically under `output.images_dir`,
-named from the row id and its position, so a rerun writes the same names.
+named from the row id and its position, so a rerun writes the same names. The
+folder is batchrun's own, marked so (OWN_FOLDER_MARK): one that already holds
+files batchrun did not write is refused before anything is sent (`foreign_files`),
+as batchrun never replaces a file it did not write.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import anyio
 import httpx
 import orjson
 
+from batchrun.base import storage
 from batchrun.job.render import ImageInput, Request
 from batchrun.job.settings import RequestSettings
 from batchrun.job.spec import Job
@@ -239,17 +243,39 @@ def image_file_name(row_id: str, index: int, mime: str) -> str:
     return f"{safe}_{index}{ext}"
 
 
+OWN_FOLDER_MARK = ".batchrun-images"  # in an images folder batchrun writes to: its files are batchrun's
+
+
+def foreign_files(folder: Path) -> bool:
+    """Whether `folder` holds files batchrun did not write: anything at all, in a folder without its mark."""
+    if not folder.is_dir() or os.path.lexists(folder / OWN_FOLDER_MARK):
+        return False
+    with os.scandir(folder) as entries:
+        return next(entries, None) is not None
+
+
 def save_images(images: list[ImageOut], folder: Path, row_id: str) -> list[str]:
     """Write each image atomically; the absolute paths, in order."""
     folder.mkdir(parents=True, exist_ok=True)
+    _mark_own(folder)
     paths: list[str] = []
     for index, image in enumerate(images):
         target = folder / image_file_name(row_id, index, image.mime)
-        tmp = target.with_name(f".{target.name}.partial")
-        tmp.write_bytes(image.data)
-        os.replace(tmp, target)
+        with storage.replacing(target) as f:
+            f.write(image.data)
         paths.append(str(target))
     return paths
+
+
+def _mark_own(folder: Path) -> None:
+    if os.path.lexists(folder / OWN_FOLDER_MARK):
+        return
+    try:
+        fd = os.open(folder / OWN_FOLDER_MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        return  # another row marked it meanwhile
+    with os.fdopen(fd, "w") as mark:
+        mark.write("batchrun writes this folder's images and replaces them when a row is asked again\n")
 
 
 def loader_for(job: Job, inline_urls: bool) -> ImageLoader:
