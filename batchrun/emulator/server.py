@@ -159,7 +159,7 @@ class Emulator:
         if self.config.api_key is None:
             return None
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if request.path.startswith(("/v1beta/", "/v1/models/")):  # Google's own ways, on Gemini paths only
+        if _gemini_path(request):  # Google's own ways, on Gemini paths only
             given = given or request.headers.get("x-goog-api-key", "") or request.query.get("key", "")
         if given == self.config.api_key:
             return None
@@ -302,7 +302,7 @@ class Emulator:
             "gemini-3-pro-image-preview",
         ]
         listing: dict[str, Any]
-        if request.path.startswith("/v1beta/"):
+        if _gemini_path(request):
             listing = {"models": [{"name": f"models/{i}", "displayName": i} for i in ids if i.startswith("gemini")]}
         else:
             listing = {"object": "list", "data": [{"id": i, "object": "model"} for i in ids]}
@@ -450,3 +450,12 @@ def running_in_thread(config: EmulatorConfig, host: str = "127.0.0.1") -> Iterat
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5)
+
+
+def _gemini_path(request: web.Request) -> bool:
+    """A request on Gemini's paths: /v1beta/..., /v1/models/..., or /v1/models (shared with OpenAI's listing)
+    asked Google's way (an x-goog-api-key header or a key= query, as google-genai with api_version v1 does)."""
+    if request.path.startswith(("/v1beta/", "/v1/models/")):
+        return True
+    google_auth = "x-goog-api-key" in request.headers or "key" in request.query
+    return request.path.rstrip("/") == "/v1/models" and google_auth
