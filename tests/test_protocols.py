@@ -14,7 +14,7 @@ from batchrun.job.render import ImageInput, Request
 from batchrun.job.settings import RequestSettings
 from batchrun.job.spec import JobSpec
 from batchrun.pipeline.transport import read_answer
-from batchrun.protocols import CallError, gemini, openai_chat, openai_completions
+from batchrun.protocols import CallError, gemini, openai_chat, openai_completions, protocol_for
 from batchrun.protocols.reply import Decoder, ImageOut, Reply
 
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR42mP4z8AAAAMBAQAY3Y2wAAAAAElFTkSuQmCC")
@@ -31,7 +31,8 @@ def spec(**overrides: Any) -> RequestSettings:
         "output": {"path": "o.parquet"},
     }
     data.update(overrides)
-    return RequestSettings.of(JobSpec.model_validate(data))
+    job = JobSpec.model_validate(data)
+    return RequestSettings.of(job, protocol_for(job.provider.api))
 
 
 def raises(fn: Any, *args: Any) -> CallError:
@@ -87,8 +88,11 @@ def test_gemini_body_splits_params_and_puts_images_first() -> None:
     assert body["systemInstruction"] == {"parts": [{"text": "sys"}]}
     assert body["generationConfig"] == {"responseModalities": ["TEXT", "IMAGE"], "temperature": 0.5}
     assert body["safetySettings"] == params["safetySettings"] and body["toolConfig"] == params["toolConfig"]
-    assert gemini.path("gemini-2.5-flash", True) == "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
-    assert gemini.path("gemini-2.5-flash", False) == "/v1beta/models/gemini-2.5-flash:generateContent"
+    streamed = spec(provider={"api": "gemini"}, model="gemini-2.5-flash", stream=True)
+    assert gemini.path(streamed) == "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+    assert gemini.path(spec(provider={"api": "gemini"}, model="gemini-2.5-flash")) == (
+        "/v1beta/models/gemini-2.5-flash:generateContent"
+    )
 
 
 def test_which_gemini_jobs_expect_images() -> None:
@@ -331,7 +335,11 @@ def test_framing_failures() -> None:
 
 def test_gemini_structured_output_in_gemini_dialect_unless_params_set_it() -> None:
     schema = {"type": "object", "properties": {"label": {"enum": ["positive", "negative"]}}, "required": ["label"]}
-    json_job = {"model": "gemini-2.0-flash", "output": {"path": "o.parquet", "parse": "json", "schema": schema}}
+    json_job = {
+        "provider": {"api": "gemini"},
+        "model": "gemini-2.0-flash",
+        "output": {"path": "o.parquet", "parse": "json", "schema": schema},
+    }
     config = gemini.build(Request(None, "u"), spec(**json_job))["generationConfig"]
     assert config == {
         "responseMimeType": "application/json",

@@ -15,9 +15,9 @@ from batchrun.job.structured import (
     Verdict,
     dtype_for,
     extract_json,
-    gemini_response_schema,
     output_columns,
 )
+from batchrun.protocols.gemini_schema import gemini_response_schema
 
 EVERY_TYPE: dict[str, Any] = {
     "type": "object",

@@ -129,7 +129,7 @@ class ImageLoader:
         elif _is_http(ref):
             if not self.inline_urls:
                 return ImageInput(url=ref)
-            mime, data = await self._download(ref)
+            mime, data = await self.download(ref)
         elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", ref):
             raise ImageError(f"image {ref}: unsupported URL scheme; use a local path, a data URL or an http(s) URL")
         else:
@@ -170,7 +170,8 @@ class ImageLoader:
     def _too_large(self, ref: str) -> ImageError:
         return ImageError(f"image {ref}: larger than {self.max_bytes / 2**20:g} MB (prompt.max_image_mb)")
 
-    async def _download(self, url: str) -> tuple[str, bytes]:
+    async def download(self, url: str) -> tuple[str, bytes]:
+        """An image input, or an image answered as a link: bounded like every download (ImageError if not)."""
         with anyio.move_on_after(self.download_deadline_s):
             return await self._fetch(url)
         seconds = f"{self.download_deadline_s:g} s"
