@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
 import orjson
 import pytest
 
+from batchrun.app.checks import job_from_dict
+from batchrun.base.errors import JobError
+from batchrun.job.openai_batch import URL_APIS
 from batchrun.job.render import ImageInput, Request
 from batchrun.job.settings import RequestSettings
 from batchrun.job.spec import JobSpec
 from batchrun.pipeline.transport import read_answer
-from batchrun.protocols import CallError, gemini, openai_chat, openai_completions, protocol_for
+from batchrun.protocols import APIS, CallError, WireProtocol, gemini, openai_chat, openai_completions, protocol_for
 from batchrun.protocols.reply import Decoder, ImageOut, Reply
 
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR42mP4z8AAAAMBAQAY3Y2wAAAAAElFTkSuQmCC")
@@ -371,3 +376,79 @@ def test_base64_in_answers_in_both_alphabets() -> None:
             ]
         }
         assert gemini.parse(answer, image_job=True).images[0].data == png
+
+
+# --- the registry: provider knowledge lives in protocols/ ---------------------------------
+
+PACKAGE = Path(__file__).resolve().parent.parent / "batchrun"
+# protocols/ owns the knowledge; the emulator is the relay's side, with a module per API of its own.
+OWNERS = ("protocols", "emulator")
+
+
+def api_name_branches(source: str, names: tuple[str, ...]) -> list[int]:
+    """Lines that compare with an API name (`==`, `!=`, `in`, `match`) or key a table by one."""
+
+    def named(node: ast.AST) -> bool:
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return any(named(item) for item in node.elts)
+        return isinstance(node, ast.Constant) and node.value in names
+
+    found: list[int] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare) and any(named(side) for side in [node.left, *node.comparators]):
+            found.append(node.lineno)
+        elif isinstance(node, ast.Dict) and any(key is not None and named(key) for key in node.keys):
+            found.append(node.lineno)
+        elif isinstance(node, ast.MatchValue) and named(node.value):
+            found.append(node.lineno)
+    return found
+
+
+def test_no_branch_on_an_api_name_outside_protocols() -> None:
+    wrong = [
+        f"{path.relative_to(PACKAGE.parent)}:{line}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.relative_to(PACKAGE).parts[0] not in OWNERS
+        for line in api_name_branches(path.read_text(encoding="utf-8"), APIS)
+    ]
+    assert not wrong, "branches on provider.api outside protocols/ (ask the protocol instead):\n" + "\n".join(wrong)
+
+
+def test_the_scan_sees_each_kind_of_branch() -> None:
+    source = 'if api == "gemini": pass\nx = api in ("openai-chat",)\nOWNED = {"gemini": 1}\n'
+    source += 'match api:\n case "gemini": pass\n'
+    assert api_name_branches(source, APIS) == [1, 2, 3, 5]
+    assert api_name_branches('job = {"api": "gemini"}\n', APIS) == []  # naming one is not branching on it
+
+
+def test_every_registered_protocol_declares_the_whole_interface() -> None:
+    wanted = {name for name in WireProtocol.__annotations__} | {
+        name for name in vars(WireProtocol) if not name.startswith("_")
+    }
+    for api in APIS:
+        protocol = protocol_for(api)
+        missing = sorted(name for name in wanted if not hasattr(protocol, name))
+        assert not missing, f"{api} lacks {missing}"
+        assert protocol.REPAIRS == hasattr(protocol, "repair_body")
+
+
+def test_batch_file_urls_are_the_paths_of_their_protocols() -> None:
+    for url, api in URL_APIS.items():
+        protocol = protocol_for(api)
+        assert protocol.OPENAI_BATCH and protocol.path(spec(provider={"api": api})) == url
+
+
+def test_an_unknown_api_is_refused_in_one_line_naming_the_registry(tmp_path: Path) -> None:
+    job = {
+        "name": "t",
+        "input": {"path": "x.csv"},
+        "provider": {"api": "openai-responses"},
+        "model": "m",
+        "prompt": {"user": "u"},
+        "output": {"path": "o.parquet"},
+    }
+    with pytest.raises(JobError) as info:
+        job_from_dict(job, tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and "provider.api" in message and "'openai-responses'" in message
+    assert all(api in message for api in APIS)

@@ -42,9 +42,9 @@ def checked(job: Job) -> Job:
     for key, problem in [
         *_unsupported(spec),
         *_storage_problems(spec),
+        *_protocol_problems(spec, protocol),
         *output_problems(spec, protocol),
         *_spend_problems(spec),
-        *_protocol_problems(spec, protocol),
     ]:
         raise JobError(f"{job.where(key)}: {key}: {problem}")
     if spec.input.format is None and job.frame is None and recognise_batch_file(job.input_path):

@@ -138,7 +138,8 @@ def parse(data: Any) -> Reply:
             urls.append(item["url"])
     if not images and not urls:
         raise CallError("no_image", "no image returned", max_retries=1)
-    revised = [item["revised_prompt"] for item in items if isinstance(item.get("revised_prompt"), str)]
+    # DALL·E 3 says how it rewrote the prompt: once per distinct rewrite, one a line.
+    revised = dict.fromkeys(item["revised_prompt"] for item in items if isinstance(item.get("revised_prompt"), str))
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
     notes: list[str] = []
     return Reply(
