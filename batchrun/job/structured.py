@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -29,7 +30,6 @@ from batchrun.job.spec import JobSpec
 
 SCHEMA_INVALID = "schema_invalid"
 TRUNCATED = "length"
-CUT_OFF_REASONS = ("length", "MAX_TOKENS")  # openai, gemini
 PARSE_NOTE = "parse_note"
 WHOLE_VALUE = "parsed"  # the column for a value that is not an object with properties
 JSON_TEXT = pl.String()  # values with no single column type are kept as JSON text
@@ -46,6 +46,7 @@ class WireFormats(Protocol):
     """What this module asks of the job's wire protocol: protocols/ fill it (job/ may not import them)."""
 
     SCHEMA_DIALECT: str | None  # None: the API has no native structured output
+    CUT_OFF_REASONS: frozenset[str]  # finish reasons that say the answer stopped at the output cap
 
     def tool_declarations(self, params: dict[str, Any]) -> list[dict[str, Any]]: ...
     def own_schema(self, params: dict[str, Any]) -> bool: ...
@@ -119,8 +120,10 @@ class Verdict:
 class AnswerParser:
     """Parses and checks answers for one job; `columns` are the typed output columns."""
 
-    def __init__(self, mode: str, schema: dict[str, Any] | None) -> None:
+    def __init__(self, mode: str, schema: dict[str, Any] | None, cut_off: Collection[str]) -> None:
+        """`cut_off`: the finish reasons that mean the answer stopped at the output cap (the protocol's)."""
         self.mode = mode
+        self._cut_off = cut_off
         self._validator = validator_for(schema)(schema) if schema is not None else None
         self.columns = output_columns(schema)
         self._whole_value = object_properties(schema) is None  # one `parsed` column
@@ -129,7 +132,7 @@ class AnswerParser:
     def for_spec(cls, spec: JobSpec, wire: WireFormats) -> AnswerParser | None:
         if spec.output.parse == "text":
             return None
-        return cls(spec.output.parse, answer_schema(spec, wire))
+        return cls(spec.output.parse, answer_schema(spec, wire), wire.CUT_OFF_REASONS)
 
     def judge(self, text: str | None, finish_reason: str | None, tool_calls: list[dict[str, Any]] | None) -> Verdict:
         try:
@@ -138,7 +141,7 @@ class AnswerParser:
             return _invalid(f"the answer's JSON is nested deeper than {MAX_JSON_DEPTH} levels")
 
     def _judge(self, text: str | None, finish_reason: str | None, tool_calls: list[dict[str, Any]] | None) -> Verdict:
-        if finish_reason in CUT_OFF_REASONS:
+        if finish_reason in self._cut_off:
             return Verdict(
                 error_class=TRUNCATED,
                 error="the answer was cut off at the output cap, so its JSON is incomplete; raise the cap in params",

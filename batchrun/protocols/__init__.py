@@ -37,6 +37,7 @@ class WireProtocol(Protocol):
     REPAIRS: bool  # output.repair_attempts: a request can be continued with a follow-up (`repair_body`)
     OPENAI_BATCH: bool  # its answers are OpenAI Batch API answers (output.openai_batch, input Batch files)
     OWNED_PARAMS: frozenset[str]  # body keys batchrun sets itself: refused in params
+    CUT_OFF_REASONS: frozenset[str]  # finish reasons that say the answer stopped at the output cap
     INLINE_IMAGE_URLS: bool  # image URLs are downloaded and sent as bytes
     INPUT_IMAGE_TOKENS: int  # what a small input image counts as input tokens (validate's estimate)
 

@@ -36,6 +36,7 @@ CONVERSATIONS = True
 REPAIRS = False
 OPENAI_BATCH = False
 OWNED_PARAMS = frozenset({"contents", "systemInstruction", "system_instruction"})
+CUT_OFF_REASONS = frozenset({"MAX_TOKENS"})
 INLINE_IMAGE_URLS = True  # a Gemini-bound channel may not fetch URLs: batchrun downloads them
 INPUT_IMAGE_TOKENS = 258  # an input image up to 384 px a side (larger ones: 258 a 768-px tile); for estimates
 encode = json_body

@@ -26,6 +26,7 @@ CONVERSATIONS = True
 REPAIRS = True
 OPENAI_BATCH = True
 OWNED_PARAMS = frozenset({"model", "messages", "stream", "stream_options"})
+CUT_OFF_REASONS = frozenset({"length"})
 INLINE_IMAGE_URLS = False  # the upstream fetches http(s) URLs itself
 INPUT_IMAGE_TOKENS = 85 + 170  # an image up to 512 px at detail high: base + one tile; for estimates
 headers = bearer

@@ -27,6 +27,7 @@ CONVERSATIONS = False  # one prompt string
 REPAIRS = False
 OPENAI_BATCH = True
 OWNED_PARAMS = frozenset({"model", "prompt", "stream", "stream_options"})
+CUT_OFF_REASONS = frozenset({"length"})
 INLINE_IMAGE_URLS = False  # no images on this API
 INPUT_IMAGE_TOKENS = 0  # no images on this API
 headers = bearer

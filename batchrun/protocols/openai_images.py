@@ -34,6 +34,7 @@ CONVERSATIONS = False  # one prompt
 REPAIRS = False
 OPENAI_BATCH = False
 OWNED_PARAMS = frozenset({"model", "prompt", "image", "image[]", "stream"})
+CUT_OFF_REASONS: frozenset[str] = frozenset()  # no text answer to cut
 INLINE_IMAGE_URLS = True  # a form carries files: image URLs are downloaded
 INPUT_IMAGE_TOKENS = 85 + 170  # GPT Image reads input images like GPT-4o: base + one 512-px tile; for estimates
 MASK_LAST = "last"  # params.mask: the row's last image is the mask
