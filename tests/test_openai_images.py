@@ -79,8 +79,8 @@ def test_edit_sends_the_image_and_the_mask_as_a_form(tmp_path: Path, emulator: E
 
 
 def test_edit_without_mask_and_url_answers_are_downloaded(tmp_path: Path, emulator: Emulator) -> None:
-    rows = [["U1", "brighter", "images/forest.png"]]
-    prompt = {"user": "{{ idea }}", "images": ["{{ photo }}"]}
+    rows = [["U1", "brighter", "images/forest.png"], ["U2", "nothing to edit", ""]]
+    prompt = {"user": "{{ idea }}", "images": ["{{ photo or '' }}"]}  # an empty cell adds no image
     job = images_job(tmp_path, emulator.url, rows, prompt=prompt, params={"response_format": "url", "n": 2})
     df, summary = run_ok(job)
     assert df["response_text"][0] == "brighter (a 64x48 PNG, mostly green)"  # no mask sent
@@ -88,6 +88,9 @@ def test_edit_without_mask_and_url_answers_are_downloaded(tmp_path: Path, emulat
         with Image.open(path) as image:
             image.verify()
     assert summary["cost"] == pytest.approx(2 * 0.25)
+    # A row with no image to edit is its own input error, and nothing is sent for it.
+    assert df["error_class"][1] == "input" and "prompt.images are empty" in df["error"][1]
+    assert emulator.stats()["by_prompt"] == {"brighter": 1}
 
 
 def test_an_image_link_larger_than_the_cap_is_a_row_error(tmp_path: Path, emulator: Emulator) -> None:

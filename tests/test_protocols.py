@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import base64
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,16 @@ from batchrun.job.render import ImageInput, Request
 from batchrun.job.settings import RequestSettings
 from batchrun.job.spec import JobSpec
 from batchrun.pipeline.transport import read_answer
-from batchrun.protocols import APIS, CallError, WireProtocol, gemini, openai_chat, openai_completions, protocol_for
+from batchrun.protocols import (
+    APIS,
+    CallError,
+    WireProtocol,
+    gemini,
+    openai_chat,
+    openai_completions,
+    openai_images,
+    protocol_for,
+)
 from batchrun.protocols.reply import Decoder, ImageOut, Reply
 
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR42mP4z8AAAAMBAQAY3Y2wAAAAAElFTkSuQmCC")
@@ -451,4 +461,42 @@ def test_an_unknown_api_is_refused_in_one_line_naming_the_registry(tmp_path: Pat
         job_from_dict(job, tmp_path)
     message = str(info.value)
     assert "\n" not in message and "provider.api" in message and "'openai-responses'" in message
-    assert all(api in message for api in APIS)
+    assert message.endswith("use one of " + ", ".join(APIS))  # the registry's names, in its order
+
+
+# --- images -----------------------------------------------------------------------------
+
+
+def test_image_answers_in_b64_and_url_and_their_failures() -> None:
+    answer = {
+        "created": 1,
+        "data": [{"b64_json": PNG_B64, "revised_prompt": "r"}, {"url": "https://x/a.png", "revised_prompt": "r"}],
+        "usage": {"input_tokens": 7, "output_tokens": 272, "total_tokens": 279},
+    }
+    reply = openai_images.parse(answer)
+    assert reply.images == [ImageOut("image/png", PNG)] and reply.image_urls == ["https://x/a.png"]
+    assert reply.text == "r" and (reply.prompt_tokens, reply.completion_tokens) == (7, 272)
+    assert raises(openai_images.parse, {"created": 1, "data": []}).error_class == "no_image"
+    assert raises(openai_images.parse, {"data": [{"b64_json": "%%"}]}).error_class == "malformed"
+    assert raises(openai_images.parse, {"data": "x"}).error_class == "malformed"
+    assert raises(openai_images.parse, {"error": {"message": "bad size", "code": 400}}).status == 400
+
+
+def test_an_edit_body_is_a_form_with_files_and_a_generation_is_json() -> None:
+    edit_settings = spec(provider={"api": "openai-images"}, prompt={"user": "u", "images": ["a", "m"]})
+    request = Request(None, "paint", ("a", "m"), (ImageInput("image/png", PNG), ImageInput("image/png", b"MASK")))
+    body = openai_images.build(request, replace(edit_settings, params={"mask": "last", "n": 2}))
+    data, content_type = openai_images.encode(body)
+    assert content_type is not None and content_type.startswith("multipart/form-data; boundary=")
+    boundary = content_type.partition("boundary=")[2].encode()
+    parts = data.split(b"--" + boundary)
+    assert parts[-1] == b"--\r\n" and b'name="n"\r\n\r\n2\r\n' in data
+    assert b'name="image"; filename="image0.png"\r\nContent-Type: image/png\r\n\r\n' + PNG in data
+    assert b'name="mask"; filename="mask.png"\r\nContent-Type: image/png\r\n\r\nMASK\r\n' in data
+    assert openai_images.path(edit_settings) == "/v1/images/edits"
+    generation = spec(provider={"api": "openai-images"}, model="gpt-image-1", params={"size": "1024x1024"})
+    assert openai_images.encode(openai_images.build(Request(None, "a cat"), generation)) == (
+        orjson.dumps({"model": "gpt-image-1", "prompt": "a cat", "size": "1024x1024"}),
+        None,
+    )
+    assert openai_images.path(generation) == "/v1/images/generations"

@@ -32,7 +32,7 @@ import orjson
 from batchrun.job.render import ImageInput, Request
 from batchrun.job.settings import RequestSettings
 from batchrun.job.spec import Job
-from batchrun.protocols import WireProtocol
+from batchrun.protocols import CallError, WireProtocol
 from batchrun.protocols.reply import ImageOut
 
 IMAGE_TOKEN_ESTIMATE = 1000  # a rough per-image allowance for the tokens-per-minute estimate
@@ -282,9 +282,9 @@ def preview_body(protocol: WireProtocol, loader: ImageLoader, request: Request, 
     downloads = loader.downloads(request.images)
     try:
         inputs = anyio.run(loader.load, tuple(r for r in request.images if r not in downloads))
-    except ImageError as e:
+        body = shorten_payloads(protocol.build(replace(request, image_inputs=inputs), settings))
+    except (ImageError, CallError) as e:
         return f"(not sent: the row would be an input error: {e})"
-    body = shorten_payloads(protocol.build(replace(request, image_inputs=inputs), settings))
     text = orjson.dumps(body, option=orjson.OPT_INDENT_2).decode()
     if downloads:
         text += "\n(plus, downloaded and sent inline when the row runs: " + ", ".join(downloads) + ")"

@@ -217,8 +217,9 @@ class RowPipeline:
         cap = item.cap
         try:
             request_body = await self._body(item.request)
-        except images.ImageError as e:  # nothing is sent for this row
-            failed = Outcome(None, CallError("input", str(e), retryable=False), 0, 0.0)
+        except (images.ImageError, CallError) as e:  # an image, or a body the protocol cannot build: nothing sent
+            error = e if isinstance(e, CallError) else CallError("input", str(e), retryable=False)
+            failed = Outcome(None, error, 0, 0.0)
             return _record(item, failed, self._models), failed
         decoder = self.decoders[item.request.api or spec.provider.api]
         if item.request.body is not None:  # a Batch line streams if its body (or the job) says so
@@ -307,7 +308,8 @@ class RowPipeline:
         return outcome
 
     async def _body(self, request: Request) -> dict[str, Any]:
-        """Images are read only now, right before the row is sent (ImageError: nothing is sent)."""
+        """Images are read only now, right before the row is sent (ImageError, or the protocol's CallError
+        for a row it cannot send: nothing is sent)."""
         if request.images:
             request = replace(request, image_inputs=await self.images.load(request.images))
         body: dict[str, Any] = self._protocol(request).build(request, self.request_settings)

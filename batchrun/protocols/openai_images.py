@@ -1,7 +1,7 @@
 """OpenAI image generation and editing: POST /v1/images/generations and /v1/images/edits (docs/protocol.md §8).
 
 A job without prompt.images generates: the body is JSON, `model`, `prompt` and params
-as written. A job with prompt.images edits: the body is a multipart form with the same
+as written. A job with prompt.images edits (each row needs an image): the body is a multipart form with the same
 fields (params as text fields), each of the row's images as a file (`image`, or
 `image[]` for several), and with `params.mask: last` the row's last image as `mask`.
 The answer's `data` holds each image as `b64_json`, or as a `url` that batchrun
@@ -73,6 +73,8 @@ def build(request: Request, settings: RequestSettings) -> dict[str, Any]:
     body: dict[str, Any] = {"model": settings.model, "prompt": request.user}
     if settings.images is None:
         return {**body, **params}
+    if not request.images:  # an empty cell adds no image: this row has none to edit
+        raise CallError("input", "an edit needs an image, and this row's prompt.images are empty", retryable=False)
     images = [_data_url(image) for image in request.image_inputs]
     if settings.params.get("mask") == MASK_LAST and images:
         body["mask"] = images.pop()
