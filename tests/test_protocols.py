@@ -500,3 +500,9 @@ def test_an_edit_body_is_a_form_with_files_and_a_generation_is_json() -> None:
         None,
     )
     assert openai_images.path(generation) == "/v1/images/generations"
+
+
+def test_the_capabilities_checks_ask_are_the_ones_protocols_declare() -> None:
+    from batchrun.app.checks import _CAPABILITIES
+
+    assert {capability for capability, *_ in _CAPABILITIES} <= set(WireProtocol.__annotations__)

@@ -9,6 +9,7 @@ the commands to print.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,43 +84,44 @@ def _spend_problems(spec: JobSpec) -> list[tuple[str, str]]:
     return []
 
 
+# What a job asks that a protocol may lack: its capability flag (WireProtocol), the key that asks,
+# whether this job asks, what the API lacks, and whether to name the APIs that have it.
+_CAPABILITIES: list[tuple[str, str, Callable[[JobSpec], bool], str, bool]] = [
+    ("IMAGES_IN", "prompt.images", lambda spec: bool(spec.prompt.images), "takes no images", True),
+    (
+        "CONVERSATIONS",
+        "prompt.messages",
+        lambda spec: spec.prompt.messages is not None,
+        "takes one prompt, not a conversation",
+        True,
+    ),
+    ("STREAMS", "stream", lambda spec: spec.stream, "does not stream; remove stream: true", False),
+    ("TOOLS", "output.parse", lambda spec: spec.output.parse == "tool", "has no tools; use parse: json or text", False),
+    (
+        "OPENAI_BATCH",
+        "output.openai_batch",
+        lambda spec: spec.output.openai_batch is not None,
+        "answers are not OpenAI Batch answers",
+        True,
+    ),
+    (
+        "REPAIRS",
+        "output.repair_attempts",
+        lambda spec: spec.output.repair_attempts > 0 and spec.output.parse == "json",
+        "cannot be asked again with a follow-up yet",
+        True,
+    ),
+]
+
+
 def _protocol_problems(spec: JobSpec, protocol: WireProtocol) -> list[tuple[str, str]]:
     """What the chosen protocol cannot send, from its capabilities and its own checks (docs/protocol.md)."""
-    api = spec.provider.api
     owned = sorted(protocol.OWNED_PARAMS & set(spec.params))
     found = [(f"params.{owned[0]}", "batchrun sets this itself; remove it from params")] if owned else []
-    lacking = [
-        (spec.prompt.images and not protocol.IMAGES_IN, "prompt.images", "takes no images", "IMAGES_IN"),
-        (
-            spec.prompt.messages is not None and not protocol.CONVERSATIONS,
-            "prompt.messages",
-            "takes one prompt, not a conversation",
-            "CONVERSATIONS",
-        ),
-        (spec.stream and not protocol.STREAMS, "stream", "does not stream; remove stream: true", ""),
-        (
-            spec.output.parse == "tool" and not protocol.TOOLS,
-            "output.parse",
-            "has no tools; use parse: json or text",
-            "",
-        ),
-        (
-            spec.output.openai_batch is not None and not protocol.OPENAI_BATCH,
-            "output.openai_batch",
-            "answers are not OpenAI Batch answers",
-            "OPENAI_BATCH",
-        ),
-        (
-            spec.output.repair_attempts > 0 and spec.output.parse == "json" and not protocol.REPAIRS,
-            "output.repair_attempts",
-            "cannot be asked again with a follow-up yet",
-            "REPAIRS",
-        ),
-    ]
-    for lacks, key, what, capability in lacking:
-        if lacks:
-            instead = f"; use {' or '.join(able(capability))}" if capability else ""
-            found.append((key, f"{api} {what}{instead}"))
+    for capability, key, asks, lacking, name_others in _CAPABILITIES:
+        if asks(spec) and not getattr(protocol, capability):
+            instead = f"; use {' or '.join(able(capability))}" if name_others else ""
+            found.append((key, f"{spec.provider.api} {lacking}{instead}"))
     if spec.prompt.max_image_side is not None and not pillow_available():
         found.append(("prompt.max_image_side", PILLOW_MISSING))
     return found + protocol.job_problems(spec)
