@@ -475,7 +475,7 @@ class WindowRelay:
         self.latency = latency
         self.stats = Stats()
 
-    async def attempt(self, path: str, body: bytes, decoder: Any) -> Reply:
+    async def attempt(self, path: str, body: bytes, decoder: Any, content_type: str | None = None) -> Reply:
         arrived = anyio.current_time()
         self.stats.started(int(arrived))
         admitted = self.window is None or self.window.admit("key", arrived)
@@ -610,7 +610,7 @@ async def test_push_back_and_nothing_else_stops_the_run_after_the_outage_timeout
     limits = Limits(4, outage_timeout_s=30.0)
 
     class Refusing:
-        async def attempt(self, path: str, body: bytes, decoder: Any) -> Reply:
+        async def attempt(self, path: str, body: bytes, decoder: Any, content_type: str | None) -> Reply:
             raise CallError("rate_limited", "您的请求数限制已达到上限，请稍后再试", status=429)
 
     t0 = anyio.current_time()

@@ -115,10 +115,10 @@ class Run:
         self.concurrency = options.concurrency or spec.run.concurrency
         self.table = InputTable.for_job(job)
         self.renderer = Renderer(job, self.table.columns)
-        self.parser = AnswerParser.for_spec(spec)
+        self.protocol = protocol_for(spec.provider.api)
+        self.parser = AnswerParser.for_spec(spec, self.protocol)
         output.check_columns(job, self.parser, self.table.columns)
         output.check_targets(job)
-        self.protocol = protocol_for(spec.provider.api)
         self.keys = job.api_keys()  # each key's variable and the key
         self.api_key = self.keys[0][1]
         max_cost = options.max_cost if options.max_cost is not None else spec.run.max_cost
@@ -262,8 +262,8 @@ class LocalEngine:
         kept.seed(limits)  # windows learned by earlier runs, from the first request
         watch = _Watch()
         caps = AnswerCaps.of(spec)
-        keys = [key for _, key in run.keys]
-        transport = Transport(base_url, keys, spec.timeout_s, run.concurrency, caps, run.protocol.KEY_HEADER)
+        headers = [run.protocol.headers(key) for _, key in run.keys]
+        transport = Transport(base_url, headers, spec.timeout_s, run.concurrency, caps)
         timeline = LimiterTimeline(checkpoint)  # the Ray engine's limiter is the coordinator's: none there
         self._concurrency = run.concurrency
         self._limits, self._watch, self._outage_timeout_s = limits, watch, spec.outage_timeout_s

@@ -18,7 +18,7 @@ import socket
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ from batchrun.job.spec import RunSpec
 from batchrun.pipeline.seams import Admission
 from batchrun.protocols import CallError, Decoder, Reply, StreamAnswer
 from batchrun.protocols.relay_errors import from_body, from_response, quota_left
+from batchrun.protocols.shared import json_body
 from batchrun.protocols.sse import SSEParser, too_large
 
 
@@ -40,25 +41,21 @@ class Transport:
     def __init__(
         self,
         base_url: str,
-        api_key: str | Sequence[str],
+        headers: Mapping[str, str] | Sequence[Mapping[str, str]],
         timeout_s: float,
         concurrency: int,
         caps: AnswerCaps | None = None,
-        key_header: str | None = None,
     ) -> None:
-        """`api_key`: the key, or several (flow/keys.py: each attempt says which by its place).
-        `key_header`: a header that carries the key too, for relays that read only their API's own
-        (the protocol's KEY_HEADER: Gemini's `x-goog-api-key`)."""
-        keys = [api_key] if isinstance(api_key, str) else list(api_key)
-        self.api_key = keys[0]
+        """`headers`: the protocol's own, sent with every request: its auth scheme (`protocol.headers(key)`);
+        or one such set per key (flow/keys.py), each attempt saying which by its place."""
         self.timeout_s = timeout_s
         self.caps = caps or AnswerCaps()
         self._base_url = base_url.rstrip("/")
-        headers = {"content-type": "application/json"}
-        # One key rides on the session's headers; several go per request (`attempt`'s `key`).
-        self._key_headers = [_key_headers(key, key_header) for key in keys] if len(keys) > 1 else None
-        if len(keys) == 1:
-            headers |= _key_headers(keys[0], key_header)
+        # One key's headers ride on the session; several keys' go with each request.
+        self._key_headers = [dict(h) for h in headers] if not isinstance(headers, Mapping) else None
+        if self._key_headers is not None and len(self._key_headers) == 1:
+            headers, self._key_headers = self._key_headers[0], None
+        headers = {"content-type": "application/json", **(headers if isinstance(headers, Mapping) else {})}
         # docs/protocol.md §6.4. sock_read applies to every read: the idle timeout. A whole answer must come within
         # timeout_s, a stream within answer_timeout_s (aiohttp's own timer: anyio.fail_after cost 4% of the CPU).
         connect = min(10.0, timeout_s)
@@ -73,14 +70,16 @@ class Transport:
         )
         self._proxy = _env_proxy(self._base_url)
 
-    async def attempt(self, path: str, body: bytes, decoder: Decoder, key: int = 0) -> Reply:
+    async def attempt(
+        self, path: str, body: bytes, decoder: Decoder, content_type: str | None = None, key: int = 0
+    ) -> Reply:
         """One POST and its answer, with the `key`-th key; every failure becomes a CallError (key redacted).
 
         This is the protocol boundary: whatever the relay sends, and whatever a decoder makes of it, ends here
         as a Reply or a CallError; an exception nobody foresaw is an `internal` error of this row, not a crash.
         """
         try:
-            return await self._exchange(path, body, decoder, key)
+            return await self._exchange(path, body, decoder, content_type, key)
         except CallError:
             raise
         except aiohttp.ServerTimeoutError as e:  # connect or idle read (before TimeoutError: it is one)
@@ -94,10 +93,13 @@ class Transport:
         except Exception as e:  # a shape no decoder foresaw: this row's error, not the run's (not retried)
             raise CallError("internal", f"internal: {type(e).__name__}: {e}", retryable=False) from None
 
-    async def _exchange(self, path: str, body: bytes, decoder: Decoder, key: int) -> Reply:
+    async def _exchange(self, path: str, body: bytes, decoder: Decoder, content_type: str | None, key: int) -> Reply:
+        """`content_type`: the body's, when it is not the session's JSON (a multipart form)."""
         url = self._base_url + path
         timeout = self._stream_timeout if decoder.stream else self._whole_timeout
-        headers = self._key_headers[key] if self._key_headers else None
+        headers = {"content-type": content_type} if content_type else None
+        if self._key_headers is not None:
+            headers = {**self._key_headers[key], **(headers or {})}
         async with self._session.post(
             url, data=body, headers=headers, allow_redirects=False, proxy=self._proxy, timeout=timeout
         ) as response:
@@ -128,12 +130,6 @@ class Transport:
 
     async def aclose(self) -> None:
         await self._session.close()
-
-
-def _key_headers(key: str, key_header: str | None) -> dict[str, str]:
-    if not key:
-        return {}
-    return {"authorization": f"Bearer {key}", **({key_header: key} if key_header else {})}
 
 
 CANNOT_CONNECT = "connection: cannot connect to "  # the relay was not reached at all (runner says so at once)
@@ -326,14 +322,16 @@ async def call_with_retries(
     on_error: Callable[[CallError], None],
     before_first_send: Callable[[], Awaitable[None]],
     rest: Callable[[float], Awaitable[None]] = anyio.sleep,
+    encode: Callable[[dict[str, Any]], tuple[bytes, str | None]] = json_body,
 ) -> Outcome:
     """Attempt until success, a final error, or `max_attempts`.
 
     `before_first_send` runs once a place is granted, right before the first request
     (the checkpoint's intent record); `on_error` sees every failure (abort rules);
-    `rest` waits out the back-off before a retry (the runner lends the row's worker meanwhile).
+    `rest` waits out the back-off before a retry (the runner lends the row's worker meanwhile);
+    `encode` turns the body into bytes and their content type (the protocol's `encode`).
     """
-    payload = orjson.dumps(body)
+    payload, content_type = encode(body)
     attempts = excused = 0
     started = time.monotonic()
     while True:
@@ -346,11 +344,10 @@ async def call_with_retries(
                 try:
                     # With several keys the ticket says which (flow/keys.py); one key rides on the session.
                     key = getattr(ticket, "key", 0)
-                    reply = await (
-                        transport.attempt(path, payload, decoder, key)
-                        if key
-                        else transport.attempt(path, payload, decoder)
-                    )
+                    if key:
+                        reply = await transport.attempt(path, payload, decoder, content_type, key)
+                    else:
+                        reply = await transport.attempt(path, payload, decoder, content_type)
                 except CallError as e:
                     error = e
                 else:
