@@ -54,7 +54,7 @@ from batchrun.flow.adaptive import AdaptiveRate, RateSignal, RecentCount
 from batchrun.flow.breaker import OutageBreaker
 from batchrun.flow.pace import KeyPace, LearnedWindow
 from batchrun.protocols import CallError
-from batchrun.protocols.relay_errors import QuotaLeft
+from batchrun.protocols.relay_errors import QuotaLeft, says_saturated
 
 WINDOW_S = 60.0
 OUTPUT_CAP_KEYS = ("max_completion_tokens", "max_tokens", "maxOutputTokens")
@@ -196,8 +196,8 @@ SLOW_PAST_REFUSED = 40  # at or above a concurrency limit once refused, successe
 
 
 def pushed_back(error: CallError) -> bool:
-    """A 429 that is not about quota, or a 503: the relay asks us to come back later."""
-    return error.error_class in PUSHBACK_CLASSES or error.status == 503
+    """A 429 that is not about quota, a 503, or a 5xx saying the upstream is saturated: come back later."""
+    return error.error_class in PUSHBACK_CLASSES or error.status == 503 or says_saturated(error)
 
 
 class RateProbe(Enum):
