@@ -316,9 +316,9 @@ def _validate(args: argparse.Namespace) -> int:
     for row_id, body in plan.requests.items():
         print(f"\nrow {row_id}:")
         print(for_terminal(body))
-    env = job.spec.provider.api_key_env
-    if not job.uses_emulator and not os.environ.get(env, "").strip():
-        print(f"batchrun: note: {env} is not set; `run` will need it", file=sys.stderr)
+    for env in job.spec.provider.key_variables:
+        if not job.uses_emulator and not os.environ.get(env, "").strip():
+            print(f"batchrun: note: {env} is not set; `run` will need it", file=sys.stderr)
     print()
     for line in plan.estimate_lines:
         print(line)

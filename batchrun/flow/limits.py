@@ -338,7 +338,8 @@ class Limits:
             if at > now - budget.window_s:
                 budget.charge(at, 1)
         self.window, self.learned, self._learned_at = budget, window, now
-        self._tell("slower", f"the relay's limit: {window.requests} requests per {window.window_s:g} s", now)
+        said = f"the relay's limit: {window.requests} requests per {window.window_s:g} s ({window.source})"
+        self._tell("slower", said, now, window.requests / window.window_s)
 
     def slot(self, tokens: int, retry: bool = False) -> Slot:
         """Hold one in-flight place for a request estimated at `tokens` (a retry also holds a retry place).
