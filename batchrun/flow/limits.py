@@ -69,6 +69,10 @@ TOKEN_CREDIT_S = 3.0
 # A stated window is kept with this much room at its edge: the relay counts arrivals, we count starts, and a
 # request may arrive a little sooner after its start than the one it replaces in the window.
 EDGE_SHARE, EDGE_S = 0.02, 0.05
+# While a stated window holds starts back, one start above it every so often (2 windows, 3 s at least)
+# finds out whether the relay raised its limit: if it is answered, the window doubles until a 429 says the
+# new limit. Refused, it costs one 429.
+WINDOW_PROBE_WINDOWS, WINDOW_PROBE_MIN_S = 2.0, 3.0
 STARTS_KEPT_S = 60.0  # starts remembered, for a window learned mid-run (longer windows start from this much)
 
 
@@ -176,6 +180,7 @@ class Ticket:
     retry: bool = False
     rate_probe: bool = False  # sent alone after a pause: its answer says whether the relay has room again
     key: int = 0  # which key it is sent with (flow/keys.py), by its place in provider.api_key_env
+    window_probe: bool = False  # sent above a stated window: has the relay raised its limit?
 
 
 @dataclass(frozen=True)
@@ -300,6 +305,7 @@ class Limits:
         self.window: MinuteBudget | None = None  # the key's own window, once stated or remembered
         self.learned: LearnedWindow | None = None
         self._learned_at = -math.inf
+        self._window_probe_at = math.inf  # when one start may go above the stated window
         self._starts: deque[float] = deque()  # the last STARTS_KEPT_S of starts: a window learned mid-run has them
         self._last_answer: float | None = None  # the last success (or the first start): push-back alone since
         self._pushed_back_since_answer: CallError | None = None
@@ -338,6 +344,7 @@ class Limits:
             if at > now - budget.window_s:
                 budget.charge(at, 1)
         self.window, self.learned, self._learned_at = budget, window, now
+        self._window_probe_at = now + max(WINDOW_PROBE_WINDOWS * window.window_s, WINDOW_PROBE_MIN_S)
         said = f"the relay's limit: {window.requests} requests per {window.window_s:g} s ({window.source})"
         self._tell("slower", said, now, window.requests / window.window_s)
 
@@ -377,7 +384,7 @@ class Limits:
         return max(
             self._paused_until - now,
             self.pace.wait_s(now),
-            self.window.wait_s(now, 1) if self.window else 0.0,
+            self._window_wait_s(now),
             self._pushed_back_too_long(now),
             self.requests.wait_s(now, 1) if self.requests else 0.0,
             self.tokens.wait_s(now, tokens) if self.tokens else 0.0,
@@ -385,11 +392,35 @@ class Limits:
             math.inf if self._rate_probe is RateProbe.IN_FLIGHT else 0.0,
         )
 
+    def _window_wait_s(self, now: float) -> float:
+        if self.window is None:
+            return 0.0
+        wait = self.window.wait_s(now, 1)
+        if wait > 0 and now >= self._window_probe_at and self._above_stated(now):
+            return 0.0  # a window probe goes
+        return wait
+
+    def _above_stated(self, now: float) -> bool:
+        """Whether one more start now is above the limit the relay stated, edge room aside: only such a start
+        answered tells that the relay raised its limit."""
+        if self.learned is None:
+            return False
+        since, count = now - self.learned.window_s, 0
+        for at in reversed(self._starts):
+            if at <= since or count >= self.learned.requests:
+                break
+            count += 1
+        return count >= self.learned.requests
+
     def _start(self, now: float, tokens: int, retry: bool) -> Ticket:
         """Charge a start that passed `_wait_s` (no await in between: nothing can change meanwhile)."""
         if self.requests:
             self.requests.charge(now, 1)
+        window_probe = False
         if self.window:
+            window_probe = self.window.wait_s(now, 1) > 0 and self._above_stated(now)
+            if window_probe:
+                self._window_probe_at = math.inf  # one at a time: until its answer
             self.window.charge(now, 1)
         self._keep_start(now)
         charge = self.tokens.charge(now, tokens) if self.tokens else None
@@ -398,7 +429,8 @@ class Limits:
         rate_probe = self._rate_probe is RateProbe.WANTED
         if rate_probe:
             self._rate_probe = RateProbe.IN_FLIGHT
-        return Ticket(now, charge, self.breaker.started(now), self.in_flight.used, retry, rate_probe, self.index)
+        probe = self.breaker.started(now)
+        return Ticket(now, charge, probe, self.in_flight.used, retry, rate_probe, self.index, window_probe)
 
     def succeeded(self, ticket: Ticket, actual_tokens: int | None, quota: QuotaLeft | None = None) -> None:
         now = self.now()
@@ -408,6 +440,8 @@ class Limits:
         self._last_answer, self._pushed_back_since_answer = now, None
         self._cuts_in_a_row = 0
         self._probe_answered(ticket)
+        if ticket.window_probe and self.learned is not None:  # the relay let more through than it said
+            self.learn(LearnedWindow(2 * self.learned.requests, self.learned.window_s, "learned"), now)
         self._signal.answer(ticket.started_at, False, now)
         self._grow_in_flight()
         if quota is not None:
@@ -419,6 +453,8 @@ class Limits:
         self._probe_answered(ticket)
         if pushed_back(error):
             self._pushed_back_since_answer = error
+        if ticket.window_probe and self.learned is not None:  # the limit holds: ask again later
+            self._window_probe_at = now + max(WINDOW_PROBE_WINDOWS * self.learned.window_s, WINDOW_PROBE_MIN_S)
         if error.limit_requests and error.limit_window_s:
             self._stated(error.limit_requests, error.limit_window_s, now)
         if pushed_back(error) and ticket.started_at <= self._learned_at:  # (the same tick: before it too)

@@ -332,7 +332,7 @@ async def call_with_retries(
     `encode` turns the body into bytes and their content type (the protocol's `encode`).
     """
     payload, content_type = encode(body)
-    attempts = excused = 0
+    attempts = excused = waited_out = 0
     started = time.monotonic()
     while True:
         try:
@@ -358,10 +358,14 @@ async def call_with_retries(
             return Outcome(None, gave_up, attempts, 0.0)
         limits.failed(ticket, error)
         on_error(error)
-        excused += limits.excuses(error)
+        excuse = limits.excuses(error)
+        excused += excuse
+        # Push-back uses up no attempt, but its back-off still grows (it is the relay's pace); a failure while
+        # the relay looks down or a key retired starts the back-off afresh.
+        waited_out += excuse and not pushed_back(error)
         if not may_retry(error, attempts - excused, max_attempts):
             return Outcome(None, error, attempts, time.monotonic() - started)
-        await rest(backoff_delay(attempts - 1 - excused, error))
+        await rest(backoff_delay(attempts - 1 - waited_out, error))
 
 
 def _total_tokens(reply: Reply) -> int | None:
