@@ -69,10 +69,10 @@ TOKEN_CREDIT_S = 3.0
 # A stated window is kept with this much room at its edge: the relay counts arrivals, we count starts, and a
 # request may arrive a little sooner after its start than the one it replaces in the window.
 EDGE_SHARE, EDGE_S = 0.02, 0.05
-# While a stated window holds starts back, one start above it every so often (2 windows, 3 s at least)
+# While a stated window holds starts back, one start above it every so often (4 windows, 3 s at least)
 # finds out whether the relay raised its limit: if it is answered, the window doubles until a 429 says the
 # new limit. Refused, it costs one 429.
-WINDOW_PROBE_WINDOWS, WINDOW_PROBE_MIN_S = 2.0, 3.0
+WINDOW_PROBE_WINDOWS, WINDOW_PROBE_MIN_S = 4.0, 3.0
 STARTS_KEPT_S = 60.0  # starts remembered, for a window learned mid-run (longer windows start from this much)
 
 
