@@ -190,7 +190,7 @@ def test_posters_report_in_a_real_browser(posters: Path, tmp_path: Path) -> None
     assert pairs == with_reference and pairs  # each reference image beside its answer
 
     _assert_not_blank(shot)
-    # The README's picture: BATCHRUN_UPDATE_SCREENSHOT=1 pytest tests/test_report.py -k posters
+    # The picture in README.md and docs/cli.md: BATCHRUN_UPDATE_SCREENSHOT=1 pytest tests/test_report.py -k posters
     if os.environ.get("BATCHRUN_UPDATE_SCREENSHOT"):
         _save_small(shot, REPO / "docs" / "report.png")
 

@@ -319,7 +319,7 @@ def _known_keys(section: list[str]) -> str:
             (a for a in getattr(inner, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), inner
         )
         if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
-            return "see the README"
+            return "see docs/job-file.md"
         model = inner
     names = [f.alias or n for n, f in model.model_fields.items()]
     return "known keys here: " + ", ".join(names)
