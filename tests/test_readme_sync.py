@@ -106,6 +106,7 @@ class Section:
     line: int
     title: str  # as written
     english: str  # the README.md heading it stands for ("" for a section only this file has)
+    level: int  # 2 for ##, 3 for ###, …
 
 
 @dataclass
@@ -162,7 +163,7 @@ class Readme:
             if heading and len(heading.group(1)) > 1:
                 counterpart = COUNTERPART.fullmatch(before)
                 english = counterpart.group(1) if counterpart else ""
-                readme.sections.append(Section(i + 1, title, title if path != ZH else english))
+                readme.sections.append(Section(i + 1, title, title if path != ZH else english, len(heading.group(1))))
             prose.append(line)
             i += 1
         readme.spans = list(_spans(prose))
@@ -172,6 +173,11 @@ class Readme:
     def where(self, line: int) -> str:
         section = next((s.title for s in reversed(self.sections) if s.line <= line), "(top)")
         return f"{self.path.relative_to(REPO).as_posix()} line {line}, section '{section}'"
+
+    def lines_of(self, section: Section) -> range:
+        """The lines of a section, its subsections included."""
+        after = (s.line for s in self.sections if s.line > section.line and s.level <= section.level)
+        return range(section.line, next(after, 1 << 30))
 
     def section_of(self, line: int) -> str:
         return next((s.english for s in reversed(self.sections) if s.line <= line), "")
@@ -184,10 +190,13 @@ class Readme:
                 found.setdefault(command, line)
         return found
 
-    def options(self) -> dict[str, int]:
-        """The options of batchrun's commands shown in the code (an option the CLI lacks is prose, not checked)."""
+    def options(self, lines: range | None = None) -> dict[str, int]:
+        """The options of batchrun's commands shown in the code (an option the CLI lacks is prose, not checked),
+        in the given lines only if given."""
         found: dict[str, int] = {}
         for line, code in self._code():
+            if lines is not None and line not in lines:
+                continue
             for option in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", code):
                 if option in OPTIONS:
                     found.setdefault(option, line)
@@ -406,11 +415,14 @@ def test_the_cli_page_documents_every_command_and_option() -> None:
     ]
     for name, parser in sorted(_commands().items()):
         options = {s for action in parser._actions for s in action.option_strings if s.startswith("--")}
-        heading = next((s.title for s in cli.sections if s.title.startswith(f"`batchrun {name}")), None)
-        block = f"the block under '## {heading}'" if heading else "its command block"
+        section = next((s for s in cli.sections if s.title.startswith(f"`batchrun {name}")), None)
+        if section is None:
+            problems.append(f"docs/cli.md has no section '## `batchrun {name} …`': add one, with examples")
+            continue
         problems += [
-            f"docs/cli.md lacks the `batchrun {name}` option `{option}`: add an example line to {block}"
-            for option in sorted(options - {"--help"} - set(cli.options()))
+            f"docs/cli.md lacks the `batchrun {name}` option `{option}` in its section '{section.title}' "
+            f"(line {section.line}): add an example line to a command block there"
+            for option in sorted(options - {"--help"} - set(cli.options(cli.lines_of(section))))
         ]
     assert not problems, "\n".join(problems)
 
