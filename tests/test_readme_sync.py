@@ -62,12 +62,15 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from pydantic import BaseModel
 
 from batchrun.cli import _parser, main
+from batchrun.job.spec import JobSpec
 
 EN = REPO / "README.md"
 ZH = REPO / "README.zh-CN.md"
 CLI = REPO / "docs" / "cli.md"
+JOB_FILE = REPO / "docs" / "job-file.md"
 REFERENCE = [
     REPO / "docs" / name
     for name in (
@@ -88,7 +91,8 @@ COUNTERPART = re.compile(r"<!-- en: (.+?) -->")  # before a heading of README.zh
 PROGRAMS = ("batchrun", "pip", "pytest", "python", "python3")
 JOB_SECTIONS = ("name", "input", "provider", "model", "prompt", "params", "stream", "output", "run", "pricing")
 NOT_RUN = {"emulator": "a server that runs until stopped", "bench": "it takes seconds to minutes"}
-FREE_FORM = ("params", "output.schema")  # values in the API's or JSON Schema's own words, not job-file keys
+# Values in the API's, JSON Schema's or object_store's own words, not job-file keys.
+FREE_FORM = ("params", "output.schema", "input.storage_options", "output.storage_options")
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:
@@ -293,6 +297,19 @@ def _yaml_keys(lines: list[str], first_line: int) -> Iterator[tuple[int, str]]:
         key = f"{parent}.{match.group(3)}" if parent else match.group(3)
         stack.append((indent, key))
         yield n, key
+        if key not in FREE_FORM:
+            yield from ((n, f"{key}.{inner}") for inner in _flow_keys(line[match.end() :]))
+
+
+def _flow_keys(value: str) -> list[str]:
+    """The keys of a one-line mapping such as `{input_per_million: 2.5, currency: USD}` (none for other values)."""
+    value = re.split(r"\s#\s", f" {value.strip()} ", maxsplit=1)[0].strip()
+    if not (value.startswith("{") and value.endswith("}")):
+        return []
+    inner = value[1:-1]
+    while re.search(r"[{\[][^{}\[\]]*[}\]]", inner):
+        inner = re.sub(r"[{\[][^{}\[\]]*[}\]]", "", inner)  # nested mappings and lists: their keys are not ours
+    return re.findall(r"(?:^|,)\s*([A-Za-z_][A-Za-z0-9_]*)\s*:", inner)
 
 
 @pytest.fixture(scope="module")
@@ -425,6 +442,26 @@ def test_the_cli_page_documents_every_command_and_option() -> None:
             for option in sorted(options - {"--help"} - set(cli.options(cli.lines_of(section))))
         ]
     assert not problems, "\n".join(problems)
+
+
+def _spec_keys(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
+    """The job file's keys, dotted, from the job model itself (as written in YAML)."""
+    for name, info in model.model_fields.items():
+        key = prefix + (info.alias or name)
+        yield key
+        for inner in (info.annotation, *getattr(info.annotation, "__args__", ())):
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                yield from _spec_keys(inner, f"{key}.")
+
+
+def test_the_job_file_page_documents_every_key() -> None:
+    shown = Readme.read(JOB_FILE).job_keys()
+    missing = [key for key in _spec_keys(JobSpec) if key not in shown]
+    assert not missing, "\n".join(
+        f"docs/job-file.md lacks the job-file key `{key}`: add it, with a comment saying what it does, to the "
+        "job file block under '## Every key' (commented out if it is optional), or name it as a `code span`"
+        for key in missing
+    )
 
 
 def test_every_link_leads_somewhere(pages: list[Readme]) -> None:
