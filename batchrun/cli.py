@@ -258,6 +258,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"{summary['rows']} rows: {summary['ok']} ok, {summary['error']} error; "
         f"tokens {summary['prompt_tokens']} in / {summary['completion_tokens']} out"
     )
+    if summary.get("cached_tokens"):
+        line += f" ({summary['cached_tokens']} in from the provider's cache)"
     if "cost" in summary:
         line += f"; cost {summary['cost']:.4f} {summary['currency']}"
     line += f"; {summary['wall_s']:.1f} s, {summary['requests_per_s'] or 0:.1f} requests/s"

@@ -152,7 +152,11 @@ class Run:
             if self.job.spec.pricing is not None:
                 done = checkpoint.totals()
                 self.budget.spent = spend.cost(
-                    self.job.spec.pricing, done["prompt_tokens"], done["completion_tokens"], done["images"]
+                    self.job.spec.pricing,
+                    done["prompt_tokens"],
+                    done["completion_tokens"],
+                    done["images"],
+                    done["cached_tokens"],
                 )
             total = self.table.count() if self.options.limit is None else min(self.options.limit, self.table.count())
             progress = Progress(
@@ -219,6 +223,7 @@ class Run:
             "shared": written["shared"],
             "prompt_tokens": totals["prompt_tokens"],
             "completion_tokens": totals["completion_tokens"],
+            "cached_tokens": totals["cached_tokens"],
             "requested_this_run": requested,
             "in_flight_at_last_stop": interrupted,
             "wall_s": round(wall_s, 3),

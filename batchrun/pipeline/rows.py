@@ -258,7 +258,12 @@ class RowPipeline:
                 log.note(OK)
                 parts.observe_limits()
                 self.budget.settle(
-                    held, prompt_estimate, reply.prompt_tokens, reply.completion_tokens, len(reply.images)
+                    held,
+                    prompt_estimate,
+                    reply.prompt_tokens,
+                    reply.completion_tokens,
+                    len(reply.images),
+                    reply.cached_tokens,
                 )
             return outcome
 
@@ -326,6 +331,7 @@ def _record(item: WorkItem, outcome: Outcome, models: dict[str, str]) -> RowReco
         finished_at=time.time(),
         request_hash=item.request_hash,
         answer=_kept_answer(reply),
+        cached_tokens=reply.cached_tokens if reply else None,
     )
 
 

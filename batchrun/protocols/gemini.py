@@ -167,6 +167,12 @@ def _tokens(usage: dict[str, Any], camels: tuple[str, ...], notes: list[str]) ->
     return None if None in counts else sum(counts)  # type: ignore[arg-type]
 
 
+def _cached_tokens(usage: dict[str, Any] | None, notes: list[str]) -> int | None:
+    """usageMetadata.cachedContentTokenCount (docs/caching.md); None when the relay does not say."""
+    count = _get(usage, "cachedContentTokenCount") if usage else None
+    return None if count is None else token_count(count, "cachedContentTokenCount", notes)
+
+
 class Answer:
     """One GenerateContentResponse, or the events of a stream, each holding only new parts (§4.3)."""
 
@@ -258,6 +264,7 @@ class Answer:
             model=self._model,
             prompt_tokens=_tokens(usage, ("promptTokenCount", "toolUsePromptTokenCount"), notes) if usage else None,
             completion_tokens=_tokens(usage, ("candidatesTokenCount", "thoughtsTokenCount"), notes) if usage else None,
+            cached_tokens=_cached_tokens(usage, notes),
             tool_calls=self._calls,
             images=self._images,
             notes=notes,

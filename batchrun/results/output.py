@@ -49,6 +49,7 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "model": pl.String(),
     "prompt_tokens": pl.Int64(),
     "completion_tokens": pl.Int64(),
+    "cached_tokens": pl.Int64(),
     "latency_s": pl.Float64(),
     "attempts": pl.Int64(),
     "repairs": pl.Int64(),
