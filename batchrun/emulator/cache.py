@@ -46,7 +46,7 @@ class PromptCache:
         if found * BLOCK_TOKENS < MIN_TOKENS:
             return 0
         holder = self._holder.get(hashes[found - 1])
-        if holder in self._entries:
+        if holder is not None and holder in self._entries:
             self._entries.move_to_end(holder)
         return found * BLOCK_TOKENS
 
