@@ -77,8 +77,8 @@ _ANSWERS = (
 )
 # What `batchrun report` draws, added to checkpoints of format 3 when they are opened, so an
 # older one still resumes (its rows simply lack them). Columns of `rows` after its last one,
-# in RowRecord's order (`cached_tokens` too, added later the same way); `limiter` holds one line
-# per second of wall time that saw an attempt.
+# in RowRecord's order (`cached_tokens` too, added later the same way: rows are written by column
+# name); `limiter` holds one line per second of wall time that saw an attempt.
 _REPORT_COLUMNS = {"started_at": "REAL", "attempt_log": "TEXT", "cached_tokens": "INTEGER"}
 _LIMITER_TABLE = """
 CREATE TABLE IF NOT EXISTS limiter (
@@ -122,6 +122,8 @@ class RowRecord:
 
 ROW_COLUMNS = [name for name in RowRecord.__dataclass_fields__ if name != "answer"]
 _row_values = operator.attrgetter(*ROW_COLUMNS)  # a record's values in column order, in C
+# Named: columns added on open follow the table's own order, which a checkpoint's history decides.
+_INSERT_ROW = f"INSERT OR REPLACE INTO rows ({', '.join(ROW_COLUMNS)}) VALUES ({', '.join('?' * len(ROW_COLUMNS))})"
 # A second written twice (a run resumed within it) keeps the extremes and the later state.
 _MERGE_LIMITER = """
 INSERT INTO limiter VALUES (?, ?, ?, ?, ?) ON CONFLICT(second) DO UPDATE SET
@@ -451,9 +453,7 @@ class Checkpoint:
         with self._lock, self._writable():
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR REPLACE INTO inflight VALUES (?, ?)", intents)
-            self._db.executemany(
-                f"INSERT OR REPLACE INTO rows VALUES ({', '.join('?' * len(ROW_COLUMNS))})", map(_row_values, finished)
-            )
+            self._db.executemany(_INSERT_ROW, map(_row_values, finished))
             gone = [(r.idx,) for r in finished] + [(i,) for i in withdrawn]
             kept = [(r.idx, *r.answer) for r in finished if r.answer]
             if kept:  # only jobs with output.openai_batch keep answers; the others pay nothing here
