@@ -325,6 +325,7 @@ class Emulator:
     async def reset_stats(self, request: web.Request) -> web.Response:
         self.stats.reset()
         self._seen.clear()
+        self.cache = PromptCache(self.config.cache_prefixes)
         if self._window is not None:
             self._window.clear()
         return web.Response(body=b"{}", content_type="application/json")

@@ -231,6 +231,16 @@ def describe_estimate(est: Estimate, job: Job) -> list[str]:
     return lines
 
 
+def describe_cached(est: Estimate, cached_share: float, pricing: PricingSpec) -> str:
+    """The input's cost with the share of it the provider's cache is expected to serve (`validate`)."""
+    plain = cost(pricing, est.input_tokens, 0)
+    cached = cost(pricing, est.input_tokens, 0, cached_tokens=round(est.input_tokens * cached_share))
+    line = f"  input cost with the expected cache hits: ~{money(cached, pricing)} instead of {money(plain, pricing)}"
+    if pricing.cached_input_per_million is None:
+        line += "; set pricing.cached_input_per_million to count cached input at the provider's lower price"
+    return line
+
+
 TYPICAL_STRING_CHARS = 16
 TYPICAL_ARRAY_ITEMS = 2
 

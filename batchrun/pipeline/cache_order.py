@@ -26,14 +26,16 @@ are the engine's as before, so `--limit`, resume and exactly-once are untouched.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import orjson
 from anyio.streams.memory import MemoryObjectSendStream
 
-from batchrun.flow.limits import CHARS_PER_TOKEN
+from batchrun.flow.limits import CHARS_PER_TOKEN, prompt_tokens_estimate
 from batchrun.job.render import Request
 from batchrun.ledger.checkpoint import RowRecord
 from batchrun.pipeline.rows import WorkItem
@@ -220,3 +222,72 @@ class Sending:
 def prefix_levels_possible(item: WorkItem) -> bool:
     """Whether the row's prompt is long enough to share a cached prefix at all (checked before hashing)."""
     return item.request.body is not None or item.request.text_chars >= PREFIX_CHARS
+
+
+# --- what `validate` says ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrefixShare:
+    """How the first rows' prompts share text, seen in 1,024-token steps (lower bounds, like the cache's)."""
+
+    rows: int  # rows looked at
+    long_enough: int  # rows of at least 1,024 tokens: the only ones a provider caches
+    sharing: int  # rows whose prefix of >= 1,024 tokens another row shares
+    input_tokens: int  # estimated, of the rows looked at
+    shared_tokens: int  # of each row, the prefix another row shares, summed
+    expected_cached: int  # of each row, the prefix an earlier row already sent, summed: what the cache can serve
+    shared_late: int  # rows sharing more text at their end than at their start: row-specific text comes first
+
+
+def prefix_share(texts: list[str]) -> PrefixShare:
+    """The rows' prompts as the cache sees them, in input order."""
+    prefixes = [prefix_levels(text) for text in texts]
+    suffixes = [prefix_levels(_backwards(text)) for text in texts]
+    prefix_counts = Counter(level for levels in prefixes for level in levels)
+    suffix_counts = Counter(level for levels in suffixes for level in levels)
+    seen: set[bytes] = set()
+    shared = expected = late = sharing = 0
+    for levels, ends in zip(prefixes, suffixes, strict=True):
+        depth = _shared_depth(levels, lambda level: prefix_counts[level] > 1)
+        sharing += depth > 0
+        shared += depth * PREFIX_TOKENS
+        expected += _shared_depth(levels, seen.__contains__) * PREFIX_TOKENS
+        seen.update(levels)
+        late += _shared_depth(ends, lambda level: suffix_counts[level] > 1) > depth
+    long_enough = sum(1 for levels in prefixes if levels)
+    tokens = sum(prompt_tokens_estimate(len(text)) for text in texts)
+    return PrefixShare(len(texts), long_enough, sharing, tokens, shared, expected, late)
+
+
+def _shared_depth(levels: list[bytes], shared: Callable[[bytes], bool]) -> int:
+    """How many leading levels are shared (levels chain: once one is not, none deeper is)."""
+    return next((n for n, level in enumerate(levels) if not shared(level)), len(levels))
+
+
+def _backwards(text: str) -> str:
+    """The text's 1,024-token pieces from its end: a shared ending hashes like a shared start."""
+    pieces = [text[max(0, end - PREFIX_CHARS) : end] for end in range(len(text), 0, -PREFIX_CHARS)]
+    return "".join(piece for piece in pieces if len(piece) == PREFIX_CHARS)
+
+
+def advice_lines(share: PrefixShare, job_path: Path, order: str) -> list[str]:
+    """What `validate` prints about the prompt cache: nothing when no prompt is long enough to be cached."""
+    if not share.long_enough:
+        return []
+    lines = [
+        f"prompt cache (the first {share.rows} rows, in 1,024-token steps; docs/caching.md):",
+        f"  {share.sharing} rows share a prefix of at least 1,024 tokens with other rows: "
+        f"{share.shared_tokens / max(share.input_tokens, 1):.0%} of the input is a shared prefix; "
+        f"~{share.expected_cached / max(share.input_tokens, 1):.0%} can be read from the cache "
+        f"(each prefix's first row pays in full)",
+    ]
+    if order == "input" and share.sharing:
+        lines.append("  run.order is input: rows are sent as read, so siblings may miss the cache")
+    if share.shared_late:
+        lines.append(
+            f"  warning: {job_path}: prompt: {share.shared_late} rows share more text at the end of their prompt "
+            "than at its start: row-specific text comes before a long shared part, where the cache cannot help; "
+            "put shared instructions and documents first and the row's own text last (docs/caching.md)"
+        )
+    return lines
