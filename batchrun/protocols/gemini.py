@@ -168,9 +168,8 @@ def _tokens(usage: dict[str, Any], camels: tuple[str, ...], notes: list[str]) ->
 
 
 def _cached_tokens(usage: dict[str, Any] | None, notes: list[str]) -> int | None:
-    """usageMetadata.cachedContentTokenCount (docs/caching.md); None when the relay does not say."""
-    count = _get(usage, "cachedContentTokenCount") if usage else None
-    return None if count is None else token_count(count, "cachedContentTokenCount", notes)
+    """usageMetadata.cachedContentTokenCount (docs/caching.md): absent is 0, as Gemini leaves out zero counts."""
+    return _tokens(usage, ("cachedContentTokenCount",), notes) if usage else None
 
 
 class Answer:
