@@ -292,3 +292,24 @@ def test_prefix_share_counts_what_an_earlier_row_already_sent() -> None:
     assert share.shared_tokens == 3 * 2048
     assert share.expected_cached == 2 * 2048  # the first of the three pays in full
     assert share.shared_late == 0
+
+
+# --- the report --------------------------------------------------------------------
+
+
+def test_the_report_shows_the_cached_share_over_time_and_what_it_saved(
+    tmp_path: Path, cache_emulator: Emulator
+) -> None:
+    cache_emulator.reset()
+    write_questions(tmp_path, documents=4, questions=3)
+    job = questions_job(tmp_path, cache_emulator.url)
+    _, df = run_questions(tmp_path, job)
+    made = run_here("report", str(job))
+    assert made.returncode == 0, made.stderr
+    page = Path(made.stdout.strip()).read_text()
+    cached, sent = df["cached_tokens"].sum(), df["prompt_tokens"].sum()
+    saved = cached * (2.0 - 0.5) / 1e6
+    assert f"{cached} of {sent} input tokens ({cached / sent:.0%}) were read from it" in page
+    assert f"which cost {saved:.4f} USD less than input" in page
+    chart = page[page.index("data-chart=cache") :]
+    assert "class=datum" in chart[: chart.index("</svg>")]
