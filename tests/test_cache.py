@@ -21,7 +21,7 @@ from batchrun.emulator.cache import PromptCache
 from batchrun.flow import spend
 from batchrun.job.render import Request
 from batchrun.job.spec import PricingSpec
-from batchrun.pipeline.cache_order import WINDOW_ROWS, CacheOrder, prefix_share
+from batchrun.pipeline.cache_order import KNOWN_PREFIXES, WINDOW_ROWS, CacheOrder, prefix_share
 from batchrun.pipeline.rows import WorkItem
 from batchrun.protocols import gemini, openai_chat
 from batchrun.results.output import summary_path
@@ -313,3 +313,29 @@ def test_the_report_shows_the_cached_share_over_time_and_what_it_saved(
     assert f"which cost {saved:.4f} USD less than input" in page
     chart = page[page.index("data-chart=cache") :]
     assert "class=datum" in chart[: chart.index("</svg>")]
+
+
+def test_cache_order_memory_is_bounded_however_many_rows_pass() -> None:
+    order = CacheOrder(leaders_at_once=4)
+    for idx in range(3 * KNOWN_PREFIXES):
+        order.add(item(idx, f"{idx:06d}" + "x" * 8192))  # two prefix levels each, none shared
+        taken = order.take()
+        assert taken is not None
+        order.answered(taken.idx)
+    assert len(order._index) <= KNOWN_PREFIXES
+    assert not order._unanswered and not order._waiting and order.held == 0
+
+
+# --- the bench ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_bench_cache_meets_its_target(tmp_path: Path) -> None:
+    from batchrun.bench.cache import TARGET_HIT_SHARE, format_figures, measure
+
+    cache, in_order = measure(tmp_path)
+    print(format_figures([cache, in_order]))
+    assert cache["ok"] == in_order["ok"] == 600
+    assert cache["hit_share"] >= TARGET_HIT_SHARE
+    assert in_order["hit_share"] < 0.3
+    assert cache["cost"] < in_order["cost"] < in_order["cost_without_cache"] + 1e-9
