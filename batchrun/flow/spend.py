@@ -51,7 +51,9 @@ def cost(
 
 def cost_expr(pricing: PricingSpec, columns: list[str]) -> pl.Expr:
     """The output's `cost` column, from the columns the output has."""
-    cached = pl.min_horizontal(pl.col("cached_tokens").fill_null(0), pl.col("prompt_tokens"))
+    cached = pl.lit(0)
+    if "cached_tokens" in columns:
+        cached = pl.min_horizontal(pl.col("cached_tokens").fill_null(0), pl.col("prompt_tokens"))
     paid = (
         (pl.col("prompt_tokens") - cached) * (pricing.input_per_million / 1e6)
         + cached * (pricing.cached_price / 1e6)
