@@ -19,6 +19,7 @@ from batchrun.job.render import Renderer, RowInputError
 from batchrun.job.settings import RequestSettings
 from batchrun.job.spec import Job, JobSpec
 from batchrun.job.structured import AnswerParser
+from batchrun.pipeline import cache_order
 from batchrun.pipeline.images import ImageLoader, loader_for, preview_body
 from batchrun.protocols import WireProtocol, protocol_for
 from batchrun.results import output
@@ -71,7 +72,7 @@ def _preview(
     if request.api is None:
         return preview_body(protocol, loader, request, settings)
     line_protocol = protocol_for(request.api)
-    path = line_protocol.path(spec.model or "", spec.stream)
+    path = line_protocol.path(settings)
     return f"POST {spec.provider.base_url}{path}\n" + preview_body(line_protocol, loader, request, settings)
 
 
@@ -95,13 +96,13 @@ def plan(job: Job, show: int = 2) -> Plan:
     table = InputTable.for_job(job)
     table.check_ids()
     renderer = Renderer(job, table.columns)
-    output.check_columns(job, AnswerParser.for_spec(spec), table.columns)
+    protocol = protocol_for(spec.provider.api)
+    output.check_columns(job, AnswerParser.for_spec(spec, protocol), table.columns)
     output.check_targets(job)
     if os.environ.get(spec.provider.api_key_env, "").strip():
         job.api_key()  # a key that is set must be sendable; validate sends nothing, so it needs none
-    protocol = protocol_for(spec.provider.api)
     loader = loader_for(job, protocol.INLINE_IMAGE_URLS)
-    settings = RequestSettings.of(spec)
+    settings = RequestSettings.of(spec, protocol)
     requests: dict[str, str] = {}
     for batch in table.batches(limit=show):
         for row in batch.iter_rows(named=True):
@@ -117,7 +118,8 @@ def plan(job: Job, show: int = 2) -> Plan:
         )
     else:
         endpoint = f"{spec.provider.api} {spec.model} -> POST {spec.provider.base_url}"
-        endpoint += protocol.path(spec.model or "", spec.stream)
+        endpoint += protocol.path(settings)
+    estimate_lines = spend.describe_estimate(estimate, job) + _cache_advice(job, table, renderer, estimate)
     return Plan(
         job=spec.name,
         rows=table.count(),
@@ -126,5 +128,23 @@ def plan(job: Job, show: int = 2) -> Plan:
         endpoint=endpoint,
         requests=requests,
         estimate=estimate,
-        estimate_lines=spend.describe_estimate(estimate, job),
+        estimate_lines=estimate_lines,
     )
+
+
+def _cache_advice(job: Job, table: InputTable, renderer: Renderer, estimate: spend.Estimate) -> list[str]:
+    """How much of each request is a prefix shared with other rows, over the rows the run reads ahead."""
+    texts = []
+    for batch in table.batches(limit=cache_order.WINDOW_ROWS):
+        for row in batch.iter_rows(named=True):
+            try:
+                texts.append(cache_order.leading_text(renderer.render(row)))
+            except Exception:  # such a row fails as an input error, without a request (see _preview)
+                continue
+    share = cache_order.prefix_share(texts)
+    lines = cache_order.advice_lines(share, job.path, job.spec.run.order)
+    if lines and job.spec.pricing is not None:
+        lines.insert(
+            2, spend.describe_cached(estimate, share.expected_cached / max(share.input_tokens, 1), job.spec.pricing)
+        )
+    return lines

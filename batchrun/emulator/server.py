@@ -21,7 +21,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from batchrun.emulator import answers, pictures
+from batchrun.emulator import answers, images, pictures
+from batchrun.emulator.cache import PromptCache
 from batchrun.emulator.chat import ANSWER_FAULTS, chat_chunks, chat_completion, chat_prompt, schema_rejection
 from batchrun.emulator.completions import completion, completion_chunks, completions_prompt
 from batchrun.emulator.faults import (
@@ -51,6 +52,7 @@ class EmulatorConfig:
     rpm_limit: int | None = None  # per key, failed requests counted, like the relay's own window
     rpm_window_s: float = 60.0  # tests shorten the window to see a whole cycle in seconds
     max_concurrency: int | None = None  # more in flight at once: 429 token_concurrency_limit_reached
+    cache_prefixes: int = 0  # a provider prompt cache of this many prefixes (emulator/cache.py); 0: none
 
 
 class Stats:
@@ -112,6 +114,7 @@ class Emulator:
         self._seen: Counter[str] = Counter()  # requests per prompt key, for "x N" directives
         self._ids = 0
         self._window = RequestWindow(config.rpm_limit, config.rpm_window_s) if config.rpm_limit else None
+        self.cache = PromptCache(config.cache_prefixes)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._count])
@@ -119,6 +122,7 @@ class Emulator:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1beta/models/{target}", self.gemini)
         app.router.add_post("/v1/models/{target}", self.gemini)
+        app.router.add_post("/v1/images/{action}", self.openai_images)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1beta/models", self.models)
         app.router.add_get("/_emulator/stats", self.get_stats)
@@ -159,7 +163,7 @@ class Emulator:
         if self.config.api_key is None:
             return None
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if request.path.startswith(("/v1beta/", "/v1/models/")):  # Google's own ways, on Gemini paths only
+        if _gemini_path(request):  # Google's own ways, on Gemini paths only
             given = given or request.headers.get("x-goog-api-key", "") or request.query.get("key", "")
         if given == self.config.api_key:
             return None
@@ -214,12 +218,14 @@ class Emulator:
         prompt_of: Callable[[dict[str, Any]], str | None],
         what: str,
         answer: Callable[[web.Request, dict[str, Any], str, str, str | None], Awaitable[web.StreamResponse]],
+        read: Callable[[web.Request, str], Awaitable[dict[str, Any] | web.Response]] | None = None,
     ) -> web.StreamResponse:
-        """The steps every route shares: auth, body, counting by prompt, latency, faults; then `answer`."""
+        """The steps every route shares: auth, body (JSON unless `read` reads another kind), counting by prompt,
+        latency, faults; then `answer`."""
         request_id = self._request_id()
         if (denied := await self._auth(request, request_id)) is not None:
             return denied
-        body = await self._body(request, request_id)
+        body = await (read or self._body)(request, request_id)
         if isinstance(body, web.Response):
             return body
         prompt = prompt_of(body)
@@ -229,6 +235,7 @@ class Emulator:
         self.stats.turns[prompt] = turns_of(body)
         self.stats.by_route[request.path + (" (stream)" if body.get("stream") is True else "")] += 1
         request["prompt"] = prompt
+        request["cached_tokens"] = self.cache.cached_tokens(prompt)  # on arrival: a prefix still answered misses
         limited = self._over_limits(request, request_id)  # counted on arrival, answered after the latency
         await self._delay()
         if limited is not None:
@@ -242,7 +249,10 @@ class Emulator:
             healthy = await answer(request, {**body, "stream": False}, prompt, request_id, None)
             assert isinstance(healthy, web.Response)
             return await enact(fault, request, healthy)
-        return await answer(request, body, prompt, request_id, fault)
+        answered = await answer(request, body, prompt, request_id, fault)
+        if answered.status == 200:
+            self.cache.answered(prompt)
+        return answered
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         async def answer(
@@ -251,6 +261,7 @@ class Emulator:
             if (rejection := schema_rejection(body)) is not None:
                 return json_response(400, rejection, rid)
             whole = chat_completion(body, prompt, rid, fault if fault in ANSWER_FAULTS else None)
+            whole["usage"]["prompt_tokens_details"]["cached_tokens"] = request["cached_tokens"]
             if not (body.get("stream") or fault in FRAMINGS):
                 return json_response(200, whole, rid)
             events = chat_chunks(whole, _include_usage(body), self.config.streams.text_pieces)
@@ -278,7 +289,7 @@ class Emulator:
         async def answer(
             request: web.Request, body: dict[str, Any], prompt: str, rid: str, fault: str | None
         ) -> web.StreamResponse:
-            events = gemini_events(body, model, prompt, fault, rid)
+            events = gemini_events(body, model, prompt, fault, rid, request["cached_tokens"])
             # streamGenerateContent without alt=sse: one JSON object, as old relay builds answer.
             sse = action == "streamGenerateContent" and request.query.get("alt") == "sse"
             if not (sse or fault in FRAMINGS):
@@ -286,6 +297,20 @@ class Emulator:
             return await write_stream(request, events, rid, self.config.streams, fault, pings=False)
 
         return await self._serve(request, gemini_prompt, "contents must be a list of contents", answer)
+
+    async def openai_images(self, request: web.Request) -> web.StreamResponse:
+        action = request.match_info["action"]
+        if action not in ("generations", "edits"):
+            return await self.not_found(request)
+        base_url = f"{request.scheme}://{request.host}"
+
+        async def answer(
+            request: web.Request, body: dict[str, Any], prompt: str, rid: str, fault: str | None
+        ) -> web.StreamResponse:
+            return json_response(200, images.image_answer(body, prompt, base_url), rid)
+
+        read = images.read_form if action == "edits" else None
+        return await self._serve(request, images.image_prompt, "prompt must be a string", answer, read)
 
     async def image(self, request: web.Request) -> web.Response:
         """A small PNG drawn from its name, for image-URL trials (not counted in the stats)."""
@@ -302,7 +327,7 @@ class Emulator:
             "gemini-3-pro-image-preview",
         ]
         listing: dict[str, Any]
-        if request.path.startswith("/v1beta/"):
+        if _gemini_path(request):
             listing = {"models": [{"name": f"models/{i}", "displayName": i} for i in ids if i.startswith("gemini")]}
         else:
             listing = {"object": "list", "data": [{"id": i, "object": "model"} for i in ids]}
@@ -317,6 +342,7 @@ class Emulator:
     async def reset_stats(self, request: web.Request) -> web.Response:
         self.stats.reset()
         self._seen.clear()
+        self.cache = PromptCache(self.config.cache_prefixes)
         if self._window is not None:
             self._window.clear()
         return web.Response(body=b"{}", content_type="application/json")
@@ -450,3 +476,12 @@ def running_in_thread(config: EmulatorConfig, host: str = "127.0.0.1") -> Iterat
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5)
+
+
+def _gemini_path(request: web.Request) -> bool:
+    """A request on Gemini's paths: /v1beta/..., /v1/models/..., or /v1/models (shared with OpenAI's listing)
+    asked Google's way (an x-goog-api-key header or a key= query, as google-genai with api_version v1 does)."""
+    if request.path.startswith(("/v1beta/", "/v1/models/")):
+        return True
+    google_auth = "x-goog-api-key" in request.headers or "key" in request.query
+    return request.path.rstrip("/") == "/v1/models" and google_auth

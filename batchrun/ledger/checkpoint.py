@@ -77,8 +77,9 @@ _ANSWERS = (
 )
 # What `batchrun report` draws, added to checkpoints of format 3 when they are opened, so an
 # older one still resumes (its rows simply lack them). Columns of `rows` after its last one,
-# in RowRecord's order; `limiter` holds one line per second of wall time that saw an attempt.
-_REPORT_COLUMNS = {"started_at": "REAL", "attempt_log": "TEXT"}
+# in RowRecord's order (`cached_tokens` too, added later the same way: rows are written by column
+# name); `limiter` holds one line per second of wall time that saw an attempt.
+_REPORT_COLUMNS = {"started_at": "REAL", "attempt_log": "TEXT", "cached_tokens": "INTEGER"}
 _LIMITER_TABLE = """
 CREATE TABLE IF NOT EXISTS limiter (
     second INTEGER PRIMARY KEY,
@@ -114,12 +115,15 @@ class RowRecord:
     image_paths: str | None = None  # JSON list of the files the row's images were written to
     started_at: float | None = None  # wall time of the first attempt; None when nothing was sent
     attempt_log: str | None = None  # see timeline.AttemptLog: each attempt's time and outcome
+    cached_tokens: int | None = None  # of prompt_tokens, read from the provider's prompt cache (docs/caching.md)
     # (status_code, request_id, body as JSON bytes): kept in the `answers` table, not in `rows`
     answer: tuple[int, str | None, bytes] | None = field(default=None, repr=False)
 
 
 ROW_COLUMNS = [name for name in RowRecord.__dataclass_fields__ if name != "answer"]
 _row_values = operator.attrgetter(*ROW_COLUMNS)  # a record's values in column order, in C
+# Named: columns added on open follow the table's own order, which a checkpoint's history decides.
+_INSERT_ROW = f"INSERT OR REPLACE INTO rows ({', '.join(ROW_COLUMNS)}) VALUES ({', '.join('?' * len(ROW_COLUMNS))})"
 # A second written twice (a run resumed within it) keeps the extremes and the later state.
 _MERGE_LIMITER = """
 INSERT INTO limiter VALUES (?, ?, ?, ?, ?) ON CONFLICT(second) DO UPDATE SET
@@ -128,20 +132,42 @@ INSERT INTO limiter VALUES (?, ?, ?, ?, ?) ON CONFLICT(second) DO UPDATE SET
 """
 
 
+class _NeedsUpdate(JobError):
+    """A checkpoint of an earlier batchrun, without the tables added since: opened read-only, it cannot gain them."""
+
+
 class Checkpoint:
-    def __init__(self, folder: Path, durable: bool = True) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+    @classmethod
+    def for_reading(cls, folder: Path) -> Checkpoint:
+        """The checkpoint opened read-only (status, report: reading needs no write access), unless it was written
+        by an earlier batchrun: that one is brought up to date first, which needs write access once."""
+        try:
+            return cls(folder, read_only=True)
+        except _NeedsUpdate:
+            return cls(folder)
+
+    def __init__(self, folder: Path, durable: bool = True, read_only: bool = False) -> None:
+        """`read_only`: for reading an existing checkpoint (status, report), which needs no write access;
+        nothing is created, brought up to date or locked."""
+        if not read_only:
+            folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         # durable=False is for `batchrun bench` only, to measure what durability costs:
         # the database lives in memory and no request waits for a commit.
         self.durable = durable
-        target = folder / DB_NAME if durable else ":memory:"
-        self._db = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
+        self.read_only = read_only
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process; WAL keeps it consistent
-            self._open_or_create()
-            self._db.execute(_ANSWERS)
+            self._db = _connect_read_only(folder / DB_NAME) if read_only else _connect(folder / DB_NAME, durable)
+        except sqlite3.DatabaseError as e:
+            raise JobError(_open_failure(folder, e)) from None
+        try:
+            if read_only:
+                self._check_existing()
+            else:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")  # durable against a kill; WAL keeps it consistent
+                self._open_or_create()
+                self._db.execute(_ANSWERS)
         except sqlite3.DatabaseError as e:
             self._db.close()
             raise JobError(_open_failure(folder, e)) from None
@@ -174,6 +200,11 @@ class Checkpoint:
             )
             self._add_report_tables()
             return
+        self._check_existing()
+        self._add_report_tables()
+
+    def _check_existing(self) -> None:
+        """Refuses a checkpoint that is cut short, damaged or of another format."""
         (page_size,) = self._db.execute("PRAGMA page_size").fetchone()
         if (self.folder / DB_NAME).stat().st_size % page_size:  # SQLite writes whole pages only
             raise sqlite3.DatabaseError("its database file is cut short")
@@ -187,7 +218,13 @@ class Checkpoint:
                 f"{self.folder}: the checkpoint was written in format {version}, this batchrun reads format "
                 f"{SCHEMA_VERSION}; run again with --restart to start over, or use the batchrun that wrote it"
             )
-        self._add_report_tables()
+        if self.read_only and not self._has_report_tables():
+            raise _NeedsUpdate(self.folder)
+
+    def _has_report_tables(self) -> bool:
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(rows)")}
+        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
+        return set(_REPORT_COLUMNS) <= have and {"limiter", "answers"} <= tables
 
     def _add_report_tables(self) -> None:
         have = {r[1] for r in self._db.execute("PRAGMA table_info(rows)")}
@@ -213,7 +250,13 @@ class Checkpoint:
         self._lock_file = fd
 
     def run_in_progress(self) -> bool:
-        fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        if self.read_only:  # a lock only a run takes; its file never made here
+            try:
+                fd = os.open(self.folder / "lock", os.O_RDONLY)
+            except FileNotFoundError:
+                return False
+        else:
+            fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -256,10 +299,11 @@ class Checkpoint:
         return {idx: (status, request_id, body) for idx, status, request_id, body in rows}
 
     def totals(self) -> dict[str, Any]:
-        ok, errors, prompt, completion, last, images = self._query(
+        ok, errors, prompt, completion, last, images, cached = self._query(
             "SELECT COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'error'), 0),"
             " SUM(prompt_tokens), SUM(completion_tokens), MAX(finished_at),"
-            " SUM(CASE WHEN shared_from IS NULL THEN json_array_length(image_paths) END) FROM rows"
+            " SUM(CASE WHEN shared_from IS NULL THEN json_array_length(image_paths) END),"
+            " SUM(CASE WHEN shared_from IS NULL THEN cached_tokens END) FROM rows"
         )[0]
         return {
             "ok": ok,
@@ -268,6 +312,7 @@ class Checkpoint:
             "completion_tokens": completion or 0,
             "last_finished_at": last,
             "images": images or 0,
+            "cached_tokens": cached or 0,
         }
 
     def count_interrupted(self) -> int:
@@ -447,9 +492,7 @@ class Checkpoint:
         with self._lock, self._writable():
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR REPLACE INTO inflight VALUES (?, ?)", intents)
-            self._db.executemany(
-                f"INSERT OR REPLACE INTO rows VALUES ({', '.join('?' * len(ROW_COLUMNS))})", map(_row_values, finished)
-            )
+            self._db.executemany(_INSERT_ROW, map(_row_values, finished))
             gone = [(r.idx,) for r in finished] + [(i,) for i in withdrawn]
             kept = [(r.idx, *r.answer) for r in finished if r.answer]
             if kept:  # only jobs with output.openai_batch keep answers; the others pay nothing here
@@ -508,6 +551,31 @@ class _WalCheckpointer:
                 pass
         if db is not None:
             db.close()
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """The database opened for reading only. A reader of a WAL database makes its `-shm` file if it is not
+    there; on a read-only file system it cannot, and nothing can be writing there either: then the file is
+    read as it stands."""
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    try:
+        return _reading(uri)
+    except sqlite3.OperationalError:
+        return _reading(uri + "&immutable=1")
+
+
+def _reading(uri: str) -> sqlite3.Connection:
+    db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1")
+    except sqlite3.Error:
+        db.close()
+        raise
+    return db
+
+
+def _connect(path: Path, durable: bool) -> sqlite3.Connection:
+    return sqlite3.connect(path if durable else ":memory:", check_same_thread=False, isolation_level=None)
 
 
 def _open_failure(folder: Path, e: sqlite3.DatabaseError) -> str:

@@ -21,12 +21,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from batchrun.base import storage
 from batchrun.base.errors import JobError
 from batchrun.base.redaction import redact, register_secret
 from batchrun.flow import spend
 from batchrun.job.spec import Job
 from batchrun.ledger.checkpoint import DB_NAME, Checkpoint, checkpoint_folder
 from batchrun.pipeline import images
+from batchrun.results.output import report_path
 from batchrun.results.report import LATENCY_STEP, TIME_BINS, Histogram, Report, TimeBins, collect, percentile
 
 THUMB_SIDE = 192
@@ -69,6 +71,7 @@ def render_page(report: Report) -> str:
         _over_time(report),
         _latency(report),
         _tokens(report),
+        _prompt_cache(report),
         _samples(report),
     ]
     budget = [IMAGES_BUDGET]
@@ -338,6 +341,25 @@ def _tokens(report: Report) -> str:
     return "".join(parts)
 
 
+def _prompt_cache(report: Report) -> str:
+    """The share of input the provider read from its prompt cache, over time, and what it saved (docs/caching.md)."""
+    cache, bins = report.cache, report.time
+    if bins is None or not cache.cached_tokens:
+        return ""
+    sent = sum(cache.prompt)
+    said = f"{cache.cached_tokens} of {sent} input tokens ({cache.cached_tokens / max(sent, 1):.0%}) were read from it"
+    pricing = report.job.spec.pricing
+    if pricing is not None and cache.saved is not None:
+        said += f", which cost {spend.money(cache.saved, pricing)} less than input"
+        if pricing.cached_input_per_million is None:
+            said += " (nothing: set pricing.cached_input_per_million to count its lower price)"
+    h = 100
+    shares = [100 * c / p if p else 0.0 for c, p in zip(cache.cached, cache.prompt, strict=True)]
+    body = [_frame(8, h, 100, "cached share of input tokens (%)"), _bars(shares, 100, 8, h, OK_COLOUR)]
+    body.append(_time_axis(bins, h + 24))
+    return f"<h2>Prompt cache</h2><p class=note data-key=cache>{_e(said)}</p>{_svg('cache', h + 32, body)}"
+
+
 def _histogram(name: str, hist: Histogram, colour: str) -> str:
     h = 90
     top = max(hist.counts)
@@ -459,23 +481,18 @@ def _shrink(data: bytes) -> tuple[bytes, str]:
         return out.getvalue(), "image/jpeg"
 
 
-def report_path(output_path: Path) -> Path:
-    return output_path.with_name(output_path.stem + ".report.html")
-
-
 def write_report(job: Job) -> Path:
     """Builds the page from the job's checkpoint and writes it beside the output; returns its path."""
     folder = checkpoint_folder(job.output_path)
     if not (folder / DB_NAME).exists():
         raise JobError(f"{job.path}: no checkpoint at {folder}: run the job first (batchrun run {job.path})")
     register_secret(os.environ.get(job.spec.provider.api_key_env, "").strip())  # masked wherever it appears
-    checkpoint = Checkpoint(folder)
+    checkpoint = Checkpoint.for_reading(folder)
     try:
         report = collect(job, checkpoint)
     finally:
         checkpoint.close()
     target = report_path(job.output_path)
-    tmp = target.with_name(f".{target.name}.partial")
-    tmp.write_text(render_page(report), encoding="utf-8")
-    os.replace(tmp, target)
+    with storage.replacing(target) as f:
+        f.write(render_page(report).encode())
     return target
