@@ -1,4 +1,4 @@
-"""Issue 25, input and money: empty cells, duplicate job keys, clashing columns, oversized Batch lines,
+"""Input and money: empty cells, duplicate job keys, clashing columns, oversized Batch lines,
 a budget without usage. Each is one line for the person and costs nothing, or is counted safely."""
 
 from __future__ import annotations

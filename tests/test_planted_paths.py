@@ -1,4 +1,4 @@
-"""Planted paths and other people's files (issue 25, items 4-9 and 15): batchrun writes only files of its own.
+"""Planted paths and other people's files (docs/files-written.md): batchrun writes only files of its own.
 
 Each test runs the CLI against the emulator (a real server on loopback) with something planted where
 batchrun writes: a symbolic link at a temporary file's old fixed name, an output that doubles as another,
