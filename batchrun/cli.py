@@ -254,6 +254,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
+    from batchrun.results import output
+
     line = (
         f"{summary['rows']} rows: {summary['ok']} ok, {summary['error']} error; "
         f"tokens {summary['prompt_tokens']} in / {summary['completion_tokens']} out"
@@ -266,6 +268,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         print(f"{summary['schema_invalid']} answers did not parse or match output.schema (error_class schema_invalid)")
     if summary["shared"]:
         print(f"{summary['shared']} rows repeated another row's request and share its answer (column shared_from)")
+    for line in output.watch_lines(summary):
+        print(line)
     if summary["in_flight_at_last_stop"]:
         print(
             f"{summary['in_flight_at_last_stop']} rows were in flight when the last run stopped "
