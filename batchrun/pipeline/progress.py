@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 from tqdm.auto import tqdm  # a widget in notebooks, text in a terminal
@@ -30,7 +31,7 @@ RATE_WINDOW_S = 10.0  # the rate shown: rows finished in the last 10 s
 ETA_WINDOW_S = 60.0  # the ETA: from the rows of the last minute, steadier than the rate shown
 PAUSE_SHOWN_S = 0.5  # a shorter pause is not worth a word in the bar
 SUFFIXES = ("", "k", "M", "G", "T")
-BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+BAR_FORMAT = "{l_bar}{bar}| {count} [{elapsed}{postfix}]"
 
 
 def human(value: float) -> str:
@@ -94,10 +95,9 @@ class Progress:
         """`spent` and `tokens`: the job's before this run, so cost and tokens both count the whole job.
 
         `clock` is the wall clock (a test's own); the ticker thread starts unless `quiet`."""
-        self._bar = tqdm(
+        self._bar = _Bar(
             total=total,
             unit="row",
-            unit_scale=True,
             disable=quiet,
             file=sys.stderr,
             dynamic_ncols=True,
@@ -191,6 +191,17 @@ class Progress:
             self._ticker.stop()
         self.tick()
         self._bar.close()
+
+
+class _Bar(tqdm):  # type: ignore[type-arg]
+    """tqdm, its counts written by `human` (tqdm's unit_scale writes 52 as 52.0)."""
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        shown = dict(super().format_dict)
+        total = shown["total"]
+        shown["count"] = f"{human(shown['n'])}/{human(total) if total is not None else '?'}"
+        return shown
 
 
 class _Ticker:

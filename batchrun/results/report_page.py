@@ -206,7 +206,7 @@ def _svg_legend(entries: Sequence[tuple[str, str, str]]) -> tuple[str, int]:
             dash = " stroke-dasharray='5 3'" if mark == "dash" else ""
             out.append(
                 f"<line x1='{x:.0f}' y1='{mid:.0f}' x2='{x + 16:.0f}' y2='{mid:.0f}' stroke='{colour}' "
-                f"stroke-width=2{dash}/>"
+                f"stroke-width='2'{dash}/>"
             )
         out.append(f"<text class=legend-label x='{x + 22:.0f}' y='{mid + 4:.0f}'>{_e(label)}</text>")
         x += width
@@ -220,18 +220,23 @@ def _time_axis(bins: TimeBins, y: float) -> str:
         f"<text class=axis-label x={PAD_L - 4} y={y + 14:.0f} text-anchor=end>clock</text>",
         f"<text class=axis-label x={PAD_L - 4} y={y + 28:.0f} text-anchor=end>elapsed</text>",
     ]
+    span = bins.width_s * TIME_BINS  # the bins' own span (at least a second), not the rows'
     for k in range(5):
-        t = bins.t0 + k * (bins.t1 - bins.t0) / 4
+        t = bins.t0 + k * span / 4
         x = PAD_L + k * (W - PAD_L - PAD_R) / 4
         anchor = "start" if k == 0 else "end" if k == 4 else "middle"
         out.append(f"<line x1={x:.0f} y1={y:.0f} x2={x:.0f} y2={y + 4:.0f} stroke='#999'/>")
-        for row, text in ((14, f"{datetime.fromtimestamp(t):%H:%M:%S}"), (28, _elapsed(t - bins.t0))):
+        for row, text in ((14, f"{datetime.fromtimestamp(t):%H:%M:%S}"), (28, _elapsed(t - bins.t0, span))):
             out.append(f"<text class=tick x={x:.0f} y={y + row:.0f} text-anchor={anchor}>{text}</text>")
     return "".join(out)
 
 
-def _elapsed(seconds: float) -> str:
-    """+m:ss, or +h:mm:ss from an hour on."""
+def _elapsed(seconds: float, span: float) -> str:
+    """Time since the first start, as precise as a chart of `span` seconds needs: +1.5 s, +45 s, +2:30, +1:02:30."""
+    if span < 10:
+        return f"+{seconds:.1f} s"
+    if span < 120:
+        return f"+{seconds:.0f} s"
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"+{hours}:{minutes:02d}:{secs:02d}" if hours else f"+{minutes}:{secs:02d}"
@@ -337,7 +342,7 @@ def _step_line(values: Sequence[float | None], top: float, y0: float, h: float, 
         return ""
     return (
         f"<polyline class=datum data-series={series} data-points={len(points)} points='{' '.join(points)}' "
-        f"fill=none stroke='{colour}' stroke-width=2/>"
+        f"fill=none stroke='{colour}' stroke-width='2'/>"
     )
 
 
@@ -415,7 +420,7 @@ def _tokens(report: Report) -> str:
         points = " ".join(f"{PAD_L + (i + 1) * width:.1f},{top + h - v / total * h:.1f}" for i, v in enumerate(running))
         body.append(
             f"<polyline class=datum data-series=cost points='{points}' fill=none stroke='{COST_COLOUR}' "
-            "stroke-width=2/>"
+            "stroke-width='2'/>"
         )
         body.append(_time_axis(bins, top + h))
         parts.append(_svg("cost", int(top + h + AXIS_H), body))
