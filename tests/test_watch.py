@@ -154,9 +154,7 @@ def test_a_rate_limited_run_shows_its_push_back_live_and_in_the_summary(tmp_path
     assert f"429s {refused}" in redraws[-1][2] and f"retries {summary['retries']}" in redraws[-1][2]
     assert any("paused" in words for _, _, words in redraws)
     # Redrawn at least once a second while no row finished: the same count, the clock moving on.
-    stalls = [
-        (a[1], b[1]) for a, b in zip(redraws, redraws[1:]) if a[0] == b[0] and b[1] > a[1] and b[1] - a[1] <= 1
-    ]
+    stalls = [(a[1], b[1]) for a, b in zip(redraws, redraws[1:]) if a[0] == b[0] and b[1] > a[1] and b[1] - a[1] <= 1]
     assert len({elapsed for pair in stalls for elapsed in pair}) >= 3, redraws
 
 
