@@ -254,11 +254,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
+    from batchrun.pipeline.progress import human
     from batchrun.results import output
 
     line = (
         f"{summary['rows']} rows: {summary['ok']} ok, {summary['error']} error; "
-        f"tokens {summary['prompt_tokens']} in / {summary['completion_tokens']} out"
+        f"tokens {human(summary['prompt_tokens'] or 0)} in / {human(summary['completion_tokens'] or 0)} out"
     )
     if "cost" in summary:
         line += f"; cost {summary['cost']:.4f} {summary['currency']}"
