@@ -387,6 +387,8 @@ def test_over_time_charts_have_a_time_axis_a_legend_and_the_paced_rate(
     series = {a.get("data-series"): a for tag, a, _ in elements if "datum" in a.get("class", "")}
     assert {"paced", "learned", "in_flight"} <= set(series)
     assert float(series["learned"]["data-value"]) == 2.0  # 120 requests per 60 s
+    figures = glance(dom)
+    assert figures["learned limit"] == "120 per 60 s" and figures["429 answers"] == "1"
 
 
 @needs_chromium

@@ -293,15 +293,27 @@ def watch_summary(watched: Watched | None, checkpoint: Checkpoint) -> dict[str, 
 
 
 def learned_limits(checkpoint: Checkpoint) -> list[dict[str, Any]]:
-    """[{key, requests, window_s, source}] from the checkpoint's meta; empty when none was learned (or kept)."""
+    """[{key, requests, window_s, source}] from the checkpoint's meta; empty when none was learned (or kept).
+
+    An entry without a number of requests and a window is left out: every reader may divide one by the other."""
     try:
         kept = orjson.loads(checkpoint.get_meta(LEARNED_LIMITS) or "[]")
     except orjson.JSONDecodeError:
         return []
-    if not isinstance(kept, list):
-        return []
-    fields = ("key", "requests", "window_s", "source")
-    return [{f: item.get(f) for f in fields} for item in kept if isinstance(item, dict)]
+    return [
+        {
+            "key": str(item.get("key")),
+            "requests": item["requests"],
+            "window_s": item["window_s"],
+            "source": str(item.get("source")),
+        }
+        for item in (kept if isinstance(kept, list) else [])
+        if isinstance(item, dict) and _positive(item.get("requests")) and _positive(item.get("window_s"))
+    ]
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def watch_lines(summary: dict[str, Any]) -> list[str]:
@@ -315,7 +327,6 @@ def watch_lines(summary: dict[str, Any]) -> list[str]:
     learned = [
         f"{item['key']}: {item['requests']} requests per {item['window_s']:g} s ({item['source']})"
         for item in summary.get("learned_limits") or []
-        if isinstance(item.get("window_s"), (int, float))
     ]
     if learned:
         lines.append("learned limits: " + "; ".join(learned))

@@ -105,11 +105,14 @@ def _glance(report: Report) -> str:
         ("ok", str(report.ok), "rows"),
         ("error", str(report.error), ", ".join(f"{c} {n}" for c, n in report.errors.most_common()) or "none"),
         ("attempts", str(report.attempts), "requests sent, retries included"),
+        ("429 answers", str(sum(report.time.rate_limited)) if report.time else "0", "push-back, all runs"),
         ("tokens", f"{report.prompt_tokens} in / {report.completion_tokens} out", "as the relay counted"),
     ]
     if pricing is not None and report.cost is not None:
         limit = spec.run.max_cost
         items.append(("cost", spend.money(report.cost, pricing), f"max_cost {limit}" if limit is not None else ""))
+    if report.learned_limits:
+        items.append(_learned_item(report.learned_limits))
     last = report.last_run
     wall = last.get("wall_s")
     items.append(("wall time", f"{wall:.1f} s" if wall is not None else "—", "the last run"))
@@ -128,6 +131,13 @@ def _glance(report: Report) -> str:
         estimate += _e("\n".join(report.estimate)) + "</pre>"
     note = f"<p class=note>{_e(report.input_note)}</p>" if report.input_note else ""
     return f"<h2>At a glance</h2><div class=glance>{cells}</div>{estimate}{note}"
+
+
+def _learned_item(learned: list[dict[str, Any]]) -> tuple[str, str, str]:
+    """The limits learned for each key: the limit itself for one key, how many keys for several."""
+    shown = [f"{item['requests']} per {item['window_s']:g} s" for item in learned]
+    keys = ", ".join(f"{item['key']}: {limit} ({item['source']})" for item, limit in zip(learned, shown))
+    return ("learned limit", shown[0] if len(shown) == 1 else f"{len(shown)} keys", keys)
 
 
 def _duration(seconds: float) -> str:
@@ -244,12 +254,7 @@ def _elapsed(seconds: float, span: float) -> str:
 
 def _learned_rate(report: Report) -> float | None:
     """The learned limits of all keys together, in requests per second; None when none was learned."""
-    rates = [
-        item["requests"] / item["window_s"]
-        for item in report.learned_limits
-        if isinstance(item.get("requests"), (int, float)) and isinstance(item.get("window_s"), (int, float))
-        if item["window_s"] > 0
-    ]
+    rates = [item["requests"] / item["window_s"] for item in report.learned_limits]
     return sum(rates) if rates else None
 
 
