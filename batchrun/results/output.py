@@ -319,7 +319,7 @@ def _positive(value: object) -> bool:
 def watch_lines(summary: dict[str, Any]) -> list[str]:
     """The printed summary's lines on push-back and learned limits (nothing for a summary without them)."""
     lines = []
-    if summary.get("answered_429") is not None:
+    if summary.get("answered_429") or summary.get("retries") or summary.get("paused_s"):  # a clean run: no line
         lines.append(
             f"push-back this run: {summary['answered_429']} answers 429, {summary['retries']} retries, "
             f"starts paused {summary['paused_s']:g} s"
