@@ -13,6 +13,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,22 @@ def test_the_summary_names_the_learned_limits(reviews: Path, tmp_path: Path, emu
     summary = json.loads((tmp_path / "out" / "result.summary.json").read_text())
     assert summary["learned_limits"] == LEARNED
     assert "learned limits: TEST_RELAY_KEY: 300 requests per 60 s (said)" in again.stdout
+
+
+def _tickers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "batchrun-progress"]
+
+
+def test_the_ticker_stops_when_the_run_ends_or_stops(reviews: Path, tmp_path: Path, emulator: object) -> None:
+    """The bar's thread ends with the run, finished or stopped (a notebook's process lives on after it)."""
+    job = write_job(tmp_path, emulator.url)  # type: ignore[attr-defined]
+    ran = run_here("run", str(job))
+    assert ran.returncode == 0, ran.stderr
+    assert "retries 0, 429s 0" in ran.stderr and not _tickers()
+    refusing = start_emulator("--api-key-env", "OTHER_KEY", env={"OTHER_KEY": "sk-not-the-test-key"})
+    try:
+        stopped = run_here("run", str(write_job(tmp_path, refusing.url)), "--restart")
+    finally:
+        stop_emulator(refusing)
+    assert stopped.returncode == 3, stopped.stderr
+    assert not _tickers()

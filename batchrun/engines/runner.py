@@ -163,11 +163,11 @@ class Run:
                 spent=self.budget.spent,
                 tokens=(done["prompt_tokens"] or 0) + (done["completion_tokens"] or 0),
             )
-            with _base_url(self.job) as base_url:
-                try:
+            try:  # the bar's ticker thread stops however the run ends
+                with _base_url(self.job) as base_url:
                     sent = await self.engine.send_all(self, checkpoint, progress, base_url)
-                finally:
-                    progress.close()
+            finally:
+                progress.close()
             if checkpoint.failure is not None:  # nothing more can be written, the run's note included
                 resume = f"run `batchrun run {self.job.path}` again to resume"
                 raise RunAborted(f"run stopped: {checkpoint.failure}; {resume}")
