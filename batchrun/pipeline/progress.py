@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 from tqdm.auto import tqdm  # a widget in notebooks, text in a terminal
 
+from batchrun.base.redaction import for_terminal
 from batchrun.flow.pace import KeyPace
 from batchrun.flow.spend import cost
 from batchrun.job.spec import PricingSpec
@@ -139,7 +140,7 @@ class Progress:
 
     def say(self, line: str) -> None:
         """One line about the run (what it is waiting for), above the bar; printed with --quiet too."""
-        tqdm.write(f"batchrun: {line}", file=sys.stderr)
+        tqdm.write(for_terminal(f"batchrun: {line}"), file=sys.stderr)  # the line may quote the relay
 
     def waiting(self, what: str | None) -> None:
         """What holds the run now (None: nothing), shown in the bar from the next tick until it changes."""
@@ -151,7 +152,7 @@ class Progress:
         self._seen.append((now, self.done))
         while len(self._seen) > 2 and self._seen[1][0] <= now - ETA_WINDOW_S:
             self._seen.popleft()
-        self._bar.set_postfix_str(self.describe(now), refresh=False)
+        self._bar.set_postfix_str(for_terminal(self.describe(now)), refresh=False)  # a retired key may quote the relay
         self._bar.update(self.done - self._bar.n)
         self._bar.refresh()
 
