@@ -126,9 +126,16 @@ class Progress:
         if record is None:
             self.count(status, None, None)
             return
-        self.count(status, record.prompt_tokens, record.completion_tokens, paid_images(record))
+        self.count(status, record.prompt_tokens, record.completion_tokens, paid_images(record), record.cached_tokens)
 
-    def count(self, status: str, prompt_tokens: int | None, completion_tokens: int | None, images: int = 0) -> None:
+    def count(
+        self,
+        status: str,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        images: int = 0,
+        cached_tokens: int | None = None,
+    ) -> None:
         """One finished row, by its status and tokens (what the Ray engine's actors report); the ticker draws it."""
         self.done += 1
         if status != "ok":
@@ -136,7 +143,7 @@ class Progress:
         prompt, completion = prompt_tokens or 0, completion_tokens or 0
         self.tokens += prompt + completion
         if self._pricing is not None:
-            self.cost += cost(self._pricing, prompt, completion, images)
+            self.cost += cost(self._pricing, prompt, completion, images, cached_tokens)
 
     def say(self, line: str) -> None:
         """One line about the run (what it is waiting for), above the bar; printed with --quiet too."""
