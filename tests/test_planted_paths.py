@@ -122,6 +122,14 @@ def test_an_images_dir_holding_the_users_files_is_refused(tmp_path: Path, emulat
     assert again.returncode == 0, again.stderr
 
 
+def test_images_beside_the_output_are_no_reason_to_refuse_a_rerun(tmp_path: Path, emulator: Emulator) -> None:
+    write_csv(tmp_path / "reviews.csv", ["review_id", "text", "stars"], REVIEWS)
+    job = write_job(tmp_path, emulator.url, output={"path": "out/result.parquet", "images_dir": "out"})
+    for _ in range(2):  # the second run finds only the first one's output, summary and checkpoint there
+        result = run_here("run", str(job), "--quiet")
+        assert result.returncode == 0, result.stderr
+
+
 def test_adopting_another_jobs_checkpoint_is_refused_before_anything_moves(tmp_path: Path, emulator: Emulator) -> None:
     first, second = tmp_path / "first", tmp_path / "second"
     for folder, rows in ((first, REVIEWS), (second, [[i, f"another {text}", s] for i, text, s in REVIEWS])):

@@ -148,7 +148,7 @@ def _check_output_places(job: Job) -> None:
     for key, place in places.items():
         if (other := seen.setdefault(place.resolve(), key)) != key:
             raise JobError(f"{job.path}: {key} and {other} are the same path ({place}); give each its own path")
-    if job.spec.output.images_dir is not None and images.foreign_files(job.images_dir):
+    if job.spec.output.images_dir is not None and images.foreign_files(job.images_dir, seen):
         raise JobError(
             f"{job.path}: output.images_dir {job.images_dir} already holds files batchrun did not write, and batchrun "
             "never replaces them; set output.images_dir to a new or empty folder"
