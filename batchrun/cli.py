@@ -28,8 +28,17 @@ POLARS_ALLOCATOR_ENV = "_RJEM_MALLOC_CONF"
 POLARS_ALLOCATOR_CONF = "dirty_decay_ms:0,muzzy_decay_ms:0"
 
 
-def main(argv: list[str] | None = None) -> int:
+def entry() -> int:
+    """The `batchrun` command and `python -m batchrun`: a process of batchrun's own, not yet running threads.
+
+    Only here is the environment changed: C's setenv is not thread-safe, and a `main` called in a process
+    whose other threads read the environment (polars, SQLite, a server thread) crashed one run in three.
+    """
     _hand_back_freed_memory()
+    return main()
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:

@@ -29,6 +29,7 @@ from batchrun.job.spec import Job
 from batchrun.job.structured import AnswerParser
 from batchrun.ledger.checkpoint import DB_NAME, Checkpoint, checkpoint_folder
 from batchrun.pipeline.fingerprint import compare
+from batchrun.protocols import protocol_for
 from batchrun.results import output
 
 
@@ -218,7 +219,7 @@ def _discard(folder: Path, job: Job, table: InputTable) -> str:
 def _ok_and_failed(job: Job, checkpoint: Checkpoint, rows: int) -> tuple[int, int]:
     """Rows ok and failed as the output counts them: a stored answer that fails output.schema is a failure."""
     totals = checkpoint.totals()
-    parser = AnswerParser.for_spec(job.spec)
+    parser = AnswerParser.for_spec(job.spec, protocol_for(job.spec.provider.api))
     invalid = sum(len(f) for f in output.failed_answers(checkpoint, parser, rows)) if parser else 0
     return totals["ok"] - invalid, totals["error"] + invalid
 

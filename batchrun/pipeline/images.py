@@ -37,7 +37,7 @@ from batchrun.base import storage
 from batchrun.job.render import ImageInput, Request
 from batchrun.job.settings import RequestSettings
 from batchrun.job.spec import Job
-from batchrun.protocols import WireProtocol
+from batchrun.protocols import CallError, WireProtocol
 from batchrun.protocols.reply import ImageOut
 
 IMAGE_TOKEN_ESTIMATE = 1000  # a rough per-image allowance for the tokens-per-minute estimate
@@ -134,7 +134,7 @@ class ImageLoader:
         elif _is_http(ref):
             if not self.inline_urls:
                 return ImageInput(url=ref)
-            mime, data = await self._download(ref)
+            mime, data = await self.download(ref)
         elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", ref):
             raise ImageError(f"image {ref}: unsupported URL scheme; use a local path, a data URL or an http(s) URL")
         else:
@@ -175,7 +175,8 @@ class ImageLoader:
     def _too_large(self, ref: str) -> ImageError:
         return ImageError(f"image {ref}: larger than {self.max_bytes / 2**20:g} MB (prompt.max_image_mb)")
 
-    async def _download(self, url: str) -> tuple[str, bytes]:
+    async def download(self, url: str) -> tuple[str, bytes]:
+        """An image input, or an image answered as a link: bounded like every download (ImageError if not)."""
         with anyio.move_on_after(self.download_deadline_s):
             return await self._fetch(url)
         seconds = f"{self.download_deadline_s:g} s"
@@ -309,9 +310,9 @@ def preview_body(protocol: WireProtocol, loader: ImageLoader, request: Request, 
     downloads = loader.downloads(request.images)
     try:
         inputs = anyio.run(loader.load, tuple(r for r in request.images if r not in downloads))
-    except ImageError as e:
+        body = shorten_payloads(protocol.build(replace(request, image_inputs=inputs), settings))
+    except (ImageError, CallError) as e:
         return f"(not sent: the row would be an input error: {e})"
-    body = shorten_payloads(protocol.build(replace(request, image_inputs=inputs), settings))
     text = orjson.dumps(body, option=orjson.OPT_INDENT_2).decode()
     if downloads:
         text += "\n(plus, downloaded and sent inline when the row runs: " + ", ".join(downloads) + ")"

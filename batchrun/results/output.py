@@ -89,9 +89,12 @@ def check_columns(job: Job, parser: AnswerParser | None, input_columns: list[str
     results = {*RESULT_SCHEMA, "cost"} | ({PARSE_NOTE} if parser is not None else set())
     clash = sorted(results & set(input_columns))
     if clash:
+        names, renames = ", ".join(map(repr, clash)), ", ".join(f"'input_{c}'" for c in clash)
+        one = len(clash) == 1
+        which, them = (f"a column {names}, which is", "that column") if one else (f"columns {names}, which are", "them")
         raise JobError(
-            f"{job.path}: input.path {job.spec.input.path}: the input has a column {clash[0]!r}, which is also the "
-            f"name of a result column of the output; rename that column in the input (e.g. to 'input_{clash[0]}')"
+            f"{job.path}: input.path {job.spec.input.path}: the input has {which} also the name of a result "
+            f"column of the output; rename {them} in the input (e.g. to {renames})"
         )
     if parser is None:
         return
