@@ -63,7 +63,7 @@ def redact(text: str) -> str:
         return text
     spans = _spans(text)
     # A text without these marks encodes nothing: the common case, decided in C (measured: docs/limits-and-caps.md).
-    if ("\\" in text or "&" in text or "%" in text) and _ESCAPE.search(text) and _spans(_decoded_text(text)):
+    if _may_encode(text) and _ESCAPE.search(text) and _spans(_decoded_text(text)):
         decoded, starts = _decoded(text)  # where the key's characters stand: slower, so only once one is found
         spans += [(starts[start], starts[end]) for start, end in _spans(decoded)]
     if not spans:
@@ -80,10 +80,14 @@ def redact(text: str) -> str:
     return "".join(out)
 
 
+def _may_encode(text: str) -> bool:
+    return "\\" in text or "&" in text or "%" in text
+
+
 def _decoded_text(text: str) -> str:
     for _ in range(DECODE_PASSES):
         text, found = _ESCAPE.subn(_escaped_character, text)
-        if not found:
+        if not found or not _may_encode(text):
             break
     return text
 
