@@ -43,6 +43,10 @@ def test_temporary_files_are_never_written_through_a_planted_link(tmp_path: Path
     old_names = ["result.parquet", "result.summary.json", "result.report.html", "result.output.jsonl"]
     for name in old_names:  # the fixed temporary names batchrun used to write through
         (out / f".{name}.partial").symlink_to(precious)
+    leftover = out / ".result.parquet.0123456789ab.partial"  # what a run killed while writing leaves
+    leftover.write_bytes(b"half a file")
+    planted = out / ".result.output.jsonl.0123456789ab.partial"  # a link under such a name is not followed
+    planted.symlink_to(precious)
     output = {"path": "out/result.parquet", "openai_batch": "out/result.output.jsonl"}
     job = batch_job(tmp_path, emulator.url, output=output)
     result = run_here("run", str(job), "--quiet")
@@ -53,6 +57,7 @@ def test_temporary_files_are_never_written_through_a_planted_link(tmp_path: Path
     for name in old_names:
         assert (out / name).is_file() and not (out / name).is_symlink()
         assert (out / f".{name}.partial").is_symlink()  # left as planted, not written through or removed
+    assert not leftover.exists() and planted.is_symlink()
     assert pl.read_parquet(out / "result.parquet")["status"].to_list() == ["ok"] * len(REVIEWS)
     assert len((out / "result.output.jsonl").read_text().splitlines()) == len(REVIEWS)
 

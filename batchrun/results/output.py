@@ -194,6 +194,7 @@ def write_parquet(
     """Writes the output; returns its totals (rows ok / error, schema failures, shared, cost)."""
     path = job.output_path
     path.parent.mkdir(parents=True, exist_ok=True)
+    storage.remove_leftovers(path)
     with storage.new_file_beside(path) as (file, tmp):
         totals = _write_parquet(file, table, checkpoint, job, limit, parser)
         file.close()
