@@ -41,6 +41,7 @@ from batchrun.job.render import Renderer
 from batchrun.job.spec import Job
 from batchrun.job.structured import AnswerParser
 from batchrun.ledger.checkpoint import DB_NAME, Checkpoint, checkpoint_folder
+from batchrun.pipeline.cache_order import AnsweredLedger, CacheOrder, Sending
 from batchrun.pipeline.progress import Progress
 from batchrun.pipeline.rows import RowParts, RowPipeline, WorkItem
 from batchrun.pipeline.timeline import LimiterTimeline, note_run
@@ -152,7 +153,11 @@ class Run:
             if self.job.spec.pricing is not None:
                 done = checkpoint.totals()
                 self.budget.spent = spend.cost(
-                    self.job.spec.pricing, done["prompt_tokens"], done["completion_tokens"], done["images"]
+                    self.job.spec.pricing,
+                    done["prompt_tokens"],
+                    done["completion_tokens"],
+                    done["images"],
+                    done["cached_tokens"],
                 )
             total = self.table.count() if self.options.limit is None else min(self.options.limit, self.table.count())
             progress = Progress(
@@ -219,6 +224,7 @@ class Run:
             "shared": written["shared"],
             "prompt_tokens": totals["prompt_tokens"],
             "completion_tokens": totals["completion_tokens"],
+            "cached_tokens": totals["cached_tokens"],
             "requested_this_run": requested,
             "in_flight_at_last_stop": interrupted,
             "wall_s": round(wall_s, 3),
@@ -250,6 +256,7 @@ class LocalEngine:
         self._limits: Limits | None = None  # the run's, once sending starts; read to say what the run waits for
         self._watch = _Watch()
         self._outage_timeout_s = 0.0
+        self._order: CacheOrder | None = None  # run.order: cache (pipeline/cache_order.py)
 
     async def send_all(self, run: Run, checkpoint: Checkpoint, progress: Progress, base_url: str) -> Sent:
         spec = run.job.spec.run
@@ -260,8 +267,10 @@ class LocalEngine:
         timeline = LimiterTimeline(checkpoint)  # the Ray engine's limiter is the coordinator's: none there
         self._concurrency = run.concurrency
         self._limits, self._watch, self._outage_timeout_s = limits, watch, spec.outage_timeout_s
+        self._order = order = CacheOrder(run.concurrency) if spec.order == "cache" else None
+        ledger = checkpoint if order is None else AnsweredLedger(checkpoint, order)
         parts = RowParts(
-            checkpoint, limits, SharedAnswers(), watch, transport, partial(timeline.observe, limits), self._rest
+            ledger, limits, SharedAnswers(), watch, transport, partial(timeline.observe, limits), self._rest
         )
         pipeline = run.pipeline(parts)
         try:
@@ -424,6 +433,7 @@ class LocalEngine:
         progress: Progress,
     ) -> None:
         async with send:
+            sending = Sending(send, self._order, lambda: run.budget.stopped)
             for batch in run.table.batches(run.options.limit):
                 lo, hi = batch[ROW_INDEX][0], batch[ROW_INDEX][-1] + 1
                 done = checkpoint.finished_in_range(lo, hi)
@@ -435,13 +445,10 @@ class LocalEngine:
                     if run.budget.stopped:
                         return
                     item = pipeline.item(row, progress)
-                    if item is None:
-                        continue
-                    try:  # while the stream has room, without a pass through the event loop (anyio's send makes one)
-                        send.send_nowait(item)
-                    except anyio.WouldBlock:
-                        await send.send(item)
+                    if item is not None:
+                        await sending.put(item)
                 await anyio.sleep(0)  # let workers run between batches
+            await sending.drain()
 
 
 class _Watch(AbortWatch[CallError]):

@@ -49,6 +49,7 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "finish_reason": pl.String(),
     "model": pl.String(),
     "prompt_tokens": pl.Int64(),
+    "cached_tokens": pl.Int64(),  # of prompt_tokens, from the provider's prompt cache
     "completion_tokens": pl.Int64(),
     "latency_s": pl.Float64(),
     "attempts": pl.Int64(),
