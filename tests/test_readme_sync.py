@@ -16,13 +16,16 @@ The two READMEs are compared by their code, never by their prose:
 
 The reference pages:
 
-* every subcommand and every option of the CLI's own parser appears in docs/cli.md's
-  code (so a new command or option is documented there, with an example);
+* every subcommand of the CLI's own parser has its section in docs/cli.md, and each of
+  its options appears in that section's code (so a new command or option is documented
+  there, with an example); every key of the job model (JobSpec) appears in
+  docs/job-file.md's code;
 * every command block of the READMEs and of the reference pages runs, or is marked
   illustrative, and so does every ```python block;
-* every relative link of these pages leads to a file of the repository and, with a
-  `#fragment`, to a heading of it (GitHub's anchors). PENDING names the pages other
-  work is writing: a link to one of them may lead nowhere until it lands.
+* every relative link of these pages, of the other pages of docs/ and of ARCHITECTURE.md
+  leads to a file of the repository and, with a `#fragment`, to a heading of it (GitHub's
+  anchors). PENDING names the pages other work is writing: a link to one of them may lead
+  nowhere until it lands.
 
 A command block is a fenced block holding command lines: lines starting with
 `batchrun <subcommand>`, `pip`, `pytest` or `python`, or, in a block written as
@@ -465,6 +468,9 @@ def test_the_job_file_page_documents_every_key() -> None:
 
 
 def test_every_link_leads_somewhere(pages: list[Readme]) -> None:
+    """In the READMEs, the reference pages, every other page of docs/ and ARCHITECTURE.md."""
+    others = [*sorted((REPO / "docs").glob("*.md")), REPO / "ARCHITECTURE.md"]
+    pages = [*pages, *(Readme.read(path) for path in others if path not in REFERENCE)]
     anchors = {page.path: page.anchors for page in pages}
     problems = []
     for page in pages:
