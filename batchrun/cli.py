@@ -291,6 +291,12 @@ def _validate(args: argparse.Namespace) -> int:
     _print_warnings(job.warnings)
     plan = commands.plan(job, args.show)
     print(f"job {plan.job}: {plan.rows} rows from {plan.input}, columns: {', '.join(plan.columns)}")
+    if plan.empty_rows:
+        counts = ", ".join(f"{column}: {n}" for column, n in plan.empty_by_column.items())
+        print(
+            f"empty values: {plan.empty_rows} rows have an empty value in a column the prompt uses ({counts}); "
+            "it renders as empty text, and an empty image reference adds no image"
+        )
     print(plan.endpoint)
     for row_id, body in plan.requests.items():
         print(f"\nrow {row_id}:")

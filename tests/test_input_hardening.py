@@ -3,9 +3,12 @@ a budget without usage. Each is one line for the person and costs nothing, or is
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-from conftest import Emulator, run_here, write_csv, write_job
+import polars as pl
+import pytest
+from conftest import REPO, Emulator, run_here, write_csv, write_job
 
 
 def test_a_key_given_twice_names_both_lines(tmp_path: Path, reviews: Path, emulator: Emulator) -> None:
@@ -40,3 +43,52 @@ def test_every_clashing_input_column_is_named(tmp_path: Path, emulator: Emulator
     for column in ("status", "model", "attempts"):
         assert f"'{column}'" in result.stderr and f"'input_{column}'" in result.stderr
     assert emulator.stats()["requests"] == 0
+
+
+def _rows_with_empty_cells(folder: Path, suffix: str) -> Path:
+    rows = {
+        "id": ["A", "B", "C"],
+        "title": ["kettle", None, "lamp"],
+        "note": ["old", None, None],
+        "image": ["rose.png", None, None],
+    }
+    shutil.copy(REPO / "sample_data" / "images" / "rose.png", folder)
+    path = folder / f"rows{suffix}"
+    if suffix == ".csv":  # empty cells, as a spreadsheet writes them
+        write_csv(path, list(rows), [[value or "" for value in row] for row in zip(*rows.values())])
+    else:
+        pl.DataFrame(rows).write_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_empty_cells_and_nulls_render_as_empty_text_and_no_image(
+    tmp_path: Path, emulator: Emulator, suffix: str
+) -> None:
+    path = _rows_with_empty_cells(tmp_path, suffix)
+    job = write_job(
+        tmp_path,
+        emulator.url,
+        input={"path": path.name, "id_column": "id"},
+        prompt={
+            "system": "{% if true %}Notes: {{ note }}.{% endif %}",  # a template Jinja renders
+            "user": "Describe {{ title }} now",  # a plain substitution (rendered without Jinja)
+            "images": ["{{ image }}"],
+        },
+    )
+    checked = run_here("validate", str(job), "--show=3")
+    assert checked.returncode == 0, checked.stderr
+    assert "None" not in checked.stdout
+    assert '"Describe  now"' in checked.stdout and '"Notes: ."' in checked.stdout
+    assert (
+        "empty values: 2 rows have an empty value in a column the prompt uses (image: 2, note: 2, title: 1)"
+    ) in checked.stdout
+    result = run_here("run", str(job), "--quiet")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = pl.read_parquet(tmp_path / "out" / "result.parquet").sort("id")
+    assert out["status"].to_list() == ["ok", "ok", "ok"]
+    assert out["response_text"].to_list()[1:] == [
+        "Emulated answer about: Notes Describe now",
+        "Emulated answer about: Notes Describe lamp now",
+    ]
+    assert out["response_text"][0].startswith("A ")  # the one image, described

@@ -174,6 +174,19 @@ class InputTable:
                 f"(repeated: {', '.join(map(str, repeated))}); pick a unique column or drop input.id_column"
             )
 
+    def empty_values(self, columns: list[str]) -> tuple[int, dict[str, int]]:
+        """Rows with an empty value (null, or empty text) in any of `columns`, and how many in each column."""
+        if not columns:
+            return 0, {}
+        empty = {c: pl.col(c).is_null() | (pl.col(c) == "" if self.schema[c] == pl.String else False) for c in columns}
+        rows, per_column = 0, dict.fromkeys(columns, 0)
+        for frame in self._frames(columns):
+            flags = frame.select(**empty)
+            rows += int(flags.select(pl.any_horizontal(pl.all())).to_series().sum())
+            for column, count in flags.sum().row(0, named=True).items():
+                per_column[column] += int(count)
+        return rows, {c: n for c, n in per_column.items() if n}
+
     def sample(self, rows: int, total: int) -> pl.DataFrame:
         """About `rows` rows spread evenly over an input of `total` rows (for estimates)."""
         every = max(1, -(-total // max(rows, 1)))  # ceil: the sample spans the whole input
