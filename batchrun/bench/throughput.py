@@ -51,7 +51,7 @@ from batchrun.protocols import Decoder, openai_chat
 
 KEY_ENV = "BATCHRUN_BENCH_KEY"
 KEY = "sk-bench-not-a-secret"
-CHAT_PATH = openai_chat.path("gpt-5.4", False)
+CHAT_PATH = "/v1/chat/completions"  # openai_chat.path, for any settings
 STREAM_PIECES = 17
 PHRASES = [
     "I love this kettle, it works perfectly and the lid is sturdy.",
@@ -206,7 +206,7 @@ def request_bodies(job: Job) -> list[bytes]:
     table = InputTable.for_job(job)
     renderer = Renderer(job, table.columns)
     return [
-        orjson.dumps(openai_chat.build(renderer.render(row), RequestSettings.of(job.spec)))
+        orjson.dumps(openai_chat.build(renderer.render(row), RequestSettings.of(job.spec, openai_chat)))
         for batch in table.batches()
         for row in batch.iter_rows(named=True)
     ]
@@ -246,7 +246,7 @@ def emulator_process(latency_ms: float = 0.0, extra: list[str] | None = None) ->
 
 
 async def _transport_loop(base_url: str, bodies: list[bytes], concurrency: int, decoder: Decoder) -> Rate:
-    transport = Transport(base_url, KEY, 120, concurrency)
+    transport = Transport(base_url, openai_chat.headers(KEY), 120, concurrency)
     queue = iter(bodies)
 
     async def worker() -> None:
@@ -275,7 +275,7 @@ def bare_loop(job: Job, bodies: list[bytes]) -> Rate:
         spec.provider.base_url,
         bodies,
         spec.run.concurrency,
-        openai_chat.decoder(RequestSettings.of(spec)),
+        openai_chat.decoder(RequestSettings.of(spec, openai_chat)),
     )
 
 

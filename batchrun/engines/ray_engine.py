@@ -233,10 +233,11 @@ class RowSender:
         self._ledger = ClusterLedger(self._link, self._concurrency)
         self._sharing = ClusterSharing(self._link)
         caps = AnswerCaps.of(job.spec.run)
-        key_header = protocol_for(job.spec.provider.api).KEY_HEADER
-        transport = Transport(self._url, api_key, job.spec.run.timeout_s, self._concurrency, caps, key_header)
+        protocol = protocol_for(job.spec.provider.api)
+        headers = protocol.headers(api_key)
+        transport = Transport(self._url, headers, job.spec.run.timeout_s, self._concurrency, caps)
         parts = RowParts(self._ledger, self._limits, self._sharing, self._watch, transport)
-        parser = AnswerParser.for_spec(job.spec)
+        parser = AnswerParser.for_spec(job.spec, protocol)
         # Without a budget, nothing to ask the coordinator: a budget without a limit holds nothing.
         budget = ClusterBudget(self._link) if self._budgeted else Budget(None, job.spec.pricing, spent=0.0)
         pipeline = RowPipeline(job, Renderer(job, self._columns), parser, self._id_name, parts, budget)

@@ -112,10 +112,10 @@ class Run:
         self.concurrency = options.concurrency or spec.run.concurrency
         self.table = InputTable.for_job(job)
         self.renderer = Renderer(job, self.table.columns)
-        self.parser = AnswerParser.for_spec(spec)
+        self.protocol = protocol_for(spec.provider.api)
+        self.parser = AnswerParser.for_spec(spec, self.protocol)
         output.check_columns(job, self.parser, self.table.columns)
         output.check_targets(job)
-        self.protocol = protocol_for(spec.provider.api)
         self.api_key = job.api_key()
         max_cost = options.max_cost if options.max_cost is not None else spec.run.max_cost
         self.budget = spend.Budget(max_cost, spec.pricing, spent=0.0)
@@ -256,7 +256,7 @@ class LocalEngine:
         limits = Limits(run.concurrency, spec.requests_per_minute, spec.tokens_per_minute, spec.outage_timeout_s)
         watch = _Watch()
         caps = AnswerCaps.of(spec)
-        transport = Transport(base_url, run.api_key, spec.timeout_s, run.concurrency, caps, run.protocol.KEY_HEADER)
+        transport = Transport(base_url, run.protocol.headers(run.api_key), spec.timeout_s, run.concurrency, caps)
         timeline = LimiterTimeline(checkpoint)  # the Ray engine's limiter is the coordinator's: none there
         self._concurrency = run.concurrency
         self._limits, self._watch, self._outage_timeout_s = limits, watch, spec.outage_timeout_s
