@@ -3,12 +3,15 @@ a budget without usage. Each is one line for the person and costs nothing, or is
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import REPO, Emulator, run_here, write_csv, write_job
+from conftest import REPO, Emulator, cli_env, run_here, write_csv, write_job
 
 
 def test_a_key_given_twice_names_both_lines(tmp_path: Path, reviews: Path, emulator: Emulator) -> None:
@@ -92,3 +95,46 @@ def test_empty_cells_and_nulls_render_as_empty_text_and_no_image(
         "Emulated answer about: Notes Describe lamp now",
     ]
     assert out["response_text"][0].startswith("A ")  # the one image, described
+
+
+def _request_line(custom_id: str, text: str) -> bytes:
+    body = {"model": "gpt-5.4", "messages": [{"role": "user", "content": text}], "max_completion_tokens": 20}
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}).encode()
+
+
+def _batch_file_with_a_long_line(folder: Path, long_line: int, megabytes: int) -> Path:
+    path = folder / "requests.jsonl"
+    with path.open("wb") as f:
+        for n in range(1, 4):
+            text = "x" * (megabytes << 20) if n == long_line else "I love this kettle."
+            f.write(_request_line(f"r-{n}", text) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("long_line,command", [(1, "validate"), (2, "run")])
+def test_a_request_line_over_the_cap_is_one_line_naming_it(
+    tmp_path: Path, emulator: Emulator, long_line: int, command: str
+) -> None:
+    path = _batch_file_with_a_long_line(tmp_path, long_line, 65)  # just over the 64 MB cap
+    job = write_job(tmp_path, emulator.url, input={"path": path.name}, model=None, prompt={})
+    result = run_here(command, str(job))
+    assert result.returncode == 2, result.stdout + result.stderr
+    (message,) = result.stderr.strip().splitlines()
+    assert f"requests.jsonl: line {long_line} is longer than 64 MB, the cap on one request line" in message
+    assert emulator.stats()["requests"] == 0
+
+
+@pytest.mark.slow
+def test_validate_reads_a_300_mb_line_in_bounded_memory(tmp_path: Path, emulator: Emulator) -> None:
+    """A 300 MB line took 2.8 GB and 31 s in validate; refused at the cap, it costs about the cap."""
+    path = _batch_file_with_a_long_line(tmp_path, 2, 300)
+    job = write_job(tmp_path, emulator.url, input={"path": path.name}, model=None, prompt={})
+    # The peak of this process's own memory (VmHWM: ru_maxrss would count the parent's, from before exec).
+    code = "import sys; from batchrun.cli import main; main(sys.argv[1:]); " + (
+        "print(next(int(l.split()[1]) >> 10 for l in open('/proc/self/status') if l.startswith('VmHWM')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "validate", str(job)], env=cli_env(), capture_output=True, text=True
+    )
+    assert "line 2 is longer than 64 MB" in result.stderr
+    assert int(result.stdout.split()[-1]) < 600, result.stdout  # MB: the cap held a few times, and Python

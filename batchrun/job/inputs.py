@@ -24,6 +24,7 @@ import polars as pl
 from batchrun.base import storage
 from batchrun.base.errors import JobError
 from batchrun.job import openai_batch
+from batchrun.job.openai_batch import MAX_LINE_BYTES, line_too_long
 from batchrun.job.spec import Job
 
 ROW_INDEX = "row_index"  # 0-based position in the input; the id when no id_column is given
@@ -236,14 +237,14 @@ class InputTable:
                 for offset in range(start, self.count(), step):
                     yield scan.slice(offset, step).collect()
             elif self._suffix == ".csv":
-                blocks = _record_blocks(self._open, csv=True)
+                blocks = _record_blocks(self._open, self._where, csv=True)
                 csv = (
                     pl.read_csv(io.BytesIO(header + block), schema=self.schema, columns=columns)
                     for header, block in blocks
                 )
                 yield from _from_row(csv, start)
             else:
-                blocks = _record_blocks(self._open, csv=False)
+                blocks = _record_blocks(self._open, self._where, csv=False)
                 jsonl = (pl.read_ndjson(io.BytesIO(block), schema=self.schema) for _, block in blocks)
                 yield from _from_row((f if columns is None else f.select(columns) for f in jsonl), start)
         except (pl.exceptions.PolarsError, OSError, ValueError) as e:
@@ -252,7 +253,7 @@ class InputTable:
 
     def _lines(self) -> Iterator[bytes]:
         """Blocks of whole JSONL lines (an OpenAI Batch file)."""
-        return (block for _, block in _record_blocks(self._open, csv=False))
+        return (block for _, block in _record_blocks(self._open, self._where, csv=False))
 
     def _open(self) -> AbstractContextManager[IO[bytes]]:
         """The input's bytes, front to back (CSV and JSONL)."""
@@ -279,26 +280,41 @@ def _from_row(frames: Iterator[pl.DataFrame], start: int) -> Iterator[pl.DataFra
         start = 0
 
 
-def _record_blocks(opener: Callable[[], AbstractContextManager[IO[bytes]]], csv: bool) -> Iterator[tuple[bytes, bytes]]:
-    """(header line, block of whole records) of about BLOCK_BYTES each: CSV or JSONL."""
+def _record_blocks(
+    opener: Callable[[], AbstractContextManager[IO[bytes]]], where: str, csv: bool
+) -> Iterator[tuple[bytes, bytes]]:
+    """(header line, block of whole records) of about BLOCK_BYTES each: CSV or JSONL.
+
+    A record is held whole until it ends, so one longer than MAX_LINE_BYTES is refused as it grows (a JobError
+    naming its first line), never read to its end.
+    """
     with opener() as f:
-        header = _first_record_line(f) if csv else b""
+        header = _first_record_line(f, where) if csv else b""
+        lines = 1 if csv else 0  # lines before `rest`
         rest = b""
         while block := f.read(BLOCK_BYTES):
             data = rest + block
             end = _last_record_end(data, csv)
+            held_ends = data.find(b"\n", len(rest)) if rest and end else -1  # where the record held so far ends
+            if held_ends > MAX_LINE_BYTES:
+                raise line_too_long(where, lines + 1)
+            lines += data.count(b"\n", 0, end)
             rest = data[end:]
+            if len(rest) > MAX_LINE_BYTES:
+                raise line_too_long(where, lines + 1)
             if end:
                 yield header, data[:end]
         if rest.strip():
             yield header, rest
 
 
-def _first_record_line(f: IO[bytes]) -> bytes:
+def _first_record_line(f: IO[bytes], where: str) -> bytes:
     """The first line, read without `readline`, which pyarrow's streams do not have."""
     line = bytearray()
     while (byte := f.read(1)) and byte != b"\n":
         line += byte
+        if len(line) > MAX_LINE_BYTES:
+            raise line_too_long(where, 1)
     return bytes(line + byte)
 
 
