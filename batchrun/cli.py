@@ -274,6 +274,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
         line += f"; cost {summary['cost']:.4f} {summary['currency']}"
     line += f"; {summary['wall_s']:.1f} s, {summary['requests_per_s'] or 0:.1f} requests/s"
     print(for_terminal(line))
+    if summary.get("answers_without_usage"):
+        print(
+            f"{summary['answers_without_usage']} answers came without usable token counts: the budget counted each "
+            "at its worst case (the prompt estimate and the full output cap); their cost column is empty"
+        )
     if summary["schema_invalid"]:
         print(f"{summary['schema_invalid']} answers did not parse or match output.schema (error_class schema_invalid)")
     if summary["shared"]:

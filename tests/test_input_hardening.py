@@ -11,7 +11,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import REPO, Emulator, cli_env, run_here, write_csv, write_job
+from conftest import REPO, Emulator, cli_env, run_here, start_emulator, stop_emulator, write_csv, write_job
 
 
 def test_a_key_given_twice_names_both_lines(tmp_path: Path, reviews: Path, emulator: Emulator) -> None:
@@ -138,3 +138,34 @@ def test_validate_reads_a_300_mb_line_in_bounded_memory(tmp_path: Path, emulator
     )
     assert "line 2 is longer than 64 MB" in result.stderr
     assert int(result.stdout.split()[-1]) < 600, result.stdout  # MB: the cap held a few times, and Python
+
+
+@pytest.mark.parametrize("fault", ["no-usage", "usage-float"])
+def test_a_budget_holds_when_the_relay_sends_no_usable_usage(tmp_path: Path, fault: str) -> None:
+    """Answers without token counts (or with negative, fractional ones) are counted at their worst case: the
+    budget stops the run as early as it would if usage came, and the summary says how many were counted so."""
+    from test_spend import PRICING
+
+    write_csv(
+        tmp_path / "reviews.csv",
+        ["review_id", "text"],
+        [[f"M{i:03d}", f"Review number {i}: the kettle is fine."] for i in range(40)],
+    )
+    relay = start_emulator("--fault", f"{fault}=1")
+    try:
+        run = {"concurrency": 2, "max_attempts": 2, "timeout_s": 30, "max_cost": 0.5}
+        job = write_job(tmp_path, relay.url, pricing=PRICING, run=run)
+        stopped = run_here("run", str(job), "--quiet")
+        assert stopped.returncode == 4, stopped.stdout + stopped.stderr
+        sent = relay.stats()["requests"]
+        assert 0 < sent < 40
+        finished = run_here("run", str(job), "--max-cost", "100")
+    finally:
+        stop_emulator(relay)
+    assert finished.returncode == 0, finished.stderr
+    assert (
+        f"{40 - sent} answers came without usable token counts: the budget counted each at its worst case"
+        in finished.stdout
+    )
+    summary = json.loads((tmp_path / "out" / "result.summary.json").read_text())
+    assert summary["answers_without_usage"] == 40 - sent

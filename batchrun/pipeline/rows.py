@@ -256,7 +256,7 @@ class RowPipeline:
             )
             reply = outcome.reply
             if reply is None:
-                self.budget.settle(held, prompt_estimate, None, None)
+                self.budget.settle(held, prompt_estimate, 0, 0)  # no answer: nothing paid
             else:
                 log.note(OK)
                 parts.observe_limits()
