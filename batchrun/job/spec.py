@@ -80,6 +80,8 @@ class PromptSpec(_Section):
     images: list[str] = Field(default_factory=list)
     max_image_side: int | None = Field(default=None, ge=16)
     max_image_mb: float = Field(default=20, gt=0)  # one image file or download; larger is the row's `input` error
+    # Image URLs from loopback and private addresses (a local image server); link-local never (limits-and-caps.md)
+    allow_private_image_hosts: bool = False
 
 
 class OutputSpec(_Section):

@@ -301,7 +301,7 @@ class RowPipeline:
         reply = cast(Reply, outcome.reply)
         try:
             for url in reply.image_urls:
-                mime, data = await self.images.download(url)
+                mime, data = await self.images.download(url, answered=True)
                 reply.images.append(ImageOut(mime, data))
         except images.ImageError as e:
             return replace(outcome, reply=None, error=CallError("image_download", str(e), retryable=False))
