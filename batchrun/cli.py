@@ -291,6 +291,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
         line += f"; cost {summary['cost']:.4f} {summary['currency']}"
     line += f"; {summary['wall_s']:.1f} s, {summary['requests_per_s'] or 0:.1f} requests/s"
     print(for_terminal(line))
+    if summary.get("answers_without_usage"):
+        print(
+            f"{summary['answers_without_usage']} answers came without usable token counts: the budget counted each "
+            "at its worst case (the prompt estimate and the full output cap); their cost column is empty"
+        )
     if summary["schema_invalid"]:
         print(f"{summary['schema_invalid']} answers did not parse or match output.schema (error_class schema_invalid)")
     if summary["shared"]:
@@ -313,6 +318,12 @@ def _validate(args: argparse.Namespace) -> int:
     _print_warnings(job.warnings)
     plan = commands.plan(job, args.show)
     print(f"job {plan.job}: {plan.rows} rows from {plan.input}, columns: {', '.join(plan.columns)}")
+    if plan.empty_rows:
+        counts = ", ".join(f"{column}: {n}" for column, n in plan.empty_by_column.items())
+        print(
+            f"empty values: {plan.empty_rows} rows have an empty value in a column the prompt uses ({counts}); "
+            "it renders as empty text, and an empty image reference adds no image"
+        )
     print(plan.endpoint)
     for row_id, body in plan.requests.items():
         print(f"\nrow {row_id}:")

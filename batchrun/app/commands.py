@@ -7,7 +7,7 @@ Each takes a loaded Job and returns what it found; printing is the caller's.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -88,6 +88,8 @@ class Plan:
     requests: dict[str, str]  # row id -> the request body as it would be sent (payloads shortened)
     estimate: spend.Estimate
     estimate_lines: list[str]  # the estimate as `validate` prints it
+    empty_rows: int = 0  # rows with an empty value in a column the prompt uses: it renders as empty text
+    empty_by_column: dict[str, int] = field(default_factory=dict)
 
 
 def plan(job: Job, show: int = 2) -> Plan:
@@ -109,6 +111,7 @@ def plan(job: Job, show: int = 2) -> Plan:
             row_id = row[table.id_name] if table.id_column else row[ROW_INDEX]
             requests[str(row_id)] = _preview(protocol, loader, renderer, row, settings, spec)
     estimate = spend.estimate_job(job, table, renderer)
+    empty_rows, empty_by_column = table.empty_values(renderer.columns_used)
     if job.batch_input:
         how = "recognised from its lines" if job.format_recognised else "input.format: openai-batch"
         laid = " with model and params laid over it" if spec.params or spec.model else ""
@@ -129,6 +132,8 @@ def plan(job: Job, show: int = 2) -> Plan:
         requests=requests,
         estimate=estimate,
         estimate_lines=estimate_lines,
+        empty_rows=empty_rows,
+        empty_by_column=empty_by_column,
     )
 
 

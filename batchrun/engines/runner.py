@@ -237,6 +237,7 @@ class Run:
             summary["currency"] = pricing.currency
             if self.budget.limit is not None:
                 summary["max_cost"] = self.budget.limit
+                summary["answers_without_usage"] = self.budget.unmetered
         return summary
 
 

@@ -9,7 +9,7 @@
   cap in params and, with a schema, guessed from the size of a typical answer.
 * The budget reserves each request's worst case (estimated input + the full output
   cap) before it is sent and settles it with the real usage, so spent + in flight
-  never passes `run.max_cost`.
+  never passes `run.max_cost`. An answer without usable usage stays at its worst case.
 """
 
 from __future__ import annotations
@@ -82,6 +82,8 @@ class Budget:
         self.spent = spent
         self.reserved = 0.0
         self.refused: float | None = None  # the worst case of the request that was not sent
+        # Answers whose usage was missing or refused (reply.token_count): each counted at its worst case.
+        self.unmetered = 0
         # Real prompt tokens / estimated, the highest seen: corrects the chars/4 guess
         # for text that tokenizes densely (e.g. Chinese) once answers come back.
         self._input_scale = 1.0
@@ -118,10 +120,16 @@ class Budget:
         images: int = 0,
         cached_tokens: int | None = None,
     ) -> None:
+        """`held` released and the answer's cost spent. A failed request costs nothing (0 tokens each); an answer
+        without usable counts (None) costs what was held for it, its worst case: the relay may well charge it."""
         if self.limit is None or self.pricing is None:
             return
         self.reserved -= held
-        self.spent += cost(self.pricing, prompt_tokens, completion_tokens, images, cached_tokens)
+        paid = cost(self.pricing, prompt_tokens, completion_tokens, images, cached_tokens)
+        if prompt_tokens is None or completion_tokens is None:
+            self.unmetered += 1
+            paid = max(paid, held)
+        self.spent += paid
         if prompt_tokens and prompt_estimate:
             self._input_scale = max(self._input_scale, prompt_tokens / prompt_estimate)
 

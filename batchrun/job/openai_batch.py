@@ -29,6 +29,16 @@ from batchrun.base.errors import JobError
 URL_APIS = {"/v1/chat/completions": "openai-chat", "/v1/completions": "openai-completions"}
 SCHEMA = pl.Schema({"custom_id": pl.String(), "method": pl.String(), "url": pl.String(), "body": pl.String()})
 WRITTEN_META = "openai_batch_written"  # checkpoint meta: [[path, size, mtime_ns], …] of the files this job wrote
+# One line of a request file (and one record of any CSV or JSONL input): beyond it, no API takes the request
+# (OpenAI's is 50 MB with its images), and reading it whole cost ~9x its size (docs/limits-and-caps.md).
+MAX_LINE_BYTES = 64 << 20
+
+
+def line_too_long(where: str, line: int) -> JobError:
+    return JobError(
+        f"{where}: line {line} is longer than {MAX_LINE_BYTES >> 20} MB, the cap on one request line; "
+        "no API takes a request that large: send its images as URLs or smaller, or split it"
+    )
 
 
 def frames(blocks: Iterable[bytes], where: str, start: int = 0) -> Iterator[pl.DataFrame]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import urllib.parse
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import orjson
 import polars as pl
@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from batchrun.base import storage
 from batchrun.base.errors import JobError
 from batchrun.base.redaction import MIN_KEY_CHARS, register_secret, too_short
+from batchrun.job.openai_batch import MAX_LINE_BYTES, line_too_long
 
 EMULATOR = "emulator"
 DEFAULT_BASE_URL = "https://ai.szkmjb.com"
@@ -79,6 +80,8 @@ class PromptSpec(_Section):
     images: list[str] = Field(default_factory=list)
     max_image_side: int | None = Field(default=None, ge=16)
     max_image_mb: float = Field(default=20, gt=0)  # one image file or download; larger is the row's `input` error
+    # Image URLs from loopback and private addresses (a local image server); link-local never (limits-and-caps.md)
+    allow_private_image_hosts: bool = False
 
 
 class OutputSpec(_Section):
@@ -423,11 +426,26 @@ def recognise_batch_file(input_path: str) -> bool:
         return False
     try:
         with open(input_path, "rb") as f:
-            first = next((line for line in f if line.strip()), b"")
+            first = _first_line(f)
         data = orjson.loads(first)
     except (OSError, orjson.JSONDecodeError):
         return False  # the input reader names the problem
+    except OverflowError as e:  # a line over the cap: named here, before anything reads it whole
+        raise line_too_long(f"input.path {input_path}", e.args[0]) from None
     return isinstance(data, dict) and {"custom_id", "url", "body"} <= data.keys()
+
+
+def _first_line(f: IO[bytes]) -> bytes:
+    """The first non-blank line, never reading more than MAX_LINE_BYTES of one line (OverflowError with
+    the line's number: that line is longer)."""
+    number = 0
+    while line := f.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            raise OverflowError(number)
+        if line.strip():
+            return line
+    return b""
 
 
 def input_problems(job: Job) -> list[tuple[str, str]]:

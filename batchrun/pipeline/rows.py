@@ -257,7 +257,7 @@ class RowPipeline:
             )
             reply = outcome.reply
             if reply is None:
-                self.budget.settle(held, prompt_estimate, None, None)
+                self.budget.settle(held, prompt_estimate, 0, 0)  # no answer: nothing paid
             else:
                 log.note(OK)
                 parts.observe_limits()
@@ -303,7 +303,7 @@ class RowPipeline:
         reply = cast(Reply, outcome.reply)
         try:
             for url in reply.image_urls:
-                mime, data = await self.images.download(url)
+                mime, data = await self.images.download(url, answered=True)
                 reply.images.append(ImageOut(mime, data))
         except images.ImageError as e:
             return replace(outcome, reply=None, error=CallError("image_download", str(e), retryable=False))
