@@ -214,6 +214,12 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument(
         "--max-concurrency", type=_positive_int, help="more in flight at once: 429 token_concurrency_limit_reached"
     )
+    emulator.add_argument(
+        "--cache-prefixes",
+        type=_positive_int,
+        default=0,
+        help="model a provider prompt cache holding this many prefixes (docs/caching.md); default: no cache",
+    )
     emulator.set_defaults(func=_emulator)
 
     bench = sub.add_parser("bench", help="measure the client's own throughput against the emulator")
@@ -231,6 +237,12 @@ def _parser() -> argparse.ArgumentParser:
         "--push-back",
         action="store_true",
         help="instead: wall time and rate under random 429/503s, a rate limit and a concurrency limit (~3 min)",
+    )
+    bench.add_argument(
+        "--cache",
+        action="store_true",
+        help="instead: 120 documents x 5 questions, shuffled, against a 16-prefix prompt cache: "
+        "rows that hit it and cost, in the cache's order and in input order",
     )
     bench.add_argument(
         "--engine",
@@ -284,18 +296,30 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
+    from batchrun.pipeline.progress import human
+    from batchrun.results import output
+
     line = (
         f"{summary['rows']} rows: {summary['ok']} ok, {summary['error']} error; "
-        f"tokens {summary['prompt_tokens']} in / {summary['completion_tokens']} out"
+        f"tokens {human(summary['prompt_tokens'] or 0)} in / {human(summary['completion_tokens'] or 0)} out"
     )
+    if summary.get("cached_tokens"):
+        line += f" ({summary['cached_tokens']} in from the provider's cache)"
     if "cost" in summary:
         line += f"; cost {summary['cost']:.4f} {summary['currency']}"
     line += f"; {summary['wall_s']:.1f} s, {summary['requests_per_s'] or 0:.1f} requests/s"
     print(for_terminal(line))
+    if summary.get("answers_without_usage"):
+        print(
+            f"{summary['answers_without_usage']} answers came without usable token counts: the budget counted each "
+            "at its worst case (the prompt estimate and the full output cap); their cost column is empty"
+        )
     if summary["schema_invalid"]:
         print(f"{summary['schema_invalid']} answers did not parse or match output.schema (error_class schema_invalid)")
     if summary["shared"]:
         print(f"{summary['shared']} rows repeated another row's request and share its answer (column shared_from)")
+    for line in output.watch_lines(summary):
+        print(line)
     if summary["in_flight_at_last_stop"]:
         print(
             f"{summary['in_flight_at_last_stop']} rows were in flight when the last run stopped "
@@ -312,6 +336,12 @@ def _validate(args: argparse.Namespace) -> int:
     _print_warnings(job.warnings)
     plan = commands.plan(job, args.show)
     print(f"job {plan.job}: {plan.rows} rows from {plan.input}, columns: {', '.join(plan.columns)}")
+    if plan.empty_rows:
+        counts = ", ".join(f"{column}: {n}" for column, n in plan.empty_by_column.items())
+        print(
+            f"empty values: {plan.empty_rows} rows have an empty value in a column the prompt uses ({counts}); "
+            "it renders as empty text, and an empty image reference adds no image"
+        )
     print(plan.endpoint)
     for row_id, body in plan.requests.items():
         print(f"\nrow {row_id}:")
@@ -395,6 +425,10 @@ def _bench(args: argparse.Namespace) -> int:
         from batchrun.bench.ray_scaling import main as ray_bench_main
 
         return ray_bench_main(args.quick, args.json)
+    if args.cache:
+        from batchrun.bench.cache import main as cache_bench_main
+
+        return cache_bench_main(args.json)
     if args.push_back:
         from batchrun.bench.pushback import main as push_back_main
 
@@ -436,6 +470,7 @@ def _emulator(args: argparse.Namespace) -> int:
         rpm_limit=args.rpm_limit,
         rpm_window_s=args.rpm_window_s,
         max_concurrency=args.max_concurrency,
+        cache_prefixes=args.cache_prefixes,
     )
     try:
         serve_forever(config, args.host, args.port)

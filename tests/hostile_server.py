@@ -19,7 +19,7 @@ from aiohttp import web
 
 KEY = "sk-batchrun-test-key-5f0c2e9a71"  # tests/conftest.py TEST_KEY: some shapes echo it
 # The key with some of its characters encoded as JSON `\u`, an HTML entity or %-escape, in any case: no run of
-# 11 plain characters is left, so only masking after decoding finds it (issue 25).
+# 11 plain characters is left, so only masking after decoding finds it.
 ESCAPED_KEY = "".join(f"\\u{ord(c):04X}" if i % 9 == 4 else c for i, c in enumerate(KEY))
 ENTITY_KEY = "".join(f"&#x{ord(c):x};" if i % 8 == 3 else c for i, c in enumerate(KEY))
 PERCENT_KEY = "".join(f"%{ord(c):02x}" if i % 7 == 5 else c for i, c in enumerate(KEY.upper()))

@@ -28,7 +28,7 @@ def test_quick_bench_prints_the_table_and_writes_the_figures(tmp_path: Path) -> 
         assert s["cpu_times"] == round(s["pipeline"]["cpu_us"] / s["reference"]["cpu_us"], 3)
         assert isinstance(s["met"], bool)
         assert ("MISSED" if not s["met"] else "met") in next(ln for ln in result.stdout.splitlines() if name in ln)
-    # issue 15's targets: requests/s against the bare loop, and CPU a request at most 1.5 times its own
+    # The targets of docs/performance.md: requests/s against the bare loop, and CPU a request at most 1.5 times its own
     assert {name: by_name[name]["target"] for name in names} == {
         "zero latency, 64": 0.8,
         "zero latency, 256": 0.8,

@@ -1,4 +1,4 @@
-"""Stops told apart (issue 12): a full disk and a read-only checkpoint are one line each, never "damaged",
+"""Stops told apart: a full disk and a read-only checkpoint are one line each, never "damaged",
 never a traceback, and the answers stored before are kept. A real small file system (tmpfs) is mounted,
 so these tests need root (they skip elsewhere)."""
 

@@ -130,7 +130,7 @@ def test_a_relay_that_is_down_stops_the_run_with_rows_pending_then_resumes(tmp_p
     assert result.returncode == 3
     lines = result.stderr.strip().splitlines()
     assert "Traceback" not in result.stderr
-    # What was waited for is said as it happens (issue 13), then the stop, in one line.
+    # What was waited for is said as it happens, then the stop, in one line.
     assert f"cannot connect to 127.0.0.1:{port}: connection refused; retrying for up to 2 s" in lines[0]
     assert f"127.0.0.1:{port} seems to be down" in lines[-1] and "run.outage_timeout_s" in lines[-1]
     assert "resume with: batchrun run" in lines[-1]

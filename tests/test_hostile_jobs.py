@@ -1,4 +1,4 @@
-"""Hostile job files and inputs are cheap to refuse (issue 12): one line, no traceback, nothing sent."""
+"""Hostile job files and inputs are cheap to refuse: one line, no traceback, nothing sent."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Whatever the relay answers, nothing is lost and nothing is paid twice (issue 12).
+"""Whatever the relay answers, nothing is lost and nothing is paid twice (docs/limits-and-caps.md).
 
 A hostile relay (tests/hostile_server.py, a real server process on loopback) answers one
 row with an odd shape and the others normally. For each shape: no traceback, every row

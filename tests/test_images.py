@@ -60,7 +60,8 @@ def test_images_by_path_url_and_data_url(api: str, model: str, style: str, tmp_p
     url = f"{emulator.url}/_emulator/images/cat.png"
     rows_csv(tmp_path, [["I1", "pics/sunset.png"], ["I2", url], ["I3", data_url(SAMPLES / "forest.png")]])
     provider = {"api": api, "base_url": emulator.url, "api_key_env": "TEST_RELAY_KEY", "image_part_style": style}
-    df = run_ok(image_job(tmp_path, emulator.url, api, model, provider=provider))
+    prompt = {"user": "Describe this image.", "images": ["{{ image }}"], "allow_private_image_hosts": True}
+    df = run_ok(image_job(tmp_path, emulator.url, api, model, provider=provider, prompt=prompt))
     assert df["status"].to_list() == ["ok"] * 3, df["error"].to_list()
     served = pictures.describe(pictures.png(48, 48, answers.digest("cat.png")))
     # Chat passes the URL on for the upstream to fetch; for Gemini batchrun downloads it and sends the bytes.
@@ -271,6 +272,7 @@ def test_likely_mistakes_are_warnings(case: str, tmp_path: Path, emulator: Emula
 
 def test_a_gemini_image_url_that_cannot_be_downloaded_is_a_row_error(tmp_path: Path, emulator: Emulator) -> None:
     rows_csv(tmp_path, [["D1", f"{emulator.url}/_emulator/no-such-image.png"]])
-    df = run_ok(image_job(tmp_path, emulator.url, "gemini", "gemini-2.5-flash"))
+    prompt = {"user": "Describe this image.", "images": ["{{ image }}"], "allow_private_image_hosts": True}
+    df = run_ok(image_job(tmp_path, emulator.url, "gemini", "gemini-2.5-flash", prompt=prompt))
     assert df["error_class"][0] == "input" and "download failed: HTTP 404" in df["error"][0]
     assert emulator.stats()["requests"] == 0

@@ -1,4 +1,4 @@
-"""A newcomer's mistakes cost nothing (PRODUCT.md promises 9 and 10): the input is never written over, a
+"""A newcomer's mistakes cost nothing: the input is never written over, a
 copied job folder never takes another's answers, exit codes a script can trust, a relay that cannot be
 reached is said at once, result columns never take input columns' names, and real relays' ways work."""
 

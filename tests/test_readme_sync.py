@@ -1,6 +1,7 @@
-"""README.md and README.zh-CN.md stay in step, and their command blocks stay true.
+"""README.md and README.zh-CN.md stay in step, the reference pages stay true, and links lead somewhere.
 
-The two files are compared by their code, never by their prose:
+README.md is a short front page; the reference is in docs/ (REFERENCE below) and ARCHITECTURE.md.
+The two READMEs are compared by their code, never by their prose:
 
 * every section of README.md has its counterpart in README.zh-CN.md: a translated
   heading with `<!-- en: <the English heading> -->` on the line before it;
@@ -11,16 +12,27 @@ The two files are compared by their code, never by their prose:
   its own sections and its top, and not written in Chinese) is still in README.md or in
   batchrun's code, and its job-file keys are README.md's: a passage README.md changed
   or dropped does not live on in Chinese;
-* every subcommand and every option of the CLI's own parser appears in README.md's
-  code (so a new command or option is documented, and then copied over);
-* every command block of either file runs, or is marked illustrative.
+* both stay front pages: at most FRONT_PAGE_CHARS characters each.
+
+The reference pages:
+
+* every subcommand of the CLI's own parser has its section in docs/cli.md, and each of
+  its options appears in that section's code (so a new command or option is documented
+  there, with an example); every key of the job model (JobSpec) appears in
+  docs/job-file.md's code;
+* every command block of the READMEs and of the reference pages runs, or is marked
+  illustrative, and so does every ```python block;
+* every relative link of these pages, of the other pages of docs/ and of ARCHITECTURE.md
+  leads to a file of the repository and, with a `#fragment`, to a heading of it (GitHub's
+  anchors). PENDING names the pages other work is writing: a link to one of them may lead
+  nowhere until it lands.
 
 A command block is a fenced block holding command lines: lines starting with
 `batchrun <subcommand>`, `pip`, `pytest` or `python`, or, in a block written as
 a terminal session, the lines starting with `$ ` (the others are output). What
 follows `  # ` on a line is a comment, not part of the command: it may be translated.
 
-Marker convention: a command block that cannot run here (a server that runs until
+Marker convention: a block that cannot run here (a server that runs until
 stopped, a Ray cluster, the four-minute bench, the real relay) carries the HTML
 comment
 
@@ -29,17 +41,21 @@ comment
 on the line right before its opening fence (it renders as nothing). Its batchrun
 lines are still checked by batchrun's own argument parser, so a renamed or removed
 option fails the test either way. Unmarked blocks are run, in this process, in
-order, against one copy of jobs/ and sample_data/: `pip install ...`, `python -m venv`,
-`. .venv/bin/activate` and `pytest` are skipped (the environment is installed, and the
-suite is what is running), every
+order (the READMEs, then REFERENCE), against one copy of jobs/ and sample_data/:
+`pip install ...`, `python -m venv`, `. .venv/bin/activate` and `pytest` are skipped
+(the environment is installed, and the suite is what is running), every
 `batchrun` command must exit 0 (the jobs use the built-in emulator; `batchrun emulator`,
-`batchrun bench` and `--engine ray` are never run, so their blocks need the marker), and every
-`python -c CODE` must run without an exception (it may read what earlier commands wrote).
+`batchrun bench` and `--engine ray` are never run, so their blocks need the marker), every
+`python -c CODE` and every ```python block must run without an exception (they may read
+what earlier commands wrote; a block may `await` at its top level, as in a notebook).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import asyncio
+import inspect
 import re
 import shlex
 import shutil
@@ -49,17 +65,37 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from pydantic import BaseModel
 
 from batchrun.cli import _parser, main
+from batchrun.job.spec import JobSpec
 
 EN = REPO / "README.md"
 ZH = REPO / "README.zh-CN.md"
+CLI = REPO / "docs" / "cli.md"
+JOB_FILE = REPO / "docs" / "job-file.md"
+REFERENCE = [
+    REPO / "docs" / name
+    for name in (
+        "cli.md",
+        "job-file.md",
+        "python-api.md",
+        "request-files.md",
+        "relays.md",
+        "object-storage.md",
+        "performance.md",
+        "development.md",
+    )
+]
+PENDING = {"docs/keys.md"}  # written by other work; links wait for them
+FRONT_PAGE_CHARS = 12_000
 MARKER = "<!-- illustrative -->"
 COUNTERPART = re.compile(r"<!-- en: (.+?) -->")  # before a heading of README.zh-CN.md
 PROGRAMS = ("batchrun", "pip", "pytest", "python", "python3")
 JOB_SECTIONS = ("name", "input", "provider", "model", "prompt", "params", "stream", "output", "run", "pricing")
 NOT_RUN = {"emulator": "a server that runs until stopped", "bench": "it takes seconds to minutes"}
-FREE_FORM = ("params", "output.schema")  # values in the API's or JSON Schema's own words, not job-file keys
+# Values in the API's, JSON Schema's or object_store's own words, not job-file keys.
+FREE_FORM = ("params", "output.schema", "input.storage_options", "output.storage_options")
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:
@@ -77,6 +113,7 @@ class Section:
     line: int
     title: str  # as written
     english: str  # the README.md heading it stands for ("" for a section only this file has)
+    level: int  # 2 for ##, 3 for ###, …
 
 
 @dataclass
@@ -105,6 +142,8 @@ class Readme:
     sections: list[Section] = field(default_factory=list)
     blocks: list[Block] = field(default_factory=list)
     spans: list[tuple[int, str]] = field(default_factory=list)  # (line, code)
+    anchors: list[str] = field(default_factory=list)  # GitHub's ids of every heading, title included
+    links: list[tuple[int, str]] = field(default_factory=list)  # (line, target) of the links outside code
 
     @classmethod
     def read(cls, path: Path) -> Readme:
@@ -124,20 +163,28 @@ class Readme:
                 prose += [""] * (j + 1 - i)
                 i = j + 1
                 continue
-            heading = re.match(r"#{2,6}\s+(.*)", line)
+            heading = re.match(r"(#{1,6})\s+(.*)", line)
             if heading:
-                title = heading.group(1).strip()
+                title = heading.group(2).strip()
+                readme.anchors.append(_anchor(title, readme.anchors))
+            if heading and len(heading.group(1)) > 1:
                 counterpart = COUNTERPART.fullmatch(before)
-                english = title if path == EN else (counterpart.group(1) if counterpart else "")
-                readme.sections.append(Section(i + 1, title, english))
+                english = counterpart.group(1) if counterpart else ""
+                readme.sections.append(Section(i + 1, title, title if path != ZH else english, len(heading.group(1))))
             prose.append(line)
             i += 1
         readme.spans = list(_spans(prose))
+        readme.links = list(_links(prose))
         return readme
 
     def where(self, line: int) -> str:
         section = next((s.title for s in reversed(self.sections) if s.line <= line), "(top)")
-        return f"{self.path.name} line {line}, section '{section}'"
+        return f"{self.path.relative_to(REPO).as_posix()} line {line}, section '{section}'"
+
+    def lines_of(self, section: Section) -> range:
+        """The lines of a section, its subsections included."""
+        after = (s.line for s in self.sections if s.line > section.line and s.level <= section.level)
+        return range(section.line, next(after, 1 << 30))
 
     def section_of(self, line: int) -> str:
         return next((s.english for s in reversed(self.sections) if s.line <= line), "")
@@ -150,10 +197,13 @@ class Readme:
                 found.setdefault(command, line)
         return found
 
-    def options(self) -> dict[str, int]:
-        """The options of batchrun's commands shown in the code (an option the CLI lacks is prose, not checked)."""
+    def options(self, lines: range | None = None) -> dict[str, int]:
+        """The options of batchrun's commands shown in the code (an option the CLI lacks is prose, not checked),
+        in the given lines only if given."""
         found: dict[str, int] = {}
         for line, code in self._code():
+            if lines is not None and line not in lines:
+                continue
             for option in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", code):
                 if option in OPTIONS:
                     found.setdefault(option, line)
@@ -200,6 +250,23 @@ def _spans(prose: list[str]) -> Iterator[tuple[int, str]]:
         pos = closing.end()
 
 
+def _anchor(title: str, taken: list[str]) -> str:
+    """GitHub's id for a heading: lower case, punctuation dropped, spaces as hyphens; -1, -2 … when taken."""
+    base = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+    anchor, n = base, 0
+    while anchor in taken:
+        n += 1
+        anchor = f"{base}-{n}"
+    return anchor
+
+
+def _links(prose: list[str]) -> Iterator[tuple[int, str]]:
+    """The targets of Markdown links and images, outside code blocks and code spans."""
+    for n, line in enumerate(prose, start=1):
+        for target in re.findall(r"\]\(([^)\s]+)\)", re.sub(r"`+[^`]*`+", "", line)):
+            yield n, target
+
+
 def _strip_comment(line: str) -> str:
     """The line without a trailing `  # comment`, whitespace collapsed."""
     return " ".join(re.split(r"(?:^|\s)#(?:\s|$)", line, maxsplit=1)[0].split())
@@ -233,11 +300,34 @@ def _yaml_keys(lines: list[str], first_line: int) -> Iterator[tuple[int, str]]:
         key = f"{parent}.{match.group(3)}" if parent else match.group(3)
         stack.append((indent, key))
         yield n, key
+        if key not in FREE_FORM:
+            yield from ((n, f"{key}.{inner}") for inner in _flow_keys(line[match.end() :]))
+
+
+def _flow_keys(value: str) -> list[str]:
+    """The keys of a one-line mapping such as `{input_per_million: 2.5, currency: USD}` (none for other values)."""
+    value = re.split(r"\s#\s", f" {value.strip()} ", maxsplit=1)[0].strip()
+    if not (value.startswith("{") and value.endswith("}")):
+        return []
+    inner = value[1:-1]
+    while re.search(r"[{\[][^{}\[\]]*[}\]]", inner):
+        inner = re.sub(r"[{\[][^{}\[\]]*[}\]]", "", inner)  # nested mappings and lists: their keys are not ours
+    return re.findall(r"(?:^|,)\s*([A-Za-z_][A-Za-z0-9_]*)\s*:", inner)
 
 
 @pytest.fixture(scope="module")
 def readmes() -> tuple[Readme, Readme]:
     return Readme.read(EN), Readme.read(ZH)
+
+
+@pytest.fixture(scope="module")
+def pages(readmes: tuple[Readme, Readme]) -> list[Readme]:
+    """The two READMEs, then the reference pages, in the order their blocks run."""
+    return [*readmes, *(Readme.read(path) for path in REFERENCE)]
+
+
+def _alike(page: Readme) -> str:
+    return " in README.md and README.zh-CN.md alike" if page.path in (EN, ZH) else ""
 
 
 def test_the_two_files_link_each_other() -> None:
@@ -327,28 +417,86 @@ def _counterpart(zh: Readme, english: str) -> str:
     return f"in its section '{section.title}' (line {section.line}{counterpart})"
 
 
-def test_the_readme_documents_every_command_and_option(readmes: tuple[Readme, Readme]) -> None:
-    en, _ = readmes
+def test_the_readmes_stay_front_pages() -> None:
+    for path in (EN, ZH):
+        size = len(path.read_text(encoding="utf-8"))
+        assert size <= FRONT_PAGE_CHARS, (
+            f"{path.name} has {size} characters, more than a front page's {FRONT_PAGE_CHARS}: move reference text "
+            "to a page of docs/ (see REFERENCE in tests/test_readme_sync.py) and link it from a line"
+        )
+
+
+def test_the_cli_page_documents_every_command_and_option() -> None:
+    cli = Readme.read(CLI)
     problems = [
-        f"README.md lacks `batchrun {name}`: document the command (with an example) in README.md, "
-        "then in README.zh-CN.md"
+        f"docs/cli.md lacks `batchrun {name}`: document the command there, with an example"
         for name in sorted(SUBCOMMANDS)
-        if f"batchrun {name}" not in en.subcommands()
+        if f"batchrun {name}" not in cli.subcommands()
     ]
     for name, parser in sorted(_commands().items()):
         options = {s for action in parser._actions for s in action.option_strings if s.startswith("--")}
-        heading = next((s.title for s in en.sections if s.title.startswith(f"`batchrun {name}")), None)
-        block = f"the block under '### {heading}'" if heading else "its command block"
+        section = next((s for s in cli.sections if s.title.startswith(f"`batchrun {name}")), None)
+        if section is None:
+            problems.append(f"docs/cli.md has no section '## `batchrun {name} …`': add one, with examples")
+            continue
         problems += [
-            f"README.md lacks the `batchrun {name}` option `{option}`: add an example line to {block} "
-            "in README.md, then the same line to README.zh-CN.md"
-            for option in sorted(options - {"--help"} - set(en.options()))
+            f"docs/cli.md lacks the `batchrun {name}` option `{option}` in its section '{section.title}' "
+            f"(line {section.line}): add an example line to a command block there"
+            for option in sorted(options - {"--help"} - set(cli.options(cli.lines_of(section))))
         ]
     assert not problems, "\n".join(problems)
 
 
-def _command_blocks(readmes: tuple[Readme, Readme]) -> Iterator[tuple[Readme, Block]]:
-    return ((readme, block) for readme in readmes for block in readme.blocks if block.commands())
+def _spec_keys(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
+    """The job file's keys, dotted, from the job model itself (as written in YAML)."""
+    for name, info in model.model_fields.items():
+        key = prefix + (info.alias or name)
+        yield key
+        for inner in (info.annotation, *getattr(info.annotation, "__args__", ())):
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                yield from _spec_keys(inner, f"{key}.")
+
+
+def test_the_job_file_page_documents_every_key() -> None:
+    shown = Readme.read(JOB_FILE).job_keys()
+    missing = [key for key in _spec_keys(JobSpec) if key not in shown]
+    assert not missing, "\n".join(
+        f"docs/job-file.md lacks the job-file key `{key}`: add it, with a comment saying what it does, to the "
+        "job file block under '## Every key' (commented out if it is optional), or name it as a `code span`"
+        for key in missing
+    )
+
+
+def test_every_link_leads_somewhere(pages: list[Readme]) -> None:
+    """In the READMEs, the reference pages, every other page of docs/ and ARCHITECTURE.md."""
+    others = [*sorted((REPO / "docs").glob("*.md")), REPO / "ARCHITECTURE.md"]
+    pages = [*pages, *(Readme.read(path) for path in others if path not in REFERENCE)]
+    anchors = {page.path: page.anchors for page in pages}
+    problems = []
+    for page in pages:
+        for line, target in page.links:
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):
+                continue  # https:, mailto: … are not checked here
+            file, _, fragment = target.partition("#")
+            path = (page.path.parent / file).resolve() if file else page.path
+            name = path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
+            if not path.exists():
+                if name not in PENDING:
+                    problems.append(f"{page.where(line)}: the link to {target} leads to no file ({name})")
+                continue
+            if fragment and path.suffix == ".md":
+                if path not in anchors:
+                    anchors[path] = Readme.read(path).anchors
+                if fragment not in anchors[path]:
+                    problems.append(
+                        f"{page.where(line)}: the link to {target}: {name} has no heading with the id "
+                        f"'{fragment}' (its ids: {', '.join(anchors[path])})"
+                    )
+    assert not problems, "\n".join(problems)
+
+
+def _command_blocks(pages: list[Readme]) -> Iterator[tuple[Readme, Block]]:
+    return ((page, block) for page in pages for block in page.blocks if block.commands())
 
 
 def _parts(command: str) -> Iterator[list[str]]:
@@ -362,9 +510,9 @@ def _parts(command: str) -> Iterator[list[str]]:
             part = []
 
 
-def test_every_batchrun_line_parses(readmes: tuple[Readme, Readme], capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_batchrun_line_parses(pages: list[Readme], capsys: pytest.CaptureFixture[str]) -> None:
     problems = []
-    for readme, block in _command_blocks(readmes):
+    for page, block in _command_blocks(pages):
         for line, command in block.commands():
             for part in _parts(command):
                 if part[0] != "batchrun":
@@ -376,14 +524,14 @@ def test_every_batchrun_line_parses(readmes: tuple[Readme, Readme], capsys: pyte
                         continue  # --version, --help
                     why = capsys.readouterr().err.strip().splitlines()[-1:]
                     problems.append(
-                        f"{readme.where(line)}: batchrun refuses `{shlex.join(part)}` ({' '.join(why)}): "
-                        "fix the line in README.md and README.zh-CN.md alike"
+                        f"{page.where(line)}: batchrun refuses `{shlex.join(part)}` ({' '.join(why)}): "
+                        f"fix the line{_alike(page)}"
                     )
     assert not problems, "\n".join(problems)
 
 
 def test_every_command_block_runs_or_is_marked_illustrative(
-    readmes: tuple[Readme, Readme], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    pages: list[Readme], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     for folder in ("jobs", "sample_data"):
         shutil.copytree(REPO / folder, tmp_path / folder)
@@ -392,32 +540,38 @@ def test_every_command_block_runs_or_is_marked_illustrative(
     monkeypatch.setenv("BROWSER", "true")  # a command that opens a page in the browser opens nothing
     problems = []
     ran: set[str] = set()
-    for readme, block in _command_blocks(readmes):
-        if block.illustrative:
+    for page, block in ((p, b) for p in pages for b in p.blocks if not b.illustrative):
+        if block.info == "python":
+            problem = _run_python("\n".join(block.lines))
+            err = capsys.readouterr().err.strip()
+            if problem:
+                problems.append(f"{page.where(block.line)}: the python block {problem}" + _stderr(err))
             continue
         parts = [(line, part) for line, command in block.commands() for part in _parts(command) if not _is_setup(part)]
         unrunnable = [(line, part, why) for line, part in parts if (why := _why_not_runnable(part, tmp_path))]
         if unrunnable:
             line, part, why = unrunnable[0]
             problems.append(
-                f"{readme.where(line)}: `{shlex.join(part)}` cannot run in this test ({why}): put {MARKER} on the "
-                f"line before the block's opening fence (line {block.line}), in README.md and README.zh-CN.md "
-                "alike, or make the block runnable"
+                f"{page.where(line)}: `{shlex.join(part)}` cannot run in this test ({why}): put {MARKER} on the "
+                f"line before the block's opening fence (line {block.line}){_alike(page)}, or make the block runnable"
             )
             continue
         for line, part in parts:
             if " ".join(part) in ran:
-                continue  # the same command in the other file
+                continue  # the same command on another page
             ran.add(" ".join(part))
             problem = _run_here(part)
             err = capsys.readouterr().err.strip()
             if problem:
                 problems.append(
-                    f"{readme.where(line)}: `{shlex.join(part)}` {problem}"
-                    + (f"; stderr: {err[-500:]}" if err else "")
-                    + f". If it cannot run here, move it to a block with {MARKER} before it, in both files"
+                    f"{page.where(line)}: `{shlex.join(part)}` {problem}{_stderr(err)}. If it cannot run here, "
+                    f"move it to a block with {MARKER} before it{_alike(page)}"
                 )
     assert not problems, "\n".join(problems)
+
+
+def _stderr(err: str) -> str:
+    return f"; stderr: {err[-500:]}" if err else ""
 
 
 def _is_setup(words: list[str]) -> bool:
@@ -441,14 +595,22 @@ def _why_not_runnable(words: list[str], project: Path) -> str | None:
 def _run_here(words: list[str]) -> str | None:
     """Runs a command in this process (the current folder is the project copy); what went wrong, if anything."""
     if words[0] != "batchrun":  # python -c CODE
-        try:
-            exec(words[2], {"__name__": "__main__"})
-        except Exception as e:
-            return f"failed: {type(e).__name__}: {e}"
-        return None
+        return _run_python(words[2])
     code: int | str | None
     try:
         code = main(words[1:])
     except SystemExit as e:  # argparse refused it
         code = e.code
     return None if code == 0 else f"exited {code}"
+
+
+def _run_python(source: str) -> str | None:
+    """Runs Python as a notebook cell would (an `await` at the top level included); what went wrong, if anything."""
+    try:
+        code = compile(source, "<block>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        awaited = eval(code, {"__name__": "__main__"})
+        if inspect.iscoroutine(awaited):
+            asyncio.run(awaited)
+    except Exception as e:
+        return f"failed: {type(e).__name__}: {e}"
+    return None

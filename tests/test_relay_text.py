@@ -1,4 +1,4 @@
-"""Text from a relay, stored or printed: the key masked in any encoding, no terminal control (issue 25, items 1-3).
+"""Text from a relay, stored or printed: the key masked in any encoding, no terminal control.
 
 The hostile relay (tests/hostile_server.py, a real server on loopback) echoes the key with some characters
 JSON-`\\u`-escaped, HTML-entity- or %-encoded, in any case, and sends escape sequences that would retitle,

@@ -1,4 +1,4 @@
-"""The sample jobs of the README, each run with its one command on the built-in emulator."""
+"""The sample jobs of README.md and docs/job-file.md, each run with its one command on the built-in emulator."""
 
 from __future__ import annotations
 

@@ -8,10 +8,12 @@ resumes, and a changed frame is refused like a changed job file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
@@ -116,10 +118,33 @@ def _as_polars(input: FrameLike | None) -> pl.DataFrame | None:
     if input is None or isinstance(input, pl.DataFrame):
         return input
     if isinstance(input, pa.Table):
-        return pl.DataFrame(pl.from_arrow(input))
-    if type(input).__module__.partition(".")[0] == "pandas":  # pandas is optional: never imported here
-        return pl.from_pandas(input)
-    raise JobError(f"input: expected a polars or pandas DataFrame or a pyarrow Table, got {type(input).__name__}")
+        convert: Callable[[Any], pl.DataFrame] = lambda table: pl.DataFrame(pl.from_arrow(table))  # noqa: E731
+    elif type(input).__module__.partition(".")[0] == "pandas":  # pandas is optional: never imported here
+        convert = pl.from_pandas
+    else:
+        raise JobError(f"input: expected a polars or pandas DataFrame or a pyarrow Table, got {type(input).__name__}")
+    try:
+        return convert(input)
+    except (Exception, pl.exceptions.PanicException) as e:  # pyarrow's and polars' (a Rust panic) alike
+        raise JobError(_unconvertible(input, convert, e)) from None
+
+
+def _unconvertible(frame: Any, convert: Callable[[Any], pl.DataFrame], error: BaseException) -> str:
+    """One line naming the first column that cannot become a typed column (mixed types, Python objects)."""
+    columns = frame.column_names if isinstance(frame, pa.Table) else list(frame.columns)
+    for column in columns:
+        try:
+            convert(frame.select([column]) if isinstance(frame, pa.Table) else frame[[column]])
+        except (Exception, pl.exceptions.PanicException) as e:
+            return (
+                f"input: column {column!r} cannot be read as one typed column ({_first_line(e)}); "
+                f"give it one type, e.g. df[{column!r}] = df[{column!r}].astype(str)"
+            )
+    return f"input: the frame cannot be read as a table ({_first_line(error)})"
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _options(
@@ -158,7 +183,7 @@ def _in_worker_thread(work: Callable[[], T], presses: CtrlC | None = None) -> T:
 
     Ctrl-C while waiting is handed to the run (`presses`), which stops as the CLI does and raises RunInterrupted.
     """
-    with ThreadPoolExecutor(1, thread_name_prefix="batchrun") as pool:
+    with ThreadPoolExecutor(1, thread_name_prefix="batchrun") as pool, _ctrl_c_interrupts():
         future = pool.submit(work)
         while True:
             try:
@@ -171,3 +196,25 @@ def _in_worker_thread(work: Callable[[], T], presses: CtrlC | None = None) -> T:
                 if presses is None:
                     raise
                 presses.press()
+
+
+@contextlib.contextmanager
+def _ctrl_c_interrupts() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt in this (main) thread while it waits for the run.
+
+    asyncio.run's own SIGINT handler only cancels its main task on the first Ctrl-C, and that task is
+    this very call, blocked waiting: the first Ctrl-C did nothing and every row was sent. Its handler
+    (or any other Python one) comes back when the run ends; an ignored SIGINT stays ignored.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach only the main thread's handlers
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous) or previous is signal.default_int_handler:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -7,7 +7,7 @@ Each takes a loaded Job and returns what it found; printing is the caller's.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -19,6 +19,7 @@ from batchrun.job.render import Renderer, RowInputError
 from batchrun.job.settings import RequestSettings
 from batchrun.job.spec import Job, JobSpec
 from batchrun.job.structured import AnswerParser
+from batchrun.pipeline import cache_order
 from batchrun.pipeline.images import ImageLoader, loader_for, preview_body
 from batchrun.protocols import WireProtocol, protocol_for
 from batchrun.results import output
@@ -87,6 +88,8 @@ class Plan:
     requests: dict[str, str]  # row id -> the request body as it would be sent (payloads shortened)
     estimate: spend.Estimate
     estimate_lines: list[str]  # the estimate as `validate` prints it
+    empty_rows: int = 0  # rows with an empty value in a column the prompt uses: it renders as empty text
+    empty_by_column: dict[str, int] = field(default_factory=dict)
 
 
 def plan(job: Job, show: int = 2) -> Plan:
@@ -108,6 +111,7 @@ def plan(job: Job, show: int = 2) -> Plan:
             row_id = row[table.id_name] if table.id_column else row[ROW_INDEX]
             requests[str(row_id)] = _preview(protocol, loader, renderer, row, settings, spec)
     estimate = spend.estimate_job(job, table, renderer)
+    empty_rows, empty_by_column = table.empty_values(renderer.columns_used)
     if job.batch_input:
         how = "recognised from its lines" if job.format_recognised else "input.format: openai-batch"
         laid = " with model and params laid over it" if spec.params or spec.model else ""
@@ -118,6 +122,7 @@ def plan(job: Job, show: int = 2) -> Plan:
     else:
         endpoint = f"{spec.provider.api} {spec.model} -> POST {spec.provider.base_url}"
         endpoint += protocol.path(settings)
+    estimate_lines = spend.describe_estimate(estimate, job) + _cache_advice(job, table, renderer, estimate)
     return Plan(
         job=spec.name,
         rows=table.count(),
@@ -126,5 +131,25 @@ def plan(job: Job, show: int = 2) -> Plan:
         endpoint=endpoint,
         requests=requests,
         estimate=estimate,
-        estimate_lines=spend.describe_estimate(estimate, job),
+        estimate_lines=estimate_lines,
+        empty_rows=empty_rows,
+        empty_by_column=empty_by_column,
     )
+
+
+def _cache_advice(job: Job, table: InputTable, renderer: Renderer, estimate: spend.Estimate) -> list[str]:
+    """How much of each request is a prefix shared with other rows, over the rows the run reads ahead."""
+    texts = []
+    for batch in table.batches(limit=cache_order.WINDOW_ROWS):
+        for row in batch.iter_rows(named=True):
+            try:
+                texts.append(cache_order.leading_text(renderer.render(row)))
+            except Exception:  # such a row fails as an input error, without a request (see _preview)
+                continue
+    share = cache_order.prefix_share(texts)
+    lines = cache_order.advice_lines(share, job.path, job.spec.run.order)
+    if lines and job.spec.pricing is not None:
+        lines.insert(
+            2, spend.describe_cached(estimate, share.expected_cached / max(share.input_tokens, 1), job.spec.pricing)
+        )
+    return lines

@@ -96,7 +96,7 @@ QUICK = Sizes(
     repeat=2,
 )
 LATENCY_MS = 200.0
-CPU_TARGET = 1.5  # issue 15: the pipeline's CPU per request at most this many times the bare loop's
+CPU_TARGET = 1.5  # the pipeline's CPU per request at most this many times the bare loop's (docs/performance.md)
 
 
 @dataclass

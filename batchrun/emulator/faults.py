@@ -117,6 +117,9 @@ _HOSTILE: dict[str, dict[str, Any]] = {
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 1.5, "completion_tokens": -3},
     },
+    "no-usage": {  # relays that pass on no token counts at all
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+    },
     "choices-null": {"choices": None},
     "content-list": {"choices": [{"index": 0, "message": {"content": ["not", "text"]}, "finish_reason": "stop"}]},
     "deep-json": {

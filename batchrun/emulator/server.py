@@ -23,6 +23,7 @@ import orjson
 from aiohttp import web
 
 from batchrun.emulator import answers, images, pictures
+from batchrun.emulator.cache import PromptCache
 from batchrun.emulator.chat import ANSWER_FAULTS, chat_chunks, chat_completion, chat_prompt, schema_rejection
 from batchrun.emulator.completions import completion, completion_chunks, completions_prompt
 from batchrun.emulator.faults import (
@@ -61,6 +62,7 @@ class EmulatorConfig:
     key_quota: dict[str, int] = field(default_factory=dict)  # key -> requests it can pay for, then 403 quota
     refuse_all: tuple[int, str] | None = None  # every request answered with this status and message
     refuse_share: float = 0.0  # this share of prompts (the same ones every time) refused for their content
+    cache_prefixes: int = 0  # a provider prompt cache of this many prefixes (emulator/cache.py); 0: none
 
 
 class Stats:
@@ -127,6 +129,7 @@ class Emulator:
             else None
         )
         self._paid: Counter[str] = Counter()  # requests answered per key, against key_quota
+        self.cache = PromptCache(config.cache_prefixes)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._count])
@@ -256,6 +259,7 @@ class Emulator:
         self.stats.turns[prompt] = turns_of(body)
         self.stats.by_route[request.path + (" (stream)" if body.get("stream") is True else "")] += 1
         request["prompt"] = prompt
+        request["cached_tokens"] = self.cache.cached_tokens(prompt)  # on arrival: a prefix still answered misses
         limited = self._over_limits(request, request_id)  # counted on arrival, answered after the latency
         await self._delay()
         if limited is not None:
@@ -269,7 +273,10 @@ class Emulator:
             healthy = await answer(request, {**body, "stream": False}, prompt, request_id, None)
             assert isinstance(healthy, web.Response)
             return await enact(fault, request, healthy)
-        return await answer(request, body, prompt, request_id, fault)
+        answered = await answer(request, body, prompt, request_id, fault)
+        if answered.status == 200:
+            self.cache.answered(prompt)
+        return answered
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         async def answer(
@@ -278,6 +285,7 @@ class Emulator:
             if (rejection := schema_rejection(body)) is not None:
                 return json_response(400, rejection, rid)
             whole = chat_completion(body, prompt, rid, fault if fault in ANSWER_FAULTS else None)
+            whole["usage"]["prompt_tokens_details"]["cached_tokens"] = request["cached_tokens"]
             if not (body.get("stream") or fault in FRAMINGS):
                 return json_response(200, whole, rid)
             events = chat_chunks(whole, _include_usage(body), self.config.streams.text_pieces)
@@ -305,7 +313,7 @@ class Emulator:
         async def answer(
             request: web.Request, body: dict[str, Any], prompt: str, rid: str, fault: str | None
         ) -> web.StreamResponse:
-            events = gemini_events(body, model, prompt, fault, rid)
+            events = gemini_events(body, model, prompt, fault, rid, request["cached_tokens"])
             # streamGenerateContent without alt=sse: one JSON object, as old relay builds answer.
             sse = action == "streamGenerateContent" and request.query.get("alt") == "sse"
             if not (sse or fault in FRAMINGS):
@@ -358,6 +366,7 @@ class Emulator:
     async def reset_stats(self, request: web.Request) -> web.Response:
         self.stats.reset()
         self._seen.clear()
+        self.cache = PromptCache(self.config.cache_prefixes)
         if self._window is not None:
             self._window.clear()
         return web.Response(body=b"{}", content_type="application/json")

@@ -1,5 +1,5 @@
 """Streams as the relay writes them: SSE events, `: PING` keepalives, and on demand the
-framing variants, cuts and stalls a client must survive (docs/protocol.md §2.6, §6.4, §8).
+framing variants, cuts and stalls a client must survive (docs/protocol.md §2.6, §6.4, §7 items 9-11 and 22).
 
 A directive in the prompt picks a variant, e.g. `[[emulator: sse-crlf]]` or
 `[[emulator: stream-cut x 1]]` (see faults.py).

@@ -438,9 +438,15 @@ class Coordinator:
         return await self.budget.reserve(prompt_estimate, cap)
 
     def settle(
-        self, held: float, prompt_estimate: int, prompt_tokens: int | None, completion_tokens: int | None, images: int
+        self,
+        held: float,
+        prompt_estimate: int,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        images: int,
+        cached_tokens: int | None = None,
     ) -> None:
-        self.budget.settle(held, prompt_estimate, prompt_tokens, completion_tokens, images)
+        self.budget.settle(held, prompt_estimate, prompt_tokens, completion_tokens, images, cached_tokens)
 
     # --- the driver ------------------------------------------------------------------
 
@@ -869,9 +875,10 @@ class ClusterBudget:
         prompt_tokens: int | None,
         completion_tokens: int | None,
         images: int = 0,
+        cached_tokens: int | None = None,
     ) -> None:
         # Told, not asked: until the coordinator hears it, the worst case stays held (never less safe).
-        self._link.tell("settle", held, prompt_estimate, prompt_tokens, completion_tokens, images)
+        self._link.tell("settle", held, prompt_estimate, prompt_tokens, completion_tokens, images, cached_tokens)
 
     def _synced(self, state: SyncState) -> None:
         self.stopped = self.stopped or state.budget_stopped

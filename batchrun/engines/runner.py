@@ -44,6 +44,7 @@ from batchrun.job.render import Renderer
 from batchrun.job.spec import Job
 from batchrun.job.structured import AnswerParser
 from batchrun.ledger.checkpoint import DB_NAME, Checkpoint, checkpoint_folder
+from batchrun.pipeline.cache_order import AnsweredLedger, CacheOrder, Sending
 from batchrun.pipeline.progress import Progress
 from batchrun.pipeline.rows import RowParts, RowPipeline, WorkItem
 from batchrun.pipeline.timeline import LimiterTimeline, note_run
@@ -153,10 +154,14 @@ class Run:
                 if self.parser is not None:  # answers that failed the schema are errors too
                     for failed in output.failed_answers(checkpoint, self.parser, self.table.count()):
                         checkpoint.forget(failed)
+            done = checkpoint.totals()
             if self.job.spec.pricing is not None:
-                done = checkpoint.totals()
                 self.budget.spent = spend.cost(
-                    self.job.spec.pricing, done["prompt_tokens"], done["completion_tokens"], done["images"]
+                    self.job.spec.pricing,
+                    done["prompt_tokens"],
+                    done["completion_tokens"],
+                    done["images"],
+                    done["cached_tokens"],
                 )
             total = self.table.count() if self.options.limit is None else min(self.options.limit, self.table.count())
             progress = Progress(
@@ -165,12 +170,13 @@ class Run:
                 pricing=self.job.spec.pricing,
                 max_cost=self.budget.limit,
                 spent=self.budget.spent,
+                tokens=(done["prompt_tokens"] or 0) + (done["completion_tokens"] or 0),
             )
-            with _base_url(self.job) as base_url:
-                try:
+            try:  # the bar's ticker thread stops however the run ends
+                with _base_url(self.job) as base_url:
                     sent = await self.engine.send_all(self, checkpoint, progress, base_url)
-                finally:
-                    progress.close()
+            finally:
+                progress.close()
             if checkpoint.failure is not None:  # nothing more can be written, the run's note included
                 resume = f"run `batchrun run {self.job.path}` again to resume"
                 raise RunAborted(f"run stopped: {checkpoint.failure}; {resume}")
@@ -188,6 +194,7 @@ class Run:
             if self.job.openai_batch_path is not None:
                 output.write_openai_batch(self.table, checkpoint, self.job, self.options.limit)
             summary = self._summary(totals, written, total, interrupted, sent.requested, time.monotonic() - started)
+            summary.update(output.watch_summary(progress.watched, checkpoint))
             output.write_summary(self.job.output_path, summary)
             return summary
         finally:
@@ -223,6 +230,7 @@ class Run:
             "shared": written["shared"],
             "prompt_tokens": totals["prompt_tokens"],
             "completion_tokens": totals["completion_tokens"],
+            "cached_tokens": totals["cached_tokens"],
             "requested_this_run": requested,
             "in_flight_at_last_stop": interrupted,
             "wall_s": round(wall_s, 3),
@@ -233,6 +241,7 @@ class Run:
             summary["currency"] = pricing.currency
             if self.budget.limit is not None:
                 summary["max_cost"] = self.budget.limit
+                summary["answers_without_usage"] = self.budget.unmetered
         return summary
 
 
@@ -254,6 +263,7 @@ class LocalEngine:
         self._limits: Limits | None = None  # the run's, once sending starts; read to say what the run waits for
         self._watch = _Watch()
         self._outage_timeout_s = 0.0
+        self._order: CacheOrder | None = None  # run.order: cache (pipeline/cache_order.py)
 
     async def send_all(self, run: Run, checkpoint: Checkpoint, progress: Progress, base_url: str) -> Sent:
         spec = run.job.spec.run
@@ -264,11 +274,21 @@ class LocalEngine:
         caps = AnswerCaps.of(spec)
         headers = [run.protocol.headers(key) for _, key in run.keys]
         transport = Transport(base_url, headers, spec.timeout_s, run.concurrency, caps)
-        timeline = LimiterTimeline(checkpoint)  # the Ray engine's limiter is the coordinator's: none there
+        # The Ray engine's limiter is the coordinator's: no timeline there.
+        timeline = LimiterTimeline(checkpoint, progress.watch(), str(run.job.spec.provider.api_key_env))
         self._concurrency = run.concurrency
         self._limits, self._watch, self._outage_timeout_s = limits, watch, spec.outage_timeout_s
+        self._order = order = CacheOrder(run.concurrency) if spec.order == "cache" else None
+        ledger = checkpoint if order is None else AnsweredLedger(checkpoint, order)
         parts = RowParts(
-            checkpoint, limits, SharedAnswers(), watch, transport, partial(timeline.observe, limits), self._rest
+            ledger,
+            limits,
+            SharedAnswers(),
+            watch,
+            transport,
+            partial(timeline.observe, limits),
+            self._rest,
+            timeline.watched,
         )
         pipeline = run.pipeline(parts)
         try:
@@ -371,11 +391,8 @@ class LocalEngine:
                 "cannot connect",
             )
         if (paused := self._limits.paused_until - now) > PAUSE_SAID_S:
-            return (
-                "paused",
-                f"the server pushed back: every new request waits {paused:.0f} s",
-                f"paused {paused:.0f} s",
-            )
+            # The bar counts the pause down itself (pipeline/progress.py).
+            return "paused", f"the server pushed back: every new request waits {paused:.0f} s", None
         return None, None, None
 
     async def _produce_until_ctrl_c(
@@ -432,6 +449,7 @@ class LocalEngine:
         progress: Progress,
     ) -> None:
         async with send:
+            sending = Sending(send, self._order, lambda: run.budget.stopped)
             for batch in run.table.batches(run.options.limit):
                 lo, hi = batch[ROW_INDEX][0], batch[ROW_INDEX][-1] + 1
                 done = checkpoint.finished_in_range(lo, hi)
@@ -443,13 +461,10 @@ class LocalEngine:
                     if run.budget.stopped:
                         return
                     item = pipeline.item(row, progress)
-                    if item is None:
-                        continue
-                    try:  # while the stream has room, without a pass through the event loop (anyio's send makes one)
-                        send.send_nowait(item)
-                    except anyio.WouldBlock:
-                        await send.send(item)
+                    if item is not None:
+                        await sending.put(item)
                 await anyio.sleep(0)  # let workers run between batches
+            await sending.drain()
 
 
 class _Watch(AbortWatch[CallError]):

@@ -1,14 +1,15 @@
 """Money: the cost of a row, the estimate `validate` prints, and the budget (`run.max_cost`).
 
-* Cost = prompt_tokens × input price + completion_tokens × output price (+ images ×
-  `pricing.per_image`); a row answered by sharing another row's identical request
+* Cost = uncached prompt tokens × input price + cached_tokens × cached input price
+  (`pricing.cached_input_per_million`, else the input price) + completion_tokens ×
+  output price (+ images × `pricing.per_image`); a row answered by sharing another row's identical request
   cost nothing. `cost` and `cost_expr` are the one definition of it.
 * The estimate renders a sample of rows and counts about four characters a token
   (as `limits` does), scaled to the whole input; the output side is bounded by the
   cap in params and, with a schema, guessed from the size of a typical answer.
 * The budget reserves each request's worst case (estimated input + the full output
   cap) before it is sent and settles it with the real usage, so spent + in flight
-  never passes `run.max_cost`.
+  never passes `run.max_cost`. An answer without usable usage stays at its worst case.
 """
 
 from __future__ import annotations
@@ -31,9 +32,18 @@ from batchrun.protocols import protocol_for
 SAMPLE_ROWS = 200
 
 
-def cost(pricing: PricingSpec, prompt_tokens: int | None, completion_tokens: int | None, images: int = 0) -> float:
+def cost(
+    pricing: PricingSpec,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    images: int = 0,
+    cached_tokens: int | None = None,
+) -> float:
+    prompt = prompt_tokens or 0
+    cached = min(cached_tokens or 0, prompt)  # part of prompt_tokens, never more (a relay's odd count)
     return (
-        (prompt_tokens or 0) * pricing.input_per_million / 1e6
+        (prompt - cached) * pricing.input_per_million / 1e6
+        + cached * pricing.cached_price / 1e6
         + (completion_tokens or 0) * pricing.output_per_million / 1e6
         + images * (pricing.per_image or 0.0)
     )
@@ -41,8 +51,13 @@ def cost(pricing: PricingSpec, prompt_tokens: int | None, completion_tokens: int
 
 def cost_expr(pricing: PricingSpec, columns: list[str]) -> pl.Expr:
     """The output's `cost` column, from the columns the output has."""
-    paid = pl.col("prompt_tokens") * (pricing.input_per_million / 1e6) + pl.col("completion_tokens") * (
-        pricing.output_per_million / 1e6
+    cached = pl.lit(0)
+    if "cached_tokens" in columns:
+        cached = pl.min_horizontal(pl.col("cached_tokens").fill_null(0), pl.col("prompt_tokens"))
+    paid = (
+        (pl.col("prompt_tokens") - cached) * (pricing.input_per_million / 1e6)
+        + cached * (pricing.cached_price / 1e6)
+        + pl.col("completion_tokens") * (pricing.output_per_million / 1e6)
     )
     if pricing.per_image and "image_paths" in columns:
         paid = paid + pl.col("image_paths").list.len().fill_null(0) * pricing.per_image
@@ -67,6 +82,8 @@ class Budget:
         self.spent = spent
         self.reserved = 0.0
         self.refused: float | None = None  # the worst case of the request that was not sent
+        # Answers whose usage was missing or refused (reply.token_count): each counted at its worst case.
+        self.unmetered = 0
         # Real prompt tokens / estimated, the highest seen: corrects the chars/4 guess
         # for text that tokenizes densely (e.g. Chinese) once answers come back.
         self._input_scale = 1.0
@@ -101,11 +118,18 @@ class Budget:
         prompt_tokens: int | None,
         completion_tokens: int | None,
         images: int = 0,
+        cached_tokens: int | None = None,
     ) -> None:
+        """`held` released and the answer's cost spent. A failed request costs nothing (0 tokens each); an answer
+        without usable counts (None) costs what was held for it, its worst case: the relay may well charge it."""
         if self.limit is None or self.pricing is None:
             return
         self.reserved -= held
-        self.spent += cost(self.pricing, prompt_tokens, completion_tokens, images)
+        paid = cost(self.pricing, prompt_tokens, completion_tokens, images, cached_tokens)
+        if prompt_tokens is None or completion_tokens is None:
+            self.unmetered += 1
+            paid = max(paid, held)
+        self.spent += paid
         if prompt_tokens and prompt_estimate:
             self._input_scale = max(self._input_scale, prompt_tokens / prompt_estimate)
 
@@ -215,6 +239,16 @@ def describe_estimate(est: Estimate, job: Job) -> list[str]:
                 "set a cap in params to make it a bound"
             )
     return lines
+
+
+def describe_cached(est: Estimate, cached_share: float, pricing: PricingSpec) -> str:
+    """The input's cost with the share of it the provider's cache is expected to serve (`validate`)."""
+    plain = cost(pricing, est.input_tokens, 0)
+    cached = cost(pricing, est.input_tokens, 0, cached_tokens=round(est.input_tokens * cached_share))
+    line = f"  input cost with the expected cache hits: ~{money(cached, pricing)} instead of {money(plain, pricing)}"
+    if pricing.cached_input_per_million is None:
+        line += "; set pricing.cached_input_per_million to count cached input at the provider's lower price"
+    return line
 
 
 TYPICAL_STRING_CHARS = 16

@@ -24,6 +24,7 @@ import polars as pl
 from batchrun.base import storage
 from batchrun.base.errors import JobError
 from batchrun.job import openai_batch
+from batchrun.job.openai_batch import MAX_LINE_BYTES, line_too_long
 from batchrun.job.spec import Job
 
 ROW_INDEX = "row_index"  # 0-based position in the input; the id when no id_column is given
@@ -174,6 +175,19 @@ class InputTable:
                 f"(repeated: {', '.join(map(str, repeated))}); pick a unique column or drop input.id_column"
             )
 
+    def empty_values(self, columns: list[str]) -> tuple[int, dict[str, int]]:
+        """Rows with an empty value (null, or empty text) in any of `columns`, and how many in each column."""
+        if not columns:
+            return 0, {}
+        empty = {c: pl.col(c).is_null() | (pl.col(c) == "" if self.schema[c] == pl.String else False) for c in columns}
+        rows, per_column = 0, dict.fromkeys(columns, 0)
+        for frame in self._frames(columns):
+            flags = frame.select(**empty)
+            rows += int(flags.select(pl.any_horizontal(pl.all())).to_series().sum())
+            for column, count in flags.sum().row(0, named=True).items():
+                per_column[column] += int(count)
+        return rows, {c: n for c, n in per_column.items() if n}
+
     def sample(self, rows: int, total: int) -> pl.DataFrame:
         """About `rows` rows spread evenly over an input of `total` rows (for estimates)."""
         every = max(1, -(-total // max(rows, 1)))  # ceil: the sample spans the whole input
@@ -223,14 +237,14 @@ class InputTable:
                 for offset in range(start, self.count(), step):
                     yield scan.slice(offset, step).collect()
             elif self._suffix == ".csv":
-                blocks = _record_blocks(self._open, csv=True)
+                blocks = _record_blocks(self._open, self._where, csv=True)
                 csv = (
                     pl.read_csv(io.BytesIO(header + block), schema=self.schema, columns=columns)
                     for header, block in blocks
                 )
                 yield from _from_row(csv, start)
             else:
-                blocks = _record_blocks(self._open, csv=False)
+                blocks = _record_blocks(self._open, self._where, csv=False)
                 jsonl = (pl.read_ndjson(io.BytesIO(block), schema=self.schema) for _, block in blocks)
                 yield from _from_row((f if columns is None else f.select(columns) for f in jsonl), start)
         except (pl.exceptions.PolarsError, OSError, ValueError) as e:
@@ -239,7 +253,7 @@ class InputTable:
 
     def _lines(self) -> Iterator[bytes]:
         """Blocks of whole JSONL lines (an OpenAI Batch file)."""
-        return (block for _, block in _record_blocks(self._open, csv=False))
+        return (block for _, block in _record_blocks(self._open, self._where, csv=False))
 
     def _open(self) -> AbstractContextManager[IO[bytes]]:
         """The input's bytes, front to back (CSV and JSONL)."""
@@ -266,26 +280,41 @@ def _from_row(frames: Iterator[pl.DataFrame], start: int) -> Iterator[pl.DataFra
         start = 0
 
 
-def _record_blocks(opener: Callable[[], AbstractContextManager[IO[bytes]]], csv: bool) -> Iterator[tuple[bytes, bytes]]:
-    """(header line, block of whole records) of about BLOCK_BYTES each: CSV or JSONL."""
+def _record_blocks(
+    opener: Callable[[], AbstractContextManager[IO[bytes]]], where: str, csv: bool
+) -> Iterator[tuple[bytes, bytes]]:
+    """(header line, block of whole records) of about BLOCK_BYTES each: CSV or JSONL.
+
+    A record is held whole until it ends, so one longer than MAX_LINE_BYTES is refused as it grows (a JobError
+    naming its first line), never read to its end.
+    """
     with opener() as f:
-        header = _first_record_line(f) if csv else b""
+        header = _first_record_line(f, where) if csv else b""
+        lines = 1 if csv else 0  # lines before `rest`
         rest = b""
         while block := f.read(BLOCK_BYTES):
             data = rest + block
             end = _last_record_end(data, csv)
+            held_ends = data.find(b"\n", len(rest)) if rest and end else -1  # where the record held so far ends
+            if held_ends > MAX_LINE_BYTES:
+                raise line_too_long(where, lines + 1)
+            lines += data.count(b"\n", 0, end)
             rest = data[end:]
+            if len(rest) > MAX_LINE_BYTES:
+                raise line_too_long(where, lines + 1)
             if end:
                 yield header, data[:end]
         if rest.strip():
             yield header, rest
 
 
-def _first_record_line(f: IO[bytes]) -> bytes:
+def _first_record_line(f: IO[bytes], where: str) -> bytes:
     """The first line, read without `readline`, which pyarrow's streams do not have."""
     line = bytearray()
     while (byte := f.read(1)) and byte != b"\n":
         line += byte
+        if len(line) > MAX_LINE_BYTES:
+            raise line_too_long(where, 1)
     return bytes(line + byte)
 
 

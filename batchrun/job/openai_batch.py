@@ -29,6 +29,16 @@ from batchrun.base.errors import JobError
 URL_APIS = {"/v1/chat/completions": "openai-chat", "/v1/completions": "openai-completions"}
 SCHEMA = pl.Schema({"custom_id": pl.String(), "method": pl.String(), "url": pl.String(), "body": pl.String()})
 WRITTEN_META = "openai_batch_written"  # checkpoint meta: [[path, size, mtime_ns], …] of the files this job wrote
+# One line of a request file (and one record of any CSV or JSONL input): beyond it, no API takes the request
+# (OpenAI's is 50 MB with its images), and reading it whole cost ~9x its size (docs/limits-and-caps.md).
+MAX_LINE_BYTES = 64 << 20
+
+
+def line_too_long(where: str, line: int) -> JobError:
+    return JobError(
+        f"{where}: line {line} is longer than {MAX_LINE_BYTES >> 20} MB, the cap on one request line; "
+        "no API takes a request that large: send its images as URLs or smaller, or split it"
+    )
 
 
 def frames(blocks: Iterable[bytes], where: str, start: int = 0) -> Iterator[pl.DataFrame]:
@@ -133,6 +143,7 @@ def write(target: Path, lines: Iterator[bytes], record: Callable[[str], None]) -
     """Writes the file atomically. `record` keeps its stamp in the checkpoint before the rename (along
     with the file it replaces, so a kill between the two leaves either one recognised) and after it."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    storage.remove_leftovers(target)
     with storage.new_file_beside(target) as (f, tmp):
         for line in lines:
             f.write(line)

@@ -31,9 +31,14 @@ class RowInputError(ValueError):
     """This row's input cannot make a request (a malformed conversation): an `input` error row, nothing sent."""
 
 
+def as_text(value: Any) -> Any:
+    """What `{{ column }}` prints: an empty cell (CSV) or a null (Parquet, JSON) is empty text, never `None`."""
+    return "" if value is None else value
+
+
 # Sandboxed: a template (or a job file from someone else) cannot reach Python's internals, os.environ and the key.
 _ENV = jinja2.sandbox.SandboxedEnvironment(
-    undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False
+    undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False, finalize=as_text
 )
 
 
@@ -103,6 +108,7 @@ class Renderer:
         for i, image in enumerate(prompt.images):
             sources[f"prompt.images.{i}"] = image
         known = set(columns)
+        used: set[str] = {prompt.messages} if prompt.messages is not None and not self._batch else set()
         compiled: dict[str, jinja2.Template | Substitution] = {}
         for key, source in sources.items():
             try:
@@ -111,7 +117,9 @@ class Renderer:
                 raise JobError(
                     f"{job.path}: {key}: template syntax error on its line {e.lineno}: {e.message}"
                 ) from None
-            missing = sorted(jinja2.meta.find_undeclared_variables(ast) - known)
+            variables = jinja2.meta.find_undeclared_variables(ast)
+            used |= variables & known
+            missing = sorted(variables - known)
             if missing:
                 raise JobError(
                     f"{job.path}: {key}: the template uses {', '.join(repr(m) for m in missing)}, "
@@ -125,6 +133,7 @@ class Renderer:
         self._user = compiled.get("prompt.user")
         self._system = compiled.get("prompt.system")
         self._images = [compiled[f"prompt.images.{i}"] for i in range(len(prompt.images))]
+        self.columns_used = sorted(used)  # the input columns the prompt puts into requests
 
     def render(self, row: dict[str, Any]) -> Request:
         """Raises jinja2 errors (e.g. a filter failing on this row's value) and RowInputError (a malformed
@@ -143,7 +152,8 @@ class Renderer:
 
 class Substitution:
     """A template that only puts columns into text ("Review: {{ text }}"), as most prompts do, rendered without
-    Jinja's set-up for each render (a context, a generator): 5x faster, the same text (`{{ x }}` is `str(x)`)."""
+    Jinja's set-up for each render (a context, a generator): 5x faster, the same text (`{{ x }}` is
+    `str(as_text(x))`)."""
 
     __slots__ = ("_parts", "_template")
 
@@ -169,7 +179,7 @@ class Substitution:
 
     def render(self, row: dict[str, Any]) -> str:
         try:
-            return "".join(str(row[text]) if column else text for column, text in self._parts)
+            return "".join(str(as_text(row[text])) if column else text for column, text in self._parts)
         except KeyError:  # not a column of this row: Jinja says so in its words
             return self._template.render(row)
 

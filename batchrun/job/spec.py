@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import urllib.parse
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import orjson
 import polars as pl
@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from batchrun.base import storage
 from batchrun.base.errors import JobError
 from batchrun.base.redaction import MIN_KEY_CHARS, register_secret, too_short
+from batchrun.job.openai_batch import MAX_LINE_BYTES, line_too_long
 
 EMULATOR = "emulator"
 DEFAULT_BASE_URL = "https://ai.szkmjb.com"
@@ -99,6 +100,8 @@ class PromptSpec(_Section):
     images: list[str] = Field(default_factory=list)
     max_image_side: int | None = Field(default=None, ge=16)
     max_image_mb: float = Field(default=20, gt=0)  # one image file or download; larger is the row's `input` error
+    # Image URLs from loopback and private addresses (a local image server); link-local never (limits-and-caps.md)
+    allow_private_image_hosts: bool = False
 
 
 class OutputSpec(_Section):
@@ -123,13 +126,21 @@ class RunSpec(_Section):
     max_answer_mb: float = Field(default=16, gt=0)  # one answer's bytes; beyond, the row is `too_large`
     outage_timeout_s: float = Field(default=600, gt=0)  # how long to wait for a relay that seems down
     max_cost: float | None = Field(default=None, ge=0)
+    # cache: rows that share a long prefix are sent so they find it cached (docs/caching.md); input: as read
+    order: Literal["cache", "input"] = "cache"
 
 
 class PricingSpec(_Section):
     input_per_million: float = Field(ge=0)
     output_per_million: float = Field(ge=0)
+    cached_input_per_million: float | None = Field(default=None, ge=0)  # None: cached input costs as much as input
     per_image: float | None = Field(default=None, ge=0)
     currency: str = "USD"
+
+    @property
+    def cached_price(self) -> float:
+        """Per million input tokens read from the provider's prompt cache."""
+        return self.input_per_million if self.cached_input_per_million is None else self.cached_input_per_million
 
 
 class JobSpec(_Section):
@@ -352,7 +363,7 @@ def _known_keys(section: list[str]) -> str:
             (a for a in getattr(inner, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), inner
         )
         if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
-            return "see the README"
+            return "see docs/job-file.md"
         model = inner
     names = [f.alias or n for n, f in model.model_fields.items()]
     return "known keys here: " + ", ".join(names)
@@ -441,11 +452,26 @@ def recognise_batch_file(input_path: str) -> bool:
         return False
     try:
         with open(input_path, "rb") as f:
-            first = next((line for line in f if line.strip()), b"")
+            first = _first_line(f)
         data = orjson.loads(first)
     except (OSError, orjson.JSONDecodeError):
         return False  # the input reader names the problem
+    except OverflowError as e:  # a line over the cap: named here, before anything reads it whole
+        raise line_too_long(f"input.path {input_path}", e.args[0]) from None
     return isinstance(data, dict) and {"custom_id", "url", "body"} <= data.keys()
+
+
+def _first_line(f: IO[bytes]) -> bytes:
+    """The first non-blank line, never reading more than MAX_LINE_BYTES of one line (OverflowError with
+    the line's number: that line is longer)."""
+    number = 0
+    while line := f.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            raise OverflowError(number)
+        if line.strip():
+            return line
+    return b""
 
 
 def input_problems(job: Job) -> list[tuple[str, str]]:

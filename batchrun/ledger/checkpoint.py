@@ -77,17 +77,21 @@ _ANSWERS = (
 )
 # What `batchrun report` draws, added to checkpoints of format 3 when they are opened, so an
 # older one still resumes (its rows simply lack them). Columns of `rows` after its last one,
-# in RowRecord's order; `limiter` holds one line per second of wall time that saw an attempt.
-_REPORT_COLUMNS = {"started_at": "REAL", "attempt_log": "TEXT"}
+# in RowRecord's order (`cached_tokens` too, added later the same way: rows are written by column
+# name); `limiter` holds one line per second of wall time that saw an attempt.
+_REPORT_COLUMNS = {"started_at": "REAL", "attempt_log": "TEXT", "cached_tokens": "INTEGER"}
 _LIMITER_TABLE = """
 CREATE TABLE IF NOT EXISTS limiter (
     second INTEGER PRIMARY KEY,
     limit_min INTEGER NOT NULL,
     limit_max INTEGER NOT NULL,
     limit_last INTEGER NOT NULL,
-    paused_s REAL NOT NULL
+    paused_s REAL NOT NULL,
+    rate REAL
 )
 """
+# The paced rate (requests/s, NULL while not pacing) came later: a limiter table without it gains it on open.
+_LIMITER_RATE = "ALTER TABLE limiter ADD COLUMN rate REAL"
 
 
 @dataclass
@@ -114,17 +118,21 @@ class RowRecord:
     image_paths: str | None = None  # JSON list of the files the row's images were written to
     started_at: float | None = None  # wall time of the first attempt; None when nothing was sent
     attempt_log: str | None = None  # see timeline.AttemptLog: each attempt's time and outcome
+    cached_tokens: int | None = None  # of prompt_tokens, read from the provider's prompt cache (docs/caching.md)
     # (status_code, request_id, body as JSON bytes): kept in the `answers` table, not in `rows`
     answer: tuple[int, str | None, bytes] | None = field(default=None, repr=False)
 
 
 ROW_COLUMNS = [name for name in RowRecord.__dataclass_fields__ if name != "answer"]
 _row_values = operator.attrgetter(*ROW_COLUMNS)  # a record's values in column order, in C
+# Named: columns added on open follow the table's own order, which a checkpoint's history decides.
+_INSERT_ROW = f"INSERT OR REPLACE INTO rows ({', '.join(ROW_COLUMNS)}) VALUES ({', '.join('?' * len(ROW_COLUMNS))})"
 # A second written twice (a run resumed within it) keeps the extremes and the later state.
 _MERGE_LIMITER = """
-INSERT INTO limiter VALUES (?, ?, ?, ?, ?) ON CONFLICT(second) DO UPDATE SET
+INSERT INTO limiter VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(second) DO UPDATE SET
     limit_min = MIN(limit_min, excluded.limit_min), limit_max = MAX(limit_max, excluded.limit_max),
-    limit_last = excluded.limit_last, paused_s = MAX(paused_s, excluded.paused_s)
+    limit_last = excluded.limit_last, paused_s = MAX(paused_s, excluded.paused_s),
+    rate = COALESCE(excluded.rate, rate)
 """
 
 
@@ -179,7 +187,7 @@ class Checkpoint:
         self._intents: list[tuple[int, float]] = []
         self._finished: list[RowRecord] = []
         self._withdrawn: list[int] = []
-        self._limiter: list[tuple[int, int, int, int, float]] = []
+        self._limiter: list[tuple[int, int, int, int, float, float | None]] = []
         # Rows waiting for their intent's commit: a future each, as asyncio.Event would make, without
         # its bookkeeping (a waiter leaving scans all the others: quadratic in the rows of a commit).
         self._intent_waiters: list[asyncio.Future[None]] = []
@@ -225,12 +233,16 @@ class Checkpoint:
     def _add_report_tables(self) -> None:
         have = {r[1] for r in self._db.execute("PRAGMA table_info(rows)")}
         missing = [(name, kind) for name, kind in _REPORT_COLUMNS.items() if name not in have]
-        if not missing and "limiter" in {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}:
+        limiter = {r[1] for r in self._db.execute("PRAGMA table_info(limiter)")}
+        if not missing and "rate" in limiter:
             return
         self._db.execute("BEGIN")
         for name, kind in missing:
             self._db.execute(f"ALTER TABLE rows ADD COLUMN {name} {kind}")
-        self._db.execute(_LIMITER_TABLE)
+        if not limiter:
+            self._db.execute(_LIMITER_TABLE)
+        elif "rate" not in limiter:
+            self._db.execute(_LIMITER_RATE)
         self._db.execute("COMMIT")
 
     def lock_for_run(self) -> None:
@@ -295,10 +307,11 @@ class Checkpoint:
         return {idx: (status, request_id, body) for idx, status, request_id, body in rows}
 
     def totals(self) -> dict[str, Any]:
-        ok, errors, prompt, completion, last, images = self._query(
+        ok, errors, prompt, completion, last, images, cached = self._query(
             "SELECT COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'error'), 0),"
             " SUM(prompt_tokens), SUM(completion_tokens), MAX(finished_at),"
-            " SUM(CASE WHEN shared_from IS NULL THEN json_array_length(image_paths) END) FROM rows"
+            " SUM(CASE WHEN shared_from IS NULL THEN json_array_length(image_paths) END),"
+            " SUM(CASE WHEN shared_from IS NULL THEN cached_tokens END) FROM rows"
         )[0]
         return {
             "ok": ok,
@@ -307,6 +320,7 @@ class Checkpoint:
             "completion_tokens": completion or 0,
             "last_finished_at": last,
             "images": images or 0,
+            "cached_tokens": cached or 0,
         }
 
     def count_interrupted(self) -> int:
@@ -327,9 +341,9 @@ class Checkpoint:
             " MAX(prompt_tokens), MAX(completion_tokens) FROM rows"
         )[0]
 
-    def limiter_seconds(self) -> list[tuple[int, int, float]]:
-        """(second, lowest in-flight limit, seconds paused) of each second recorded, in order."""
-        return self._query("SELECT second, limit_min, paused_s FROM limiter ORDER BY second")
+    def limiter_seconds(self) -> list[tuple[int, int, float, float | None]]:
+        """(second, lowest in-flight limit, seconds paused, paced rate or None) of each second recorded, in order."""
+        return self._query("SELECT second, limit_min, paused_s, rate FROM limiter ORDER BY second")
 
     def hashes_in_range(self, lo: int, hi: int, ok_only: bool = False) -> dict[int, int | None]:
         """Request hash of each finished row in [lo, hi)."""
@@ -387,8 +401,8 @@ class Checkpoint:
         if len(self._finished) >= 512:
             self._wake.set()
 
-    def record_limiter(self, seconds: list[tuple[int, int, int, int, float]]) -> None:
-        """(second, limit min, max, last, seconds paused) lines of timeline.LimiterTimeline, merged on write."""
+    def record_limiter(self, seconds: list[tuple[int, int, int, int, float, float | None]]) -> None:
+        """(second, limit min, max, last, seconds paused, paced rate) lines of timeline.LimiterTimeline, merged."""
         self._limiter.extend(seconds)
 
     def withdraw(self, idx: int) -> None:
@@ -486,9 +500,7 @@ class Checkpoint:
         with self._lock, self._writable():
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR REPLACE INTO inflight VALUES (?, ?)", intents)
-            self._db.executemany(
-                f"INSERT OR REPLACE INTO rows VALUES ({', '.join('?' * len(ROW_COLUMNS))})", map(_row_values, finished)
-            )
+            self._db.executemany(_INSERT_ROW, map(_row_values, finished))
             gone = [(r.idx,) for r in finished] + [(i,) for i in withdrawn]
             kept = [(r.idx, *r.answer) for r in finished if r.answer]
             if kept:  # only jobs with output.openai_batch keep answers; the others pay nothing here

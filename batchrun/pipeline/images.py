@@ -19,18 +19,23 @@ import base64
 import binascii
 import hashlib
 import io
+import ipaddress
 import mimetypes
 import os
 import re
+import socket
 import stat
 import urllib.parse
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import aiohttp.abc
 import anyio
-import httpx
 import orjson
+import yarl
 
 from batchrun.base import storage
 from batchrun.job.render import ImageInput, Request
@@ -109,6 +114,7 @@ class ImageLoader:
         timeout_s: float,
         max_bytes: int = 20 << 20,
         download_deadline_s: float = 600.0,
+        allow_private_hosts: bool = False,
     ) -> None:
         self.base_folder = base_folder.resolve()
         self.allowed_folders = [f.resolve() for f in allowed_folders]
@@ -117,7 +123,8 @@ class ImageLoader:
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes  # prompt.max_image_mb, for a file and a download alike
         self.download_deadline_s = download_deadline_s  # a whole download (timeout_s is between its reads)
-        self._client: httpx.AsyncClient | None = None
+        self.allow_private_hosts = allow_private_hosts  # prompt.allow_private_image_hosts
+        self._sessions: dict[bool, aiohttp.ClientSession] = {}
 
     async def load(self, refs: tuple[str, ...]) -> tuple[ImageInput, ...]:
         """Raises ImageError naming the image."""
@@ -174,37 +181,133 @@ class ImageLoader:
     def _too_large(self, ref: str) -> ImageError:
         return ImageError(f"image {ref}: larger than {self.max_bytes / 2**20:g} MB (prompt.max_image_mb)")
 
-    async def download(self, url: str) -> tuple[str, bytes]:
-        """An image input, or an image answered as a link: bounded like every download (ImageError if not)."""
+    async def download(self, url: str, answered: bool = False) -> tuple[str, bytes]:
+        """An image input, or an image answered as a link (`answered`): bounded like every download, and only
+        from hosts it may come from (`refused_address`); ImageError if not."""
         with anyio.move_on_after(self.download_deadline_s):
-            return await self._fetch(url)
+            return await self._fetch(url, self.allow_private_hosts or answered)
         seconds = f"{self.download_deadline_s:g} s"
         raise ImageError(f"image {url}: the download took longer than {seconds} (run.answer_timeout_s)")
 
-    async def _fetch(self, url: str) -> tuple[str, bytes]:
-        if self._client is None:
-            # A client of its own: the relay's key must never go to an image host.
-            self._client = httpx.AsyncClient(timeout=self.timeout_s, follow_redirects=True)
+    async def _fetch(self, url: str, allow_private: bool) -> tuple[str, bytes]:
+        session = self._session(allow_private)
+        timeout = aiohttp.ClientTimeout(sock_connect=self.timeout_s, sock_read=self.timeout_s)
         try:
-            async with self._client.stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise ImageError(f"image {url}: download failed: HTTP {response.status_code}")
-                data = bytearray()
-                async for chunk in response.aiter_bytes():
-                    data += chunk
-                    if len(data) > self.max_bytes:
-                        raise self._too_large(url)
-                header_mime = response.headers.get("content-type", "").split(";")[0].strip()
-        except httpx.HTTPError as e:
+            for _ in range(MAX_REDIRECTS + 1):
+                _check_literal_host(url, allow_private)  # names are checked as they resolve (_CheckedResolver)
+                async with session.get(url, allow_redirects=False, timeout=timeout) as response:
+                    if response.status in REDIRECTS and "Location" in response.headers:
+                        url = str(response.url.join(yarl.URL(response.headers["Location"])))
+                        if not _is_http(url):
+                            raise ImageError(f"image {url}: redirected to a URL that is not http(s); refused")
+                        continue
+                    if response.status != 200:
+                        raise ImageError(f"image {url}: download failed: HTTP {response.status}")
+                    data = bytearray()
+                    async for chunk in response.content.iter_chunked(1 << 16):
+                        data += chunk
+                        if len(data) > self.max_bytes:
+                            raise self._too_large(url)
+                    header_mime = response.headers.get("content-type", "").split(";")[0].strip()
+                    break
+            else:
+                raise ImageError(f"image {url}: more than {MAX_REDIRECTS} redirects")
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
+            refused = _refusal_in(e)
+            if refused is not None:
+                raise refused from None
             raise ImageError(f"image {url}: download failed: {e or type(e).__name__}") from None
         mime = sniff_mime(bytes(data[:16])) or header_mime
         if not mime.startswith("image/"):
             raise ImageError(f"image {url}: the download is not an image ({header_mime or 'no content type'})")
         return mime, bytes(data)
 
+    def _session(self, allow_private: bool) -> aiohttp.ClientSession:
+        """A session of its own (the relay's key must never go to an image host), connecting only to addresses
+        its resolver checked; no proxy from the environment (the check would see only the proxy)."""
+        if allow_private not in self._sessions:
+            connector = aiohttp.TCPConnector(resolver=_CheckedResolver(allow_private))
+            self._sessions[allow_private] = aiohttp.ClientSession(connector=connector, trust_env=False)
+        return self._sessions[allow_private]
+
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
+
+
+MAX_REDIRECTS = 10
+REDIRECTS = (301, 302, 303, 307, 308)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+ALLOW_PRIVATE_KEY = "prompt.allow_private_image_hosts"
+
+
+def refused_address(address: str, allow_private: bool) -> str | None:
+    """Why an image may not be downloaded from this IP address, or None.
+
+    Link-local (169.254.0.0/16, fe80::/10: cloud metadata services answer there) always; loopback, private,
+    shared and reserved ranges unless the job allows them. An IPv6 form of an IPv4 address (mapped
+    ::ffff:a.b.c.d, compatible ::a.b.c.d, NAT64 64:ff9b::a.b.c.d) is judged as that IPv4 address.
+    """
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or (
+            ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if int(ip) >> 32 == 0 or ip in _NAT64 else None
+        )
+        ip = embedded if embedded is not None and int(ip) > 1 else ip  # ::1 and :: stay IPv6
+    if ip.is_link_local:
+        return f"{address} is a link-local address (where cloud metadata services answer); refused"
+    if not allow_private and not ip.is_global:
+        return (
+            f"{address} is a loopback, private or reserved address; refused unless the job sets "
+            f"{ALLOW_PRIVATE_KEY}: true"
+        )
+    return None
+
+
+class _HostRefused(OSError):
+    """Raised inside aiohttp's connect (which passes on OSErrors): the one-line reason, for ImageError."""
+
+
+def _refusal_in(error: BaseException) -> ImageError | None:
+    while error is not None:
+        if isinstance(error, _HostRefused):
+            return ImageError(str(error))
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return None
+
+
+class _CheckedResolver(aiohttp.abc.AbstractResolver):
+    """Names resolved as usual, refused if any address is one an image may not come from; aiohttp connects only
+    to the addresses returned here, so a name cannot pass the check with one address and connect to another."""
+
+    def __init__(self, allow_private: bool) -> None:
+        self._resolver = aiohttp.DefaultResolver()
+        self._allow_private = allow_private
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[aiohttp.abc.ResolveResult]:
+        found = await self._resolver.resolve(host, port, family)
+        for entry in found:
+            problem = refused_address(entry["host"], self._allow_private)
+            if problem is not None:
+                raise _HostRefused(f"image host {host}: {problem}")
+        return found
+
+    async def close(self) -> None:
+        await self._resolver.close()
+
+
+def _check_literal_host(url: str, allow_private: bool) -> None:
+    """A URL whose host is an IP address: aiohttp connects to it without asking the resolver."""
+    host = (urllib.parse.urlsplit(url).hostname or "").strip("[]")
+    try:
+        problem = refused_address(host, allow_private)
+    except ValueError:  # a name: the resolver checks it
+        return
+    if problem is not None:
+        raise ImageError(f"image {url}: {problem}")
 
 
 def _is_http(ref: str) -> bool:
@@ -247,12 +350,13 @@ def image_file_name(row_id: str, index: int, mime: str) -> str:
 OWN_FOLDER_MARK = ".batchrun-images"  # in an images folder batchrun writes to: its files are batchrun's
 
 
-def foreign_files(folder: Path) -> bool:
-    """Whether `folder` holds files batchrun did not write: anything at all, in a folder without its mark."""
+def foreign_files(folder: Path, own: Collection[Path] = ()) -> bool:
+    """Whether `folder` holds files batchrun did not write: in a folder without its mark, anything but `own`
+    (the job's other outputs, when images go beside them)."""
     if not folder.is_dir() or os.path.lexists(folder / OWN_FOLDER_MARK):
         return False
     with os.scandir(folder) as entries:
-        return next(entries, None) is not None
+        return any(Path(entry.path).resolve() not in own for entry in entries)
 
 
 def save_images(images: list[ImageOut], folder: Path, row_id: str) -> list[str]:
@@ -289,6 +393,7 @@ def loader_for(job: Job, inline_urls: bool) -> ImageLoader:
         job.spec.run.timeout_s,
         int(job.spec.prompt.max_image_mb * 2**20),
         job.spec.run.answer_timeout_s,
+        job.spec.prompt.allow_private_image_hosts,
     )
 
 

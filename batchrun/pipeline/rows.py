@@ -32,7 +32,7 @@ from batchrun.ledger.checkpoint import RowRecord
 from batchrun.pipeline import fingerprint, images
 from batchrun.pipeline.repair import ask_with_repairs, explain_native_rejection
 from batchrun.pipeline.seams import Admission, Ledger, ProgressSink, Sharing, Spending, StopWatch
-from batchrun.pipeline.timeline import OK, AttemptLog
+from batchrun.pipeline.timeline import OK, AttemptLog, Watched
 from batchrun.pipeline.transport import Outcome, Transport, call_with_retries
 from batchrun.protocols import APIS, CallError, Repairing, Reply, WireProtocol, protocol_for
 from batchrun.protocols.reply import ImageOut
@@ -64,6 +64,7 @@ class RowParts:
     transport: Transport
     observe_limits: Callable[[], None] = lambda: None  # after each attempt: the local limiter's timeline
     rest: Callable[[float], Awaitable[None]] = anyio.sleep  # before a retry (the local engine lends the row's worker)
+    watched: Watched | None = None  # 429s and retries, counted for the bar and the summary (the local engine's)
 
 
 class RowPipeline:
@@ -225,7 +226,7 @@ class RowPipeline:
         if item.request.body is not None:  # a Batch line streams if its body (or the job) says so
             decoder = replace(decoder, stream=request_body.get("stream") is True)
 
-        log = AttemptLog()
+        log = AttemptLog(parts.watched)
 
         async def begin() -> None:
             log.start()
@@ -256,7 +257,7 @@ class RowPipeline:
             )
             reply = outcome.reply
             if reply is None:
-                self.budget.settle(held, prompt_estimate, None, None)
+                self.budget.settle(held, prompt_estimate, 0, 0)  # no answer: nothing paid
             else:
                 log.note(OK)
                 parts.observe_limits()
@@ -266,6 +267,7 @@ class RowPipeline:
                     reply.prompt_tokens,
                     reply.completion_tokens,
                     len(reply.images) + len(reply.image_urls),
+                    reply.cached_tokens,
                 )
             return outcome
 
@@ -301,7 +303,7 @@ class RowPipeline:
         reply = cast(Reply, outcome.reply)
         try:
             for url in reply.image_urls:
-                mime, data = await self.images.download(url)
+                mime, data = await self.images.download(url, answered=True)
                 reply.images.append(ImageOut(mime, data))
         except images.ImageError as e:
             return replace(outcome, reply=None, error=CallError("image_download", str(e), retryable=False))
@@ -348,6 +350,7 @@ def _record(item: WorkItem, outcome: Outcome, models: dict[str, str]) -> RowReco
         finished_at=time.time(),
         request_hash=item.request_hash,
         answer=_kept_answer(reply),
+        cached_tokens=reply.cached_tokens if reply else None,
     )
 
 

@@ -2,7 +2,7 @@
 
 aiohttp rather than httpx: on `batchrun bench` a bare loop over httpx's pool
 managed about 500 requests/s at concurrency 64 (and fell further as concurrency
-rose), aiohttp over 11,000 on the same machine (README, Performance).
+rose), aiohttp over 11,000 on the same machine (docs/performance.md).
 
 `Transport.attempt` makes one POST, reads the answer (a JSON body or a stream,
 told apart by its first byte) and turns every failure into a `CallError`;

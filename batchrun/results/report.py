@@ -53,6 +53,13 @@ class TimeBins:
     cost: list[float] = field(default_factory=lambda: [0.0] * TIME_BINS)
     limit: list[int | None] = field(default_factory=lambda: [None] * TIME_BINS)  # lowest in-flight limit
     paused_s: list[float] = field(default_factory=lambda: [0.0] * TIME_BINS)
+    answered: list[int] = field(default_factory=lambda: [0] * TIME_BINS)  # attempts answered (any outcome)
+    rate_sum: list[float] = field(default_factory=lambda: [0.0] * TIME_BINS)  # paced rate, summed over seconds
+    rate_seconds: list[int] = field(default_factory=lambda: [0] * TIME_BINS)  # seconds with a paced rate
+
+    def paced_rate(self, i: int) -> float | None:
+        """Interval i's mean paced rate (requests/s) over its seconds that were paced; None when none was."""
+        return self.rate_sum[i] / self.rate_seconds[i] if self.rate_seconds[i] else None
 
     @property
     def width_s(self) -> float:
@@ -60,6 +67,20 @@ class TimeBins:
 
     def index(self, t: float) -> int:
         return min(TIME_BINS - 1, max(0, int((t - self.t0) / self.width_s)))
+
+
+@dataclass
+class CacheShare:
+    """Input tokens of rows sent, and the part the provider read from its prompt cache, per time bin
+    (TimeBins' axis); `saved`: what the cached ones cost less than input (with pricing)."""
+
+    prompt: list[int] = field(default_factory=lambda: [0] * TIME_BINS)
+    cached: list[int] = field(default_factory=lambda: [0] * TIME_BINS)
+    saved: float | None = None
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(self.cached)
 
 
 @dataclass
@@ -110,6 +131,8 @@ class Report:
     captions: list[Sample] = field(default_factory=list)
     parsed_columns: list[str] = field(default_factory=list)
     input_note: str | None = None
+    learned_limits: list[dict[str, Any]] = field(default_factory=list)  # output.learned_limits
+    cache: CacheShare = field(default_factory=CacheShare)
 
     @property
     def error(self) -> int:
@@ -122,6 +145,7 @@ def collect(job: Job, checkpoint: Checkpoint) -> Report:
     if table is None:
         report.input_note = "the input cannot be read now: sample rows show no input columns"
     _run_state(report, checkpoint)
+    report.learned_limits = output.learned_limits(checkpoint)
     parser = AnswerParser.for_spec(job.spec, protocol_for(job.spec.provider.api))
     report.parsed_columns = list(parser.columns) if parser is not None else []
     tally = Tally(report, checkpoint, parser)
@@ -176,6 +200,7 @@ class Tally:
         report.completion_hist = _linear_bins(max_out or 0)
         if self.pricing is not None:
             report.cost = 0.0
+            report.cache.saved = 0.0
         for lo in range(0, last_idx + 1, CHUNK_ROWS):
             rows = self.checkpoint.rows_in_range(lo, lo + CHUNK_ROWS)
             if rows:
@@ -208,14 +233,19 @@ class Tally:
         for error_class, n in errors.value_counts().iter_rows():
             report.errors[error_class] += n
         self._time_bins(frame, bins)
+        self._cache_share(frame, bins)
         for r in rows:
             started, log = r[COL["started_at"]], r[COL["attempt_log"]]
-            if log is None or (" " not in log and log.endswith(":ok")):
-                continue  # the common case: one attempt, answered
+            if log is None:
+                continue
+            if " " not in log and log.endswith(":ok"):  # the common case: one attempt, answered
+                bins.answered[bins.index(started + float(log.partition(":")[0]))] += 1
+                continue
             for offset, outcome, status in parse_attempt_log(log):
+                i = bins.index(started + offset)
+                bins.answered[i] += 1
                 if outcome == "ok":
                     continue
-                i = bins.index(started + offset)
                 if status == 429:
                     bins.rate_limited[i] += 1
                 else:
@@ -237,6 +267,18 @@ class Tally:
             bins.ok[i] += ok
             bins.error[i] += error
             bins.cost[i] += spent or 0.0
+
+    def _cache_share(self, frame: pl.DataFrame, bins: TimeBins) -> None:
+        """Input and cached tokens per time bin, of rows that were sent (a shared answer paid nothing)."""
+        cache = self.report.cache
+        index = ((pl.col("finished_at") - bins.t0) / bins.width_s).floor().clip(0, TIME_BINS - 1).cast(pl.Int64)
+        sent = frame.filter(pl.col("shared_from").is_null())
+        per_bin = sent.group_by(index.alias("bin")).agg(pl.col("prompt_tokens").sum(), pl.col("cached_tokens").sum())
+        for i, prompt, cached in per_bin.iter_rows():
+            cache.prompt[i] += prompt or 0
+            cache.cached[i] += cached or 0
+            if self.pricing is not None and cache.saved is not None:
+                cache.saved += (cached or 0) * (self.pricing.input_per_million - self.pricing.cached_price) / 1e6
 
     def _latency(self, frame: pl.DataFrame) -> None:
         step = math.log(LATENCY_STEP)
@@ -281,11 +323,14 @@ class Tally:
     def _limiter(self) -> None:
         bins = self.report.time
         assert bins is not None
-        for second, limit_min, paused_s in self.checkpoint.limiter_seconds():
+        for second, limit_min, paused_s, rate in self.checkpoint.limiter_seconds():
             i = bins.index(second)
             shown = bins.limit[i]
             bins.limit[i] = limit_min if shown is None else min(shown, limit_min)
             bins.paused_s[i] += paused_s
+            if rate is not None:
+                bins.rate_sum[i] += rate
+                bins.rate_seconds[i] += 1
 
 
 def _note(row: dict[str, Any]) -> dict[str, Any]:
