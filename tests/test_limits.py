@@ -31,7 +31,7 @@ from batchrun.flow.limits import (
     output_cap,
     prompt_tokens_estimate,
 )
-from batchrun.pipeline.transport import Outcome, backoff_delay, call_with_retries
+from batchrun.pipeline.transport import PUSHBACKS_EXCUSED, Outcome, backoff_delay, call_with_retries
 from batchrun.protocols import CallError, Reply
 from batchrun.protocols.relay_errors import QuotaGroup, QuotaLeft, from_response
 
@@ -590,7 +590,10 @@ def stated_window(n: int, window_s: float, counts_refused: bool, key: str = "key
 async def test_a_stated_window_of_any_length_is_used_to_the_full(n: int, window_s: float, counts_refused: bool) -> None:
     # The first window's burst, until the first 429 comes back, is up to 32 refusals: a run of 300 rows or more.
     windows = max(6, math.ceil(300 / n))
-    run = await relay_run(n * windows, 32, 0.5, stated_window(n, window_s, counts_refused), max_attempts=10)
+    # A little less than whole windows: a probe above the window (one every 4 windows) takes one place of one,
+    # and at an exact multiple of N that would carry the last row into a window of its own.
+    rows = n * windows - max(2, n // 10)
+    run = await relay_run(rows, 32, 0.5, stated_window(n, window_s, counts_refused), max_attempts=10)
     assert run.failed_rows == 0
     # After the first window every window is used: the least time is the whole windows and the last answers.
     least = (windows - 1) * window_s + 0.5
@@ -701,3 +704,12 @@ async def test_a_stated_limit_raised_mid_run_is_found_within_seconds() -> None:
     assert run.ok_per_s(3, 10) >= 0.9 * 10
     assert run.ok_per_s(16, 24) >= 0.9 * 20  # found within 6 s of the raise (a probe every 3 s doubles it)
     assert run.refused_between(3, 10) <= 3  # a probe every 3 s, refused while the limit holds
+
+
+async def test_a_row_pushed_back_again_and_again_fails_in_the_end() -> None:
+    class Refusing:
+        async def attempt(self, path: str, body: bytes, decoder: Any, content_type: str | None) -> Reply:
+            raise CallError("rate_limited", "您的请求数限制已达到上限，请稍后再试", status=429)
+
+    outcome = await call_with_retries(Refusing(), Limits(4), "/", {}, None, 1, 2, lambda e: None, _begun)  # type: ignore[arg-type]
+    assert outcome.error is not None and outcome.attempts == PUSHBACKS_EXCUSED + 2

@@ -54,7 +54,7 @@ from batchrun.flow.adaptive import AdaptiveRate, RateSignal, RecentCount
 from batchrun.flow.breaker import OutageBreaker
 from batchrun.flow.pace import KeyPace, LearnedWindow
 from batchrun.protocols import CallError
-from batchrun.protocols.relay_errors import QuotaLeft, says_saturated
+from batchrun.protocols.relay_errors import QuotaLeft
 
 WINDOW_S = 60.0
 OUTPUT_CAP_KEYS = ("max_completion_tokens", "max_tokens", "maxOutputTokens")
@@ -201,8 +201,8 @@ SLOW_PAST_REFUSED = 40  # at or above a concurrency limit once refused, successe
 
 
 def pushed_back(error: CallError) -> bool:
-    """A 429 that is not about quota, a 503, or a 5xx saying the upstream is saturated: come back later."""
-    return error.error_class in PUSHBACK_CLASSES or error.status == 503 or says_saturated(error)
+    """A 429 that is not about quota, or a 503: the relay asks us to come back later."""
+    return error.error_class in PUSHBACK_CLASSES or error.status == 503
 
 
 class RateProbe(Enum):
@@ -478,11 +478,9 @@ class Limits:
         self._breaker_outcome(ticket, now, failed=self.breaker.counts_as_down(error), error=error)
 
     def excuses(self, error: CallError) -> bool:
-        """Failures that do not use up the row's attempts: push-back (the relay's pace, not the row's fault),
-        a key retired with others left, and anything while the relay looks down (it waits for the relay)."""
-        if pushed_back(error) or error.switch_key:
-            return True
-        return self.breaker.looks_down and self.breaker.counts_as_down(error)
+        """Failures that do not use up the row's attempts: a key retired with others left (flow/keys.py), and
+        anything while the relay looks down (it waits for the relay). Push-back: pipeline/transport.py."""
+        return error.switch_key or (self.breaker.looks_down and self.breaker.counts_as_down(error))
 
     def _stated(self, requests: int, window_s: float, now: float) -> None:
         known = self.learned

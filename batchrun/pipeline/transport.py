@@ -146,6 +146,7 @@ def cannot_connect(e: aiohttp.ClientConnectorError) -> str:
 
 
 FLAT_PUSHBACK_RETRIES = 2
+PUSHBACKS_EXCUSED = 20  # a row's push-backs that use up no attempt (at most ~10 minutes of its growing back-off)
 _QUOTA_HEADERS = {"x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens"}
 
 
@@ -332,7 +333,7 @@ async def call_with_retries(
     `encode` turns the body into bytes and their content type (the protocol's `encode`).
     """
     payload, content_type = encode(body)
-    attempts = excused = waited_out = 0
+    attempts = excused = waited_out = pushbacks = 0
     started = time.monotonic()
     while True:
         try:
@@ -358,11 +359,15 @@ async def call_with_retries(
             return Outcome(None, gave_up, attempts, 0.0)
         limits.failed(ticket, error)
         on_error(error)
-        excuse = limits.excuses(error)
-        excused += excuse
-        # Push-back uses up no attempt, but its back-off still grows (it is the relay's pace); a failure while
-        # the relay looks down or a key retired starts the back-off afresh.
-        waited_out += excuse and not pushed_back(error)
+        # A failure while the relay looks down, or on a key retired meanwhile, uses up no attempt and starts the
+        # back-off afresh. Push-back (docs/backoff.md) is the relay's pace: it uses up no attempt either, but its
+        # back-off grows; a row pushed back alone again and again is not the pace: past PUSHBACKS_EXCUSED it counts.
+        if limits.excuses(error):
+            waited_out += 1
+            excused += 1
+        elif pushed_back(error):
+            pushbacks += 1
+            excused += pushbacks <= PUSHBACKS_EXCUSED
         if not may_retry(error, attempts - excused, max_attempts):
             return Outcome(None, error, attempts, time.monotonic() - started)
         await rest(backoff_delay(attempts - 1 - waited_out, error))

@@ -199,15 +199,6 @@ def _apply_should_retry(err: CallError, headers: Mapping[str, str]) -> None:
         err.retryable = value == "true"
 
 
-# new-api's "当前分组上游负载已饱和，请稍后再试" (status 500 or 503) and the English forms: push-back, not a fault.
-_SATURATED = re.compile(r"负载已饱和|upstream (?:is )?(?:saturated|overloaded)|model is overloaded", re.I)
-
-
-def says_saturated(error: CallError) -> bool:
-    """A 5xx whose words say the upstream is saturated: the relay's pace, like a 429."""
-    return error.status is not None and error.status >= 500 and _SATURATED.search(error.message) is not None
-
-
 # --- limits a 429 states (docs/backoff.md) --------------------------------------------------
 
 _UNIT_WINDOW_S = {"秒": 1.0, "分钟": 60.0, "小时": 3600.0, "s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0,
