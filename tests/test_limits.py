@@ -574,7 +574,7 @@ async def test_back_off_brings_the_429_rate_down_under_a_server_limit() -> None:
     assert n / span >= 12  # 13.6 measured: the window's first burst and its refusals cost a few seconds
 
 
-# --- issue 24: windows the relay states, push-back that uses up no attempt, several keys ------------------------
+# --- windows the relay states (docs/backoff.md), push-back that uses up no attempt, several keys ----------------
 
 
 def stated_window(n: int, window_s: float, counts_refused: bool, key: str = "key") -> Answer:

@@ -1,5 +1,6 @@
-"""Issue 24 over loopback: a window the relay states, kept for the next run; several keys; a relay that
-refuses everything alike. Short windows (2 s) so each run takes seconds; the emulator's counts are the truth."""
+"""Over loopback (docs/backoff.md, docs/keys.md): a window the relay states, kept for the next run; several keys;
+a relay that refuses everything alike. Short windows (2 s) so each run takes seconds; the emulator's counts are
+the truth."""
 
 from __future__ import annotations
 

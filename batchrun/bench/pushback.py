@@ -13,7 +13,8 @@ it with a run of the same job in the same invocation (docs/backoff.md):
   with at most 10 % answered 429;
 * a concurrency limit: ok answers per second over what the limit allows.
 
-Issue 24's scenarios, each against a per-key window the relay states in its 429 (new-api's words):
+Windows the relay states in its 429 (new-api's words; docs/backoff.md), several keys (docs/keys.md),
+refusals:
 
 * a 60 s window, refused requests counted: wall time over the least possible (every full window used,
   the last burst answered), the share answered 429, rows failed (0);
@@ -62,7 +63,7 @@ class Sizes:
 
 @dataclass
 class Windows:
-    """Issue 24's windows: (requests, seconds) of the long and the short one, and rows for the refusal runs."""
+    """The stated windows: (requests, seconds) of the long and the short one, and rows for the refusal runs."""
 
     long: tuple[int, float]
     short: tuple[int, float]
@@ -99,7 +100,7 @@ def run_push_back(quick: bool, workdir: Path) -> list[Figure]:
 
 
 def run_windows_and_keys(quick: bool, workdir: Path) -> list[Figure]:
-    """Issue 24's scenarios: windows the relay states, several keys, refusals."""
+    """Windows the relay states, several keys, refusals (docs/backoff.md, docs/keys.md)."""
     windows = QUICK_WINDOWS if quick else FULL_WINDOWS
     figures = _window(workdir / "long", *windows.long, counted=True, windows=3)  # the issue's 900 rows
     figures += _window(workdir / "short", *windows.short, counted=False, windows=SHORT_WINDOWS)

@@ -294,7 +294,8 @@ class LocalEngine:
         try:
             await self._send_all(run, pipeline, checkpoint, progress, timeline)
         finally:
-            checkpoint.set_meta(LEARNED_META, kept.keep(limits))
+            if checkpoint.failure is None:  # a checkpoint that cannot be written says so itself
+                checkpoint.set_meta(LEARNED_META, kept.keep(limits, checkpoint.get_meta(LEARNED_META)))
             await transport.aclose()
             await pipeline.aclose()
         return Sent(pipeline.requested, self._interrupts, watch.tripped)

@@ -28,6 +28,7 @@ SALT = "key_salt"
 META_KEY = "learned_limits"  # the checkpoint's meta: what this job's run learned, for `status` and the report
 FINGERPRINT_HEX = 16
 KEPT_ENTRIES = 1000  # the oldest are dropped beyond this
+KEPT_SOURCES = {"said", "learned"}  # a header's window is a guess (per minute, or per day?): not kept
 
 
 def lanes(limits: Limits) -> list[Limits]:
@@ -52,22 +53,33 @@ class KeptLimits:
             if isinstance(entry, dict) and _positive(entry.get("requests")) and _positive(entry.get("window_s")):
                 lane.learn(LearnedWindow(int(entry["requests"]), float(entry["window_s"]), "remembered"))
 
-    def keep(self, limits: Limits) -> str:
-        """Windows learned in this run saved for the next; returns the checkpoint meta's JSON for all of them."""
+    def keep(self, limits: Limits, meta: str | None = None) -> str:
+        """Windows learned in this run saved for the next; returns the checkpoint meta's JSON: `meta` (what
+        earlier runs of the job wrote) with this run's windows in place of theirs for the same key."""
         learned = [(lane.key, lane.learned) for lane in lanes(limits) if lane.learned is not None]
         fresh = {
             self._entries[name]: {"requests": w.requests, "window_s": w.window_s, "at": time.time()}
             for name, w in learned
-            if w.source != "remembered" and name in self._entries
+            if w.source in KEPT_SOURCES and name in self._entries
         }
         if fresh:
             kept = _read(self._root / STORE) | fresh
             newest = sorted(kept.items(), key=lambda item: _at(item[1]))[-KEPT_ENTRIES:]
             _write_atomically(self._root, STORE, orjson.dumps(dict(newest), option=orjson.OPT_INDENT_2))
-        rows = [
-            {"key": name, "requests": w.requests, "window_s": w.window_s, "source": w.source} for name, w in learned
-        ]
-        return orjson.dumps(rows).decode()
+        said = {
+            name: {"key": name, "requests": w.requests, "window_s": w.window_s, "source": w.source}
+            for name, w in learned
+        }
+        earlier = [entry for entry in _entries(meta) if entry.get("key") not in said]
+        return orjson.dumps([*earlier, *said.values()]).decode()
+
+
+def _entries(meta: str | None) -> list[dict[str, Any]]:
+    try:
+        entries = orjson.loads(meta or "[]")
+    except orjson.JSONDecodeError:
+        return []
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
 
 def fingerprint(key: str, salt: bytes) -> str:

@@ -456,7 +456,7 @@ class Limits:
         if ticket.window_probe and self.learned is not None:  # the limit holds: ask again later
             self._window_probe_at = now + max(WINDOW_PROBE_WINDOWS * self.learned.window_s, WINDOW_PROBE_MIN_S)
         if error.limit_requests and error.limit_window_s:
-            self._stated(error.limit_requests, error.limit_window_s, now)
+            self._stated(error.limit_requests, error.limit_window_s, error.limit_source or "said", now)
         if pushed_back(error) and ticket.started_at <= self._learned_at:  # (the same tick: before it too)
             pass  # sent before the window was known: the window's log already holds it back
         elif error.error_class in PUSHBACK_CLASSES and error.code in CONCURRENCY_CODES:
@@ -482,10 +482,10 @@ class Limits:
         anything while the relay looks down (it waits for the relay). Push-back: pipeline/transport.py."""
         return error.switch_key or (self.breaker.looks_down and self.breaker.counts_as_down(error))
 
-    def _stated(self, requests: int, window_s: float, now: float) -> None:
+    def _stated(self, requests: int, window_s: float, source: str, now: float) -> None:
         known = self.learned
         if known is None or (known.requests, known.window_s) != (requests, window_s):
-            self.learn(LearnedWindow(requests, window_s, "said"), now)
+            self.learn(LearnedWindow(requests, window_s, source), now)
 
     def _keep_start(self, now: float) -> None:
         starts = self._starts
@@ -498,8 +498,8 @@ class Limits:
     def _pushed_back_too_long(self, now: float) -> float:
         """0, or raises: push-back and no answer for outage_timeout_s ends the run like an outage (rule A)."""
         last, error = self._last_answer, self._pushed_back_since_answer
-        if error is None or last is None or now - last < self.breaker.timeout_s:
-            return 0.0
+        if error is None or last is None or now - last < self.breaker.timeout_s or self.breaker.looks_down:
+            return 0.0  # (503s are the breaker's: it says the same in its own words)
         raise CallError(
             "outage",
             f"only push-back, no answer, for {self.breaker.timeout_s:g} s (run.outage_timeout_s); last: {error}",

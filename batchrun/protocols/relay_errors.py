@@ -39,6 +39,7 @@ class CallError(Exception):
     # requests per this many seconds, for this key. Plain fields: the error crosses to Ray as a dict of them.
     limit_requests: int | None = None
     limit_window_s: float | None = None
+    limit_source: str = ""  # "said" (the message) or "header" (x-ratelimit-limit-requests, its window a guess)
     switch_key: bool = False  # its key was retired and another takes the row over (flow/keys.py): not an attempt
 
     def __post_init__(self) -> None:
@@ -89,6 +90,7 @@ def from_response(status: int, body: bytes, headers: Mapping[str, str]) -> CallE
         stated = stated_limit(fields.message, headers)
         if stated is not None:
             err.limit_requests, err.limit_window_s = stated
+            err.limit_source = "said" if stated_limit(fields.message, {}) else "header"
     return err
 
 
