@@ -34,7 +34,7 @@ from test_resume import (  # noqa: F401  (slow_emulator is a fixture)
 )
 from test_spend import PRICING
 
-from batchrun.engines.ray_coordinator import DRIVER_GRACE_S
+from batchrun.engines.coordinator import DRIVER_GRACE_S
 
 # A cluster started by ray.init takes token authentication; its clients say so.
 RAY_CLIENT = {"RAY_AUTH_MODE": "token", "RAY_ADDRESS": None}

@@ -3,8 +3,9 @@
 `Run` is what every engine shares: the input, the templates and the answer
 parser, the checkpoint opened for resume, the budget, the progress bar, and at
 the end the Parquet output, the summary, or the one-line reason the run stopped.
-How the rows are sent is the `Engine`'s: `LocalEngine` here, `RayEngine` in
-engines/ray_engine.py; both send each row through the same rows.RowPipeline.
+How the rows are sent is the `Engine`'s (engines/contract.py: what it is given and
+what it reports back): `LocalEngine` here, `RayEngine` in engines/ray_engine.py; both
+send each row through the same rows.RowPipeline, with the same worker loop.
 
 The local engine: one producer renders rows into work items and feeds a bounded
 stream, so memory stays flat however large the input; `concurrency` workers take
@@ -24,7 +25,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -32,6 +33,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from batchrun.base import storage
 from batchrun.base.errors import BudgetReached, RunAborted, RunInterrupted
 from batchrun.base.stops import AbortWatch
+from batchrun.engines.contract import Engine, OpenRun, Sent
 from batchrun.engines.resume import ResumeFlags, open_for_run
 from batchrun.flow import spend
 from batchrun.flow.limits import Limits
@@ -42,10 +44,10 @@ from batchrun.job.spec import Job
 from batchrun.job.structured import AnswerParser
 from batchrun.ledger.checkpoint import DB_NAME, Checkpoint, checkpoint_folder
 from batchrun.pipeline.progress import Progress
-from batchrun.pipeline.rows import RowParts, RowPipeline, WorkItem
+from batchrun.pipeline.rows import RowParts, RowPipeline, WorkItem, open_transport
 from batchrun.pipeline.timeline import LimiterTimeline, note_run
-from batchrun.pipeline.transport import CANNOT_CONNECT, AnswerCaps, Transport
-from batchrun.protocols import CallError, protocol_for
+from batchrun.pipeline.transport import CANNOT_CONNECT
+from batchrun.protocols import CallError
 from batchrun.results import output
 
 GRACE_S = 3.0  # after Ctrl-C, how long rows in flight may take to finish before they are cancelled
@@ -88,21 +90,6 @@ class CtrlC:
         self._seen += 1
 
 
-@dataclass
-class Sent:
-    """How an engine's sending ended."""
-
-    requested: int  # requests started this run
-    interrupts: int = 0  # Ctrl-Cs: 1 let rows in flight finish, 2 cancelled them
-    tripped: CallError | None = None  # the failure that stopped the run (base/stops.py), if one did
-
-
-class Engine(Protocol):
-    """Sends the rows of a run that is open: finished rows go to `checkpoint`, counts to `progress`."""
-
-    async def send_all(self, run: Run, checkpoint: Checkpoint, progress: Progress, base_url: str) -> Sent: ...
-
-
 class Run:
     def __init__(self, job: Job, options: RunOptions, engine: Engine | None = None) -> None:
         self.job = job
@@ -110,13 +97,13 @@ class Run:
         self.engine: Engine = engine or LocalEngine(options.presses)
         spec = job.spec
         self.concurrency = options.concurrency or spec.run.concurrency
+        self.limit = options.limit
         self.table = InputTable.for_job(job)
         self.renderer = Renderer(job, self.table.columns)
         self.parser = AnswerParser.for_spec(spec)
         output.check_columns(job, self.parser, self.table.columns)
         output.check_targets(job)
-        self.protocol = protocol_for(spec.provider.api)
-        self.api_key = job.api_key()
+        job.api_key()  # a key that cannot be sent stops the run before the checkpoint is opened
         max_cost = options.max_cost if options.max_cost is not None else spec.run.max_cost
         self.budget = spend.Budget(max_cost, spec.pricing, spent=0.0)
 
@@ -167,14 +154,14 @@ class Run:
                     sent = await self.engine.send_all(self, checkpoint, progress, base_url)
                 finally:
                     progress.close()
-            if checkpoint.failure is not None:  # nothing more can be written, the run's note included
+            sent.settle_budget(self.budget)
+            if sent.failure is not None:  # nothing more can be written, the run's note included
                 resume = f"run `batchrun run {self.job.path}` again to resume"
-                raise RunAborted(f"run stopped: {checkpoint.failure}; {resume}")
+                raise RunAborted(f"run stopped: {sent.failure}; {resume}")
             note_run(checkpoint, self._exit_state(sent), time.time(), time.monotonic() - started)
             if sent.interrupts:
                 when = f"after {GRACE_S:g} s" if sent.interrupts == 1 else "at the second Ctrl-C"
-                cancelled = len(checkpoint.awaiting_answer)
-                raise RunInterrupted(checkpoint.count_finished(0, total), total, cancelled, when)
+                raise RunInterrupted(checkpoint.count_finished(0, total), total, sent.in_flight, when)
             if sent.tripped is not None:
                 raise RunAborted(_abort_message(sent.tripped, self.job))
             if self.budget.stopped:
@@ -251,12 +238,11 @@ class LocalEngine:
         self._watch = _Watch()
         self._outage_timeout_s = 0.0
 
-    async def send_all(self, run: Run, checkpoint: Checkpoint, progress: Progress, base_url: str) -> Sent:
+    async def send_all(self, run: OpenRun, checkpoint: Checkpoint, progress: Progress, base_url: str) -> Sent:
         spec = run.job.spec.run
         limits = Limits(run.concurrency, spec.requests_per_minute, spec.tokens_per_minute, spec.outage_timeout_s)
         watch = _Watch()
-        caps = AnswerCaps.of(spec)
-        transport = Transport(base_url, run.api_key, spec.timeout_s, run.concurrency, caps, run.protocol.KEY_HEADER)
+        transport = open_transport(run.job, base_url, run.concurrency)
         timeline = LimiterTimeline(checkpoint)  # the Ray engine's limiter is the coordinator's: none there
         self._concurrency = run.concurrency
         self._limits, self._watch, self._outage_timeout_s = limits, watch, spec.outage_timeout_s
@@ -269,10 +255,20 @@ class LocalEngine:
         finally:
             await transport.aclose()
             await pipeline.aclose()
-        return Sent(pipeline.requested, self._interrupts, watch.tripped)
+        in_flight = len(checkpoint.awaiting_answer)
+        budget = run.budget
+        return Sent(
+            pipeline.requested,
+            self._interrupts,
+            watch.tripped,
+            in_flight,
+            checkpoint.failure,
+            budget.spent,
+            budget.refused,
+        )
 
     async def _send_all(
-        self, run: Run, pipeline: RowPipeline, checkpoint: Checkpoint, progress: Progress, timeline: LimiterTimeline
+        self, run: OpenRun, pipeline: RowPipeline, checkpoint: Checkpoint, progress: Progress, timeline: LimiterTimeline
     ) -> None:
         send, receive = anyio.create_memory_object_stream[WorkItem](run.concurrency * 2)
         async with anyio.create_task_group() as tg:
@@ -305,7 +301,7 @@ class LocalEngine:
     ) -> None:
         self._workers += 1
         try:
-            await pipeline.work(receive, progress, scope, retire=self._surplus)
+            await pipeline.work(receive, progress, scope.cancel, retire=self._surplus)
         finally:
             self._workers -= 1
 
@@ -372,7 +368,7 @@ class LocalEngine:
 
     async def _produce_until_ctrl_c(
         self,
-        run: Run,
+        run: OpenRun,
         pipeline: RowPipeline,
         send: MemoryObjectSendStream[WorkItem],
         checkpoint: Checkpoint,
@@ -417,21 +413,16 @@ class LocalEngine:
 
     async def _produce(
         self,
-        run: Run,
+        run: OpenRun,
         pipeline: RowPipeline,
         send: MemoryObjectSendStream[WorkItem],
         checkpoint: Checkpoint,
         progress: Progress,
     ) -> None:
+        """The producer: the rows to send, in the order they are sent, as work items into the workers' stream."""
         async with send:
-            for batch in run.table.batches(run.options.limit):
-                lo, hi = batch[ROW_INDEX][0], batch[ROW_INDEX][-1] + 1
-                done = checkpoint.finished_in_range(lo, hi)
-                if len(done) == batch.height:
-                    continue  # all finished: a mostly done job resumes without touching its rows
-                for row in batch.iter_rows(named=True):
-                    if row[ROW_INDEX] in done:
-                        continue
+            for batch in _unfinished_batches(run, checkpoint):
+                for row in batch:
                     if run.budget.stopped:
                         return
                     item = pipeline.item(row, progress)
@@ -442,6 +433,16 @@ class LocalEngine:
                     except anyio.WouldBlock:
                         await send.send(item)
                 await anyio.sleep(0)  # let workers run between batches
+
+
+def _unfinished_batches(run: OpenRun, checkpoint: Checkpoint) -> Iterator[Iterator[dict[str, Any]]]:
+    """The input's rows not finished yet, in input order, a batch at a time (the input is read a batch at a time)."""
+    for batch in run.table.batches(run.limit):
+        lo, hi = batch[ROW_INDEX][0], batch[ROW_INDEX][-1] + 1
+        done = checkpoint.finished_in_range(lo, hi)
+        if len(done) == batch.height:
+            continue  # all finished: a mostly done job resumes without touching its rows
+        yield (row for row in batch.iter_rows(named=True) if row[ROW_INDEX] not in done)
 
 
 class _Watch(AbortWatch[CallError]):
