@@ -55,7 +55,9 @@ from typing import Any
 
 import anyio
 
+from batchrun.base.errors import JobError
 from batchrun.base.stops import AbortWatch
+from batchrun.engines.contract import Sent
 from batchrun.flow.limits import Limits, Ticket
 from batchrun.flow.sharing import RECENT_ANSWERS, SharedAnswers
 from batchrun.flow.spend import Budget
@@ -466,3 +468,16 @@ class Coordinator:
             "cpu_s": time.process_time() - (self._cpu_from or time.process_time()),  # all the process's threads
             "finished": self.finished,
         }
+
+
+def sent_back(final: dict[str, Any], interrupts: int) -> Sent:
+    """What the engine reports back to the run (engines/contract.py), from the coordinator's `close`.
+
+    The coordinator's checkpoint and budget are not the run's: what the run needs of them comes back here.
+    Raises JobError when a worker could not start (e.g. the key's variable is not set on its node)."""
+    if final["problem"] is not None:
+        raise JobError(final["problem"])
+    tripped = CallError(**final["tripped"]) if final["tripped"] is not None else None
+    spent, refused = final["budget"]
+    in_flight = len(final["awaiting_answer"])
+    return Sent(final["requested"], interrupts, tripped, in_flight, final["failure"], spent, refused)

@@ -1,4 +1,5 @@
-"""A worker's stand-ins for the job-wide coordinator (engines/coordinator.py).
+"""A worker's stand-ins for the job-wide coordinator (engines/coordinator.py), and `ClusterWorker`,
+which sends a worker's batches of rows through the row pipeline with them.
 
 On a worker, the row pipeline (pipeline/rows.py) talks to the coordinator through
 `ClusterLedger`, `ClusterLimits`, `ClusterSharing`, `ClusterWatch` and `ClusterBudget`,
@@ -22,6 +23,7 @@ from functools import partial
 from typing import Any, Protocol
 
 import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from batchrun.engines.coordinator import (
     FOLLOW,
@@ -36,7 +38,14 @@ from batchrun.engines.coordinator import (
 )
 from batchrun.flow.breaker import OutageBreaker
 from batchrun.flow.sharing import SharedAnswers
+from batchrun.flow.spend import Budget
+from batchrun.job.inputs import ROW_INDEX
+from batchrun.job.render import Renderer
+from batchrun.job.spec import Job
+from batchrun.job.structured import AnswerParser
 from batchrun.ledger.checkpoint import RowRecord
+from batchrun.pipeline.rows import RowBatch, RowParts, RowPipeline, WorkItem, open_transport
+from batchrun.pipeline.seams import ProgressSink
 from batchrun.protocols import CallError
 from batchrun.protocols.relay_errors import QuotaLeft
 
@@ -494,3 +503,92 @@ class ClusterSharing:
         """Only a successful answer is shared across the job; it goes as values, like a finished row."""
         answer = self._link.values(record) if record is not None and record.status == "ok" else None
         self._link.tell("end_leading", key, answer, self._link.worker)
+
+
+class ClusterWorker:
+    """One worker process's part of the job: the row pipeline with the coordinator's stand-ins as its
+    collaborators, and `concurrency` workers (RowPipeline.work, the local engine's worker loop).
+
+    The rows of every batch it is given join one stream, served in order, so rows are sent in
+    the order their intents were committed (ClusterLedger commits them a slice ahead, in that order).
+    """
+
+    def __init__(
+        self,
+        job: Job,
+        columns: list[str],
+        id_name: str,
+        concurrency: int,
+        calls: CoordinatorCalls,
+        url: str,
+        budgeted: bool,
+    ) -> None:
+        self._job = job
+        self._columns = columns
+        self._id_name = id_name
+        self._concurrency = concurrency
+        self._calls = calls
+        self._url = url
+        self._budgeted = budgeted
+        self._pipeline: RowPipeline | None = None
+
+    def start(self) -> RowPipeline:
+        """The pipeline, made on first use, on the event loop the worker runs on (anyio's primitives need it).
+
+        Raises JobError when this worker cannot do the job (e.g. the key's variable is not set here)."""
+        if self._pipeline is not None:
+            return self._pipeline
+        job = self._job
+        transport = open_transport(job, self._url, self._concurrency)
+        self.link = CoordinatorLink(self._calls)
+        watch = ClusterWatch(self.link)
+        self._limits = ClusterLimits(self.link, watch)
+        self._ledger = ClusterLedger(self.link, self._concurrency)
+        self._sharing = ClusterSharing(self.link)
+        parts = RowParts(self._ledger, self._limits, self._sharing, watch, transport)
+        parser = AnswerParser.for_spec(job.spec)
+        # Without a budget, nothing to ask the coordinator: a budget without a limit holds nothing.
+        budget = ClusterBudget(self.link) if self._budgeted else Budget(None, job.spec.pricing, spent=0.0)
+        pipeline = RowPipeline(job, Renderer(job, self._columns), parser, self._id_name, parts, budget)
+        self._rows, receive = anyio.create_memory_object_stream[WorkItem](math.inf)
+        # Kept: the event loop holds its tasks only weakly.
+        self._workers = [asyncio.ensure_future(self._work(pipeline, receive)) for _ in range(self._concurrency)]
+        self._pipeline = pipeline
+        return pipeline
+
+    async def send(self, rows: list[dict[str, Any]], report: ProgressSink) -> None:
+        """Sends the rows of one batch not finished yet, each counted by `report`; returns once all ended,
+        and what they did is with the coordinator."""
+        pipeline = self.start()
+        todo = set(await self._calls.ask("unfinished", [row[ROW_INDEX] for row in rows]))
+        batch = RowBatch(report)
+        items: list[WorkItem] = []
+        for row in rows:
+            if row[ROW_INDEX] in todo and (item := pipeline.item(row, report)) is not None:
+                items.append(item)
+        leads = await self._sharing.claim([(item.idx, item.row_id, item.key) for item in items])
+        self._ledger.expect(leads)
+        with self._limits.stoppable():
+            for item in items:
+                self._rows.send_nowait(batch.add(item))
+            await batch.finished()
+        self._ledger.give_back(leads)
+        await self.link.settle()  # this worker's errors are with the coordinator: the job's state includes them
+        pipeline.settle_held(report)
+        await self.link.settle()  # the batch's rows are with the coordinator before the driver hears of them
+
+    async def _work(self, pipeline: RowPipeline, receive: MemoryObjectReceiveStream[WorkItem]) -> None:
+        """One worker: rows of any batch, in the order they came. When the job stops, every batch's
+        rows not sent stay pending, and the worker goes on with the next rows."""
+        while True:
+            await pipeline.work(receive.clone(), _NOWHERE, self._limits.stop_batches)
+
+
+class _Nowhere:
+    """Progress for a row without a batch: a worker's rows all come with their batch's own."""
+
+    def row_done(self, status: str, record: RowRecord | None) -> None:
+        pass
+
+
+_NOWHERE = _Nowhere()

@@ -7,9 +7,11 @@ Ray Data partitions, schedules and retries; batchrun supplies the work:
   the local engine's, so a checkpoint can be resumed by either engine, and every row
   keeps its row_index (Ray's own readers give rows no stable position).
 * A pool of `RowSender` actors (map_batches) sends each batch's rows through the same
-  row pipeline as the local engine (rows.RowPipeline: rendering, protocols, transport,
-  retries, repairs), built with the job-wide stand-ins of engines/ray_coordinator.py as its
-  collaborators. An actor gets the input's columns from the driver: it never scans the input.
+  row pipeline and worker loop as the local engine (rows.RowPipeline: rendering, protocols,
+  transport, retries, repairs), each a ClusterWorker (engines/coordinator_link.py) whose
+  collaborators stand in for the job-wide coordinator (engines/coordinator.py), a Ray actor
+  here (engines/ray_coordinator.py). An actor gets the input's columns from the driver: it
+  never scans the input.
 * The driver is a `Run` like a local one (`Run.execute` opens, checks and finally writes
   the output) with `RayEngine` as its engine, and shows one progress bar fed by the actors' reports.
   While it runs it says so to the coordinator (`_signs_of_life`): actors send only while it does.
@@ -21,9 +23,7 @@ blocks, and it keeps neither the answers nor the intents that say which rows may
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import math
 import os
 import signal
 import threading
@@ -36,38 +36,24 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
 
-import anyio
 import polars as pl
 import pyarrow as pa
 import ray
 import ray.data
-from anyio.streams.memory import MemoryObjectReceiveStream
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from batchrun.base.errors import JobError
 from batchrun.engines.contract import OpenRun, Sent
-from batchrun.engines.coordinator import DRIVER_PING_S
-from batchrun.engines.coordinator_link import (
-    ClusterBudget,
-    ClusterLedger,
-    ClusterLimits,
-    ClusterSharing,
-    ClusterWatch,
-    CoordinatorLink,
-)
+from batchrun.engines.coordinator import DRIVER_PING_S, sent_back
+from batchrun.engines.coordinator_link import ClusterWorker
 from batchrun.engines.ray_coordinator import CoordinatorActor, RayCalls
 from batchrun.engines.runner import GRACE_S, Run, RunOptions
-from batchrun.flow.spend import Budget
-from batchrun.job.inputs import ROW_INDEX, InputTable
-from batchrun.job.render import Renderer
+from batchrun.job.inputs import InputTable
 from batchrun.job.spec import Job
-from batchrun.job.structured import AnswerParser
 from batchrun.ledger.checkpoint import Checkpoint, RowRecord
 from batchrun.pipeline.progress import Progress, paid_images
-from batchrun.pipeline.rows import RowBatch, RowParts, RowPipeline, WorkItem, open_transport
-from batchrun.protocols import CallError
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # rows are small; Ray spills to disk beyond it
 RANGE_ROWS = 50_000  # input rows per read task
@@ -114,13 +100,7 @@ class RayEngine:
                 finally:
                     final = ray.get(coordinator.close.remote())
         self.coordinator_cpu_s = final["cpu_s"]
-        if final["problem"] is not None:
-            raise JobError(final["problem"])
-        tripped = CallError(**final["tripped"]) if final["tripped"] is not None else None
-        # The coordinator's checkpoint and budget are copies of the run's: what it needs comes back here.
-        spent, refused = final["budget"]
-        in_flight = len(final["awaiting_answer"])
-        return Sent(final["requested"], self._interrupts, tripped, in_flight, final["failure"], spent, refused)
+        return sent_back(final, self._interrupts)
 
     def _send_all(self, run: OpenRun, coordinator: Any, name: str, progress: Progress, base_url: str) -> None:
         limit = run.limit
@@ -207,78 +187,25 @@ def _read_rows(job: Job, lo: int, hi: int, block_rows: int) -> Iterator[pa.Table
 
 
 class RowSender:
-    """One actor of the pool: sends the rows of the batches it is given through the job's row pipeline.
-
-    Ray Data gives an actor several batches at once; their rows join one stream, served in
-    order by `concurrency` workers (the local engine's worker loop, RowPipeline.work), so rows
-    are sent in the order their intents were committed (ClusterLedger commits them a slice
-    ahead, in that order).
-    """
+    """One actor of the pool: sends the rows of the batches it is given, as one ClusterWorker."""
 
     def __init__(
         self, job: Job, columns: list[str], id_name: str, concurrency: int, coordinator: str, url: str, budgeted: bool
     ) -> None:
-        self._job = job
-        self._budgeted = budgeted
-        self._columns = columns
-        self._id_name = id_name
-        self._concurrency = concurrency
-        self._url = url
         self._coordinator = ray.get_actor(coordinator)
-        self._pipeline: RowPipeline | None = None
-
-    def _start(self) -> RowPipeline:
-        """On the actor's event loop (anyio's primitives need it): the pipeline, with the job-wide collaborators."""
-        job = self._job
-        transport = open_transport(job, self._url, self._concurrency)
-        self._link = CoordinatorLink(RayCalls(self._coordinator))
-        self._watch = ClusterWatch(self._link)
-        self._limits = ClusterLimits(self._link, self._watch)
-        self._ledger = ClusterLedger(self._link, self._concurrency)
-        self._sharing = ClusterSharing(self._link)
-        parts = RowParts(self._ledger, self._limits, self._sharing, self._watch, transport)
-        parser = AnswerParser.for_spec(job.spec)
-        # Without a budget, nothing to ask the coordinator: a budget without a limit holds nothing.
-        budget = ClusterBudget(self._link) if self._budgeted else Budget(None, job.spec.pricing, spent=0.0)
-        pipeline = RowPipeline(job, Renderer(job, self._columns), parser, self._id_name, parts, budget)
-        self._rows, receive = anyio.create_memory_object_stream[WorkItem](math.inf)
-        # Kept: the event loop holds its tasks only weakly.
-        self._workers = [asyncio.ensure_future(self._work(pipeline, receive)) for _ in range(self._concurrency)]
-        self._pipeline = pipeline
-        return pipeline
+        calls = RayCalls(self._coordinator)
+        self._worker = ClusterWorker(job, columns, id_name, concurrency, calls, url, budgeted)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         try:
-            pipeline = self._pipeline or self._start()
+            self._worker.start()  # on the actor's event loop: anyio's primitives need it
         except JobError as e:  # e.g. the key's variable is not set on this node
             node = ray.util.get_node_ip_address()
             await self._coordinator.cannot_start.remote(f"on the Ray worker at {node}: {e}")
             return _Report().table()
-        rows = list(cast(pl.DataFrame, pl.from_arrow(batch)).iter_rows(named=True))
-        todo = set(await self._coordinator.unfinished.remote([row[ROW_INDEX] for row in rows]))
         report = _Report()
-        work = RowBatch(report)
-        items: list[WorkItem] = []
-        for row in rows:
-            if row[ROW_INDEX] in todo and (item := pipeline.item(row, report)) is not None:
-                items.append(item)
-        leads = await self._sharing.claim([(item.idx, item.row_id, item.key) for item in items])
-        self._ledger.expect(leads)
-        with self._limits.stoppable():
-            for item in items:
-                self._rows.send_nowait(work.add(item))
-            await work.finished()
-        self._ledger.give_back(leads)
-        await self._link.settle()  # this worker's errors are with the coordinator: the job's state includes them
-        pipeline.settle_held(report)
-        await self._link.settle()  # the batch's rows are with the coordinator before the driver hears of them
+        await self._worker.send(list(cast(pl.DataFrame, pl.from_arrow(batch)).iter_rows(named=True)), report)
         return report.table()
-
-    async def _work(self, pipeline: RowPipeline, receive: MemoryObjectReceiveStream[WorkItem]) -> None:
-        """One of the actor's workers: rows of any batch, in the order they came. When the job stops,
-        every batch's rows not sent stay pending, and the worker goes on with the next rows."""
-        while True:
-            await pipeline.work(receive.clone(), _Report(), self._limits.stop_batches)  # each row has its batch's
 
 
 class _Report:
