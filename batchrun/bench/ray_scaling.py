@@ -37,10 +37,10 @@ from typing import Any
 
 from batchrun.base import eventloop
 from batchrun.bench.throughput import emulator_process, machine, write_input, write_job
+from batchrun.engines.contract import Engine
 from batchrun.engines.coordinator import row_values
 from batchrun.engines.ray_coordinator import CoordinatorActor
 from batchrun.engines.ray_engine import RayEngine, RayOptions
-from batchrun.engines.contract import Engine
 from batchrun.engines.runner import Run, RunOptions
 from batchrun.flow.spend import Budget
 from batchrun.job.spec import Job, RunSpec

@@ -32,6 +32,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from batchrun.base import storage
 from batchrun.base.errors import BudgetReached, RunAborted, RunInterrupted
+from batchrun.base.naming import Naming, flag
 from batchrun.base.stops import AbortWatch
 from batchrun.engines.contract import Engine, OpenRun, Sent
 from batchrun.engines.resume import ResumeFlags, open_for_run
@@ -61,15 +62,17 @@ GC_YOUNG_THRESHOLD = 50_000
 
 @dataclass
 class RunOptions:
+    """How this run goes, beside the job (settings of the job file given for one run are laid over it:
+    app/commands.settle)."""
+
     limit: int | None = None
-    concurrency: int | None = None
     restart: bool = False
     retry_failed: bool = False
     rerun_changed: bool = False
     quiet: bool = False
-    max_cost: float | None = None  # overrides run.max_cost
     adopt_checkpoint: Path | None = None  # --adopt-checkpoint: an earlier checkpoint of this job, moved here
     durable_checkpoint: bool = True  # False only in `batchrun bench`, to measure the checkpoint's cost
+    named: Naming = flag  # how messages name these settings: flags (the CLI) or keyword arguments (Python)
     presses: CtrlC | None = None  # Ctrl-C handed over by another thread; None: this thread's SIGINT
 
 
@@ -96,7 +99,7 @@ class Run:
         self.options = options
         self.engine: Engine = engine or LocalEngine(options.presses)
         spec = job.spec
-        self.concurrency = options.concurrency or spec.run.concurrency
+        self.concurrency = spec.run.concurrency
         self.limit = options.limit
         self.table = InputTable.for_job(job)
         self.renderer = Renderer(job, self.table.columns)
@@ -104,8 +107,7 @@ class Run:
         output.check_columns(job, self.parser, self.table.columns)
         output.check_targets(job)
         job.api_key()  # a key that cannot be sent stops the run before the checkpoint is opened
-        max_cost = options.max_cost if options.max_cost is not None else spec.run.max_cost
-        self.budget = spend.Budget(max_cost, spec.pricing, spent=0.0)
+        self.budget = spend.Budget(spec.run.max_cost, spec.pricing, spent=0.0)
 
     def pipeline(self, parts: RowParts) -> RowPipeline:
         """The row pipeline of this job, working with `parts`."""
@@ -122,7 +124,9 @@ class Run:
             fresh = not (checkpoint_folder(self.job.output_path) / DB_NAME).exists()
             storage.check_output(self.job.output_url, self.job.spec.output.storage_options, fresh)
         options = self.options
-        flags = ResumeFlags(options.restart, options.rerun_changed, options.retry_failed, options.adopt_checkpoint)
+        flags = ResumeFlags(
+            options.restart, options.rerun_changed, options.retry_failed, options.adopt_checkpoint, options.named
+        )
         checkpoint, notes = open_for_run(self.job, self.table, self.renderer, flags, options.durable_checkpoint)
         try:
             if self.job.openai_batch_path is not None:  # before anything is paid for, not after
@@ -165,7 +169,8 @@ class Run:
             if sent.tripped is not None:
                 raise RunAborted(_abort_message(sent.tripped, self.job))
             if self.budget.stopped:
-                raise BudgetReached(self.budget.stop_message(self.job, total - checkpoint.count_finished(0, total)))
+                pending = total - checkpoint.count_finished(0, total)
+                raise BudgetReached(self.budget.stop_message(self.job, pending, options.named("max_cost")))
             totals = checkpoint.totals()
             written = output.write_parquet(self.table, checkpoint, self.job, self.options.limit, self.parser)
             if self.job.openai_batch_path is not None:
