@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchrun.base.errors import BudgetReached, JobError, RunAborted, RunInterrupted
-from batchrun.base.redaction import redact
+from batchrun.base.redaction import for_terminal
 from batchrun.base.version import __version__
 
 if TYPE_CHECKING:
@@ -31,23 +31,35 @@ POLARS_ALLOCATOR_ENV = "_RJEM_MALLOC_CONF"
 POLARS_ALLOCATOR_CONF = "dirty_decay_ms:0,muzzy_decay_ms:0"
 
 
-def main(argv: list[str] | None = None) -> int:
+def entry() -> int:
+    """The `batchrun` command and `python -m batchrun`: a process of batchrun's own, not yet running threads.
+
+    Only here is the environment changed: C's setenv is not thread-safe, and a `main` called in a process
+    whose other threads read the environment (polars, SQLite, a server thread) crashed one run in three.
+    """
     _hand_back_freed_memory()
+    return main()
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except JobError as e:
-        print(f"batchrun: error: {e}", file=sys.stderr)
+        print(for_terminal(f"batchrun: error: {e}"), file=sys.stderr)
         return EXIT_BAD_INPUT
     except RunAborted as e:
-        print(f"batchrun: {e}; resume with: {_resume_command(args)}", file=sys.stderr)
+        print(for_terminal(f"batchrun: {e}; resume with: {_resume_command(args)}"), file=sys.stderr)
         return EXIT_ABORTED
     except BudgetReached as e:
-        print(f"batchrun: {e}: {_resume_command(args, with_max_cost=False)} --max-cost HIGHER", file=sys.stderr)
+        print(
+            for_terminal(f"batchrun: {e}: {_resume_command(args, with_max_cost=False)} --max-cost HIGHER"),
+            file=sys.stderr,
+        )
         return EXIT_BUDGET
     except RunInterrupted as e:
-        print(f"\nbatchrun: {e}; resume with: {_resume_command(args)}", file=sys.stderr)
+        print(for_terminal(f"\nbatchrun: {e}; resume with: {_resume_command(args)}"), file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         resume = f"; resume with: {_resume_command(args)}" if args.command == "run" else ""
@@ -55,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except OSError as e:  # e.g. an output folder that cannot be written
         where = f"{e.filename}: " if e.filename else ""
-        print(redact(f"batchrun: error: {where}{e.strerror or e}"), file=sys.stderr)
+        print(for_terminal(f"batchrun: error: {where}{e.strerror or e}"), file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception:  # a bug: show it, but never with the key in it
-        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        print(for_terminal(traceback.format_exc()), file=sys.stderr, end="")
         return EXIT_INTERNAL
 
 
@@ -277,7 +289,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if "cost" in summary:
         line += f"; cost {summary['cost']:.4f} {summary['currency']}"
     line += f"; {summary['wall_s']:.1f} s, {summary['requests_per_s'] or 0:.1f} requests/s"
-    print(line)
+    print(for_terminal(line))
     if summary["schema_invalid"]:
         print(f"{summary['schema_invalid']} answers did not parse or match output.schema (error_class schema_invalid)")
     if summary["shared"]:
@@ -300,7 +312,7 @@ def _validate(args: argparse.Namespace) -> int:
     print(plan.endpoint)
     for row_id, body in plan.requests.items():
         print(f"\nrow {row_id}:")
-        print(redact(body))
+        print(for_terminal(body))
     env = job.spec.provider.api_key_env
     if not job.uses_emulator and not os.environ.get(env, "").strip():
         print(f"batchrun: note: {env} is not set; `run` will need it", file=sys.stderr)
@@ -319,7 +331,7 @@ def _print_warnings(warnings: list[str]) -> None:
 def _status(args: argparse.Namespace) -> int:
     from batchrun.engines.resume import status_lines
 
-    print("\n".join(status_lines(_load(args))))
+    print(for_terminal("\n".join(status_lines(_load(args)))))
     return 0
 
 
@@ -327,7 +339,7 @@ def _models(args: argparse.Namespace) -> int:
     from batchrun.app.models import list_models
 
     for line in list_models(args.job, args.base_url, args.api_key_env):
-        print(line)
+        print(for_terminal(line))
     return 0
 
 

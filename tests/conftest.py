@@ -9,10 +9,12 @@ codes on signals, kill -9 and what a real process prints keep `run_cli`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -58,6 +60,23 @@ class Emulator:
         urllib.request.urlopen(req, timeout=10).close()
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)  # looked up before any fork: die_with_parent only calls it
+PR_SET_PDEATHSIG = 1
+_TEST_PROCESS = os.getpid()
+
+
+def die_with_parent() -> None:
+    """A test server's `preexec_fn`: the kernel kills it when the test process dies, even by kill -9
+    (else a crashed xdist worker leaves its servers running). Linux only; elsewhere servers outlive it.
+
+    The signal comes when the thread that started it ends: start servers from the main thread (fixtures do).
+    """
+    if sys.platform == "linux":
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != _TEST_PROCESS:  # it died before the line above: nothing would signal us
+            os._exit(1)
+
+
 def start_emulator(*args: str, env: dict[str, str | None] | None = None) -> Emulator:
     process = subprocess.Popen(
         [sys.executable, "-m", "batchrun", "emulator", "--port", "0", *args],
@@ -65,6 +84,7 @@ def start_emulator(*args: str, env: dict[str, str | None] | None = None) -> Emul
         stderr=subprocess.PIPE,
         text=True,
         env=cli_env(env),
+        preexec_fn=die_with_parent,
     )
     assert process.stdout is not None
     line = process.stdout.readline()
@@ -146,16 +166,18 @@ def run_here(
 ) -> subprocess.CompletedProcess[str]:
     """`run_cli` in this process: the CLI's exit code, stdout and stderr, without starting Python again.
 
-    The environment is the one `run_cli` gives its process, for the length of the call. (`timeout` is
-    accepted for a like-for-like call; a run here is bounded by its job's own timeouts.)
+    This process already has `run_cli`'s environment (set on import, below). One that differs (`env`)
+    is given to a real process instead: setting variables here would race the threads of this process
+    that read them (C's setenv is not thread-safe; polars, SQLite and server threads call getenv), which
+    crashed one fast-tier worker in three. (`timeout` is accepted for a like-for-like call; a run here is
+    bounded by its job's own timeouts.)
     """
+    if env:
+        return run_cli(*args, cwd=cwd, env=env, timeout=timeout)
     from batchrun.cli import main
 
-    wanted = cli_env(env)
-    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    saved_cwd = os.getcwd()
     out, err = io.StringIO(), io.StringIO()
-    os.environ.clear()
-    os.environ.update(wanted)
     try:
         if cwd is not None:
             os.chdir(cwd)
@@ -166,9 +188,12 @@ def run_here(
                 code = e.code if isinstance(e.code, int) else 2
     finally:
         os.chdir(saved_cwd)
-        os.environ.clear()
-        os.environ.update(saved_env)
     return subprocess.CompletedProcess(["batchrun", *args], code, out.getvalue(), err.getvalue())
+
+
+# The environment of `run_cli`'s processes is this one's, for in-process runs; set now, before threads start.
+os.environ.update({k: v for k, v in cli_env().items() if os.environ.get(k) != v and k != "PYTHONPATH"})
+os.environ.pop("KUAIMA_API_KEY", None)
 
 
 def run_job(folder: Path, rows: list[list[Any]], url: str, *args: str, **job: Any) -> tuple[dict[str, Any], Any]:

@@ -18,6 +18,12 @@ import orjson
 from aiohttp import web
 
 KEY = "sk-batchrun-test-key-5f0c2e9a71"  # tests/conftest.py TEST_KEY: some shapes echo it
+# The key with some of its characters encoded as JSON `\u`, an HTML entity or %-escape, in any case: no run of
+# 11 plain characters is left, so only masking after decoding finds it (issue 25).
+ESCAPED_KEY = "".join(f"\\u{ord(c):04X}" if i % 9 == 4 else c for i, c in enumerate(KEY))
+ENTITY_KEY = "".join(f"&#x{ord(c):x};" if i % 8 == 3 else c for i, c in enumerate(KEY))
+PERCENT_KEY = "".join(f"%{ord(c):02x}" if i % 7 == 5 else c for i, c in enumerate(KEY.upper()))
+TERMINAL_TRICKS = "\x1b]0;pwned\x07\x1b[2J\x1b[31mFAKE ok\x1b[0m\rback\x9b1m"  # title, clear, colour, CR, C1 CSI
 _SHAPE = re.compile(r"\[\[shape: ([a-z0-9_]+)\]\]")
 counts: Counter[str] = Counter()
 
@@ -48,7 +54,9 @@ WHOLE: dict[str, Any] = {
     "no_fields": {},
     "deep_json": answer(content="[" * 5000 + "]" * 5000),
     "key_in_answer": answer(content=f"the key is {KEY.upper()} and {KEY[5:25]}", model=KEY),
+    "encoded_key_in_answer": answer(content=f"{ESCAPED_KEY} {ENTITY_KEY} {PERCENT_KEY}", model=ESCAPED_KEY),
 }
+MODELS = [KEY, ESCAPED_KEY, ENTITY_KEY, PERCENT_KEY, f"gpt-{TERMINAL_TRICKS}", "gpt-5.4"]
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -66,6 +74,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return web.Response(body=raw, content_type="application/json")
     if shape == "error_with_key":  # the key sits across the 200-character excerpt's cut
         return web.Response(status=500, text="x" * 190 + f" token {KEY} rejected", content_type="text/plain")
+    if shape == "error_with_escaped_key":  # JSON escapes left as they are on the wire, as a relay sends them
+        text = f'{{"error":{{"message":"token {ESCAPED_KEY} rejected {TERMINAL_TRICKS}"}}}}'
+        return web.Response(status=404, text=text, content_type="application/json")
     if shape == "markdown_image":
         png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 32).decode()
         return web.Response(
@@ -117,6 +128,10 @@ async def _endless(request: web.Request, shape: str) -> web.StreamResponse:
     return response
 
 
+async def models(request: web.Request) -> web.Response:
+    return web.json_response({"data": [{"id": name} for name in MODELS], "models": [{"name": KEY}]})
+
+
 async def stats(request: web.Request) -> web.Response:
     return web.json_response(dict(counts))
 
@@ -124,6 +139,7 @@ async def stats(request: web.Request) -> web.Response:
 def main() -> None:
     app = web.Application(client_max_size=64 << 20)
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/v1/models", models)
     app.router.add_get("/_stats", stats)
 
     async def serve() -> None:

@@ -11,8 +11,7 @@ from typing import Any
 
 import anyio
 import polars as pl
-import pytest
-from conftest import TEST_KEY, Emulator, write_csv, write_job
+from conftest import Emulator, write_csv, write_job
 
 from batchrun.app.checks import load_job
 from batchrun.engines.contract import OpenRun, Sent
@@ -72,14 +71,11 @@ async def _alive(coordinator: Coordinator) -> None:
         await asyncio.sleep(DRIVER_PING_S)
 
 
-def test_a_run_sent_by_workers_through_the_coordinator_without_ray(
-    tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("TEST_RELAY_KEY", TEST_KEY)
+def test_a_run_sent_by_workers_through_the_coordinator_without_ray(tmp_path: Path, emulator: Emulator) -> None:
     texts = [f"review {i % 30}" for i in range(60)]  # each text twice: the second is answered by the first
     write_csv(tmp_path / "reviews.csv", ["review_id", "text"], [[f"R{i}", text] for i, text in enumerate(texts)])
-    job = load_job(write_job(tmp_path, emulator.url))
-    summary = asyncio.run(Run(job, RunOptions(concurrency=4, quiet=True), TwoWorkers()).execute())
+    job = load_job(write_job(tmp_path, emulator.url, run={"concurrency": 4}))
+    summary = asyncio.run(Run(job, RunOptions(quiet=True), TwoWorkers()).execute())
     assert (summary["rows"], summary["ok"], summary["error"]) == (60, 60, 0)
     assert summary["requested_this_run"] == 30
     assert summary["shared"] == 30

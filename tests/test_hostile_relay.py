@@ -18,7 +18,7 @@ from typing import Any
 
 import polars as pl
 import pytest
-from conftest import REPO, assert_finished, assert_key_nowhere, cli_env, run_here, write_csv, write_job
+from conftest import REPO, assert_finished, assert_key_nowhere, cli_env, die_with_parent, run_here, write_csv, write_job
 
 ROWS = 5
 ODD = 3  # the odd row comes after normal ones: a malformed answer before any success would stop the run (rule C)
@@ -32,6 +32,7 @@ class Hostile:
             stderr=subprocess.PIPE,
             text=True,
             env=cli_env(),
+            preexec_fn=die_with_parent,
         )
         assert self.process.stdout is not None
         line = self.process.stdout.readline()

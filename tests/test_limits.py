@@ -473,7 +473,7 @@ class WindowRelay:
         self.latency = latency
         self.stats = Stats()
 
-    async def attempt(self, path: str, body: bytes, decoder: Any) -> Reply:
+    async def attempt(self, path: str, body: bytes, decoder: Any, content_type: str | None = None) -> Reply:
         arrived = anyio.current_time()
         self.stats.started(int(arrived))
         admitted = self.window is None or self.window.admit("key", arrived)

@@ -31,6 +31,7 @@ from conftest import (
     REVIEWS,
     Emulator,
     cli_env,
+    die_with_parent,
     free_port,
     run_cli,
     run_here,
@@ -99,6 +100,7 @@ def s3() -> Iterator[S3Server]:
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import anyio
 import orjson
 import pytest
 
+from batchrun.app.checks import job_from_dict
+from batchrun.base.errors import JobError
+from batchrun.job.openai_batch import URL_APIS
 from batchrun.job.render import ImageInput, Request
 from batchrun.job.settings import RequestSettings
 from batchrun.job.spec import JobSpec
 from batchrun.pipeline.transport import read_answer
-from batchrun.protocols import CallError, gemini, openai_chat, openai_completions
+from batchrun.protocols import (
+    APIS,
+    CallError,
+    WireProtocol,
+    gemini,
+    openai_chat,
+    openai_completions,
+    openai_images,
+    protocol_for,
+)
 from batchrun.protocols.reply import Decoder, ImageOut, Reply
 
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR42mP4z8AAAAMBAQAY3Y2wAAAAAElFTkSuQmCC")
@@ -31,7 +46,8 @@ def spec(**overrides: Any) -> RequestSettings:
         "output": {"path": "o.parquet"},
     }
     data.update(overrides)
-    return RequestSettings.of(JobSpec.model_validate(data))
+    job = JobSpec.model_validate(data)
+    return RequestSettings.of(job, protocol_for(job.provider.api))
 
 
 def raises(fn: Any, *args: Any) -> CallError:
@@ -87,8 +103,11 @@ def test_gemini_body_splits_params_and_puts_images_first() -> None:
     assert body["systemInstruction"] == {"parts": [{"text": "sys"}]}
     assert body["generationConfig"] == {"responseModalities": ["TEXT", "IMAGE"], "temperature": 0.5}
     assert body["safetySettings"] == params["safetySettings"] and body["toolConfig"] == params["toolConfig"]
-    assert gemini.path("gemini-2.5-flash", True) == "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
-    assert gemini.path("gemini-2.5-flash", False) == "/v1beta/models/gemini-2.5-flash:generateContent"
+    streamed = spec(provider={"api": "gemini"}, model="gemini-2.5-flash", stream=True)
+    assert gemini.path(streamed) == "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+    assert gemini.path(spec(provider={"api": "gemini"}, model="gemini-2.5-flash")) == (
+        "/v1beta/models/gemini-2.5-flash:generateContent"
+    )
 
 
 def test_which_gemini_jobs_expect_images() -> None:
@@ -331,7 +350,11 @@ def test_framing_failures() -> None:
 
 def test_gemini_structured_output_in_gemini_dialect_unless_params_set_it() -> None:
     schema = {"type": "object", "properties": {"label": {"enum": ["positive", "negative"]}}, "required": ["label"]}
-    json_job = {"model": "gemini-2.0-flash", "output": {"path": "o.parquet", "parse": "json", "schema": schema}}
+    json_job = {
+        "provider": {"api": "gemini"},
+        "model": "gemini-2.0-flash",
+        "output": {"path": "o.parquet", "parse": "json", "schema": schema},
+    }
     config = gemini.build(Request(None, "u"), spec(**json_job))["generationConfig"]
     assert config == {
         "responseMimeType": "application/json",
@@ -363,3 +386,123 @@ def test_base64_in_answers_in_both_alphabets() -> None:
             ]
         }
         assert gemini.parse(answer, image_job=True).images[0].data == png
+
+
+# --- the registry: provider knowledge lives in protocols/ ---------------------------------
+
+PACKAGE = Path(__file__).resolve().parent.parent / "batchrun"
+# protocols/ owns the knowledge; the emulator is the relay's side, with a module per API of its own.
+OWNERS = ("protocols", "emulator")
+
+
+def api_name_branches(source: str, names: tuple[str, ...]) -> list[int]:
+    """Lines that compare with an API name (`==`, `!=`, `in`, `match`) or key a table by one."""
+
+    def named(node: ast.AST) -> bool:
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return any(named(item) for item in node.elts)
+        return isinstance(node, ast.Constant) and node.value in names
+
+    found: list[int] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare) and any(named(side) for side in [node.left, *node.comparators]):
+            found.append(node.lineno)
+        elif isinstance(node, ast.Dict) and any(key is not None and named(key) for key in node.keys):
+            found.append(node.lineno)
+        elif isinstance(node, ast.MatchValue) and named(node.value):
+            found.append(node.lineno)
+    return found
+
+
+def test_no_branch_on_an_api_name_outside_protocols() -> None:
+    wrong = [
+        f"{path.relative_to(PACKAGE.parent)}:{line}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.relative_to(PACKAGE).parts[0] not in OWNERS
+        for line in api_name_branches(path.read_text(encoding="utf-8"), APIS)
+    ]
+    assert not wrong, "branches on provider.api outside protocols/ (ask the protocol instead):\n" + "\n".join(wrong)
+
+
+def test_the_scan_sees_each_kind_of_branch() -> None:
+    source = 'if api == "gemini": pass\nx = api in ("openai-chat",)\nOWNED = {"gemini": 1}\n'
+    source += 'match api:\n case "gemini": pass\n'
+    assert api_name_branches(source, APIS) == [1, 2, 3, 5]
+    assert api_name_branches('job = {"api": "gemini"}\n', APIS) == []  # naming one is not branching on it
+
+
+def test_every_registered_protocol_declares_the_whole_interface() -> None:
+    wanted = {name for name in WireProtocol.__annotations__} | {
+        name for name in vars(WireProtocol) if not name.startswith("_")
+    }
+    for api in APIS:
+        protocol = protocol_for(api)
+        missing = sorted(name for name in wanted if not hasattr(protocol, name))
+        assert not missing, f"{api} lacks {missing}"
+        assert protocol.REPAIRS == hasattr(protocol, "repair_body")
+
+
+def test_batch_file_urls_are_the_paths_of_their_protocols() -> None:
+    for url, api in URL_APIS.items():
+        protocol = protocol_for(api)
+        assert protocol.OPENAI_BATCH and protocol.path(spec(provider={"api": api})) == url
+
+
+def test_an_unknown_api_is_refused_in_one_line_naming_the_registry(tmp_path: Path) -> None:
+    job = {
+        "name": "t",
+        "input": {"path": "x.csv"},
+        "provider": {"api": "openai-responses"},
+        "model": "m",
+        "prompt": {"user": "u"},
+        "output": {"path": "o.parquet"},
+    }
+    with pytest.raises(JobError) as info:
+        job_from_dict(job, tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and "provider.api" in message and "'openai-responses'" in message
+    assert message.endswith("use one of " + ", ".join(APIS))  # the registry's names, in its order
+
+
+# --- images -----------------------------------------------------------------------------
+
+
+def test_image_answers_in_b64_and_url_and_their_failures() -> None:
+    answer = {
+        "created": 1,
+        "data": [{"b64_json": PNG_B64, "revised_prompt": "r"}, {"url": "https://x/a.png", "revised_prompt": "r"}],
+        "usage": {"input_tokens": 7, "output_tokens": 272, "total_tokens": 279},
+    }
+    reply = openai_images.parse(answer)
+    assert reply.images == [ImageOut("image/png", PNG)] and reply.image_urls == ["https://x/a.png"]
+    assert reply.text == "r" and (reply.prompt_tokens, reply.completion_tokens) == (7, 272)
+    assert raises(openai_images.parse, {"created": 1, "data": []}).error_class == "no_image"
+    assert raises(openai_images.parse, {"data": [{"b64_json": "%%"}]}).error_class == "malformed"
+    assert raises(openai_images.parse, {"data": "x"}).error_class == "malformed"
+    assert raises(openai_images.parse, {"error": {"message": "bad size", "code": 400}}).status == 400
+
+
+def test_an_edit_body_is_a_form_with_files_and_a_generation_is_json() -> None:
+    edit_settings = spec(provider={"api": "openai-images"}, prompt={"user": "u", "images": ["a", "m"]})
+    request = Request(None, "paint", ("a", "m"), (ImageInput("image/png", PNG), ImageInput("image/png", b"MASK")))
+    body = openai_images.build(request, replace(edit_settings, params={"mask": "last", "n": 2}))
+    data, content_type = openai_images.encode(body)
+    assert content_type is not None and content_type.startswith("multipart/form-data; boundary=")
+    boundary = content_type.partition("boundary=")[2].encode()
+    parts = data.split(b"--" + boundary)
+    assert parts[-1] == b"--\r\n" and b'name="n"\r\n\r\n2\r\n' in data
+    assert b'name="image"; filename="image0.png"\r\nContent-Type: image/png\r\n\r\n' + PNG in data
+    assert b'name="mask"; filename="mask.png"\r\nContent-Type: image/png\r\n\r\nMASK\r\n' in data
+    assert openai_images.path(edit_settings) == "/v1/images/edits"
+    generation = spec(provider={"api": "openai-images"}, model="gpt-image-1", params={"size": "1024x1024"})
+    assert openai_images.encode(openai_images.build(Request(None, "a cat"), generation)) == (
+        orjson.dumps({"model": "gpt-image-1", "prompt": "a cat", "size": "1024x1024"}),
+        None,
+    )
+    assert openai_images.path(generation) == "/v1/images/generations"
+
+
+def test_the_capabilities_checks_ask_are_the_ones_protocols_declare() -> None:
+    from batchrun.app.checks import _CAPABILITIES
+
+    assert {capability for capability, *_ in _CAPABILITIES} <= set(WireProtocol.__annotations__)

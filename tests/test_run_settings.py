@@ -10,7 +10,7 @@ from typing import Any
 import polars as pl
 import pytest
 import yaml
-from conftest import REVIEWS, TEST_KEY, Emulator, run_here, write_csv, write_job
+from conftest import REVIEWS, Emulator, run_here, write_csv, write_job
 
 import batchrun
 from batchrun.base.errors import JobError
@@ -28,8 +28,7 @@ PRICING = {"input_per_million": 1.0, "output_per_million": 2.0}
 
 
 @pytest.fixture
-def job_file(tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("TEST_RELAY_KEY", TEST_KEY)
+def job_file(tmp_path: Path, emulator: Emulator) -> Path:
     write_csv(tmp_path / "reviews.csv", ["review_id", "text", "stars"], REVIEWS)
     return write_job(tmp_path, emulator.url, pricing=PRICING)
 

@@ -15,9 +15,10 @@ from batchrun.job.structured import (
     Verdict,
     dtype_for,
     extract_json,
-    gemini_response_schema,
     output_columns,
 )
+from batchrun.protocols import gemini, openai_chat
+from batchrun.protocols.gemini_schema import gemini_response_schema
 
 EVERY_TYPE: dict[str, Any] = {
     "type": "object",
@@ -37,6 +38,8 @@ EVERY_TYPE: dict[str, Any] = {
     },
     "required": ["name", "count", "label"],
 }
+
+CUT_OFF = openai_chat.CUT_OFF_REASONS | gemini.CUT_OFF_REASONS
 
 
 def test_every_json_type_has_a_column_type() -> None:
@@ -111,7 +114,7 @@ def test_extract_json_fails_on_no_json() -> None:
 
 
 def test_judge_checks_the_schema_and_says_where() -> None:
-    parser = AnswerParser("json", EVERY_TYPE)
+    parser = AnswerParser("json", EVERY_TYPE, CUT_OFF)
     good = {"name": "a", "count": 3, "label": "neutral", "author": {"id": 1, "handle": None}}
     import json
 
@@ -126,14 +129,14 @@ def test_judge_checks_the_schema_and_says_where() -> None:
 
 
 def test_cut_off_answers_are_length_errors() -> None:
-    parser = AnswerParser("json", None)
+    parser = AnswerParser("json", None, CUT_OFF)
     assert parser.judge('{"a": 1}', "length", None).error_class == "length"
     assert parser.judge('{"a": 1}', "MAX_TOKENS", None).error_class == "length"
 
 
 def test_tool_mode_reads_the_first_calls_arguments() -> None:
     parser = AnswerParser(
-        "tool", {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}
+        "tool", {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}, CUT_OFF
     )
     calls = [{"name": "set_label", "arguments": '{"label": "x"}'}, {"name": "other", "arguments": "{}"}]
     assert parser.judge(None, "tool_calls", calls).value == {"label": "x"}
@@ -143,7 +146,7 @@ def test_tool_mode_reads_the_first_calls_arguments() -> None:
 
 
 def test_apply_turns_failed_answers_into_error_rows_with_typed_columns() -> None:
-    parser = AnswerParser("json", EVERY_TYPE)
+    parser = AnswerParser("json", EVERY_TYPE, CUT_OFF)
     frame = pl.DataFrame(
         {
             "response_text": [

@@ -9,7 +9,7 @@ the commands to print.
 from __future__ import annotations
 
 import os
-import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +17,10 @@ import polars as pl
 
 from batchrun.base import storage
 from batchrun.base.errors import JobError
-from batchrun.job.settings import RequestSettings
 from batchrun.job.spec import OPENAI_BATCH, Job, JobSpec, input_problems, read_job, read_job_dict, recognise_batch_file
 from batchrun.job.structured import output_problems
 from batchrun.pipeline.images import PILLOW_MISSING, pillow_available
-from batchrun.protocols.gemini import generation_config
+from batchrun.protocols import APIS, WireProtocol, able, protocol_for
 
 
 def load_job(path: str | os.PathLike[str]) -> Job:
@@ -37,23 +36,24 @@ def job_from_dict(data: dict[str, Any], folder: Path, frame: pl.DataFrame | None
 def checked(job: Job) -> Job:
     """The job, if nothing across its keys is wrong (else the first problem as a JobError); warnings kept on it."""
     spec = job.spec
+    if spec.provider.api not in APIS:
+        key = "provider.api"
+        raise JobError(f"{job.where(key)}: {key}: unknown API {spec.provider.api!r}; use one of {', '.join(APIS)}")
+    protocol = protocol_for(spec.provider.api)
     for key, problem in [
         *_unsupported(spec),
         *_storage_problems(spec),
-        *output_problems(spec),
+        *_protocol_problems(spec, protocol),
+        *output_problems(spec, protocol),
         *_spend_problems(spec),
-        *_protocol_problems(spec),
     ]:
         raise JobError(f"{job.where(key)}: {key}: {problem}")
-    owned = OWNED_PARAMS.get(spec.provider.api, set()) & set(spec.params)
-    if owned:
-        key = "params." + sorted(owned)[0]
-        raise JobError(f"{job.where(key)}: {key}: batchrun sets this itself; remove it from params")
     if spec.input.format is None and job.frame is None and recognise_batch_file(job.input_path):
         job.input_format, job.format_recognised = OPENAI_BATCH, True
-    for key, problem in input_problems(job):
+    for key, problem in [*input_problems(job), *_batch_file_problems(job, protocol)]:
         raise JobError(f"{job.where(key)}: {key}: {problem}")
-    job.warnings = [f"{job.where(key)}: {key}: {problem}" for key, problem in _warnings(spec)]
+    warnings = [*protocol.job_warnings(spec), *_warnings(spec, protocol)]
+    job.warnings = [f"{job.where(key)}: {key}: {problem}" for key, problem in warnings]
     return job
 
 
@@ -84,42 +84,59 @@ def _spend_problems(spec: JobSpec) -> list[tuple[str, str]]:
     return []
 
 
-OWNED_PARAMS = {
-    "openai-chat": {"model", "messages", "stream", "stream_options"},
-    "openai-completions": {"model", "prompt", "stream", "stream_options"},
-    "gemini": {"contents", "systemInstruction", "system_instruction"},
-}
-_GEMINI_MODEL_FORBIDDEN = re.compile(r"[/?#:\s]")
+# What a job asks that a protocol may lack: its capability flag (WireProtocol), the key that asks,
+# whether this job asks, what the API lacks, and whether to name the APIs that have it.
+_CAPABILITIES: list[tuple[str, str, Callable[[JobSpec], bool], str, bool]] = [
+    ("IMAGES_IN", "prompt.images", lambda spec: bool(spec.prompt.images), "takes no images", True),
+    (
+        "CONVERSATIONS",
+        "prompt.messages",
+        lambda spec: spec.prompt.messages is not None,
+        "takes one prompt, not a conversation",
+        True,
+    ),
+    ("STREAMS", "stream", lambda spec: spec.stream, "does not stream; remove stream: true", False),
+    ("TOOLS", "output.parse", lambda spec: spec.output.parse == "tool", "has no tools; use parse: json or text", False),
+    (
+        "OPENAI_BATCH",
+        "output.openai_batch",
+        lambda spec: spec.output.openai_batch is not None,
+        "answers are not OpenAI Batch answers",
+        True,
+    ),
+    (
+        "REPAIRS",
+        "output.repair_attempts",
+        lambda spec: spec.output.repair_attempts > 0 and spec.output.parse == "json",
+        "cannot be asked again with a follow-up yet",
+        True,
+    ),
+]
 
 
-def _protocol_problems(spec: JobSpec) -> list[tuple[str, str]]:
-    """What the chosen protocol cannot send (docs/protocol.md §1, §3, §4.1)."""
-    api = spec.provider.api
-    found: list[tuple[str, str]] = []
-    if api == "gemini" and spec.model is not None and _GEMINI_MODEL_FORBIDDEN.search(spec.model):
-        found.append(("model", f"{spec.model!r}: a Gemini model is its bare id, without / ? # : or spaces"))
-    if api == "openai-completions" and spec.prompt.images:
-        found.append(("prompt.images", "openai-completions takes no images; use openai-chat or gemini"))
-    if api == "openai-completions" and spec.prompt.messages is not None:
-        found.append(
-            ("prompt.messages", "openai-completions takes one prompt, not a conversation; use openai-chat or gemini")
-        )
-    if spec.output.openai_batch is not None and api == "gemini":
-        found.append(
-            ("output.openai_batch", "the Batch output holds OpenAI answers; use openai-chat or openai-completions")
-        )
+def _protocol_problems(spec: JobSpec, protocol: WireProtocol) -> list[tuple[str, str]]:
+    """What the chosen protocol cannot send, from its capabilities and its own checks (docs/protocol.md)."""
+    owned = sorted(protocol.OWNED_PARAMS & set(spec.params))
+    found = [(f"params.{owned[0]}", "batchrun sets this itself; remove it from params")] if owned else []
+    for capability, key, asks, lacking, name_others in _CAPABILITIES:
+        if asks(spec) and not getattr(protocol, capability):
+            instead = f"; use {' or '.join(able(capability))}" if name_others else ""
+            found.append((key, f"{spec.provider.api} {lacking}{instead}"))
     if spec.prompt.max_image_side is not None and not pillow_available():
         found.append(("prompt.max_image_side", PILLOW_MISSING))
-    return found
+    return found + protocol.job_problems(spec)
 
 
-def _warnings(spec: JobSpec) -> list[tuple[str, str]]:
-    """Legal but probably not what the user wants."""
-    found: list[tuple[str, str]] = []
-    api = spec.provider.api
-    if api == "openai-completions" and "max_tokens" not in spec.params:
-        found.append(("params", "max_tokens is not set; the completions default is tiny (16 tokens)"))
-    modalities = generation_config(RequestSettings.of(spec)).get("responseModalities") if api == "gemini" else None
-    if spec.output.images_dir and isinstance(modalities, list) and "IMAGE" not in [str(m).upper() for m in modalities]:
-        found.append(("output.images_dir", "is set but params.responseModalities lacks IMAGE: no image will come"))
-    return found
+def _batch_file_problems(job: Job, protocol: WireProtocol) -> list[tuple[str, str]]:
+    """An OpenAI Batch file's lines go to the OpenAI paths their url names, whatever provider.api says."""
+    if job.batch_input and not protocol.OPENAI_BATCH:
+        what = "recognised as an OpenAI Batch file" if job.format_recognised else "input.format is openai-batch"
+        return [("provider.api", f"{what}: its lines go to the OpenAI paths their url names; remove provider.api")]
+    return []
+
+
+def _warnings(spec: JobSpec, protocol: WireProtocol) -> list[tuple[str, str]]:
+    """Legal but probably not what the user wants (the protocol adds its own)."""
+    if spec.output.images_dir and not protocol.IMAGES_OUT:
+        return [("output.images_dir", f"is set but {spec.provider.api} answers no images")]
+    return []

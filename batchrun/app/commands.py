@@ -89,7 +89,7 @@ def _preview(
     if request.api is None:
         return preview_body(protocol, loader, request, settings)
     line_protocol = protocol_for(request.api)
-    path = line_protocol.path(spec.model or "", spec.stream)
+    path = line_protocol.path(settings)
     return f"POST {spec.provider.base_url}{path}\n" + preview_body(line_protocol, loader, request, settings)
 
 
@@ -113,13 +113,13 @@ def plan(job: Job, show: int = 2) -> Plan:
     table = InputTable.for_job(job)
     table.check_ids()
     renderer = Renderer(job, table.columns)
-    output.check_columns(job, AnswerParser.for_spec(spec), table.columns)
+    protocol = protocol_for(spec.provider.api)
+    output.check_columns(job, AnswerParser.for_spec(spec, protocol), table.columns)
     output.check_targets(job)
     if os.environ.get(spec.provider.api_key_env, "").strip():
         job.api_key()  # a key that is set must be sendable; validate sends nothing, so it needs none
-    protocol = protocol_for(spec.provider.api)
     loader = loader_for(job, protocol.INLINE_IMAGE_URLS)
-    settings = RequestSettings.of(spec)
+    settings = RequestSettings.of(spec, protocol)
     requests: dict[str, str] = {}
     for batch in table.batches(limit=show):
         for row in batch.iter_rows(named=True):
@@ -135,7 +135,7 @@ def plan(job: Job, show: int = 2) -> Plan:
         )
     else:
         endpoint = f"{spec.provider.api} {spec.model} -> POST {spec.provider.base_url}"
-        endpoint += protocol.path(spec.model or "", spec.stream)
+        endpoint += protocol.path(settings)
     return Plan(
         job=spec.name,
         rows=table.count(),

@@ -13,7 +13,7 @@ import orjson
 
 from batchrun.app.checks import load_job
 from batchrun.base.errors import JobError
-from batchrun.base.redaction import redact, register_secret
+from batchrun.base.redaction import for_terminal, redact, register_secret
 from batchrun.job.spec import DEFAULT_BASE_URL, EMULATOR, check_base_url
 
 TIMEOUT_S = 30
@@ -36,7 +36,9 @@ def list_models(job_file: str | None, base_url: str | None, api_key_env: str | N
         raise JobError(f"batchrun models: the variable {env} is not set; export {env}=<your key>")
     with _relay(url) as address:
         listing = _get(address + "/v1/models", key)
-    return sorted(_ids(listing, address))
+    # A relay may name a model after the key (echoing it), or with escape sequences: each id is masked and
+    # cleaned like every text from a relay, and one masked id is listed once.
+    return sorted({for_terminal(model) for model in _ids(listing, address)})
 
 
 @contextmanager

@@ -8,13 +8,17 @@ no caller has to remember.
 Not only the whole key is masked: any run of FRAGMENT_CHARS or more characters
 of it (a relay may echo a cut or partly masked key), in any letter case, and
 the same for its base64 forms (a key inside a Basic header or an encoded blob).
-Text is masked before it is cut for an excerpt (`excerpt`), so a cut cannot
-split the key past recognition. Details: docs/limits-and-caps.md.
+Texts are also read as what they may encode (JSON and backslash escapes, HTML
+entities, %-encoding, nested up to DECODE_PASSES deep), and a key found there is
+masked where its encoded characters stand. Text is masked before it is cut for an
+excerpt (`excerpt`), so a cut cannot split the key past recognition. Details:
+docs/limits-and-caps.md.
 """
 
 from __future__ import annotations
 
 import base64
+import html.entities
 import re
 from urllib.parse import quote
 
@@ -26,6 +30,13 @@ _BLOCK = (FRAGMENT_CHARS + 1) // 2  # every fragment contains one block-aligned 
 _forms: set[str] = set()
 _blocks: set[str] = set()  # lower-case pieces of the forms; a text holding none of them holds no fragment
 _fragments: re.Pattern[str] | None = None
+
+DECODE_PASSES = 3  # an escape inside an escape (`%5Cu0041`, `&amp;#65;`) is read this many layers deep
+LONGEST_ESCAPE = 10  # characters one encoded character may take (`&#x00041;`): how far an excerpt reads ahead
+_ESCAPE = re.compile(
+    r"\\[uU]([0-9a-fA-F]{4})|\\[xX]([0-9a-fA-F]{2})|\\([\\/])"
+    r"|&#[xX]0*([0-9a-fA-F]{1,6});?|&#0*([0-9]{1,7});?|&([A-Za-z][A-Za-z0-9]{1,31};)|%([0-9a-fA-F]{2})"
+)
 
 
 def register_secret(secret: str) -> None:
@@ -49,12 +60,16 @@ def register_secret(secret: str) -> None:
 def redact(text: str) -> str:
     if _fragments is None:
         return text
-    low = text.lower()
-    if not any(block in low for block in _blocks):
-        return text  # the common case, decided in C
+    spans = _spans(text)
+    # A text without these marks encodes nothing: the common case, decided in C (measured: docs/limits-and-caps.md).
+    if ("\\" in text or "&" in text or "%" in text) and _ESCAPE.search(text):
+        decoded, starts = _decoded(text)
+        spans += [(starts[start], starts[end]) for start, end in _spans(decoded)]
+    if not spans:
+        return text
     out: list[str] = []
     pos = 0
-    for start, end in _spans(text, low):
+    for start, end in sorted(spans):
         if start >= pos:
             out += (text[pos:start], MASK)
             pos = end
@@ -64,9 +79,48 @@ def redact(text: str) -> str:
     return "".join(out)
 
 
-def _spans(text: str, low: str) -> list[tuple[int, int]]:
+def _decoded(text: str) -> tuple[str, list[int]]:
+    """`text` with its escapes read, and where each character of it starts in `text` (one more: the end)."""
+    starts = list(range(len(text) + 1))
+    for _ in range(DECODE_PASSES):
+        pieces: list[str] = []
+        layer: list[int] = []
+        pos = 0
+        for m in _ESCAPE.finditer(text):
+            pieces.append(text[pos : m.start()])
+            layer += starts[pos : m.start()]
+            pieces.append(_character(m))
+            layer += [starts[m.start()]] * len(pieces[-1])
+            pos = m.end()
+        if not pieces:
+            break  # nothing (more) encoded
+        pieces.append(text[pos:])
+        layer += starts[pos:]
+        text, starts = "".join(pieces), layer
+    return text, starts
+
+
+def _character(m: re.Match[str]) -> str:
+    """What one escape stands for; itself when it stands for nothing (an unknown entity, a code point past Unicode)."""
+    json_hex, backslash_hex, backslashed, entity_hex, entity_decimal, entity_name, percent = m.groups()
+    if backslashed is not None:
+        return backslashed
+    if entity_name is not None:
+        return html.entities.html5.get(entity_name, m.group())
+    code = (
+        int(json_hex or backslash_hex or entity_hex or percent or "0", 16)
+        if entity_decimal is None
+        else int(entity_decimal)
+    )
+    return chr(code) if code <= 0x10FFFF else m.group()
+
+
+def _spans(text: str) -> list[tuple[int, int]]:
     """Each run of a key form in `text`, extended as far as it keeps matching the form."""
     assert _fragments is not None
+    low = text.lower()
+    if not any(block in low for block in _blocks):
+        return []  # the common case, decided in C
     spans = []
     for m in _fragments.finditer(text):
         piece = m.group().lower()
@@ -84,10 +138,27 @@ def _spans(text: str, low: str) -> list[tuple[int, int]]:
     return spans
 
 
+# What a terminal obeys rather than shows: escape sequences (CSI colours and screen clears, OSC titles, DCS and
+# the like, in their 7-bit and C1 forms) go whole; other C0/C1 controls (\r, BEL, backspace) and bidi overrides,
+# which reorder what is shown, become a space. Newline and tab stay.
+_TERMINAL_SEQUENCE = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]?"  # CSI: colours, cursor, clear
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d-\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"  # OSC, DCS, ...: to BEL or ST
+    r"|\x1b.?"
+)
+_TERMINAL_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def for_terminal(text: str) -> str:
+    """`text` as batchrun prints it: the key masked, and nothing a terminal would act on (a relay's text may
+    retitle, clear or recolour the screen, or overwrite a line with \r)."""
+    return _TERMINAL_CONTROL.sub(" ", _TERMINAL_SEQUENCE.sub("", redact(text)))
+
+
 def excerpt(raw: bytes | str, chars: int = 200) -> str:
     """The start of a server's text, masked first and then cut, on one line."""
     longest = max((len(f) for f in _forms), default=0)
-    head = raw[: 2 * chars + 2 * longest]
+    head = raw[: 2 * chars + 2 * LONGEST_ESCAPE * longest]
     text = head.decode("utf-8", "replace") if isinstance(head, bytes) else head
     return " ".join(redact(text).split())[:chars]
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 import polars as pl
 
@@ -42,6 +43,9 @@ def url_problem(path: str, output: bool) -> str | None:
     if not is_url(path):
         return None
     schemes = OUTPUT_SCHEMES if output else INPUT_SCHEMES
+    given = path.split("://", 1)[0]
+    if given != given.lower() and scheme(path) in schemes:  # polars and pyarrow know the schemes in lower case only
+        return f"write the scheme in lower case: {scheme(path)}://{path.split('://', 1)[1]}"
     if scheme(path) not in schemes:
         return f"{scheme(path)}:// is not supported; use a local path or {', '.join(s + '://' for s in schemes)}"
     if output and Path(path).suffix.lower() != ".parquet":
@@ -56,6 +60,38 @@ def state_root() -> Path:
         return Path(explicit).expanduser().resolve()
     base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
     return Path(base).expanduser().resolve() / "batchrun"
+
+
+@contextmanager
+def new_file_beside(target: Path) -> Iterator[tuple[BinaryIO, Path]]:
+    """A new file of batchrun's own in `target`'s folder, open for writing, and its path.
+
+    Created exclusively under a fresh name (O_CREAT | O_EXCL, which also refuses a symbolic link), so
+    nothing planted there (a link to another file, a file of the user's) is ever written through or
+    over. The block may rename it into place; whatever is left of it at the end is removed.
+    """
+    while True:
+        path = target.with_name(f".{target.name}.{secrets.token_hex(6)}.partial")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+            break
+        except FileExistsError:
+            continue  # a name taken by chance or on purpose: another fresh one
+    try:
+        with os.fdopen(fd, "wb") as file:
+            yield file, path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def replacing(target: Path) -> Iterator[BinaryIO]:
+    """Writes `target` whole or not at all: into a new file beside it (`new_file_beside`), renamed over it
+    when the block ends. A rename replaces a link at `target` itself, never the file it points to."""
+    with new_file_beside(target) as (file, path):
+        yield file
+        file.close()
+        os.replace(path, target)
 
 
 def local_stand_in(url: str) -> Path:

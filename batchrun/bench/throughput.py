@@ -51,7 +51,7 @@ from batchrun.protocols import Decoder, openai_chat
 
 KEY_ENV = "BATCHRUN_BENCH_KEY"
 KEY = "sk-bench-not-a-secret"
-CHAT_PATH = openai_chat.path("gpt-5.4", False)
+CHAT_PATH = "/v1/chat/completions"  # openai_chat.path, for any settings
 STREAM_PIECES = 17
 PHRASES = [
     "I love this kettle, it works perfectly and the lid is sturdy.",
@@ -206,7 +206,7 @@ def request_bodies(job: Job) -> list[bytes]:
     table = InputTable.for_job(job)
     renderer = Renderer(job, table.columns)
     return [
-        orjson.dumps(openai_chat.build(renderer.render(row), RequestSettings.of(job.spec)))
+        orjson.dumps(openai_chat.build(renderer.render(row), RequestSettings.of(job.spec, openai_chat)))
         for batch in table.batches()
         for row in batch.iter_rows(named=True)
     ]
@@ -272,7 +272,7 @@ async def _transport_loop(job: Job, bodies: list[bytes], decoder: Decoder) -> Ra
 def bare_loop(job: Job, bodies: list[bytes]) -> Rate:
     """The bare loop over the job's requests, on the event loop the CLI uses."""
     spec = job.spec
-    return eventloop.run(_transport_loop, job, bodies, openai_chat.decoder(RequestSettings.of(spec)))
+    return eventloop.run(_transport_loop, job, bodies, openai_chat.decoder(RequestSettings.of(spec, openai_chat)))
 
 
 def pipeline(job: Job, rows: int, durable_checkpoint: bool = True) -> Rate:

@@ -53,7 +53,7 @@ def _input_images(body: dict[str, Any]) -> list[bytes]:
             inline = _get(part, "inlineData", "inline_data") if isinstance(part, dict) else None
             if isinstance(inline, dict):
                 try:
-                    found.append(base64.b64decode(inline.get("data") or "", validate=True))
+                    found.append(pictures.decode_base64(str(inline.get("data") or "")))
                 except binascii.Error:
                     found.append(b"")
             elif isinstance(part, dict) and isinstance(file := _get(part, "fileData", "file_data"), dict):

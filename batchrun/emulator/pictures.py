@@ -72,14 +72,21 @@ def describe(data: bytes) -> str:
         width, height = struct.unpack(">II", data[16:24])
         colour = main_colour(data)
         return f"a {width}x{height} PNG" + (f", mostly {colour}" if colour else "")
-    kind = {b"\xff\xd8": "JPEG", b"GI": "GIF", b"RI": "WEBP", b"BM": "BMP"}.get(data[:2], "image")
-    return f"a {kind} of {len(data)} bytes"
+    kind = {b"\xff\xd8": "a JPEG", b"GI": "a GIF", b"RI": "a WEBP", b"BM": "a BMP"}.get(data[:2], "an image")
+    return f"{kind} of {len(data)} bytes"
+
+
+def decode_base64(text: str) -> bytes:
+    """Base64 in either alphabet, padded or not: JSON APIs send the standard one, the google-genai SDK
+    (pydantic's bytes) the URL-safe one. Raises binascii.Error on anything else."""
+    standard = text.strip().replace("-", "+").replace("_", "/")
+    return base64.b64decode(standard + "=" * (-len(standard) % 4), validate=True)
 
 
 def describe_data_url(url: str) -> str:
     _, _, payload = url.partition(",")
     try:
-        return describe(base64.b64decode(payload, validate=True))
+        return describe(decode_base64(payload))
     except binascii.Error:
         return "an unreadable image"
 

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from batchrun.emulator import answers, pictures
+from batchrun.emulator import answers, images, pictures
 from batchrun.emulator.chat import ANSWER_FAULTS, chat_chunks, chat_completion, chat_prompt, schema_rejection
 from batchrun.emulator.completions import completion, completion_chunks, completions_prompt
 from batchrun.emulator.faults import (
@@ -119,6 +119,7 @@ class Emulator:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1beta/models/{target}", self.gemini)
         app.router.add_post("/v1/models/{target}", self.gemini)
+        app.router.add_post("/v1/images/{action}", self.openai_images)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1beta/models", self.models)
         app.router.add_get("/_emulator/stats", self.get_stats)
@@ -159,7 +160,7 @@ class Emulator:
         if self.config.api_key is None:
             return None
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if request.path.startswith(("/v1beta/", "/v1/models/")):  # Google's own ways, on Gemini paths only
+        if _gemini_path(request):  # Google's own ways, on Gemini paths only
             given = given or request.headers.get("x-goog-api-key", "") or request.query.get("key", "")
         if given == self.config.api_key:
             return None
@@ -214,12 +215,14 @@ class Emulator:
         prompt_of: Callable[[dict[str, Any]], str | None],
         what: str,
         answer: Callable[[web.Request, dict[str, Any], str, str, str | None], Awaitable[web.StreamResponse]],
+        read: Callable[[web.Request, str], Awaitable[dict[str, Any] | web.Response]] | None = None,
     ) -> web.StreamResponse:
-        """The steps every route shares: auth, body, counting by prompt, latency, faults; then `answer`."""
+        """The steps every route shares: auth, body (JSON unless `read` reads another kind), counting by prompt,
+        latency, faults; then `answer`."""
         request_id = self._request_id()
         if (denied := await self._auth(request, request_id)) is not None:
             return denied
-        body = await self._body(request, request_id)
+        body = await (read or self._body)(request, request_id)
         if isinstance(body, web.Response):
             return body
         prompt = prompt_of(body)
@@ -287,6 +290,20 @@ class Emulator:
 
         return await self._serve(request, gemini_prompt, "contents must be a list of contents", answer)
 
+    async def openai_images(self, request: web.Request) -> web.StreamResponse:
+        action = request.match_info["action"]
+        if action not in ("generations", "edits"):
+            return await self.not_found(request)
+        base_url = f"{request.scheme}://{request.host}"
+
+        async def answer(
+            request: web.Request, body: dict[str, Any], prompt: str, rid: str, fault: str | None
+        ) -> web.StreamResponse:
+            return json_response(200, images.image_answer(body, prompt, base_url), rid)
+
+        read = images.read_form if action == "edits" else None
+        return await self._serve(request, images.image_prompt, "prompt must be a string", answer, read)
+
     async def image(self, request: web.Request) -> web.Response:
         """A small PNG drawn from its name, for image-URL trials (not counted in the stats)."""
         png = pictures.png(48, 48, answers.digest(request.match_info["name"]))
@@ -302,7 +319,7 @@ class Emulator:
             "gemini-3-pro-image-preview",
         ]
         listing: dict[str, Any]
-        if request.path.startswith("/v1beta/"):
+        if _gemini_path(request):
             listing = {"models": [{"name": f"models/{i}", "displayName": i} for i in ids if i.startswith("gemini")]}
         else:
             listing = {"object": "list", "data": [{"id": i, "object": "model"} for i in ids]}
@@ -450,3 +467,12 @@ def running_in_thread(config: EmulatorConfig, host: str = "127.0.0.1") -> Iterat
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5)
+
+
+def _gemini_path(request: web.Request) -> bool:
+    """A request on Gemini's paths: /v1beta/..., /v1/models/..., or /v1/models (shared with OpenAI's listing)
+    asked Google's way (an x-goog-api-key header or a key= query, as google-genai with api_version v1 does)."""
+    if request.path.startswith(("/v1beta/", "/v1/models/")):
+        return True
+    google_auth = "x-goog-api-key" in request.headers or "key" in request.query
+    return request.path.rstrip("/") == "/v1/models" and google_auth

@@ -46,7 +46,7 @@ from batchrun.job.structured import AnswerParser
 from batchrun.ledger.checkpoint import RowRecord
 from batchrun.pipeline.rows import RowBatch, RowParts, RowPipeline, WorkItem, open_transport
 from batchrun.pipeline.seams import ProgressSink
-from batchrun.protocols import CallError
+from batchrun.protocols import CallError, protocol_for
 from batchrun.protocols.relay_errors import QuotaLeft
 
 
@@ -546,7 +546,7 @@ class ClusterWorker:
         self._ledger = ClusterLedger(self.link, self._concurrency)
         self._sharing = ClusterSharing(self.link)
         parts = RowParts(self._ledger, self._limits, self._sharing, watch, transport)
-        parser = AnswerParser.for_spec(job.spec)
+        parser = AnswerParser.for_spec(job.spec, protocol_for(job.spec.provider.api))
         # Without a budget, nothing to ask the coordinator: a budget without a limit holds nothing.
         budget = ClusterBudget(self.link) if self._budgeted else Budget(None, job.spec.pricing, spent=0.0)
         pipeline = RowPipeline(job, Renderer(job, self._columns), parser, self._id_name, parts, budget)

@@ -30,6 +30,7 @@ from batchrun.job.spec import Job
 from batchrun.job.structured import AnswerParser
 from batchrun.ledger.checkpoint import DB_NAME, Checkpoint, checkpoint_folder
 from batchrun.pipeline.fingerprint import Comparison, compare
+from batchrun.protocols import protocol_for
 from batchrun.results import output
 
 
@@ -51,7 +52,7 @@ def open_for_run(
     and neither --restart nor --rerun-changed was given.
     """
     written = _written_batch_output(job) if flags.restart else None
-    folder, notes = _prepare_folder(job, table, flags)
+    folder, notes = _prepare_folder(job, table, renderer, flags)
     checkpoint = Checkpoint(folder, durable)
     try:
         checkpoint.lock_for_run()
@@ -77,7 +78,7 @@ def _written_batch_output(job: Job) -> str | None:
     if job.openai_batch_path is None or not (folder / DB_NAME).exists():
         return None
     try:
-        checkpoint = Checkpoint(folder)
+        checkpoint = Checkpoint.for_reading(folder)
     except JobError:
         return None  # unreadable: the file is then refused as any other
     try:
@@ -133,19 +134,22 @@ def _note_place(job: Job, folder: Path) -> None:
     try:
         place = _last_place_file(job)
         place.parent.mkdir(parents=True, exist_ok=True)
-        place.write_text(f"{folder}\n{job.input_path}\n", encoding="utf-8")
+        with storage.replacing(place) as f:  # a link planted at `place` is replaced, never written through
+            f.write(f"{folder}\n{job.input_path}\n".encode())
     except OSError:
         pass  # no writable home: only the hint about a changed output.path is lost
 
 
-def _prepare_folder(job: Job, table: InputTable, flags: ResumeFlags) -> tuple[Path, list[str]]:
+def _prepare_folder(job: Job, table: InputTable, renderer: Renderer, flags: ResumeFlags) -> tuple[Path, list[str]]:
     folder = checkpoint_folder(job.output_path)
     notes: list[str] = []
+    if flags.adopt_checkpoint is not None:  # refused before --restart discards anything
+        source = _adoptable(flags.adopt_checkpoint, folder, job, table, renderer, flags)
     named = flags.named
     if flags.restart and folder.exists():
         notes.append(_discard(folder, job, table, named))
     if flags.adopt_checkpoint is not None:
-        notes.append(_adopt(flags.adopt_checkpoint, folder, named))
+        notes.append(_adopt(source, folder, named))
     elif not flags.restart and (earlier := earlier_folder(job)) is not None:
         raise JobError(
             f"{job.path}: output.path changed, and this job's checkpoint is still at {earlier}; "
@@ -156,26 +160,43 @@ def _prepare_folder(job: Job, table: InputTable, flags: ResumeFlags) -> tuple[Pa
     return folder, notes
 
 
-def _adopt(source: Path, folder: Path, named: Naming) -> str:
-    """--adopt-checkpoint: the user's explicit move of a checkpoint folder beside this output."""
-    source = source.resolve()
+def _adoptable(given: Path, folder: Path, job: Job, table: InputTable, renderer: Renderer, flags: ResumeFlags) -> Path:
+    """The checkpoint --adopt-checkpoint names, checked as the run will check it once moved: a refusal must
+    come before the move, or the job it belongs to loses it (and pays again)."""
+    source = given.resolve()
+    named = flags.named
     if source.name.endswith(".parquet") and not (source / DB_NAME).exists():
         source = checkpoint_folder(source)  # the old output's path names its checkpoint too
     if source == folder:
-        return f"{named('adopt_checkpoint', source)}: {folder} is already this output's checkpoint"
+        return source
     if not (source / DB_NAME).exists():
         raise JobError(f"{named('adopt_checkpoint', source)}: no batchrun checkpoint there ({DB_NAME} is missing)")
-    if (folder / DB_NAME).exists():
+    if (folder / DB_NAME).exists() and not flags.restart:
         raise JobError(
             f"{named('adopt_checkpoint', source)}: {folder} already holds a checkpoint; "
             f"use {named('restart', True)} with it to discard that one first"
         )
-    adopted = Checkpoint(source)
+    adopted = Checkpoint.for_reading(source)
     try:
         if adopted.run_in_progress():
             raise JobError(f"{named('adopt_checkpoint', source)}: another batchrun run is using it; wait for it to end")
+        comparison, _ = compare(adopted, job, table, renderer, ok_only=flags.retry_failed)
     finally:
         adopted.close()
+    if comparison.changed_rows and not flags.rerun_changed:
+        raise JobError(
+            f"{named('adopt_checkpoint', source)}: not moved: it does not match {job.path} "
+            f"({'; '.join(comparison.changes)}): {comparison.changed_rows} of {comparison.finished_rows} finished "
+            f"rows would now be sent differently; add {named('rerun_changed', True)} to adopt it and send those rows "
+            "again, or leave it where it is"
+        )
+    return source
+
+
+def _adopt(source: Path, folder: Path, named: Naming) -> str:
+    """--adopt-checkpoint: the user's explicit move of a checkpoint folder (checked by `_adoptable`) here."""
+    if source == folder:
+        return f"{named('adopt_checkpoint', source)}: {folder} is already this output's checkpoint"
     if folder.exists():
         shutil.rmtree(folder)  # a checkpoint folder without a database holds nothing
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +229,7 @@ def _discard(folder: Path, job: Job, table: InputTable, named: Naming) -> str:
 def _ok_and_failed(job: Job, checkpoint: Checkpoint, rows: int) -> tuple[int, int]:
     """Rows ok and failed as the output counts them: a stored answer that fails output.schema is a failure."""
     totals = checkpoint.totals()
-    parser = AnswerParser.for_spec(job.spec)
+    parser = AnswerParser.for_spec(job.spec, protocol_for(job.spec.provider.api))
     invalid = sum(len(f) for f in output.failed_answers(checkpoint, parser, rows)) if parser else 0
     return totals["ok"] - invalid, totals["error"] + invalid
 
@@ -253,7 +274,7 @@ def job_status(job: Job, named: Naming = flag) -> JobStatus:
             )
         cost = 0.0 if job.spec.pricing is not None else None
         return JobStatus(name, rows, 0, 0, 0, rows, 0, 0, cost, folder, lines)
-    checkpoint = Checkpoint(folder)
+    checkpoint = Checkpoint.for_reading(folder)
     try:
         return _status(job, table, rows, checkpoint, named)
     finally:

@@ -48,7 +48,7 @@ from batchrun.pipeline.progress import Progress
 from batchrun.pipeline.rows import RowParts, RowPipeline, WorkItem, open_transport
 from batchrun.pipeline.timeline import LimiterTimeline, note_run
 from batchrun.pipeline.transport import CANNOT_CONNECT
-from batchrun.protocols import CallError
+from batchrun.protocols import CallError, protocol_for
 from batchrun.results import output
 
 GRACE_S = 3.0  # after Ctrl-C, how long rows in flight may take to finish before they are cancelled
@@ -103,7 +103,7 @@ class Run:
         self.limit = options.limit
         self.table = InputTable.for_job(job)
         self.renderer = Renderer(job, self.table.columns)
-        self.parser = AnswerParser.for_spec(spec)
+        self.parser = AnswerParser.for_spec(spec, protocol_for(spec.provider.api))
         output.check_columns(job, self.parser, self.table.columns)
         output.check_targets(job)
         job.api_key()  # a key that cannot be sent stops the run before the checkpoint is opened

@@ -167,7 +167,7 @@ def estimate_job(job: Job, table: InputTable, renderer: Renderer) -> Estimate:
     cap = output_cap(spec.params)
     if job.batch_input and caps:
         cap = None if None in caps else max(c for c in caps if c is not None)
-    schema = answer_schema(spec)
+    schema = answer_schema(spec, protocol_for(spec.provider.api))
     typical = None
     if spec.output.parse != "text" and schema is not None:
         typical = prompt_tokens_estimate(len(json.dumps(typical_value(schema, schema), separators=(",", ":"))))

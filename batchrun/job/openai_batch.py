@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 import polars as pl
 
+from batchrun.base import storage
 from batchrun.base.errors import JobError
 
 URL_APIS = {"/v1/chat/completions": "openai-chat", "/v1/completions": "openai-completions"}
@@ -132,14 +133,14 @@ def write(target: Path, lines: Iterator[bytes], record: Callable[[str], None]) -
     """Writes the file atomically. `record` keeps its stamp in the checkpoint before the rename (along
     with the file it replaces, so a kill between the two leaves either one recognised) and after it."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.partial")
-    with open(tmp, "wb") as f:
+    with storage.new_file_beside(target) as (f, tmp):
         for line in lines:
             f.write(line)
-    new = _stamp(tmp, target)  # a rename keeps the size and the time
-    old = [_stamp(target)] if target.exists() else []
-    record(orjson.dumps([*old, new]).decode())
-    os.replace(tmp, target)
+        f.close()
+        new = _stamp(tmp, target)  # a rename keeps the size and the time
+        old = [_stamp(target)] if target.exists() else []
+        record(orjson.dumps([*old, new]).decode())
+        os.replace(tmp, target)
     record(orjson.dumps([new]).decode())
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from batchrun.job.spec import JobSpec
-from batchrun.job.structured import uses_native_schema
+from batchrun.job.structured import WireFormats, uses_native_schema
 
 
 @dataclass(frozen=True)
@@ -34,10 +34,11 @@ class RequestSettings:
     native_schema: dict[str, Any] | None  # output.schema when the API itself is asked for it, else None
 
     @classmethod
-    def of(cls, spec: JobSpec) -> RequestSettings:
+    def of(cls, spec: JobSpec, wire: WireFormats) -> RequestSettings:
+        """`wire`: the job's protocol (protocols.protocol_for(spec.provider.api))."""
         has_images = bool(spec.prompt.images) or spec.prompt.messages is not None  # a conversation may hold images
         images = ImageSettings(spec.provider.image_part_style, spec.prompt.max_image_side) if has_images else None
-        schema = spec.output.json_schema if uses_native_schema(spec) else None
+        schema = spec.output.json_schema if uses_native_schema(spec, wire) else None
         return cls(spec.model, spec.provider.api, spec.params, spec.stream, images, schema)
 
     def by_job_keys(self) -> dict[str, Any]:

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import jsonschema
 import polars as pl
@@ -29,7 +30,6 @@ from batchrun.job.spec import JobSpec
 
 SCHEMA_INVALID = "schema_invalid"
 TRUNCATED = "length"
-CUT_OFF_REASONS = ("length", "MAX_TOKENS")  # openai, gemini
 PARSE_NOTE = "parse_note"
 WHOLE_VALUE = "parsed"  # the column for a value that is not an object with properties
 JSON_TEXT = pl.String()  # values with no single column type are kept as JSON text
@@ -42,13 +42,25 @@ _EXTRACT_TRIES = 20  # start positions tried when looking for JSON inside prose
 # --- the job file --------------------------------------------------------------------
 
 
-def output_problems(spec: JobSpec) -> list[tuple[str, str]]:
-    """(dotted key, problem) for structured-output settings that cannot work together."""
+class WireFormats(Protocol):
+    """What this module asks of the job's wire protocol: protocols/ fill it (job/ may not import them)."""
+
+    SCHEMA_DIALECT: str | None  # None: the API has no native structured output
+    CUT_OFF_REASONS: frozenset[str]  # finish reasons that say the answer stopped at the output cap
+
+    def tool_declarations(self, params: dict[str, Any]) -> list[dict[str, Any]]: ...
+    def own_schema(self, params: dict[str, Any]) -> bool: ...
+
+
+def output_problems(spec: JobSpec, wire: WireFormats) -> list[tuple[str, str]]:
+    """(dotted key, problem) for structured-output settings that cannot work together.
+
+    What the API cannot do at all (tools, repair) app/checks.py says from the protocol's capabilities."""
     out = spec.output
     found: list[tuple[str, str]] = []
     if out.json_schema is not None and out.parse == "text":
         found.append(("output.schema", "a schema needs output.parse: json (or tool)"))
-    schema = answer_schema(spec) if out.parse != "text" else None
+    schema = answer_schema(spec, wire) if out.parse != "text" else None
     if schema is not None:
         try:
             validator_for(schema).check_schema(schema)
@@ -56,57 +68,35 @@ def output_problems(spec: JobSpec) -> list[tuple[str, str]]:
             key = "output.schema" if out.json_schema is not None else "params.tools"
             where = "/".join(map(str, e.path))
             found.append((key, f"not a valid JSON Schema{f' at {where}' if where else ''}: {e.message}"))
-    if out.parse == "tool":
-        if spec.provider.api == "openai-completions":
-            found.append(("output.parse", "openai-completions has no tools; use parse: json or text"))
-        elif (n := len(tool_declarations(spec))) != 1:
-            found.append(("output.parse", f"parse: tool needs exactly one tool in params.tools (found {n})"))
+    if out.parse == "tool" and (n := len(wire.tool_declarations(spec.params))) != 1:
+        found.append(("output.parse", f"parse: tool needs exactly one tool in params.tools (found {n})"))
     if out.repair_attempts:
         if out.parse == "text":
             found.append(("output.repair_attempts", "repair needs output.parse: json"))
         elif out.parse == "tool":
             found.append(("output.repair_attempts", "repair is not supported yet for parse: tool (use parse: json)"))
-        elif spec.provider.api != "openai-chat":
-            found.append(
-                ("output.repair_attempts", f"repair is not supported yet for provider.api {spec.provider.api}")
-            )
     return found
 
 
-def tool_declarations(spec: JobSpec) -> list[dict[str, Any]]:
-    """The function declarations in params.tools, in OpenAI's or Gemini's shape."""
-    tools = spec.params.get("tools")
-    if not isinstance(tools, list):
-        return []
-    found: list[dict[str, Any]] = []
-    for tool in tools:
-        if not isinstance(tool, dict):
-            continue
-        if isinstance(tool.get("function"), dict):
-            found.append(tool["function"])
-        for key in ("functionDeclarations", "function_declarations"):
-            found += [d for d in tool.get(key) or [] if isinstance(d, dict)]
-    return found
-
-
-def answer_schema(spec: JobSpec) -> dict[str, Any] | None:
+def answer_schema(spec: JobSpec, wire: WireFormats) -> dict[str, Any] | None:
     """The schema answers are checked against: output.schema, else (parse: tool) the tool's parameters."""
     if spec.output.json_schema is not None:
         return spec.output.json_schema
     if spec.output.parse == "tool":
-        tools = tool_declarations(spec)
+        tools = wire.tool_declarations(spec.params)
         params = tools[0].get("parameters") if tools else None
         return params if isinstance(params, dict) else None
     return None
 
 
-def uses_native_schema(spec: JobSpec) -> bool:
+def uses_native_schema(spec: JobSpec, wire: WireFormats) -> bool:
     """Whether batchrun asks the API itself for the schema (docs/protocol.md §2.4, §4.1)."""
     return (
         spec.output.parse == "json"
         and spec.output.json_schema is not None
         and spec.output.native_schema
-        and "response_format" not in spec.params
+        and wire.SCHEMA_DIALECT is not None
+        and not wire.own_schema(spec.params)
     )
 
 
@@ -130,17 +120,19 @@ class Verdict:
 class AnswerParser:
     """Parses and checks answers for one job; `columns` are the typed output columns."""
 
-    def __init__(self, mode: str, schema: dict[str, Any] | None) -> None:
+    def __init__(self, mode: str, schema: dict[str, Any] | None, cut_off: Collection[str]) -> None:
+        """`cut_off`: the finish reasons that mean the answer stopped at the output cap (the protocol's)."""
         self.mode = mode
+        self._cut_off = cut_off
         self._validator = validator_for(schema)(schema) if schema is not None else None
         self.columns = output_columns(schema)
         self._whole_value = object_properties(schema) is None  # one `parsed` column
 
     @classmethod
-    def for_spec(cls, spec: JobSpec) -> AnswerParser | None:
+    def for_spec(cls, spec: JobSpec, wire: WireFormats) -> AnswerParser | None:
         if spec.output.parse == "text":
             return None
-        return cls(spec.output.parse, answer_schema(spec))
+        return cls(spec.output.parse, answer_schema(spec, wire), wire.CUT_OFF_REASONS)
 
     def judge(self, text: str | None, finish_reason: str | None, tool_calls: list[dict[str, Any]] | None) -> Verdict:
         try:
@@ -149,7 +141,7 @@ class AnswerParser:
             return _invalid(f"the answer's JSON is nested deeper than {MAX_JSON_DEPTH} levels")
 
     def _judge(self, text: str | None, finish_reason: str | None, tool_calls: list[dict[str, Any]] | None) -> Verdict:
-        if finish_reason in CUT_OFF_REASONS:
+        if finish_reason in self._cut_off:
             return Verdict(
                 error_class=TRUNCATED,
                 error="the answer was cut off at the output cap, so its JSON is incomplete; raise the cap in params",
@@ -286,7 +278,7 @@ def output_columns(schema: dict[str, Any] | None) -> dict[str, pl.DataType]:
 
 def object_properties(schema: dict[str, Any] | None) -> tuple[dict[str, Any], tuple[str, ...]] | None:
     """The top-level properties of an object schema (and the refs followed to them); None if it has none."""
-    resolved = _resolve(schema, schema, ()) if schema is not None else None
+    resolved = resolve_refs(schema, schema, ()) if schema is not None else None
     if resolved is None:
         return None
     root, seen = resolved
@@ -296,7 +288,7 @@ def object_properties(schema: dict[str, Any] | None) -> tuple[dict[str, Any], tu
 
 def dtype_for(schema: Any, root: dict[str, Any], seen: tuple[str, ...] = ()) -> pl.DataType:
     """The polars type of the values a (sub)schema allows; JSON text when no one type fits."""
-    resolved = _resolve(schema, root, seen) if isinstance(schema, dict) else None
+    resolved = resolve_refs(schema, root, seen) if isinstance(schema, dict) else None
     if resolved is None:
         return JSON_TEXT
     schema, seen = resolved
@@ -307,7 +299,7 @@ def dtype_for(schema: Any, root: dict[str, Any], seen: tuple[str, ...] = ()) -> 
             return kinds.pop() if len(kinds) == 1 else JSON_TEXT
     if "enum" in schema or "const" in schema:
         values = schema["enum"] if isinstance(schema.get("enum"), list) else [schema.get("const")]
-        return _literal_dtype(values)
+        return literal_dtype(values)
     kind = schema.get("type")
     if isinstance(kind, list):
         named = [k for k in kind if k != "null"]
@@ -337,7 +329,7 @@ _SCALARS: dict[Any, pl.DataType] = {
 }
 
 
-def _literal_dtype(values: list[Any]) -> pl.DataType:
+def literal_dtype(values: list[Any]) -> pl.DataType:
     present = [v for v in values if v is not None]
     if present and all(isinstance(v, str) for v in present):
         return pl.String()
@@ -350,7 +342,7 @@ def _literal_dtype(values: list[Any]) -> pl.DataType:
     return JSON_TEXT
 
 
-def _resolve(
+def resolve_refs(
     schema: dict[str, Any], root: dict[str, Any], seen: tuple[str, ...]
 ) -> tuple[dict[str, Any], tuple[str, ...]] | None:
     """Follow local `$ref`s (`#/$defs/...`); None for remote or recursive ones."""
@@ -396,78 +388,3 @@ def conform(value: Any, dtype: pl.DataType) -> Any:
             return None
         return {f.name: conform(value.get(f.name), cast(pl.DataType, f.dtype)) for f in dtype.fields}
     return None
-
-
-# --- Gemini's schema dialect (docs/protocol.md §4.1) --------------------------------------
-
-# The keywords of Gemini's OpenAPI-style `Schema`; anything else is dropped.
-GEMINI_KEYWORDS = {
-    "type", "format", "title", "description", "nullable", "enum", "items", "minItems", "maxItems",
-    "properties", "required", "minProperties", "maxProperties", "minLength", "maxLength", "pattern",
-    "minimum", "maximum", "anyOf", "propertyOrdering", "default", "example",
-}  # fmt: skip
-_GEMINI_FORMATS = {"date-time", "enum", "int32", "int64", "float", "double"}
-
-
-def gemini_response_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """A JSON Schema as Gemini's `responseSchema`: upper-case types, typed enums, local refs inlined.
-
-    Gemini's enums are strings only: an untyped string enum gets type STRING, and an
-    enum of numbers keeps only its type. Unsupported keywords are dropped; the full
-    schema is still checked on the client.
-    """
-    return _to_gemini(schema, schema, ())
-
-
-def _to_gemini(schema: Any, root: dict[str, Any], seen: tuple[str, ...]) -> dict[str, Any]:
-    resolved = _resolve(schema, root, seen) if isinstance(schema, dict) else None
-    if resolved is None:
-        return {}
-    schema, seen = resolved
-    out: dict[str, Any] = {}
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        if "null" in kind:
-            out["nullable"] = True
-        kinds = [k for k in kind if k != "null"]
-        kind = kinds[0] if len(kinds) == 1 else None
-    enum = schema.get("enum") if isinstance(schema.get("enum"), list) else None
-    if enum is None and "const" in schema:
-        enum = [schema["const"]]
-    if enum is not None:
-        if None in enum:
-            out["nullable"] = True
-        values = [v for v in enum if v is not None]
-        if all(isinstance(v, str) for v in values):
-            kind, out["enum"] = "string", values
-        elif kind is None:
-            literal = _literal_dtype(values)
-            kind = {pl.Int64(): "integer", pl.Float64(): "number", pl.Boolean(): "boolean"}.get(literal, "string")
-    if kind is None:
-        kind = "object" if "properties" in schema else "array" if "items" in schema else None
-    if isinstance(kind, str):
-        out["type"] = kind.upper()
-    for key, value in schema.items():
-        if key not in GEMINI_KEYWORDS or key in ("type", "enum", "nullable"):
-            continue
-        if key == "properties" and isinstance(value, dict):
-            out[key] = {name: _to_gemini(sub, root, seen) for name, sub in value.items()}
-        elif key == "items":
-            out[key] = _to_gemini(value, root, seen)
-        elif key == "anyOf" and isinstance(value, list):
-            branches = [b for b in value if not (isinstance(b, dict) and b.get("type") == "null")]
-            if len(branches) < len(value):
-                out["nullable"] = True
-            converted = [_to_gemini(b, root, seen) for b in branches]
-            if len(converted) == 1:
-                out.update({k: v for k, v in converted[0].items() if k not in out})
-            else:
-                out[key] = converted
-        elif key == "format":
-            if value in _GEMINI_FORMATS:
-                out[key] = value
-        else:
-            out[key] = value
-    if schema.get("nullable") is True:
-        out["nullable"] = True
-    return out

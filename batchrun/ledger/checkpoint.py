@@ -128,20 +128,42 @@ INSERT INTO limiter VALUES (?, ?, ?, ?, ?) ON CONFLICT(second) DO UPDATE SET
 """
 
 
+class _NeedsUpdate(JobError):
+    """A checkpoint of an earlier batchrun, without the tables added since: opened read-only, it cannot gain them."""
+
+
 class Checkpoint:
-    def __init__(self, folder: Path, durable: bool = True) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+    @classmethod
+    def for_reading(cls, folder: Path) -> Checkpoint:
+        """The checkpoint opened read-only (status, report: reading needs no write access), unless it was written
+        by an earlier batchrun: that one is brought up to date first, which needs write access once."""
+        try:
+            return cls(folder, read_only=True)
+        except _NeedsUpdate:
+            return cls(folder)
+
+    def __init__(self, folder: Path, durable: bool = True, read_only: bool = False) -> None:
+        """`read_only`: for reading an existing checkpoint (status, report), which needs no write access;
+        nothing is created, brought up to date or locked."""
+        if not read_only:
+            folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         # durable=False is for `batchrun bench` only, to measure what durability costs:
         # the database lives in memory and no request waits for a commit.
         self.durable = durable
-        target = folder / DB_NAME if durable else ":memory:"
-        self._db = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
+        self.read_only = read_only
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process; WAL keeps it consistent
-            self._open_or_create()
-            self._db.execute(_ANSWERS)
+            self._db = _connect_read_only(folder / DB_NAME) if read_only else _connect(folder / DB_NAME, durable)
+        except sqlite3.DatabaseError as e:
+            raise JobError(_open_failure(folder, e)) from None
+        try:
+            if read_only:
+                self._check_existing()
+            else:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")  # durable against a kill; WAL keeps it consistent
+                self._open_or_create()
+                self._db.execute(_ANSWERS)
         except sqlite3.DatabaseError as e:
             self._db.close()
             raise JobError(_open_failure(folder, e)) from None
@@ -174,6 +196,11 @@ class Checkpoint:
             )
             self._add_report_tables()
             return
+        self._check_existing()
+        self._add_report_tables()
+
+    def _check_existing(self) -> None:
+        """Refuses a checkpoint that is cut short, damaged or of another format."""
         (page_size,) = self._db.execute("PRAGMA page_size").fetchone()
         if (self.folder / DB_NAME).stat().st_size % page_size:  # SQLite writes whole pages only
             raise sqlite3.DatabaseError("its database file is cut short")
@@ -187,7 +214,13 @@ class Checkpoint:
                 f"{self.folder}: the checkpoint was written in format {version}, this batchrun reads format "
                 f"{SCHEMA_VERSION}; run again with --restart to start over, or use the batchrun that wrote it"
             )
-        self._add_report_tables()
+        if self.read_only and not self._has_report_tables():
+            raise _NeedsUpdate(self.folder)
+
+    def _has_report_tables(self) -> bool:
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(rows)")}
+        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
+        return set(_REPORT_COLUMNS) <= have and {"limiter", "answers"} <= tables
 
     def _add_report_tables(self) -> None:
         have = {r[1] for r in self._db.execute("PRAGMA table_info(rows)")}
@@ -213,7 +246,13 @@ class Checkpoint:
         self._lock_file = fd
 
     def run_in_progress(self) -> bool:
-        fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        if self.read_only:  # a lock only a run takes; its file never made here
+            try:
+                fd = os.open(self.folder / "lock", os.O_RDONLY)
+            except FileNotFoundError:
+                return False
+        else:
+            fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -508,6 +547,31 @@ class _WalCheckpointer:
                 pass
         if db is not None:
             db.close()
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """The database opened for reading only. A reader of a WAL database makes its `-shm` file if it is not
+    there; on a read-only file system it cannot, and nothing can be writing there either: then the file is
+    read as it stands."""
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    try:
+        return _reading(uri)
+    except sqlite3.OperationalError:
+        return _reading(uri + "&immutable=1")
+
+
+def _reading(uri: str) -> sqlite3.Connection:
+    db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1")
+    except sqlite3.Error:
+        db.close()
+        raise
+    return db
+
+
+def _connect(path: Path, durable: bool) -> sqlite3.Connection:
+    return sqlite3.connect(path if durable else ":memory:", check_same_thread=False, isolation_level=None)
 
 
 def _open_failure(folder: Path, e: sqlite3.DatabaseError) -> str:

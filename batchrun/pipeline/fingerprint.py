@@ -32,6 +32,7 @@ from batchrun.job.render import Renderer, RowInputError
 from batchrun.job.settings import RequestSettings
 from batchrun.job.spec import Job, JobSpec
 from batchrun.ledger.checkpoint import Checkpoint
+from batchrun.protocols import protocol_for
 
 META_KEY = "fingerprint"
 SHOWN_CHARS = 60
@@ -39,7 +40,7 @@ SHOWN_CHARS = 60
 
 def request_settings(spec: JobSpec) -> dict[str, Any]:
     """The job-file settings that shape every request body (settings.RequestSettings), by their job-file names."""
-    return RequestSettings.of(spec).by_job_keys()
+    return RequestSettings.of(spec, protocol_for(spec.provider.api)).by_job_keys()
 
 
 def templates(spec: JobSpec) -> dict[str, Any]:
@@ -138,7 +139,7 @@ def compare(
     changes = current.changes_from(stored) if stored is not None else []
     changed = finished = 0
     if changes:
-        settings = settings_digest(RequestSettings.of(job.spec))
+        settings = settings_digest(RequestSettings.of(job.spec, protocol_for(job.spec.provider.api)))
         for indexes, held in _changed_rows(checkpoint, table, renderer, settings, ok_only):
             changed += len(indexes)
             finished += held

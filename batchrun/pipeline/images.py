@@ -7,7 +7,10 @@ takes them, and are downloaded (without the API key) where it does not.
 `prompt.max_image_side` downscales with Pillow (the `images` extra).
 
 Out: every image of a reply is written atomically under `output.images_dir`,
-named from the row id and its position, so a rerun writes the same names.
+named from the row id and its position, so a rerun writes the same names. The
+folder is batchrun's own, marked so (OWN_FOLDER_MARK): one that already holds
+files batchrun did not write is refused before anything is sent (`foreign_files`),
+as batchrun never replaces a file it did not write.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ import anyio
 import httpx
 import orjson
 
+from batchrun.base import storage
 from batchrun.job.render import ImageInput, Request
 from batchrun.job.settings import RequestSettings
 from batchrun.job.spec import Job
-from batchrun.protocols import WireProtocol
+from batchrun.protocols import CallError, WireProtocol
 from batchrun.protocols.reply import ImageOut
 
 IMAGE_TOKEN_ESTIMATE = 1000  # a rough per-image allowance for the tokens-per-minute estimate
@@ -129,7 +133,7 @@ class ImageLoader:
         elif _is_http(ref):
             if not self.inline_urls:
                 return ImageInput(url=ref)
-            mime, data = await self._download(ref)
+            mime, data = await self.download(ref)
         elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", ref):
             raise ImageError(f"image {ref}: unsupported URL scheme; use a local path, a data URL or an http(s) URL")
         else:
@@ -170,7 +174,8 @@ class ImageLoader:
     def _too_large(self, ref: str) -> ImageError:
         return ImageError(f"image {ref}: larger than {self.max_bytes / 2**20:g} MB (prompt.max_image_mb)")
 
-    async def _download(self, url: str) -> tuple[str, bytes]:
+    async def download(self, url: str) -> tuple[str, bytes]:
+        """An image input, or an image answered as a link: bounded like every download (ImageError if not)."""
         with anyio.move_on_after(self.download_deadline_s):
             return await self._fetch(url)
         seconds = f"{self.download_deadline_s:g} s"
@@ -239,17 +244,39 @@ def image_file_name(row_id: str, index: int, mime: str) -> str:
     return f"{safe}_{index}{ext}"
 
 
+OWN_FOLDER_MARK = ".batchrun-images"  # in an images folder batchrun writes to: its files are batchrun's
+
+
+def foreign_files(folder: Path) -> bool:
+    """Whether `folder` holds files batchrun did not write: anything at all, in a folder without its mark."""
+    if not folder.is_dir() or os.path.lexists(folder / OWN_FOLDER_MARK):
+        return False
+    with os.scandir(folder) as entries:
+        return next(entries, None) is not None
+
+
 def save_images(images: list[ImageOut], folder: Path, row_id: str) -> list[str]:
     """Write each image atomically; the absolute paths, in order."""
     folder.mkdir(parents=True, exist_ok=True)
+    _mark_own(folder)
     paths: list[str] = []
     for index, image in enumerate(images):
         target = folder / image_file_name(row_id, index, image.mime)
-        tmp = target.with_name(f".{target.name}.partial")
-        tmp.write_bytes(image.data)
-        os.replace(tmp, target)
+        with storage.replacing(target) as f:
+            f.write(image.data)
         paths.append(str(target))
     return paths
+
+
+def _mark_own(folder: Path) -> None:
+    if os.path.lexists(folder / OWN_FOLDER_MARK):
+        return
+    try:
+        fd = os.open(folder / OWN_FOLDER_MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        return  # another row marked it meanwhile
+    with os.fdopen(fd, "w") as mark:
+        mark.write("batchrun writes this folder's images and replaces them when a row is asked again\n")
 
 
 def loader_for(job: Job, inline_urls: bool) -> ImageLoader:
@@ -281,9 +308,9 @@ def preview_body(protocol: WireProtocol, loader: ImageLoader, request: Request, 
     downloads = loader.downloads(request.images)
     try:
         inputs = anyio.run(loader.load, tuple(r for r in request.images if r not in downloads))
-    except ImageError as e:
+        body = shorten_payloads(protocol.build(replace(request, image_inputs=inputs), settings))
+    except (ImageError, CallError) as e:
         return f"(not sent: the row would be an input error: {e})"
-    body = shorten_payloads(protocol.build(replace(request, image_inputs=inputs), settings))
     text = orjson.dumps(body, option=orjson.OPT_INDENT_2).decode()
     if downloads:
         text += "\n(plus, downloaded and sent inline when the row runs: " + ", ".join(downloads) + ")"

@@ -8,6 +8,7 @@ import time
 import orjson
 from tqdm.auto import tqdm  # a widget in notebooks, text in a terminal
 
+from batchrun.base.redaction import for_terminal
 from batchrun.flow.spend import cost
 from batchrun.job.spec import PricingSpec
 from batchrun.ledger.checkpoint import RowRecord
@@ -58,7 +59,7 @@ class Progress:
 
     def say(self, line: str) -> None:
         """One line about the run (what it is waiting for), above the bar; printed with --quiet too."""
-        tqdm.write(f"batchrun: {line}", file=sys.stderr)
+        tqdm.write(for_terminal(f"batchrun: {line}"), file=sys.stderr)  # the line may quote the relay
 
     def waiting(self, what: str | None) -> None:
         """What holds the run now (None: nothing), shown in the bar until it changes."""

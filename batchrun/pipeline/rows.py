@@ -35,6 +35,7 @@ from batchrun.pipeline.seams import Admission, Ledger, ProgressSink, Sharing, Sp
 from batchrun.pipeline.timeline import OK, AttemptLog
 from batchrun.pipeline.transport import AnswerCaps, Outcome, Transport, call_with_retries
 from batchrun.protocols import APIS, CallError, Repairing, Reply, WireProtocol, protocol_for
+from batchrun.protocols.reply import ImageOut
 
 KEPT_ANSWER_BYTES = 4 << 20  # output.openai_batch: a larger answer body is not kept (its line says so)
 MODEL_NAMES = 64  # masked model names remembered; a relay naming more is masked answer by answer
@@ -109,8 +110,8 @@ class RowPipeline:
         self.id_name = id_name
         self.parts = parts
         self.budget = budget
-        self.request_settings = RequestSettings.of(spec)
         self.protocol = protocol_for(spec.provider.api)
+        self.request_settings = RequestSettings.of(spec, self.protocol)
         # output.openai_batch needs every answer's body as received: only then are they kept.
         keep = job.openai_batch_path is not None
         self.decoders = {
@@ -122,7 +123,7 @@ class RowPipeline:
         self._held: HeldRows[RowRecord] = HeldRows()
         # What is the same for every row but an OpenAI Batch line (its body has its own): worked out once.
         self._cap = output_cap(spec.params)
-        self._path = self.protocol.path(spec.model or "", spec.stream)
+        self._path = self.protocol.path(self.request_settings)
         self._models: dict[str, str] = {}  # model names as answered, masked (answers name the same few)
 
     async def aclose(self) -> None:
@@ -245,12 +246,13 @@ class RowPipeline:
         spec = self.job.spec
         parts = self.parts
         protocol = self._protocol(item.request)
-        path = protocol.path(spec.model or "", spec.stream) if item.request.api else self._path
+        path = protocol.path(self.request_settings) if item.request.api else self._path
         cap = item.cap
         try:
             request_body = await self._body(item.request)
-        except images.ImageError as e:  # nothing is sent for this row
-            failed = Outcome(None, CallError("input", str(e), retryable=False), 0, 0.0)
+        except (images.ImageError, CallError) as e:  # an image, or a body the protocol cannot build: nothing sent
+            error = e if isinstance(e, CallError) else CallError("input", str(e), retryable=False)
+            failed = Outcome(None, error, 0, 0.0)
             return _record(item, failed, self._models), failed
         decoder = self.decoders[item.request.api or spec.provider.api]
         if item.request.body is not None:  # a Batch line streams if its body (or the job) says so
@@ -283,6 +285,7 @@ class RowPipeline:
                 on_error,
                 before_first_send=begin if first else _nothing,
                 rest=parts.rest,
+                encode=protocol.encode,
             )
             reply = outcome.reply
             if reply is None:
@@ -291,7 +294,11 @@ class RowPipeline:
                 log.note(OK)
                 parts.observe_limits()
                 self.budget.settle(
-                    held, prompt_estimate, reply.prompt_tokens, reply.completion_tokens, len(reply.images)
+                    held,
+                    prompt_estimate,
+                    reply.prompt_tokens,
+                    reply.completion_tokens,
+                    len(reply.images) + len(reply.image_urls),
                 )
             return outcome
 
@@ -306,6 +313,8 @@ class RowPipeline:
         self.requested += 1
         if outcome.error is not None:
             explain_native_rejection(outcome.error, self.request_settings)
+        if outcome.reply is not None and outcome.reply.image_urls:
+            outcome = await self._download_images(outcome)
         repairs = 0
         if self.parser is not None and spec.output.repair_attempts:
             outcome, repairs = await ask_with_repairs(outcome, self.parser, spec.output.repair_attempts, follow_up)
@@ -319,8 +328,21 @@ class RowPipeline:
             record.image_paths = orjson.dumps(saved).decode()
         return record, outcome
 
+    async def _download_images(self, outcome: Outcome) -> Outcome:
+        """Images answered as links, fetched like image inputs; one that fails ends the row as `image_download`
+        (retried by --retry-failed: such links expire)."""
+        reply = cast(Reply, outcome.reply)
+        try:
+            for url in reply.image_urls:
+                mime, data = await self.images.download(url)
+                reply.images.append(ImageOut(mime, data))
+        except images.ImageError as e:
+            return replace(outcome, reply=None, error=CallError("image_download", str(e), retryable=False))
+        return outcome
+
     async def _body(self, request: Request) -> dict[str, Any]:
-        """Images are read only now, right before the row is sent (ImageError: nothing is sent)."""
+        """Images are read only now, right before the row is sent (ImageError, or the protocol's CallError
+        for a row it cannot send: nothing is sent)."""
         if request.images:
             request = replace(request, image_inputs=await self.images.load(request.images))
         body: dict[str, Any] = self._protocol(request).build(request, self.request_settings)
@@ -332,11 +354,11 @@ class RowPipeline:
 
 
 def open_transport(job: Job, base_url: str, concurrency: int) -> Transport:
-    """The HTTP client every engine sends a job's rows with (one per process): the job's key, its
-    protocol's key header, its timeouts and answer caps. Closed with `aclose`."""
+    """The HTTP client every engine sends a job's rows with (one per process): the job's key in its
+    protocol's headers, its timeouts and answer caps. Closed with `aclose`."""
     spec = job.spec
-    key_header = protocol_for(spec.provider.api).KEY_HEADER
-    return Transport(base_url, job.api_key(), spec.run.timeout_s, concurrency, AnswerCaps.of(spec.run), key_header)
+    headers = protocol_for(spec.provider.api).headers(job.api_key())
+    return Transport(base_url, headers, spec.run.timeout_s, concurrency, AnswerCaps.of(spec.run))
 
 
 def _record(item: WorkItem, outcome: Outcome, models: dict[str, str]) -> RowRecord:

@@ -18,7 +18,7 @@ import socket
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ from batchrun.job.spec import RunSpec
 from batchrun.pipeline.seams import Admission
 from batchrun.protocols import CallError, Decoder, Reply, StreamAnswer
 from batchrun.protocols.relay_errors import from_body, from_response, quota_left
+from batchrun.protocols.shared import json_body
 from batchrun.protocols.sse import SSEParser, too_large
 
 
@@ -40,23 +41,16 @@ class Transport:
     def __init__(
         self,
         base_url: str,
-        api_key: str,
+        headers: Mapping[str, str],
         timeout_s: float,
         concurrency: int,
         caps: AnswerCaps | None = None,
-        key_header: str | None = None,
     ) -> None:
-        """`key_header`: a header that carries the key too, for relays that read only their API's own
-        (the protocol's KEY_HEADER: Gemini's `x-goog-api-key`)."""
-        self.api_key = api_key
+        """`headers`: the protocol's own, sent with every request: its auth scheme (`protocol.headers(key)`)."""
         self.timeout_s = timeout_s
         self.caps = caps or DEFAULT_CAPS
         self._base_url = base_url.rstrip("/")
-        headers = {"content-type": "application/json"}
-        if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
-            if key_header:
-                headers[key_header] = api_key
+        headers = {"content-type": "application/json", **headers}
         # docs/protocol.md §6.4. sock_read applies to every read: the idle timeout. A whole answer must come within
         # timeout_s, a stream within answer_timeout_s (aiohttp's own timer: anyio.fail_after cost 4% of the CPU).
         connect = min(10.0, timeout_s)
@@ -71,14 +65,14 @@ class Transport:
         )
         self._proxy = _env_proxy(self._base_url)
 
-    async def attempt(self, path: str, body: bytes, decoder: Decoder) -> Reply:
+    async def attempt(self, path: str, body: bytes, decoder: Decoder, content_type: str | None = None) -> Reply:
         """One POST and its answer; every failure becomes a CallError (key redacted).
 
         This is the protocol boundary: whatever the relay sends, and whatever a decoder makes of it, ends here
         as a Reply or a CallError; an exception nobody foresaw is an `internal` error of this row, not a crash.
         """
         try:
-            return await self._exchange(path, body, decoder)
+            return await self._exchange(path, body, decoder, content_type)
         except CallError:
             raise
         except aiohttp.ServerTimeoutError as e:  # connect or idle read (before TimeoutError: it is one)
@@ -92,11 +86,13 @@ class Transport:
         except Exception as e:  # a shape no decoder foresaw: this row's error, not the run's (not retried)
             raise CallError("internal", f"internal: {type(e).__name__}: {e}", retryable=False) from None
 
-    async def _exchange(self, path: str, body: bytes, decoder: Decoder) -> Reply:
+    async def _exchange(self, path: str, body: bytes, decoder: Decoder, content_type: str | None) -> Reply:
+        """`content_type`: the body's, when it is not the session's JSON (a multipart form)."""
         url = self._base_url + path
         timeout = self._stream_timeout if decoder.stream else self._whole_timeout
+        headers = {"content-type": content_type} if content_type else None
         async with self._session.post(
-            url, data=body, allow_redirects=False, proxy=self._proxy, timeout=timeout
+            url, data=body, headers=headers, allow_redirects=False, proxy=self._proxy, timeout=timeout
         ) as response:
             if response.status >= 300:
                 raise from_response(response.status, await _read_at_most(response, ERROR_BODY_BYTES), response.headers)
@@ -320,14 +316,16 @@ async def call_with_retries(
     on_error: Callable[[CallError], None],
     before_first_send: Callable[[], Awaitable[None]],
     rest: Callable[[float], Awaitable[None]] = anyio.sleep,
+    encode: Callable[[dict[str, Any]], tuple[bytes, str | None]] = json_body,
 ) -> Outcome:
     """Attempt until success, a final error, or `max_attempts`.
 
     `before_first_send` runs once a place is granted, right before the first request
     (the checkpoint's intent record); `on_error` sees every failure (abort rules);
-    `rest` waits out the back-off before a retry (the runner lends the row's worker meanwhile).
+    `rest` waits out the back-off before a retry (the runner lends the row's worker meanwhile);
+    `encode` turns the body into bytes and their content type (the protocol's `encode`).
     """
-    payload = orjson.dumps(body)
+    payload, content_type = encode(body)
     attempts = excused = 0
     started = time.monotonic()
     while True:
@@ -338,7 +336,7 @@ async def call_with_retries(
                     await before_first_send()
                 started = time.monotonic()
                 try:
-                    reply = await transport.attempt(path, payload, decoder)
+                    reply = await transport.attempt(path, payload, decoder, content_type)
                 except CallError as e:
                     error = e
                 else:

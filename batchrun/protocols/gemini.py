@@ -20,14 +20,26 @@ import orjson
 from batchrun.base.stops import StopRule
 from batchrun.job.render import ImageInput, Request
 from batchrun.job.settings import RequestSettings
-from batchrun.job.structured import gemini_response_schema
+from batchrun.job.spec import JobSpec
+from batchrun.protocols.gemini_schema import gemini_response_schema
 from batchrun.protocols.relay_errors import CallError, from_body
 from batchrun.protocols.reply import Decoder, ImageOut, Reply, decode_base64, text_field, token_count
+from batchrun.protocols.shared import bearer, json_body
 from batchrun.protocols.sse import stream_cut
 
+STREAMS = True
+TOOLS = True
+SCHEMA_DIALECT: str | None = "gemini"  # responseJsonSchema, or the OpenAPI-style responseSchema (§4.1)
+IMAGES_IN = True
+IMAGES_OUT = True
+CONVERSATIONS = True
+REPAIRS = False
+OPENAI_BATCH = False
+OWNED_PARAMS = frozenset({"contents", "systemInstruction", "system_instruction"})
+CUT_OFF_REASONS = frozenset({"MAX_TOKENS"})
 INLINE_IMAGE_URLS = True  # a Gemini-bound channel may not fetch URLs: batchrun downloads them
-KEY_HEADER: str | None = "x-goog-api-key"  # Google's own key header, read by Gemini-native proxies (docs/relays.md)
 INPUT_IMAGE_TOKENS = 258  # an input image up to 384 px a side (larger ones: 258 a 768-px tile); for estimates
+encode = json_body
 TOP_LEVEL_PARAMS = ("safetySettings", "tools", "toolConfig", "cachedContent")
 _CONTENT_STOPS = {
     "SAFETY",
@@ -45,12 +57,50 @@ _CONTENT_STOPS = {
 _TOOL_STOPS = {"MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL", "TOO_MANY_TOOL_CALLS"}
 
 
-def path(model: str, stream: bool) -> str:
-    model = urllib.parse.quote(model, safe="")
+_NATIVE_SCHEMA_KEYS = {"responseSchema", "responseJsonSchema", "responseMimeType"}
+_MODEL_FORBIDDEN = re.compile(r"[/?#:\s]")
+
+
+def headers(api_key: str) -> dict[str, str]:
+    """Bearer, and Google's own key header, read by Gemini-native proxies (docs/relays.md)."""
+    return {**bearer(api_key), "x-goog-api-key": api_key} if api_key else {}
+
+
+def path(settings: RequestSettings) -> str:
+    model = urllib.parse.quote(settings.model or "", safe="")
     # Always alt=sse: without it Google streams one JSON array and old relays answer unstreamed.
-    return (
-        f"/v1beta/models/{model}:streamGenerateContent?alt=sse" if stream else f"/v1beta/models/{model}:generateContent"
-    )
+    if settings.stream:
+        return f"/v1beta/models/{model}:streamGenerateContent?alt=sse"
+    return f"/v1beta/models/{model}:generateContent"
+
+
+def tool_declarations(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `functionDeclarations` (or `function_declarations`) of params.tools."""
+    tools = params.get("tools")
+    found: list[dict[str, Any]] = []
+    for tool in tools if isinstance(tools, list) else []:
+        for key in ("functionDeclarations", "function_declarations"):
+            if isinstance(tool, dict):
+                found += [d for d in tool.get(key) or [] if isinstance(d, dict)]
+    return found
+
+
+def own_schema(params: dict[str, Any]) -> bool:
+    """params that set responseSchema, responseJsonSchema or responseMimeType themselves (§4.1)."""
+    return bool(_NATIVE_SCHEMA_KEYS & set(_config_of(params)))
+
+
+def job_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    if spec.model is not None and _MODEL_FORBIDDEN.search(spec.model):
+        return [("model", f"{spec.model!r}: a Gemini model is its bare id, without / ? # : or spaces")]
+    return []
+
+
+def job_warnings(spec: JobSpec) -> list[tuple[str, str]]:
+    modalities = _config_of(spec.params).get("responseModalities")
+    if spec.output.images_dir and isinstance(modalities, list) and "IMAGE" not in [str(m).upper() for m in modalities]:
+        return [("output.images_dir", "is set but params.responseModalities lacks IMAGE: no image will come")]
+    return []
 
 
 def build(request: Request, settings: RequestSettings) -> dict[str, Any]:
@@ -98,18 +148,22 @@ def _inline(image: ImageInput) -> dict[str, Any]:
 def generation_config(settings: RequestSettings) -> dict[str, Any]:
     """params in Gemini's names: a `generationConfig` mapping and every key not sent at the top level;
     with a schema, structured output in Gemini's dialect unless params set their own (§4.1)."""
-    params = settings.params
-    config = dict(params.get("generationConfig") or {})
-    config.update(
-        {key: value for key, value in params.items() if key not in TOP_LEVEL_PARAMS and key != "generationConfig"}
-    )
-    native = {"responseSchema", "responseJsonSchema", "responseMimeType"}
-    if settings.native_schema is not None and not native & set(config):
+    config = _config_of(settings.params)
+    if settings.native_schema is not None:  # None too when params set their own (own_schema)
         config["responseMimeType"] = "application/json"
         if takes_json_schema(settings.model):
             config["responseJsonSchema"] = settings.native_schema
         else:
             config["responseSchema"] = gemini_response_schema(settings.native_schema)
+    return config
+
+
+def _config_of(params: dict[str, Any]) -> dict[str, Any]:
+    """A `generationConfig` mapping in params and every key not sent at the top level, merged."""
+    config = dict(params.get("generationConfig") or {})
+    config.update(
+        {key: value for key, value in params.items() if key not in TOP_LEVEL_PARAMS and key != "generationConfig"}
+    )
     return config
 
 

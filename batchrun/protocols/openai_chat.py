@@ -14,18 +14,38 @@ from batchrun.job.render import ImageInput, Request
 from batchrun.job.settings import RequestSettings
 from batchrun.protocols.relay_errors import CallError, from_body
 from batchrun.protocols.reply import Decoder, ImageOut, Reply, decode_base64, text_field, token_count
+from batchrun.protocols.shared import bearer, json_body, no_problems, openai_tools
 from batchrun.protocols.sse import stream_cut
 
+STREAMS = True
+TOOLS = True
+SCHEMA_DIALECT: str | None = "json_schema"  # response_format (§2.4)
+IMAGES_IN = True
+IMAGES_OUT = True  # a Gemini image model behind the chat path: Markdown data URIs (§7 item 23)
+CONVERSATIONS = True
+REPAIRS = True
+OPENAI_BATCH = True
+OWNED_PARAMS = frozenset({"model", "messages", "stream", "stream_options"})
+CUT_OFF_REASONS = frozenset({"length"})
 INLINE_IMAGE_URLS = False  # the upstream fetches http(s) URLs itself
-KEY_HEADER: str | None = None
 INPUT_IMAGE_TOKENS = 85 + 170  # an image up to 512 px at detail high: base + one tile; for estimates
+headers = bearer
+encode = json_body
+tool_declarations = openai_tools
+job_problems = no_problems
+job_warnings = no_problems
 _PART_NAMES = {"standard": ("text", "image_url"), "responses": ("input_text", "input_image")}
 # A Gemini image model behind the chat path returns its images as Markdown data URIs (§7 item 23).
 _MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(data:(image/[\w.+-]+);base64,([A-Za-z0-9+/=_\-\s]+)\)")
 
 
-def path(model: str, stream: bool) -> str:
+def path(settings: RequestSettings) -> str:
     return "/v1/chat/completions"
+
+
+def own_schema(params: dict[str, Any]) -> bool:
+    """params.response_format replaces the one batchrun would derive from output.schema."""
+    return "response_format" in params
 
 
 def build(request: Request, settings: RequestSettings) -> dict[str, Any]:

@@ -12,17 +12,45 @@ from typing import Any
 from batchrun.base.stops import StopRule
 from batchrun.job.render import Request
 from batchrun.job.settings import RequestSettings
+from batchrun.job.spec import JobSpec
 from batchrun.protocols import openai_chat
 from batchrun.protocols.relay_errors import CallError
 from batchrun.protocols.reply import Decoder, Reply
+from batchrun.protocols.shared import bearer, json_body, no_problems
 
+STREAMS = True
+TOOLS = False
+SCHEMA_DIALECT: str | None = None  # no structured output: answers are still checked against output.schema
+IMAGES_IN = False
+IMAGES_OUT = False
+CONVERSATIONS = False  # one prompt string
+REPAIRS = False
+OPENAI_BATCH = True
+OWNED_PARAMS = frozenset({"model", "prompt", "stream", "stream_options"})
+CUT_OFF_REASONS = frozenset({"length"})
 INLINE_IMAGE_URLS = False  # no images on this API
-KEY_HEADER: str | None = None
 INPUT_IMAGE_TOKENS = 0  # no images on this API
+headers = bearer
+encode = json_body
+job_problems = no_problems
 
 
-def path(model: str, stream: bool) -> str:
+def path(settings: RequestSettings) -> str:
     return "/v1/completions"
+
+
+def tool_declarations(params: dict[str, Any]) -> list[dict[str, Any]]:
+    return []  # no tools on this API
+
+
+def own_schema(params: dict[str, Any]) -> bool:
+    return False
+
+
+def job_warnings(spec: JobSpec) -> list[tuple[str, str]]:
+    if "max_tokens" not in spec.params:
+        return [("params", "max_tokens is not set; the completions default is tiny (16 tokens)")]
+    return []
 
 
 def build(request: Request, settings: RequestSettings) -> dict[str, Any]:

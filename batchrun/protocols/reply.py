@@ -46,6 +46,7 @@ class Reply:
     completion_tokens: int | None = None
     tool_calls: list[dict[str, str]] = field(default_factory=list)  # each {name, arguments}
     images: list[ImageOut] = field(default_factory=list)  # in answer order; the last one is the final image
+    image_urls: list[str] = field(default_factory=list)  # images answered as links: downloaded before saving
     notes: list[str] = field(default_factory=list)  # what was wrong with an answer kept anyway (odd usage)
     quota: QuotaLeft | None = None  # x-ratelimit-* of the answer, for the limiter
     # Only when the decoder keeps answers (output.openai_batch): the body as received (a stream

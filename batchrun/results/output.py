@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 import polars as pl
@@ -29,7 +29,8 @@ from batchrun.job import openai_batch
 from batchrun.job.inputs import ROW_INDEX, InputTable
 from batchrun.job.spec import Job, PricingSpec
 from batchrun.job.structured import PARSE_NOTE, SCHEMA_INVALID, AnswerParser
-from batchrun.ledger.checkpoint import ROW_COLUMNS, Checkpoint
+from batchrun.ledger.checkpoint import ROW_COLUMNS, Checkpoint, checkpoint_folder
+from batchrun.pipeline import images
 
 # The output's Parquet key-value metadata: how batchrun knows a file it may replace is its own.
 OWN_OUTPUT_KEY = b"batchrun"
@@ -88,9 +89,12 @@ def check_columns(job: Job, parser: AnswerParser | None, input_columns: list[str
     results = {*RESULT_SCHEMA, "cost"} | ({PARSE_NOTE} if parser is not None else set())
     clash = sorted(results & set(input_columns))
     if clash:
+        names, renames = ", ".join(map(repr, clash)), ", ".join(f"'input_{c}'" for c in clash)
+        one = len(clash) == 1
+        which, them = (f"a column {names}, which is", "that column") if one else (f"columns {names}, which are", "them")
         raise JobError(
-            f"{job.path}: input.path {job.spec.input.path}: the input has a column {clash[0]!r}, which is also the "
-            f"name of a result column of the output; rename that column in the input (e.g. to 'input_{clash[0]}')"
+            f"{job.path}: input.path {job.spec.input.path}: the input has {which} also the name of a result "
+            f"column of the output; rename {them} in the input (e.g. to {renames})"
         )
     if parser is None:
         return
@@ -106,6 +110,7 @@ def check_columns(job: Job, parser: AnswerParser | None, input_columns: list[str
 def check_targets(job: Job) -> None:
     """Never write over user data: refuse, before anything is sent, an output or images folder that is the
     input (or one of its glob's files), or an existing file at the output that batchrun did not write."""
+    _check_output_places(job)
     shown_input = job.input_path if job.frame is None else "(a frame given in Python)"
     targets = (("output.path", job.output_url or job.output_path), ("output.images_dir", job.images_dir))
     for key, target in targets if job.frame is None else ():
@@ -127,6 +132,29 @@ def check_targets(job: Job) -> None:
         raise JobError(
             f"{job.path}: output.path {out}: the summary would replace {summary}, which batchrun did not write; "
             "move it away or choose another output.path"
+        )
+
+
+def _check_output_places(job: Job) -> None:
+    """Each thing a run writes needs a place of its own, or one replaces another (the summary the Batch file)."""
+    out = job.output_path
+    places = {
+        "output.path": out,
+        "the summary of output.path": summary_path(out),
+        "the report of output.path": report_path(out),
+        "the checkpoint of output.path": checkpoint_folder(out),
+        "output.images_dir": job.images_dir,
+    }
+    if job.openai_batch_path is not None:
+        places["output.openai_batch"] = job.openai_batch_path
+    seen: dict[Path, str] = {}
+    for key, place in places.items():
+        if (other := seen.setdefault(place.resolve(), key)) != key:
+            raise JobError(f"{job.path}: {key} and {other} are the same path ({place}); give each its own path")
+    if job.spec.output.images_dir is not None and images.foreign_files(job.images_dir):
+        raise JobError(
+            f"{job.path}: output.images_dir {job.images_dir} already holds files batchrun did not write, and batchrun "
+            "never replaces them; set output.images_dir to a new or empty folder"
         )
 
 
@@ -164,9 +192,22 @@ def write_parquet(
     parser: AnswerParser | None,
 ) -> dict[str, Any]:
     """Writes the output; returns its totals (rows ok / error, schema failures, shared, cost)."""
-    path, pricing = job.output_path, job.spec.pricing
+    path = job.output_path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
+    with storage.new_file_beside(path) as (file, tmp):
+        totals = _write_parquet(file, table, checkpoint, job, limit, parser)
+        file.close()
+        if job.output_url is None:
+            os.replace(tmp, path)
+        else:  # written whole here first: nothing is at the key until the output is complete
+            storage.upload(tmp, job.output_url, job.spec.output.storage_options)
+    return totals
+
+
+def _write_parquet(
+    file: BinaryIO, table: InputTable, checkpoint: Checkpoint, job: Job, limit: int | None, parser: AnswerParser | None
+) -> dict[str, Any]:
+    pricing = job.spec.pricing
     writer: pq.ParquetWriter | None = None
     group: list[pa.Table] = []
     totals: dict[str, Any] = {"ok": 0, "error": 0, SCHEMA_INVALID: 0, "shared": 0}
@@ -185,7 +226,7 @@ def write_parquet(
             arrow = merged.to_arrow()
             if writer is None:
                 writer = pq.ParquetWriter(
-                    tmp,
+                    file,
                     arrow.schema.with_metadata(_own_metadata(job)),
                     compression="zstd",
                     dictionary_pagesize_limit=DICTIONARY_PAGE_BYTES,
@@ -200,12 +241,7 @@ def write_parquet(
         if writer is not None:
             writer.close()
     if writer is None:  # an empty input still gets a (column-less) file
-        pq.write_table(pa.table({}).replace_schema_metadata(_own_metadata(job)), tmp)
-    if job.output_url is None:
-        os.replace(tmp, path)
-    else:  # written whole here first: nothing is at the key until the output is complete
-        storage.upload(tmp, job.output_url, job.spec.output.storage_options)
-        tmp.unlink()
+        pq.write_table(pa.table({}).replace_schema_metadata(_own_metadata(job)), file)
     return totals
 
 
@@ -271,9 +307,12 @@ def summary_path(output_path: Path) -> Path:
     return output_path.with_name(output_path.stem + ".summary.json")
 
 
+def report_path(output_path: Path) -> Path:
+    return output_path.with_name(output_path.stem + ".report.html")
+
+
 def write_summary(output_path: Path, summary: dict[str, Any]) -> Path:
     target = summary_path(output_path)
-    tmp = target.with_name(f".{target.name}.partial")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, target)
+    with storage.replacing(target) as f:
+        f.write((json.dumps(summary, indent=2) + "\n").encode())
     return target

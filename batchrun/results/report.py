@@ -26,6 +26,7 @@ from batchrun.job.structured import PARSE_NOTE, AnswerParser
 from batchrun.ledger.checkpoint import ROW_COLUMNS, Checkpoint
 from batchrun.pipeline import images
 from batchrun.pipeline.timeline import last_run, parse_attempt_log
+from batchrun.protocols import protocol_for
 from batchrun.results import output
 
 CHUNK_ROWS = 20_000
@@ -121,7 +122,7 @@ def collect(job: Job, checkpoint: Checkpoint) -> Report:
     if table is None:
         report.input_note = "the input cannot be read now: sample rows show no input columns"
     _run_state(report, checkpoint)
-    parser = AnswerParser.for_spec(job.spec)
+    parser = AnswerParser.for_spec(job.spec, protocol_for(job.spec.provider.api))
     report.parsed_columns = list(parser.columns) if parser is not None else []
     tally = Tally(report, checkpoint, parser)
     tally.run()

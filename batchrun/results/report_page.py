@@ -21,12 +21,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from batchrun.base import storage
 from batchrun.base.errors import JobError
 from batchrun.base.redaction import redact, register_secret
 from batchrun.flow import spend
 from batchrun.job.spec import Job
 from batchrun.ledger.checkpoint import DB_NAME, Checkpoint, checkpoint_folder
 from batchrun.pipeline import images
+from batchrun.results.output import report_path
 from batchrun.results.report import LATENCY_STEP, TIME_BINS, Histogram, Report, TimeBins, collect, percentile
 
 THUMB_SIDE = 192
@@ -459,23 +461,18 @@ def _shrink(data: bytes) -> tuple[bytes, str]:
         return out.getvalue(), "image/jpeg"
 
 
-def report_path(output_path: Path) -> Path:
-    return output_path.with_name(output_path.stem + ".report.html")
-
-
 def write_report(job: Job) -> Path:
     """Builds the page from the job's checkpoint and writes it beside the output; returns its path."""
     folder = checkpoint_folder(job.output_path)
     if not (folder / DB_NAME).exists():
         raise JobError(f"{job.path}: no checkpoint at {folder}: run the job first (batchrun run {job.path})")
     register_secret(os.environ.get(job.spec.provider.api_key_env, "").strip())  # masked wherever it appears
-    checkpoint = Checkpoint(folder)
+    checkpoint = Checkpoint.for_reading(folder)
     try:
         report = collect(job, checkpoint)
     finally:
         checkpoint.close()
     target = report_path(job.output_path)
-    tmp = target.with_name(f".{target.name}.partial")
-    tmp.write_text(render_page(report), encoding="utf-8")
-    os.replace(tmp, target)
+    with storage.replacing(target) as f:
+        f.write(render_page(report).encode())
     return target
