@@ -204,6 +204,12 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument(
         "--max-concurrency", type=_positive_int, help="more in flight at once: 429 token_concurrency_limit_reached"
     )
+    emulator.add_argument(
+        "--cache-prefixes",
+        type=_positive_int,
+        default=0,
+        help="model a provider prompt cache holding this many prefixes (docs/caching.md); default: no cache",
+    )
     emulator.set_defaults(func=_emulator)
 
     bench = sub.add_parser("bench", help="measure the client's own throughput against the emulator")
@@ -221,6 +227,12 @@ def _parser() -> argparse.ArgumentParser:
         "--push-back",
         action="store_true",
         help="instead: wall time and rate under random 429/503s, a rate limit and a concurrency limit (~3 min)",
+    )
+    bench.add_argument(
+        "--cache",
+        action="store_true",
+        help="instead: 120 documents x 5 questions, shuffled, against a 16-prefix prompt cache: "
+        "rows that hit it and cost, in the cache's order and in input order",
     )
     bench.add_argument(
         "--engine",
@@ -286,6 +298,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"{summary['rows']} rows: {summary['ok']} ok, {summary['error']} error; "
         f"tokens {summary['prompt_tokens']} in / {summary['completion_tokens']} out"
     )
+    if summary.get("cached_tokens"):
+        line += f" ({summary['cached_tokens']} in from the provider's cache)"
     if "cost" in summary:
         line += f"; cost {summary['cost']:.4f} {summary['currency']}"
     line += f"; {summary['wall_s']:.1f} s, {summary['requests_per_s'] or 0:.1f} requests/s"
@@ -365,6 +379,10 @@ def _bench(args: argparse.Namespace) -> int:
         from batchrun.bench.ray_scaling import main as ray_bench_main
 
         return ray_bench_main(args.quick, args.json)
+    if args.cache:
+        from batchrun.bench.cache import main as cache_bench_main
+
+        return cache_bench_main(args.json)
     if args.push_back:
         from batchrun.bench.pushback import main as push_back_main
 
@@ -405,6 +423,7 @@ def _emulator(args: argparse.Namespace) -> int:
         rpm_limit=args.rpm_limit,
         rpm_window_s=args.rpm_window_s,
         max_concurrency=args.max_concurrency,
+        cache_prefixes=args.cache_prefixes,
     )
     try:
         serve_forever(config, args.host, args.port)

@@ -28,6 +28,7 @@ def test_run_writes_every_contract_column_in_input_order(tmp_path: Path, reviews
         "finish_reason",
         "model",
         "prompt_tokens",
+        "cached_tokens",
         "completion_tokens",
         "latency_s",
         "attempts",

@@ -43,6 +43,10 @@ def test_temporary_files_are_never_written_through_a_planted_link(tmp_path: Path
     old_names = ["result.parquet", "result.summary.json", "result.report.html", "result.output.jsonl"]
     for name in old_names:  # the fixed temporary names batchrun used to write through
         (out / f".{name}.partial").symlink_to(precious)
+    leftover = out / ".result.parquet.0123456789ab.partial"  # what a run killed while writing leaves
+    leftover.write_bytes(b"half a file")
+    planted = out / ".result.output.jsonl.0123456789ab.partial"  # a link under such a name is not followed
+    planted.symlink_to(precious)
     output = {"path": "out/result.parquet", "openai_batch": "out/result.output.jsonl"}
     job = batch_job(tmp_path, emulator.url, output=output)
     result = run_here("run", str(job), "--quiet")
@@ -53,6 +57,7 @@ def test_temporary_files_are_never_written_through_a_planted_link(tmp_path: Path
     for name in old_names:
         assert (out / name).is_file() and not (out / name).is_symlink()
         assert (out / f".{name}.partial").is_symlink()  # left as planted, not written through or removed
+    assert not leftover.exists() and planted.is_symlink()
     assert pl.read_parquet(out / "result.parquet")["status"].to_list() == ["ok"] * len(REVIEWS)
     assert len((out / "result.output.jsonl").read_text().splitlines()) == len(REVIEWS)
 
@@ -120,6 +125,14 @@ def test_an_images_dir_holding_the_users_files_is_refused(tmp_path: Path, emulat
     assert (mine / images.OWN_FOLDER_MARK).is_file() and (mine / "r1_0.png").read_bytes().startswith(b"\x89PNG")
     again = run_here("run", str(job), "--quiet", "--restart")
     assert again.returncode == 0, again.stderr
+
+
+def test_images_beside_the_output_are_no_reason_to_refuse_a_rerun(tmp_path: Path, emulator: Emulator) -> None:
+    write_csv(tmp_path / "reviews.csv", ["review_id", "text", "stars"], REVIEWS)
+    job = write_job(tmp_path, emulator.url, output={"path": "out/result.parquet", "images_dir": "out"})
+    for _ in range(2):  # the second run finds only the first one's output, summary and checkpoint there
+        result = run_here("run", str(job), "--quiet")
+        assert result.returncode == 0, result.stderr
 
 
 def test_adopting_another_jobs_checkpoint_is_refused_before_anything_moves(tmp_path: Path, emulator: Emulator) -> None:

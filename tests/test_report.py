@@ -373,7 +373,11 @@ def test_an_older_checkpoint_resumes_and_reports(reviews: Path, tmp_path: Path, 
 def _make_older(db: Path) -> None:
     """The checkpoint as batchrun wrote it before the report's records: no such columns, table or meta."""
     con = sqlite3.connect(db)
-    columns = [r[1] for r in con.execute("PRAGMA table_info(rows)") if r[1] not in ("started_at", "attempt_log")]
+    columns = [
+        r[1]
+        for r in con.execute("PRAGMA table_info(rows)")
+        if r[1] not in ("started_at", "attempt_log", "cached_tokens")
+    ]
     con.executescript(
         f"CREATE TABLE rows_old AS SELECT {', '.join(columns)} FROM rows; DROP TABLE rows;"
         "ALTER TABLE rows_old RENAME TO rows; DROP TABLE limiter; DELETE FROM meta WHERE key = 'last_run';"

@@ -23,6 +23,7 @@ from batchrun.job.render import Renderer, RowInputError
 from batchrun.job.settings import RequestSettings
 from batchrun.job.spec import Job, JobSpec, with_settings
 from batchrun.job.structured import AnswerParser
+from batchrun.pipeline import cache_order
 from batchrun.pipeline.images import ImageLoader, loader_for, preview_body
 from batchrun.protocols import WireProtocol, protocol_for
 from batchrun.results import output
@@ -136,6 +137,7 @@ def plan(job: Job, show: int = 2) -> Plan:
     else:
         endpoint = f"{spec.provider.api} {spec.model} -> POST {spec.provider.base_url}"
         endpoint += protocol.path(settings)
+    estimate_lines = spend.describe_estimate(estimate, job) + _cache_advice(job, table, renderer, estimate)
     return Plan(
         job=spec.name,
         rows=table.count(),
@@ -144,5 +146,23 @@ def plan(job: Job, show: int = 2) -> Plan:
         endpoint=endpoint,
         requests=requests,
         estimate=estimate,
-        estimate_lines=spend.describe_estimate(estimate, job),
+        estimate_lines=estimate_lines,
     )
+
+
+def _cache_advice(job: Job, table: InputTable, renderer: Renderer, estimate: spend.Estimate) -> list[str]:
+    """How much of each request is a prefix shared with other rows, over the rows the run reads ahead."""
+    texts = []
+    for batch in table.batches(limit=cache_order.WINDOW_ROWS):
+        for row in batch.iter_rows(named=True):
+            try:
+                texts.append(cache_order.leading_text(renderer.render(row)))
+            except Exception:  # such a row fails as an input error, without a request (see _preview)
+                continue
+    share = cache_order.prefix_share(texts)
+    lines = cache_order.advice_lines(share, job.path, job.spec.run.order)
+    if lines and job.spec.pricing is not None:
+        lines.insert(
+            2, spend.describe_cached(estimate, share.expected_cached / max(share.input_tokens, 1), job.spec.pricing)
+        )
+    return lines

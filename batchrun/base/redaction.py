@@ -18,6 +18,7 @@ docs/limits-and-caps.md.
 from __future__ import annotations
 
 import base64
+import functools
 import html.entities
 import re
 from urllib.parse import quote
@@ -62,8 +63,8 @@ def redact(text: str) -> str:
         return text
     spans = _spans(text)
     # A text without these marks encodes nothing: the common case, decided in C (measured: docs/limits-and-caps.md).
-    if ("\\" in text or "&" in text or "%" in text) and _ESCAPE.search(text):
-        decoded, starts = _decoded(text)
+    if _may_encode(text) and _ESCAPE.search(text) and _spans(_decoded_text(text)):
+        decoded, starts = _decoded(text)  # where the key's characters stand: slower, so only once one is found
         spans += [(starts[start], starts[end]) for start, end in _spans(decoded)]
     if not spans:
         return text
@@ -79,6 +80,18 @@ def redact(text: str) -> str:
     return "".join(out)
 
 
+def _may_encode(text: str) -> bool:
+    return "\\" in text or "&" in text or "%" in text
+
+
+def _decoded_text(text: str) -> str:
+    for _ in range(DECODE_PASSES):
+        text, found = _ESCAPE.subn(_escaped_character, text)
+        if not found or not _may_encode(text):
+            break
+    return text
+
+
 def _decoded(text: str) -> tuple[str, list[int]]:
     """`text` with its escapes read, and where each character of it starts in `text` (one more: the end)."""
     starts = list(range(len(text) + 1))
@@ -89,7 +102,7 @@ def _decoded(text: str) -> tuple[str, list[int]]:
         for m in _ESCAPE.finditer(text):
             pieces.append(text[pos : m.start()])
             layer += starts[pos : m.start()]
-            pieces.append(_character(m))
+            pieces.append(_character(m.group()))
             layer += [starts[m.start()]] * len(pieces[-1])
             pos = m.end()
         if not pieces:
@@ -100,8 +113,15 @@ def _decoded(text: str) -> tuple[str, list[int]]:
     return text, starts
 
 
-def _character(m: re.Match[str]) -> str:
+def _escaped_character(m: re.Match[str]) -> str:
+    return _character(m.group())
+
+
+@functools.lru_cache(maxsize=4096)  # texts repeat the same few escapes
+def _character(escape: str) -> str:
     """What one escape stands for; itself when it stands for nothing (an unknown entity, a code point past Unicode)."""
+    m = _ESCAPE.fullmatch(escape)
+    assert m is not None
     json_hex, backslash_hex, backslashed, entity_hex, entity_decimal, entity_name, percent = m.groups()
     if backslashed is not None:
         return backslashed

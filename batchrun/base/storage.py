@@ -10,9 +10,11 @@ blocks (polars would fetch them whole). Why and what was measured: docs/object-s
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import secrets
+import stat
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,6 +64,18 @@ def state_root() -> Path:
     return Path(base).expanduser().resolve() / "batchrun"
 
 
+_TEMPORARY_BYTES = 6  # random bytes in a temporary's name, as hex
+
+
+def remove_leftovers(target: Path) -> None:
+    """Removes the temporaries of `target` a killed writer left (`new_file_beside`'s names, regular files only:
+    a link is never followed). Only for a file one run writes at a time (under the checkpoint's lock)."""
+    name = re.compile(rf"\.{re.escape(target.name)}\.[0-9a-f]{{{2 * _TEMPORARY_BYTES}}}\.partial")
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
+        if name.fullmatch(path.name) and stat.S_ISREG(path.lstat().st_mode):
+            path.unlink(missing_ok=True)
+
+
 @contextmanager
 def new_file_beside(target: Path) -> Iterator[tuple[BinaryIO, Path]]:
     """A new file of batchrun's own in `target`'s folder, open for writing, and its path.
@@ -71,7 +85,7 @@ def new_file_beside(target: Path) -> Iterator[tuple[BinaryIO, Path]]:
     over. The block may rename it into place; whatever is left of it at the end is removed.
     """
     while True:
-        path = target.with_name(f".{target.name}.{secrets.token_hex(6)}.partial")
+        path = target.with_name(f".{target.name}.{secrets.token_hex(_TEMPORARY_BYTES)}.partial")
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
             break

@@ -61,9 +61,12 @@ def _input_images(body: dict[str, Any]) -> list[bytes]:
     return found
 
 
-def gemini_events(body: dict[str, Any], model: str, prompt: str, fault: str | None, request_id: str) -> list[Any]:
+def gemini_events(
+    body: dict[str, Any], model: str, prompt: str, fault: str | None, request_id: str, cached_tokens: int = 0
+) -> list[Any]:
     """The answer as stream events: each part (text in pieces) in its own event, every image whole,
-    finishReason and the final usage on the last; running-total usage on the others."""
+    finishReason and the final usage on the last; running-total usage on the others.
+    `cached_tokens` of the prompt were read from the cache (emulator/cache.py): said as Gemini says it."""
     images_in = _input_images(body)
     prompt_tokens = answers.count_tokens(prompt) + INPUT_IMAGE_TOKENS * len(images_in)
     head: dict[str, Any] = {"modelVersion": model, "responseId": f"r-{request_id}"}
@@ -74,6 +77,8 @@ def gemini_events(body: dict[str, Any], model: str, prompt: str, fault: str | No
     thinking = "pro" in model
     thoughts = THOUGHT_TOKENS if thinking else 0
     running = {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens}
+    if cached_tokens:
+        running["cachedContentTokenCount"] = cached_tokens
     events = [
         head | {"candidates": [{"index": 0, "content": {"role": "model", "parts": [p]}}], "usageMetadata": running}
         for part in parts
@@ -86,6 +91,8 @@ def gemini_events(body: dict[str, Any], model: str, prompt: str, fault: str | No
     }
     if thinking:
         final_usage["thoughtsTokenCount"] = thoughts
+    if cached_tokens:
+        final_usage["cachedContentTokenCount"] = cached_tokens
     last = head | {"candidates": [{"index": 0, "finishReason": finish}], "usageMetadata": final_usage}
     if events:
         last["candidates"][0]["content"] = events.pop()["candidates"][0]["content"]

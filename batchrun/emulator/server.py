@@ -22,6 +22,7 @@ import orjson
 from aiohttp import web
 
 from batchrun.emulator import answers, images, pictures
+from batchrun.emulator.cache import PromptCache
 from batchrun.emulator.chat import ANSWER_FAULTS, chat_chunks, chat_completion, chat_prompt, schema_rejection
 from batchrun.emulator.completions import completion, completion_chunks, completions_prompt
 from batchrun.emulator.faults import (
@@ -51,6 +52,7 @@ class EmulatorConfig:
     rpm_limit: int | None = None  # per key, failed requests counted, like the relay's own window
     rpm_window_s: float = 60.0  # tests shorten the window to see a whole cycle in seconds
     max_concurrency: int | None = None  # more in flight at once: 429 token_concurrency_limit_reached
+    cache_prefixes: int = 0  # a provider prompt cache of this many prefixes (emulator/cache.py); 0: none
 
 
 class Stats:
@@ -112,6 +114,7 @@ class Emulator:
         self._seen: Counter[str] = Counter()  # requests per prompt key, for "x N" directives
         self._ids = 0
         self._window = RequestWindow(config.rpm_limit, config.rpm_window_s) if config.rpm_limit else None
+        self.cache = PromptCache(config.cache_prefixes)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._count])
@@ -232,6 +235,7 @@ class Emulator:
         self.stats.turns[prompt] = turns_of(body)
         self.stats.by_route[request.path + (" (stream)" if body.get("stream") is True else "")] += 1
         request["prompt"] = prompt
+        request["cached_tokens"] = self.cache.cached_tokens(prompt)  # on arrival: a prefix still answered misses
         limited = self._over_limits(request, request_id)  # counted on arrival, answered after the latency
         await self._delay()
         if limited is not None:
@@ -245,7 +249,10 @@ class Emulator:
             healthy = await answer(request, {**body, "stream": False}, prompt, request_id, None)
             assert isinstance(healthy, web.Response)
             return await enact(fault, request, healthy)
-        return await answer(request, body, prompt, request_id, fault)
+        answered = await answer(request, body, prompt, request_id, fault)
+        if answered.status == 200:
+            self.cache.answered(prompt)
+        return answered
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         async def answer(
@@ -254,6 +261,7 @@ class Emulator:
             if (rejection := schema_rejection(body)) is not None:
                 return json_response(400, rejection, rid)
             whole = chat_completion(body, prompt, rid, fault if fault in ANSWER_FAULTS else None)
+            whole["usage"]["prompt_tokens_details"]["cached_tokens"] = request["cached_tokens"]
             if not (body.get("stream") or fault in FRAMINGS):
                 return json_response(200, whole, rid)
             events = chat_chunks(whole, _include_usage(body), self.config.streams.text_pieces)
@@ -281,7 +289,7 @@ class Emulator:
         async def answer(
             request: web.Request, body: dict[str, Any], prompt: str, rid: str, fault: str | None
         ) -> web.StreamResponse:
-            events = gemini_events(body, model, prompt, fault, rid)
+            events = gemini_events(body, model, prompt, fault, rid, request["cached_tokens"])
             # streamGenerateContent without alt=sse: one JSON object, as old relay builds answer.
             sse = action == "streamGenerateContent" and request.query.get("alt") == "sse"
             if not (sse or fault in FRAMINGS):
@@ -334,6 +342,7 @@ class Emulator:
     async def reset_stats(self, request: web.Request) -> web.Response:
         self.stats.reset()
         self._seen.clear()
+        self.cache = PromptCache(self.config.cache_prefixes)
         if self._window is not None:
             self._window.clear()
         return web.Response(body=b"{}", content_type="application/json")

@@ -427,9 +427,15 @@ class Coordinator:
         return await self.budget.reserve(prompt_estimate, cap)
 
     def settle(
-        self, held: float, prompt_estimate: int, prompt_tokens: int | None, completion_tokens: int | None, images: int
+        self,
+        held: float,
+        prompt_estimate: int,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        images: int,
+        cached_tokens: int | None = None,
     ) -> None:
-        self.budget.settle(held, prompt_estimate, prompt_tokens, completion_tokens, images)
+        self.budget.settle(held, prompt_estimate, prompt_tokens, completion_tokens, images, cached_tokens)
 
     # --- the driver ------------------------------------------------------------------
 

@@ -445,9 +445,10 @@ class ClusterBudget:
         prompt_tokens: int | None,
         completion_tokens: int | None,
         images: int = 0,
+        cached_tokens: int | None = None,
     ) -> None:
         # Told, not asked: until the coordinator hears it, the worst case stays held (never less safe).
-        self._link.tell("settle", held, prompt_estimate, prompt_tokens, completion_tokens, images)
+        self._link.tell("settle", held, prompt_estimate, prompt_tokens, completion_tokens, images, cached_tokens)
 
     def _synced(self, state: SyncState) -> None:
         self.stopped = self.stopped or state.budget_stopped

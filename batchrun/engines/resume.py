@@ -293,10 +293,13 @@ def _status(job: Job, table: InputTable, rows: int, checkpoint: Checkpoint, name
     ]
     if invalid:
         lines.append(f"{invalid} of the failed rows are answers that did not parse or match output.schema")
-    lines.append(f"tokens: {totals['prompt_tokens']} in / {totals['completion_tokens']} out")
+    cached = f" ({totals['cached_tokens']} of them from the provider's cache)" if totals["cached_tokens"] else ""
+    lines.append(f"tokens: {totals['prompt_tokens']} in{cached} / {totals['completion_tokens']} out")
     spent = None
     if (pricing := job.spec.pricing) is not None:
-        spent = spend.cost(pricing, totals["prompt_tokens"], totals["completion_tokens"], totals["images"])
+        spent = spend.cost(
+            pricing, totals["prompt_tokens"], totals["completion_tokens"], totals["images"], totals["cached_tokens"]
+        )
         limit = job.spec.run.max_cost
         budget = f" of run.max_cost {spend.money(limit, pricing)}" if limit is not None else ""
         lines.append(f"cost so far: {spend.money(spent, pricing)}{budget}")

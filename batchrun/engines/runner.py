@@ -44,6 +44,7 @@ from batchrun.job.render import Renderer
 from batchrun.job.spec import Job
 from batchrun.job.structured import AnswerParser
 from batchrun.ledger.checkpoint import DB_NAME, Checkpoint, checkpoint_folder
+from batchrun.pipeline.cache_order import AnsweredLedger, CacheOrder, Sending
 from batchrun.pipeline.progress import Progress
 from batchrun.pipeline.rows import RowParts, RowPipeline, WorkItem, open_transport
 from batchrun.pipeline.timeline import LimiterTimeline, note_run
@@ -143,7 +144,11 @@ class Run:
             if self.job.spec.pricing is not None:
                 done = checkpoint.totals()
                 self.budget.spent = spend.cost(
-                    self.job.spec.pricing, done["prompt_tokens"], done["completion_tokens"], done["images"]
+                    self.job.spec.pricing,
+                    done["prompt_tokens"],
+                    done["completion_tokens"],
+                    done["images"],
+                    done["cached_tokens"],
                 )
             total = self.table.count() if self.options.limit is None else min(self.options.limit, self.table.count())
             progress = Progress(
@@ -211,6 +216,7 @@ class Run:
             "shared": written["shared"],
             "prompt_tokens": totals["prompt_tokens"],
             "completion_tokens": totals["completion_tokens"],
+            "cached_tokens": totals["cached_tokens"],
             "requested_this_run": requested,
             "in_flight_at_last_stop": interrupted,
             "wall_s": round(wall_s, 3),
@@ -242,6 +248,7 @@ class LocalEngine:
         self._limits: Limits | None = None  # the run's, once sending starts; read to say what the run waits for
         self._watch = _Watch()
         self._outage_timeout_s = 0.0
+        self._order: CacheOrder | None = None  # run.order: cache (pipeline/cache_order.py)
 
     async def send_all(self, run: OpenRun, checkpoint: Checkpoint, progress: Progress, base_url: str) -> Sent:
         spec = run.job.spec.run
@@ -251,8 +258,10 @@ class LocalEngine:
         timeline = LimiterTimeline(checkpoint)  # the Ray engine's limiter is the coordinator's: none there
         self._concurrency = run.concurrency
         self._limits, self._watch, self._outage_timeout_s = limits, watch, spec.outage_timeout_s
+        self._order = order = CacheOrder(run.concurrency) if spec.order == "cache" else None
+        ledger = checkpoint if order is None else AnsweredLedger(checkpoint, order)
         parts = RowParts(
-            checkpoint, limits, SharedAnswers(), watch, transport, partial(timeline.observe, limits), self._rest
+            ledger, limits, SharedAnswers(), watch, transport, partial(timeline.observe, limits), self._rest
         )
         pipeline = run.pipeline(parts)
         try:
@@ -426,18 +435,16 @@ class LocalEngine:
     ) -> None:
         """The producer: the rows to send, in the order they are sent, as work items into the workers' stream."""
         async with send:
+            sending = Sending(send, self._order, lambda: run.budget.stopped)
             for batch in _unfinished_batches(run, checkpoint):
                 for row in batch:
                     if run.budget.stopped:
                         return
                     item = pipeline.item(row, progress)
-                    if item is None:
-                        continue
-                    try:  # while the stream has room, without a pass through the event loop (anyio's send makes one)
-                        send.send_nowait(item)
-                    except anyio.WouldBlock:
-                        await send.send(item)
+                    if item is not None:
+                        await sending.put(item)
                 await anyio.sleep(0)  # let workers run between batches
+            await sending.drain()
 
 
 def _unfinished_batches(run: OpenRun, checkpoint: Checkpoint) -> Iterator[Iterator[dict[str, Any]]]:

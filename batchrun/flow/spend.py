@@ -1,7 +1,8 @@
 """Money: the cost of a row, the estimate `validate` prints, and the budget (`run.max_cost`).
 
-* Cost = prompt_tokens × input price + completion_tokens × output price (+ images ×
-  `pricing.per_image`); a row answered by sharing another row's identical request
+* Cost = uncached prompt tokens × input price + cached_tokens × cached input price
+  (`pricing.cached_input_per_million`, else the input price) + completion_tokens ×
+  output price (+ images × `pricing.per_image`); a row answered by sharing another row's identical request
   cost nothing. `cost` and `cost_expr` are the one definition of it.
 * The estimate renders a sample of rows and counts about four characters a token
   (as `limits` does), scaled to the whole input; the output side is bounded by the
@@ -31,9 +32,18 @@ from batchrun.protocols import protocol_for
 SAMPLE_ROWS = 200
 
 
-def cost(pricing: PricingSpec, prompt_tokens: int | None, completion_tokens: int | None, images: int = 0) -> float:
+def cost(
+    pricing: PricingSpec,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    images: int = 0,
+    cached_tokens: int | None = None,
+) -> float:
+    prompt = prompt_tokens or 0
+    cached = min(cached_tokens or 0, prompt)  # part of prompt_tokens, never more (a relay's odd count)
     return (
-        (prompt_tokens or 0) * pricing.input_per_million / 1e6
+        (prompt - cached) * pricing.input_per_million / 1e6
+        + cached * pricing.cached_price / 1e6
         + (completion_tokens or 0) * pricing.output_per_million / 1e6
         + images * (pricing.per_image or 0.0)
     )
@@ -41,8 +51,13 @@ def cost(pricing: PricingSpec, prompt_tokens: int | None, completion_tokens: int
 
 def cost_expr(pricing: PricingSpec, columns: list[str]) -> pl.Expr:
     """The output's `cost` column, from the columns the output has."""
-    paid = pl.col("prompt_tokens") * (pricing.input_per_million / 1e6) + pl.col("completion_tokens") * (
-        pricing.output_per_million / 1e6
+    cached = pl.lit(0)
+    if "cached_tokens" in columns:
+        cached = pl.min_horizontal(pl.col("cached_tokens").fill_null(0), pl.col("prompt_tokens"))
+    paid = (
+        (pl.col("prompt_tokens") - cached) * (pricing.input_per_million / 1e6)
+        + cached * (pricing.cached_price / 1e6)
+        + pl.col("completion_tokens") * (pricing.output_per_million / 1e6)
     )
     if pricing.per_image and "image_paths" in columns:
         paid = paid + pl.col("image_paths").list.len().fill_null(0) * pricing.per_image
@@ -101,11 +116,12 @@ class Budget:
         prompt_tokens: int | None,
         completion_tokens: int | None,
         images: int = 0,
+        cached_tokens: int | None = None,
     ) -> None:
         if self.limit is None or self.pricing is None:
             return
         self.reserved -= held
-        self.spent += cost(self.pricing, prompt_tokens, completion_tokens, images)
+        self.spent += cost(self.pricing, prompt_tokens, completion_tokens, images, cached_tokens)
         if prompt_tokens and prompt_estimate:
             self._input_scale = max(self._input_scale, prompt_tokens / prompt_estimate)
 
@@ -216,6 +232,16 @@ def describe_estimate(est: Estimate, job: Job) -> list[str]:
                 "set a cap in params to make it a bound"
             )
     return lines
+
+
+def describe_cached(est: Estimate, cached_share: float, pricing: PricingSpec) -> str:
+    """The input's cost with the share of it the provider's cache is expected to serve (`validate`)."""
+    plain = cost(pricing, est.input_tokens, 0)
+    cached = cost(pricing, est.input_tokens, 0, cached_tokens=round(est.input_tokens * cached_share))
+    line = f"  input cost with the expected cache hits: ~{money(cached, pricing)} instead of {money(plain, pricing)}"
+    if pricing.cached_input_per_million is None:
+        line += "; set pricing.cached_input_per_million to count cached input at the provider's lower price"
+    return line
 
 
 TYPICAL_STRING_CHARS = 16

@@ -133,6 +133,7 @@ def write(target: Path, lines: Iterator[bytes], record: Callable[[str], None]) -
     """Writes the file atomically. `record` keeps its stamp in the checkpoint before the rename (along
     with the file it replaces, so a kill between the two leaves either one recognised) and after it."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    storage.remove_leftovers(target)
     with storage.new_file_beside(target) as (f, tmp):
         for line in lines:
             f.write(line)

@@ -103,13 +103,21 @@ class RunSpec(_Section):
     max_answer_mb: float = Field(default=16, gt=0)  # one answer's bytes; beyond, the row is `too_large`
     outage_timeout_s: float = Field(default=600, gt=0)  # how long to wait for a relay that seems down
     max_cost: float | None = Field(default=None, ge=0)
+    # cache: rows that share a long prefix are sent so they find it cached (docs/caching.md); input: as read
+    order: Literal["cache", "input"] = "cache"
 
 
 class PricingSpec(_Section):
     input_per_million: float = Field(ge=0)
     output_per_million: float = Field(ge=0)
+    cached_input_per_million: float | None = Field(default=None, ge=0)  # None: cached input costs as much as input
     per_image: float | None = Field(default=None, ge=0)
     currency: str = "USD"
+
+    @property
+    def cached_price(self) -> float:
+        """Per million input tokens read from the provider's prompt cache."""
+        return self.input_per_million if self.cached_input_per_million is None else self.cached_input_per_million
 
 
 class JobSpec(_Section):

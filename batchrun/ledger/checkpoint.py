@@ -77,8 +77,9 @@ _ANSWERS = (
 )
 # What `batchrun report` draws, added to checkpoints of format 3 when they are opened, so an
 # older one still resumes (its rows simply lack them). Columns of `rows` after its last one,
-# in RowRecord's order; `limiter` holds one line per second of wall time that saw an attempt.
-_REPORT_COLUMNS = {"started_at": "REAL", "attempt_log": "TEXT"}
+# in RowRecord's order (`cached_tokens` too, added later the same way: rows are written by column
+# name); `limiter` holds one line per second of wall time that saw an attempt.
+_REPORT_COLUMNS = {"started_at": "REAL", "attempt_log": "TEXT", "cached_tokens": "INTEGER"}
 _LIMITER_TABLE = """
 CREATE TABLE IF NOT EXISTS limiter (
     second INTEGER PRIMARY KEY,
@@ -114,12 +115,15 @@ class RowRecord:
     image_paths: str | None = None  # JSON list of the files the row's images were written to
     started_at: float | None = None  # wall time of the first attempt; None when nothing was sent
     attempt_log: str | None = None  # see timeline.AttemptLog: each attempt's time and outcome
+    cached_tokens: int | None = None  # of prompt_tokens, read from the provider's prompt cache (docs/caching.md)
     # (status_code, request_id, body as JSON bytes): kept in the `answers` table, not in `rows`
     answer: tuple[int, str | None, bytes] | None = field(default=None, repr=False)
 
 
 ROW_COLUMNS = [name for name in RowRecord.__dataclass_fields__ if name != "answer"]
 _row_values = operator.attrgetter(*ROW_COLUMNS)  # a record's values in column order, in C
+# Named: columns added on open follow the table's own order, which a checkpoint's history decides.
+_INSERT_ROW = f"INSERT OR REPLACE INTO rows ({', '.join(ROW_COLUMNS)}) VALUES ({', '.join('?' * len(ROW_COLUMNS))})"
 # A second written twice (a run resumed within it) keeps the extremes and the later state.
 _MERGE_LIMITER = """
 INSERT INTO limiter VALUES (?, ?, ?, ?, ?) ON CONFLICT(second) DO UPDATE SET
@@ -295,10 +299,11 @@ class Checkpoint:
         return {idx: (status, request_id, body) for idx, status, request_id, body in rows}
 
     def totals(self) -> dict[str, Any]:
-        ok, errors, prompt, completion, last, images = self._query(
+        ok, errors, prompt, completion, last, images, cached = self._query(
             "SELECT COALESCE(SUM(status = 'ok'), 0), COALESCE(SUM(status = 'error'), 0),"
             " SUM(prompt_tokens), SUM(completion_tokens), MAX(finished_at),"
-            " SUM(CASE WHEN shared_from IS NULL THEN json_array_length(image_paths) END) FROM rows"
+            " SUM(CASE WHEN shared_from IS NULL THEN json_array_length(image_paths) END),"
+            " SUM(CASE WHEN shared_from IS NULL THEN cached_tokens END) FROM rows"
         )[0]
         return {
             "ok": ok,
@@ -307,6 +312,7 @@ class Checkpoint:
             "completion_tokens": completion or 0,
             "last_finished_at": last,
             "images": images or 0,
+            "cached_tokens": cached or 0,
         }
 
     def count_interrupted(self) -> int:
@@ -486,9 +492,7 @@ class Checkpoint:
         with self._lock, self._writable():
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR REPLACE INTO inflight VALUES (?, ?)", intents)
-            self._db.executemany(
-                f"INSERT OR REPLACE INTO rows VALUES ({', '.join('?' * len(ROW_COLUMNS))})", map(_row_values, finished)
-            )
+            self._db.executemany(_INSERT_ROW, map(_row_values, finished))
             gone = [(r.idx,) for r in finished] + [(i,) for i in withdrawn]
             kept = [(r.idx, *r.answer) for r in finished if r.answer]
             if kept:  # only jobs with output.openai_batch keep answers; the others pay nothing here

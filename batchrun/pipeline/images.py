@@ -24,6 +24,7 @@ import os
 import re
 import stat
 import urllib.parse
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -247,12 +248,13 @@ def image_file_name(row_id: str, index: int, mime: str) -> str:
 OWN_FOLDER_MARK = ".batchrun-images"  # in an images folder batchrun writes to: its files are batchrun's
 
 
-def foreign_files(folder: Path) -> bool:
-    """Whether `folder` holds files batchrun did not write: anything at all, in a folder without its mark."""
+def foreign_files(folder: Path, own: Collection[Path] = ()) -> bool:
+    """Whether `folder` holds files batchrun did not write: in a folder without its mark, anything but `own`
+    (the job's other outputs, when images go beside them)."""
     if not folder.is_dir() or os.path.lexists(folder / OWN_FOLDER_MARK):
         return False
     with os.scandir(folder) as entries:
-        return next(entries, None) is not None
+        return any(Path(entry.path).resolve() not in own for entry in entries)
 
 
 def save_images(images: list[ImageOut], folder: Path, row_id: str) -> list[str]:

@@ -42,16 +42,23 @@ class Progress:
         if record is None:
             self.count(status, None, None)
             return
-        self.count(status, record.prompt_tokens, record.completion_tokens, paid_images(record))
+        self.count(status, record.prompt_tokens, record.completion_tokens, paid_images(record), record.cached_tokens)
 
-    def count(self, status: str, prompt_tokens: int | None, completion_tokens: int | None, images: int = 0) -> None:
+    def count(
+        self,
+        status: str,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        images: int = 0,
+        cached_tokens: int | None = None,
+    ) -> None:
         """One finished row, by its status and tokens (what the Ray engine's actors report)."""
         if status != "ok":
             self.failed += 1
         prompt, completion = prompt_tokens or 0, completion_tokens or 0
         self.tokens += prompt + completion
         if self._pricing is not None:
-            self.cost += cost(self._pricing, prompt, completion, images)
+            self.cost += cost(self._pricing, prompt, completion, images, cached_tokens)
         self._pending += 1
         now = time.monotonic()
         if now - self._last >= REFRESH_S:  # tqdm calls are not free at thousands of rows a second

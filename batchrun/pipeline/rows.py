@@ -299,6 +299,7 @@ class RowPipeline:
                     reply.prompt_tokens,
                     reply.completion_tokens,
                     len(reply.images) + len(reply.image_urls),
+                    reply.cached_tokens,
                 )
             return outcome
 
@@ -389,6 +390,7 @@ def _record(item: WorkItem, outcome: Outcome, models: dict[str, str]) -> RowReco
         finished_at=time.time(),
         request_hash=item.request_hash,
         answer=_kept_answer(reply),
+        cached_tokens=reply.cached_tokens if reply else None,
     )
 
 

@@ -48,6 +48,7 @@ class Spending(Protocol):
         prompt_tokens: int | None,
         completion_tokens: int | None,
         images: int = 0,
+        cached_tokens: int | None = None,
     ) -> None: ...
 
 

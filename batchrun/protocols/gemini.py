@@ -221,6 +221,11 @@ def _tokens(usage: dict[str, Any], camels: tuple[str, ...], notes: list[str]) ->
     return None if None in counts else sum(counts)  # type: ignore[arg-type]
 
 
+def _cached_tokens(usage: dict[str, Any] | None, notes: list[str]) -> int | None:
+    """usageMetadata.cachedContentTokenCount (docs/caching.md): absent is 0, as Gemini leaves out zero counts."""
+    return _tokens(usage, ("cachedContentTokenCount",), notes) if usage else None
+
+
 class Answer:
     """One GenerateContentResponse, or the events of a stream, each holding only new parts (§4.3)."""
 
@@ -312,6 +317,7 @@ class Answer:
             model=self._model,
             prompt_tokens=_tokens(usage, ("promptTokenCount", "toolUsePromptTokenCount"), notes) if usage else None,
             completion_tokens=_tokens(usage, ("candidatesTokenCount", "thoughtsTokenCount"), notes) if usage else None,
+            cached_tokens=_cached_tokens(usage, notes),
             tool_calls=self._calls,
             images=self._images,
             notes=notes,

@@ -189,10 +189,19 @@ def reply_from(content: Any, refusal: Any, calls: list[dict[str, str]], finish: 
         model=text_field(answer.get("model"), "model"),
         prompt_tokens=token_count(usage.get("prompt_tokens"), "prompt_tokens", notes),
         completion_tokens=token_count(usage.get("completion_tokens"), "completion_tokens", notes),
+        cached_tokens=_cached_tokens(usage, notes),
         tool_calls=calls,
         images=images,
         notes=notes,
     )
+
+
+def _cached_tokens(usage: dict[str, Any], notes: list[str]) -> int | None:
+    """usage.prompt_tokens_details.cached_tokens (docs/caching.md); None when the relay does not say."""
+    details = usage.get("prompt_tokens_details")
+    if not isinstance(details, dict):
+        return None
+    return token_count(details.get("cached_tokens"), "prompt_tokens_details.cached_tokens", notes)
 
 
 def _markdown_images(text: str | None) -> tuple[str | None, list[ImageOut]]:

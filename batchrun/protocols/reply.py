@@ -44,6 +44,7 @@ class Reply:
     model: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None  # of prompt_tokens, read from the provider's prompt cache (billed lower)
     tool_calls: list[dict[str, str]] = field(default_factory=list)  # each {name, arguments}
     images: list[ImageOut] = field(default_factory=list)  # in answer order; the last one is the final image
     image_urls: list[str] = field(default_factory=list)  # images answered as links: downloaded before saving

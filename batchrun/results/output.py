@@ -49,6 +49,7 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "finish_reason": pl.String(),
     "model": pl.String(),
     "prompt_tokens": pl.Int64(),
+    "cached_tokens": pl.Int64(),  # of prompt_tokens, from the provider's prompt cache
     "completion_tokens": pl.Int64(),
     "latency_s": pl.Float64(),
     "attempts": pl.Int64(),
@@ -151,7 +152,7 @@ def _check_output_places(job: Job) -> None:
     for key, place in places.items():
         if (other := seen.setdefault(place.resolve(), key)) != key:
             raise JobError(f"{job.path}: {key} and {other} are the same path ({place}); give each its own path")
-    if job.spec.output.images_dir is not None and images.foreign_files(job.images_dir):
+    if job.spec.output.images_dir is not None and images.foreign_files(job.images_dir, seen):
         raise JobError(
             f"{job.path}: output.images_dir {job.images_dir} already holds files batchrun did not write, and batchrun "
             "never replaces them; set output.images_dir to a new or empty folder"
@@ -194,6 +195,7 @@ def write_parquet(
     """Writes the output; returns its totals (rows ok / error, schema failures, shared, cost)."""
     path = job.output_path
     path.parent.mkdir(parents=True, exist_ok=True)
+    storage.remove_leftovers(path)
     with storage.new_file_beside(path) as (file, tmp):
         totals = _write_parquet(file, table, checkpoint, job, limit, parser)
         file.close()

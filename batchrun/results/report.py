@@ -63,6 +63,20 @@ class TimeBins:
 
 
 @dataclass
+class CacheShare:
+    """Input tokens of rows sent, and the part the provider read from its prompt cache, per time bin
+    (TimeBins' axis); `saved`: what the cached ones cost less than input (with pricing)."""
+
+    prompt: list[int] = field(default_factory=lambda: [0] * TIME_BINS)
+    cached: list[int] = field(default_factory=lambda: [0] * TIME_BINS)
+    saved: float | None = None
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(self.cached)
+
+
+@dataclass
 class Histogram:
     """Counts per bin; `edges[i]` is bin i's lower edge."""
 
@@ -110,6 +124,7 @@ class Report:
     captions: list[Sample] = field(default_factory=list)
     parsed_columns: list[str] = field(default_factory=list)
     input_note: str | None = None
+    cache: CacheShare = field(default_factory=CacheShare)
 
     @property
     def error(self) -> int:
@@ -176,6 +191,7 @@ class Tally:
         report.completion_hist = _linear_bins(max_out or 0)
         if self.pricing is not None:
             report.cost = 0.0
+            report.cache.saved = 0.0
         for lo in range(0, last_idx + 1, CHUNK_ROWS):
             rows = self.checkpoint.rows_in_range(lo, lo + CHUNK_ROWS)
             if rows:
@@ -208,6 +224,7 @@ class Tally:
         for error_class, n in errors.value_counts().iter_rows():
             report.errors[error_class] += n
         self._time_bins(frame, bins)
+        self._cache_share(frame, bins)
         for r in rows:
             started, log = r[COL["started_at"]], r[COL["attempt_log"]]
             if log is None or (" " not in log and log.endswith(":ok")):
@@ -237,6 +254,18 @@ class Tally:
             bins.ok[i] += ok
             bins.error[i] += error
             bins.cost[i] += spent or 0.0
+
+    def _cache_share(self, frame: pl.DataFrame, bins: TimeBins) -> None:
+        """Input and cached tokens per time bin, of rows that were sent (a shared answer paid nothing)."""
+        cache = self.report.cache
+        index = ((pl.col("finished_at") - bins.t0) / bins.width_s).floor().clip(0, TIME_BINS - 1).cast(pl.Int64)
+        sent = frame.filter(pl.col("shared_from").is_null())
+        per_bin = sent.group_by(index.alias("bin")).agg(pl.col("prompt_tokens").sum(), pl.col("cached_tokens").sum())
+        for i, prompt, cached in per_bin.iter_rows():
+            cache.prompt[i] += prompt or 0
+            cache.cached[i] += cached or 0
+            if self.pricing is not None and cache.saved is not None:
+                cache.saved += (cached or 0) * (self.pricing.input_per_million - self.pricing.cached_price) / 1e6
 
     def _latency(self, frame: pl.DataFrame) -> None:
         step = math.log(LATENCY_STEP)

@@ -71,6 +71,7 @@ def render_page(report: Report) -> str:
         _over_time(report),
         _latency(report),
         _tokens(report),
+        _prompt_cache(report),
         _samples(report),
     ]
     budget = [IMAGES_BUDGET]
@@ -338,6 +339,25 @@ def _tokens(report: Report) -> str:
         parts.append(_legend(("cost so far", "#059669"), ("cost per interval (own scale)", "#cbd5e1")))
         parts.append(_svg("cost", h + 32, body))
     return "".join(parts)
+
+
+def _prompt_cache(report: Report) -> str:
+    """The share of input the provider read from its prompt cache, over time, and what it saved (docs/caching.md)."""
+    cache, bins = report.cache, report.time
+    if bins is None or not cache.cached_tokens:
+        return ""
+    sent = sum(cache.prompt)
+    said = f"{cache.cached_tokens} of {sent} input tokens ({cache.cached_tokens / max(sent, 1):.0%}) were read from it"
+    pricing = report.job.spec.pricing
+    if pricing is not None and cache.saved is not None:
+        said += f", which cost {spend.money(cache.saved, pricing)} less than input"
+        if pricing.cached_input_per_million is None:
+            said += " (nothing: set pricing.cached_input_per_million to count its lower price)"
+    h = 100
+    shares = [100 * c / p if p else 0.0 for c, p in zip(cache.cached, cache.prompt, strict=True)]
+    body = [_frame(8, h, 100, "cached share of input tokens (%)"), _bars(shares, 100, 8, h, OK_COLOUR)]
+    body.append(_time_axis(bins, h + 24))
+    return f"<h2>Prompt cache</h2><p class=note data-key=cache>{_e(said)}</p>{_svg('cache', h + 32, body)}"
 
 
 def _histogram(name: str, hist: Histogram, colour: str) -> str:
