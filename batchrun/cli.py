@@ -294,9 +294,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
+    from batchrun.pipeline.progress import human
+    from batchrun.results import output
+
     line = (
         f"{summary['rows']} rows: {summary['ok']} ok, {summary['error']} error; "
-        f"tokens {summary['prompt_tokens']} in / {summary['completion_tokens']} out"
+        f"tokens {human(summary['prompt_tokens'] or 0)} in / {human(summary['completion_tokens'] or 0)} out"
     )
     if summary.get("cached_tokens"):
         line += f" ({summary['cached_tokens']} in from the provider's cache)"
@@ -308,6 +311,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         print(f"{summary['schema_invalid']} answers did not parse or match output.schema (error_class schema_invalid)")
     if summary["shared"]:
         print(f"{summary['shared']} rows repeated another row's request and share its answer (column shared_from)")
+    for line in output.watch_lines(summary):
+        print(line)
     if summary["in_flight_at_last_stop"]:
         print(
             f"{summary['in_flight_at_last_stop']} rows were in flight when the last run stopped "

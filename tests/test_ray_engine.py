@@ -328,5 +328,5 @@ def test_the_ray_progress_bar_counts_per_image_cost(tmp_path: Path, ray_address:
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "out" / "posters.summary.json").read_text())
     assert summary["cost"] >= 6 * 0.25  # six posters
-    bar = re.findall(r"cost=(\d+\.\d+) USD", done.stderr)
+    bar = re.findall(r"tokens, (\d+\.\d+) USD", done.stderr)
     assert bar and float(bar[-1]) == pytest.approx(summary["cost"], abs=1e-4), done.stderr[-500:]

@@ -85,6 +85,28 @@ class Dom(HTMLParser):
         ]
 
 
+def chart_texts(dom: Dom, name: str) -> tuple[list[tuple[str, dict[str, str], str]], set[str]]:
+    """One chart's elements (tag, attributes, text) and the texts it writes."""
+    inside, elements = False, []
+    for tag, attrs, texts in dom.elements:
+        if tag == "svg":
+            inside = attrs.get("data-chart") == name
+        elif inside:
+            elements.append((tag, attrs, "".join(texts)))
+    return elements, {text for tag, _, text in elements if tag == "text"}
+
+
+def assert_time_axis_and_legend(dom: Dom, name: str, *labels: str) -> None:
+    """The chart's time axis writes clock times and times elapsed; its legend names each of `labels`."""
+    elements, texts = chart_texts(dom, name)
+    assert {"clock", "elapsed"} <= texts
+    assert [t for t in texts if re.fullmatch(r"\d\d:\d\d:\d\d", t)], texts
+    elapsed = [t for t in texts if re.fullmatch(r"\+(\d+(\.\d)? s|\d+:\d\d(:\d\d)?)", t)]
+    assert len(elapsed) >= 3 and {"+0.0 s", "+0 s", "+0:00"} & set(elapsed), texts
+    legend = {text for tag, attrs, text in elements if tag == "text" and attrs.get("class") == "legend-label"}
+    assert set(labels) <= legend, legend
+
+
 def charts(dom: Dom) -> dict[str, int]:
     """Each chart's name and how many data marks it drew (bars, lines, bands)."""
     found: dict[str, int] = {}
@@ -169,6 +191,11 @@ def test_posters_report_in_a_real_browser(posters: Path, tmp_path: Path) -> None
     drawn = charts(dom)
     assert CHARTS | {"cost"} <= set(drawn)
     assert all(n > 0 for n in drawn.values()), drawn
+
+    # An unquoted value before "/>" (stroke-width=2/>) takes the slash: the element then swallows the rest of the chart.
+    assert not [(t, a) for t, a, _ in dom.elements if any(v.endswith("/") for v in a.values())]
+    assert_time_axis_and_legend(dom, "timeline", "rows ok", "requests answered/s", "paced rate")
+    assert_time_axis_and_legend(dom, "cost", "cost so far")
 
     figures = glance(dom)
     assert figures["ok"] == str(summary["ok"])
@@ -335,6 +362,33 @@ def test_hostile_answers_are_text_and_the_key_is_masked(
     assert timeline_marks, "the 429 is on the timeline"
     assert [a for t, a, _ in dom.elements if t == "rect" and a.get("fill") == "#fde68a"], "the pause is on the timeline"
     assert drawn["timeline"] > 0 and drawn["latency"] > 0
+
+
+def test_over_time_charts_have_a_time_axis_a_legend_and_the_paced_rate(
+    reviews: Path, tmp_path: Path, hostile_relay: HostileRelay
+) -> None:
+    """A 429 with Retry-After makes the limiter pace: the requests/s panel draws that rate and the learned limit."""
+    job = write_job(tmp_path, hostile_relay.url, run={"concurrency": 2, "max_attempts": 3, "timeout_s": 30})
+    assert run_here("run", str(job), "--quiet").returncode == 5  # two rows end as errors (see above)
+    db = sqlite3.connect(tmp_path / "out" / "result.parquet.batchrun" / "checkpoint.sqlite")
+    learned = [{"key": "TEST_RELAY_KEY", "requests": 120, "window_s": 60.0, "source": "learned"}]
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('learned_limits', ?)", (json.dumps(learned),))
+    paced = db.execute("SELECT COUNT(*) FROM limiter WHERE rate IS NOT NULL").fetchone()[0]
+    db.commit()
+    db.close()
+    assert paced > 0  # the paced rate was recorded, second by second
+    made = run_here("report", str(job))
+    assert made.returncode == 0, made.stderr
+    dom = Dom(Path(made.stdout.strip()).read_text())
+    labels = ("429 answers", "requests answered/s", "paced rate", "learned limit", "in-flight limit (lowest)")
+    assert_time_axis_and_legend(dom, "timeline", *labels)
+    elements, texts = chart_texts(dom, "timeline")
+    assert {"requests per second", "in-flight limit"} & texts
+    series = {a.get("data-series"): a for tag, a, _ in elements if "datum" in a.get("class", "")}
+    assert {"paced", "learned", "in_flight"} <= set(series)
+    assert float(series["learned"]["data-value"]) == 2.0  # 120 requests per 60 s
+    figures = glance(dom)
+    assert figures["learned limit"] == "120 per 60 s" and figures["429 answers"] == "1"
 
 
 @needs_chromium

@@ -141,8 +141,8 @@ class Run:
                 if self.parser is not None:  # answers that failed the schema are errors too
                     for failed in output.failed_answers(checkpoint, self.parser, self.table.count()):
                         checkpoint.forget(failed)
+            done = checkpoint.totals()
             if self.job.spec.pricing is not None:
-                done = checkpoint.totals()
                 self.budget.spent = spend.cost(
                     self.job.spec.pricing,
                     done["prompt_tokens"],
@@ -157,12 +157,13 @@ class Run:
                 pricing=self.job.spec.pricing,
                 max_cost=self.budget.limit,
                 spent=self.budget.spent,
+                tokens=(done["prompt_tokens"] or 0) + (done["completion_tokens"] or 0),
             )
-            with _base_url(self.job) as base_url:
-                try:
+            try:  # the bar's ticker thread stops however the run ends
+                with _base_url(self.job) as base_url:
                     sent = await self.engine.send_all(self, checkpoint, progress, base_url)
-                finally:
-                    progress.close()
+            finally:
+                progress.close()
             sent.settle_budget(self.budget)
             if sent.failure is not None:  # nothing more can be written, the run's note included
                 resume = f"run `batchrun run {self.job.path}` again to resume"
@@ -181,6 +182,7 @@ class Run:
             if self.job.openai_batch_path is not None:
                 output.write_openai_batch(self.table, checkpoint, self.job, self.options.limit)
             summary = self._summary(totals, written, total, interrupted, sent.requested, time.monotonic() - started)
+            summary.update(output.watch_summary(progress.watched, checkpoint))
             output.write_summary(self.job.output_path, summary)
             return summary
         finally:
@@ -255,13 +257,21 @@ class LocalEngine:
         limits = Limits(run.concurrency, spec.requests_per_minute, spec.tokens_per_minute, spec.outage_timeout_s)
         watch = _Watch()
         transport = open_transport(run.job, base_url, run.concurrency)
-        timeline = LimiterTimeline(checkpoint)  # the Ray engine's limiter is the coordinator's: none there
+        # The Ray engine's limiter is the coordinator's: no timeline there.
+        timeline = LimiterTimeline(checkpoint, progress.watch(), str(run.job.spec.provider.api_key_env))
         self._concurrency = run.concurrency
         self._limits, self._watch, self._outage_timeout_s = limits, watch, spec.outage_timeout_s
         self._order = order = CacheOrder(run.concurrency) if spec.order == "cache" else None
         ledger = checkpoint if order is None else AnsweredLedger(checkpoint, order)
         parts = RowParts(
-            ledger, limits, SharedAnswers(), watch, transport, partial(timeline.observe, limits), self._rest
+            ledger,
+            limits,
+            SharedAnswers(),
+            watch,
+            transport,
+            partial(timeline.observe, limits),
+            self._rest,
+            timeline.watched,
         )
         pipeline = run.pipeline(parts)
         try:
@@ -373,11 +383,8 @@ class LocalEngine:
                 "cannot connect",
             )
         if (paused := self._limits.paused_until - now) > PAUSE_SAID_S:
-            return (
-                "paused",
-                f"the server pushed back: every new request waits {paused:.0f} s",
-                f"paused {paused:.0f} s",
-            )
+            # The bar counts the pause down itself (pipeline/progress.py).
+            return "paused", f"the server pushed back: every new request waits {paused:.0f} s", None
         return None, None, None
 
     async def _produce_until_ctrl_c(

@@ -86,9 +86,12 @@ CREATE TABLE IF NOT EXISTS limiter (
     limit_min INTEGER NOT NULL,
     limit_max INTEGER NOT NULL,
     limit_last INTEGER NOT NULL,
-    paused_s REAL NOT NULL
+    paused_s REAL NOT NULL,
+    rate REAL
 )
 """
+# The paced rate (requests/s, NULL while not pacing) came later: a limiter table without it gains it on open.
+_LIMITER_RATE = "ALTER TABLE limiter ADD COLUMN rate REAL"
 
 
 @dataclass
@@ -126,9 +129,10 @@ _row_values = operator.attrgetter(*ROW_COLUMNS)  # a record's values in column o
 _INSERT_ROW = f"INSERT OR REPLACE INTO rows ({', '.join(ROW_COLUMNS)}) VALUES ({', '.join('?' * len(ROW_COLUMNS))})"
 # A second written twice (a run resumed within it) keeps the extremes and the later state.
 _MERGE_LIMITER = """
-INSERT INTO limiter VALUES (?, ?, ?, ?, ?) ON CONFLICT(second) DO UPDATE SET
+INSERT INTO limiter VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(second) DO UPDATE SET
     limit_min = MIN(limit_min, excluded.limit_min), limit_max = MAX(limit_max, excluded.limit_max),
-    limit_last = excluded.limit_last, paused_s = MAX(paused_s, excluded.paused_s)
+    limit_last = excluded.limit_last, paused_s = MAX(paused_s, excluded.paused_s),
+    rate = COALESCE(excluded.rate, rate)
 """
 
 
@@ -183,7 +187,7 @@ class Checkpoint:
         self._intents: list[tuple[int, float]] = []
         self._finished: list[RowRecord] = []
         self._withdrawn: list[int] = []
-        self._limiter: list[tuple[int, int, int, int, float]] = []
+        self._limiter: list[tuple[int, int, int, int, float, float | None]] = []
         # Rows waiting for their intent's commit: a future each, as asyncio.Event would make, without
         # its bookkeeping (a waiter leaving scans all the others: quadratic in the rows of a commit).
         self._intent_waiters: list[asyncio.Future[None]] = []
@@ -229,12 +233,16 @@ class Checkpoint:
     def _add_report_tables(self) -> None:
         have = {r[1] for r in self._db.execute("PRAGMA table_info(rows)")}
         missing = [(name, kind) for name, kind in _REPORT_COLUMNS.items() if name not in have]
-        if not missing and "limiter" in {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}:
+        limiter = {r[1] for r in self._db.execute("PRAGMA table_info(limiter)")}
+        if not missing and "rate" in limiter:
             return
         self._db.execute("BEGIN")
         for name, kind in missing:
             self._db.execute(f"ALTER TABLE rows ADD COLUMN {name} {kind}")
-        self._db.execute(_LIMITER_TABLE)
+        if not limiter:
+            self._db.execute(_LIMITER_TABLE)
+        elif "rate" not in limiter:
+            self._db.execute(_LIMITER_RATE)
         self._db.execute("COMMIT")
 
     def lock_for_run(self) -> None:
@@ -333,9 +341,9 @@ class Checkpoint:
             " MAX(prompt_tokens), MAX(completion_tokens) FROM rows"
         )[0]
 
-    def limiter_seconds(self) -> list[tuple[int, int, float]]:
-        """(second, lowest in-flight limit, seconds paused) of each second recorded, in order."""
-        return self._query("SELECT second, limit_min, paused_s FROM limiter ORDER BY second")
+    def limiter_seconds(self) -> list[tuple[int, int, float, float | None]]:
+        """(second, lowest in-flight limit, seconds paused, paced rate or None) of each second recorded, in order."""
+        return self._query("SELECT second, limit_min, paused_s, rate FROM limiter ORDER BY second")
 
     def hashes_in_range(self, lo: int, hi: int, ok_only: bool = False) -> dict[int, int | None]:
         """Request hash of each finished row in [lo, hi)."""
@@ -393,8 +401,8 @@ class Checkpoint:
         if len(self._finished) >= 512:
             self._wake.set()
 
-    def record_limiter(self, seconds: list[tuple[int, int, int, int, float]]) -> None:
-        """(second, limit min, max, last, seconds paused) lines of timeline.LimiterTimeline, merged on write."""
+    def record_limiter(self, seconds: list[tuple[int, int, int, int, float, float | None]]) -> None:
+        """(second, limit min, max, last, seconds paused, paced rate) lines of timeline.LimiterTimeline, merged."""
         self._limiter.extend(seconds)
 
     def withdraw(self, idx: int) -> None:

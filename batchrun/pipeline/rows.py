@@ -32,7 +32,7 @@ from batchrun.ledger.checkpoint import RowRecord
 from batchrun.pipeline import fingerprint, images
 from batchrun.pipeline.repair import ask_with_repairs, explain_native_rejection
 from batchrun.pipeline.seams import Admission, Ledger, ProgressSink, Sharing, Spending, StopWatch
-from batchrun.pipeline.timeline import OK, AttemptLog
+from batchrun.pipeline.timeline import OK, AttemptLog, Watched
 from batchrun.pipeline.transport import AnswerCaps, Outcome, Transport, call_with_retries
 from batchrun.protocols import APIS, CallError, Repairing, Reply, WireProtocol, protocol_for
 from batchrun.protocols.reply import ImageOut
@@ -89,6 +89,7 @@ class RowParts:
     transport: Transport
     observe_limits: Callable[[], None] = lambda: None  # after each attempt: the local limiter's timeline
     rest: Callable[[float], Awaitable[None]] = anyio.sleep  # before a retry (the local engine lends the row's worker)
+    watched: Watched | None = None  # 429s and retries, counted for the bar and the summary (the local engine's)
 
 
 class RowPipeline:
@@ -258,7 +259,7 @@ class RowPipeline:
         if item.request.body is not None:  # a Batch line streams if its body (or the job) says so
             decoder = replace(decoder, stream=request_body.get("stream") is True)
 
-        log = AttemptLog()
+        log = AttemptLog(parts.watched)
 
         async def begin() -> None:
             log.start()

@@ -31,7 +31,9 @@ from batchrun.job.spec import Job, PricingSpec
 from batchrun.job.structured import PARSE_NOTE, SCHEMA_INVALID, AnswerParser
 from batchrun.ledger.checkpoint import ROW_COLUMNS, Checkpoint, checkpoint_folder
 from batchrun.pipeline import images
+from batchrun.pipeline.timeline import Watched
 
+LEARNED_LIMITS = "learned_limits"  # checkpoint meta: [{key, requests, window_s, source}], written by the limiter
 # The output's Parquet key-value metadata: how batchrun knows a file it may replace is its own.
 OWN_OUTPUT_KEY = b"batchrun"
 # Input batches are gathered into row groups of this many rows: the writer keeps every
@@ -318,3 +320,55 @@ def write_summary(output_path: Path, summary: dict[str, Any]) -> Path:
     with storage.replacing(target) as f:
         f.write((json.dumps(summary, indent=2) + "\n").encode())
     return target
+
+
+def watch_summary(watched: Watched | None, checkpoint: Checkpoint) -> dict[str, Any]:
+    """The summary's push-back figures of this run (None where the engine does not count them: Ray) and the
+    limits learned for each key, as the limiter kept them in the checkpoint."""
+    return {
+        "answered_429": watched.answered_429 if watched is not None else None,
+        "retries": watched.retries if watched is not None else None,
+        "paused_s": round(watched.paused_s, 1) if watched is not None else None,
+        "learned_limits": learned_limits(checkpoint),
+    }
+
+
+def learned_limits(checkpoint: Checkpoint) -> list[dict[str, Any]]:
+    """[{key, requests, window_s, source}] from the checkpoint's meta; empty when none was learned (or kept).
+
+    An entry without a number of requests and a window is left out: every reader may divide one by the other."""
+    try:
+        kept = orjson.loads(checkpoint.get_meta(LEARNED_LIMITS) or "[]")
+    except orjson.JSONDecodeError:
+        return []
+    return [
+        {
+            "key": str(item.get("key")),
+            "requests": item["requests"],
+            "window_s": item["window_s"],
+            "source": str(item.get("source")),
+        }
+        for item in (kept if isinstance(kept, list) else [])
+        if isinstance(item, dict) and _positive(item.get("requests")) and _positive(item.get("window_s"))
+    ]
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def watch_lines(summary: dict[str, Any]) -> list[str]:
+    """The printed summary's lines on push-back and learned limits (nothing for a summary without them)."""
+    lines = []
+    if summary.get("answered_429") or summary.get("retries") or summary.get("paused_s"):  # a clean run: no line
+        lines.append(
+            f"push-back this run: {summary['answered_429']} answers 429, {summary['retries']} retries, "
+            f"starts paused {summary['paused_s']:g} s"
+        )
+    learned = [
+        f"{item['key']}: {item['requests']} requests per {item['window_s']:g} s ({item['source']})"
+        for item in summary.get("learned_limits") or []
+    ]
+    if learned:
+        lines.append("learned limits: " + "; ".join(learned))
+    return lines

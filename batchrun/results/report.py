@@ -53,6 +53,13 @@ class TimeBins:
     cost: list[float] = field(default_factory=lambda: [0.0] * TIME_BINS)
     limit: list[int | None] = field(default_factory=lambda: [None] * TIME_BINS)  # lowest in-flight limit
     paused_s: list[float] = field(default_factory=lambda: [0.0] * TIME_BINS)
+    answered: list[int] = field(default_factory=lambda: [0] * TIME_BINS)  # attempts answered (any outcome)
+    rate_sum: list[float] = field(default_factory=lambda: [0.0] * TIME_BINS)  # paced rate, summed over seconds
+    rate_seconds: list[int] = field(default_factory=lambda: [0] * TIME_BINS)  # seconds with a paced rate
+
+    def paced_rate(self, i: int) -> float | None:
+        """Interval i's mean paced rate (requests/s) over its seconds that were paced; None when none was."""
+        return self.rate_sum[i] / self.rate_seconds[i] if self.rate_seconds[i] else None
 
     @property
     def width_s(self) -> float:
@@ -124,6 +131,7 @@ class Report:
     captions: list[Sample] = field(default_factory=list)
     parsed_columns: list[str] = field(default_factory=list)
     input_note: str | None = None
+    learned_limits: list[dict[str, Any]] = field(default_factory=list)  # output.learned_limits
     cache: CacheShare = field(default_factory=CacheShare)
 
     @property
@@ -137,6 +145,7 @@ def collect(job: Job, checkpoint: Checkpoint) -> Report:
     if table is None:
         report.input_note = "the input cannot be read now: sample rows show no input columns"
     _run_state(report, checkpoint)
+    report.learned_limits = output.learned_limits(checkpoint)
     parser = AnswerParser.for_spec(job.spec, protocol_for(job.spec.provider.api))
     report.parsed_columns = list(parser.columns) if parser is not None else []
     tally = Tally(report, checkpoint, parser)
@@ -227,12 +236,16 @@ class Tally:
         self._cache_share(frame, bins)
         for r in rows:
             started, log = r[COL["started_at"]], r[COL["attempt_log"]]
-            if log is None or (" " not in log and log.endswith(":ok")):
-                continue  # the common case: one attempt, answered
+            if log is None:
+                continue
+            if " " not in log and log.endswith(":ok"):  # the common case: one attempt, answered
+                bins.answered[bins.index(started + float(log.partition(":")[0]))] += 1
+                continue
             for offset, outcome, status in parse_attempt_log(log):
+                i = bins.index(started + offset)
+                bins.answered[i] += 1
                 if outcome == "ok":
                     continue
-                i = bins.index(started + offset)
                 if status == 429:
                     bins.rate_limited[i] += 1
                 else:
@@ -310,11 +323,14 @@ class Tally:
     def _limiter(self) -> None:
         bins = self.report.time
         assert bins is not None
-        for second, limit_min, paused_s in self.checkpoint.limiter_seconds():
+        for second, limit_min, paused_s, rate in self.checkpoint.limiter_seconds():
             i = bins.index(second)
             shown = bins.limit[i]
             bins.limit[i] = limit_min if shown is None else min(shown, limit_min)
             bins.paused_s[i] += paused_s
+            if rate is not None:
+                bins.rate_sum[i] += rate
+                bins.rate_seconds[i] += 1
 
 
 def _note(row: dict[str, Any]) -> dict[str, Any]:

@@ -41,6 +41,10 @@ ANSWER_CHARS = 1_500
 W, PAD_L, PAD_R = 960, 56, 12
 OK_COLOUR, ERROR_COLOUR, LIMIT_COLOUR, PAUSE_COLOUR = "#3b82f6", "#dc2626", "#7c3aed", "#fde68a"
 RATE_COLOUR = "#f97316"
+ANSWERED_COLOUR, PACED_COLOUR, LEARNED_COLOUR, COST_COLOUR = "#94a3b8", "#0d9488", "#111111", "#059669"
+LEGEND_H = 18  # one row of an in-chart legend
+AXIS_H = 34  # the time axis under a chart: clock time, then time elapsed since the first start
+CHAR_W = 6.5  # about one character of the charts' 11 px text, to lay the legend out
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1000px;color:#111;padding:0 12px}
@@ -104,11 +108,14 @@ def _glance(report: Report) -> str:
         ("ok", str(report.ok), "rows"),
         ("error", str(report.error), ", ".join(f"{c} {n}" for c, n in report.errors.most_common()) or "none"),
         ("attempts", str(report.attempts), "requests sent, retries included"),
+        ("429 answers", str(sum(report.time.rate_limited)) if report.time else "0", "push-back, all runs"),
         ("tokens", f"{report.prompt_tokens} in / {report.completion_tokens} out", "as the relay counted"),
     ]
     if pricing is not None and report.cost is not None:
         limit = spec.run.max_cost
         items.append(("cost", spend.money(report.cost, pricing), f"max_cost {limit}" if limit is not None else ""))
+    if report.learned_limits:
+        items.append(_learned_item(report.learned_limits))
     last = report.last_run
     wall = last.get("wall_s")
     items.append(("wall time", f"{wall:.1f} s" if wall is not None else "—", "the last run"))
@@ -127,6 +134,13 @@ def _glance(report: Report) -> str:
         estimate += _e("\n".join(report.estimate)) + "</pre>"
     note = f"<p class=note>{_e(report.input_note)}</p>" if report.input_note else ""
     return f"<h2>At a glance</h2><div class=glance>{cells}</div>{estimate}{note}"
+
+
+def _learned_item(learned: list[dict[str, Any]]) -> tuple[str, str, str]:
+    """The limits learned for each key: the limit itself for one key, how many keys for several."""
+    shown = [f"{item['requests']} per {item['window_s']:g} s" for item in learned]
+    keys = ", ".join(f"{item['key']}: {limit} ({item['source']})" for item, limit in zip(learned, shown))
+    return ("learned limit", shown[0] if len(shown) == 1 else f"{len(shown)} keys", keys)
 
 
 def _duration(seconds: float) -> str:
@@ -188,14 +202,63 @@ def _num(value: float) -> str:
     return f"{value:.0f}" if value >= 10 or value == int(value) else f"{value:.2g}"
 
 
+def _svg_legend(entries: Sequence[tuple[str, str, str]]) -> tuple[str, int]:
+    """A legend inside the chart (it travels with the picture), and the height it takes.
+
+    `entries`: (label, colour, mark), mark "bar", "line" or "dash"; wraps to a new row at the chart's width.
+    """
+    out, x, y = ["<g class=legend>"], float(PAD_L), 0
+    for label, colour, mark in entries:
+        width = 22 + len(label) * CHAR_W + 14
+        if x + width > W - PAD_R and x > PAD_L:
+            x, y = float(PAD_L), y + LEGEND_H
+        mid = y + LEGEND_H / 2
+        if mark == "bar":
+            out.append(f"<rect x='{x:.0f}' y='{mid - 5:.0f}' width=16 height=10 fill='{colour}'/>")
+        else:
+            dash = " stroke-dasharray='5 3'" if mark == "dash" else ""
+            out.append(
+                f"<line x1='{x:.0f}' y1='{mid:.0f}' x2='{x + 16:.0f}' y2='{mid:.0f}' stroke='{colour}' "
+                f"stroke-width='2'{dash}/>"
+            )
+        out.append(f"<text class=legend-label x='{x + 22:.0f}' y='{mid + 4:.0f}'>{_e(label)}</text>")
+        x += width
+    out.append("</g>")
+    return "".join(out), y + LEGEND_H + 4
+
+
 def _time_axis(bins: TimeBins, y: float) -> str:
-    out = []
+    """Ticks with the clock time and, under it, the time elapsed since the first start; `y`: the axis line."""
+    out = [
+        f"<text class=axis-label x={PAD_L - 4} y={y + 14:.0f} text-anchor=end>clock</text>",
+        f"<text class=axis-label x={PAD_L - 4} y={y + 28:.0f} text-anchor=end>elapsed</text>",
+    ]
+    span = bins.width_s * TIME_BINS  # the bins' own span (at least a second), not the rows'
     for k in range(5):
-        t = bins.t0 + k * (bins.t1 - bins.t0) / 4
+        t = bins.t0 + k * span / 4
         x = PAD_L + k * (W - PAD_L - PAD_R) / 4
         anchor = "start" if k == 0 else "end" if k == 4 else "middle"
-        out.append(f"<text x={x:.0f} y={y} text-anchor={anchor}>{datetime.fromtimestamp(t):%H:%M:%S}</text>")
+        out.append(f"<line x1={x:.0f} y1={y:.0f} x2={x:.0f} y2={y + 4:.0f} stroke='#999'/>")
+        for row, text in ((14, f"{datetime.fromtimestamp(t):%H:%M:%S}"), (28, _elapsed(t - bins.t0, span))):
+            out.append(f"<text class=tick x={x:.0f} y={y + row:.0f} text-anchor={anchor}>{text}</text>")
     return "".join(out)
+
+
+def _elapsed(seconds: float, span: float) -> str:
+    """Time since the first start, as precise as a chart of `span` seconds needs: +1.5 s, +45 s, +2:30, +1:02:30."""
+    if span < 10:
+        return f"+{seconds:.1f} s"
+    if span < 120:
+        return f"+{seconds:.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"+{hours}:{minutes:02d}:{secs:02d}" if hours else f"+{minutes}:{secs:02d}"
+
+
+def _learned_rate(report: Report) -> float | None:
+    """The learned limits of all keys together, in requests per second; None when none was learned."""
+    rates = [item["requests"] / item["window_s"] for item in report.learned_limits]
+    return sum(rates) if rates else None
 
 
 def _over_time(report: Report) -> str:
@@ -203,36 +266,61 @@ def _over_time(report: Report) -> str:
     if bins is None:
         return "<h2>Over time</h2><p class=note>no row has finished yet</p>"
     h, gap = 110, 26
+    learned = _learned_rate(report)
+    entries = [
+        ("rows ok", OK_COLOUR, "bar"),
+        ("rows error", ERROR_COLOUR, "bar"),
+        ("429 answers", RATE_COLOUR, "bar"),
+        ("other failed attempts", ERROR_COLOUR, "bar"),
+        ("requests answered/s", ANSWERED_COLOUR, "bar"),
+        ("paced rate", PACED_COLOUR, "line"),
+        *([("learned limit", LEARNED_COLOUR, "dash")] if learned is not None else []),
+        ("in-flight limit (lowest)", LIMIT_COLOUR, "line"),
+        ("starts paused", PAUSE_COLOUR, "bar"),
+    ]
+    legend, top = _svg_legend(entries)
+    y = [top + k * (h + gap) for k in range(4)]
     rows_top = max(max(a + b for a, b in zip(bins.ok, bins.error)), 1)
     fail_top = max(max(a + b for a, b in zip(bins.rate_limited, bins.other_errors)), 1)
     known = [v for v in bins.limit if v is not None]
     limit_top = max(known + [report.job.spec.run.concurrency, 1]) * 1.25  # the line stays clear of the top
+    per_s = [n / bins.width_s for n in bins.answered]
+    paced = [bins.paced_rate(i) for i in range(TIME_BINS)]
+    rate_top = max([*per_s, *(r for r in paced if r is not None), learned or 0.0, 0.1]) * 1.15
     body = [
-        _frame(8, h, rows_top, "rows finished"),
-        _bars(bins.ok, rows_top, 8, h, OK_COLOUR),
-        _bars(bins.error, rows_top, 8, h, ERROR_COLOUR, base=bins.ok),
-        _frame(8 + h + gap, h, fail_top, "failed attempts"),
-        _bars(bins.rate_limited, fail_top, 8 + h + gap, h, RATE_COLOUR),
-        _bars(bins.other_errors, fail_top, 8 + h + gap, h, ERROR_COLOUR, base=bins.rate_limited),
-        _frame(8 + 2 * (h + gap), h, limit_top, "in-flight limit"),
-        _pauses(bins, 8 + 2 * (h + gap), h),
-        _step_line(bins.limit, limit_top, 8 + 2 * (h + gap), h),
-        _time_axis(bins, 8 + 3 * h + 2 * gap + 16),
+        legend,
+        _frame(y[0], h, rows_top, "rows finished per interval"),
+        _bars(bins.ok, rows_top, y[0], h, OK_COLOUR),
+        _bars(bins.error, rows_top, y[0], h, ERROR_COLOUR, base=bins.ok),
+        _frame(y[1], h, fail_top, "failed attempts per interval"),
+        _bars(bins.rate_limited, fail_top, y[1], h, RATE_COLOUR),
+        _bars(bins.other_errors, fail_top, y[1], h, ERROR_COLOUR, base=bins.rate_limited),
+        _frame(y[2], h, rate_top, "requests per second"),
+        _bars(per_s, rate_top, y[2], h, ANSWERED_COLOUR),
+        _step_line(paced, rate_top, y[2], h, PACED_COLOUR, "paced"),
+        _level(learned, rate_top, y[2], h),
+        _frame(y[3], h, limit_top, "in-flight limit"),
+        _pauses(bins, y[3], h),
+        _step_line(bins.limit, limit_top, y[3], h, LIMIT_COLOUR, "in_flight"),
+        _time_axis(bins, y[3] + h),
     ]
-    legend = _legend(
-        ("rows ok", OK_COLOUR),
-        ("rows error", ERROR_COLOUR),
-        ("429 answers", RATE_COLOUR),
-        ("other failed attempts", ERROR_COLOUR),
-        ("in-flight limit (lowest)", LIMIT_COLOUR),
-        ("starts paused", PAUSE_COLOUR),
-    )
     note = (
-        f"<p class=note>{TIME_BINS} intervals of {_seconds(bins.width_s)}; "
-        "the limit and pauses are recorded by local runs (not by the Ray engine, nor by checkpoints "
-        "written before batchrun recorded them)</p>"
+        f"<p class=note>{TIME_BINS} intervals of {_seconds(bins.width_s)}; the paced rate is what the limiter "
+        "allowed (none drawn while it did not pace); the limit, the pace and pauses are recorded by local runs "
+        "(not by the Ray engine, nor by checkpoints written before batchrun recorded them)</p>"
     )
-    return f"<h2>Over time</h2>{legend}{_svg('timeline', 3 * h + 2 * gap + 28, body)}{note}"
+    return f"<h2>Over time</h2>{_svg('timeline', int(y[3] + h + AXIS_H), body)}{note}"
+
+
+def _level(value: float | None, top: float, y0: float, h: float) -> str:
+    """A dashed level across the plot: the learned limit."""
+    if value is None:
+        return ""
+    y = y0 + h - value / top * h
+    return (
+        f"<line class=datum data-series=learned data-value='{value:g}' x1={PAD_L} y1='{y:.1f}' x2={W - PAD_R} "
+        f"y2='{y:.1f}' stroke='{LEARNED_COLOUR}' stroke-width=1.5 stroke-dasharray='5 3'/>"
+    )
 
 
 def _pauses(bins: TimeBins, y0: float, h: float) -> str:
@@ -248,8 +336,8 @@ def _pauses(bins: TimeBins, y0: float, h: float) -> str:
     return "".join(out)
 
 
-def _step_line(values: list[int | None], top: float, y0: float, h: float) -> str:
-    """The limit as a step line, carried forward over intervals with no record."""
+def _step_line(values: Sequence[float | None], top: float, y0: float, h: float, colour: str, series: str) -> str:
+    """A step line, carried forward over intervals with no record."""
     width = (W - PAD_L - PAD_R) / len(values)
     points, current = [], None
     for i, v in enumerate(values):
@@ -261,8 +349,8 @@ def _step_line(values: list[int | None], top: float, y0: float, h: float) -> str
     if not points:
         return ""
     return (
-        f"<polyline class=datum data-points={len(points)} points='{' '.join(points)}' fill=none "
-        f"stroke='{LIMIT_COLOUR}' stroke-width=2/>"
+        f"<polyline class=datum data-series={series} data-points={len(points)} points='{' '.join(points)}' "
+        f"fill=none stroke='{colour}' stroke-width='2'/>"
     )
 
 
@@ -328,16 +416,22 @@ def _tokens(report: Report) -> str:
         for spent in bins.cost:
             total += spent
             running.append(total)
+        legend, top = _svg_legend(
+            [("cost so far", COST_COLOUR, "line"), ("cost per interval (own scale)", "#cbd5e1", "bar")]
+        )
         body = [
-            _frame(8, h, total, f"cost so far ({pricing.currency})"),
-            _bars(bins.cost, max(bins.cost), 8, h, "#cbd5e1"),
+            legend,
+            _frame(top, h, total, f"cost so far ({pricing.currency})"),
+            _bars(bins.cost, max(bins.cost), top, h, "#cbd5e1"),
         ]
         width = (W - PAD_L - PAD_R) / TIME_BINS
-        points = " ".join(f"{PAD_L + (i + 1) * width:.1f},{8 + h - v / total * h:.1f}" for i, v in enumerate(running))
-        body.append(f"<polyline class=datum points='{points}' fill=none stroke='#059669' stroke-width=2/>")
-        body.append(_time_axis(bins, h + 24))
-        parts.append(_legend(("cost so far", "#059669"), ("cost per interval (own scale)", "#cbd5e1")))
-        parts.append(_svg("cost", h + 32, body))
+        points = " ".join(f"{PAD_L + (i + 1) * width:.1f},{top + h - v / total * h:.1f}" for i, v in enumerate(running))
+        body.append(
+            f"<polyline class=datum data-series=cost points='{points}' fill=none stroke='{COST_COLOUR}' "
+            "stroke-width='2'/>"
+        )
+        body.append(_time_axis(bins, top + h))
+        parts.append(_svg("cost", int(top + h + AXIS_H), body))
     return "".join(parts)
 
 
@@ -356,8 +450,8 @@ def _prompt_cache(report: Report) -> str:
     h = 100
     shares = [100 * c / p if p else 0.0 for c, p in zip(cache.cached, cache.prompt, strict=True)]
     body = [_frame(8, h, 100, "cached share of input tokens (%)"), _bars(shares, 100, 8, h, OK_COLOUR)]
-    body.append(_time_axis(bins, h + 24))
-    return f"<h2>Prompt cache</h2><p class=note data-key=cache>{_e(said)}</p>{_svg('cache', h + 32, body)}"
+    body.append(_time_axis(bins, 8 + h))
+    return f"<h2>Prompt cache</h2><p class=note data-key=cache>{_e(said)}</p>{_svg('cache', 8 + h + AXIS_H, body)}"
 
 
 def _histogram(name: str, hist: Histogram, colour: str) -> str:
