@@ -9,11 +9,14 @@ import shlex
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchrun.base.errors import BudgetReached, JobError, RunAborted, RunInterrupted
 from batchrun.base.redaction import for_terminal
 from batchrun.base.version import __version__
+
+if TYPE_CHECKING:
+    from batchrun.job.spec import Job
 
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
@@ -93,6 +96,8 @@ def _resume_command(args: argparse.Namespace, *extra: str, with_max_cost: bool =
         words += ["--concurrency", str(args.concurrency)]
     if args.max_cost is not None and with_max_cost:
         words += ["--max-cost", f"{args.max_cost:g}"]
+    if args.base_url is not None:
+        words += ["--base-url", args.base_url]
     if args.engine != "local":
         words += ["--engine", args.engine]
     if args.ray_address is not None:
@@ -116,8 +121,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run or resume a job; writes the output Parquet")
     run.add_argument("job", help="the job file (YAML)")
-    run.add_argument("--limit", type=_positive_int, help="only the first N rows, to try a job cheaply")
-    run.add_argument("--concurrency", type=_positive_int, help="requests in flight at most (overrides run.concurrency)")
+    run.add_argument("--limit", type=int, help="only the first N rows, to try a job cheaply")
+    run.add_argument("--concurrency", type=int, help="requests in flight at most (overrides run.concurrency)")
     run.add_argument("--restart", action="store_true", help="throw the checkpoint away and start over")
     run.add_argument("--retry-failed", action="store_true", help="request again the rows that ended in error")
     run.add_argument(
@@ -134,9 +139,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument(
         "--max-cost",
-        type=_non_negative_float,
+        type=float,
         help="stop before the job's cost could pass this (overrides run.max_cost)",
     )
+    _base_url_argument(run)
     run.add_argument(
         "--engine",
         choices=["local", "ray"],
@@ -152,10 +158,12 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check the job and its input, show the first requests; no network")
     validate.add_argument("job", help="the job file (YAML)")
     validate.add_argument("--show", type=int, default=2, help="how many rendered requests to show (default 2)")
+    _base_url_argument(validate)
     validate.set_defaults(func=_validate)
 
     status = sub.add_parser("status", help="what is done, failed, pending; tokens; cost")
     status.add_argument("job", help="the job file (YAML)")
+    _base_url_argument(status)
     status.set_defaults(func=_status)
 
     models = sub.add_parser("models", help="the relay's models (GET /v1/models)")
@@ -254,6 +262,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _base_url_argument(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--base-url", help="the relay to send to, e.g. http://127.0.0.1:8787 (overrides provider.base_url)"
+    )
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -261,29 +275,31 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return value
+def _load(args: argparse.Namespace) -> Job:
+    """The job file with the run settings given as flags laid over it: one bound and one message each (the job's)."""
+    from batchrun.app import commands
+    from batchrun.base.naming import flag
+    from batchrun.job.spec import read_job
+
+    given = {name: getattr(args, name, None) for name in commands.RUN_SETTINGS}
+    job = commands.settle(read_job(args.job), flag, **given)
+    commands.check_limit(getattr(args, "limit", None), flag)
+    return job
 
 
 def _run(args: argparse.Namespace) -> int:
     from batchrun.app import commands
-    from batchrun.app.checks import load_job
     from batchrun.base import eventloop
     from batchrun.engines.runner import RunOptions
 
-    job = load_job(args.job)
+    job = _load(args)
     _print_warnings(job.warnings)
     options = RunOptions(
         limit=args.limit,
-        concurrency=args.concurrency,
         restart=args.restart,
         retry_failed=args.retry_failed,
         rerun_changed=args.rerun_changed,
         quiet=args.quiet,
-        max_cost=args.max_cost,
         adopt_checkpoint=args.adopt_checkpoint,
     )
     summary = eventloop.run(commands.run, job, options, args.engine, args.ray_address, args.ray_actors)
@@ -330,9 +346,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 def _validate(args: argparse.Namespace) -> int:
     from batchrun.app import commands
-    from batchrun.app.checks import load_job
 
-    job = load_job(args.job)
+    job = _load(args)
     _print_warnings(job.warnings)
     plan = commands.plan(job, args.show)
     print(f"job {plan.job}: {plan.rows} rows from {plan.input}, columns: {', '.join(plan.columns)}")
@@ -388,10 +403,9 @@ def _refusal(given: str | None) -> tuple[int, str] | None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from batchrun.app.checks import load_job
     from batchrun.engines.resume import status_lines
 
-    print(for_terminal("\n".join(status_lines(load_job(args.job)))))
+    print(for_terminal("\n".join(status_lines(_load(args)))))
     return 0
 
 

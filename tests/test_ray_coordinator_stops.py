@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import Emulator, write_csv, write_job
@@ -18,7 +17,7 @@ pytest.importorskip("ray")
 from test_checkpoint_stops import ROWS, _remount, _stored, small_disk  # noqa: E402, F401  (small_disk: a fixture)
 from test_ray_engine import ray_address, ray_run  # noqa: E402, F401  (ray_address is a fixture)
 
-from batchrun.engines.ray_coordinator import Coordinator  # noqa: E402
+from batchrun.engines.coordinator import Coordinator  # noqa: E402
 from batchrun.flow.spend import Budget  # noqa: E402
 from batchrun.job.spec import RunSpec  # noqa: E402
 
@@ -36,11 +35,8 @@ def _fill(disk: Path) -> None:
 
 def test_a_sync_whose_intents_cannot_be_committed_is_answered(small_disk: Path) -> None:  # noqa: F811
     async def scenario() -> None:
-        # The actor's own class, without Ray around it: the same code its calls run.
-        actor: Any = Coordinator  # ray.remote made the class an actor class; mypy cannot see it
-        coordinator = actor.__ray_metadata__.modified_class(
-            str(small_disk / "out.batchrun"), 4, RunSpec(), Budget(None, None, 0.0)
-        )
+        # The coordinator without Ray around it: the same code the actor's calls run.
+        coordinator = Coordinator(str(small_disk / "out.batchrun"), 4, RunSpec(), Budget(None, None, 0.0))
         await coordinator.start()
         state = await asyncio.wait_for(coordinator.sync("w", 0, 0, [], [0, 1]), 5)
         assert state.committed

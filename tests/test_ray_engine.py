@@ -38,7 +38,7 @@ from test_spend import PRICING
 # tests of a missing extra are in test_ray_extra_missing.py, which runs everywhere.
 pytest.importorskip("ray")
 
-from batchrun.engines.ray_coordinator import DRIVER_GRACE_S  # noqa: E402
+from batchrun.engines.coordinator import DRIVER_GRACE_S  # noqa: E402
 
 # A cluster started by ray.init takes token authentication; its clients say so.
 RAY_CLIENT = {"RAY_AUTH_MODE": "token", "RAY_ADDRESS": None}

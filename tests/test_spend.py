@@ -101,7 +101,7 @@ def test_a_budget_needs_pricing(tmp_path: Path, reviews: Path, emulator: Emulato
     else:
         job = write_job(tmp_path, emulator.url)
         result = run_here("run", str(job), "--max-cost", "1")
-        assert "--max-cost needs pricing" in result.stderr
+        assert "--max-cost: run.max_cost: a budget needs pricing" in result.stderr  # the job file's own check
     assert result.returncode == 2 and emulator.stats()["requests"] == 0
 
 

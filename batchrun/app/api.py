@@ -24,12 +24,12 @@ import polars as pl
 import pyarrow as pa
 
 from batchrun.app import commands
-from batchrun.app.checks import job_from_dict, load_job
 from batchrun.base import eventloop
 from batchrun.base.errors import JobError
+from batchrun.base.naming import keyword
 from batchrun.engines.resume import JobStatus, job_status
 from batchrun.engines.runner import CtrlC, RunOptions
-from batchrun.job.spec import Job
+from batchrun.job.spec import Job, read_job, read_job_dict
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -49,16 +49,21 @@ def run(
     retry_failed: bool = False,
     rerun_changed: bool = False,
     max_cost: float | None = None,
+    base_url: str | None = None,
+    adopt_checkpoint: str | os.PathLike[str] | None = None,
     quiet: bool = False,
 ) -> pl.DataFrame:
     """Runs or resumes the job and returns its output, as `batchrun run` writes it.
+
+    `concurrency`, `max_cost` and `base_url` set run.concurrency, run.max_cost and provider.base_url
+    for this run, with the job file's bounds; the others are `batchrun run`'s flags of the same names.
 
     Works where an event loop is already running (Jupyter): the run then has a loop of its own
     in a worker thread, and Ctrl-C (interrupt the kernel) stops it as it stops the CLI.
     Raises JobError, RunAborted (stopped by the server), BudgetReached or RunInterrupted.
     """
-    loaded = _load(job, input)
-    options = _options(limit, concurrency, restart, retry_failed, rerun_changed, max_cost, quiet)
+    loaded = _load(job, input, concurrency=concurrency, max_cost=max_cost, base_url=base_url)
+    options = _options(limit, restart, retry_failed, rerun_changed, adopt_checkpoint, quiet)
     if _loop_running() or threading.current_thread() is not threading.main_thread():
         options.presses = CtrlC()  # no SIGINT handler of ours: it is not our loop or thread
         _in_worker_thread(partial(eventloop.run, commands.run, loaded, options), options.presses)
@@ -77,38 +82,44 @@ async def arun(
     retry_failed: bool = False,
     rerun_changed: bool = False,
     max_cost: float | None = None,
+    base_url: str | None = None,
+    adopt_checkpoint: str | os.PathLike[str] | None = None,
     quiet: bool = False,
 ) -> pl.DataFrame:
     """`run`, awaited on the caller's event loop. Cancelling the task stops the run; what finished is kept."""
-    loaded = _load(job, input)
-    options = _options(limit, concurrency, restart, retry_failed, rerun_changed, max_cost, quiet)
+    loaded = _load(job, input, concurrency=concurrency, max_cost=max_cost, base_url=base_url)
+    options = _options(limit, restart, retry_failed, rerun_changed, adopt_checkpoint, quiet)
     options.presses = CtrlC()  # the loop's SIGINT handling stays its owner's
     await commands.run(loaded, options)
     return _read_output(loaded)
 
 
-def validate(job: JobLike, input: FrameLike | None = None, *, show: int = 2) -> commands.Plan:
+def validate(
+    job: JobLike, input: FrameLike | None = None, *, show: int = 2, base_url: str | None = None
+) -> commands.Plan:
     """Checks the job and its input; returns the first `show` rendered requests and the cost estimate. Sends nothing."""
-    loaded = _load(job, input)
+    loaded = _load(job, input, base_url=base_url)
     if _loop_running():  # rendering loads images on an event loop of its own
         return _in_worker_thread(partial(commands.plan, loaded, show))
     return commands.plan(loaded, show)
 
 
-def status(job: JobLike, input: FrameLike | None = None) -> JobStatus:
+def status(job: JobLike, input: FrameLike | None = None, *, base_url: str | None = None) -> JobStatus:
     """Where the job stands: rows done, failed and pending, tokens, cost, and where its checkpoint is."""
-    return job_status(_load(job, input))
+    return job_status(_load(job, input, base_url=base_url), keyword)
 
 
-def _load(job: JobLike, input: FrameLike | None) -> Job:
+def _load(job: JobLike, input: FrameLike | None, **settings: Any) -> Job:
+    """The job, with the run settings given as keyword arguments laid over it (commands.settle)."""
     frame = _as_polars(input)
     if isinstance(job, Mapping):
-        loaded = job_from_dict(dict(job), Path.cwd(), frame)
+        read = read_job_dict(dict(job), Path.cwd(), frame)
     else:
-        loaded = load_job(job)
+        read = read_job(job)
         if frame is not None:  # the frame stands in for input.path
-            loaded.spec.input = loaded.spec.input.model_copy(update={"path": None})
-            loaded.frame = frame
+            read.spec.input = read.spec.input.model_copy(update={"path": None})
+            read.frame = frame
+    loaded = commands.settle(read, keyword, **settings)
     for warning in loaded.warnings:
         warnings.warn(warning, stacklevel=3)
     return loaded
@@ -149,19 +160,15 @@ def _first_line(error: BaseException) -> str:
 
 def _options(
     limit: int | None,
-    concurrency: int | None,
     restart: bool,
     retry_failed: bool,
     rerun_changed: bool,
-    max_cost: float | None,
+    adopt_checkpoint: str | os.PathLike[str] | None,
     quiet: bool,
 ) -> RunOptions:
-    for name, value in (("limit", limit), ("concurrency", concurrency)):
-        if value is not None and value < 1:
-            raise JobError(f"{name}: must be at least 1 (got {value})")
-    if max_cost is not None and max_cost < 0:
-        raise JobError(f"max_cost: must be 0 or more (got {max_cost})")
-    return RunOptions(limit, concurrency, restart, retry_failed, rerun_changed, quiet, max_cost)
+    commands.check_limit(limit, keyword)
+    adopt = Path(adopt_checkpoint) if adopt_checkpoint is not None else None
+    return RunOptions(limit, restart, retry_failed, rerun_changed, quiet, adopt, named=keyword)
 
 
 def _read_output(job: Job) -> pl.DataFrame:

@@ -1,7 +1,9 @@
 """What `run` and `validate` do, for the command line (cli.py) and Python (app/api.py) alike
 (`status` is resume.job_status).
 
-Each takes a loaded Job and returns what it found; printing is the caller's.
+Each takes a loaded Job and returns what it found; printing is the caller's. Settings given
+for one run (`--concurrency`, `concurrency=`) are laid over the job file's by `settle` and
+validated by the job model, so each has one bound and one default whichever way it is given.
 """
 
 from __future__ import annotations
@@ -11,18 +13,36 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+from batchrun.app.checks import checked
 from batchrun.base.errors import JobError
+from batchrun.base.naming import Naming
 from batchrun.engines.runner import RunOptions, run_job
 from batchrun.flow import spend
 from batchrun.job.inputs import ROW_INDEX, InputTable
 from batchrun.job.render import Renderer, RowInputError
 from batchrun.job.settings import RequestSettings
-from batchrun.job.spec import Job, JobSpec
+from batchrun.job.spec import Job, JobSpec, with_settings
 from batchrun.job.structured import AnswerParser
 from batchrun.pipeline import cache_order
 from batchrun.pipeline.images import ImageLoader, loader_for, preview_body
 from batchrun.protocols import WireProtocol, protocol_for
 from batchrun.results import output
+
+# The job file's keys a run may set without editing it, by their flag's and keyword argument's name.
+RUN_SETTINGS = {"concurrency": "run.concurrency", "max_cost": "run.max_cost", "base_url": "provider.base_url"}
+
+
+def settle(job: Job, named: Naming, **given: Any) -> Job:
+    """The job read (spec.read_job, read_job_dict) with the run settings given (None: the job file's) laid
+    over its own, then checked across its keys (checks.checked); a problem names a setting as `named` does."""
+    settings = {RUN_SETTINGS[name]: (named(name), value) for name, value in given.items() if value is not None}
+    return checked(with_settings(job, settings))
+
+
+def check_limit(limit: int | None, named: Naming) -> None:
+    """The row limit is the run's, not the job file's: its one bound is here."""
+    if limit is not None and limit < 1:
+        raise JobError(f"{named('limit')}: must be at least 1 (got {limit})")
 
 
 async def run(
@@ -33,8 +53,6 @@ async def run(
     ray_actors: int | None = None,
 ) -> dict[str, Any]:
     """Runs or resumes the job; returns its summary. Raises JobError, RunAborted, BudgetReached, RunInterrupted."""
-    if options.max_cost is not None and job.spec.pricing is None:
-        raise JobError(f"{job.path}: --max-cost needs pricing in the job file to count the cost")
     if engine == "local":
         if ray_address is not None or ray_actors is not None:
             raise JobError("--ray-address and --ray-actors need --engine ray")

@@ -37,9 +37,11 @@ from typing import Any
 
 from batchrun.base import eventloop
 from batchrun.bench.throughput import emulator_process, machine, write_input, write_job
-from batchrun.engines.ray_coordinator import Coordinator, row_values
+from batchrun.engines.contract import Engine
+from batchrun.engines.coordinator import row_values
+from batchrun.engines.ray_coordinator import CoordinatorActor
 from batchrun.engines.ray_engine import RayEngine, RayOptions
-from batchrun.engines.runner import Engine, Run, RunOptions
+from batchrun.engines.runner import Run, RunOptions
 from batchrun.flow.spend import Budget
 from batchrun.job.spec import Job, RunSpec
 from batchrun.ledger.checkpoint import DB_NAME, RowRecord, checkpoint_folder
@@ -143,7 +145,7 @@ def coordinator_alone(folder: Path, sizes: Sizes, report: Report) -> None:
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     try:
-        actor: Any = Coordinator  # ray.remote made the class an actor class; mypy cannot see it
+        actor: Any = CoordinatorActor  # an actor class; mypy cannot see its `remote`
         coordinator = actor.remote(str(folder), CONCURRENCY, RunSpec(), Budget(None, None, 0.0))
         ray.get(coordinator.start.remote())
         started = time.perf_counter()

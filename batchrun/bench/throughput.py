@@ -46,7 +46,7 @@ from batchrun.job.settings import RequestSettings
 from batchrun.job.spec import Job
 from batchrun.ledger.checkpoint import Checkpoint, RowRecord, checkpoint_folder
 from batchrun.pipeline.fingerprint import Fingerprint
-from batchrun.pipeline.transport import Transport
+from batchrun.pipeline.rows import open_transport
 from batchrun.protocols import Decoder, openai_chat
 
 KEY_ENV = "BATCHRUN_BENCH_KEY"
@@ -245,8 +245,10 @@ def emulator_process(latency_ms: float = 0.0, extra: list[str] | None = None) ->
 # --- what is measured -------------------------------------------------------------------
 
 
-async def _transport_loop(base_url: str, bodies: list[bytes], concurrency: int, decoder: Decoder) -> Rate:
-    transport = Transport(base_url, openai_chat.headers(KEY), 120, concurrency)
+async def _transport_loop(job: Job, bodies: list[bytes], decoder: Decoder) -> Rate:
+    """The job's requests posted by its own transport (the one every engine builds), nothing else."""
+    concurrency = job.spec.run.concurrency
+    transport = open_transport(job, job.spec.provider.base_url, concurrency)
     queue = iter(bodies)
 
     async def worker() -> None:
@@ -270,13 +272,7 @@ async def _transport_loop(base_url: str, bodies: list[bytes], concurrency: int, 
 def bare_loop(job: Job, bodies: list[bytes]) -> Rate:
     """The bare loop over the job's requests, on the event loop the CLI uses."""
     spec = job.spec
-    return eventloop.run(
-        _transport_loop,
-        spec.provider.base_url,
-        bodies,
-        spec.run.concurrency,
-        openai_chat.decoder(RequestSettings.of(spec, openai_chat)),
-    )
+    return eventloop.run(_transport_loop, job, bodies, openai_chat.decoder(RequestSettings.of(spec, openai_chat)))
 
 
 def pipeline(job: Job, rows: int, durable_checkpoint: bool = True) -> Rate:

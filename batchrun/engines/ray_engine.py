@@ -7,9 +7,11 @@ Ray Data partitions, schedules and retries; batchrun supplies the work:
   the local engine's, so a checkpoint can be resumed by either engine, and every row
   keeps its row_index (Ray's own readers give rows no stable position).
 * A pool of `RowSender` actors (map_batches) sends each batch's rows through the same
-  row pipeline as the local engine (rows.RowPipeline: rendering, protocols, transport,
-  retries, repairs), built with the job-wide stand-ins of engines/ray_coordinator.py as its
-  collaborators. An actor gets the input's columns from the driver: it never scans the input.
+  row pipeline and worker loop as the local engine (rows.RowPipeline: rendering, protocols,
+  transport, retries, repairs), each a ClusterWorker (engines/coordinator_link.py) whose
+  collaborators stand in for the job-wide coordinator (engines/coordinator.py), a Ray actor
+  here (engines/ray_coordinator.py). An actor gets the input's columns from the driver: it
+  never scans the input.
 * The driver is a `Run` like a local one (`Run.execute` opens, checks and finally writes
   the output) with `RayEngine` as its engine, and shows one progress bar fed by the actors' reports.
   While it runs it says so to the coordinator (`_signs_of_life`): actors send only while it does.
@@ -21,7 +23,6 @@ blocks, and it keeps neither the answers nor the intents that say which rows may
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -44,27 +45,15 @@ from ray.data.datasource import Datasource, ReadTask
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from batchrun.base.errors import JobError
-from batchrun.engines.ray_coordinator import (
-    DRIVER_PING_S,
-    ClusterBudget,
-    ClusterLedger,
-    ClusterLimits,
-    ClusterSharing,
-    ClusterWatch,
-    Coordinator,
-    CoordinatorLink,
-)
-from batchrun.engines.runner import GRACE_S, Run, RunOptions, Sent
-from batchrun.flow.spend import Budget
-from batchrun.job.inputs import ROW_INDEX, InputTable
-from batchrun.job.render import Renderer
+from batchrun.engines.contract import OpenRun, Sent
+from batchrun.engines.coordinator import DRIVER_PING_S, sent_back
+from batchrun.engines.coordinator_link import ClusterWorker
+from batchrun.engines.ray_coordinator import CoordinatorActor, RayCalls
+from batchrun.engines.runner import GRACE_S, Run, RunOptions
+from batchrun.job.inputs import InputTable
 from batchrun.job.spec import Job
-from batchrun.job.structured import AnswerParser
 from batchrun.ledger.checkpoint import Checkpoint, RowRecord
 from batchrun.pipeline.progress import Progress, paid_images
-from batchrun.pipeline.rows import RowParts, RowPipeline, WorkItem
-from batchrun.pipeline.transport import AnswerCaps, Transport
-from batchrun.protocols import CallError, protocol_for
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # rows are small; Ray spills to disk beyond it
 RANGE_ROWS = 50_000  # input rows per read task
@@ -93,8 +82,8 @@ class RayEngine:
         self._interrupts = 0
         self.coordinator_cpu_s: float | None = None  # after a run: the coordinator's CPU time (`batchrun bench`)
 
-    async def send_all(self, run: Run, checkpoint: Checkpoint, progress: Progress, base_url: str) -> Sent:
-        if len(run.keys) > 1:
+    async def send_all(self, run: OpenRun, checkpoint: Checkpoint, progress: Progress, base_url: str) -> Sent:
+        if len(run.job.spec.provider.key_variables) > 1:
             raise JobError(
                 f"{run.job.path}: provider.api_key_env: several keys are not supported yet with --engine ray; "
                 "give one variable, or run without --engine ray"
@@ -103,7 +92,7 @@ class RayEngine:
         with _ray_session(self.ray_options.address):
             name = f"batchrun-{uuid.uuid4().hex}"
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-            actor = cast(Any, Coordinator)  # ray.remote made the class an actor class; mypy cannot see it
+            actor = cast(Any, CoordinatorActor)  # an actor class; mypy cannot see its `options`
             coordinator = actor.options(name=name, scheduling_strategy=here).remote(
                 str(checkpoint.folder), run.concurrency, run.job.spec.run, run.budget
             )
@@ -116,16 +105,10 @@ class RayEngine:
                 finally:
                     final = ray.get(coordinator.close.remote())
         self.coordinator_cpu_s = final["cpu_s"]
-        if final["problem"] is not None:
-            raise JobError(final["problem"])
-        checkpoint.awaiting_answer = set(final["awaiting_answer"])
-        checkpoint.failure = final["failure"]  # the coordinator's commits failed: the Run stops as a local one
-        run.budget.spent, run.budget.refused = final["budget"]  # the Run says why it stopped, as locally
-        tripped = CallError(**final["tripped"]) if final["tripped"] is not None else None
-        return Sent(final["requested"], self._interrupts, tripped)
+        return sent_back(final, self._interrupts)
 
-    def _send_all(self, run: Run, coordinator: Any, name: str, progress: Progress, base_url: str) -> None:
-        limit = run.options.limit
+    def _send_all(self, run: OpenRun, coordinator: Any, name: str, progress: Progress, base_url: str) -> None:
+        limit = run.limit
         rows = run.table.count() if limit is None else min(limit, run.table.count())
         # A batch can keep the whole limit busy, and costs the coordinator two calls: a few per 1,000 rows.
         batch_rows = max(16, min(8 * run.concurrency, 512))
@@ -209,104 +192,25 @@ def _read_rows(job: Job, lo: int, hi: int, block_rows: int) -> Iterator[pa.Table
 
 
 class RowSender:
-    """One actor of the pool: sends the rows of the batches it is given through the job's row pipeline.
-
-    Ray Data gives an actor several batches at once; their rows join one queue, served in
-    order by `concurrency` workers, so rows are sent in the order their intents were
-    committed (ClusterLedger commits them a slice ahead, in that order).
-    """
+    """One actor of the pool: sends the rows of the batches it is given, as one ClusterWorker."""
 
     def __init__(
         self, job: Job, columns: list[str], id_name: str, concurrency: int, coordinator: str, url: str, budgeted: bool
     ) -> None:
-        self._job = job
-        self._budgeted = budgeted
-        self._columns = columns
-        self._id_name = id_name
-        self._concurrency = concurrency
-        self._url = url
         self._coordinator = ray.get_actor(coordinator)
-        self._pipeline: RowPipeline | None = None
-
-    def _start(self) -> RowPipeline:
-        """On the actor's event loop (anyio's primitives need it): the pipeline, with the job-wide collaborators."""
-        job = self._job
-        api_key = job.api_key()
-        self._link = CoordinatorLink(self._coordinator)
-        self._watch = ClusterWatch(self._link)
-        self._limits = ClusterLimits(self._link, self._watch)
-        self._ledger = ClusterLedger(self._link, self._concurrency)
-        self._sharing = ClusterSharing(self._link)
-        caps = AnswerCaps.of(job.spec.run)
-        protocol = protocol_for(job.spec.provider.api)
-        headers = protocol.headers(api_key)
-        transport = Transport(self._url, headers, job.spec.run.timeout_s, self._concurrency, caps)
-        parts = RowParts(self._ledger, self._limits, self._sharing, self._watch, transport)
-        parser = AnswerParser.for_spec(job.spec, protocol)
-        # Without a budget, nothing to ask the coordinator: a budget without a limit holds nothing.
-        budget = ClusterBudget(self._link) if self._budgeted else Budget(None, job.spec.pricing, spent=0.0)
-        pipeline = RowPipeline(job, Renderer(job, self._columns), parser, self._id_name, parts, budget)
-        self._queue: asyncio.Queue[tuple[WorkItem, _Batch]] = asyncio.Queue()
-        # Kept: the event loop holds its tasks only weakly.
-        self._workers = [asyncio.ensure_future(self._work(pipeline)) for _ in range(self._concurrency)]
-        self._pipeline = pipeline
-        return pipeline
+        calls = RayCalls(self._coordinator)
+        self._worker = ClusterWorker(job, columns, id_name, concurrency, calls, url, budgeted)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         try:
-            pipeline = self._pipeline or self._start()
+            self._worker.start()  # on the actor's event loop: anyio's primitives need it
         except JobError as e:  # e.g. the key's variable is not set on this node
             node = ray.util.get_node_ip_address()
             await self._coordinator.cannot_start.remote(f"on the Ray worker at {node}: {e}")
             return _Report().table()
-        rows = list(cast(pl.DataFrame, pl.from_arrow(batch)).iter_rows(named=True))
-        todo = set(await self._coordinator.unfinished.remote([row[ROW_INDEX] for row in rows]))
-        work = _Batch()
-        items: list[WorkItem] = []
-        for row in rows:
-            if row[ROW_INDEX] in todo and (item := pipeline.item(row, work.report)) is not None:
-                items.append(item)
-        leads = await self._sharing.claim([(item.idx, item.row_id, item.key) for item in items])
-        self._ledger.expect(leads)
-        with self._limits.stoppable():
-            for item in items:
-                work.add(self._queue, item)
-            await work.done.wait()
-        self._ledger.give_back(leads)
-        await self._link.settle()  # this worker's errors are with the coordinator: the job's state includes them
-        pipeline.settle_held(work.report)
-        await self._link.settle()  # the batch's rows are with the coordinator before the driver hears of them
-        return work.report.table()
-
-    async def _work(self, pipeline: RowPipeline) -> None:
-        """One of the actor's workers: rows of any batch, in the order they came."""
-        while True:
-            item, work = await self._queue.get()
-            try:
-                if not await pipeline.send(item, work.report):
-                    self._limits.stop_batches()  # the job stops: the rows not sent stay pending
-            finally:
-                work.left()
-
-
-class _Batch:
-    """One batch's rows in the actor's queue: `done` once none is left, and its share of the progress bar."""
-
-    def __init__(self) -> None:
-        self.report = _Report()
-        self.done = asyncio.Event()
-        self.done.set()
-        self._left = 0
-
-    def add(self, queue: asyncio.Queue[tuple[WorkItem, _Batch]], item: WorkItem) -> None:
-        self._left += 1
-        self.done.clear()
-        queue.put_nowait((item, self))
-
-    def left(self) -> None:
-        self._left -= 1
-        if not self._left:
-            self.done.set()
+        report = _Report()
+        await self._worker.send(list(cast(pl.DataFrame, pl.from_arrow(batch)).iter_rows(named=True)), report)
+        return report.table()
 
 
 class _Report:

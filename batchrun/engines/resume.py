@@ -23,6 +23,7 @@ import orjson
 
 from batchrun.base import storage
 from batchrun.base.errors import JobError
+from batchrun.base.naming import Naming, flag
 from batchrun.flow import spend
 from batchrun.flow.learned import META_KEY as LEARNED_META
 from batchrun.job import openai_batch
@@ -31,7 +32,7 @@ from batchrun.job.render import Renderer
 from batchrun.job.spec import Job
 from batchrun.job.structured import AnswerParser
 from batchrun.ledger.checkpoint import DB_NAME, Checkpoint, checkpoint_folder
-from batchrun.pipeline.fingerprint import compare
+from batchrun.pipeline.fingerprint import Comparison, compare
 from batchrun.protocols import protocol_for
 from batchrun.results import output
 
@@ -42,6 +43,7 @@ class ResumeFlags:
     rerun_changed: bool = False
     retry_failed: bool = False
     adopt_checkpoint: Path | None = None  # --adopt-checkpoint: move this checkpoint beside the output first
+    named: Naming = flag  # how messages name these: flags (the CLI) or keyword arguments (Python)
 
 
 def open_for_run(
@@ -63,10 +65,10 @@ def open_for_run(
             checkpoint, job, table, renderer, forget_changed=flags.rerun_changed, ok_only=flags.retry_failed
         )
         if comparison.changed_rows and not flags.rerun_changed:
-            raise JobError(_refusal(job, comparison.changes, comparison.changed_rows, comparison.finished_rows))
+            raise JobError(_refusal(job, comparison, flags.named))
         current.save(checkpoint)
         if comparison.changes:
-            notes.append(_accepted(comparison.changes, comparison.changed_rows, comparison.finished_rows))
+            notes.append(_accepted(comparison.changes, comparison.changed_rows, comparison.finished_rows, flags.named))
     except BaseException:
         checkpoint.close()
         raise
@@ -88,19 +90,21 @@ def _written_batch_output(job: Job) -> str | None:
         checkpoint.close()
 
 
-def _refusal(job: Job, changes: list[str], changed: int, finished: int) -> str:
+def _refusal(job: Job, comparison: Comparison, named: Naming) -> str:
+    changed, finished = comparison.changed_rows, comparison.finished_rows
     keep = f" and keep the other {finished - changed} answers" if changed < finished else ""
     return (
-        f"{job.path}: the job changed since its checkpoint ({'; '.join(changes)}): {changed} of {finished} "
-        f"finished rows would now be sent differently. Run again with --rerun-changed to send those {changed} "
-        f"rows again{keep}, or with --restart to start over"
+        f"{job.path}: the job changed since its checkpoint ({'; '.join(comparison.changes)}): {changed} of "
+        f"{finished} finished rows would now be sent differently. Run again with {named('rerun_changed', True)} "
+        f"to send those {changed} rows again{keep}, or with {named('restart', True)} to start over"
     )
 
 
-def _accepted(changes: list[str], changed: int, finished: int) -> str:
+def _accepted(changes: list[str], changed: int, finished: int, named: Naming) -> str:
     what = "; ".join(changes)
     if changed:
-        return f"--rerun-changed ({what}): {changed} rows will be sent again, {finished - changed} answers kept"
+        rerun = named("rerun_changed", True)
+        return f"{rerun} ({what}): {changed} rows will be sent again, {finished - changed} answers kept"
     return f"the job changed ({what}), but not the request of any answer kept; the answers are kept"
 
 
@@ -144,15 +148,16 @@ def _prepare_folder(job: Job, table: InputTable, renderer: Renderer, flags: Resu
     notes: list[str] = []
     if flags.adopt_checkpoint is not None:  # refused before --restart discards anything
         source = _adoptable(flags.adopt_checkpoint, folder, job, table, renderer, flags)
+    named = flags.named
     if flags.restart and folder.exists():
-        notes.append(_discard(folder, job, table))
+        notes.append(_discard(folder, job, table, named))
     if flags.adopt_checkpoint is not None:
-        notes.append(_adopt(source, folder))
+        notes.append(_adopt(source, folder, named))
     elif not flags.restart and (earlier := earlier_folder(job)) is not None:
         raise JobError(
             f"{job.path}: output.path changed, and this job's checkpoint is still at {earlier}; "
-            f"run with --adopt-checkpoint {earlier} to move it here and keep its answers, "
-            "or with --restart to start a new one"
+            f"run with {named('adopt_checkpoint', earlier)} to move it here and keep its answers, "
+            f"or with {named('restart', True)} to start a new one"
         )
     _note_place(job, folder)
     return folder, notes
@@ -162,44 +167,47 @@ def _adoptable(given: Path, folder: Path, job: Job, table: InputTable, renderer:
     """The checkpoint --adopt-checkpoint names, checked as the run will check it once moved: a refusal must
     come before the move, or the job it belongs to loses it (and pays again)."""
     source = given.resolve()
+    named = flags.named
     if source.name.endswith(".parquet") and not (source / DB_NAME).exists():
         source = checkpoint_folder(source)  # the old output's path names its checkpoint too
     if source == folder:
         return source
     if not (source / DB_NAME).exists():
-        raise JobError(f"--adopt-checkpoint {source}: no batchrun checkpoint there ({DB_NAME} is missing)")
+        raise JobError(f"{named('adopt_checkpoint', source)}: no batchrun checkpoint there ({DB_NAME} is missing)")
     if (folder / DB_NAME).exists() and not flags.restart:
         raise JobError(
-            f"--adopt-checkpoint: {folder} already holds a checkpoint; use --restart with it to discard that one first"
+            f"{named('adopt_checkpoint', source)}: {folder} already holds a checkpoint; "
+            f"use {named('restart', True)} with it to discard that one first"
         )
     adopted = Checkpoint.for_reading(source)
     try:
         if adopted.run_in_progress():
-            raise JobError(f"--adopt-checkpoint {source}: another batchrun run is using it; wait for it to end")
+            raise JobError(f"{named('adopt_checkpoint', source)}: another batchrun run is using it; wait for it to end")
         comparison, _ = compare(adopted, job, table, renderer, ok_only=flags.retry_failed)
     finally:
         adopted.close()
     if comparison.changed_rows and not flags.rerun_changed:
         raise JobError(
-            f"--adopt-checkpoint {source}: not moved: it does not match {job.path} ({'; '.join(comparison.changes)}): "
-            f"{comparison.changed_rows} of {comparison.finished_rows} finished rows would now be sent differently; "
-            "add --rerun-changed to adopt it and send those rows again, or leave it where it is"
+            f"{named('adopt_checkpoint', source)}: not moved: it does not match {job.path} "
+            f"({'; '.join(comparison.changes)}): {comparison.changed_rows} of {comparison.finished_rows} finished "
+            f"rows would now be sent differently; add {named('rerun_changed', True)} to adopt it and send those rows "
+            "again, or leave it where it is"
         )
     return source
 
 
-def _adopt(source: Path, folder: Path) -> str:
+def _adopt(source: Path, folder: Path, named: Naming) -> str:
     """--adopt-checkpoint: the user's explicit move of a checkpoint folder (checked by `_adoptable`) here."""
     if source == folder:
-        return f"--adopt-checkpoint: {folder} is already this output's checkpoint"
+        return f"{named('adopt_checkpoint', source)}: {folder} is already this output's checkpoint"
     if folder.exists():
         shutil.rmtree(folder)  # a checkpoint folder without a database holds nothing
     folder.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(source), str(folder))
-    return f"--adopt-checkpoint: moved the checkpoint from {source} to {folder}"
+    return f"{named('adopt_checkpoint', source)}: moved the checkpoint from {source} to {folder}"
 
 
-def _discard(folder: Path, job: Job, table: InputTable) -> str:
+def _discard(folder: Path, job: Job, table: InputTable, named: Naming) -> str:
     try:
         checkpoint = Checkpoint(folder)
     except JobError:
@@ -207,7 +215,9 @@ def _discard(folder: Path, job: Job, table: InputTable) -> str:
     else:
         try:
             if checkpoint.run_in_progress():
-                raise JobError(f"{folder}: another batchrun run is using this checkpoint; stop it before --restart")
+                raise JobError(
+                    f"{folder}: another batchrun run is using this checkpoint; stop it before {named('restart', True)}"
+                )
             ok, failed = _ok_and_failed(job, checkpoint, table.count())
         finally:
             checkpoint.close()
@@ -216,7 +226,7 @@ def _discard(folder: Path, job: Job, table: InputTable) -> str:
     trash = folder.with_name(f"{folder.name}.discarded-{os.getpid()}")
     os.replace(folder, trash)
     shutil.rmtree(trash)
-    return f"--restart: discarded {what} ({folder})"
+    return f"{named('restart', True)}: discarded {what} ({folder})"
 
 
 def _ok_and_failed(job: Job, checkpoint: Checkpoint, rows: int) -> tuple[int, int]:
@@ -251,7 +261,8 @@ def status_lines(job: Job) -> list[str]:
     return job_status(job).lines
 
 
-def job_status(job: Job) -> JobStatus:
+def job_status(job: Job, named: Naming = flag) -> JobStatus:
+    """Where the job stands; what to do next names the settings as `named` does (flags, or keyword arguments)."""
     table = InputTable.for_job(job)
     rows = table.count()
     folder = checkpoint_folder(job.output_path)
@@ -262,13 +273,13 @@ def job_status(job: Job) -> JobStatus:
         if (earlier := earlier_folder(job)) is not None:
             lines.append(
                 f"output.path changed: this job's checkpoint is at {earlier}; "
-                f"`batchrun run {job.path} --adopt-checkpoint {earlier}` moves it here"
+                f"run with {named('adopt_checkpoint', earlier)} to move it here"
             )
         cost = 0.0 if job.spec.pricing is not None else None
         return JobStatus(name, rows, 0, 0, 0, rows, 0, 0, cost, folder, lines)
     checkpoint = Checkpoint.for_reading(folder)
     try:
-        return _status(job, table, rows, checkpoint)
+        return _status(job, table, rows, checkpoint, named)
     finally:
         checkpoint.close()
 
@@ -287,7 +298,7 @@ def _learned_line(meta: str | None) -> str | None:
     return "the relay's limits: " + "; ".join(parts) if parts else None
 
 
-def _status(job: Job, table: InputTable, rows: int, checkpoint: Checkpoint) -> JobStatus:
+def _status(job: Job, table: InputTable, rows: int, checkpoint: Checkpoint, named: Naming) -> JobStatus:
     totals = checkpoint.totals()
     done = checkpoint.count_finished(0, rows)
     ok, failed = _ok_and_failed(job, checkpoint, rows)
@@ -322,7 +333,7 @@ def _status(job: Job, table: InputTable, rows: int, checkpoint: Checkpoint) -> J
         )
     if learned := _learned_line(checkpoint.get_meta(LEARNED_META)):
         lines.append(learned)
-    lines.append(_match_line(job, table, checkpoint))
+    lines.append(_match_line(job, table, checkpoint, named))
     lines.append(_output_line(job))
     lines.append(f"checkpoint: {checkpoint.folder}")
     return JobStatus(
@@ -346,7 +357,7 @@ def _output_line(job: Job) -> str:
     return f"output: {job.output_path}"
 
 
-def _match_line(job: Job, table: InputTable, checkpoint: Checkpoint) -> str:
+def _match_line(job: Job, table: InputTable, checkpoint: Checkpoint, named: Naming) -> str:
     comparison, _ = compare(checkpoint, job, table, Renderer(job, table.columns))
     if not comparison.changes:
         return "job file: matches the checkpoint"
@@ -355,7 +366,7 @@ def _match_line(job: Job, table: InputTable, checkpoint: Checkpoint) -> str:
         return f"job file: changed ({what}), but no finished row's request did; the next run keeps every answer"
     return (
         f"job file: changed ({what}): {comparison.changed_rows} of {comparison.finished_rows} finished rows "
-        "would be sent differently; the next run needs --rerun-changed or --restart"
+        f"would be sent differently; the next run needs {named('rerun_changed', True)} or {named('restart', True)}"
     )
 
 

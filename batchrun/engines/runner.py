@@ -3,8 +3,9 @@
 `Run` is what every engine shares: the input, the templates and the answer
 parser, the checkpoint opened for resume, the budget, the progress bar, and at
 the end the Parquet output, the summary, or the one-line reason the run stopped.
-How the rows are sent is the `Engine`'s: `LocalEngine` here, `RayEngine` in
-engines/ray_engine.py; both send each row through the same rows.RowPipeline.
+How the rows are sent is the `Engine`'s (engines/contract.py: what it is given and
+what it reports back): `LocalEngine` here, `RayEngine` in engines/ray_engine.py; both
+send each row through the same rows.RowPipeline, with the same worker loop.
 
 The local engine: one producer renders rows into work items and feeds a bounded
 stream, so memory stays flat however large the input; `concurrency` workers take
@@ -24,14 +25,16 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from batchrun.base import storage
 from batchrun.base.errors import BudgetReached, RunAborted, RunInterrupted
+from batchrun.base.naming import Naming, flag
 from batchrun.base.stops import AbortWatch, StopRule
+from batchrun.engines.contract import Engine, OpenRun, Sent
 from batchrun.engines.resume import ResumeFlags, open_for_run
 from batchrun.flow import spend
 from batchrun.flow.keys import limits_for
@@ -46,9 +49,9 @@ from batchrun.job.structured import AnswerParser
 from batchrun.ledger.checkpoint import DB_NAME, Checkpoint, checkpoint_folder
 from batchrun.pipeline.cache_order import AnsweredLedger, CacheOrder, Sending
 from batchrun.pipeline.progress import Progress
-from batchrun.pipeline.rows import RowParts, RowPipeline, WorkItem
+from batchrun.pipeline.rows import RowParts, RowPipeline, WorkItem, open_transport
 from batchrun.pipeline.timeline import LimiterTimeline, note_run
-from batchrun.pipeline.transport import CANNOT_CONNECT, AnswerCaps, Transport
+from batchrun.pipeline.transport import CANNOT_CONNECT
 from batchrun.protocols import CallError, protocol_for
 from batchrun.results import output
 
@@ -63,15 +66,17 @@ GC_YOUNG_THRESHOLD = 50_000
 
 @dataclass
 class RunOptions:
+    """How this run goes, beside the job (settings of the job file given for one run are laid over it:
+    app/commands.settle)."""
+
     limit: int | None = None
-    concurrency: int | None = None
     restart: bool = False
     retry_failed: bool = False
     rerun_changed: bool = False
     quiet: bool = False
-    max_cost: float | None = None  # overrides run.max_cost
     adopt_checkpoint: Path | None = None  # --adopt-checkpoint: an earlier checkpoint of this job, moved here
     durable_checkpoint: bool = True  # False only in `batchrun bench`, to measure the checkpoint's cost
+    named: Naming = flag  # how messages name these settings: flags (the CLI) or keyword arguments (Python)
     presses: CtrlC | None = None  # Ctrl-C handed over by another thread; None: this thread's SIGINT
 
 
@@ -92,38 +97,21 @@ class CtrlC:
         self._seen += 1
 
 
-@dataclass
-class Sent:
-    """How an engine's sending ended."""
-
-    requested: int  # requests started this run
-    interrupts: int = 0  # Ctrl-Cs: 1 let rows in flight finish, 2 cancelled them
-    tripped: CallError | None = None  # the failure that stopped the run (base/stops.py), if one did
-
-
-class Engine(Protocol):
-    """Sends the rows of a run that is open: finished rows go to `checkpoint`, counts to `progress`."""
-
-    async def send_all(self, run: Run, checkpoint: Checkpoint, progress: Progress, base_url: str) -> Sent: ...
-
-
 class Run:
     def __init__(self, job: Job, options: RunOptions, engine: Engine | None = None) -> None:
         self.job = job
         self.options = options
         self.engine: Engine = engine or LocalEngine(options.presses)
         spec = job.spec
-        self.concurrency = options.concurrency or spec.run.concurrency
+        self.concurrency = spec.run.concurrency
+        self.limit = options.limit
         self.table = InputTable.for_job(job)
         self.renderer = Renderer(job, self.table.columns)
-        self.protocol = protocol_for(spec.provider.api)
-        self.parser = AnswerParser.for_spec(spec, self.protocol)
+        self.parser = AnswerParser.for_spec(spec, protocol_for(spec.provider.api))
         output.check_columns(job, self.parser, self.table.columns)
         output.check_targets(job)
-        self.keys = job.api_keys()  # each key's variable and the key
-        self.api_key = self.keys[0][1]
-        max_cost = options.max_cost if options.max_cost is not None else spec.run.max_cost
-        self.budget = spend.Budget(max_cost, spec.pricing, spent=0.0)
+        job.api_keys()  # a key that cannot be sent stops the run before the checkpoint is opened
+        self.budget = spend.Budget(spec.run.max_cost, spec.pricing, spent=0.0)
 
     def pipeline(self, parts: RowParts) -> RowPipeline:
         """The row pipeline of this job, working with `parts`."""
@@ -140,7 +128,9 @@ class Run:
             fresh = not (checkpoint_folder(self.job.output_path) / DB_NAME).exists()
             storage.check_output(self.job.output_url, self.job.spec.output.storage_options, fresh)
         options = self.options
-        flags = ResumeFlags(options.restart, options.rerun_changed, options.retry_failed, options.adopt_checkpoint)
+        flags = ResumeFlags(
+            options.restart, options.rerun_changed, options.retry_failed, options.adopt_checkpoint, options.named
+        )
         checkpoint, notes = open_for_run(self.job, self.table, self.renderer, flags, options.durable_checkpoint)
         try:
             if self.job.openai_batch_path is not None:  # before anything is paid for, not after
@@ -177,18 +167,19 @@ class Run:
                     sent = await self.engine.send_all(self, checkpoint, progress, base_url)
             finally:
                 progress.close()
-            if checkpoint.failure is not None:  # nothing more can be written, the run's note included
+            sent.settle_budget(self.budget)
+            if sent.failure is not None:  # nothing more can be written, the run's note included
                 resume = f"run `batchrun run {self.job.path}` again to resume"
-                raise RunAborted(f"run stopped: {checkpoint.failure}; {resume}")
+                raise RunAborted(f"run stopped: {sent.failure}; {resume}")
             note_run(checkpoint, self._exit_state(sent), time.time(), time.monotonic() - started)
             if sent.interrupts:
                 when = f"after {GRACE_S:g} s" if sent.interrupts == 1 else "at the second Ctrl-C"
-                cancelled = len(checkpoint.awaiting_answer)
-                raise RunInterrupted(checkpoint.count_finished(0, total), total, cancelled, when)
+                raise RunInterrupted(checkpoint.count_finished(0, total), total, sent.in_flight, when)
             if sent.tripped is not None:
                 raise RunAborted(_abort_message(sent.tripped, self.job))
             if self.budget.stopped:
-                raise BudgetReached(self.budget.stop_message(self.job, total - checkpoint.count_finished(0, total)))
+                pending = total - checkpoint.count_finished(0, total)
+                raise BudgetReached(self.budget.stop_message(self.job, pending, options.named("max_cost")))
             totals = checkpoint.totals()
             written = output.write_parquet(self.table, checkpoint, self.job, self.options.limit, self.parser)
             if self.job.openai_batch_path is not None:
@@ -265,15 +256,13 @@ class LocalEngine:
         self._outage_timeout_s = 0.0
         self._order: CacheOrder | None = None  # run.order: cache (pipeline/cache_order.py)
 
-    async def send_all(self, run: Run, checkpoint: Checkpoint, progress: Progress, base_url: str) -> Sent:
+    async def send_all(self, run: OpenRun, checkpoint: Checkpoint, progress: Progress, base_url: str) -> Sent:
         spec = run.job.spec.run
-        limits = limits_for([name for name, _ in run.keys], run.concurrency, spec, progress.say)
-        kept = KeptLimits(base_url, run.job.spec.model or "", run.keys)
+        limits = limits_for(run.job.spec.provider.key_variables, run.concurrency, spec, progress.say)
+        kept = KeptLimits(base_url, run.job.spec.model or "", run.job.api_keys())
         kept.seed(limits)  # windows learned by earlier runs, from the first request
         watch = _Watch()
-        caps = AnswerCaps.of(spec)
-        headers = [run.protocol.headers(key) for _, key in run.keys]
-        transport = Transport(base_url, headers, spec.timeout_s, run.concurrency, caps)
+        transport = open_transport(run.job, base_url, run.concurrency)
         # The Ray engine's limiter is the coordinator's: no timeline there.
         timeline = LimiterTimeline(checkpoint, progress.watch(), str(run.job.spec.provider.api_key_env))
         self._concurrency = run.concurrency
@@ -298,10 +287,20 @@ class LocalEngine:
                 checkpoint.set_meta(LEARNED_META, kept.keep(limits, checkpoint.get_meta(LEARNED_META)))
             await transport.aclose()
             await pipeline.aclose()
-        return Sent(pipeline.requested, self._interrupts, watch.tripped)
+        in_flight = len(checkpoint.awaiting_answer)
+        budget = run.budget
+        return Sent(
+            pipeline.requested,
+            self._interrupts,
+            watch.tripped,
+            in_flight,
+            checkpoint.failure,
+            budget.spent,
+            budget.refused,
+        )
 
     async def _send_all(
-        self, run: Run, pipeline: RowPipeline, checkpoint: Checkpoint, progress: Progress, timeline: LimiterTimeline
+        self, run: OpenRun, pipeline: RowPipeline, checkpoint: Checkpoint, progress: Progress, timeline: LimiterTimeline
     ) -> None:
         send, receive = anyio.create_memory_object_stream[WorkItem](run.concurrency * 2)
         async with anyio.create_task_group() as tg:
@@ -334,7 +333,7 @@ class LocalEngine:
     ) -> None:
         self._workers += 1
         try:
-            await pipeline.work(receive, progress, scope, retire=self._surplus)
+            await pipeline.work(receive, progress, scope.cancel, retire=self._surplus)
         finally:
             self._workers -= 1
 
@@ -398,7 +397,7 @@ class LocalEngine:
 
     async def _produce_until_ctrl_c(
         self,
-        run: Run,
+        run: OpenRun,
         pipeline: RowPipeline,
         send: MemoryObjectSendStream[WorkItem],
         checkpoint: Checkpoint,
@@ -443,22 +442,17 @@ class LocalEngine:
 
     async def _produce(
         self,
-        run: Run,
+        run: OpenRun,
         pipeline: RowPipeline,
         send: MemoryObjectSendStream[WorkItem],
         checkpoint: Checkpoint,
         progress: Progress,
     ) -> None:
+        """The producer: the rows to send, in the order they are sent, as work items into the workers' stream."""
         async with send:
             sending = Sending(send, self._order, lambda: run.budget.stopped)
-            for batch in run.table.batches(run.options.limit):
-                lo, hi = batch[ROW_INDEX][0], batch[ROW_INDEX][-1] + 1
-                done = checkpoint.finished_in_range(lo, hi)
-                if len(done) == batch.height:
-                    continue  # all finished: a mostly done job resumes without touching its rows
-                for row in batch.iter_rows(named=True):
-                    if row[ROW_INDEX] in done:
-                        continue
+            for batch in _unfinished_batches(run, checkpoint):
+                for row in batch:
                     if run.budget.stopped:
                         return
                     item = pipeline.item(row, progress)
@@ -466,6 +460,16 @@ class LocalEngine:
                         await sending.put(item)
                 await anyio.sleep(0)  # let workers run between batches
             await sending.drain()
+
+
+def _unfinished_batches(run: OpenRun, checkpoint: Checkpoint) -> Iterator[Iterator[dict[str, Any]]]:
+    """The input's rows not finished yet, in input order, a batch at a time (the input is read a batch at a time)."""
+    for batch in run.table.batches(run.limit):
+        lo, hi = batch[ROW_INDEX][0], batch[ROW_INDEX][-1] + 1
+        done = checkpoint.finished_in_range(lo, hi)
+        if len(done) == batch.height:
+            continue  # all finished: a mostly done job resumes without touching its rows
+        yield (row for row in batch.iter_rows(named=True) if row[ROW_INDEX] not in done)
 
 
 class _Watch(AbortWatch[CallError]):

@@ -133,13 +133,14 @@ class Budget:
         if prompt_tokens and prompt_estimate:
             self._input_scale = max(self._input_scale, prompt_tokens / prompt_estimate)
 
-    def stop_message(self, job: Job, pending: int) -> str:
+    def stop_message(self, job: Job, pending: int, max_cost: str = "--max-cost") -> str:
+        """`max_cost`: how the person sets it for a run (`--max-cost`, or `max_cost=` in Python)."""
         assert self.pricing is not None and self.limit is not None and self.refused is not None
         return (
             f"run stopped: budget reached: spent {money(self.spent, self.pricing)} of max_cost "
             f"{money(self.limit, self.pricing)}, and the next request could cost up to "
             f"{money(self.refused, self.pricing)}. {pending} rows are pending; finished rows are kept. "
-            "Raise run.max_cost (or pass a higher --max-cost) and run again to go on"
+            f"Raise run.max_cost (or pass a higher {max_cost}) and run again to go on"
         )
 
 

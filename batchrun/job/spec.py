@@ -179,6 +179,9 @@ class Job:
         self.path = path
         self.shown = shown if shown is not None else path  # the job as messages name it
         self.lines = lines or {}  # dotted key -> its line in the job file (none for a dict)
+        self.given: dict[
+            str, str
+        ] = {}  # dotted key -> how this run set it instead (`--concurrency`): see with_settings
         self.folder = path.parent
         self.frame = frame
         self.warnings: list[str] = []  # one line each, printed by the commands
@@ -191,8 +194,8 @@ class Job:
         return self.input_format == OPENAI_BATCH
 
     def where(self, key: str) -> str:
-        """`file:line` of a key, for messages."""
-        return _at(self.shown, self.lines, key)
+        """`file:line` of a key, for messages; the flag or keyword argument that set it for this run, if one did."""
+        return self.given.get(key) or _at(self.shown, self.lines, key)
 
     def resolve(self, relative: str) -> Path:
         return (self.folder / os.path.expanduser(relative)).resolve()
@@ -334,9 +337,35 @@ def _at(path: str | os.PathLike[str], lines: dict[str, int], key: str) -> str:
     return f"{path}:{lines.get(key, 1)}" if lines else str(path)
 
 
-def _describe(path: str | os.PathLike[str], error: ValidationError, lines: dict[str, int]) -> str:
+def with_settings(job: Job, settings: dict[str, tuple[str, Any]]) -> Job:
+    """The job read, with settings given for this run laid over its file's, before its checks run.
+
+    `settings`: dotted key (`run.concurrency`) -> (how it was given: `--concurrency`, `concurrency=`; its value).
+    Each is validated by the same model as the file's, so each setting has one bound and one message;
+    an error, and every later message about the key (Job.where), names the setting as it was given.
+    """
+    update: dict[str, BaseModel] = {}
+    for section in sorted({key.partition(".")[0] for key in settings}):
+        current: BaseModel = getattr(job.spec, section)
+        values = {key.partition(".")[2]: value for key, (_, value) in settings.items() if key.startswith(section + ".")}
+        try:
+            update[section] = type(current).model_validate({**current.model_dump(exclude_unset=True), **values})
+        except ValidationError as e:
+            name, _ = settings[f"{section}.{e.errors()[0]['loc'][0]}"]
+            raise JobError(_describe(name, e, {}, section=[section])) from None
+    job.spec = job.spec.model_copy(update=update)
+    job.given.update({key: name for key, (name, _) in settings.items()})
+    return job
+
+
+def _describe(
+    path: str | os.PathLike[str], error: ValidationError, lines: dict[str, int], section: list[str] | None = None
+) -> str:
+    """The first problem in one line: where (`path`, and the key's line), the dotted key, what is wrong.
+
+    `section`: the keys above the model that was validated, when it was one section of the job."""
     err = error.errors()[0]
-    loc = [str(p) for p in err["loc"]]
+    loc = [*(section or []), *(str(p) for p in err["loc"])]
     key = ".".join(loc)
     where = f"{path}:{_nearest_line(loc, lines)}" if lines else str(path)
     if err["type"] == "extra_forbidden":

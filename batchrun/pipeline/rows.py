@@ -33,7 +33,7 @@ from batchrun.pipeline import fingerprint, images
 from batchrun.pipeline.repair import ask_with_repairs, explain_native_rejection
 from batchrun.pipeline.seams import Admission, Ledger, ProgressSink, Sharing, Spending, StopWatch
 from batchrun.pipeline.timeline import OK, AttemptLog, Watched
-from batchrun.pipeline.transport import Outcome, Transport, call_with_retries
+from batchrun.pipeline.transport import AnswerCaps, Outcome, Transport, call_with_retries
 from batchrun.protocols import APIS, CallError, Repairing, Reply, WireProtocol, protocol_for
 from batchrun.protocols.reply import ImageOut
 
@@ -51,6 +51,31 @@ class WorkItem:
     key: bytes  # identical requests share one answer
     request_hash: int  # the key with the job's request settings: what a rerun compares (pipeline/fingerprint.py)
     cap: int | None  # output tokens at most, from params (and an OpenAI Batch line's body)
+    batch: RowBatch | None = None  # the rows it was queued with, if someone waits for them (a Ray actor's batch)
+
+
+class RowBatch:
+    """Rows queued together, counted by their own progress sink; `finished` returns once every one was taken
+    and ended (sent, shared, or left pending). Rows are added before any is taken: one end, no clear."""
+
+    def __init__(self, progress: ProgressSink) -> None:
+        self.progress = progress
+        self._left = 0
+        self._ended = anyio.Event()
+
+    def add(self, item: WorkItem) -> WorkItem:
+        self._left += 1
+        item.batch = self
+        return item
+
+    def ended(self) -> None:
+        self._left -= 1
+        if not self._left:
+            self._ended.set()
+
+    async def finished(self) -> None:
+        if self._left:
+            await self._ended.wait()
 
 
 @dataclass
@@ -128,20 +153,28 @@ class RowPipeline:
         self,
         receive: MemoryObjectReceiveStream[WorkItem],
         progress: ProgressSink,
-        scope: anyio.CancelScope,
+        stop: Callable[[], None],
         retire: Callable[[], bool] = lambda: False,
     ) -> None:
-        """One worker: sends the rows it receives, one at a time; cancels `scope` when the run must stop.
+        """One worker, of either engine: sends the rows it receives, one at a time, until the stream ends.
 
-        `retire` is asked before each row: True ends this worker (the local engine's surplus stand-ins).
+        A row of a `RowBatch` is counted by the batch's progress sink, else by `progress`. When the run
+        must stop, calls `stop` and returns. `retire` is asked before each row: True ends this worker
+        (the local engine's surplus stand-ins).
         """
         async with receive:
             while not retire():
                 item = await _next_item(receive)
                 if item is None:
                     return
-                if not await self.send(item, progress):
-                    scope.cancel()
+                batch = item.batch
+                try:
+                    going = await self.send(item, progress if batch is None else batch.progress)
+                finally:
+                    if batch is not None:
+                        batch.ended()
+                if not going:
+                    stop()
                     return
 
     async def send(self, item: WorkItem, progress: ProgressSink) -> bool:
@@ -320,6 +353,15 @@ class RowPipeline:
     def _protocol(self, request: Request) -> WireProtocol:
         """The job's protocol, or the one an OpenAI Batch line's url names."""
         return protocol_for(request.api) if request.api else self.protocol
+
+
+def open_transport(job: Job, base_url: str, concurrency: int) -> Transport:
+    """The HTTP client every engine sends a job's rows with (one per process): the job's keys in its
+    protocol's headers (one set per key: flow/keys.py), its timeouts and answer caps. Closed with `aclose`."""
+    spec = job.spec
+    protocol = protocol_for(spec.provider.api)
+    headers = [protocol.headers(key) for _, key in job.api_keys()]
+    return Transport(base_url, headers, spec.run.timeout_s, concurrency, AnswerCaps.of(spec.run))
 
 
 def _record(item: WorkItem, outcome: Outcome, models: dict[str, str]) -> RowRecord:

@@ -3,7 +3,7 @@
 The local engine passes its own parts (checkpoint.Checkpoint, limits.Limits,
 sharing.SharedAnswers, stops.AbortWatch, spend.Budget, progress.Progress); the Ray engine's
 workers pass stand-ins that talk to one coordinator for the whole job
-(engines/ray_coordinator.py). The row path depends only on these protocols, so either
+(engines/coordinator_link.py). The row path depends only on these protocols, so either
 engine can compose it and mypy checks that both fit.
 """
 

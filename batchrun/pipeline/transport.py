@@ -49,7 +49,7 @@ class Transport:
         """`headers`: the protocol's own, sent with every request: its auth scheme (`protocol.headers(key)`);
         or one such set per key (flow/keys.py), each attempt saying which by its place."""
         self.timeout_s = timeout_s
-        self.caps = caps or AnswerCaps()
+        self.caps = caps or DEFAULT_CAPS
         self._base_url = base_url.rstrip("/")
         # One key's headers ride on the session; several keys' go with each request.
         self._key_headers = [dict(h) for h in headers] if not isinstance(headers, Mapping) else None
@@ -165,12 +165,15 @@ ERROR_BODY_BYTES = 1 << 20  # an error body is read this far: enough for any err
 class AnswerCaps:
     """How much of one answer is read, and for how long (run.max_answer_mb, run.answer_timeout_s)."""
 
-    max_answer_bytes: int = 16 << 20
-    answer_timeout_s: float = 600.0
+    max_answer_bytes: int
+    answer_timeout_s: float
 
     @classmethod
     def of(cls, run: RunSpec) -> AnswerCaps:
         return cls(int(run.max_answer_mb * 2**20), run.answer_timeout_s)
+
+
+DEFAULT_CAPS = AnswerCaps.of(RunSpec())  # the job file's defaults: they are written once, there
 
 
 async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -189,7 +192,7 @@ _SSE_STARTS = b"de:ir"  # data, event, a comment, id, retry
 
 
 async def read_answer(
-    chunks: AsyncIterator[bytes], decoder: Decoder, limit: int = AnswerCaps.max_answer_bytes
+    chunks: AsyncIterator[bytes], decoder: Decoder, limit: int = DEFAULT_CAPS.max_answer_bytes
 ) -> Reply:
     """The answer, framed by its first non-blank byte whatever the Content-Type (§4.3, §7 item 22):
     `{` one whole JSON answer, `[` a JSON array of stream events, else server-sent events.
