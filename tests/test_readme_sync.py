@@ -24,8 +24,7 @@ The reference pages:
   illustrative, and so does every ```python block;
 * every relative link of these pages, of the other pages of docs/ and of ARCHITECTURE.md
   leads to a file of the repository and, with a `#fragment`, to a heading of it (GitHub's
-  anchors). PENDING names the pages other work is writing: a link to one of them may lead
-  nowhere until it lands.
+  anchors.
 
 A command block is a fenced block holding command lines: lines starting with
 `batchrun <subcommand>`, `pip`, `pytest` or `python`, or, in a block written as
@@ -87,7 +86,6 @@ REFERENCE = [
         "development.md",
     )
 ]
-PENDING = {"docs/keys.md"}  # written by other work; links wait for them
 FRONT_PAGE_CHARS = 12_000
 MARKER = "<!-- illustrative -->"
 COUNTERPART = re.compile(r"<!-- en: (.+?) -->")  # before a heading of README.zh-CN.md
@@ -481,8 +479,7 @@ def test_every_link_leads_somewhere(pages: list[Readme]) -> None:
             path = (page.path.parent / file).resolve() if file else page.path
             name = path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
             if not path.exists():
-                if name not in PENDING:
-                    problems.append(f"{page.where(line)}: the link to {target} leads to no file ({name})")
+                problems.append(f"{page.where(line)}: the link to {target} leads to no file ({name})")
                 continue
             if fragment and path.suffix == ".md":
                 if path not in anchors:
