@@ -29,7 +29,7 @@ def list_models(job_file: str | None, base_url: str | None, api_key_env: str | N
             url = check_base_url(url)
         except ValueError as e:
             raise JobError(f"batchrun models: --base-url: {e}") from None
-    env = api_key_env or (provider.api_key_env if provider else "KUAIMA_API_KEY")
+    env = api_key_env or (provider.key_variables[0] if provider else "KUAIMA_API_KEY")  # a list: its first key
     key = os.environ.get(env, "").strip()
     register_secret(key)
     if not key and url != EMULATOR:

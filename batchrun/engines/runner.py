@@ -264,7 +264,7 @@ class LocalEngine:
         watch = _Watch()
         transport = open_transport(run.job, base_url, run.concurrency)
         # The Ray engine's limiter is the coordinator's: no timeline there.
-        timeline = LimiterTimeline(checkpoint, progress.watch(), str(run.job.spec.provider.api_key_env))
+        timeline = LimiterTimeline(checkpoint, progress.watch(), run.job.spec.provider.key_variables[0])
         self._concurrency = run.concurrency
         self._limits, self._watch, self._outage_timeout_s = limits, watch, spec.outage_timeout_s
         self._order = order = CacheOrder(run.concurrency) if spec.order == "cache" else None
@@ -491,7 +491,7 @@ class _Watch(AbortWatch[CallError]):
 
 def _abort_message(error: CallError, job: Job) -> str:
     what = {
-        "auth": f"the API key was refused; check {job.spec.provider.api_key_env}",
+        "auth": f"the API key was refused; check {', '.join(job.spec.provider.key_variables)}",
         "quota": "the account has no balance or quota left; top it up",
         "outage": f"the relay at {job.spec.provider.base_url} seems to be down",
     }.get(error.error_class, "the same error repeated before any row succeeded")

@@ -580,7 +580,8 @@ def write_report(job: Job) -> Path:
     folder = checkpoint_folder(job.output_path)
     if not (folder / DB_NAME).exists():
         raise JobError(f"{job.path}: no checkpoint at {folder}: run the job first (batchrun run {job.path})")
-    register_secret(os.environ.get(job.spec.provider.api_key_env, "").strip())  # masked wherever it appears
+    for variable in job.spec.provider.key_variables:  # each key masked wherever it appears
+        register_secret(os.environ.get(variable, "").strip())
     checkpoint = Checkpoint.for_reading(folder)
     try:
         report = collect(job, checkpoint)
