@@ -713,3 +713,29 @@ async def test_a_row_pushed_back_again_and_again_fails_in_the_end() -> None:
 
     outcome = await call_with_retries(Refusing(), Limits(4), "/", {}, None, 1, 2, lambda e: None, _begun)  # type: ignore[arg-type]
     assert outcome.error is not None and outcome.attempts == PUSHBACKS_EXCUSED + 2
+
+
+# --- windows the relay does not state (flow/window_guess.py) ------------------------------------------
+
+
+def unstated_window(n: int, window_s: float, counts_refused: bool) -> Answer:
+    """The same per-key limit, its 429 saying nothing of it (the relay's plain "rate limit" words)."""
+    window = RequestWindow(n, window_s, counts_refused)
+    return lambda now, ticket: None if window.admit("key", now) else LIMITED
+
+
+@pytest.mark.parametrize(("n", "window_s"), [(60, 10.0), (300, 60.0)])
+@pytest.mark.parametrize("counts_refused", [True, False])
+async def test_an_unstated_window_is_learned_and_used_nearly_to_the_full(
+    n: int, window_s: float, counts_refused: bool
+) -> None:
+    windows = max(6, math.ceil(300 / n))
+    rows = n * windows - max(2, n // 10)
+    run = await relay_run(rows, 32, 0.5, unstated_window(n, window_s, counts_refused), max_attempts=10)
+    assert run.failed_rows == 0
+    learned = [c.reason for c in run.changes if "(learned)" in c.reason]
+    assert learned, [c.reason for c in run.changes][:20]
+    # After the first window (learning it costs about one more), every window is used nearly to the full.
+    least = (windows - 1) * window_s + 0.5
+    assert least / run.wall >= 0.85, (run.wall, least, learned)
+    assert run.refused_share <= 0.10, run.refused_share

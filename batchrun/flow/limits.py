@@ -53,6 +53,7 @@ from batchrun.base.stops import StopRule
 from batchrun.flow.adaptive import AdaptiveRate, RateSignal, RecentCount
 from batchrun.flow.breaker import OutageBreaker
 from batchrun.flow.pace import KeyPace, LearnedWindow
+from batchrun.flow.window_guess import WindowGuess
 from batchrun.protocols import CallError
 from batchrun.protocols.relay_errors import QuotaLeft
 
@@ -306,6 +307,7 @@ class Limits:
         self.learned: LearnedWindow | None = None
         self._learned_at = -math.inf
         self._window_probe_at = math.inf  # when one start may go above the stated window
+        self.guess = WindowGuess()  # a window the relay's 429s do not state, learned from its answers
         self._starts: deque[float] = deque()  # the last STARTS_KEPT_S of starts: a window learned mid-run has them
         self._last_answer: float | None = None  # the last success (or the first start): push-back alone since
         self._pushed_back_since_answer: CallError | None = None
@@ -344,6 +346,7 @@ class Limits:
             if at > now - budget.window_s:
                 budget.charge(at, 1)
         self.window, self.learned, self._learned_at = budget, window, now
+        self.guess.done, self.guess.watching = True, False  # known: nothing left to guess
         self._window_probe_at = now + max(WINDOW_PROBE_WINDOWS * window.window_s, WINDOW_PROBE_MIN_S)
         said = f"the relay's limit: {window.requests} requests per {window.window_s:g} s ({window.source})"
         self._tell("slower", said, now, window.requests / window.window_s)
@@ -383,14 +386,19 @@ class Limits:
     def _wait_s(self, now: float, tokens: int) -> float:
         return max(
             self._paused_until - now,
-            self.pace.wait_s(now),
+            self._paced_wait_s(now),
             self._window_wait_s(now),
             self._pushed_back_too_long(now),
             self.requests.wait_s(now, 1) if self.requests else 0.0,
             self.tokens.wait_s(now, tokens) if self.tokens else 0.0,
             self.breaker.wait_s(now),  # raises once the outage outlasts its timeout
-            math.inf if self._rate_probe is RateProbe.IN_FLIGHT else 0.0,
         )
+
+    def _paced_wait_s(self, now: float) -> float:
+        """The adaptive rate and its probe; while a window is being guessed, the guess spaces the starts instead."""
+        if self.guess.watching:
+            return self.guess.wait_s(now)
+        return max(self.pace.wait_s(now), math.inf if self._rate_probe is RateProbe.IN_FLIGHT else 0.0)
 
     def _window_wait_s(self, now: float) -> float:
         if self.window is None:
@@ -423,6 +431,7 @@ class Limits:
                 self._window_probe_at = math.inf  # one at a time: until its answer
             self.window.charge(now, 1)
         self._keep_start(now)
+        self.guess.started(now)
         charge = self.tokens.charge(now, tokens) if self.tokens else None
         self.pace.started(now)
         self._sent.add(now)
@@ -441,7 +450,10 @@ class Limits:
         self._cuts_in_a_row = 0
         self._probe_answered(ticket)
         if ticket.window_probe and self.learned is not None:  # the relay let more through than it said
-            self.learn(LearnedWindow(2 * self.learned.requests, self.learned.window_s, "learned"), now)
+            self.learn(self.guess.raised(self.learned), now)
+        elif (guessed := self.guess.answered(ticket.started_at)) is not None:
+            self.pace, self._cuts_in_a_row = AdaptiveRate(), 0  # the window paces from now on, not the cut rate
+            self.learn(guessed, now)
         self._signal.answer(ticket.started_at, False, now)
         self._grow_in_flight()
         if quota is not None:
@@ -453,6 +465,8 @@ class Limits:
         self._probe_answered(ticket)
         if pushed_back(error):
             self._pushed_back_since_answer = error
+            if not error.limit_requests:
+                self.guess.refused(ticket.started_at)
         if ticket.window_probe and self.learned is not None:  # the limit holds: ask again later
             self._window_probe_at = now + max(WINDOW_PROBE_WINDOWS * self.learned.window_s, WINDOW_PROBE_MIN_S)
         if error.limit_requests and error.limit_window_s:
@@ -464,13 +478,13 @@ class Limits:
         elif error.error_class in PUSHBACK_CLASSES and error.retry_hint:
             self._pause(now + error.retry_hint, f"the server asked for {error.retry_hint:g} s")
             if ticket.started_at >= self._signal.since:
-                self._slow_down(now, "a 429 with a hint")
+                self._slow_down_or_watch(now, "a 429 with a hint")
         elif pushed_back(error):
             # One of these alone is random saturation: only its row waits (pipeline/transport.py). A pattern is a rate.
             if ticket.rate_probe:
                 self._slow_down(now, "the request sent alone after a pause was refused too")
             elif self._signal.answer(ticket.started_at, True, now, self.pace.probing(ticket.started_at)):
-                self._slow_down(now, "push-backs came as a pattern, not at random")
+                self._slow_down_or_watch(now, "push-backs came as a pattern, not at random")
             elif self._signal.run == 1:  # what got through until now: the relay's allowance, if a pattern starts
                 self._ok_before = self._ok.per_s(now)
         else:
@@ -506,6 +520,15 @@ class Limits:
             retryable=False,
             abort=StopRule.A,
         )
+
+    def _slow_down_or_watch(self, now: float, reason: str) -> None:
+        """A pattern of push-back: the first one of a run may be a window filled (flow/window_guess.py)."""
+        if self.guess.watching:
+            return
+        if self.guess.pattern():
+            self._tell("slower", f"{reason}: watching for the window to reopen", now, 0.0)
+            return
+        self._slow_down(now, reason)
 
     def _slow_down(self, now: float, reason: str) -> None:
         """Pace slower; if the last slow-down let nothing through, also pause, longer each time.
