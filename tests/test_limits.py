@@ -566,12 +566,13 @@ async def test_back_off_brings_the_429_rate_down_under_a_server_limit() -> None:
         f"{sum(s[2] for s in rest)} 429s ({after:.0%}); whole run: {refused / requests:.0%} 429s, "
         f"{n / span:.1f} ok/s over {span} s (server allows 20/s)"
     )
-    # Once the first burst has shown the limit, the pace fits the window (2 % measured); the burst itself
-    # costs more (docs/backoff.md, "Limits of this design"): 20 % of the whole run, as on an idle machine.
-    # The wall-clock run allowed 25 % and 40 % for a loaded machine; here every run is this run.
-    assert after < 0.05
+    # Once the first burst has shown the limit, the window is learned (flow/window_guess.py): the few starts
+    # that watch for it to reopen are refused (5 % of what follows the first second, measured), then none is.
+    # The burst itself costs more (docs/backoff.md, "Limits of this design"): 13 % of the whole run (20 % when
+    # only the adaptive rate paced). The wall-clock run allowed 25 % and 40 % for a loaded machine.
+    assert after <= 0.06
     assert refused / requests < 0.25
-    assert n / span >= 12  # 13.6 measured: the window's first burst and its refusals cost a few seconds
+    assert n / span >= 16  # 18.8 measured (13.6 before the window was learned)
 
 
 # --- windows the relay states (docs/backoff.md), push-back that uses up no attempt, several keys ----------------
@@ -729,13 +730,13 @@ def unstated_window(n: int, window_s: float, counts_refused: bool) -> Answer:
 async def test_an_unstated_window_is_learned_and_used_nearly_to_the_full(
     n: int, window_s: float, counts_refused: bool
 ) -> None:
-    windows = max(6, math.ceil(300 / n))
-    rows = n * windows - max(2, n // 10)
-    run = await relay_run(rows, 32, 0.5, unstated_window(n, window_s, counts_refused), max_attempts=10)
+    # Before, only the adaptive rate paced: it cannot hold a window's burst and pause (0.6 of N/W and a 429 share
+    # of a fifth on a 10 s window).
+    run = await relay_run(10 * n, 32, 0.5, unstated_window(n, window_s, counts_refused), max_attempts=10)
     assert run.failed_rows == 0
     learned = [c.reason for c in run.changes if "(learned)" in c.reason]
-    assert learned, [c.reason for c in run.changes][:20]
-    # After the first window (learning it costs about one more), every window is used nearly to the full.
-    least = (windows - 1) * window_s + 0.5
-    assert least / run.wall >= 0.85, (run.wall, least, learned)
+    assert learned and f"{n} requests per" in learned[0], [c.reason for c in run.changes]
+    # After the window that teaches it, and before the last one (which may be cut short by the rows left):
+    sustained = run.ok_per_s(2 * window_s, 6 * window_s) / (n / window_s)
+    assert sustained >= 0.9, (sustained, learned)
     assert run.refused_share <= 0.10, run.refused_share

@@ -333,14 +333,15 @@ class Limits:
             rate = min(rate or math.inf, self.window.per_minute / self.window.window_s)
         return [KeyPace(key=key or self.key, rate_per_s=rate, window=self.learned, retired=self.retired)]
 
-    def learn(self, window: LearnedWindow, now: float | None = None) -> None:
+    def learn(self, window: LearnedWindow, now: float | None = None, edge: bool = True) -> None:
         """The key's limit: from now on, no window of `window_s` holds more starts than `requests`.
 
-        Starts of the last window already made count, refused ones too: the relay counted them."""
+        Starts of the last window already made count, refused ones too: the relay counted them. Not `edge`: no
+        room at the window's edge (a guessed window's length is already an upper bound, flow/window_guess.py)."""
         now = self.now() if now is None else now
         # Not paced: starts go as soon as the window has room, a burst where the relay's window emptied
         # (spread instead, a window half empty at the end of a run is time lost).
-        span = window.window_s * (1 + EDGE_SHARE) + EDGE_S
+        span = window.window_s * (1 + EDGE_SHARE) + EDGE_S if edge else window.window_s
         budget = MinuteBudget(window.requests, window_s=span, paced=False)
         for at in self._starts:
             if at > now - budget.window_s:
@@ -450,10 +451,11 @@ class Limits:
         self._cuts_in_a_row = 0
         self._probe_answered(ticket)
         if ticket.window_probe and self.learned is not None:  # the relay let more through than it said
-            self.learn(self.guess.raised(self.learned), now)
+            raised = self.guess.raised(self.learned)
+            self.learn(raised, now, edge=raised is not self.guess.learned)
         elif (guessed := self.guess.answered(ticket.started_at)) is not None:
             self.pace, self._cuts_in_a_row = AdaptiveRate(), 0  # the window paces from now on, not the cut rate
-            self.learn(guessed, now)
+            self.learn(guessed, now, edge=False)
         self._signal.answer(ticket.started_at, False, now)
         self._grow_in_flight()
         if quota is not None:
@@ -465,7 +467,7 @@ class Limits:
         self._probe_answered(ticket)
         if pushed_back(error):
             self._pushed_back_since_answer = error
-            if not error.limit_requests:
+            if error.error_class in PUSHBACK_CLASSES and not error.limit_requests:  # (a 503 is no window)
                 self.guess.refused(ticket.started_at)
         if ticket.window_probe and self.learned is not None:  # the limit holds: ask again later
             self._window_probe_at = now + max(WINDOW_PROBE_WINDOWS * self.learned.window_s, WINDOW_PROBE_MIN_S)
@@ -478,7 +480,8 @@ class Limits:
         elif error.error_class in PUSHBACK_CLASSES and error.retry_hint:
             self._pause(now + error.retry_hint, f"the server asked for {error.retry_hint:g} s")
             if ticket.started_at >= self._signal.since:
-                self._slow_down_or_watch(now, "a 429 with a hint")
+                self.guess.pattern()  # the pause ends at the reset: the next answer shows the window reopened
+                self._slow_down(now, "a 429 with a hint")
         elif pushed_back(error):
             # One of these alone is random saturation: only its row waits (pipeline/transport.py). A pattern is a rate.
             if ticket.rate_probe:

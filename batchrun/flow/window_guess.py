@@ -22,10 +22,13 @@ import math
 
 from batchrun.flow.pace import LearnedWindow
 
-WATCH_SHARE = 1 / 25  # while watching, starts this share of the time since the refusals began apart
-WATCH_MIN_GAP_S = 0.1
+WATCH_SHARE = 1 / 20  # while watching, starts this share of the time since the refusals began apart
+WATCH_MIN_GAP_S = 0.4
+WATCH_STARTS = 2.0  # and at most this many starts per N (the burst's count) over the time since: few, against N
 MIN_WINDOW_S = 2.0
 MIN_REQUESTS = 2
+MIN_REFUSED = 3  # refused starts, at least: one refusal (with a Retry-After, say) is random push-back
+MIN_REFUSING_SHARE = 0.5  # refusals lasted at least this share of the window: a burst, then a full window
 MAX_WINDOW_S = 90.0  # a first refusal later than this after the first start: not the first window's, nothing learned
 
 
@@ -40,12 +43,16 @@ class WindowGuess:
         self.done = False  # learned, or found to be no window worth learning
         self.learned: LearnedWindow | None = None  # the window guessed here, as raised since by probes
         self._next_start = -math.inf
+        self._last_refused = -math.inf
+        self._refused = 0  # refused starts since the first
+        self._shortest_s = 0.0  # the window is longer than this: from the first start to the last one refused
 
     def started(self, now: float) -> None:
         if self._first_start is None:
             self._first_start = now
         if self.watching:
-            self._next_start = now + max(WATCH_MIN_GAP_S, (now - self.refused_at) * WATCH_SHARE)
+            since = now - self.refused_at
+            self._next_start = now + max(WATCH_MIN_GAP_S, since * WATCH_SHARE, since * WATCH_STARTS / max(len(self._answered), 1))
 
     def wait_s(self, now: float) -> float:
         """While watching: seconds until the next start may go."""
@@ -55,12 +62,14 @@ class WindowGuess:
         if self.done:
             return
         self.refused_at = min(self.refused_at, started_at)
+        self._refused += 1
+        self._last_refused = max(self._last_refused, started_at)
         if self._first_start is not None and self.refused_at - self._first_start > MAX_WINDOW_S:
             self.done, self.watching = True, False
 
     def pattern(self) -> bool:
         """The refusals are a pattern: True when watching begins (starts are then spaced here)."""
-        if self.done or self.watching or len(self._answered) < MIN_REQUESTS:
+        if self.done or self.watching or self.refused_at == math.inf:
             return False
         self.watching = True
         return True
@@ -74,21 +83,34 @@ class WindowGuess:
                 self._answered.append(started_at)
             return None
         if not self.watching:  # a refusal or two among answers: random push-back, not a full window
-            self.refused_at = math.inf
+            self.refused_at, self._refused = math.inf, 0
             return None
         self.watching, self.done = False, True
         first = self._first_start if self._first_start is not None else started_at
         window_s = started_at - first
         requests = sum(first <= at <= self.refused_at for at in self._answered)
-        if window_s < MIN_WINDOW_S or requests < MIN_REQUESTS:
+        refusing_s = started_at - self.refused_at
+        if window_s < MIN_WINDOW_S or requests < MIN_REQUESTS or self._refused < MIN_REFUSED:
             return None
-        self.learned = LearnedWindow(requests, math.ceil(window_s * 10) / 10, "learned")
+        if refusing_s < window_s * MIN_REFUSING_SHARE:  # a limit per second, met late in the run: not its window
+            return None
+        self._shortest_s = self._last_refused - first
+        self.learned = LearnedWindow(requests, _tenths_up(window_s), "learned")
         return self.learned
 
     def raised(self, window: LearnedWindow) -> LearnedWindow:
-        """A start above `window` was answered: a guessed window is raised by a twentieth (the 429s will not say
-        the new limit, and its count may have been a few short); a stated one doubles, its next 429 says it."""
+        """A start above `window` was answered. A stated window doubles (its next 429 says the new limit). A
+        guessed one is shorter than thought: it goes half way to the shortest it can be (the count is exact; a
+        window too short would be overrun, and a relay counting refused requests would then refuse on and on)."""
         if window is not self.learned:
             return LearnedWindow(2 * window.requests, window.window_s, "learned")
-        self.learned = LearnedWindow(window.requests + math.ceil(window.requests / 20), window.window_s, "learned")
+        shorter = _tenths_up(max(self._shortest_s, (window.window_s + self._shortest_s) / 2))
+        if shorter < window.window_s:
+            self.learned = LearnedWindow(window.requests, shorter, "learned")
+        else:  # as short as it can be: the count was short
+            self.learned = LearnedWindow(window.requests + 1, window.window_s, "learned")
         return self.learned
+
+
+def _tenths_up(seconds: float) -> float:
+    return math.ceil(seconds * 10) / 10
