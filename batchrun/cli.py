@@ -214,6 +214,9 @@ def _parser() -> argparse.ArgumentParser:
         "--rpm-refused-free", action="store_true", help="refused requests do not count in the --rpm-limit window"
     )
     emulator.add_argument(
+        "--rpm-unstated", action="store_true", help='the --rpm-limit 429 says only "rate limit exceeded", no numbers'
+    )
+    emulator.add_argument(
         "--refuse-all", metavar="STATUS:MESSAGE", help='answer every request so, e.g. "400:No connected db."'
     )
     emulator.add_argument(
@@ -472,6 +475,7 @@ def _emulator(args: argparse.Namespace) -> int:
         more_keys=tuple(keys.values())[1:],
         key_quota=_key_quotas(args.key_quota),
         rpm_counts_refused=not args.rpm_refused_free,
+        rpm_unstated=args.rpm_unstated,
         refuse_all=_refusal(args.refuse_all),
         refuse_share=args.refuse_share,
         latency_s=args.latency_ms / 1000,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.request
 from pathlib import Path
 
 import orjson
@@ -178,3 +179,20 @@ def test_push_back_fails_no_row_even_with_one_attempt(tmp_path: Path, started, f
     assert result.returncode == 0, result.stderr  # before: about a third of the rows failed on their one attempt
     stats = emulator.stats()
     assert stats["by_status"]["200"] == 60 and stats["requests"] > 60
+
+
+def test_an_unstated_window_is_learned_and_the_429s_stop(tmp_path: Path, started) -> None:  # noqa: F811
+    # 10 per 3 s, the 429 saying only "rate limit exceeded": before, the adaptive rate kept bumping into the window.
+    emulator = started("--rpm-limit", "10", "--rpm-window-s", "3", "--rpm-unstated", "--latency-ms", "50")
+    result = run_here("run", str(job_here(tmp_path, emulator.url, 40, max_attempts=2)), "--quiet")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads(learned_meta(tmp_path) or "[]")
+    assert [(m["requests"], m["source"]) for m in meta] == [(10, "learned")], meta
+    assert 3.0 <= meta[0]["window_s"] <= 4.0  # an upper bound: a window too short would be overrun
+    status = run_here("status", str(tmp_path / "job.yaml"))
+    assert "(learned)" in status.stdout, status.stdout
+    assert emulator.stats()["by_status"]["200"] == 40
+    with urllib.request.urlopen(emulator.url + "/_emulator/timeline", timeout=10) as answer:
+        timeline = json.loads(answer.read())  # per second: [second, requests, 429s]
+    later = [second for second in timeline if second[0] >= timeline[0][0] + 6]  # past the first two windows
+    assert sum(s[2] for s in later) <= 0.1 * sum(s[1] for s in later), timeline

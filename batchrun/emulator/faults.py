@@ -249,6 +249,11 @@ def window_limited(request_id: str, limit: int, window_s: float) -> web.Response
     return json_response(429, relay_error(429, message, "", request_id), request_id)
 
 
+def window_unstated(request_id: str) -> web.Response:
+    """A key's window full, its 429 saying nothing of the limit or the window (no hint headers either)."""
+    return json_response(429, relay_error(429, "rate limit exceeded", "rate_limit_exceeded", request_id), request_id)
+
+
 QUOTA_USED_UP = "用户额度不足, 剩余额度: $0.000000"
 REJECTED_CONTENT = "the content of this request was rejected by the upstream's review"
 

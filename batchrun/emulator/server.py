@@ -40,6 +40,7 @@ from batchrun.emulator.faults import (
     rejected_content,
     relay_error,
     window_limited,
+    window_unstated,
 )
 from batchrun.emulator.gemini import gemini_events, gemini_prompt, gemini_whole
 from batchrun.emulator.streams import FRAMINGS, StreamSettings, write_stream
@@ -58,6 +59,7 @@ class EmulatorConfig:
     rpm_window_s: float = 60.0  # tests shorten the window to see a whole cycle in seconds
     max_concurrency: int | None = None  # more in flight at once: 429 token_concurrency_limit_reached
     rpm_counts_refused: bool = True  # the --rpm-limit window counts refused requests (new-api's does)
+    rpm_unstated: bool = False  # the --rpm-limit 429 says only "rate limit exceeded": no limit, no window
     more_keys: tuple[str, ...] = ()  # accepted besides api_key, each with its own window
     key_quota: dict[str, int] = field(default_factory=dict)  # key -> requests it can pay for, then 403 quota
     refuse_all: tuple[int, str] | None = None  # every request answered with this status and message
@@ -223,6 +225,8 @@ class Emulator:
         if key in config.key_quota and self._paid[key] >= config.key_quota[key]:
             return quota_used_up(request_id)
         if self._window is not None and not self._window.admit(key, time.time()):
+            if config.rpm_unstated:
+                return window_unstated(request_id)
             return window_limited(request_id, self._window.limit, self._window.window_s)
         if config.refuse_share and zlib.crc32(request["prompt"].encode()) % 10_000 < config.refuse_share * 10_000:
             return rejected_content(request_id)

@@ -52,7 +52,8 @@ class WindowGuess:
             self._first_start = now
         if self.watching:
             since = now - self.refused_at
-            self._next_start = now + max(WATCH_MIN_GAP_S, since * WATCH_SHARE, since * WATCH_STARTS / max(len(self._answered), 1))
+            least = max(WATCH_MIN_GAP_S, since * WATCH_SHARE, since * WATCH_STARTS / max(len(self._answered), 1))
+            self._next_start = now + least
 
     def wait_s(self, now: float) -> float:
         """While watching: seconds until the next start may go."""
