@@ -740,3 +740,20 @@ async def test_an_unstated_window_is_learned_and_used_nearly_to_the_full(
     sustained = run.ok_per_s(2 * window_s, 6 * window_s) / (n / window_s)
     assert sustained >= 0.9, (sustained, learned)
     assert run.refused_share <= 0.10, run.refused_share
+
+
+async def test_an_unstated_window_with_retry_after_is_learned_from_the_reset() -> None:
+    window = RequestWindow(60, 10.0)
+
+    def answer(now: float, ticket: Ticket) -> CallError | None:
+        if window.admit("key", now):
+            return None
+        oldest = window._arrivals["key"][0]  # the reset the relay names: when its oldest arrival leaves the window
+        return CallError("rate_limited", "rate limit exceeded", status=429, retry_hint=oldest + 10.0 - now)
+
+    run = await relay_run(600, 32, 0.5, answer)
+    assert run.failed_rows == 0
+    learned = [c.reason for c in run.changes if "(learned)" in c.reason]
+    assert learned and "60 requests per" in learned[0], [c.reason for c in run.changes][:10]
+    assert run.ok_per_s(20, 60) >= 0.9 * 6
+    assert run.refused_share <= 0.10, run.refused_share
