@@ -83,15 +83,15 @@ class WindowGuess:
             if self._first_start is None or started_at - self._first_start <= MAX_WINDOW_S:
                 self._answered.append(started_at)
             return None
-        if not self.watching:  # a refusal or two among answers: random push-back, not a full window
-            self.refused_at, self._refused = math.inf, 0
+        if not self.watching or self._refused < MIN_REFUSED:  # random push-back, not a full window: watch on
+            self.refused_at, self._refused, self.watching = math.inf, 0, False
             return None
         self.watching, self.done = False, True
         first = self._first_start if self._first_start is not None else started_at
         window_s = started_at - first
         requests = sum(first <= at <= self.refused_at for at in self._answered)
         refusing_s = started_at - self.refused_at
-        if window_s < MIN_WINDOW_S or requests < MIN_REQUESTS or self._refused < MIN_REFUSED:
+        if window_s < MIN_WINDOW_S or requests < MIN_REQUESTS:
             return None
         if refusing_s < window_s * MIN_REFUSING_SHARE:  # a limit per second, met late in the run: not its window
             return None
