@@ -164,32 +164,28 @@ class RowPipeline:
         """
         async with receive:
             while not retire():
-                item = await _next_item(receive)
-                if item is None:
+                try:  # a row ready is taken without a pass through the event loop (anyio's `receive` makes one)
+                    item = receive.receive_nowait()
+                except anyio.WouldBlock:
+                    if (waited := await _next_item(receive)) is None:
+                        return
+                    item = waited
+                except anyio.EndOfStream:
                     return
                 batch = item.batch
+                sink = progress if batch is None else batch.progress
+                # The row's work in this frame, not in one more coroutine: every layer costs each of a row's resumes.
                 try:
-                    going = await self.send(item, progress if batch is None else batch.progress)
+                    going = True if self.budget.stopped else await self._row(item, sink)  # stopped: left pending
+                except Exception as e:  # the row is the unit of failure: nobody foresaw this, the run goes on
+                    self._finish(sink, _internal_error(item, e))
+                    going = True
                 finally:
                     if batch is not None:
                         batch.ended()
                 if not going:
                     stop()
                     return
-
-    async def send(self, item: WorkItem, progress: ProgressSink) -> bool:
-        """The row sent (or answered by an identical one) and finished; False when the run must stop.
-
-        The row is the unit of failure: an exception nobody foresaw in its work ends it as its own
-        `internal` error row, and the run goes on.
-        """
-        if self.budget.stopped:
-            return True  # left pending: the budget allows no more requests
-        try:
-            return await self._row(item, progress)
-        except Exception as e:
-            self._finish(progress, _internal_error(item, e))
-            return True
 
     async def _row(self, item: WorkItem, progress: ProgressSink) -> bool:
         """Everything one row's work does, up to its finished record; False when the run must stop."""
@@ -422,14 +418,7 @@ async def _nothing() -> None:
 
 
 async def _next_item(receive: MemoryObjectReceiveStream[WorkItem]) -> WorkItem | None:
-    """The next row, None at the end. A row ready is taken without a pass through the event loop
-    (anyio's `receive` always makes one): the row's own work gives the loop its turn soon enough."""
-    try:
-        return receive.receive_nowait()
-    except anyio.WouldBlock:
-        pass
-    except anyio.EndOfStream:
-        return None
+    """The next row once one comes, None at the end."""
     try:
         return await receive.receive()
     except anyio.EndOfStream:
