@@ -56,8 +56,8 @@ STEADY = (0.05, 0.95)  # the share of rows finished between which the steady rat
 FEEDERS = 4  # simulated workers feeding the coordinator alone
 FEED_BATCH = 512  # rows a simulated worker claims at once (as RowSender's batches)
 FEED_SLICE = 64  # rows whose intents and outcomes one sync carries: a slice at concurrency 128 and more
-RAY_TARGET = 1.0  # Ray's rows/s after start-up at least the local engine's (issue 28)
-COORDINATOR_US_TARGET = 50.0  # the coordinator's CPU a row in a real run, at most (issue 28)
+RAY_TARGET = 1.0  # Ray's rows/s after start-up at least the local engine's (docs/performance.md)
+COORDINATOR_US_TARGET = 50.0  # the coordinator's CPU a row in a real run, at most (docs/performance.md)
 
 
 @dataclass

@@ -96,7 +96,7 @@ QUICK = Sizes(
     repeat=2,
 )
 LATENCY_MS = 200.0
-# The targets (docs/performance.md, issue 28): requests/s against the bare loop at least, CPU a request at most.
+# The targets (docs/performance.md): requests/s against the bare loop at least, CPU a request at most.
 ZERO_LATENCY_TARGET = 0.85
 LATENCY_TARGET = 0.9  # 200 ms x 1,000, against min(ideal, bare loop)
 STREAMING_TARGET = 0.9
