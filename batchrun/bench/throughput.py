@@ -546,8 +546,8 @@ def format_report(report: Report) -> str:
         cpu_target = f"<= {s.cpu_target:.2f}" if s.cpu_target is not None else ""
         verdict = {True: "met", False: "MISSED", None: ""}[s.met]
         lines.append(
-            f"{s.name:<21}{s.concurrency:>5}{s.rows:>7}{s.reference.rps:>7.0f}{s.pipeline.rps:>9.0f}{s.ratio:>7.2f}"
-            f"{target:>9}  {s.reference.cpu_us:>6.0f}{s.pipeline.cpu_us:>9.0f}{s.cpu_times:>7.2f}{cpu_target:>10}"
+            f"{s.name:<21}{s.concurrency:>5}{s.rows:>7}{s.reference.rps:>7.0f}{s.pipeline.rps:>9.0f}{s.ratio:>7.3f}"
+            f"{target:>9}  {s.reference.cpu_us:>6.0f}{s.pipeline.cpu_us:>9.0f}{s.cpu_times:>7.3f}{cpu_target:>10}"
             f"  {verdict}"
         )
         lines.append(f"{'':<21}it: {s.compared_with}" + (f"; {s.note}" if s.note else ""))
