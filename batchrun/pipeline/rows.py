@@ -245,8 +245,11 @@ class RowPipeline:
         protocol = self._protocol(item.request)
         path = protocol.path(self.request_settings) if item.request.api else self._path
         cap = item.cap
-        try:
-            request_body = await self._body(item.request)
+        request = item.request
+        try:  # images are read only now, right before the row is sent; without any, no coroutine to pass through
+            if request.images:
+                request = replace(request, image_inputs=await self.images.load(request.images))
+            request_body: dict[str, Any] = protocol.build(request, self.request_settings)
         except (images.ImageError, CallError) as e:  # an image, or a body the protocol cannot build: nothing sent
             error = e if isinstance(e, CallError) else CallError("input", str(e), retryable=False)
             failed = Outcome(None, error, 0, 0.0)
@@ -337,14 +340,6 @@ class RowPipeline:
         except images.ImageError as e:
             return replace(outcome, reply=None, error=CallError("image_download", str(e), retryable=False))
         return outcome
-
-    async def _body(self, request: Request) -> dict[str, Any]:
-        """Images are read only now, right before the row is sent (ImageError, or the protocol's CallError
-        for a row it cannot send: nothing is sent)."""
-        if request.images:
-            request = replace(request, image_inputs=await self.images.load(request.images))
-        body: dict[str, Any] = self._protocol(request).build(request, self.request_settings)
-        return body
 
     def _protocol(self, request: Request) -> WireProtocol:
         """The job's protocol, or the one an OpenAI Batch line's url names."""
