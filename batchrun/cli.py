@@ -182,7 +182,16 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument("--port", type=int, default=8787, help="0 picks a free port (printed on start)")
     emulator.add_argument("--latency-ms", type=float, default=0.0, help="delay before each answer")
     emulator.add_argument("--jitter-ms", type=float, default=0.0, help="extra random delay, up to this much")
-    emulator.add_argument("--api-key-env", help="require the key held in this variable (default: accept any)")
+    emulator.add_argument(
+        "--api-key-env", help="require the key held in this variable, or in any of several: A,B (default: accept any)"
+    )
+    emulator.add_argument(
+        "--key-quota",
+        action="append",
+        default=[],
+        metavar="VAR=N",
+        help="the key in VAR pays for N requests, then 403 insufficient_user_quota (repeatable)",
+    )
     emulator.add_argument(
         "--fault",
         action="append",
@@ -201,6 +210,15 @@ def _parser() -> argparse.ArgumentParser:
         "--rpm-limit", type=_positive_int, help="per key, N requests per window (failed ones count); 429 beyond"
     )
     emulator.add_argument("--rpm-window-s", type=float, default=60.0, help="the --rpm-limit window (default 60)")
+    emulator.add_argument(
+        "--rpm-refused-free", action="store_true", help="refused requests do not count in the --rpm-limit window"
+    )
+    emulator.add_argument(
+        "--refuse-all", metavar="STATUS:MESSAGE", help='answer every request so, e.g. "400:No connected db."'
+    )
+    emulator.add_argument(
+        "--refuse-share", type=float, default=0.0, help="refuse this share of rows for their content (400)"
+    )
     emulator.add_argument(
         "--max-concurrency", type=_positive_int, help="more in flight at once: 429 token_concurrency_limit_reached"
     )
@@ -343,9 +361,9 @@ def _validate(args: argparse.Namespace) -> int:
     for row_id, body in plan.requests.items():
         print(f"\nrow {row_id}:")
         print(for_terminal(body))
-    env = job.spec.provider.api_key_env
-    if not job.uses_emulator and not os.environ.get(env, "").strip():
-        print(f"batchrun: note: {env} is not set; `run` will need it", file=sys.stderr)
+    for env in job.spec.provider.key_variables:
+        if not job.uses_emulator and not os.environ.get(env, "").strip():
+            print(f"batchrun: note: {env} is not set; `run` will need it", file=sys.stderr)
     print()
     for line in plan.estimate_lines:
         print(line)
@@ -356,6 +374,32 @@ def _validate(args: argparse.Namespace) -> int:
 def _print_warnings(warnings: list[str]) -> None:
     for warning in warnings:
         print(f"batchrun: warning: {warning}", file=sys.stderr)
+
+
+def _emulator_key(variable: str) -> str:
+    key = os.environ.get(variable.strip())
+    if not key:
+        raise JobError(f"--api-key-env: the variable {variable.strip()} is not set")
+    return key
+
+
+def _key_quotas(items: list[str]) -> dict[str, int]:
+    quotas = {}
+    for item in items:
+        variable, _, count = item.partition("=")
+        if not count.isdigit():
+            raise JobError(f"--key-quota {item}: give VAR=N, N a whole number of requests")
+        quotas[_emulator_key(variable)] = int(count)
+    return quotas
+
+
+def _refusal(given: str | None) -> tuple[int, str] | None:
+    if given is None:
+        return None
+    status, _, message = given.partition(":")
+    if not status.isdigit() or not 400 <= int(status) < 500 or not message:
+        raise JobError(f"--refuse-all {given}: give STATUS:MESSAGE, STATUS a 4xx, e.g. 400:No connected db.")
+    return int(status), message
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -422,13 +466,14 @@ def _emulator(args: argparse.Namespace) -> int:
             rates[name] = float(rate)
         except ValueError:
             raise JobError(f"--fault {item}: the rate must be a number between 0 and 1") from None
-    key = None
-    if args.api_key_env:
-        key = os.environ.get(args.api_key_env)
-        if not key:
-            raise JobError(f"--api-key-env: the variable {args.api_key_env} is not set")
+    keys = {name: _emulator_key(name) for name in args.api_key_env.split(",")} if args.api_key_env else {}
     config = EmulatorConfig(
-        api_key=key,
+        api_key=next(iter(keys.values()), None),
+        more_keys=tuple(keys.values())[1:],
+        key_quota=_key_quotas(args.key_quota),
+        rpm_counts_refused=not args.rpm_refused_free,
+        refuse_all=_refusal(args.refuse_all),
+        refuse_share=args.refuse_share,
         latency_s=args.latency_ms / 1000,
         jitter_s=args.jitter_ms / 1000,
         fault_rates=rates,

@@ -7,6 +7,7 @@ tests record every start and check the promises on the record itself.
 from __future__ import annotations
 
 import contextvars
+import math
 import random
 from bisect import bisect_left
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from trio.testing import MockClock
 
 from batchrun.emulator.faults import RequestWindow, rate_limited
 from batchrun.emulator.server import Stats
+from batchrun.flow.keys import KeyPool
 from batchrun.flow.limits import (
     LimiterChange,
     Limits,
@@ -29,7 +31,7 @@ from batchrun.flow.limits import (
     output_cap,
     prompt_tokens_estimate,
 )
-from batchrun.pipeline.transport import Outcome, backoff_delay, call_with_retries
+from batchrun.pipeline.transport import PUSHBACKS_EXCUSED, Outcome, backoff_delay, call_with_retries
 from batchrun.protocols import CallError, Reply
 from batchrun.protocols.relay_errors import QuotaGroup, QuotaLeft, from_response
 
@@ -541,7 +543,8 @@ async def test_requests_per_minute_spreads_starts_evenly_against_a_window_of_one
     # The same rows without the limit go out as a burst the emulator refuses: the check above can fail.
     burst = WindowRelay(RequestWindow(1, 0.4), latency=0.0)
     outcomes = await run_rows(burst, 8, rows=4, max_attempts=1, rpm=None)
-    assert burst.stats.by_status[429] == 3 and sum(o.error is not None for o in outcomes) == 3
+    # (push-back uses up no attempt: the refused rows went again, later, and got through)
+    assert burst.stats.by_status[429] >= 3 and all(o.error is None for o in outcomes)
 
 
 async def test_back_off_brings_the_429_rate_down_under_a_server_limit() -> None:
@@ -569,3 +572,144 @@ async def test_back_off_brings_the_429_rate_down_under_a_server_limit() -> None:
     assert after < 0.05
     assert refused / requests < 0.25
     assert n / span >= 12  # 13.6 measured: the window's first burst and its refusals cost a few seconds
+
+
+# --- windows the relay states (docs/backoff.md), push-back that uses up no attempt, several keys ----------------
+
+
+def stated_window(n: int, window_s: float, counts_refused: bool, key: str = "key") -> Answer:
+    """new-api's per-key limit, its 429 stating it, as the emulator keeps it (refused ones counted or not)."""
+    window = RequestWindow(n, window_s, counts_refused)
+    said = CallError("rate_limited", f"您已达到请求数限制：{window_s:g}秒内最多请求{n}次", status=429)
+    said.limit_requests, said.limit_window_s = n, window_s
+    return lambda now, ticket: None if window.admit(f"{key}{ticket.key}", now) else said
+
+
+@pytest.mark.parametrize(("n", "window_s"), [(8, 1.0), (60, 10.0), (300, 60.0)])
+@pytest.mark.parametrize("counts_refused", [True, False])
+async def test_a_stated_window_of_any_length_is_used_to_the_full(n: int, window_s: float, counts_refused: bool) -> None:
+    # The first window's burst, until the first 429 comes back, is up to 32 refusals: a run of 300 rows or more.
+    windows = max(6, math.ceil(300 / n))
+    # A little less than whole windows: a probe above the window (one every 4 windows) takes one place of one,
+    # and at an exact multiple of N that would carry the last row into a window of its own.
+    rows = n * windows - max(2, n // 10)
+    run = await relay_run(rows, 32, 0.5, stated_window(n, window_s, counts_refused), max_attempts=10)
+    assert run.failed_rows == 0
+    # After the first window every window is used: the least time is the whole windows and the last answers.
+    least = (windows - 1) * window_s + 0.5
+    assert least / run.wall >= 0.9, (run.wall, least)
+    assert run.refused_share <= 0.10, run.refused_share
+
+
+async def test_push_back_uses_up_no_attempt_while_the_run_gets_answers() -> None:
+    # One attempt per row, and a window of 5 per 2 s: before, every row the window refused failed.
+    relay = WindowRelay(RequestWindow(5, 2.0), latency=0.1)
+    outcomes = await run_rows(relay, 8, rows=30, max_attempts=1, rpm=None)
+    assert all(o.error is None for o in outcomes)
+    assert relay.stats.by_status[429] > 0
+
+
+async def test_push_back_and_nothing_else_stops_the_run_after_the_outage_timeout() -> None:
+    limits = Limits(4, outage_timeout_s=30.0)
+
+    class Refusing:
+        async def attempt(self, path: str, body: bytes, decoder: Any, content_type: str | None) -> Reply:
+            raise CallError("rate_limited", "您的请求数限制已达到上限，请稍后再试", status=429)
+
+    t0 = anyio.current_time()
+    outcome = await call_with_retries(Refusing(), limits, "/", {}, None, 1, 3, lambda e: None, _begun)  # type: ignore[arg-type]
+    assert outcome.error is not None and outcome.error.error_class == "outage" and outcome.error.abort == "A"
+    assert 30.0 <= anyio.current_time() - t0 <= 30.0 + 60.0  # at the first start after it (back-off: 60 s at most)
+
+
+async def pool_run(rows: int, names: list[str], answer: Answer, said: list[str] | None = None) -> RelayRun:
+    """`relay_run` with several keys: rows through a KeyPool and `call_with_retries`' rule for push-back."""
+    pool = KeyPool(names, 32, say=(said if said is not None else []).append)
+    attempts: list[tuple[float, bool]] = []
+    failed_rows = 0
+
+    async def row(index: int) -> None:
+        nonlocal failed_rows
+        for attempt in range(10):
+            ASKING.set((index, attempt))
+            async with pool.slot(1, retry=attempt > 0) as ticket:
+                verdict = answer(anyio.current_time(), ticket)
+                await anyio.sleep(0.5)
+            attempts.append((ticket.started_at, not isinstance(verdict, CallError)))
+            if not isinstance(verdict, CallError):
+                pool.succeeded(ticket, None)
+                return
+            pool.failed(ticket, verdict)
+            if not verdict.retryable:
+                break
+            await anyio.sleep(backoff_delay(0, verdict))
+        failed_rows += 1
+
+    t0 = anyio.current_time()
+    async with anyio.create_task_group() as tg:
+        for index in range(rows):
+            tg.start_soon(row, index)
+    return RelayRun(anyio.current_time() - t0, attempts, failed_rows, [], 0)
+
+
+async def test_two_keys_with_equal_windows_go_nearly_twice_as_fast() -> None:
+    n, window_s = 60, 10.0
+    one = await pool_run(6 * n, ["A"], stated_window(n, window_s, True))
+    two = await pool_run(12 * n, ["A", "B"], stated_window(n, window_s, True))
+    assert one.failed_rows == two.failed_rows == 0
+    ratio = (12 * n / two.wall) / (6 * n / one.wall)
+    assert ratio >= 1.8, ratio
+
+
+async def test_a_key_out_of_quota_is_retired_and_the_rows_go_on_with_the_other() -> None:
+    used = {0: 0, 1: 0}
+    quota = CallError("quota", "用户额度不足, 剩余额度: $0.000000", status=403, retryable=False, abort="A")
+
+    def answer(now: float, ticket: Ticket) -> CallError | None:
+        used[ticket.key] += 1
+        return quota if ticket.key == 1 and used[1] > 20 else None
+
+    said: list[str] = []
+    run = await pool_run(300, ["KEY_A", "KEY_B"], answer, said)
+    assert run.failed_rows == 0
+    assert len(said) == 1 and "KEY_B" in said[0] and "retired" in said[0]
+    assert used[1] <= 21 + 32  # after the first refusal, only what was already in flight
+
+
+async def test_every_key_retired_leaves_the_answer_to_the_stop_rules() -> None:
+    pool = KeyPool(["KEY_A", "KEY_B"], 4, say=lambda line: None)
+    for expected_switch in (True, False):
+        async with pool.slot(1) as ticket:
+            pass
+        error = CallError("auth", "无效的令牌", status=401, retryable=False, abort="B")
+        pool.failed(ticket, error)
+        assert error.switch_key is expected_switch and (error.abort is None) is expected_switch
+    assert [p.retired is not None for p in pool.paces()] == [True, True]
+
+
+async def test_a_stated_limit_raised_mid_run_is_found_within_seconds() -> None:
+    window = RequestWindow(10, 1.0)
+    said = {"n": 10}
+
+    def answer(now: float, ticket: Ticket) -> CallError | None:
+        window.set_limit(said["n"] if now < 10 else 20)
+        if window.admit("key", now):
+            return None
+        refused = CallError("rate_limited", f"您已达到请求数限制：1秒内最多请求{window.limit}次", status=429)
+        refused.limit_requests, refused.limit_window_s = window.limit, 1.0
+        return refused
+
+    run = await relay_run(600, 32, 0.1, answer)
+    assert run.failed_rows == 0
+    assert run.ok_per_s(3, 10) >= 0.9 * 10
+    assert run.ok_per_s(16, 24) >= 0.9 * 20  # found within 6 s of the raise (a probe every 3 s doubles it)
+    assert run.refused_between(3, 10) <= 3  # a probe every 3 s, refused while the limit holds
+
+
+async def test_a_row_pushed_back_again_and_again_fails_in_the_end() -> None:
+    class Refusing:
+        async def attempt(self, path: str, body: bytes, decoder: Any, content_type: str | None) -> Reply:
+            raise CallError("rate_limited", "您的请求数限制已达到上限，请稍后再试", status=429)
+
+    outcome = await call_with_retries(Refusing(), Limits(4), "/", {}, None, 1, 2, lambda e: None, _begun)  # type: ignore[arg-type]
+    assert outcome.error is not None and outcome.attempts == PUSHBACKS_EXCUSED + 2

@@ -119,8 +119,8 @@ def plan(job: Job, show: int = 2) -> Plan:
     protocol = protocol_for(spec.provider.api)
     output.check_columns(job, AnswerParser.for_spec(spec, protocol), table.columns)
     output.check_targets(job)
-    if os.environ.get(spec.provider.api_key_env, "").strip():
-        job.api_key()  # a key that is set must be sendable; validate sends nothing, so it needs none
+    if all(os.environ.get(env, "").strip() for env in spec.provider.key_variables):
+        job.api_keys()  # keys that are set must be sendable; validate sends nothing, so it needs none
     loader = loader_for(job, protocol.INLINE_IMAGE_URLS)
     settings = RequestSettings.of(spec, protocol)
     requests: dict[str, str] = {}

@@ -11,11 +11,17 @@ depend on it, never the other way round.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from enum import Enum
 from typing import Any, Generic, Protocol, TypeVar
 
 ABORT_AFTER = 3  # rules B and C: answers in a row before the run stops
+# Rule D: identical refusals in a row. At most `concurrency` more are in flight when it trips, so a run
+# sends at most concurrency + SAME_REFUSALS requests to a relay that refuses everything. Ten in a row with
+# no success between is what a 10 % share of row-specific refusals does once in ten billion rows.
+SAME_REFUSALS = 10
+_REQUEST_ID = re.compile(r"\s*\(request id: [^)]*\)")
 
 
 class StopRule(str, Enum):
@@ -34,6 +40,11 @@ class StopRule(str, Enum):
     itself is wrong (unknown model, a parameter the model refuses, answers that are not the
     API's). Once a row succeeded, the job works and such answers are that row's own problem."""
 
+    D = "D"
+    """After SAME_REFUSALS refusals in a row (4xx) with the same words and no success since: the relay
+    refuses everything alike (a proxy without its database, a wrong master key), whatever worked before.
+    A refusal of one row's content comes among successes, or in other words, and never stops the run."""
+
 
 class Stopping(Protocol):
     """What the watch reads of a failure (a protocols.CallError)."""
@@ -46,6 +57,8 @@ class Stopping(Protocol):
     def code(self) -> str: ...
     @property
     def error_class(self) -> str: ...
+    @property
+    def message(self) -> str: ...
 
 
 E = TypeVar("E", bound=Stopping)
@@ -61,10 +74,13 @@ class AbortWatch(Generic[E]):
         self._b_run = 0
         self._c_key: tuple[Any, ...] | None = None
         self._c_run = 0
+        self._d_key: tuple[Any, ...] | None = None
+        self._d_run = 0
 
     def on_success(self) -> None:
         self._any_success = True
         self._b_run = 0
+        self._d_run = 0
 
     def on_error(self, error: E) -> None:
         if error.abort == StopRule.A:
@@ -78,6 +94,12 @@ class AbortWatch(Generic[E]):
             self._c_run = self._c_run + 1 if key == self._c_key else 1
             self._c_key = key
             if self._c_run >= ABORT_AFTER:
+                self.tripped = error
+        elif error.abort == StopRule.D:
+            key = (error.status, error.code, _REQUEST_ID.sub("", error.message))
+            self._d_run = self._d_run + 1 if key == self._d_key else 1
+            self._d_key = key
+            if self._d_run >= SAME_REFUSALS:
                 self.tripped = error
 
 

@@ -12,12 +12,24 @@ it with a run of the same job in the same invocation (docs/backoff.md):
   seconds until three seconds in a row average 80 % of the new N ok answers
   with at most 10 % answered 429;
 * a concurrency limit: ok answers per second over what the limit allows.
+
+Windows the relay states in its 429 (new-api's words; docs/backoff.md), several keys (docs/keys.md),
+refusals:
+
+* a 60 s window, refused requests counted: wall time over the least possible (every full window used,
+  the last burst answered), the share answered 429, rows failed (0);
+* a 10 s window, refused requests not counted: the same;
+* two keys: rows per second with two keys over one key's (target >= 1.8);
+* a key running out of quota mid-run: every row ends ok with the other key;
+* the same 400 for every request: requests sent before the run stops (<= 2 x concurrency + 10);
+* 10 % of rows refused for their content: the run goes on, only those rows fail.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import threading
 import time
@@ -26,8 +38,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from batchrun.app.checks import load_job
 from batchrun.base import eventloop
-from batchrun.bench.throughput import emulator_process, machine, write_input, write_job
+from batchrun.base.errors import RunAborted
+from batchrun.bench.throughput import KEY, KEY_ENV, emulator_process, machine, write_input, write_job
 from batchrun.engines.runner import RunOptions, run_job
 
 MAX_ATTEMPTS = 10  # a row refused at random 30 % of the time fails 5 attempts in a row once in 400 rows
@@ -45,8 +61,22 @@ class Sizes:
     concurrency_limit: int
 
 
+@dataclass
+class Windows:
+    """The stated windows: (requests, seconds) of the long and the short one, and rows for the refusal runs."""
+
+    long: tuple[int, float]
+    short: tuple[int, float]
+    refusal_rows: int
+
+
 FULL = Sizes(random_rows=600, random_latency_ms=500, limit_per_s=40, limit_s=25, phase_s=15, concurrency_limit=8)
 QUICK = Sizes(random_rows=300, random_latency_ms=500, limit_per_s=20, limit_s=12, phase_s=8, concurrency_limit=4)
+FULL_WINDOWS = Windows(long=(300, 60.0), short=(100, 10.0), refusal_rows=300)
+QUICK_WINDOWS = Windows(long=(100, 20.0), short=(50, 5.0), refusal_rows=200)
+WINDOW_LATENCY_MS = 500
+SHORT_WINDOWS = 8  # the first window's overshoot (up to 32 429s) is under 10 % of a run this long
+SECOND_KEY_ENV, SECOND_KEY = "BATCHRUN_BENCH_KEY_2", "sk-bench-second-not-a-secret"
 
 
 @dataclass
@@ -65,7 +95,105 @@ def run_push_back(quick: bool, workdir: Path) -> list[Figure]:
     figures += _rate_limit(workdir / "rate", sizes)
     figures += _halved_and_restored(workdir / "halved", sizes)
     figures += _concurrency_limit(workdir / "concurrency", sizes)
+    figures += run_windows_and_keys(quick, workdir)
     return figures
+
+
+def run_windows_and_keys(quick: bool, workdir: Path) -> list[Figure]:
+    """Windows the relay states, several keys, refusals (docs/backoff.md, docs/keys.md)."""
+    windows = QUICK_WINDOWS if quick else FULL_WINDOWS
+    figures = _window(workdir / "long", *windows.long, counted=True, windows=3)  # the issue's 900 rows
+    figures += _window(workdir / "short", *windows.short, counted=False, windows=SHORT_WINDOWS)
+    figures += _two_keys(workdir / "keys", *windows.short)
+    figures += _quota_mid_run(workdir / "quota", windows.refusal_rows)
+    figures += _refused_alike(workdir / "alike", windows.refusal_rows)
+    figures += _row_refusals(workdir / "rows", windows.refusal_rows)
+    return figures
+
+
+def _window(folder: Path, n: int, window_s: float, counted: bool, windows: int) -> list[Figure]:
+    """`windows` windows' worth of rows: the least possible wall is all but one window and the last answers."""
+    rows = windows * n
+    args = _window_args(n, window_s) + ([] if counted else ["--rpm-refused-free"])
+    run = _run(folder, rows, args)
+    least = (windows - 1) * window_s + WINDOW_LATENCY_MS / 1000
+    refused = run.stats["by_status"].get("429", 0) / run.stats["requests"]
+    scenario = f"{window_s:g} s window" + (", refused counted" if counted else "")
+    note = f"{rows} rows in {run.wall_s:.1f} s, least {least:.1f} s; {n} per {window_s:g} s; {run.failed} failed"
+    return [
+        Figure(scenario, "least / wall", round(least / run.wall_s, 2), ">= 0.9", least / run.wall_s >= 0.9, note),
+        Figure(scenario, "429 share", round(refused, 3), "<= 0.10", refused <= 0.10 and run.failed == 0),
+    ]
+
+
+def _two_keys(folder: Path, n: int, window_s: float) -> list[Figure]:
+    """Each key's window the bound, not the places: 100 ms answers (32 places take 320 a second)."""
+    args = _window_args(n, window_s, latency_ms=100)
+    windows = SHORT_WINDOWS
+    one = _run(folder / "one", windows * n, args)
+    two = _run(folder / "two", 2 * windows * n, args, keys=2)
+    ratio = (2 * windows * n / two.wall_s) / (windows * n / one.wall_s)
+    note = f"{2 * windows * n} rows in {two.wall_s:.1f} s vs {windows * n} in {one.wall_s:.1f} s; {two.failed} failed"
+    return [
+        Figure("two keys", "rows/s over one key", round(ratio, 2), ">= 1.8", ratio >= 1.8 and two.failed == 0, note)
+    ]
+
+
+def _quota_mid_run(folder: Path, rows: int) -> list[Figure]:
+    args = ["--latency-ms", "100", "--key-quota", f"{SECOND_KEY_ENV}={rows // 4}"]
+    run = _run(folder, rows, args, keys=2)
+    note = f"the second key paid for {rows // 4} requests; {run.ok} of {rows} rows ok"
+    return [Figure("a key's quota runs out", "rows failed", run.failed, "0", run.failed == 0 and run.ok == rows, note)]
+
+
+def _refused_alike(folder: Path, rows: int) -> list[Figure]:
+    run = _run(folder, rows, ["--latency-ms", "100", "--refuse-all", "400:No connected db."])
+    most = 2 * CONCURRENCY + 10
+    sent = run.stats["requests"]
+    note = f"stopped: {run.stopped}; {run.ok + run.failed} of {rows} rows finished, the rest pending"
+    return [Figure("the same 400 for all", "requests sent", sent, f"<= {most}", run.stopped and sent <= most, note)]
+
+
+def _row_refusals(folder: Path, rows: int) -> list[Figure]:
+    run = _run(folder, rows, ["--latency-ms", "100", "--refuse-share", "0.1"])
+    note = f"stopped: {run.stopped}; {run.failed} of {rows} rows refused for their content, {run.ok} ok"
+    return [Figure("10 % rows refused", "rows ok + refused", run.ok + run.failed, f"= {rows}", not run.stopped, note)]
+
+
+def _window_args(n: int, window_s: float, latency_ms: float = WINDOW_LATENCY_MS) -> list[str]:
+    return ["--latency-ms", str(latency_ms), "--rpm-limit", str(n), "--rpm-window-s", str(window_s)]
+
+
+@dataclass
+class Run:
+    wall_s: float
+    ok: int
+    failed: int
+    stopped: bool
+    stats: dict[str, Any]
+
+
+def _run(folder: Path, rows: int, emulator_args: list[str], keys: int = 1) -> Run:
+    """One run of the bench job whose rows may fail or stop it; `keys`: 1, or 2 (the second in SECOND_KEY_ENV)."""
+    folder.mkdir(parents=True)
+    os.environ.setdefault(KEY_ENV, KEY)
+    os.environ.setdefault(SECOND_KEY_ENV, SECOND_KEY)
+    variables = [KEY_ENV, SECOND_KEY_ENV][:keys]
+    with emulator_process(extra=["--api-key-env", ",".join(variables), *emulator_args]) as url:
+        job = write_job(folder, write_input(folder / "input.parquet", rows), url, CONCURRENCY, attempts=MAX_ATTEMPTS)
+        spec = yaml.safe_load(job.path.read_text(encoding="utf-8"))
+        spec["provider"]["api_key_env"] = variables
+        job.path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+        started = time.perf_counter()
+        try:
+            summary = eventloop.run(run_job, load_job(job.path), RunOptions(quiet=True))
+            stopped = False
+        except RunAborted:
+            summary, stopped = {}, True
+        wall_s = time.perf_counter() - started
+        stats = _get(url + "/_emulator/stats")
+    ok = summary.get("ok", stats["by_status"].get("200", 0) if stopped else 0)
+    return Run(wall_s, ok, summary.get("error", 0), stopped, stats)
 
 
 def _random_push_back(folder: Path, sizes: Sizes) -> list[Figure]:

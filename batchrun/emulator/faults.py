@@ -203,14 +203,16 @@ async def enact(fault: str, request: web.Request, answer: web.Response) -> web.S
 
 
 class RequestWindow:
-    """The relay's per-key limit: at most `limit` requests in any `window_s`, failed ones counted too.
+    """The relay's per-key limit: at most `limit` requests in any `window_s`, refused ones counted too
+    (as new-api's is) unless `counts_refused` is False.
 
     Constant work per request: each key keeps only its last `limit` arrival times.
     """
 
-    def __init__(self, limit: int, window_s: float) -> None:
+    def __init__(self, limit: int, window_s: float, counts_refused: bool = True) -> None:
         self.limit = limit
         self.window_s = window_s
+        self.counts_refused = counts_refused
         self._arrivals: dict[str, deque[float]] = {}
 
     def admit(self, key: str, now: float) -> bool:
@@ -218,7 +220,8 @@ class RequestWindow:
         if arrivals is None:
             arrivals = self._arrivals[key] = deque(maxlen=self.limit)
         full = len(arrivals) == self.limit and now - arrivals[0] < self.window_s
-        arrivals.append(now)  # a refused request counts as well
+        if self.counts_refused or not full:
+            arrivals.append(now)
         return not full
 
     def set_limit(self, limit: int, window_s: float | None = None) -> None:
@@ -234,6 +237,35 @@ class RequestWindow:
 
 
 RATE_LIMITED = "您的请求数限制已达到上限，请稍后再试"
+
+
+def window_limited(request_id: str, limit: int, window_s: float) -> web.Response:
+    """new-api's own 429 for a key's request limit, stating it: "您已达到请求数限制：1分钟内最多请求300次".
+
+    new-api's windows are whole minutes; a shorter one is said in seconds the same way ("10秒内")."""
+    minutes = window_s / 60
+    span = f"{minutes:g}分钟" if minutes == int(minutes) else f"{window_s:g}秒"
+    message = f"您已达到请求数限制：{span}内最多请求{limit}次"
+    return json_response(429, relay_error(429, message, "", request_id), request_id)
+
+
+QUOTA_USED_UP = "用户额度不足, 剩余额度: $0.000000"
+REJECTED_CONTENT = "the content of this request was rejected by the upstream's review"
+
+
+def refused_alike(request_id: str, status: int, message: str) -> web.Response:
+    """Every request refused with the same words (LiteLLM without its database: 400 "No connected db.")."""
+    body = {"error": {"message": message, "type": "relay_error", "code": str(status)}}
+    return json_response(status, body, request_id)
+
+
+def rejected_content(request_id: str) -> web.Response:
+    """One row's content refused: the same rows every time (chosen by their prompt)."""
+    return json_response(400, relay_error(400, REJECTED_CONTENT, "content_rejected", request_id), request_id)
+
+
+def quota_used_up(request_id: str) -> web.Response:
+    return json_response(403, relay_error(403, QUOTA_USED_UP, "insufficient_user_quota", request_id), request_id)
 
 
 def rate_limited(request_id: str, code: str = "") -> web.Response:

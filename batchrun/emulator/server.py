@@ -12,6 +12,7 @@ import os
 import random
 import threading
 import time
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -33,8 +34,12 @@ from batchrun.emulator.faults import (
     enact,
     fault_response,
     json_response,
+    quota_used_up,
     rate_limited,
+    refused_alike,
+    rejected_content,
     relay_error,
+    window_limited,
 )
 from batchrun.emulator.gemini import gemini_events, gemini_prompt, gemini_whole
 from batchrun.emulator.streams import FRAMINGS, StreamSettings, write_stream
@@ -52,6 +57,11 @@ class EmulatorConfig:
     rpm_limit: int | None = None  # per key, failed requests counted, like the relay's own window
     rpm_window_s: float = 60.0  # tests shorten the window to see a whole cycle in seconds
     max_concurrency: int | None = None  # more in flight at once: 429 token_concurrency_limit_reached
+    rpm_counts_refused: bool = True  # the --rpm-limit window counts refused requests (new-api's does)
+    more_keys: tuple[str, ...] = ()  # accepted besides api_key, each with its own window
+    key_quota: dict[str, int] = field(default_factory=dict)  # key -> requests it can pay for, then 403 quota
+    refuse_all: tuple[int, str] | None = None  # every request answered with this status and message
+    refuse_share: float = 0.0  # this share of prompts (the same ones every time) refused for their content
     cache_prefixes: int = 0  # a provider prompt cache of this many prefixes (emulator/cache.py); 0: none
 
 
@@ -113,7 +123,12 @@ class Emulator:
         self._random = random.Random(config.seed)
         self._seen: Counter[str] = Counter()  # requests per prompt key, for "x N" directives
         self._ids = 0
-        self._window = RequestWindow(config.rpm_limit, config.rpm_window_s) if config.rpm_limit else None
+        self._window = (
+            RequestWindow(config.rpm_limit, config.rpm_window_s, config.rpm_counts_refused)
+            if config.rpm_limit
+            else None
+        )
+        self._paid: Counter[str] = Counter()  # requests answered per key, against key_quota
         self.cache = PromptCache(config.cache_prefixes)
 
     def app(self) -> web.Application:
@@ -165,7 +180,7 @@ class Emulator:
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if _gemini_path(request):  # Google's own ways, on Gemini paths only
             given = given or request.headers.get("x-goog-api-key", "") or request.query.get("key", "")
-        if given == self.config.api_key:
+        if given == self.config.api_key or given in self.config.more_keys:
             return None
         return json_response(401, relay_error(401, "无效的令牌", "", request_id), request_id)
 
@@ -201,8 +216,17 @@ class Emulator:
 
     def _over_limits(self, request: web.Request, request_id: str) -> web.Response | None:
         """The relay's own limits, checked on arrival: a 429 without any hint."""
-        if self._window is not None and not self._window.admit(request.headers.get("Authorization", ""), time.time()):
-            return rate_limited(request_id)
+        config = self.config
+        if config.refuse_all is not None:
+            return refused_alike(request_id, *config.refuse_all)
+        key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if key in config.key_quota and self._paid[key] >= config.key_quota[key]:
+            return quota_used_up(request_id)
+        if self._window is not None and not self._window.admit(key, time.time()):
+            return window_limited(request_id, self._window.limit, self._window.window_s)
+        if config.refuse_share and zlib.crc32(request["prompt"].encode()) % 10_000 < config.refuse_share * 10_000:
+            return rejected_content(request_id)
+        self._paid[key] += 1
         if self.config.max_concurrency is not None and self.stats.in_flight > self.config.max_concurrency:
             return rate_limited(request_id, "token_concurrency_limit_reached")
         return None
@@ -360,7 +384,7 @@ class Emulator:
         if config.rpm_limit is None:
             self._window = None
         elif self._window is None:
-            self._window = RequestWindow(config.rpm_limit, config.rpm_window_s)
+            self._window = RequestWindow(config.rpm_limit, config.rpm_window_s, config.rpm_counts_refused)
         else:
             self._window.set_limit(config.rpm_limit, config.rpm_window_s)
         current = {name: getattr(config, name) for name in _LIMITS}

@@ -83,6 +83,11 @@ class RayEngine:
         self.coordinator_cpu_s: float | None = None  # after a run: the coordinator's CPU time (`batchrun bench`)
 
     async def send_all(self, run: OpenRun, checkpoint: Checkpoint, progress: Progress, base_url: str) -> Sent:
+        if len(run.job.spec.provider.key_variables) > 1:
+            raise JobError(
+                f"{run.job.path}: provider.api_key_env: several keys are not supported yet with --engine ray; "
+                "give one variable, or run without --engine ray"
+            )
         # Ray's calls block; nothing else runs on this event loop in a Ray run.
         with _ray_session(self.ray_options.address):
             name = f"batchrun-{uuid.uuid4().hex}"

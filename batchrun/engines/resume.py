@@ -19,10 +19,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import orjson
+
 from batchrun.base import storage
 from batchrun.base.errors import JobError
 from batchrun.base.naming import Naming, flag
 from batchrun.flow import spend
+from batchrun.flow.learned import META_KEY as LEARNED_META
 from batchrun.job import openai_batch
 from batchrun.job.inputs import InputTable
 from batchrun.job.render import Renderer
@@ -281,6 +284,20 @@ def job_status(job: Job, named: Naming = flag) -> JobStatus:
         checkpoint.close()
 
 
+def _learned_line(meta: str | None) -> str | None:
+    """The relay's limits the last run learned (flow/learned.py), one key after another."""
+    try:
+        said = orjson.loads(meta or "[]")
+    except orjson.JSONDecodeError:
+        return None
+    parts = [
+        f"{w['key']} {w['requests']} per {w['window_s']:g} s ({w['source']})"
+        for w in said
+        if isinstance(w, dict) and {"key", "requests", "window_s", "source"} <= w.keys()
+    ]
+    return "the relay's limits: " + "; ".join(parts) if parts else None
+
+
 def _status(job: Job, table: InputTable, rows: int, checkpoint: Checkpoint, named: Naming) -> JobStatus:
     totals = checkpoint.totals()
     done = checkpoint.count_finished(0, rows)
@@ -314,6 +331,8 @@ def _status(job: Job, table: InputTable, rows: int, checkpoint: Checkpoint, name
             f"{in_flight} rows were in flight when the last run stopped "
             "(sent, answer not recorded: the only ones that may be paid twice)"
         )
+    if learned := _learned_line(checkpoint.get_meta(LEARNED_META)):
+        lines.append(learned)
     lines.append(_match_line(job, table, checkpoint, named))
     lines.append(_output_line(job))
     lines.append(f"checkpoint: {checkpoint.folder}")

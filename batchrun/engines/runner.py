@@ -33,10 +33,13 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from batchrun.base import storage
 from batchrun.base.errors import BudgetReached, RunAborted, RunInterrupted
 from batchrun.base.naming import Naming, flag
-from batchrun.base.stops import AbortWatch
+from batchrun.base.stops import AbortWatch, StopRule
 from batchrun.engines.contract import Engine, OpenRun, Sent
 from batchrun.engines.resume import ResumeFlags, open_for_run
 from batchrun.flow import spend
+from batchrun.flow.keys import limits_for
+from batchrun.flow.learned import META_KEY as LEARNED_META
+from batchrun.flow.learned import KeptLimits
 from batchrun.flow.limits import Limits
 from batchrun.flow.sharing import SharedAnswers
 from batchrun.job.inputs import ROW_INDEX, InputTable
@@ -107,7 +110,7 @@ class Run:
         self.parser = AnswerParser.for_spec(spec, protocol_for(spec.provider.api))
         output.check_columns(job, self.parser, self.table.columns)
         output.check_targets(job)
-        job.api_key()  # a key that cannot be sent stops the run before the checkpoint is opened
+        job.api_keys()  # a key that cannot be sent stops the run before the checkpoint is opened
         self.budget = spend.Budget(spec.run.max_cost, spec.pricing, spent=0.0)
 
     def pipeline(self, parts: RowParts) -> RowPipeline:
@@ -255,7 +258,9 @@ class LocalEngine:
 
     async def send_all(self, run: OpenRun, checkpoint: Checkpoint, progress: Progress, base_url: str) -> Sent:
         spec = run.job.spec.run
-        limits = Limits(run.concurrency, spec.requests_per_minute, spec.tokens_per_minute, spec.outage_timeout_s)
+        limits = limits_for(run.job.spec.provider.key_variables, run.concurrency, spec, progress.say)
+        kept = KeptLimits(base_url, run.job.spec.model or "", run.job.api_keys())
+        kept.seed(limits)  # windows learned by earlier runs, from the first request
         watch = _Watch()
         transport = open_transport(run.job, base_url, run.concurrency)
         # The Ray engine's limiter is the coordinator's: no timeline there.
@@ -278,6 +283,8 @@ class LocalEngine:
         try:
             await self._send_all(run, pipeline, checkpoint, progress, timeline)
         finally:
+            if checkpoint.failure is None:  # a checkpoint that cannot be written says so itself
+                checkpoint.set_meta(LEARNED_META, kept.keep(limits, checkpoint.get_meta(LEARNED_META)))
             await transport.aclose()
             await pipeline.aclose()
         in_flight = len(checkpoint.awaiting_answer)
@@ -488,6 +495,8 @@ def _abort_message(error: CallError, job: Job) -> str:
         "quota": "the account has no balance or quota left; top it up",
         "outage": f"the relay at {job.spec.provider.base_url} seems to be down",
     }.get(error.error_class, "the same error repeated before any row succeeded")
+    if error.abort == StopRule.D:
+        what = "the relay refused every request alike, and nothing succeeded since; fix what it says, then run again"
     return f"run stopped: {what}: {error}. Finished rows are kept"
 
 

@@ -18,6 +18,14 @@
   `AdaptiveRate`, cut to what the relay let through and grown back on a cubic curve.
   A server hint (Retry-After & co.) also pauses every new start, not just one row's.
   `x-ratelimit-remaining-*` on successful answers caps the rate before the first 429.
+* A stated window (docs/backoff.md): a 429 that says the key's limit ("1分钟内最多请求300次",
+  "Limit: 300 / min", x-ratelimit-limit-requests) sets a `MinuteBudget` over that window whose log
+  holds every start of the last window, refused ones too (the relay counts them): starts then wait
+  exactly until the relay's window has room, never pacing slower than the limit. A window kept from an
+  earlier run (flow/keys.py) is set before the first request.
+* Push-back (a 429 or a 503) never uses up a row's attempts while the run gets answers: it is the
+  relay's pace, not the row's fault. Push-back and nothing else for `outage_timeout_s` stops the run
+  (rule A, like an outage).
 * The outage breaker (flow/breaker.py) holds every start while the relay is down.
 * `on_change` (if set) hears of every change of pace (`LimiterChange`): a report may
   plot them over time.
@@ -41,9 +49,10 @@ from typing import Any
 
 import anyio
 
+from batchrun.base.stops import StopRule
 from batchrun.flow.adaptive import AdaptiveRate, RateSignal, RecentCount
 from batchrun.flow.breaker import OutageBreaker
-from batchrun.flow.pace import KeyPace
+from batchrun.flow.pace import KeyPace, LearnedWindow
 from batchrun.protocols import CallError
 from batchrun.protocols.relay_errors import QuotaLeft
 
@@ -57,6 +66,14 @@ QUOTA_LOW = 0.2  # x-ratelimit-remaining below this share of the limit: pace wha
 # corrections may be used at once, or the overestimate would slow the run (3 s of a
 # minute's budget is still no burst).
 TOKEN_CREDIT_S = 3.0
+# A stated window is kept with this much room at its edge: the relay counts arrivals, we count starts, and a
+# request may arrive a little sooner after its start than the one it replaces in the window.
+EDGE_SHARE, EDGE_S = 0.02, 0.05
+# While a stated window holds starts back, one start above it every so often (4 windows, 3 s at least)
+# finds out whether the relay raised its limit: if it is answered, the window doubles until a 429 says the
+# new limit. Refused, it costs one 429.
+WINDOW_PROBE_WINDOWS, WINDOW_PROBE_MIN_S = 4.0, 3.0
+STARTS_KEPT_S = 60.0  # starts remembered, for a window learned mid-run (longer windows start from this much)
 
 
 def estimate_tokens(prompt_estimate: int, cap: int | None) -> int:
@@ -103,10 +120,15 @@ class MinuteBudget:
     bound; a single charge larger than the whole budget still goes, alone in its window.
     """
 
-    def __init__(self, per_minute: float, credit_s: float = 0.0) -> None:
+    def __init__(
+        self, per_minute: float, credit_s: float = 0.0, window_s: float = WINDOW_S, paced: bool = True
+    ) -> None:
+        """`per_minute` units per `window_s` seconds (a minute unless said otherwise); not `paced`: the window
+        log alone, starts going as soon as the window has room."""
         self.per_minute = per_minute
+        self.window_s = window_s
         self._credit_s = credit_s
-        self._s_per_unit = WINDOW_S / per_minute
+        self._s_per_unit = window_s / per_minute if paced else 0.0
         self._next_start = -math.inf
         self._log: deque[Charge] = deque()
         self._in_window = 0.0
@@ -124,8 +146,8 @@ class MinuteBudget:
         for c in self._log:
             left -= c.amount
             if left <= room:
-                return max(pace, c.at + WINDOW_S - now)
-        return max(pace, self._log[-1].at + WINDOW_S - now)
+                return max(pace, c.at + self.window_s - now)
+        return max(pace, self._log[-1].at + self.window_s - now)
 
     def charge(self, now: float, amount: float) -> Charge:
         c = Charge(now, amount)
@@ -142,7 +164,7 @@ class MinuteBudget:
         c.amount = actual
 
     def _expire(self, now: float) -> None:
-        self._cutoff = now - WINDOW_S
+        self._cutoff = now - self.window_s
         while self._log and self._log[0].at <= self._cutoff:
             self._in_window -= self._log.popleft().amount
 
@@ -157,6 +179,8 @@ class Ticket:
     in_flight: int = 1  # requests in flight when it started, itself included
     retry: bool = False
     rate_probe: bool = False  # sent alone after a pause: its answer says whether the relay has room again
+    key: int = 0  # which key it is sent with (flow/keys.py), by its place in provider.api_key_env
+    window_probe: bool = False  # sent above a stated window: has the relay raised its limit?
 
 
 @dataclass(frozen=True)
@@ -211,6 +235,10 @@ class InFlight:
         self._total = value
         self._hand_over()
 
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
     async def acquire(self) -> None:
         if self.used < self._total and not self._waiters:
             self.used += 1
@@ -250,7 +278,10 @@ class Limits:
         tokens_per_minute: float | None = None,
         outage_timeout_s: float = math.inf,
         on_change: Callable[[LimiterChange], None] | None = None,
+        key: str = "",
     ) -> None:
+        """`key`: the name of the variable holding this limiter's key (for what people are shown)."""
+        self.key = key
         self.max_concurrency = concurrency
         self.in_flight = InFlight(concurrency)
         self.retries = InFlight(max(1, concurrency // 2))  # the retry budget: half the places at most
@@ -271,6 +302,16 @@ class Limits:
         self._gate = anyio.Lock()  # one request at a time passes the rate checks, in order
         self._changed = anyio.Event()  # set when a probe ends (the breaker's or the rate's)
         self._clock: Callable[[], float] | None = None  # see `now`
+        self.window: MinuteBudget | None = None  # the key's own window, once stated or remembered
+        self.learned: LearnedWindow | None = None
+        self._learned_at = -math.inf
+        self._window_probe_at = math.inf  # when one start may go above the stated window
+        self._starts: deque[float] = deque()  # the last STARTS_KEPT_S of starts: a window learned mid-run has them
+        self._last_answer: float | None = None  # the last success (or the first start): push-back alone since
+        self._pushed_back_since_answer: CallError | None = None
+        self.retired: str | None = None  # why this key left the run (flow/keys.py), else None
+        self.index = 0  # the key's place in provider.api_key_env
+        self.peers: list[Limits] = []  # the other keys' limiters: a probe's end wakes their waiters too
 
     @property
     def limit(self) -> int:
@@ -281,10 +322,31 @@ class Limits:
         """When the current pause of every start ends (anyio's clock; in the past when none)."""
         return self._paused_until
 
-    def paces(self, key: str) -> list[KeyPace]:
-        """Each key's pace and learned window, for the bar, the summary and the report (`key`: its variable)."""
+    def paces(self, key: str | None = None) -> list[KeyPace]:
+        """Each key's pace and learned window, for the bar, the summary and the report.
+
+        `key`: the name to show for this limiter's key (its variable), if it was built without one."""
         rate = self.pace.rate(self.now()) if self.pace.pacing else None
-        return [KeyPace(key=key, rate_per_s=rate, window=None)]
+        if self.window is not None:  # the window's own rate, or slower if push-back came anyway
+            rate = min(rate or math.inf, self.window.per_minute / self.window.window_s)
+        return [KeyPace(key=key or self.key, rate_per_s=rate, window=self.learned, retired=self.retired)]
+
+    def learn(self, window: LearnedWindow, now: float | None = None) -> None:
+        """The key's limit: from now on, no window of `window_s` holds more starts than `requests`.
+
+        Starts of the last window already made count, refused ones too: the relay counted them."""
+        now = self.now() if now is None else now
+        # Not paced: starts go as soon as the window has room, a burst where the relay's window emptied
+        # (spread instead, a window half empty at the end of a run is time lost).
+        span = window.window_s * (1 + EDGE_SHARE) + EDGE_S
+        budget = MinuteBudget(window.requests, window_s=span, paced=False)
+        for at in self._starts:
+            if at > now - budget.window_s:
+                budget.charge(at, 1)
+        self.window, self.learned, self._learned_at = budget, window, now
+        self._window_probe_at = now + max(WINDOW_PROBE_WINDOWS * window.window_s, WINDOW_PROBE_MIN_S)
+        said = f"the relay's limit: {window.requests} requests per {window.window_s:g} s ({window.source})"
+        self._tell("slower", said, now, window.requests / window.window_s)
 
     def slot(self, tokens: int, retry: bool = False) -> Slot:
         """Hold one in-flight place for a request estimated at `tokens` (a retry also holds a retry place).
@@ -314,35 +376,72 @@ class Limits:
                     await self._changed.wait()
             return self._start(now, tokens, retry)
 
+    def wait_s(self, tokens: int) -> float:
+        """Seconds until a start of `tokens` could go, places aside (flow/keys.py picks the key that can soonest)."""
+        return self._wait_s(self.now(), tokens)
+
     def _wait_s(self, now: float, tokens: int) -> float:
         return max(
             self._paused_until - now,
             self.pace.wait_s(now),
+            self._window_wait_s(now),
+            self._pushed_back_too_long(now),
             self.requests.wait_s(now, 1) if self.requests else 0.0,
             self.tokens.wait_s(now, tokens) if self.tokens else 0.0,
             self.breaker.wait_s(now),  # raises once the outage outlasts its timeout
             math.inf if self._rate_probe is RateProbe.IN_FLIGHT else 0.0,
         )
 
+    def _window_wait_s(self, now: float) -> float:
+        if self.window is None:
+            return 0.0
+        wait = self.window.wait_s(now, 1)
+        if wait > 0 and now >= self._window_probe_at and self._above_stated(now):
+            return 0.0  # a window probe goes
+        return wait
+
+    def _above_stated(self, now: float) -> bool:
+        """Whether one more start now is above the limit the relay stated, edge room aside: only such a start
+        answered tells that the relay raised its limit."""
+        if self.learned is None:
+            return False
+        since, count = now - self.learned.window_s, 0
+        for at in reversed(self._starts):
+            if at <= since or count >= self.learned.requests:
+                break
+            count += 1
+        return count >= self.learned.requests
+
     def _start(self, now: float, tokens: int, retry: bool) -> Ticket:
         """Charge a start that passed `_wait_s` (no await in between: nothing can change meanwhile)."""
         if self.requests:
             self.requests.charge(now, 1)
+        window_probe = False
+        if self.window:
+            window_probe = self.window.wait_s(now, 1) > 0 and self._above_stated(now)
+            if window_probe:
+                self._window_probe_at = math.inf  # one at a time: until its answer
+            self.window.charge(now, 1)
+        self._keep_start(now)
         charge = self.tokens.charge(now, tokens) if self.tokens else None
         self.pace.started(now)
         self._sent.add(now)
         rate_probe = self._rate_probe is RateProbe.WANTED
         if rate_probe:
             self._rate_probe = RateProbe.IN_FLIGHT
-        return Ticket(now, charge, self.breaker.started(now), self.in_flight.used, retry, rate_probe)
+        probe = self.breaker.started(now)
+        return Ticket(now, charge, probe, self.in_flight.used, retry, rate_probe, self.index, window_probe)
 
     def succeeded(self, ticket: Ticket, actual_tokens: int | None, quota: QuotaLeft | None = None) -> None:
         now = self.now()
         if self.tokens and ticket.tokens and actual_tokens is not None:
             self.tokens.correct(ticket.tokens, actual_tokens, now)
         self._ok.add(now)
+        self._last_answer, self._pushed_back_since_answer = now, None
         self._cuts_in_a_row = 0
         self._probe_answered(ticket)
+        if ticket.window_probe and self.learned is not None:  # the relay let more through than it said
+            self.learn(LearnedWindow(2 * self.learned.requests, self.learned.window_s, "learned"), now)
         self._signal.answer(ticket.started_at, False, now)
         self._grow_in_flight()
         if quota is not None:
@@ -352,7 +451,15 @@ class Limits:
     def failed(self, ticket: Ticket, error: CallError) -> None:
         now = self.now()
         self._probe_answered(ticket)
-        if error.error_class in PUSHBACK_CLASSES and error.code in CONCURRENCY_CODES:
+        if pushed_back(error):
+            self._pushed_back_since_answer = error
+        if ticket.window_probe and self.learned is not None:  # the limit holds: ask again later
+            self._window_probe_at = now + max(WINDOW_PROBE_WINDOWS * self.learned.window_s, WINDOW_PROBE_MIN_S)
+        if error.limit_requests and error.limit_window_s:
+            self._stated(error.limit_requests, error.limit_window_s, error.limit_source or "said", now)
+        if pushed_back(error) and ticket.started_at <= self._learned_at:  # (the same tick: before it too)
+            pass  # sent before the window was known: the window's log already holds it back
+        elif error.error_class in PUSHBACK_CLASSES and error.code in CONCURRENCY_CODES:
             self._refused_in_flight(ticket, now)
         elif error.error_class in PUSHBACK_CLASSES and error.retry_hint:
             self._pause(now + error.retry_hint, f"the server asked for {error.retry_hint:g} s")
@@ -371,8 +478,34 @@ class Limits:
         self._breaker_outcome(ticket, now, failed=self.breaker.counts_as_down(error), error=error)
 
     def excuses(self, error: CallError) -> bool:
-        """A failure while the relay looks down does not use up the row's attempts: it waits for the relay."""
-        return self.breaker.looks_down and self.breaker.counts_as_down(error)
+        """Failures that do not use up the row's attempts: a key retired with others left (flow/keys.py), and
+        anything while the relay looks down (it waits for the relay). Push-back: pipeline/transport.py."""
+        return error.switch_key or (self.breaker.looks_down and self.breaker.counts_as_down(error))
+
+    def _stated(self, requests: int, window_s: float, source: str, now: float) -> None:
+        known = self.learned
+        if known is None or (known.requests, known.window_s) != (requests, window_s):
+            self.learn(LearnedWindow(requests, window_s, source), now)
+
+    def _keep_start(self, now: float) -> None:
+        starts = self._starts
+        starts.append(now)
+        while starts[0] <= now - STARTS_KEPT_S:
+            starts.popleft()
+        if self._last_answer is None:
+            self._last_answer = now
+
+    def _pushed_back_too_long(self, now: float) -> float:
+        """0, or raises: push-back and no answer for outage_timeout_s ends the run like an outage (rule A)."""
+        last, error = self._last_answer, self._pushed_back_since_answer
+        if error is None or last is None or now - last < self.breaker.timeout_s or self.breaker.looks_down:
+            return 0.0  # (503s are the breaker's: it says the same in its own words)
+        raise CallError(
+            "outage",
+            f"only push-back, no answer, for {self.breaker.timeout_s:g} s (run.outage_timeout_s); last: {error}",
+            retryable=False,
+            abort=StopRule.A,
+        )
 
     def _slow_down(self, now: float, reason: str) -> None:
         """Pace slower; if the last slow-down let nothing through, also pause, longer each time.
@@ -447,8 +580,9 @@ class Limits:
             self._wake()
 
     def _wake(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        for limits in (self, *self.peers):
+            limits._changed.set()
+            limits._changed = anyio.Event()
 
 
 class Slot:

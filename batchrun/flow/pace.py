@@ -9,7 +9,8 @@ from dataclasses import dataclass
 class LearnedWindow:
     """A relay's limit for one key: `requests` per `window_s` seconds.
 
-    `source` says where it came from: "said" (the relay's answer stated it), "learned" (inferred from its
+    `source` says where it came from: "said" (the relay's answer stated it), "header" (a 429's
+    x-ratelimit-limit-requests, read as per minute: used in the run, not kept), "learned" (inferred from its
     push-back), "remembered" (kept in the state folder from an earlier run)."""
 
     requests: int

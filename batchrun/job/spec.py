@@ -64,8 +64,28 @@ def check_base_url(url: str) -> str:
 class ProviderSpec(_Section):
     api: str = "openai-chat"  # a name in the protocols' registry: app/checks.py checks it (job/ may not import it)
     base_url: str = DEFAULT_BASE_URL
+    # One variable, or a list of them (each key its own limits: docs/keys.md), kept as "A,B": a comma is never
+    # in a variable's name, and every place that names the variable to a person shows them all.
     api_key_env: str = "KUAIMA_API_KEY"
     image_part_style: Literal["standard", "responses"] = "standard"
+
+    @field_validator("api_key_env", mode="before")
+    @classmethod
+    def _key_variables(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        if (
+            not value
+            or not all(isinstance(v, str) and v and "," not in v for v in value)
+            or len(set(value)) < len(value)
+        ):
+            raise ValueError("give one variable name, or a list of different ones (one key each)")
+        return ",".join(value)
+
+    @property
+    def key_variables(self) -> list[str]:
+        """The variables holding the keys, in order (one, unless api_key_env is a list)."""
+        return self.api_key_env.split(",")
 
     @field_validator("base_url")
     @classmethod
@@ -221,8 +241,14 @@ class Job:
         return self.spec.provider.base_url == EMULATOR
 
     def api_key(self) -> str:
-        """The key from the environment; never stored anywhere by batchrun."""
-        env = self.spec.provider.api_key_env
+        """The (first) key from the environment; never stored anywhere by batchrun."""
+        return self.api_keys()[0][1]
+
+    def api_keys(self) -> list[tuple[str, str]]:
+        """Each key's variable and the key in it, in provider.api_key_env's order."""
+        return [(env, self._key_in(env)) for env in self.spec.provider.key_variables]
+
+    def _key_in(self, env: str) -> str:
         key = os.environ.get(env, "").strip()  # a pasted key often brings a newline along
         if too_short(key):
             raise JobError(

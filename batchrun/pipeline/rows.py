@@ -347,10 +347,11 @@ class RowPipeline:
 
 
 def open_transport(job: Job, base_url: str, concurrency: int) -> Transport:
-    """The HTTP client every engine sends a job's rows with (one per process): the job's key in its
-    protocol's headers, its timeouts and answer caps. Closed with `aclose`."""
+    """The HTTP client every engine sends a job's rows with (one per process): the job's keys in its
+    protocol's headers (one set per key: flow/keys.py), its timeouts and answer caps. Closed with `aclose`."""
     spec = job.spec
-    headers = protocol_for(spec.provider.api).headers(job.api_key())
+    protocol = protocol_for(spec.provider.api)
+    headers = [protocol.headers(key) for _, key in job.api_keys()]
     return Transport(base_url, headers, spec.run.timeout_s, concurrency, AnswerCaps.of(spec.run))
 
 

@@ -18,7 +18,7 @@ import socket
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,16 +41,21 @@ class Transport:
     def __init__(
         self,
         base_url: str,
-        headers: Mapping[str, str],
+        headers: Mapping[str, str] | Sequence[Mapping[str, str]],
         timeout_s: float,
         concurrency: int,
         caps: AnswerCaps | None = None,
     ) -> None:
-        """`headers`: the protocol's own, sent with every request: its auth scheme (`protocol.headers(key)`)."""
+        """`headers`: the protocol's own, sent with every request: its auth scheme (`protocol.headers(key)`);
+        or one such set per key (flow/keys.py), each attempt saying which by its place."""
         self.timeout_s = timeout_s
         self.caps = caps or DEFAULT_CAPS
         self._base_url = base_url.rstrip("/")
-        headers = {"content-type": "application/json", **headers}
+        # One key's headers ride on the session; several keys' go with each request.
+        self._key_headers = [dict(h) for h in headers] if not isinstance(headers, Mapping) else None
+        if self._key_headers is not None and len(self._key_headers) == 1:
+            headers, self._key_headers = self._key_headers[0], None
+        headers = {"content-type": "application/json", **(headers if isinstance(headers, Mapping) else {})}
         # docs/protocol.md §6.4. sock_read applies to every read: the idle timeout. A whole answer must come within
         # timeout_s, a stream within answer_timeout_s (aiohttp's own timer: anyio.fail_after cost 4% of the CPU).
         connect = min(10.0, timeout_s)
@@ -65,14 +70,16 @@ class Transport:
         )
         self._proxy = _env_proxy(self._base_url)
 
-    async def attempt(self, path: str, body: bytes, decoder: Decoder, content_type: str | None = None) -> Reply:
-        """One POST and its answer; every failure becomes a CallError (key redacted).
+    async def attempt(
+        self, path: str, body: bytes, decoder: Decoder, content_type: str | None = None, key: int = 0
+    ) -> Reply:
+        """One POST and its answer, with the `key`-th key; every failure becomes a CallError (key redacted).
 
         This is the protocol boundary: whatever the relay sends, and whatever a decoder makes of it, ends here
         as a Reply or a CallError; an exception nobody foresaw is an `internal` error of this row, not a crash.
         """
         try:
-            return await self._exchange(path, body, decoder, content_type)
+            return await self._exchange(path, body, decoder, content_type, key)
         except CallError:
             raise
         except aiohttp.ServerTimeoutError as e:  # connect or idle read (before TimeoutError: it is one)
@@ -86,11 +93,13 @@ class Transport:
         except Exception as e:  # a shape no decoder foresaw: this row's error, not the run's (not retried)
             raise CallError("internal", f"internal: {type(e).__name__}: {e}", retryable=False) from None
 
-    async def _exchange(self, path: str, body: bytes, decoder: Decoder, content_type: str | None) -> Reply:
+    async def _exchange(self, path: str, body: bytes, decoder: Decoder, content_type: str | None, key: int) -> Reply:
         """`content_type`: the body's, when it is not the session's JSON (a multipart form)."""
         url = self._base_url + path
         timeout = self._stream_timeout if decoder.stream else self._whole_timeout
         headers = {"content-type": content_type} if content_type else None
+        if self._key_headers is not None:
+            headers = {**self._key_headers[key], **(headers or {})}
         async with self._session.post(
             url, data=body, headers=headers, allow_redirects=False, proxy=self._proxy, timeout=timeout
         ) as response:
@@ -137,6 +146,7 @@ def cannot_connect(e: aiohttp.ClientConnectorError) -> str:
 
 
 FLAT_PUSHBACK_RETRIES = 2
+PUSHBACKS_EXCUSED = 20  # a row's push-backs that use up no attempt (at most ~10 minutes of its growing back-off)
 _QUOTA_HEADERS = {"x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens"}
 
 
@@ -326,7 +336,7 @@ async def call_with_retries(
     `encode` turns the body into bytes and their content type (the protocol's `encode`).
     """
     payload, content_type = encode(body)
-    attempts = excused = 0
+    attempts = excused = waited_out = pushbacks = 0
     started = time.monotonic()
     while True:
         try:
@@ -336,7 +346,12 @@ async def call_with_retries(
                     await before_first_send()
                 started = time.monotonic()
                 try:
-                    reply = await transport.attempt(path, payload, decoder, content_type)
+                    # With several keys the ticket says which (flow/keys.py); one key rides on the session.
+                    key = getattr(ticket, "key", 0)
+                    if key:
+                        reply = await transport.attempt(path, payload, decoder, content_type, key)
+                    else:
+                        reply = await transport.attempt(path, payload, decoder, content_type)
                 except CallError as e:
                     error = e
                 else:
@@ -347,10 +362,18 @@ async def call_with_retries(
             return Outcome(None, gave_up, attempts, 0.0)
         limits.failed(ticket, error)
         on_error(error)
-        excused += limits.excuses(error)
+        # A failure while the relay looks down, or on a key retired meanwhile, uses up no attempt and starts the
+        # back-off afresh. Push-back (docs/backoff.md) is the relay's pace: it uses up no attempt either, but its
+        # back-off grows; a row pushed back alone again and again is not the pace: past PUSHBACKS_EXCUSED it counts.
+        if limits.excuses(error):
+            waited_out += 1
+            excused += 1
+        elif pushed_back(error):
+            pushbacks += 1
+            excused += pushbacks <= PUSHBACKS_EXCUSED
         if not may_retry(error, attempts - excused, max_attempts):
             return Outcome(None, error, attempts, time.monotonic() - started)
-        await rest(backoff_delay(attempts - 1 - excused, error))
+        await rest(backoff_delay(attempts - 1 - waited_out, error))
 
 
 def _total_tokens(reply: Reply) -> int | None:

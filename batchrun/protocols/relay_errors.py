@@ -35,6 +35,12 @@ class CallError(Exception):
     retry_hint: float | None = None  # seconds the server asked us to wait
     min_delay: float = 0.0
     request_id: str | None = None
+    # The relay's limit as its answer stated it (a 429's message or x-ratelimit-limit-requests): this many
+    # requests per this many seconds, for this key. Plain fields: the error crosses to Ray as a dict of them.
+    limit_requests: int | None = None
+    limit_window_s: float | None = None
+    limit_source: str = ""  # "said" (the message) or "header" (x-ratelimit-limit-requests, its window a guess)
+    switch_key: bool = False  # its key was retired and another takes the row over (flow/keys.py): not an attempt
 
     def __post_init__(self) -> None:
         if self.abort is not None:
@@ -80,6 +86,11 @@ def from_response(status: int, body: bytes, headers: Mapping[str, str]) -> CallE
     if hint is not None:
         err.retry_hint = hint
     _apply_should_retry(err, headers)
+    if err.error_class == "rate_limited":
+        stated = stated_limit(fields.message, headers)
+        if stated is not None:
+            err.limit_requests, err.limit_window_s = stated
+            err.limit_source = "said" if stated_limit(fields.message, {}) else "header"
     return err
 
 
@@ -179,8 +190,8 @@ def classify(
         return err("timeout" if status in (408, 504) else "server")
     if status == 400 and ("unsupported_" in code or "param" in code.lower() or param):
         return err("bad_request", retryable=False, abort=StopRule.C)
-    if 400 <= status < 500:
-        return err("bad_request", retryable=False)
+    if 400 <= status < 500:  # one row's content, or (the same words for every row) the relay's state: rule D
+        return err("bad_request", retryable=False, abort=StopRule.D)
     return err("server")
 
 
@@ -188,6 +199,36 @@ def _apply_should_retry(err: CallError, headers: Mapping[str, str]) -> None:
     value = (headers.get("x-should-retry") or "").lower()
     if value in ("true", "false") and err.abort != StopRule.A:
         err.retryable = value == "true"
+
+
+# --- limits a 429 states (docs/backoff.md) --------------------------------------------------
+
+_UNIT_WINDOW_S = {"秒": 1.0, "分钟": 60.0, "小时": 3600.0, "s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0,
+                  "min": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}  # fmt: skip
+# new-api: "您已达到请求数限制：1分钟内最多请求300次" (its window is whole minutes; "10秒内" is read the same way)
+_STATED_ZH = re.compile(r"(\d+(?:\.\d+)?)\s*(秒|分钟|小时)内最多请求\s*(\d+)\s*次")
+# "Limit: 300 / min", "limit 300 per minute", "300 requests per minute", "on requests per min (RPM): Limit 3"
+_STATED_SLASH = re.compile(r"limit:?\s*(\d+)\s*(?:/|per)\s*(s|sec|second|m|min|minute|h|hour)\b", re.I)
+_STATED_PER = re.compile(r"(\d+)\s*requests?\s*(?:/|per)\s*(s|sec|second|min|minute|h|hour)\b", re.I)
+_STATED_RPM = re.compile(r"requests per min(?:ute)?\s*\(RPM\)\D{0,12}?limit:?\s*(\d+)", re.I)
+STATED_WINDOW_MAX_S = 3600.0
+
+
+def stated_limit(message: str, headers: Mapping[str, str]) -> tuple[int, float] | None:
+    """(requests, window in seconds) as a 429 states them, in its message or its headers; None if it does not.
+
+    `x-ratelimit-limit-requests` is OpenAI's requests per minute: read as a 60 s window."""
+    if m := _STATED_ZH.search(message):
+        window, requests = float(m.group(1)) * _UNIT_WINDOW_S[m.group(2)], int(m.group(3))
+    elif m := _STATED_SLASH.search(message) or _STATED_PER.search(message):
+        requests, window = int(m.group(1)), _UNIT_WINDOW_S[m.group(2).lower()]
+    elif m := _STATED_RPM.search(message):
+        requests, window = int(m.group(1)), 60.0
+    elif _positive(limit := headers.get("x-ratelimit-limit-requests")):
+        requests, window = int(float(limit or 0)), 60.0
+    else:
+        return None
+    return (requests, window) if requests > 0 and 0 < window <= STATED_WINDOW_MAX_S else None
 
 
 # --- server hints (docs/protocol.md §6.1) -------------------------------------------------
