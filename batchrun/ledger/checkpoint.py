@@ -358,9 +358,20 @@ class Checkpoint:
         """Durably record that `idx` is about to be requested; returns once committed.
 
         After `refuse_new_rows` it records nothing and waits to be cancelled: the row stays pending.
+        The commit is awaited in this frame: every coroutine layer costs each row's resumes.
         """
-        if not await self.commit_intents([idx]):
-            await anyio.sleep_forever()
+        indexes = [idx]
+        if not self._refusing:
+            committed = self._ask_commit(indexes)
+            try:
+                if committed is not None:
+                    await committed
+            except BaseException:  # cancelled before its request went out: not in flight after all
+                self.withdraw(idx)
+                raise
+            if self._may_send(indexes, committed is not None):
+                return
+        await anyio.sleep_forever()
 
     async def commit_intents(self, indexes: list[int]) -> bool:
         """`begin` for several rows in one commit, returning False rather than waiting to be cancelled when
@@ -368,22 +379,33 @@ class Checkpoint:
         with it."""
         if self._refusing:
             return False
-        if self.durable:
-            now = time.time()
-            self._intents += [(idx, now) for idx in indexes]
-            committed = asyncio.get_running_loop().create_future()
-            self._intent_waiters.append(committed)
-            self._wake.set()
-            try:
+        committed = self._ask_commit(indexes)
+        try:
+            if committed is not None:
                 await committed
-            except BaseException:  # cancelled before their requests went out: not in flight after all
-                self._withdraw_all(indexes)
-                raise
-            if self.failure is not None:  # the intents were not recorded: the rows must not be sent
-                return False
-            if self._refusing:  # Ctrl-C came while the intents were being committed: the rows are not sent
-                self._withdraw_all(indexes)
-                return False
+        except BaseException:  # cancelled before their requests went out: not in flight after all
+            self._withdraw_all(indexes)
+            raise
+        return self._may_send(indexes, committed is not None)
+
+    def _ask_commit(self, indexes: list[int]) -> asyncio.Future[None] | None:
+        """The intents queued for the next commit, and the future it resolves (None: not durable, no commit)."""
+        if not self.durable:
+            return None
+        now = time.time()
+        self._intents += [(idx, now) for idx in indexes]
+        committed = asyncio.get_running_loop().create_future()
+        self._intent_waiters.append(committed)
+        self._wake.set()
+        return committed
+
+    def _may_send(self, indexes: list[int], committed: bool) -> bool:
+        """After the intents' commit (`committed`: there was one): whether the rows may be sent."""
+        if committed and self.failure is not None:  # the intents were not recorded: the rows must not be sent
+            return False
+        if committed and self._refusing:  # Ctrl-C came while the intents were being committed: not sent
+            self._withdraw_all(indexes)
+            return False
         self.awaiting_answer.update(indexes)
         return True
 

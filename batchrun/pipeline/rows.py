@@ -164,32 +164,28 @@ class RowPipeline:
         """
         async with receive:
             while not retire():
-                item = await _next_item(receive)
-                if item is None:
+                try:  # a row ready is taken without a pass through the event loop (anyio's `receive` makes one)
+                    item = receive.receive_nowait()
+                except anyio.WouldBlock:
+                    if (waited := await _next_item(receive)) is None:
+                        return
+                    item = waited
+                except anyio.EndOfStream:
                     return
                 batch = item.batch
+                sink = progress if batch is None else batch.progress
+                # The row's work in this frame, not in one more coroutine: every layer costs each of a row's resumes.
                 try:
-                    going = await self.send(item, progress if batch is None else batch.progress)
+                    going = True if self.budget.stopped else await self._row(item, sink)  # stopped: left pending
+                except Exception as e:  # the row is the unit of failure: nobody foresaw this, the run goes on
+                    self._finish(sink, _internal_error(item, e))
+                    going = True
                 finally:
                     if batch is not None:
                         batch.ended()
                 if not going:
                     stop()
                     return
-
-    async def send(self, item: WorkItem, progress: ProgressSink) -> bool:
-        """The row sent (or answered by an identical one) and finished; False when the run must stop.
-
-        The row is the unit of failure: an exception nobody foresaw in its work ends it as its own
-        `internal` error row, and the run goes on.
-        """
-        if self.budget.stopped:
-            return True  # left pending: the budget allows no more requests
-        try:
-            return await self._row(item, progress)
-        except Exception as e:
-            self._finish(progress, _internal_error(item, e))
-            return True
 
     async def _row(self, item: WorkItem, progress: ProgressSink) -> bool:
         """Everything one row's work does, up to its finished record; False when the run must stop."""
@@ -249,8 +245,11 @@ class RowPipeline:
         protocol = self._protocol(item.request)
         path = protocol.path(self.request_settings) if item.request.api else self._path
         cap = item.cap
-        try:
-            request_body = await self._body(item.request)
+        request = item.request
+        try:  # images are read only now, right before the row is sent; without any, no coroutine to pass through
+            if request.images:
+                request = replace(request, image_inputs=await self.images.load(request.images))
+            request_body: dict[str, Any] = protocol.build(request, self.request_settings)
         except (images.ImageError, CallError) as e:  # an image, or a body the protocol cannot build: nothing sent
             error = e if isinstance(e, CallError) else CallError("input", str(e), retryable=False)
             failed = Outcome(None, error, 0, 0.0)
@@ -342,14 +341,6 @@ class RowPipeline:
             return replace(outcome, reply=None, error=CallError("image_download", str(e), retryable=False))
         return outcome
 
-    async def _body(self, request: Request) -> dict[str, Any]:
-        """Images are read only now, right before the row is sent (ImageError, or the protocol's CallError
-        for a row it cannot send: nothing is sent)."""
-        if request.images:
-            request = replace(request, image_inputs=await self.images.load(request.images))
-        body: dict[str, Any] = self._protocol(request).build(request, self.request_settings)
-        return body
-
     def _protocol(self, request: Request) -> WireProtocol:
         """The job's protocol, or the one an OpenAI Batch line's url names."""
         return protocol_for(request.api) if request.api else self.protocol
@@ -423,14 +414,7 @@ async def _nothing() -> None:
 
 
 async def _next_item(receive: MemoryObjectReceiveStream[WorkItem]) -> WorkItem | None:
-    """The next row, None at the end. A row ready is taken without a pass through the event loop
-    (anyio's `receive` always makes one): the row's own work gives the loop its turn soon enough."""
-    try:
-        return receive.receive_nowait()
-    except anyio.WouldBlock:
-        pass
-    except anyio.EndOfStream:
-        return None
+    """The next row once one comes, None at the end."""
     try:
         return await receive.receive()
     except anyio.EndOfStream:
