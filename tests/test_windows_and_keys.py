@@ -33,6 +33,13 @@ SECOND_KEY = "sk-second-test-key-8d1b7c4e02"
         ("You can make 20 requests per minute", {}, (20, 60.0)),
         ("Rate limit reached for requests", {"x-ratelimit-limit-requests": "500"}, (500, 60.0)),
         ("您的请求数限制已达到上限，请稍后再试", {}, None),
+        # Numbers no relay means: taken as not stated, never an exception at the protocol boundary.
+        ("Rate limit reached for requests", {"x-ratelimit-limit-requests": "inf"}, None),
+        ("Rate limit reached for requests", {"x-ratelimit-limit-requests": "1e999"}, None),
+        ("Rate limit reached for requests", {"x-ratelimit-limit-requests": "nan"}, None),
+        ("1分钟内最多请求" + "9" * 5000 + "次", {}, None),
+        ("Limit: " + "9" * 5000 + " / min", {}, None),
+        ("1分钟内最多请求0次", {}, None),
     ],
 )
 def test_the_limit_a_429_states_is_read(message: str, headers: dict[str, str], said: tuple[int, float]) -> None:

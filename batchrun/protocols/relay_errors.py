@@ -212,6 +212,7 @@ _STATED_SLASH = re.compile(r"limit:?\s*(\d+)\s*(?:/|per)\s*(s|sec|second|m|min|m
 _STATED_PER = re.compile(r"(\d+)\s*requests?\s*(?:/|per)\s*(s|sec|second|min|minute|h|hour)\b", re.I)
 _STATED_RPM = re.compile(r"requests per min(?:ute)?\s*\(RPM\)\D{0,12}?limit:?\s*(\d+)", re.I)
 STATED_WINDOW_MAX_S = 3600.0
+STATED_REQUESTS_MAX = 1e9  # a limit above this would never bind: taken as not stated
 
 
 def stated_limit(message: str, headers: Mapping[str, str]) -> tuple[int, float] | None:
@@ -219,16 +220,23 @@ def stated_limit(message: str, headers: Mapping[str, str]) -> tuple[int, float] 
 
     `x-ratelimit-limit-requests` is OpenAI's requests per minute: read as a 60 s window."""
     if m := _STATED_ZH.search(message):
-        window, requests = float(m.group(1)) * _UNIT_WINDOW_S[m.group(2)], int(m.group(3))
+        window, requests = float(m.group(1)) * _UNIT_WINDOW_S[m.group(2)], _count(m.group(3))
     elif m := _STATED_SLASH.search(message) or _STATED_PER.search(message):
-        requests, window = int(m.group(1)), _UNIT_WINDOW_S[m.group(2).lower()]
+        requests, window = _count(m.group(1)), _UNIT_WINDOW_S[m.group(2).lower()]
     elif m := _STATED_RPM.search(message):
-        requests, window = int(m.group(1)), 60.0
-    elif _positive(limit := headers.get("x-ratelimit-limit-requests")):
-        requests, window = int(float(limit or 0)), 60.0
+        requests, window = _count(m.group(1)), 60.0
+    elif (requests := _count(headers.get("x-ratelimit-limit-requests"))) is not None:
+        window = 60.0
     else:
         return None
-    return (requests, window) if requests > 0 and 0 < window <= STATED_WINDOW_MAX_S else None
+    return (requests, window) if requests is not None and 0 < window <= STATED_WINDOW_MAX_S else None
+
+
+def _count(text: str | None) -> int | None:
+    """A stated number of requests, or None: not a number, not positive, not finite, or more than any window holds
+    (float() reads any length of digits, where int() refuses over 4,300 and int(inf) raises)."""
+    number = _float(text)
+    return int(number) if number is not None and 0 < number <= STATED_REQUESTS_MAX else None
 
 
 # --- server hints (docs/protocol.md §6.1) -------------------------------------------------
