@@ -31,6 +31,8 @@ from batchrun.flow.limits import (
     output_cap,
     prompt_tokens_estimate,
 )
+from batchrun.flow.pace import LearnedWindow
+from batchrun.flow.window_guess import WindowGuess
 from batchrun.pipeline.transport import PUSHBACKS_EXCUSED, Outcome, backoff_delay, call_with_retries
 from batchrun.protocols import CallError, Reply
 from batchrun.protocols.relay_errors import QuotaGroup, QuotaLeft, from_response
@@ -757,3 +759,20 @@ async def test_an_unstated_window_with_retry_after_is_learned_from_the_reset() -
     assert learned and "60 requests per" in learned[0], [c.reason for c in run.changes][:10]
     assert run.ok_per_s(20, 60) >= 0.9 * 6
     assert run.refused_share <= 0.10, run.refused_share
+
+
+def test_refusals_that_outlast_any_window_teach_no_window() -> None:
+    """A burst answered, then 429s for twenty minutes (an outage behind the relay): learning N per 20 min would
+    crawl this run and, kept in the state folder, the next ones. Nothing is learned; answered within a
+    minute, the same refusals are a window."""
+    for reopened_at, learned in ((1200.0, None), (40.0, LearnedWindow(10, 40.0, "learned"))):
+        guess = WindowGuess()
+        for second in range(10):
+            guess.started(float(second))
+            guess.answered(float(second))
+        for second in range(10, 16):
+            guess.started(float(second))
+            guess.refused(float(second))
+            guess.pattern()
+        guess.started(reopened_at)
+        assert guess.answered(reopened_at) == learned

@@ -30,6 +30,7 @@ MIN_REQUESTS = 2
 MIN_REFUSED = 3  # refused starts, at least: one refusal (with a Retry-After, say) is random push-back
 MIN_REFUSING_SHARE = 0.5  # refusals lasted at least this share of the window: a burst, then a full window
 MAX_WINDOW_S = 90.0  # a first refusal later than this after the first start: not the first window's, nothing learned
+MAX_REOPEN_S = 2 * MAX_WINDOW_S  # answered again only later than this: an outage, not a window; nothing learned
 
 
 class WindowGuess:
@@ -91,7 +92,7 @@ class WindowGuess:
         window_s = started_at - first
         requests = sum(first <= at <= self.refused_at for at in self._answered)
         refusing_s = started_at - self.refused_at
-        if window_s < MIN_WINDOW_S or requests < MIN_REQUESTS:
+        if not MIN_WINDOW_S <= window_s <= MAX_REOPEN_S or requests < MIN_REQUESTS:
             return None
         if refusing_s < window_s * MIN_REFUSING_SHARE:  # a limit per second, met late in the run: not its window
             return None
