@@ -269,6 +269,7 @@ class LocalEngine:
         self._limits, self._watch, self._outage_timeout_s = limits, watch, spec.outage_timeout_s
         self._order = order = CacheOrder(run.concurrency) if spec.order == "cache" else None
         ledger = checkpoint if order is None else AnsweredLedger(checkpoint, order)
+        checkpoint.send_ahead(run.concurrency)
         parts = RowParts(
             ledger,
             limits,
@@ -321,6 +322,7 @@ class LocalEngine:
             if pipeline.parts.watch.tripped is None:
                 pipeline.release_held(progress)
             timeline.close()
+            checkpoint.give_back_ahead()
             await checkpoint.flush()
             tg.cancel_scope.cancel()
 
@@ -450,7 +452,7 @@ class LocalEngine:
     ) -> None:
         """The producer: the rows to send, in the order they are sent, as work items into the workers' stream."""
         async with send:
-            sending = Sending(send, self._order, lambda: run.budget.stopped)
+            sending = Sending(send, self._order, lambda: run.budget.stopped, checkpoint.expect)
             for batch in _unfinished_batches(run, checkpoint):
                 for row in batch:
                     if run.budget.stopped:
