@@ -285,6 +285,9 @@ class LocalEngine:
             await self._send_all(run, pipeline, checkpoint, progress, timeline)
         finally:
             if checkpoint.failure is None:  # a checkpoint that cannot be written says so itself
+                # Cancelled (arun's task), the run made no last commit: what finished is kept all the same.
+                checkpoint.give_back_ahead()
+                checkpoint.flush_now()
                 checkpoint.set_meta(LEARNED_META, kept.keep(limits, checkpoint.get_meta(LEARNED_META)))
             await transport.aclose()
             await pipeline.aclose()
