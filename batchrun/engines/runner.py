@@ -461,7 +461,7 @@ class LocalEngine:
                     if run.budget.stopped:
                         return
                     item = pipeline.item(row, progress)
-                    if item is not None:
+                    if item is not None and not sending.put_now(item):
                         await sending.put(item)
                 await anyio.sleep(0)  # let workers run between batches
             await sending.drain()

@@ -184,6 +184,18 @@ class Sending:
         self._stopped = stopped
         self._expect = expect
 
+    def put_now(self, item: WorkItem) -> bool:
+        """`put` without a coroutine, when the row goes straight into a stream with room; False: `put` it."""
+        order = self._order
+        if order is not None and (order.held or prefix_levels_possible(item)):
+            return False
+        self._expect(item.idx)
+        try:
+            self._stream.send_nowait(item)
+        except anyio.WouldBlock:  # full: `put` waits for room
+            return False
+        return True
+
     async def put(self, item: WorkItem) -> None:
         order = self._order
         if order is None or (not order.held and not prefix_levels_possible(item)):
