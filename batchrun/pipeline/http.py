@@ -200,20 +200,17 @@ class Connections:
         if self.tls is None:
             await loop.create_connection(lambda: conn, self.proxy.host, self.proxy.port, ssl=proxy_tls)
             return
-        reader, writer = await asyncio.open_connection(self.proxy.host, self.proxy.port, ssl=proxy_tls)
         target = f"{self.host}:{self.port}"
-        writer.write(f"CONNECT {target} HTTP/1.1\r\nhost: {target}\r\n".encode() + self.proxy.authorization + b"\r\n")
+        tunnel = _Tunnel(loop, f"CONNECT {target} HTTP/1.1\r\nhost: {target}\r\n".encode() + self.proxy.authorization)
+        raw, _ = await loop.create_connection(lambda: tunnel, self.proxy.host, self.proxy.port, ssl=proxy_tls)
         try:
-            answer = await reader.readuntil(b"\r\n\r\n")
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            writer.close()
-            raise CannotConnect(self.proxy.host, self.proxy.port, "the proxy's answer to CONNECT was cut off") from None
-        status = answer.split(b" ", 2)[1:2]
-        if status != [b"200"]:
-            writer.close()
+            answer = await tunnel.answer
+        except ConnectionError:
+            raise CannotConnect(self.proxy.host, self.proxy.port, "the proxy closed the tunnel unanswered") from None
+        if answer.split(b" ", 2)[1:2] != [b"200"]:
+            raw.abort()
             said = answer.split(b"\r\n", 1)[0].decode("latin-1")[:200]
             raise CannotConnect(self.proxy.host, self.proxy.port, f"the proxy refused the tunnel to {target}: {said}")
-        raw = writer.transport
         raw.set_protocol(conn)
         tls = await loop.start_tls(raw, conn, self.tls, server_hostname=self.host)
         if tls is None:
@@ -244,6 +241,28 @@ class Connections:
             if not place.done():
                 place.set_result(None)
         await asyncio.sleep(0)  # the closed connections' ends are run before the loop may stop
+
+
+class _Tunnel(asyncio.Protocol):
+    """A CONNECT request to a proxy; `answer` is its answer's status line and headers."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, request: bytes) -> None:
+        self.answer: asyncio.Future[bytes] = loop.create_future()
+        self._request = request + b"\r\n"
+        self._head = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self._request)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self._head += data
+        if b"\r\n\r\n" in self._head or len(self._head) > MAX_HEAD_BYTES:
+            if not self.answer.done():
+                self.answer.set_result(self._head)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(ConnectionError())
 
 
 class _Connection(asyncio.Protocol):
