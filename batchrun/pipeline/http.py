@@ -18,7 +18,7 @@ import socket
 import ssl
 import urllib.parse
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import httptools
@@ -293,6 +293,8 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = False  # as the answer said (read when it ends: the parser forgets it after)
         self._until_close = False
         self._failure: HTTPFailure | None = None
+        self._feed: Callable[[bytes], None] | None = None  # takes the body as it comes (read_into)
+        self._fed_error: Exception | None = None  # what it raised: the answer is not read further
         self._busy = False
         self._deadline = 0.0
         self._quiet_s = 0.0
@@ -334,6 +336,28 @@ class _Connection(asyncio.Protocol):
             else:
                 await self._wait()
 
+    async def read_into(self, feed: Callable[[bytes], None]) -> None:
+        """Every piece of the body to `feed`, as it comes in (called from the socket's own callback: no pass
+        through the event loop a piece); returns once the body ended. Raises what `feed` raised, or the
+        exchange's failure."""
+        while self._chunks:
+            chunk = self._chunks.popleft()
+            self._buffered -= len(chunk)
+            feed(chunk)
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+        self._feed = feed
+        try:
+            while not self._complete and self._fed_error is None:
+                if self._failure is not None:
+                    raise self._failure
+                await self._wait()
+        finally:
+            self._feed = None
+        if self._fed_error is not None:
+            raise self._fed_error
+
     async def read_at_most(self, limit: int) -> bytes:
         """The body's first `limit` bytes (what is left unread is dropped with the connection)."""
         body = bytearray()
@@ -348,7 +372,8 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        reusable = self._complete and not self._chunks and self._failure is None and self._open and not self._closing
+        reusable = self._complete and not self._chunks and self._open and not self._closing
+        reusable = reusable and self._failure is None and self._fed_error is None
         if reusable and self._keep_alive:
             self._reset()
             self._pool.put_back(self)
@@ -451,6 +476,14 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self._feed is not None:
+            try:
+                self._feed(body)
+            except Exception as e:  # the answer is refused (too large, malformed): read no further
+                self._feed, self._fed_error = None, e
+                self._abort()
+                self._wake()
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > PAUSE_AT and not self._paused and self._transport is not None:

@@ -13,7 +13,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import orjson
@@ -86,7 +86,9 @@ class Transport:
             if answer.status >= 300:
                 raise from_response(answer.status, await answer.read_at_most(ERROR_BODY_BYTES), headers)
             try:
-                reply = await read_answer(answer.chunks(), decoder, self.caps.max_answer_bytes)
+                reader = AnswerReader(decoder, self.caps.max_answer_bytes)
+                await answer.read_into(reader.feed)
+                reply = reader.reply()
             except CallError as e:
                 e.request_id = e.request_id or headers.get("x-oneapi-request-id")
                 raise
@@ -148,31 +150,68 @@ _SSE_STARTS = b"de:ir"  # data, event, a comment, id, retry
 async def read_answer(
     chunks: AsyncIterator[bytes], decoder: Decoder, limit: int = DEFAULT_CAPS.max_answer_bytes
 ) -> Reply:
-    """The answer, framed by its first non-blank byte whatever the Content-Type (§4.3, §7 item 22):
-    `{` one whole JSON answer, `[` a JSON array of stream events, else server-sent events.
+    """The answer in `chunks`, read by an `AnswerReader`."""
+    reader = AnswerReader(decoder, limit)
+    async for chunk in chunks:
+        reader.feed(chunk)
+    return reader.reply()
 
-    At most `limit` bytes are held: of a JSON body, of one stream line, and of a stream's answer put together
-    (a stream's keep-alives and event wrappers are not held, so they do not count; answer_timeout_s ends them).
+
+class AnswerReader:
+    """An answer read as it arrives, framed by its first non-blank byte whatever the Content-Type (§4.3, §7
+    item 22): `{` one whole JSON answer, `[` a JSON array of stream events, else server-sent events.
+
+    `feed` takes each piece of the body (pipeline/http.py calls it as the bytes come in, with no pass through
+    the event loop a piece), `reply` the answer once the body ended. At most `limit` bytes are held: of a JSON
+    body, of one stream line, and of a stream's answer put together (a stream's keep-alives and event wrappers
+    are not held, so they do not count; answer_timeout_s ends them).
     """
-    reader = chunks.__aiter__()
-    head = b""
-    async for chunk in reader:
-        head += chunk
-        if head.lstrip(_BLANK):
-            break
-        if len(head) > limit:
-            raise too_large(limit, "the answer's leading blank space")
-    first = head.lstrip(_BLANK)[:1]
-    if not first:
-        raise CallError("malformed", "malformed response: empty body", abort=StopRule.C)
-    if first in b"{[" or first not in _SSE_STARTS:
-        body = bytearray(head)
-        async for chunk in reader:
-            body += chunk
-            if len(body) > limit:
-                raise too_large(limit, "the answer")
-        data = _json(bytes(body))
-        if first == b"{":
+
+    def __init__(self, decoder: Decoder, limit: int = DEFAULT_CAPS.max_answer_bytes) -> None:
+        self._decoder = decoder
+        self._limit = limit
+        self._body = bytearray()  # the leading blank space, then all of a JSON body
+        self._first = b""  # the first non-blank byte, once seen
+        self._stream: StreamAnswer | None = None
+        self._events: SSEParser | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        if self._events is not None:
+            self._add(self._events.feed(chunk))
+            return
+        self._body += chunk
+        if not self._first:
+            self._first = bytes(self._body.lstrip(_BLANK)[:1])
+            if not self._first:
+                if len(self._body) > self._limit:
+                    raise too_large(self._limit, "the answer's leading blank space")
+                return
+            if self._first not in b"{[" and self._first in _SSE_STARTS:
+                self._stream = self._decoder.new_stream()
+                self._events = SSEParser(max_line=self._limit)
+                head, self._body = bytes(self._body), bytearray()
+                self._add(self._events.feed(head), checked=False)
+                return
+        if len(self._body) > self._limit:
+            raise too_large(self._limit, "the answer")
+
+    def _add(self, events: list[str], checked: bool = True) -> None:
+        stream = cast(StreamAnswer, self._stream)
+        for data_text in events:
+            _event(stream, data_text)
+        if checked and stream.size > self._limit:
+            raise too_large(self._limit, "the streamed answer")
+
+    def reply(self) -> Reply:
+        """The answer, once its body ended."""
+        decoder = self._decoder
+        if self._events is not None:
+            self._add(self._events.close(), checked=False)
+            return _streamed_reply(cast(StreamAnswer, self._stream), decoder)
+        if not self._first:
+            raise CallError("malformed", "malformed response: empty body", abort=StopRule.C)
+        data = _json(bytes(self._body))
+        if self._first == b"{":
             reply = decoder.parse(data)
             if decoder.keep_answer:
                 reply.answer = data
@@ -186,18 +225,6 @@ async def read_answer(
             _add_event(stream, event)
         stream.done()  # a closed array is a whole stream: its `]` is the terminator
         return _streamed_reply(stream, decoder)
-    stream = decoder.new_stream()
-    parser = SSEParser(max_line=limit)
-    for data_text in parser.feed(head):
-        _event(stream, data_text)
-    async for chunk in reader:
-        for data_text in parser.feed(chunk):
-            _event(stream, data_text)
-        if stream.size > limit:
-            raise too_large(limit, "the streamed answer")
-    for data_text in parser.close():
-        _event(stream, data_text)
-    return _streamed_reply(stream, decoder)
 
 
 def _streamed_reply(stream: StreamAnswer, decoder: Decoder) -> Reply:
