@@ -157,6 +157,21 @@ def test_connections_are_kept_and_reused_unless_the_answer_says_close() -> None:
     run(scenario)
 
 
+def test_a_connection_idle_too_long_is_not_used_again() -> None:
+    async def scenario() -> None:
+        async with Scripted(lambda n: whole()) as server:
+            connections = http.Connections(server.url, 2, 5, keep_idle_s=0.2)
+            for pause in (0, 0.05, 0.3):
+                await asyncio.sleep(pause)
+                answer = await connections.post(connections.request_head("/v1/x", b"", http.JSON, 2), b"{}", 5, 5)
+                await answer.read_at_most(1 << 20)
+                answer.release()
+            await connections.aclose()
+            assert server.connections == 2  # the second request reused the first's, the third did not
+
+    run(scenario)
+
+
 def test_the_request_names_the_base_urls_path_the_key_header_and_the_body_length() -> None:
     async def scenario() -> None:
         async with Scripted(lambda n: whole()) as server:

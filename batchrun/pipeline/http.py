@@ -29,6 +29,9 @@ MAX_HEAD_BYTES = 1 << 20  # an answer's status line and headers together, at mos
 PAUSE_AT = 1 << 20  # answer bytes received but not yet read: reading from the socket pauses here ...
 RESUME_AT = 256 << 10  # ... and resumes here
 JSON = "application/json"
+# A connection idle this long is not used again: a relay (or a NAT or firewall on the way) may have dropped it
+# without a word, and a request sent on it would wait for the quiet timeout. aiohttp's default, kept.
+KEEP_IDLE_S = 15.0
 
 
 class HTTPFailure(Exception):
@@ -82,13 +85,21 @@ class Connections:
     body from it and then calls its `release` (a connection whose answer was read whole is kept for the next).
     """
 
-    def __init__(self, base_url: str, limit: int, connect_timeout_s: float, proxy: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        limit: int,
+        connect_timeout_s: float,
+        proxy: str | None = None,
+        keep_idle_s: float = KEEP_IDLE_S,
+    ) -> None:
         parts = urllib.parse.urlsplit(base_url)
         self.host = parts.hostname or ""
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.tls = ssl.create_default_context() if parts.scheme == "https" else None
         self.proxy = Proxy.parse(proxy) if proxy else None
         self.connect_timeout_s = connect_timeout_s
+        self.keep_idle_s = keep_idle_s
         self._limit = limit
         self._open = 0
         self._idle: list[_Connection] = []
@@ -146,7 +157,11 @@ class Connections:
             if self._closed:
                 raise Broken("the client was closed")
             if self._idle:
-                return self._idle.pop()
+                conn = self._idle.pop()
+                if conn.idle_since + self.keep_idle_s > asyncio.get_running_loop().time():
+                    return conn
+                conn.close()  # its place is free once it is gone
+                continue
             if self._open < self._limit:
                 self._open += 1
                 try:
@@ -222,6 +237,7 @@ class Connections:
         if self._closed:
             conn.close()
             return
+        conn.idle_since = asyncio.get_running_loop().time()
         self._idle.append(conn)
         self._wake_one()
 
@@ -277,6 +293,7 @@ class _Connection(asyncio.Protocol):
         self._closing = False  # aborted: connection_lost is on its way
         self._counted = False  # the pool was told it is gone
         self._timer: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # when its last answer was read (Connections.put_back)
         self._waiter: asyncio.Future[None] | None = None
         self._reset()
 
