@@ -151,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--ray-address", help="the Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
     run.add_argument(
-        "--ray-actors", type=_positive_int, help="a fixed pool of N sending actors (default: 1 up to one per CPU)"
+        "--ray-actors", type=_positive_int, help="a pool of N sending actors (default: one per CPU)"
     )
     run.set_defaults(func=_run)
 
