@@ -79,6 +79,7 @@ LEASE_S = 15.0  # a worker silent this long is taken for dead: its permits and c
 # in two sync periods if more (so the next periodic sync carries the next slice before this one runs out).
 INTENT_SLICE = (8, 64)
 MOST_INTENTS = 512
+CPU_LOG_MARKS = 2_000
 
 # What `Coordinator.claim` says about a row: it leads its request key (sends it), it
 # follows another row's request (asks `find_shared` before sending), or a RowRecord:
@@ -154,7 +155,9 @@ class Coordinator:
         self.watch: AbortWatch[CallError] = AbortWatch()
         self.sharing = SharedAnswers()
         self._driver_seen = time.monotonic()
-        self._cpu_from: float | None = None  # when the first rows came: Ray's start-up is no row's cost
+        # (rows finished, the process's CPU seconds) from the first rows on, at each sync: what a row costs
+        # the coordinator, over the whole run or after start-up (`batchrun bench`). Ray's start-up is no row's cost.
+        self.cpu_log: list[tuple[int, float]] = []
         # A Ray actor's methods are wrapped (for tracing, a few µs a call): `sync` calls the plain functions.
         self._told = {name: inspect.unwrap(getattr(type(self), name)) for name in TOLD}
         self._spawn(self.checkpoint.flush_loop())
@@ -183,6 +186,8 @@ class Coordinator:
         told = self._told
         for method, args in calls:
             told[method](self, *args)
+        if self.cpu_log:
+            self._log_cpu()
         committed = True
         if intents:
             committed = await self._begin(intents)  # one commit: these intents and the rows finished so far
@@ -199,6 +204,12 @@ class Coordinator:
             budget_stopped=self.budget.stopped,
             committed=committed,
         )
+
+    def _log_cpu(self) -> None:
+        log = self.cpu_log
+        log.append((self.finished, time.process_time()))
+        if len(log) > CPU_LOG_MARKS:  # every other mark goes: a long run's log stays small, as evenly spread
+            del log[1:-1:2]
 
     async def _take_back_from_silent_workers(self) -> None:
         while True:
@@ -382,8 +393,8 @@ class Coordinator:
     async def claim(self, worker: str, rows: list[tuple[int, str, bytes]]) -> list[bool | RowRecord]:
         """For each (row index, row id, request key) of a worker's batch: LEAD, FOLLOW or the shared answer."""
         self._seen[worker] = anyio.current_time()
-        if self._cpu_from is None:
-            self._cpu_from = time.process_time()
+        if not self.cpu_log:
+            self.cpu_log.append((0, time.process_time()))
         verdicts: list[bool | RowRecord] = []
         for idx, row_id, key in rows:
             if key in self._leading:
@@ -476,7 +487,7 @@ class Coordinator:
             "problem": self.problem,
             "failure": self.checkpoint.failure,
             "budget": (self.budget.spent, self.budget.refused),
-            "cpu_s": time.process_time() - (self._cpu_from or time.process_time()),  # all the process's threads
+            "cpu_log": [*self.cpu_log, (self.finished, time.process_time())],  # all the process's threads
             "finished": self.finished,
         }
 

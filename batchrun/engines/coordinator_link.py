@@ -371,6 +371,8 @@ class ClusterLedger:
         low, high = INTENT_SLICE
         self._least = max(low, min(high, concurrency))
         self._slice = self._least
+        self._rate = 0.0  # the link's rate the slice was sized by
+        self._grown = False  # since the latest sync
         self._upcoming: dict[int, None] = {}  # rows this worker will send, in order, intents not yet asked
         self._committing: dict[int, asyncio.Future[bool]] = {}
         self._committed: set[int] = set()  # intents committed, rows not begun
@@ -384,6 +386,8 @@ class ClusterLedger:
     async def begin(self, idx: int) -> None:
         """Returns once the row's intent is committed; after Ctrl-C, or once the job stopped, waits to be cancelled."""
         if idx not in self._committed:
+            if not self._grown:  # none left: a row waits for a sync, so hold more (until the rate says how many)
+                self._grown, self._slice = True, min(MOST_INTENTS, 2 * self._slice)
             committing = self._committing.get(idx)
             if committing is None:
                 committing = self._commit([idx], now=True)
@@ -438,7 +442,10 @@ class ClusterLedger:
 
     def _synced(self, state: SyncState) -> None:
         link = self._link
-        self._slice = max(self._least, min(MOST_INTENTS, math.ceil(link.rate * 2 * link.period)))
+        self._grown = False
+        if link.rate != self._rate:  # measured anew
+            self._rate = link.rate
+            self._slice = max(self._least, min(MOST_INTENTS, math.ceil(link.rate * 2 * link.period)))
         if state.refusing and not self._refusing:
             self._refusing = True  # rows committed but not begun are not sent: no longer in flight
             for idx in list(self._committed):

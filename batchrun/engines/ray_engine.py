@@ -80,7 +80,8 @@ class RayEngine:
     def __init__(self, ray_options: RayOptions) -> None:
         self.ray_options = ray_options
         self._interrupts = 0
-        self.coordinator_cpu_s: float | None = None  # after a run: the coordinator's CPU time (`batchrun bench`)
+        # After a run: (rows finished, the coordinator's CPU seconds) from its first rows on (`batchrun bench`).
+        self.coordinator_cpu_log: list[tuple[int, float]] = []
 
     async def send_all(self, run: OpenRun, checkpoint: Checkpoint, progress: Progress, base_url: str) -> Sent:
         if len(run.job.spec.provider.key_variables) > 1:
@@ -104,7 +105,7 @@ class RayEngine:
                     self._stop_on_ctrl_c(coordinator)
                 finally:
                     final = ray.get(coordinator.close.remote())
-        self.coordinator_cpu_s = final["cpu_s"]
+        self.coordinator_cpu_log = final["cpu_log"]
         return sent_back(final, self._interrupts)
 
     def _send_all(self, run: OpenRun, coordinator: Any, name: str, progress: Progress, base_url: str) -> None:
