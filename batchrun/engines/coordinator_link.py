@@ -99,6 +99,10 @@ class CoordinatorLink:
     def tell(self, method: str, *args: Any) -> None:
         self._outbox.append((method, args))
 
+    def sync_soon(self) -> None:
+        """What was told is wanted now (places given back that other workers wait for), not in a period."""
+        self._wake.set()
+
     def values(self, record: RowRecord) -> RowValues:
         """A finished row's values: the same tuple for the same record, so that a sync carrying it
         twice (the end of its lead and its finish) pickles it once."""
@@ -323,6 +327,7 @@ class ClusterLimits:
     def _release(self, number: int) -> None:
         self._held -= 1
         self._link.tell("give_back", number)
+        self._link.sync_soon()
 
     def succeeded(self, use: _Use, actual_tokens: int | None, quota: QuotaLeft | None = None) -> None:
         use.answered = True
@@ -332,6 +337,8 @@ class ClusterLimits:
             self._hand_over(use.number)
         else:
             self._held -= 1
+            if self._free:  # beyond this worker's share: another worker waits for the place
+                self._link.sync_soon()
 
     def failed(self, use: _Use, error: CallError) -> None:
         self._held -= 1
