@@ -4,7 +4,9 @@ Each scenario starts the emulator in its own process, then measures in this
 process, on the same synthetic rows and concurrency:
 
 * the bare loop: `concurrency` tasks posting the pipeline's own request bodies,
-  pre-encoded, through the same `Transport` (the ceiling of any client on it);
+  pre-encoded, through aiohttp's client, each answer decoded as the pipeline
+  decodes it (the ceiling of a client built on aiohttp; batchrun's own HTTP
+  client, pipeline/http.py, is the pipeline's and is not in it);
 * the pipeline: a generated job file through `Run` (input batches, render,
   limiter, protocol, checkpoint, Parquet), quiet. Its requests/s counts the whole
   run, start-up and the Parquet write included.
@@ -46,7 +48,7 @@ from batchrun.job.settings import RequestSettings
 from batchrun.job.spec import Job
 from batchrun.ledger.checkpoint import Checkpoint, RowRecord, checkpoint_folder
 from batchrun.pipeline.fingerprint import Fingerprint
-from batchrun.pipeline.rows import open_transport
+from batchrun.pipeline.transport import Transport, read_answer
 from batchrun.protocols import Decoder, openai_chat
 
 KEY_ENV = "BATCHRUN_BENCH_KEY"
@@ -250,15 +252,20 @@ def emulator_process(latency_ms: float = 0.0, extra: list[str] | None = None) ->
 # --- what is measured -------------------------------------------------------------------
 
 
-async def _transport_loop(job: Job, bodies: list[bytes], decoder: Decoder) -> Rate:
-    """The job's requests posted by its own transport (the one every engine builds), nothing else."""
+async def _aiohttp_loop(job: Job, bodies: list[bytes], decoder: Decoder) -> Rate:
+    """The job's requests posted by aiohttp's client, each answer decoded as the pipeline decodes it."""
+    import aiohttp
+
     concurrency = job.spec.run.concurrency
-    transport = open_transport(job, job.spec.provider.base_url, concurrency)
+    headers = {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
+    session = aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(limit=concurrency))
+    url = job.spec.provider.base_url + CHAT_PATH
     queue = iter(bodies)
 
     async def worker() -> None:
         for body in queue:
-            await transport.attempt(CHAT_PATH, body, decoder)
+            async with session.post(url, data=body) as response:
+                await read_answer(response.content.iter_any(), decoder)
 
     async def all_workers() -> None:
         async with anyio.create_task_group() as tg:
@@ -271,13 +278,13 @@ async def _transport_loop(job: Job, bodies: list[bytes], decoder: Decoder) -> Ra
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         return Rate(round(len(bodies) / wall, 1), round(cpu / len(bodies) * 1e6, 1))
     finally:
-        await transport.aclose()
+        await session.close()
 
 
 def bare_loop(job: Job, bodies: list[bytes]) -> Rate:
-    """The bare loop over the job's requests, on the event loop the CLI uses."""
+    """The bare aiohttp loop over the job's requests, on the event loop the CLI uses."""
     spec = job.spec
-    return eventloop.run(_transport_loop, job, bodies, openai_chat.decoder(RequestSettings.of(spec, openai_chat)))
+    return eventloop.run(_aiohttp_loop, job, bodies, openai_chat.decoder(RequestSettings.of(spec, openai_chat)))
 
 
 def pipeline(job: Job, rows: int, durable_checkpoint: bool = True) -> Rate:
@@ -301,14 +308,22 @@ async def _stack_loop(stack: str, base_url: str, bodies: list[bytes], concurrenc
     url = base_url + CHAT_PATH
     headers = {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    if stack == "aiohttp":
+    if stack == "batchrun":  # pipeline/http.py, through the transport every engine builds
+        transport = Transport(base_url, {"authorization": f"Bearer {KEY}"}, 120, concurrency)
+        decoder = openai_chat.decoder(RequestSettings("gpt-5.4", "openai-chat", {}, False, None, None))
+
+        async def post(body: bytes) -> Any:
+            return await transport.attempt(CHAT_PATH, body, decoder)
+
+        close: Callable[[], Awaitable[None]] = transport.aclose
+    elif stack == "aiohttp":
         session = aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(limit=concurrency))
 
         async def post(body: bytes) -> Any:
             async with session.post(url, data=body) as r:
                 return orjson.loads(await r.read())
 
-        close: Callable[[], Awaitable[None]] = session.close
+        close = session.close
     else:
         transport = None
         if stack == "httpx-aiohttp":
@@ -338,7 +353,7 @@ async def _stack_loop(stack: str, base_url: str, bodies: list[bytes], concurrenc
 
 def http_stacks(base_url: str, bodies: list[bytes], concurrency: int) -> list[dict[str, Any]]:
     """The bare loop over each installed HTTP client, on asyncio and on uvloop."""
-    stacks = ["httpx", "aiohttp"] + (["httpx-aiohttp"] if importlib.util.find_spec("httpx_aiohttp") else [])
+    stacks = ["httpx", "aiohttp", *(["httpx-aiohttp"] if importlib.util.find_spec("httpx_aiohttp") else []), "batchrun"]
     loops = ["asyncio"] + (["uvloop"] if eventloop.has_uvloop() else [])
     results = []
     for stack in stacks:

@@ -1,8 +1,4 @@
-"""HTTP to the relay: one shared aiohttp session, attempts, retries with backoff.
-
-aiohttp rather than httpx: on `batchrun bench` a bare loop over httpx's pool
-managed about 500 requests/s at concurrency 64 (and fell further as concurrency
-rose), aiohttp over 11,000 on the same machine (docs/performance.md).
+"""HTTP to the relay: attempts, retries with backoff, over the lean HTTP/1.1 client of pipeline/http.py.
 
 `Transport.attempt` makes one POST, reads the answer (a JSON body or a stream,
 told apart by its first byte) and turns every failure into a `CallError`;
@@ -11,18 +7,14 @@ told apart by its first byte) and turns every failure into a `CallError`;
 
 from __future__ import annotations
 
-import asyncio
-import os
 import random
-import socket
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-import aiohttp
 import anyio
 import orjson
 
@@ -30,6 +22,7 @@ from batchrun.base.redaction import excerpt
 from batchrun.base.stops import StopRule
 from batchrun.flow.limits import backoff_s, pushed_back
 from batchrun.job.spec import RunSpec
+from batchrun.pipeline import http
 from batchrun.pipeline.seams import Admission
 from batchrun.protocols import CallError, Decoder, Reply, StreamAnswer
 from batchrun.protocols.relay_errors import from_body, from_response, quota_left
@@ -50,25 +43,12 @@ class Transport:
         or one such set per key (flow/keys.py), each attempt saying which by its place."""
         self.timeout_s = timeout_s
         self.caps = caps or DEFAULT_CAPS
-        self._base_url = base_url.rstrip("/")
-        # One key's headers ride on the session; several keys' go with each request.
-        self._key_headers = [dict(h) for h in headers] if not isinstance(headers, Mapping) else None
-        if self._key_headers is not None and len(self._key_headers) == 1:
-            headers, self._key_headers = self._key_headers[0], None
-        headers = {"content-type": "application/json", **(headers if isinstance(headers, Mapping) else {})}
-        # docs/protocol.md §6.4. sock_read applies to every read: the idle timeout. A whole answer must come within
-        # timeout_s, a stream within answer_timeout_s (aiohttp's own timer: anyio.fail_after cost 4% of the CPU).
-        connect = min(10.0, timeout_s)
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=self.caps.answer_timeout_s, sock_connect=connect, sock_read=timeout_s
-        )
-        self._whole_timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect, sock_read=timeout_s)
-        self._session = aiohttp.ClientSession(
-            headers=headers,
-            connector=aiohttp.TCPConnector(limit=concurrency),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
-        self._proxy = _env_proxy(self._base_url)
+        base_url = base_url.rstrip("/")
+        sets = [headers] if isinstance(headers, Mapping) else list(headers)
+        self._key_headers = [http.header_lines(dict(h)) for h in sets]
+        # docs/protocol.md §6.4: nothing may be quiet for timeout_s; a whole answer must come within timeout_s,
+        # a stream within answer_timeout_s; a connection within 10 s.
+        self._connections = http.Connections(base_url, concurrency, min(10.0, timeout_s), _env_proxy(base_url))
 
     async def attempt(
         self, path: str, body: bytes, decoder: Decoder, content_type: str | None = None, key: int = 0
@@ -79,42 +59,46 @@ class Transport:
         as a Reply or a CallError; an exception nobody foresaw is an `internal` error of this row, not a crash.
         """
         try:
-            return await self._exchange(path, body, decoder, content_type, key)
+            return await self._exchange(path, body, decoder, content_type or http.JSON, key)
         except CallError:
             raise
-        except aiohttp.ServerTimeoutError as e:  # connect or idle read (before TimeoutError: it is one)
-            raise self._network_error("timeout", e) from None
-        except aiohttp.ClientConnectorError as e:  # before ClientError: it is one
-            raise CallError("connection", CANNOT_CONNECT + cannot_connect(e)) from None
-        except asyncio.TimeoutError:  # the whole answer's timer; asyncio's is not the builtin on Python 3.10
+        except http.CannotConnect as e:
+            raise CallError("connection", CANNOT_CONNECT + str(e)) from None
+        except http.Deadline:
             raise self._deadline_error(decoder.stream) from None
-        except aiohttp.ClientError as e:
-            raise self._network_error("connection", e) from None
+        except http.Quiet as e:
+            raise CallError("timeout", f"timeout: {e} (run.timeout_s)") from None
+        except http.ConnectTimeout as e:
+            raise CallError("timeout", f"timeout: {e}") from None
+        except http.Broken as e:
+            raise CallError("connection", f"connection: {e}") from None
         except Exception as e:  # a shape no decoder foresaw: this row's error, not the run's (not retried)
             raise CallError("internal", f"internal: {type(e).__name__}: {e}", retryable=False) from None
 
-    async def _exchange(self, path: str, body: bytes, decoder: Decoder, content_type: str | None, key: int) -> Reply:
-        """`content_type`: the body's, when it is not the session's JSON (a multipart form)."""
-        url = self._base_url + path
-        timeout = self._stream_timeout if decoder.stream else self._whole_timeout
-        headers = {"content-type": content_type} if content_type else None
-        if self._key_headers is not None:
-            headers = {**self._key_headers[key], **(headers or {})}
-        async with self._session.post(
-            url, data=body, headers=headers, allow_redirects=False, proxy=self._proxy, timeout=timeout
-        ) as response:
-            if response.status >= 300:
-                raise from_response(response.status, await _read_at_most(response, ERROR_BODY_BYTES), response.headers)
+    async def _exchange(self, path: str, body: bytes, decoder: Decoder, content_type: str, key: int) -> Reply:
+        """`content_type`: the body's (JSON, or a multipart form)."""
+        connections = self._connections
+        head = connections.request_head(path, self._key_headers[key], content_type, len(body))
+        total_s = self.caps.answer_timeout_s if decoder.stream else self.timeout_s
+        answer = await connections.post(head, body, total_s, self.timeout_s)
+        try:
+            headers = answer.headers
+            if answer.status >= 300:
+                raise from_response(answer.status, await answer.read_at_most(ERROR_BODY_BYTES), headers)
             try:
-                reply = await read_answer(response.content.iter_any(), decoder, self.caps.max_answer_bytes)
+                reader = AnswerReader(decoder, self.caps.max_answer_bytes)
+                await answer.read_into(reader.feed)
+                reply = reader.reply()
             except CallError as e:
-                e.request_id = e.request_id or response.headers.get("x-oneapi-request-id")
+                e.request_id = e.request_id or headers.get("x-oneapi-request-id")
                 raise
-            if _QUOTA_HEADERS.intersection(response.headers):
-                reply.quota = quota_left(response.headers)
+            if _QUOTA_HEADERS.intersection(headers):
+                reply.quota = quota_left(headers)
             if decoder.keep_answer:
-                reply.request_id = response.headers.get("x-oneapi-request-id") or response.headers.get("x-request-id")
+                reply.request_id = headers.get("x-oneapi-request-id") or headers.get("x-request-id")
             return reply
+        finally:
+            answer.release()
 
     def _deadline_error(self, stream: bool) -> CallError:
         if stream:
@@ -123,35 +107,18 @@ class Transport:
             limit, knob = self.timeout_s, "run.timeout_s"
         return CallError("timeout", f"timeout: no complete answer within {limit:g} s ({knob})")
 
-    def _network_error(self, error_class: str, e: Exception) -> CallError:
-        # aiohttp messages may echo URLs or headers: CallError masks the key in them.
-        detail = str(e) or type(e).__name__
-        return CallError(error_class, f"{error_class}: {detail}")
-
     async def aclose(self) -> None:
-        await self._session.close()
+        await self._connections.aclose()
 
 
 CANNOT_CONNECT = "connection: cannot connect to "  # the relay was not reached at all (runner says so at once)
-
-
-def cannot_connect(e: aiohttp.ClientConnectorError) -> str:
-    """`HOST:PORT: name not resolved` (DNS) or the system's reason (`connection refused`)."""
-    where = f"{e.host}:{e.port}"
-    if isinstance(e, aiohttp.ClientConnectorDNSError) or isinstance(e.os_error, socket.gaierror):
-        return f"{where}: name not resolved"
-    errno = getattr(e.os_error, "errno", None)
-    reason = os.strerror(errno) if errno else str(e.os_error)  # asyncio's own text repeats the address
-    return f"{where}: {reason.lower()}"
-
-
 FLAT_PUSHBACK_RETRIES = 2
 PUSHBACKS_EXCUSED = 20  # a row's push-backs that use up no attempt (at most ~10 minutes of its growing back-off)
 _QUOTA_HEADERS = {"x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens"}
 
 
 def _env_proxy(base_url: str) -> str | None:
-    """HTTPS_PROXY / HTTP_PROXY / NO_PROXY, read once: aiohttp's `trust_env` reads them in a thread per request."""
+    """HTTPS_PROXY / HTTP_PROXY / NO_PROXY, read once, as urllib reads them."""
     parts = urllib.parse.urlsplit(base_url)
     if urllib.request.proxy_bypass(parts.hostname or ""):
         return None
@@ -176,17 +143,6 @@ class AnswerCaps:
 DEFAULT_CAPS = AnswerCaps.of(RunSpec())  # the job file's defaults: they are written once, there
 
 
-async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The body's first `limit` bytes; the rest is never read (the connection is dropped with the response)."""
-    body = bytearray()
-    while len(body) < limit:
-        chunk = await response.content.read(limit - len(body))
-        if not chunk:
-            break
-        body += chunk
-    return bytes(body)
-
-
 _BLANK = b" \t\r\n\xef\xbb\xbf"  # whitespace and a UTF-8 BOM
 _SSE_STARTS = b"de:ir"  # data, event, a comment, id, retry
 
@@ -194,31 +150,68 @@ _SSE_STARTS = b"de:ir"  # data, event, a comment, id, retry
 async def read_answer(
     chunks: AsyncIterator[bytes], decoder: Decoder, limit: int = DEFAULT_CAPS.max_answer_bytes
 ) -> Reply:
-    """The answer, framed by its first non-blank byte whatever the Content-Type (§4.3, §7 item 22):
-    `{` one whole JSON answer, `[` a JSON array of stream events, else server-sent events.
+    """The answer in `chunks`, read by an `AnswerReader`."""
+    reader = AnswerReader(decoder, limit)
+    async for chunk in chunks:
+        reader.feed(chunk)
+    return reader.reply()
 
-    At most `limit` bytes are held: of a JSON body, of one stream line, and of a stream's answer put together
-    (a stream's keep-alives and event wrappers are not held, so they do not count; answer_timeout_s ends them).
+
+class AnswerReader:
+    """An answer read as it arrives, framed by its first non-blank byte whatever the Content-Type (§4.3, §7
+    item 22): `{` one whole JSON answer, `[` a JSON array of stream events, else server-sent events.
+
+    `feed` takes each piece of the body (pipeline/http.py calls it as the bytes come in, with no pass through
+    the event loop a piece), `reply` the answer once the body ended. At most `limit` bytes are held: of a JSON
+    body, of one stream line, and of a stream's answer put together (a stream's keep-alives and event wrappers
+    are not held, so they do not count; answer_timeout_s ends them).
     """
-    reader = chunks.__aiter__()
-    head = b""
-    async for chunk in reader:
-        head += chunk
-        if head.lstrip(_BLANK):
-            break
-        if len(head) > limit:
-            raise too_large(limit, "the answer's leading blank space")
-    first = head.lstrip(_BLANK)[:1]
-    if not first:
-        raise CallError("malformed", "malformed response: empty body", abort=StopRule.C)
-    if first in b"{[" or first not in _SSE_STARTS:
-        body = bytearray(head)
-        async for chunk in reader:
-            body += chunk
-            if len(body) > limit:
-                raise too_large(limit, "the answer")
-        data = _json(bytes(body))
-        if first == b"{":
+
+    def __init__(self, decoder: Decoder, limit: int = DEFAULT_CAPS.max_answer_bytes) -> None:
+        self._decoder = decoder
+        self._limit = limit
+        self._body = bytearray()  # the leading blank space, then all of a JSON body
+        self._first = b""  # the first non-blank byte, once seen
+        self._stream: StreamAnswer | None = None
+        self._events: SSEParser | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        if self._events is not None:
+            self._add(self._events.feed(chunk))
+            return
+        self._body += chunk
+        if not self._first:
+            self._first = bytes(self._body.lstrip(_BLANK)[:1])
+            if not self._first:
+                if len(self._body) > self._limit:
+                    raise too_large(self._limit, "the answer's leading blank space")
+                return
+            if self._first not in b"{[" and self._first in _SSE_STARTS:
+                self._stream = self._decoder.new_stream()
+                self._events = SSEParser(max_line=self._limit)
+                head, self._body = bytes(self._body), bytearray()
+                self._add(self._events.feed(head), checked=False)
+                return
+        if len(self._body) > self._limit:
+            raise too_large(self._limit, "the answer")
+
+    def _add(self, events: list[str], checked: bool = True) -> None:
+        stream = cast(StreamAnswer, self._stream)
+        for data_text in events:
+            _event(stream, data_text)
+        if checked and stream.size > self._limit:
+            raise too_large(self._limit, "the streamed answer")
+
+    def reply(self) -> Reply:
+        """The answer, once its body ended."""
+        decoder = self._decoder
+        if self._events is not None:
+            self._add(self._events.close(), checked=False)
+            return _streamed_reply(cast(StreamAnswer, self._stream), decoder)
+        if not self._first:
+            raise CallError("malformed", "malformed response: empty body", abort=StopRule.C)
+        data = _json(bytes(self._body))
+        if self._first == b"{":
             reply = decoder.parse(data)
             if decoder.keep_answer:
                 reply.answer = data
@@ -232,18 +225,6 @@ async def read_answer(
             _add_event(stream, event)
         stream.done()  # a closed array is a whole stream: its `]` is the terminator
         return _streamed_reply(stream, decoder)
-    stream = decoder.new_stream()
-    parser = SSEParser(max_line=limit)
-    for data_text in parser.feed(head):
-        _event(stream, data_text)
-    async for chunk in reader:
-        for data_text in parser.feed(chunk):
-            _event(stream, data_text)
-        if stream.size > limit:
-            raise too_large(limit, "the streamed answer")
-    for data_text in parser.close():
-        _event(stream, data_text)
-    return _streamed_reply(stream, decoder)
 
 
 def _streamed_reply(stream: StreamAnswer, decoder: Decoder) -> Reply:

@@ -30,6 +30,9 @@ class SSEParser:
         """The data of every event this chunk completes, in order."""
         self._buffer += chunk
         events: list[str] = []
+        if not self._skip_lf and b"\r" not in chunk:  # lines end in LF alone, as nearly every relay's do
+            self._feed_lf(events, len(chunk))
+            return events
         start = 0
         while True:
             if self._skip_lf and start < len(self._buffer):
@@ -48,6 +51,27 @@ class SSEParser:
         if self._max_line is not None and self._scanned > self._max_line:
             raise too_large(self._max_line, "one line of the stream")
         return events
+
+    def _feed_lf(self, events: list[str], new: int) -> None:
+        """`feed` when the buffer holds no CR: its complete lines split and decoded at once, not one by one
+        (the same text: an LF is never part of a UTF-8 character, so each line decodes as it would alone)."""
+        end = self._buffer.rfind(b"\n", len(self._buffer) - new)  # the bytes before held no line end
+        if end >= 0:
+            text = self._buffer[:end].decode("utf-8", "replace")
+            del self._buffer[: end + 1]
+            if self._first_line:
+                self._first_line = False
+                text = text.removeprefix(_BOM)
+            for line in text.split("\n"):
+                if not line:
+                    self._dispatch(events)
+                elif line[0] != ":":  # not a comment, such as the relay's ": PING" keepalive
+                    name, _, value = line.partition(":")
+                    if name == "data":
+                        self._data.append(value[1:] if value[:1] == " " else value)
+        self._scanned = len(self._buffer)
+        if self._max_line is not None and self._scanned > self._max_line:
+            raise too_large(self._max_line, "one line of the stream")
 
     def close(self) -> list[str]:
         """At the end of the body: the last line and event, even without their blank line."""
