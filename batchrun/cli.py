@@ -150,9 +150,7 @@ def _parser() -> argparse.ArgumentParser:
         help="where rows are sent from: this process (default) or a Ray cluster (pip install 'batchrun[ray]')",
     )
     run.add_argument("--ray-address", help="the Ray cluster to use (default: RAY_ADDRESS, else a local Ray)")
-    run.add_argument(
-        "--ray-actors", type=_positive_int, help="a fixed pool of N sending actors (default: 1 up to one per CPU)"
-    )
+    run.add_argument("--ray-actors", type=_positive_int, help="a pool of N sending actors (default: one per CPU)")
     run.set_defaults(func=_run)
 
     validate = sub.add_parser("validate", help="check the job and its input, show the first requests; no network")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,10 @@ from conftest import Emulator, write_csv, write_job
 from batchrun.app.checks import load_job
 from batchrun.engines.contract import OpenRun, Sent
 from batchrun.engines.coordinator import DRIVER_PING_S, Coordinator, sent_back
-from batchrun.engines.coordinator_link import ClusterWorker
+from batchrun.engines.coordinator_link import ClusterLedger, ClusterWorker, CoordinatorLink
 from batchrun.engines.runner import Run, RunOptions
+from batchrun.flow.spend import Budget
+from batchrun.job.spec import RunSpec
 from batchrun.ledger.checkpoint import Checkpoint
 from batchrun.pipeline.progress import Progress
 
@@ -81,3 +85,57 @@ def test_a_run_sent_by_workers_through_the_coordinator_without_ray(tmp_path: Pat
     assert summary["shared"] == 30
     output = pl.read_parquet(summary["output"]).sort("review_id")
     assert output["status"].to_list() == ["ok"] * 60
+
+
+class CountedCalls(InProcessCalls):
+    """InProcessCalls that keep the intents each sync carried."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        super().__init__(coordinator)
+        self.syncs: list[list[int]] = []  # each sync's intents
+
+    async def ask(self, method: str, *args: Any) -> Any:
+        if method == "sync":
+            self.syncs.append(list(args[-1]))
+        return await super().ask(method, *args)
+
+
+@asynccontextmanager
+async def _linked(folder: Path) -> AsyncIterator[tuple[CountedCalls, CoordinatorLink]]:
+    """A coordinator in this process and one worker's link to it; closed however the test ends."""
+    coordinator = Coordinator(str(folder), 8, RunSpec(), Budget(None, None, 0.0))
+    await coordinator.start()
+    await coordinator.driver_alive()
+    calls = CountedCalls(coordinator)
+    try:
+        yield calls, CoordinatorLink(calls)
+    finally:
+        await coordinator.close()
+
+
+def test_a_batchs_last_settle_makes_no_sync_when_nothing_is_left_to_carry(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with _linked(tmp_path / "out.batchrun") as (calls, link):
+            await link.settle()  # a sync of its own: the job's state as of now
+            syncs = len(calls.syncs)
+            await link.settle(news=False)  # nothing told since, no sync under way: nothing to wait for
+            assert len(calls.syncs) == syncs
+            link.tell("on_success")
+            await asyncio.wait_for(link.settle(news=False), 5)  # something to carry: it goes now
+            assert len(calls.syncs) == syncs + 1
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_whose_rows_wait_for_their_intents_commits_larger_slices(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with _linked(tmp_path / "out.batchrun") as (calls, link):
+            ledger = ClusterLedger(link, concurrency=8)  # slices of 8 at first
+            ledger.expect(list(range(200)))
+            for idx in range(40):
+                await asyncio.wait_for(ledger.begin(idx), 5)
+            sizes = [len(intents) for intents in calls.syncs if intents]
+            assert sizes[0] == 8
+            assert sizes[1] > 8  # a row waited for the second slice: the next ones are larger, fewer syncs
+
+    asyncio.run(scenario())

@@ -17,7 +17,7 @@ however many nodes it had):
 * the checkpoint (`checkpoint.Checkpoint`, the same SQLite file a local run writes):
   a worker commits the intents of a slice of rows in one transaction, before the first
   of them is sent ("intent before spend"), and reports finished rows in groups, each
-  committed when it arrives (within about `SYNC_S` of the answer). Rows of a slice that
+  committed when it arrives (within a sync period of the answer). Rows of a slice that
   were not sent are withdrawn. Workers never open the file, so it needs no storage
   shared between nodes.
 * the abort watch (a wrong key stops the job after a few 401s, not a few per worker).
@@ -29,7 +29,8 @@ however many nodes it had):
   request, no row not yet sent is given to a worker; rows in flight finish. Asked
   only when the job has a budget: without one a worker's budget answers locally.
 
-Leases end: every worker syncs with the coordinator every `SYNC_S`, and may send only
+Leases end: every worker syncs with the coordinator every `SYNC_S` (up to `LONGEST_SYNC_S` at high
+rates), and may send only
 while its lease runs, which lasts `DRIVER_GRACE_S` past the driver's last sign of life.
 A killed (or frozen) driver's workers therefore stop sending within `DRIVER_GRACE_S`,
 even if the cluster takes longer to end them. A worker that dies (Ray then restarts it and retries its
@@ -67,13 +68,18 @@ from batchrun.protocols import CallError
 from batchrun.protocols.relay_errors import QuotaLeft
 
 SYNC_S = 0.2  # how often a worker sends what nobody waits for, and renews its lease
+# Fewer, larger syncs at high rates (each costs the coordinator about 0.5 ms of CPU, whatever it carries):
+# from SYNC_RATE rows a second a worker starts, its syncs space out, up to LONGEST_SYNC_S apart.
+SYNC_RATE = 500.0
+LONGEST_SYNC_S = 0.3  # longer saves little (0.2 to 0.5 s: 1-2 µs a row) and moves places slower
 DRIVER_GRACE_S = 1.5  # workers may start requests this long after the driver's last sign of life
 DRIVER_PING_S = 0.5
 LEASE_S = 15.0  # a worker silent this long is taken for dead: its permits and claims are taken back
-# Intents committed at once: the job's concurrency, within these bounds, or what the worker sent
-# in its latest sync period if more (so a sync carries its next period's intents).
+# Intents committed at once: the job's concurrency, within these bounds, or what the worker starts
+# in two sync periods if more (so the next periodic sync carries the next slice before this one runs out).
 INTENT_SLICE = (8, 64)
 MOST_INTENTS = 512
+CPU_LOG_MARKS = 2_000
 
 # What `Coordinator.claim` says about a row: it leads its request key (sends it), it
 # follows another row's request (asks `find_shared` before sending), or a RowRecord:
@@ -149,7 +155,9 @@ class Coordinator:
         self.watch: AbortWatch[CallError] = AbortWatch()
         self.sharing = SharedAnswers()
         self._driver_seen = time.monotonic()
-        self._cpu_from: float | None = None  # when the first rows came: Ray's start-up is no row's cost
+        # (rows finished, the process's CPU seconds) from the first rows on, at each sync: what a row costs
+        # the coordinator, over the whole run or after start-up (`batchrun bench`). Ray's start-up is no row's cost.
+        self.cpu_log: list[tuple[int, float]] = []
         # A Ray actor's methods are wrapped (for tracing, a few µs a call): `sync` calls the plain functions.
         self._told = {name: inspect.unwrap(getattr(type(self), name)) for name in TOLD}
         self._spawn(self.checkpoint.flush_loop())
@@ -178,6 +186,8 @@ class Coordinator:
         told = self._told
         for method, args in calls:
             told[method](self, *args)
+        if self.cpu_log:
+            self._log_cpu()
         committed = True
         if intents:
             committed = await self._begin(intents)  # one commit: these intents and the rows finished so far
@@ -194,6 +204,12 @@ class Coordinator:
             budget_stopped=self.budget.stopped,
             committed=committed,
         )
+
+    def _log_cpu(self) -> None:
+        log = self.cpu_log
+        log.append((self.finished, time.process_time()))
+        if len(log) > CPU_LOG_MARKS:  # every other mark goes: a long run's log stays small, as evenly spread
+            del log[1:-1:2]
 
     async def _take_back_from_silent_workers(self) -> None:
         while True:
@@ -377,8 +393,8 @@ class Coordinator:
     async def claim(self, worker: str, rows: list[tuple[int, str, bytes]]) -> list[bool | RowRecord]:
         """For each (row index, row id, request key) of a worker's batch: LEAD, FOLLOW or the shared answer."""
         self._seen[worker] = anyio.current_time()
-        if self._cpu_from is None:
-            self._cpu_from = time.process_time()
+        if not self.cpu_log:
+            self.cpu_log.append((0, time.process_time()))
         verdicts: list[bool | RowRecord] = []
         for idx, row_id, key in rows:
             if key in self._leading:
@@ -471,7 +487,7 @@ class Coordinator:
             "problem": self.problem,
             "failure": self.checkpoint.failure,
             "budget": (self.budget.spent, self.budget.refused),
-            "cpu_s": time.process_time() - (self._cpu_from or time.process_time()),  # all the process's threads
+            "cpu_log": [*self.cpu_log, (self.finished, time.process_time())],  # all the process's threads
             "finished": self.finished,
         }
 

@@ -29,7 +29,9 @@ from batchrun.engines.coordinator import (
     FOLLOW,
     INTENT_SLICE,
     LEAD,
+    LONGEST_SYNC_S,
     MOST_INTENTS,
+    SYNC_RATE,
     SYNC_S,
     RowValues,
     SyncState,
@@ -63,10 +65,12 @@ class CoordinatorCalls(Protocol):
 class CoordinatorLink:
     """A worker's line to the coordinator, and its lease.
 
-    Calls nobody waits for are sent in groups, one `sync` every `SYNC_S`, whose answer
-    renews the lease and says whether the job stopped. Ray does not run an async actor's
-    calls in the order they were sent, so syncs go one at a time, and a batch ends with
-    `settle`: its finished rows are with the coordinator before the driver hears of them.
+    Calls nobody waits for are sent in groups, one `sync` every `period`, whose answer
+    renews the lease and says whether the job stopped. The period is `SYNC_S`, longer at
+    high rates (fewer, larger syncs: a sync's cost to the coordinator hardly depends on its size).
+    Ray does not run an async actor's calls in the order they were sent, so syncs go one at a
+    time, and a batch ends with `settle`: its finished rows are with the coordinator before the
+    driver hears of them.
     """
 
     def __init__(self, coordinator: CoordinatorCalls) -> None:
@@ -80,16 +84,24 @@ class CoordinatorLink:
         self._synced = asyncio.Event()
         self._started = self._done = 0  # syncs sent, and answered
         self._sent = 0  # requests started since the last sync
+        self._counted = 0  # requests started since `_measured_at`
+        self._measured_at = time.monotonic()
+        self.rate = 0.0  # requests this worker starts a second
+        self.period = SYNC_S  # seconds between syncs
         self._last_row: tuple[RowRecord | None, RowValues] = (None, ())  # see `values`
         self._intents: list[int] = []  # rows whose intents the next sync carries
         self._committing: asyncio.Future[bool] | None = None  # that sync's answer about them
         self.state: SyncState | None = None
         self.demand: Callable[[], int] = lambda: 0
         self.on_sync: list[Callable[[SyncState], None]] = []
-        self._syncer = asyncio.ensure_future(self._sync_every(SYNC_S))
+        self._syncer = asyncio.ensure_future(self._sync_every())
 
     def tell(self, method: str, *args: Any) -> None:
         self._outbox.append((method, args))
+
+    def sync_soon(self) -> None:
+        """What was told is wanted now (places given back that other workers wait for), not in a period."""
+        self._wake.set()
 
     def values(self, record: RowRecord) -> RowValues:
         """A finished row's values: the same tuple for the same record, so that a sync carrying it
@@ -102,6 +114,7 @@ class CoordinatorLink:
 
     def count_sent(self) -> None:
         self._sent += 1
+        self._counted += 1
 
     def commit(self, indexes: list[int], now: bool) -> asyncio.Future[bool]:
         """These rows' intents go with the next sync (`now`: at once); True: committed, False: not to be sent."""
@@ -121,15 +134,19 @@ class CoordinatorLink:
             self._renewed.clear()
             await self._renewed.wait()
 
-    async def settle(self) -> None:
-        """Everything told so far is with the coordinator, and this worker knows the job's state after it."""
-        carrying = self._started + 1  # the next sync takes the outbox as it is now
+    async def settle(self, news: bool = True) -> None:
+        """Everything told so far is with the coordinator, and (`news`) this worker knows the job's state after it.
+
+        Without `news`, an empty outbox needs no sync of its own: only the one under way, if any."""
+        carrying = self._started + 1 if news or self._outbox else self._started
+        if self._done >= carrying:
+            return
         self._wake.set()
         while self._done < carrying:
             self._synced.clear()
             await self._synced.wait()
 
-    async def _sync_every(self, seconds: float) -> None:
+    async def _sync_every(self) -> None:
         while True:
             calls, self._outbox = self._outbox, []
             sent, self._sent = self._sent, 0
@@ -142,20 +159,29 @@ class CoordinatorLink:
             except CoordinatorGone:  # the driver was killed: no more leases
                 if committing is not None:
                     committing.set_result(False)
-                await asyncio.sleep(seconds)
+                await asyncio.sleep(SYNC_S)
                 continue
             if committing is not None:
                 committing.set_result(state.committed)
             self.state = state
             self._lease_until = asked_at + state.lease_s
+            self._measure(time.monotonic())
             for listener in self.on_sync:
                 listener(state)
             self._done += 1
             self._renewed.set()
             self._synced.set()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), seconds)
+                await asyncio.wait_for(self._wake.wait(), self.period)
             self._wake.clear()
+
+    def _measure(self, now: float) -> None:
+        """The rate, over SYNC_S at least (syncs a row needed at once come sooner), and the period that follows."""
+        elapsed = now - self._measured_at
+        if elapsed >= SYNC_S:
+            self.rate = self._counted / elapsed
+            self._counted, self._measured_at = 0, now
+            self.period = min(LONGEST_SYNC_S, SYNC_S * max(1.0, self.rate / SYNC_RATE))
 
 
 class ClusterWatch:
@@ -301,6 +327,7 @@ class ClusterLimits:
     def _release(self, number: int) -> None:
         self._held -= 1
         self._link.tell("give_back", number)
+        self._link.sync_soon()
 
     def succeeded(self, use: _Use, actual_tokens: int | None, quota: QuotaLeft | None = None) -> None:
         use.answered = True
@@ -310,6 +337,8 @@ class ClusterLimits:
             self._hand_over(use.number)
         else:
             self._held -= 1
+            if self._free:  # beyond this worker's share: another worker waits for the place
+                self._link.sync_soon()
 
     def failed(self, use: _Use, error: CallError) -> None:
         self._held -= 1
@@ -349,7 +378,8 @@ class ClusterLedger:
         low, high = INTENT_SLICE
         self._least = max(low, min(high, concurrency))
         self._slice = self._least
-        self._begun = 0  # rows begun since the latest sync
+        self._rate = 0.0  # the link's rate the slice was sized by
+        self._grown = False  # since the latest sync
         self._upcoming: dict[int, None] = {}  # rows this worker will send, in order, intents not yet asked
         self._committing: dict[int, asyncio.Future[bool]] = {}
         self._committed: set[int] = set()  # intents committed, rows not begun
@@ -363,6 +393,8 @@ class ClusterLedger:
     async def begin(self, idx: int) -> None:
         """Returns once the row's intent is committed; after Ctrl-C, or once the job stopped, waits to be cancelled."""
         if idx not in self._committed:
+            if not self._grown:  # none left: a row waits for a sync, so hold more (until the rate says how many)
+                self._grown, self._slice = True, min(MOST_INTENTS, 2 * self._slice)
             committing = self._committing.get(idx)
             if committing is None:
                 committing = self._commit([idx], now=True)
@@ -373,7 +405,6 @@ class ClusterLedger:
         if self._refusing:
             await anyio.sleep_forever()
         self._committed.discard(idx)
-        self._begun += 1
         self._link.count_sent()
         self._ahead()
 
@@ -417,8 +448,11 @@ class ClusterLedger:
                 self.withdraw(idx)
 
     def _synced(self, state: SyncState) -> None:
-        self._slice = max(self._least, min(MOST_INTENTS, self._begun))
-        self._begun = 0
+        link = self._link
+        self._grown = False
+        if link.rate != self._rate:  # measured anew
+            self._rate = link.rate
+            self._slice = max(self._least, min(MOST_INTENTS, math.ceil(link.rate * 2 * link.period)))
         if state.refusing and not self._refusing:
             self._refusing = True  # rows committed but not begun are not sent: no longer in flight
             for idx in list(self._committed):
@@ -576,7 +610,7 @@ class ClusterWorker:
         self._ledger.give_back(leads)
         await self.link.settle()  # this worker's errors are with the coordinator: the job's state includes them
         pipeline.settle_held(report)
-        await self.link.settle()  # the batch's rows are with the coordinator before the driver hears of them
+        await self.link.settle(news=False)  # the batch's rows are with the coordinator before the driver hears of them
 
     async def _work(self, pipeline: RowPipeline, receive: MemoryObjectReceiveStream[WorkItem]) -> None:
         """One worker: rows of any batch, in the order they came. When the job stops, every batch's
