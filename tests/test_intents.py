@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import anyio
+import pytest
 
+from batchrun.ledger import checkpoint as ledger
 from batchrun.ledger.checkpoint import Checkpoint
 
 
@@ -49,3 +51,49 @@ def test_ctrl_c_while_the_intent_is_committed_sends_nothing_and_counts_nothing(t
 
 def test_a_row_cancelled_while_its_intent_is_committed_is_not_counted_in_flight(tmp_path: Path) -> None:
     assert run_rows(tmp_path, "cancel") == ([], 0)
+
+
+def begins_at_once(checkpoint: Checkpoint, idx: int) -> bool:
+    """Whether `begin(idx)` returns without a pass through the event loop (its intent already committed)."""
+    beginning = checkpoint.begin(idx)
+    try:
+        beginning.send(None)
+    except StopIteration:
+        return True
+    beginning.close()
+    return False
+
+
+def test_rows_whose_intents_were_committed_a_slice_ahead_begin_without_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Local engine: a commit of intents carries the next rows queued; each slice, used up, commits the next.
+
+    Rows of a slice not begun when the run stops are withdrawn; after Ctrl-C none of them is sent."""
+    monkeypatch.setattr(ledger, "AHEAD_S", 3600.0)  # the rate of any row begun fills a whole slice
+    checkpoint = Checkpoint(tmp_path)
+    checkpoint.send_ahead(4)
+    counts: list[int] = []
+
+    async def main() -> None:
+        for idx in range(12):
+            checkpoint.expect(idx)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(checkpoint.flush_loop)
+            await checkpoint.begin(0)  # nothing began before it: its own intent alone, waited for
+            await checkpoint.begin(1)  # waited for too: its commit carries rows 2-5
+            counts.append(checkpoint.count_interrupted())
+            assert [begins_at_once(checkpoint, idx) for idx in (2, 3, 4, 5)] == [True] * 4
+            counts.append(checkpoint.count_interrupted())  # row 5 used the slice up: 6-9 committed at once
+            checkpoint.refuse_new_rows()  # Ctrl-C: a row committed ahead is not sent
+            assert not begins_at_once(checkpoint, 6)
+            checkpoint.give_back_ahead()
+            await checkpoint.flush()
+            counts.append(checkpoint.count_interrupted())
+            tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(main)
+    finally:
+        checkpoint.close()
+    assert counts == [6, 10, 6]

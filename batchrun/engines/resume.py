@@ -329,7 +329,7 @@ def _status(job: Job, table: InputTable, rows: int, checkpoint: Checkpoint, name
     elif in_flight:
         lines.append(
             f"{in_flight} rows were in flight when the last run stopped "
-            "(sent, answer not recorded: the only ones that may be paid twice)"
+            "(sent or about to be, answer not recorded: the only ones that may be paid twice)"
         )
     if learned := _learned_line(checkpoint.get_meta(LEARNED_META)):
         lines.append(learned)

@@ -269,6 +269,7 @@ class LocalEngine:
         self._limits, self._watch, self._outage_timeout_s = limits, watch, spec.outage_timeout_s
         self._order = order = CacheOrder(run.concurrency) if spec.order == "cache" else None
         ledger = checkpoint if order is None else AnsweredLedger(checkpoint, order)
+        checkpoint.send_ahead(run.concurrency)
         parts = RowParts(
             ledger,
             limits,
@@ -284,6 +285,9 @@ class LocalEngine:
             await self._send_all(run, pipeline, checkpoint, progress, timeline)
         finally:
             if checkpoint.failure is None:  # a checkpoint that cannot be written says so itself
+                # Cancelled (arun's task), the run made no last commit: what finished is kept all the same.
+                checkpoint.give_back_ahead()
+                checkpoint.flush_now()
                 checkpoint.set_meta(LEARNED_META, kept.keep(limits, checkpoint.get_meta(LEARNED_META)))
             await transport.aclose()
             await pipeline.aclose()
@@ -321,6 +325,7 @@ class LocalEngine:
             if pipeline.parts.watch.tripped is None:
                 pipeline.release_held(progress)
             timeline.close()
+            checkpoint.give_back_ahead()
             await checkpoint.flush()
             tg.cancel_scope.cancel()
 
@@ -450,13 +455,13 @@ class LocalEngine:
     ) -> None:
         """The producer: the rows to send, in the order they are sent, as work items into the workers' stream."""
         async with send:
-            sending = Sending(send, self._order, lambda: run.budget.stopped)
+            sending = Sending(send, self._order, lambda: run.budget.stopped, checkpoint.expect)
             for batch in _unfinished_batches(run, checkpoint):
                 for row in batch:
                     if run.budget.stopped:
                         return
                     item = pipeline.item(row, progress)
-                    if item is not None:
+                    if item is not None and not sending.put_now(item):
                         await sending.put(item)
                 await anyio.sleep(0)  # let workers run between batches
             await sending.drain()

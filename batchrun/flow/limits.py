@@ -240,9 +240,15 @@ class InFlight:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self) -> None:
+    def take_free(self) -> bool:
+        """A place at once if one is free and nobody waits (no coroutine to pass: `acquire` is one)."""
         if self.used < self._total and not self._waiters:
             self.used += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.take_free():
             return
         granted = anyio.Event()
         self._waiters.append(granted)
@@ -369,10 +375,14 @@ class Limits:
                 return anyio.current_time()
         return self._clock()
 
-    async def _admit(self, tokens: int, retry: bool) -> Ticket:
-        # With the gate free, a start that need not wait goes at once: taking the lock costs a yield.
+    def start_now(self, tokens: int, retry: bool) -> Ticket | None:
+        """With the gate free, a start that need not wait goes at once (taking the lock costs a yield);
+        None when it must wait (`_admit`)."""
         if not self._gate.locked() and self._wait_s(now := self.now(), tokens) <= 0:
             return self._start(now, tokens, retry)
+        return None
+
+    async def _admit(self, tokens: int, retry: bool) -> Ticket:
         async with self._gate:
             while (wait := self._wait_s(now := self.now(), tokens)) > 0:
                 # A long pause must not outlast the outage timeout: wake when it is due, and give up then.
@@ -385,15 +395,17 @@ class Limits:
         return self._wait_s(self.now(), tokens)
 
     def _wait_s(self, now: float, tokens: int) -> float:
-        return max(
-            self._paused_until - now,
-            self._paced_wait_s(now),
-            self._window_wait_s(now),
-            self._pushed_back_too_long(now),
-            self.requests.wait_s(now, 1) if self.requests else 0.0,
-            self.tokens.wait_s(now, tokens) if self.tokens else 0.0,
-            self.breaker.wait_s(now),  # raises once the outage outlasts its timeout
-        )
+        # Asked before every start: the checks of limits not in force are skipped, not called.
+        wait = max(self._paused_until - now, self._paced_wait_s(now))
+        if self.window is not None:
+            wait = max(wait, self._window_wait_s(now))
+        if self._pushed_back_since_answer is not None:
+            self._pushed_back_too_long(now)  # raises once push-back alone lasted too long
+        if self.requests:
+            wait = max(wait, self.requests.wait_s(now, 1))
+        if self.tokens:
+            wait = max(wait, self.tokens.wait_s(now, tokens))
+        return max(wait, self.breaker.wait_s(now))  # raises once the outage outlasts its timeout
 
     def _paced_wait_s(self, now: float) -> float:
         """The adaptive rate and its probe; while a window is being guessed, the guess spaces the starts instead."""
@@ -402,8 +414,7 @@ class Limits:
         return max(self.pace.wait_s(now), math.inf if self._rate_probe is RateProbe.IN_FLIGHT else 0.0)
 
     def _window_wait_s(self, now: float) -> float:
-        if self.window is None:
-            return 0.0
+        assert self.window is not None
         wait = self.window.wait_s(now, 1)
         if wait > 0 and now >= self._window_probe_at and self._above_stated(now):
             return 0.0  # a window probe goes
@@ -512,11 +523,11 @@ class Limits:
         if self._last_answer is None:
             self._last_answer = now
 
-    def _pushed_back_too_long(self, now: float) -> float:
-        """0, or raises: push-back and no answer for outage_timeout_s ends the run like an outage (rule A)."""
+    def _pushed_back_too_long(self, now: float) -> None:
+        """Raises if push-back and no answer for outage_timeout_s: that ends the run like an outage (rule A)."""
         last, error = self._last_answer, self._pushed_back_since_answer
         if error is None or last is None or now - last < self.breaker.timeout_s or self.breaker.looks_down:
-            return 0.0  # (503s are the breaker's: it says the same in its own words)
+            return  # (503s are the breaker's: it says the same in its own words)
         raise CallError(
             "outage",
             f"only push-back, no answer, for {self.breaker.timeout_s:g} s (run.outage_timeout_s); last: {error}",
@@ -630,9 +641,12 @@ class Slot:
         if self._retry:
             await limits.retries.acquire()
         try:
-            await limits.in_flight.acquire()
+            # A place free and a start that need not wait: no coroutine of their own (a few µs a request).
+            if not limits.in_flight.take_free():
+                await limits.in_flight.acquire()
             try:
-                return await limits._admit(self._tokens, self._retry)
+                ticket = limits.start_now(self._tokens, self._retry)
+                return ticket if ticket is not None else await limits._admit(self._tokens, self._retry)
             except BaseException:
                 limits.in_flight.release()
                 raise

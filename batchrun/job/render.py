@@ -79,7 +79,8 @@ class Request:
     @property
     def text_chars(self) -> int:
         chars = len(self.user) + len(self.system or "")
-        chars += sum(len(text) for turn in self.messages for kind, text in turn.parts if kind == "text")
+        if self.messages:  # (asked for every row: no generator made for the rows without a conversation)
+            chars += sum(len(text) for turn in self.messages for kind, text in turn.parts if kind == "text")
         if self.body is not None:  # its inline images are no text: they count in body_images
             chars += len(_INLINE_IMAGE.sub(b'""', orjson.dumps(self.body)))
         return chars
@@ -145,8 +146,10 @@ class Renderer:
             turns = conversation(row[self._messages], self._messages)
             refs = tuple(ref for turn in turns for kind, ref in turn.parts if kind == "image")
             return Request(system=system, user="", images=refs, messages=turns)
-        images = (t.render(row).strip() for t in self._images)
         assert self._user is not None  # spec requires prompt.user or prompt.messages
+        if not self._images:
+            return Request(system=system, user=self._user.render(row))
+        images = (t.render(row).strip() for t in self._images)
         return Request(system=system, user=self._user.render(row), images=tuple(i for i in images if i))
 
 
@@ -178,8 +181,13 @@ class Substitution:
         return cls(tuple(parts), template)
 
     def render(self, row: dict[str, Any]) -> str:
-        try:
-            return "".join(str(as_text(row[text])) if column else text for column, text in self._parts)
+        try:  # as_text inlined, and a list for join (not a generator): this runs for every row's every template
+            return "".join(
+                [
+                    ("" if (value := row[text]) is None else str(value)) if column else text
+                    for column, text in self._parts
+                ]
+            )
         except KeyError:  # not a column of this row: Jinja says so in its words
             return self._template.render(row)
 

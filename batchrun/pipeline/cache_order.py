@@ -169,14 +169,32 @@ class AnsweredLedger:
 
 class Sending:
     """The producer's end of the work stream: rows straight in (`order` None: `run.order: input`), or
-    through a CacheOrder. `stopped` says the run sends no more (the budget)."""
+    through a CacheOrder. `stopped` says the run sends no more (the budget); `expect` hears of each row
+    as it goes into the stream, in order (the checkpoint commits intents ahead: ledger/checkpoint.py)."""
 
     def __init__(
-        self, stream: MemoryObjectSendStream[WorkItem], order: CacheOrder | None, stopped: Callable[[], bool]
+        self,
+        stream: MemoryObjectSendStream[WorkItem],
+        order: CacheOrder | None,
+        stopped: Callable[[], bool],
+        expect: Callable[[int], None] = lambda idx: None,
     ) -> None:
         self._stream = stream
         self._order = order
         self._stopped = stopped
+        self._expect = expect
+
+    def put_now(self, item: WorkItem) -> bool:
+        """`put` without a coroutine, when the row goes straight into a stream with room; False: `put` it."""
+        order = self._order
+        if order is not None and (order.held or prefix_levels_possible(item)):
+            return False
+        self._expect(item.idx)
+        try:
+            self._stream.send_nowait(item)
+        except anyio.WouldBlock:  # full: `put` waits for room
+            return False
+        return True
 
     async def put(self, item: WorkItem) -> None:
         order = self._order
@@ -200,6 +218,7 @@ class Sending:
         stats = self._stream.statistics()
         room = stats.max_buffer_size - stats.current_buffer_used
         while room > 0 and (item := self._order.take()) is not None:
+            self._expect(item.idx)
             self._stream.send_nowait(item)
             room -= 1
 
@@ -211,6 +230,7 @@ class Sending:
             order.give_up_oldest()
 
     async def _send(self, item: WorkItem) -> None:
+        self._expect(item.idx)
         try:  # while the stream has room, without a pass through the event loop (anyio's send makes one)
             self._stream.send_nowait(item)
         except anyio.WouldBlock:

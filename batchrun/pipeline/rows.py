@@ -41,7 +41,7 @@ KEPT_ANSWER_BYTES = 4 << 20  # output.openai_batch: a larger answer body is not 
 MODEL_NAMES = 64  # masked model names remembered; a relay naming more is masked answer by answer
 
 
-@dataclass
+@dataclass(slots=True)  # made for every row: slots make it and read it faster
 class WorkItem:
     idx: int
     row_id: str
@@ -125,6 +125,10 @@ class RowPipeline:
         # What is the same for every row but an OpenAI Batch line (its body has its own): worked out once.
         self._cap = output_cap(spec.params)
         self._path = self.protocol.path(self.request_settings)
+        self._decoder = self.decoders[spec.provider.api]
+        # The job's settings a row reads, read once (each look-up on the job's pydantic models costs a few µs a row).
+        self._max_attempts = spec.run.max_attempts
+        self._repair_attempts = spec.output.repair_attempts
         self._models: dict[str, str] = {}  # model names as answered, masked (answers name the same few)
 
     async def aclose(self) -> None:
@@ -240,7 +244,6 @@ class RowPipeline:
 
     async def _ask(self, item: WorkItem) -> tuple[RowRecord, Outcome] | None:
         """The row's request, and its repairs; None if the budget does not allow it."""
-        spec = self.job.spec
         parts = self.parts
         protocol = self._protocol(item.request)
         path = protocol.path(self.request_settings) if item.request.api else self._path
@@ -254,15 +257,15 @@ class RowPipeline:
             error = e if isinstance(e, CallError) else CallError("input", str(e), retryable=False)
             failed = Outcome(None, error, 0, 0.0)
             return _record(item, failed, self._models), failed
-        decoder = self.decoders[item.request.api or spec.provider.api]
+        decoder = self.decoders[item.request.api] if item.request.api else self._decoder
         if item.request.body is not None:  # a Batch line streams if its body (or the job) says so
             decoder = replace(decoder, stream=request_body.get("stream") is True)
 
         log = AttemptLog(parts.watched)
 
-        async def begin() -> None:
+        def begin() -> Awaitable[None]:  # the ledger's own coroutine, awaited by the caller: no layer of its own
             log.start()
-            await parts.ledger.begin(item.idx)
+            return parts.ledger.begin(item.idx)
 
         def on_error(error: CallError) -> None:
             parts.watch.on_error(error)
@@ -281,7 +284,7 @@ class RowPipeline:
                 body,
                 decoder,
                 item.estimate + extra_tokens,
-                spec.run.max_attempts,
+                self._max_attempts,
                 on_error,
                 before_first_send=begin if first else _nothing,
                 rest=parts.rest,
@@ -317,8 +320,8 @@ class RowPipeline:
         if outcome.reply is not None and outcome.reply.image_urls:
             outcome = await self._download_images(outcome)
         repairs = 0
-        if self.parser is not None and spec.output.repair_attempts:
-            outcome, repairs = await ask_with_repairs(outcome, self.parser, spec.output.repair_attempts, follow_up)
+        if self.parser is not None and self._repair_attempts:
+            outcome, repairs = await ask_with_repairs(outcome, self.parser, self._repair_attempts, follow_up)
         record = _record(item, outcome, self._models)
         record.repairs = repairs
         record.started_at, record.attempt_log = log.started_at, log.text()

@@ -123,7 +123,7 @@ def _glance(report: Report) -> str:
         items.append(("span", _duration(report.span_s), "first start to last finish, all runs"))
     items.append(("exit state", report.exit_state, _when(last.get("updated_at"))))
     if report.in_flight_at_stop:
-        items.append(("in flight at the stop", str(report.in_flight_at_stop), "sent, answer not recorded"))
+        items.append(("in flight at the stop", str(report.in_flight_at_stop), "sent or about to be, no answer"))
     cells = "".join(
         f"<div data-key='{_e(key)}'><span>{_e(key)}</span><b>{_e(value)}</b><span>{_e(note)}</span></div>"
         for key, value, note in items
