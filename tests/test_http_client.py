@@ -124,6 +124,22 @@ def test_answers_with_a_length_chunked_or_until_the_connection_closes_are_read_a
     run(scenario)
 
 
+def test_trailers_after_a_chunked_body_are_not_kept() -> None:
+    trailers = b"".join(b"x-trailer-%d: %s\r\n" % (i, b"t" * 1000) for i in range(3000))  # 3 MB, after the body
+    answer = chunked(ANSWER)[: -len(b"0\r\n\r\n")] + b"0\r\n" + trailers + b"\r\n"
+
+    async def scenario() -> None:
+        async with Scripted(lambda n: answer) as server:
+            connections = http.Connections(server.url, 2, 5)
+            conn = await connections.post(connections.request_head("/v1/x", b"", http.JSON, 2), b"{}", 5, 5)
+            assert orjson.loads(await conn.read_at_most(1 << 20))["model"] == "m"
+            assert not any(name.startswith("x-trailer") for name in conn.headers)
+            conn.release()
+            await connections.aclose()
+
+    run(scenario)
+
+
 def test_a_stream_in_chunks_is_read_event_by_event() -> None:
     events = b"".join(
         b"data: " + orjson.dumps({"model": "m", "choices": [{"index": 0, "delta": {"content": w}}]}) + b"\n\n"

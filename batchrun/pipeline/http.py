@@ -479,7 +479,8 @@ class _Connection(asyncio.Protocol):
     # --- httptools' callbacks -------------------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+        if not self._headers_done:  # trailers after a chunked body are dropped: nothing bounds them there
+            self.headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
