@@ -19,6 +19,7 @@ adaptive rate fits: nothing is learned then.
 from __future__ import annotations
 
 import math
+from array import array
 
 from batchrun.flow.pace import LearnedWindow
 
@@ -38,7 +39,8 @@ class WindowGuess:
 
     def __init__(self) -> None:
         self._first_start: float | None = None
-        self._answered: list[float] = []  # start times of answered requests, from the first start on
+        # start times of answered requests, from the first start on; 8 bytes each (up to MAX_WINDOW_S of a fast run's)
+        self._answered = array("d")
         self.refused_at = math.inf  # the earliest start refused (push-back), inf while none
         self.watching = False  # a pattern of refusals: the window is full, starts go one at a time
         self.done = False  # learned, or found to be no window worth learning
