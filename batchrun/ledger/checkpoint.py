@@ -395,7 +395,6 @@ class Checkpoint:
         """Durably record that `idx` is about to be requested; returns once committed.
 
         After `refuse_new_rows` it records nothing and waits to be cancelled: the row stays pending.
-        The commit is awaited in this frame: every coroutine layer costs each row's resumes.
         """
         if idx in self._ahead:  # committed with a slice ahead: nothing to wait for
             self._ahead.discard(idx)
@@ -406,17 +405,8 @@ class Checkpoint:
                     self._commit_slice()
                 return
             self.withdraw(idx)
-        elif not self._refusing:
-            indexes = [idx]
-            committed = self._ask_commit(indexes)
-            try:
-                if committed is not None:
-                    await committed
-            except BaseException:  # cancelled before its request went out: not in flight after all
-                self.withdraw(idx)
-                raise
-            if self._may_send(indexes, committed is not None):
-                return
+        elif await self.commit_intents([idx]):  # not committed ahead (the first rows, after a lull): rare
+            return
         await anyio.sleep_forever()
 
     def send_ahead(self, most: int) -> None:
